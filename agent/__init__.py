@@ -1,0 +1,1 @@
+"""The on-site agent: polls machines, buffers every reading, publishes over MQTT."""

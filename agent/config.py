@@ -1,0 +1,87 @@
+"""The agent's config file: gateway identity, MQTT, buffer, publishing and devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from drivers.config import NAME_PATTERN, Device, Duration, ModbusDeviceBase, Model
+from factory_edge.configfile import load_model
+from factory_edge.units import parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+DEFAULT_STATE_DIR = "/var/lib/factory-edge/agent"
+
+
+class MqttConfig(Model):
+    """Broker settings for sites with their own broker (otherwise they come from provisioning)."""
+
+    url: str = Field(pattern=r"^mqtts?://", description="mqtts://host:8883 (TLS) or mqtt://host:1883")
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    connect_host: str | None = Field(default=None, description="dial this address; SNI and certificate checks use the URL's host")
+    keepalive: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _pairs(self) -> MqttConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.password is not None and self.username is None:
+            raise ValueError("password: given without username:")
+        return self
+
+
+class BufferConfig(Model):
+    max_bytes: Size = Field(default=256 * 1024**2, gt=0)
+    max_age: Duration | None = None
+
+
+class PublishConfig(Model):
+    max_points: int = Field(default=500, ge=1, le=100_000)
+    max_bytes: Size = Field(default=256 * 1024, gt=0)
+    inflight: int = Field(default=20, ge=1, le=1000)
+
+
+class AgentConfig(Model):
+    """The whole agent config file."""
+
+    gateway: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=128)
+    state_dir: str = DEFAULT_STATE_DIR
+    mqtt: MqttConfig | None = None
+    buffer: BufferConfig = BufferConfig()
+    publish: PublishConfig = PublishConfig()
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    devices: list[Device] = Field(default_factory=list)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_unique(cls, devices: list[Any]) -> list[Any]:
+        seen: set[str] = set()
+        for device in devices:
+            if device.name in seen:
+                raise ValueError(f"device name {device.name!r} is used twice")
+            seen.add(device.name)
+            if isinstance(device, ModbusDeviceBase):
+                for tag in device.tags:
+                    limit = device.max_bits_per_read if tag.table.is_bits else device.max_registers_per_read
+                    if tag.register_count > limit:
+                        raise ValueError(f"device {device.name!r}: tag {tag.name!r} needs {tag.register_count} registers "
+                                         f"but max_registers_per_read is {limit}")
+        return devices
+
+    def device(self, name: str) -> Any:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise KeyError(name)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent config file; ConfigError lists every problem, one per line."""
+    return load_model(AgentConfig, path)

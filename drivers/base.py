@@ -1,0 +1,127 @@
+"""What every driver offers the agent: read once, run on a schedule, write a tag.
+
+A driver owns one device's connection. Machine faults never raise out of
+``read()``: they come back as ``bad`` points carrying the reason, so the
+agent stores and publishes them like any other reading. ``run()`` is the
+device's own task (``poll[press-1]``); a slow or dead device only ever
+delays itself.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from factory_edge.logs import fields
+
+from .config import DeviceBase
+from .points import Point
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[list[Point]], Awaitable[None]]
+
+
+class DeviceState(enum.StrEnum):
+    """Connection state of a device, shown as-is in ``agent status``."""
+
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+    CLOSED = "closed"
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 0.5 s, 1 s, 2 s … capped, each scaled by a random factor."""
+
+    def __init__(self, *, initial_s: float = 0.5, max_s: float = 30.0) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.max_s, self.initial_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        # Jitter in [50%, 100%] of the ceiling: spreads reconnect storms
+        # after a network blip while keeping the schedule predictable.
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Driver(abc.ABC):
+    """One device. Use as ``async with open_driver(device) as driver:``."""
+
+    def __init__(self, device: DeviceBase) -> None:
+        self.device = device
+        self.state = DeviceState.CONNECTING
+        self.last_error: str | None = None
+        self.last_good_ms: int | None = None
+
+    async def __aenter__(self) -> Driver:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def read(self) -> list[Point]:
+        """Read every tag once; faults become ``bad`` points, never exceptions."""
+
+    @abc.abstractmethod
+    async def write(self, tag: str, value: Any) -> None:
+        """Write a tag marked writable; raises WriteRefused or DriverError."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection; the driver is done."""
+
+    async def run(self, emit: Emit) -> None:
+        """Poll on the device's own fixed-rate schedule until cancelled."""
+        loop = asyncio.get_running_loop()
+        period = self.device.poll
+        next_at = loop.time()
+        while True:
+            points = await self.read()
+            await emit(points)
+            next_at += period
+            now = loop.time()
+            if next_at < now:
+                missed = int((now - next_at) // period) + 1
+                log.debug("poll overran", extra=fields(device=self.device.name, missed=missed))
+                next_at += missed * period
+            await asyncio.sleep(next_at - now)
+
+    def _set_state(self, state: DeviceState, error: str | None = None) -> None:
+        """Record a state change and log transitions (not every failed poll)."""
+        if state is not self.state:
+            if state is DeviceState.UP:
+                log.info("device up", extra=fields(device=self.device.name, address=self.device.address))
+            elif state is DeviceState.DOWN:
+                log.warning("device down", extra=fields(device=self.device.name, address=self.device.address, err=error))
+            self.state = state
+        if error is not None:
+            self.last_error = error
+
+
+def open_driver(device: DeviceBase, **options: Any) -> Driver:
+    """The driver for a configured device (``protocol`` picks it)."""
+    protocol = getattr(device, "protocol", None)
+    if protocol in ("modbus-tcp", "modbus-rtu"):
+        from .modbus.driver import ModbusDriver
+
+        return ModbusDriver(device, **options)  # type: ignore[arg-type]
+    if protocol == "opcua":
+        from .opcua.driver import OpcuaDriver
+
+        return OpcuaDriver(device, **options)  # type: ignore[arg-type]
+    raise ValueError(f"no driver for protocol {protocol!r}")

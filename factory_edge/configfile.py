@@ -1,0 +1,133 @@
+"""Loading YAML config files into typed models, with one-line errors.
+
+Every error names the file, the path inside it and the problem::
+
+    plant.yaml: devices[2].tags[5].address: must be at most 65535 (got 70000)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+from .errors import ConfigError
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+class YamlFloat(float):
+    """A float that remembers how it was written (``40.10`` is not ``40.1`` for a bit address)."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> YamlFloat:
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    return YamlFloat(value, node.value)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
+        raise ConfigError(f"{path}: {where}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def format_location(loc: tuple[Any, ...]) -> str:
+    """``('devices', 2, 'tags', 5, 'address')`` -> ``devices[2].tags[5].address``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.startswith(("function-", "modbus-", "opcua")):
+            continue  # pydantic's union/validator branch names, not config keys
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    msg = str(error["msg"])
+    if msg.startswith("Input should be"):
+        msg = "must be" + msg[len("Input should be"):]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if error["type"] == "extra_forbidden":
+        return "unknown key (check its spelling and indentation)"
+    if error["type"] == "missing":
+        return "required key is missing"
+    value = error.get("input")
+    if error["type"] not in ("model_type", "dict_type", "list_type", "union_tag_invalid") and not (
+        isinstance(value, (dict, list))
+    ) and "got" not in msg:
+        msg += f" (got {value!r})" if not isinstance(value, YamlFloat) else f" (got {value.text})"
+    return msg
+
+
+_PATTERN_HINTS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$": "must start with a letter or digit and hold only letters, digits, "
+                                      "'_', '.' and '-' (it becomes an MQTT topic level)",
+}
+
+
+def config_errors(exc: pydantic.ValidationError, source: str) -> list[str]:
+    """One line per problem: ``file: path: problem``."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if error["type"] == "union_tag_invalid":
+            ctx = error.get("ctx", {})
+            lines.append(f"{source}: {format_location(loc + (ctx.get('discriminator', 'protocol').strip(chr(39)),))}: "
+                         f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})")
+            continue
+        if error["type"] == "string_pattern_mismatch":
+            pattern = error.get("ctx", {}).get("pattern", "")
+            if pattern in _PATTERN_HINTS:
+                error = {**error, "msg": _PATTERN_HINTS[pattern]}
+        lines.append(f"{source}: {format_location(loc)}: {_describe(error)}")
+    return lines
+
+
+def validate(model: type[M], data: Any, source: str) -> M:
+    """Validate parsed YAML into ``model`` or raise a ConfigError listing every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return model.model_validate(data, context={"source": source})
+    except pydantic.ValidationError as exc:
+        raise ConfigError("\n".join(config_errors(exc, source))) from None
+
+
+def load_model(model: type[M], path: str | Path) -> M:
+    """Read a YAML file and validate it into ``model``."""
+    return validate(model, load_yaml(path), str(path))
