@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"factory-edge {__version__}")
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="log lines as key=value text (default) or JSON")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
-                        help="least severe log level shown (default: warning; 'agent run' uses info)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help="least severe log level shown (default: info for long-running commands, "
+                             "error for one-shot ones whose output already says what failed)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (checkconfig, read, simulate):
         module.add_parser(commands)
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(fmt=args.log_format, level=args.log_level)
+    setup_logging(fmt=args.log_format, level=args.log_level or getattr(args, "default_log_level", "error"))
     try:
         result = args.handler(args)
         if asyncio.iscoroutine(result):

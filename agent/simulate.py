@@ -25,7 +25,7 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--modbus-port", type=int, default=5020, metavar="P", help="Modbus TCP port (default 5020; 0 disables)")
     p.add_argument("--opcua-port", type=int, default=4840, metavar="P", help="OPC UA port (default 4840; 0 disables)")
     p.add_argument("--quiet", action="store_true", help="do not print the register map and node list")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, default_log_level="info")
 
 
 async def serve(args: argparse.Namespace) -> None:

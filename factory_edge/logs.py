@@ -79,10 +79,11 @@ def setup_logging(*, fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pymodbus and asyncua log every frame and retry at INFO/DEBUG; our own
-    # driver logs say what matters, so theirs only surface as warnings.
+    # pymodbus and asyncua log every frame, retry and failed connect; our
+    # driver logs say what matters, so theirs only surface as errors (or
+    # everything, when debugging).
     for noisy in ("pymodbus", "asyncua"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else max(logging.ERROR, root.level))
 
 
 def _under_journald() -> bool:

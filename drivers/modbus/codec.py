@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from factory_edge.errors import WriteRefused
@@ -35,17 +35,8 @@ def _swaps(order: ByteOrder) -> tuple[bool, bool]:
     return order in (ByteOrder.CDAB, ByteOrder.DCBA), order in (ByteOrder.BADC, ByteOrder.DCBA)
 
 
-def registers_to_bytes(registers: Sequence[int], order: ByteOrder) -> bytes:
-    """The value's bytes in big-endian (ABCD) order."""
-    swap_words, swap_bytes = _swaps(order)
-    words = list(reversed(registers)) if swap_words else list(registers)
-    if swap_bytes:
-        return b"".join(((w & 0xFF) << 8 | w >> 8).to_bytes(2, "big") for w in words)
-    return b"".join(w.to_bytes(2, "big") for w in words)
-
-
 def bytes_to_registers(data: bytes, order: ByteOrder) -> list[int]:
-    """Inverse of ``registers_to_bytes``: big-endian value bytes to registers on the wire."""
+    """Big-endian value bytes to the registers that carry them on the wire in ``order``."""
     swap_words, swap_bytes = _swaps(order)
     words = [int.from_bytes(data[i:i + 2], "little" if swap_bytes else "big") for i in range(0, len(data), 2)]
     return list(reversed(words)) if swap_words else words
@@ -55,39 +46,59 @@ def _shortest_float32(value: float, raw: bytes) -> float:
     """The shortest decimal that is the same float32 (71.2, not 71.19999694824219)."""
     if not math.isfinite(value):
         return value
-    for digits in range(6, 10):
+    for digits in (7, 6, 8, 9):
         candidate = float(f"{value:.{digits}g}")
         if struct.pack(">f", candidate) == raw:
             return candidate
     return value
 
 
-def _scaled(raw: float, tag: ModbusTag) -> int | float:
-    if tag.scale == 1.0 and tag.offset == 0.0:
-        return raw
-    value = raw * tag.scale + tag.offset
-    # 713 * 0.1 is 71.30000000000001 in binary floating point; a reading
-    # carries no more than 12 significant digits of meaning.
-    return float(f"{value:.12g}") if math.isfinite(value) else value
+Decoder = Callable[[Sequence[int]], "bool | int | float | str"]
+
+
+def make_decoder(tag: ModbusTag) -> Decoder:
+    """A function decoding this tag from its ``tag.register_count`` registers.
+
+    Built once per tag: the type, order and scale are resolved here, not on
+    every poll (a 1,000-tag device decodes 1,000 values per cycle).
+    """
+    kind = tag.data_type
+    swap_words, swap_bytes = _swaps(tag.order)
+    if kind is DataType.BOOL:
+        if tag.bit is not None:
+            mask = 1 << tag.bit
+            return lambda registers: bool(registers[0] & mask)
+        return lambda registers: registers[0] != 0
+    word_format = ("<" if swap_bytes else ">") + f"{tag.register_count}H"
+    if kind is DataType.STRING:
+        def decode_string(registers: Sequence[int]) -> str:
+            data = struct.pack(word_format, *registers)
+            return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace").rstrip(" ")
+        return decode_string
+    value_struct = struct.Struct(">" + _STRUCT[kind])
+    scaled = tag.scale != 1.0 or tag.offset != 0.0
+    scale, offset = tag.scale, tag.offset
+    is_float32 = kind is DataType.FLOAT32
+
+    def decode_number(registers: Sequence[int]) -> int | float:
+        # Packing the words little-endian is the per-word byte swap.
+        data = struct.pack(word_format, *(reversed(registers) if swap_words else registers))
+        raw = value_struct.unpack(data)[0]
+        if is_float32:
+            raw = _shortest_float32(raw, data)
+        if not scaled:
+            return raw
+        value = raw * scale + offset
+        # 713 * 0.1 is 71.30000000000001 in binary floating point; a reading
+        # carries no more than 12 significant digits of meaning.
+        return float(f"{value:.12g}") if math.isfinite(value) else value
+
+    return decode_number
 
 
 def decode(tag: ModbusTag, registers: Sequence[int]) -> bool | int | float | str:
     """Decode a register-table tag from exactly ``tag.register_count`` registers."""
-    kind = tag.data_type
-    if kind is DataType.BOOL:
-        word = registers[0]
-        if tag.bit is not None:
-            return bool((word >> tag.bit) & 1)
-        return word != 0
-    if kind is DataType.STRING:
-        _, swap_bytes = _swaps(tag.order)
-        data = b"".join(w.to_bytes(2, "little" if swap_bytes else "big") for w in registers)
-        return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace").rstrip(" ")
-    data = registers_to_bytes(registers, tag.order)
-    raw = struct.unpack(">" + _STRUCT[kind], data)[0]
-    if kind is DataType.FLOAT32:
-        raw = _shortest_float32(raw, data)
-    return _scaled(raw, tag)
+    return make_decoder(tag)(registers)
 
 
 def _coerce_bool(tag: ModbusTag, value: Any) -> bool:

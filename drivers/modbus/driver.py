@@ -111,6 +111,7 @@ class ModbusDriver(Driver):
         self.holes: list[Hole] = []
         self.requests = 0
         self._tags = {t.name: t for t in device.tags}
+        self._decoders = {t.name: (t.register_count, codec.make_decoder(t)) for t in device.tags}
         self._backoff = Backoff(initial_s=min(1.0, device.poll), max_s=device.backoff_max)
         self._retry_at = 0.0
         self._link: _Link | None = None
@@ -277,14 +278,17 @@ class ModbusDriver(Driver):
 
     def _decode(self, read: Read, values: list[int] | list[bool]) -> list[Point]:
         ts = now_ms()
+        device = self.device.name
         out = []
+        if read.table.is_bits:
+            for tag in read.tags:
+                out.append(Point(device, tag.name, ts, bool(values[tag.address - read.start])))
+            return out
+        decoders = self._decoders
         for tag in read.tags:
+            count, decode = decoders[tag.name]
             offset = tag.address - read.start
-            if read.table.is_bits:
-                value: Any = bool(values[offset])
-            else:
-                value = codec.decode(tag, values[offset: offset + tag.register_count])  # type: ignore[arg-type]
-            out.append(Point(self.device.name, tag.name, ts, value))
+            out.append(Point(device, tag.name, ts, decode(values[offset: offset + count])))
         return out
 
     # ------------------------------------------------------------ writing

@@ -36,7 +36,8 @@ class Field:
     def tag(self) -> ModbusTag:
         """The agent-config tag that reads this field."""
         return ModbusTag(
-            name=self.name, table=self.table, address=self.address, type=self.type,
+            name=self.name, table=self.table, address=self.address,
+            type=None if self.bit is not None else self.type,
             order=self.order, scale=self.scale, unit=self.unit or None,
             writable=self.writable, length=self.length, bit=self.bit,
         )

@@ -1,0 +1,139 @@
+"""The ``agent`` command as a technician uses it: exit codes and exact output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import load_config
+from drivers.simulate.machines import demo_machines
+from drivers.simulate.modbus_server import ModbusSimulator
+from tests.helpers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "config" / "agent-demo.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "plant.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_check_config_summarises_the_demo_plant(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(DEMO)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "OK: gateway gw-demo, 4 devices, 30 tags, 14 requests per poll cycle"
+    assert "  cnc-1  modbus-tcp 127.0.0.1:5020 unit 1  poll 1s  9 tags  5 requests per poll" in out
+    assert "    holding 0..3 (4 registers, 4 tags)" in out
+
+
+def test_check_config_names_file_path_and_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, """\
+devices:
+  - name: press-1
+    protocol: modbus-tcp
+    host: 10.0.0.5
+    tags:
+      - {name: ok, address: 1}
+      - {name: far, address: 70000}
+      - {name: word, address: 40.10, type: int16}
+      - {name: recipe, address: 5, type: string}
+      - {name: typo, address: 5, tpye: int16}
+  - name: oven
+    protocol: opcua
+    endpoint: opc.tcp://10.0.0.6:4840
+    poll: 5 parsecs
+    tags: [{name: t, node: "ns=2;s=X"}]
+  - name: x
+    protocol: profibus
+""")
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"Error: {path}: devices[0].tags[1].address: must be between 0 and 65535 (0-based protocol address) (got 70000)",
+        f"Error: {path}: devices[0].tags[2]: a register bit (bit: 10) is read as bool, not int16",
+        f"Error: {path}: devices[0].tags[3]: a string tag needs length: (number of registers, 2 characters each)",
+        f"Error: {path}: devices[0].tags[4].tpye: unknown key (check its spelling and indentation)",
+        f"Error: {path}: devices[1].poll: expected a duration like 500ms, 1s or 5m, got '5 parsecs'",
+        f"Error: {path}: devices[2].protocol: must be one of 'modbus-tcp', 'modbus-rtu', 'opcua' (got 'profibus')",
+    ]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("devices: [\n", "line 2 column 1: invalid YAML: expected the node content, but found '<stream end>'"),
+    ("- just\n- a list\n", "the top level must be a mapping of keys, got list"),
+    ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, tags: [{name: t, address: 1}, {name: t, address: 2}]}\n",
+     "devices[0].tags: tag name 't' is used twice"),
+    ("devices:\n  - {name: a/b, protocol: opcua, endpoint: 'opc.tcp://h', tags: [{name: t, node: 'i=1'}]}\n",
+     "devices[0].name: must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
+     "(it becomes an MQTT topic level) (got 'a/b')"),
+    ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_registers_per_read: 2, "
+     "tags: [{name: t, address: 1, type: float64}]}\n",
+     "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2"),
+])
+def test_config_errors_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == f"Error: {path}: {message}\n"
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "/nonexistent/plant.yaml"]) == 2
+    assert capsys.readouterr().err == "Error: /nonexistent/plant.yaml: no such file\n"
+
+
+def test_demo_config_matches_the_simulated_register_map() -> None:
+    config = load_config(DEMO)
+    for machine in demo_machines():
+        device = config.device(machine.name)
+        assert device.unit == machine.unit
+        ignore = {"deadband", "max_silence", "description"}
+        assert {t.name: t.model_dump(exclude=ignore) for t in device.tags} == {
+            f.name: f.tag().model_dump(exclude=ignore) for f in machine.fields}
+
+
+async def run_agent(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent.cli", *args, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_agent_read_prints_a_table_and_json(tmp_path: Path) -> None:
+    port = free_port()
+    config = write(tmp_path, DEMO.read_text().replace("port: 5020", f"port: {port}").split("  - name: oven-1")[0])
+    async with ModbusSimulator(machines=demo_machines(), port=port):
+        code, out, err = await run_agent("read", "--config", str(config), "--device", "compressor-1")
+        assert (code, err) == (0, "")
+        lines = out.splitlines()
+        assert lines[0].split() == ["DEVICE", "TAG", "VALUE", "UNIT", "QUALITY", "ERROR"]
+        assert lines[1].split() == ["compressor-1", "loaded", "false", "good"]
+        assert lines[3].split() == ["compressor-1", "serial_number", "SC7-0042", "good"]
+        assert lines[5].split()[3:] == ["l/min", "good"]
+        code, out, err = await run_agent("read", "--config", str(config), "--json")
+        assert code == 0
+        doc = json.loads(out)
+        assert [d["dev"] for d in doc] == ["cnc-1", "press-1", "compressor-1"]
+        program = next(p for p in doc[0]["points"] if p["tag"] == "program")
+        assert program["v"] == "O1234-BRACKET" and program["q"] == "good" and program["ts"] > 1.7e12
+        code, out, err = await run_agent("read", "--config", str(config), "--device", "nope")
+        assert code == 2
+        assert err == f"Error: {config}: no device named 'nope' (devices: cnc-1, press-1, compressor-1)\n"
+
+
+async def test_agent_read_reports_an_unreachable_device(tmp_path: Path) -> None:
+    port = free_port()
+    config = write(tmp_path, f"devices:\n  - {{name: gone, protocol: modbus-tcp, host: 127.0.0.1, port: {port}, "
+                             f"tags: [{{name: a, address: 0}}, {{name: b, address: 1}}]}}\n")
+    code, out, err = await run_agent("read", "--config", str(config), "--json")
+    assert code == 1
+    assert err == "Error: 2 of 2 tags not good (first: gone.a: connection refused)\n"
+    assert [(p["tag"], p["q"], p["err"]) for p in json.loads(out)[0]["points"]] == [
+        ("a", "bad", "connection refused"), ("b", "bad", "connection refused")]
