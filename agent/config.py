@@ -40,6 +40,7 @@ class MqttConfig(Model):
 class BufferConfig(Model):
     max_bytes: Size = Field(default=256 * 1024**2, gt=0)
     max_age: Duration | None = None
+    fsync: bool = Field(default=True, description="flush every commit to the disk (survives power loss)")
 
 
 class PublishConfig(Model):

@@ -1,0 +1,67 @@
+"""The gateway's provisioned identity: who it is and which broker it talks to.
+
+``agent provision`` writes ``identity.json`` in the state directory::
+
+    {"gateway": "gw-01", "broker_url": "mqtts://mqtt.acme.example.com:8883",
+     "ca_file": "ca.pem", "cert_file": "gw-01.pem", "key_file": "gw-01.key"}
+
+(file names relative to the state directory). A config's ``mqtt:`` section,
+for sites with their own broker, takes precedence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory_edge.errors import ConfigError
+
+from .config import AgentConfig
+from .mqtt import BrokerSettings
+
+IDENTITY_FILE = "identity.json"
+
+
+@dataclass(frozen=True)
+class Identity:
+    gateway: str
+    broker_url: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+
+def load_identity(state_dir: Path) -> Identity | None:
+    path = state_dir / IDENTITY_FILE
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return Identity(doc["gateway"], doc["broker_url"], *(str(state_dir / doc[k]) for k in ("ca_file", "cert_file", "key_file")))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable identity ({exc}); provision again with agent provision --force") from exc
+
+
+def resolve(config: AgentConfig, state_dir: Path) -> tuple[str, BrokerSettings]:
+    """The gateway id and broker settings this agent runs with."""
+    if config.mqtt is not None:
+        if not config.gateway:
+            identity = load_identity(state_dir)
+            if identity is None:
+                raise ConfigError("gateway: required when the broker comes from the mqtt: section")
+            gateway = identity.gateway
+        else:
+            gateway = config.gateway
+        m = config.mqtt
+        return gateway, BrokerSettings.from_url(
+            m.url, connect_host=m.connect_host, ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file,
+            username=m.username, password=m.password, keepalive_s=m.keepalive)
+    identity = load_identity(state_dir)
+    if identity is None:
+        raise ConfigError(f"mqtt: no broker configured and {state_dir} holds no identity: "
+                          "run 'agent provision --url … --key …' or add an mqtt: section")
+    if config.gateway and config.gateway != identity.gateway:
+        raise ConfigError(f"gateway: {config.gateway!r} differs from the provisioned identity {identity.gateway!r}")
+    return identity.gateway, BrokerSettings.from_url(
+        identity.broker_url, ca_file=identity.ca_file, cert_file=identity.cert_file, key_file=identity.key_file)

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the running agent on 127.0.0.1:<metrics_port>/metrics (text format 0.0.4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from factory_edge.logs import fields
+
+if TYPE_CHECKING:
+    from .runtime import Agent
+
+log = logging.getLogger(__name__)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(agent: Agent) -> str:
+    """The exposition text: the same figures as ``agent status``."""
+    s = agent.status()
+    buf = agent.buffer.stats()
+    gw = f'gw="{_escape(agent.gateway)}"'
+    lines = [
+        "# HELP factory_edge_connected 1 while connected to the broker.",
+        "# TYPE factory_edge_connected gauge",
+        f"factory_edge_connected{{{gw}}} {int(s['connection']['state'] == 'connected')}",
+        "# HELP factory_edge_buffer_batches Batches waiting for the broker's acknowledgement.",
+        "# TYPE factory_edge_buffer_batches gauge",
+        f"factory_edge_buffer_batches{{{gw}}} {buf.batches}",
+        "# HELP factory_edge_buffer_points Points waiting for the broker's acknowledgement.",
+        "# TYPE factory_edge_buffer_points gauge",
+        f"factory_edge_buffer_points{{{gw}}} {buf.points}",
+        "# HELP factory_edge_buffer_bytes Bytes of buffered payload.",
+        "# TYPE factory_edge_buffer_bytes gauge",
+        f"factory_edge_buffer_bytes{{{gw}}} {buf.bytes}",
+        "# HELP factory_edge_buffer_dropped_points_total Points dropped because the buffer was full or too old.",
+        "# TYPE factory_edge_buffer_dropped_points_total counter",
+        f"factory_edge_buffer_dropped_points_total{{{gw}}} {buf.dropped_points}",
+        "# HELP factory_edge_published_points_total Points acknowledged by the broker.",
+        "# TYPE factory_edge_published_points_total counter",
+        f"factory_edge_published_points_total{{{gw}}} {s['publish']['acked_points']}",
+        "# HELP factory_edge_reconnects_total Broker connections lost.",
+        "# TYPE factory_edge_reconnects_total counter",
+        f"factory_edge_reconnects_total{{{gw}}} {s['connection']['reconnects']}",
+        "# HELP factory_edge_device_up 1 while the device answers.",
+        "# TYPE factory_edge_device_up gauge",
+    ]
+    for name, dev in s["devices"].items():
+        lines.append(f'factory_edge_device_up{{{gw},device="{_escape(name)}"}} {int(dev["state"] == "up")}')
+    lines += ["# HELP factory_edge_device_points_total Points read from the device.",
+              "# TYPE factory_edge_device_points_total counter"]
+    for name, dev in s["devices"].items():
+        lines.append(f'factory_edge_device_points_total{{{gw},device="{_escape(name)}"}} {dev["points"]}')
+    return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(agent: Agent, port: int) -> None:
+    """A minimal HTTP server for scrapes, on loopback only."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
+            if path.split(b"?")[0] == b"/metrics":
+                body, status = render(agent).encode(), b"200 OK"
+            else:
+                body, status = b"see /metrics\n", b"404 Not Found"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    log.info("metrics listening", extra=fields(address=f"127.0.0.1:{port}"))
+    async with server:
+        await server.serve_forever()

@@ -1,0 +1,229 @@
+"""One MQTT v5 connection (paho-mqtt 2.x): TLS with SNI, will message, callbacks into asyncio.
+
+``Link.open()`` dials once and returns a connected link or raises
+PublishError with the reason in a technician's words ("broker certificate
+not trusted", "hostname mismatch", "connection refused"). The agent's
+connection manager owns reconnecting, with backoff and jitter; paho's own
+reconnect is off, so a lost connection ends its link and the buffer, not
+paho's memory, decides what is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from factory_edge.errors import ConfigError, PublishError
+
+SESSION_EXPIRY_S = 7 * 24 * 3600  # commands queued for a week of downtime, then forgotten
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to connect, resolved from the config or the provisioned identity."""
+
+    host: str  # the URL's host: SNI name and certificate check
+    port: int
+    tls: bool
+    connect_host: str | None = None  # dial this address instead of ``host``
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: float = 30.0
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> BrokerSettings:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"mqtt.url: expected mqtts://host:port, got {url!r}")
+        tls = parts.scheme == "mqtts"
+        return cls(host=parts.hostname, port=parts.port or (8883 if tls else 1883), tls=tls, **options)
+
+    @property
+    def dial_host(self) -> str:
+        return self.connect_host or self.host
+
+    def describe(self) -> str:
+        via = f" via {self.connect_host}" if self.connect_host else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}{via}"
+
+
+class _SniContext(ssl.SSLContext):
+    """An SSL context that presents ``sni_host`` whatever address paho dialled.
+
+    paho passes the host it connects to as ``server_hostname``; with
+    ``connect_host`` that is an IP or a proxy address, while the SNI name
+    and the certificate check must stay the broker URL's host.
+    """
+
+    sni_host: str = ""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        kwargs["server_hostname"] = self.sni_host
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
+    """TLS >= 1.2, broker certificate verified against the CA and the URL's host; client cert if given."""
+    context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sni_host = settings.host
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        if settings.ca_file:
+            context.load_verify_locations(cafile=settings.ca_file)
+        else:
+            context.load_default_certs()
+        if settings.cert_file and settings.key_file:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"mqtt: {exc.filename}: no such file") from exc
+    except ssl.SSLError as exc:
+        raise ConfigError(f"mqtt: cannot load TLS files ({settings.ca_file or 'system CAs'}, "
+                          f"{settings.cert_file}): {exc.reason or exc}") from exc
+    return context
+
+
+def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
+    """A one-line reason a TCP/TLS connection to the broker failed."""
+    where = f"{settings.dial_host}:{settings.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if "Hostname mismatch" in str(exc) or "IP address mismatch" in str(exc):
+            return f"TLS: the broker's certificate is not valid for {settings.host} (hostname mismatch)"
+        if "expired" in str(exc):
+            return "TLS: the broker's certificate has expired"
+        return f"TLS: broker certificate not trusted ({exc.verify_message}); check ca_file"
+    if isinstance(exc, ssl.SSLError):
+        text = str(exc)
+        if "CERTIFICATE_EXPIRED" in text.upper() or "certificate expired" in text:
+            return "TLS: the broker refused our certificate: it has expired"
+        if "UNKNOWN_CA" in text.upper() or "unknown ca" in text:
+            return "TLS: the broker refused our certificate: issued by a CA it does not trust"
+        if "REVOKED" in text.upper():
+            return "TLS: the broker refused our certificate: it has been revoked"
+        if "HANDSHAKE_FAILURE" in text.upper() or "CERTIFICATE_REQUIRED" in text.upper():
+            return f"TLS: handshake with {where} failed ({exc.reason}); a client certificate may be required"
+        return f"TLS: handshake with {where} failed ({exc.reason or text})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}"
+    if isinstance(exc, (TimeoutError, ssl.SSLZeroReturnError)):
+        return f"no answer from {where} (timeout)"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return f"{where} closed the connection during the TLS handshake (unknown SNI name {settings.host}, or the broker refused our certificate)"
+    if isinstance(exc, OSError):
+        return f"cannot reach {where}: {exc.strerror or exc}"
+    return f"cannot connect to {where}: {exc}"
+
+
+class Link:
+    """One connected MQTT session; dies with its TCP connection.
+
+    Callbacks run on paho's network thread and are handed to the event loop
+    (``on_ack(mid, ok)``, ``on_message(message)``, ``on_lost(reason)``).
+    """
+
+    def __init__(self, settings: BrokerSettings, *, client_id: str, will: tuple[str, bytes] | None,
+                 inflight: int, on_ack: Callable[[int, bool], None],
+                 on_message: Callable[[paho.MQTTMessage], None], on_lost: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self._connack: asyncio.Future[str | None] = self.loop.create_future()
+        self.closed = asyncio.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                                  reconnect_on_failure=False)
+        self.client.max_inflight_messages_set(inflight)
+        self.client.max_queued_messages_set(0)
+        if settings.tls:
+            self.client.tls_set_context(tls_context(settings))
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self._on_ack, self._on_message, self._on_lost = on_ack, on_message, on_lost
+        self.client.on_connect = self._paho_connect
+        self.client.on_disconnect = self._paho_disconnect
+        self.client.on_publish = self._paho_publish
+        self.client.on_message = self._paho_message
+        self._lock = threading.Lock()
+
+    # paho thread -> event loop
+    def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
+        self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
+
+    def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        text = str(reason) if reason is not None else "connection lost"
+        self.loop.call_soon_threadsafe(self._lost, text)
+
+    def _paho_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self.loop.call_soon_threadsafe(self._on_ack, mid, not reason.is_failure)
+
+    def _paho_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        self.loop.call_soon_threadsafe(self._on_message, message)
+
+    def _lost(self, reason: str) -> None:
+        if not self._connack.done():
+            self._connack.set_result(f"connection closed before CONNACK ({reason})")
+        if not self.closed.is_set():
+            self.closed.set()
+            self._on_lost(reason)
+
+    async def open(self, *, timeout_s: float = 10.0) -> None:
+        """Dial, handshake TLS, send CONNECT and wait for CONNACK; PublishError says why not."""
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.client.connect_timeout = timeout_s
+        try:
+            await self.loop.run_in_executor(None, lambda: self.client.connect(
+                self.settings.dial_host, self.settings.port, keepalive=int(self.settings.keepalive_s),
+                clean_start=False, properties=properties))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise PublishError(explain_connect_error(exc, self.settings)) from exc
+        self.client.loop_start()
+        try:
+            refused = await asyncio.wait_for(asyncio.shield(self._connack), timeout_s)
+        except asyncio.TimeoutError:
+            refused = f"no CONNACK from {self.settings.describe()} within {timeout_s:g}s"
+        if refused:
+            await self.close()
+            raise PublishError(refused)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
+                properties: Properties | None = None) -> int | None:
+        """Queue a publish on this connection; returns its mid, or None if the link is gone."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        return info.mid
+
+    def subscribe(self, topic: str) -> None:
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        # noLocal: the agent's own replies under cmd/ must not come back to it.
+        self.client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no will message) and stop paho's thread."""
+        if not self.closed.is_set():
+            self.closed.set()
+        self.client.disconnect()
+        await self.loop.run_in_executor(None, self.client.loop_stop)
+
+
+def load_settings_files(settings: BrokerSettings) -> list[str]:
+    """Files the settings name that do not exist (checked before dialling)."""
+    return [f for f in (settings.ca_file, settings.cert_file, settings.key_file) if f and not Path(f).is_file()]

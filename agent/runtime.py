@@ -1,0 +1,289 @@
+"""The running agent: devices → points → buffer → publisher, as owned, named tasks.
+
+    async with Agent(config, ...) as agent:
+        await agent.wait_stopped()
+
+Tasks: ``poll[<device>]`` per device, ``mqtt`` (connection and drain),
+``status`` (the status file ``agent status`` reads), ``metrics`` (optional
+Prometheus endpoint). Data flows one way; each stage owns its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from drivers.base import DeviceState, Driver, open_driver
+from drivers.points import Point, Quality, now_ms
+from factory_edge import __version__
+from factory_edge.errors import ConfigError, FactoryEdgeError
+from factory_edge.logs import fields
+from factory_edge.tasks import cancel_and_wait
+
+from .buffer import Buffer, Drop
+from .config import AgentConfig, load_config
+from .mqtt import BrokerSettings
+from .publisher import ConnectionState, Publisher
+from .report import ReportFilter
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+BUFFER_FILE = "buffer.db"
+STATUS_INTERVAL_S = 2.0
+
+
+def config_hash(path: Path | None, config: AgentConfig) -> str:
+    data = path.read_bytes() if path is not None and path.exists() else config.model_dump_json().encode()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+class DeviceStats:
+    def __init__(self) -> None:
+        self.polls = 0
+        self.points = 0
+        self.reported = 0
+        self.last_error: str | None = None
+        self.last_good_ms: int | None = None
+
+
+class Agent:
+    """One gateway: its devices, its buffer and its broker connection."""
+
+    def __init__(self, config: AgentConfig, *, gateway: str, broker: BrokerSettings, state_dir: Path,
+                 config_path: Path | None = None) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.broker = broker
+        self.state_dir = state_dir
+        self.config_path = config_path
+        self.config_hash = config_hash(config_path, config)
+        self.started = time.time()
+        self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=config.buffer.max_bytes,
+                             max_age_s=config.buffer.max_age, fsync=config.buffer.fsync)
+        self.publisher = Publisher(settings=broker, gateway=gateway, buffer=self.buffer,
+                                   inflight=config.publish.inflight, birth=self._birth, meta=self._meta,
+                                   commands=self._command)
+        self.drivers: dict[str, Driver] = {}
+        self.device_stats: dict[str, DeviceStats] = {}
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}
+        self._filter = ReportFilter.for_devices(config.devices)
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Agent:
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        self._start_devices()
+        self._tasks.append(self._group.create_task(self.publisher.run(), name="mqtt"))
+        self._tasks.append(self._group.create_task(self._status_loop(), name="status"))
+        if self.config.metrics_port:
+            from .metrics import serve_metrics
+
+            self._tasks.append(self._group.create_task(serve_metrics(self, self.config.metrics_port), name="metrics"))
+        log.info("agent started", extra=fields(gateway=self.gateway, devices=len(self.drivers),
+                                               broker=self.broker.describe(), backlog=self.buffer.depth))
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        assert self._group is not None
+        await self._stop_devices()
+        for task in self._tasks:
+            task.cancel()
+        try:
+            await self._group.__aexit__(*exc_info)
+        finally:
+            self.publisher.state = ConnectionState.STOPPED
+            self._write_status()
+            self.buffer.close()
+            log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=self.buffer.depth))
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # ------------------------------------------------------------ devices
+
+    def _start_devices(self) -> None:
+        assert self._group is not None
+        for device in self.config.devices:
+            if not device.enabled:
+                continue
+            options = {"state_dir": self.state_dir} if device.protocol == "opcua" else {}
+            driver = open_driver(device, **options)
+            self.drivers[device.name] = driver
+            self.device_stats.setdefault(device.name, DeviceStats())
+            self._device_tasks[device.name] = self._group.create_task(
+                self._poll(driver), name=f"poll[{device.name}]")
+
+    async def _stop_devices(self) -> None:
+        for task in self._device_tasks.values():
+            task.cancel()
+        for task in self._device_tasks.values():
+            await cancel_and_wait(task)
+        for driver in self.drivers.values():
+            await driver.close()
+        self._device_tasks.clear()
+        self.drivers.clear()
+
+    async def _poll(self, driver: Driver) -> None:
+        name = driver.device.name
+        stats = self.device_stats[name]
+        state = driver.state
+
+        async def emit(points: list[Point]) -> None:
+            nonlocal state
+            stats.polls += 1
+            stats.points += len(points)
+            if any(p.quality is Quality.GOOD for p in points):
+                stats.last_good_ms = now_ms()
+            errors = [p.error for p in points if p.error]
+            stats.last_error = errors[0] if errors else stats.last_error
+            if driver.state is not state and driver.state in (DeviceState.UP, DeviceState.DOWN):
+                self.event("device_up" if driver.state is DeviceState.UP else "device_down",
+                           device=name, error=driver.last_error if driver.state is DeviceState.DOWN else None)
+                state = driver.state
+            self.store(name, self._filter.select(points))
+
+        while True:
+            try:
+                await driver.run(emit)
+            except (FactoryEdgeError, OSError) as exc:
+                reason = f"driver error: {exc}"
+            except Exception as exc:  # a driver bug must not take the other devices down
+                log.error("driver failed", exc_info=True, extra=fields(device=name))
+                reason = f"driver error: {type(exc).__name__}: {exc}"
+            await emit([Point.bad(name, t.name, reason) for t in driver.device.tags])
+            self.event("driver_error", device=name, error=reason)
+            await asyncio.sleep(min(30.0, max(1.0, driver.device.poll)))
+
+    def store(self, device: str, points: list[Point]) -> None:
+        """Buffer points (committed before this returns) and wake the publisher."""
+        if not points:
+            return
+        self.device_stats.setdefault(device, DeviceStats()).reported += len(points)
+        _, drops = self.buffer.add(device, points, max_points=self.config.publish.max_points,
+                                   max_bytes=self.config.publish.max_bytes)
+        for drop in drops:
+            self._report_drop(drop)
+        self.publisher.notify()
+
+    def _report_drop(self, drop: Drop) -> None:
+        log.warning("buffer full: dropped oldest points" if drop.reason == "full" else "dropped points older than max_age",
+                    extra=fields(points=drop.points, batches=drop.batches, seq_from=drop.oldest_seq,
+                                 seq_to=drop.newest_seq, total_dropped=self.buffer.stats().dropped_points))
+        self.event("buffer_drop", reason=drop.reason, points=drop.points, batches=drop.batches,
+                   seq_from=drop.oldest_seq, seq_to=drop.newest_seq)
+
+    def event(self, kind: str, **details: Any) -> None:
+        """Record a gateway event for ``gw/{gw}/events`` (kept in the buffer until published)."""
+        doc = {"type": kind, "ts": now_ms(), **{k: v for k, v in details.items() if v is not None}}
+        self.buffer.add_event(doc)
+        self.publisher.notify()
+
+    # ------------------------------------------------------------ what the broker sees
+
+    def _birth(self) -> dict[str, Any]:
+        return {"state": "online", "ts": now_ms(), "version": __version__, "config_hash": self.config_hash}
+
+    def _meta(self) -> dict[str, dict[str, Any]]:
+        docs = {}
+        for device in self.config.devices:
+            tags = []
+            for tag in device.tags:
+                kind = getattr(tag, "data_type", None)
+                tags.append({"name": tag.name, "type": str(kind) if kind else None, "unit": tag.unit,
+                             "writable": tag.writable, **({"description": tag.description} if tag.description else {})})
+            docs[device.name] = {"device": device.name, "protocol": device.protocol, "address": device.address,
+                                 "enabled": device.enabled, "tags": tags}
+        return docs
+
+    # ------------------------------------------------------------ commands
+
+    async def _command(self, name: str, payload: Any) -> dict[str, Any]:
+        try:
+            if name == "ping":
+                return {"ok": True, "gw": self.gateway, "ts": now_ms(), "version": __version__,
+                        "uptime_s": round(time.time() - self.started, 1), "backlog": self.buffer.depth}
+            if name == "write":
+                return await self._write(payload)
+            if name == "reload":
+                return await self.reload()
+            return {"ok": False, "error": f"unknown command {name!r} (commands: ping, write, reload)"}
+        except FactoryEdgeError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def _write(self, payload: Any) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not {"device", "tag", "value"} <= payload.keys():
+            return {"ok": False, "error": 'expected {"device": …, "tag": …, "value": …}'}
+        driver = self.drivers.get(str(payload["device"]))
+        if driver is None:
+            return {"ok": False, "error": f"no device named {payload['device']!r}"}
+        await driver.write(str(payload["tag"]), payload["value"])
+        self.event("write", device=payload["device"], tag=payload["tag"], value=payload["value"])
+        return {"ok": True, "device": payload["device"], "tag": payload["tag"], "value": payload["value"]}
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and restart the devices; the buffer and connection stay."""
+        if self.config_path is None:
+            raise ConfigError("this agent was not started from a config file")
+        async with self._reload_lock:
+            new = load_config(self.config_path)
+            await self._stop_devices()
+            self.config = self.config.model_copy(update={"devices": new.devices})
+            self.config_hash = config_hash(self.config_path, self.config)
+            self._filter = ReportFilter.for_devices(self.config.devices)
+            self._start_devices()
+        log.info("config reloaded", extra=fields(devices=len(self.drivers), config_hash=self.config_hash))
+        self.event("reload", config_hash=self.config_hash)
+        return {"ok": True, "config_hash": self.config_hash, "devices": sorted(self.drivers)}
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        publisher = self.publisher
+        return {
+            "gw": self.gateway, "pid": os.getpid(), "version": __version__, "updated": time.time(),
+            "started": self.started, "config_hash": self.config_hash,
+            "connection": {"state": str(publisher.state), "broker": self.broker.describe(),
+                           "last_error": publisher.last_error, "connected_since": publisher.stats.connected_since,
+                           "reconnects": publisher.stats.reconnects},
+            "publish": {"points_per_s": round(publisher.stats.points_per_s(), 1), "batches": publisher.stats.batches,
+                        "points": publisher.stats.points, "acked_points": publisher.stats.acked_points,
+                        "rejected": publisher.stats.rejected},
+            "devices": {
+                name: {"state": str(driver.state), "protocol": driver.device.protocol,
+                       "last_good_ms": self.device_stats[name].last_good_ms,
+                       "last_error": driver.last_error or self.device_stats[name].last_error,
+                       "polls": self.device_stats[name].polls, "points": self.device_stats[name].points,
+                       "reported": self.device_stats[name].reported}
+                for name, driver in self.drivers.items()},
+        }
+
+    def _write_status(self) -> None:
+        path = self.state_dir / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.status()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write status file", extra=fields(path=str(path), err=str(exc)))
+
+    async def _status_loop(self) -> None:
+        while True:
+            self._write_status()
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+

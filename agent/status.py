@@ -1,0 +1,103 @@
+"""``agent status [--state-dir D] [--json]``: what the running agent is doing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from factory_edge.errors import FactoryEdgeError
+
+from .buffer import age_seconds, read_stats
+from .config import DEFAULT_STATE_DIR
+from .runtime import BUFFER_FILE, STATUS_FILE
+
+STALE_AFTER_S = 10.0
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "status", help="show connection state, buffer depth, drops and every device's last read",
+        description="Show the running agent's broker connection, buffer depth and oldest point age, drops, "
+                    "points/s, and every device's state, last good read and last error. Reads the state "
+                    "directory, so it works while the agent runs (and tells when it does not).")
+    p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR, help=f"default {DEFAULT_STATE_DIR}")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    p.set_defaults(handler=run)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect(state_dir: Path) -> dict[str, Any]:
+    """Status file of the running agent (if any) plus the buffer's own figures."""
+    if not state_dir.is_dir():
+        raise FactoryEdgeError(f"{state_dir}: no such state directory (see --state-dir)")
+    doc: dict[str, Any] = {}
+    status_path = state_dir / STATUS_FILE
+    if status_path.exists():
+        try:
+            doc = json.loads(status_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise FactoryEdgeError(f"{status_path}: unreadable status file: {exc}") from exc
+    running = bool(doc) and _alive(int(doc.get("pid", 0))) and time.time() - doc.get("updated", 0) < STALE_AFTER_S
+    doc["running"] = running
+    if not running and "connection" in doc:
+        doc["connection"]["state"] = "stopped"
+    stats = read_stats(state_dir / BUFFER_FILE)
+    if stats is not None:
+        doc["buffer"] = {"batches": stats.batches, "points": stats.points, "bytes": stats.bytes,
+                         "oldest_age_s": None if stats.oldest_ms is None else round(age_seconds(stats.oldest_ms) or 0, 1),
+                         "dropped_points": stats.dropped_points, "dropped_batches": stats.dropped_batches,
+                         "next_seq": stats.next_seq, "events_pending": stats.events}
+    if not doc.get("connection") and stats is None:
+        raise FactoryEdgeError(f"{state_dir}: no agent has run with this state directory")
+    return doc
+
+
+def _ago(ms: int | None) -> str:
+    if ms is None:
+        return "never"
+    seconds = time.time() - ms / 1000
+    return f"{seconds:.1f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
+def text_lines(doc: dict[str, Any]) -> list[str]:
+    conn = doc.get("connection", {})
+    pub = doc.get("publish", {})
+    buf = doc.get("buffer", {})
+    lines = [
+        f"gateway      {doc.get('gw', '?')}  ({'running, pid ' + str(doc.get('pid')) if doc['running'] else 'not running'})",
+        f"broker       {conn.get('broker', '?')}  {conn.get('state', 'unknown')}"
+        + (f"  last error: {conn['last_error']}" if conn.get("last_error") else ""),
+        f"buffer       {buf.get('points', 0)} points in {buf.get('batches', 0)} batches, {buf.get('bytes', 0)} bytes"
+        + (f", oldest {buf['oldest_age_s']}s" if buf.get("oldest_age_s") is not None else ""),
+        f"dropped      {buf.get('dropped_points', 0)} points",
+        f"publishing   {pub.get('points_per_s', 0)} points/s, {pub.get('acked_points', 0)} acknowledged"
+        + (f", {conn.get('reconnects', 0)} reconnects" if conn else ""),
+    ]
+    devices = doc.get("devices", {})
+    if devices:
+        rows = [("DEVICE", "STATE", "LAST GOOD READ", "POINTS", "LAST ERROR")]
+        for name, dev in devices.items():
+            rows.append((name, dev["state"], _ago(dev.get("last_good_ms")), str(dev.get("points", 0)), dev.get("last_error") or ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines.append("")
+        lines += [("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]).rstrip() for r in rows]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    doc = collect(Path(args.state_dir))
+    print(json.dumps(doc) if args.json else "\n".join(text_lines(doc)))
+    return 0
