@@ -1,0 +1,58 @@
+"""The project checks itself: every command documented, every documented key real."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+from drivers.simulate.machines import demo_machines, register_map_lines
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_agent_command_has_help_and_a_docs_section() -> None:
+    cli_doc = (DOCS / "cli.md").read_text()
+    parser = build_parser()
+    for name, sub in subcommands(parser).items():
+        assert sub.description, f"agent {name} has no --help description"
+        assert f"\n## agent {name}\n" in cli_doc, f"docs/cli.md has no section for agent {name}"
+        for action in sub._actions:
+            assert action.help, f"agent {name}: option {action.dest} has no help text"
+
+
+def documented_models() -> list[tuple[list[type], set[str]]]:
+    text = (DOCS / "config.md").read_text()
+    sections = re.split(r"<!-- model: ", text)[1:]
+    out = []
+    for section in sections:
+        names, _, body = section.partition(" -->")
+        models = []
+        for dotted in names.split():
+            module, _, attr = dotted.rpartition(".")
+            models.append(getattr(importlib.import_module(module), attr))
+        keys = set(re.findall(r"^\| `([a-z_]+)` \|", body.split("\n## ")[0].split("\n### ")[0], re.M))
+        out.append((models, keys))
+    return out
+
+
+@pytest.mark.parametrize(("models", "keys"), documented_models(), ids=lambda v: getattr(v, "__name__", "") if isinstance(v, type) else None)
+def test_config_doc_and_models_agree(models: list[type], keys: set[str]) -> None:
+    fields = set().union(*(m.model_fields for m in models))
+    assert keys - fields == set(), f"documented but not in {models}: {keys - fields}"
+    assert fields - keys == set(), f"in {models} but not documented: {fields - keys}"
+
+
+def test_simulator_doc_shows_the_register_map() -> None:
+    text = (DOCS / "simulator.md").read_text()
+    for line in register_map_lines(demo_machines()):
+        assert line in text, f"docs/simulator.md is missing: {line}"
