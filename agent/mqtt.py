@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -70,10 +72,13 @@ class _SniContext(ssl.SSLContext):
     """
 
     sni_host: str = ""
+    last_socket: ssl.SSLSocket | None = None
 
     def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
         kwargs["server_hostname"] = self.sni_host
-        return super().wrap_socket(sock, *args, **kwargs)
+        # Kept so a failed handshake's socket can be closed: paho drops it.
+        self.last_socket = super().wrap_socket(sock, *args, **kwargs)
+        return self.last_socket
 
 
 def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
@@ -107,6 +112,9 @@ def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
         if "expired" in str(exc):
             return "TLS: the broker's certificate has expired"
         return f"TLS: broker certificate not trusted ({exc.verify_message}); check ca_file"
+    if isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(exc):
+        return (f"{where} closed the connection during the TLS handshake "
+                f"(unknown SNI name {settings.host}, or the broker refused our certificate)")
     if isinstance(exc, ssl.SSLError):
         text = str(exc)
         if "CERTIFICATE_EXPIRED" in text.upper() or "certificate expired" in text:
@@ -147,8 +155,10 @@ class Link:
                                   reconnect_on_failure=False)
         self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(0)
+        self._tls: ssl.SSLContext | None = None
         if settings.tls:
-            self.client.tls_set_context(tls_context(settings))
+            self._tls = tls_context(settings)
+            self.client.tls_set_context(self._tls)
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if will is not None:
@@ -184,6 +194,7 @@ class Link:
 
     async def open(self, *, timeout_s: float = 10.0) -> None:
         """Dial, handshake TLS, send CONNECT and wait for CONNACK; PublishError says why not."""
+        check_client_certificate(self.settings)
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         self.client.connect_timeout = timeout_s
@@ -192,6 +203,9 @@ class Link:
                 self.settings.dial_host, self.settings.port, keepalive=int(self.settings.keepalive_s),
                 clean_start=False, properties=properties))
         except (OSError, ssl.SSLError, ValueError) as exc:
+            failed = getattr(self._tls, "last_socket", None)
+            if failed is not None:
+                failed.close()
             raise PublishError(explain_connect_error(exc, self.settings)) from exc
         self.client.loop_start()
         try:
@@ -200,6 +214,10 @@ class Link:
             refused = f"no CONNACK from {self.settings.describe()} within {timeout_s:g}s"
         if refused:
             await self.close()
+            if self.settings.tls and self.settings.cert_file and refused.startswith("connection closed before CONNACK"):
+                # With TLS 1.3 the broker checks our certificate after the
+                # handshake, so its refusal arrives as a closed connection.
+                refused += ": the broker may have refused our certificate (revoked, or issued by a CA it does not trust)"
             raise PublishError(refused)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
@@ -222,8 +240,25 @@ class Link:
             self.closed.set()
         self.client.disconnect()
         await self.loop.run_in_executor(None, self.client.loop_stop)
+        # paho closes its wake-up socket pair only when the client is garbage
+        # collected; a reconnecting agent makes many clients, so close it now.
+        reset = getattr(self.client, "_reset_sockets", None)
+        if reset is not None:
+            reset()
 
 
-def load_settings_files(settings: BrokerSettings) -> list[str]:
-    """Files the settings name that do not exist (checked before dialling)."""
-    return [f for f in (settings.ca_file, settings.cert_file, settings.key_file) if f and not Path(f).is_file()]
+def check_client_certificate(settings: BrokerSettings) -> None:
+    """Refuse to dial with a client certificate that is expired or not yet valid: say so plainly."""
+    if not (settings.tls and settings.cert_file):
+        return
+    try:
+        cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PublishError(f"TLS: cannot read our certificate {settings.cert_file}: {exc}") from exc
+    now = datetime.now(timezone.utc)
+    if cert.not_valid_after_utc < now:
+        raise PublishError(f"TLS: our certificate {settings.cert_file} expired on "
+                           f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it (agent provision --force)")
+    if cert.not_valid_before_utc > now:
+        raise PublishError(f"TLS: our certificate {settings.cert_file} is not valid before "
+                           f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the gateway's clock")

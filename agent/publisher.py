@@ -56,6 +56,7 @@ class PublishStats:
     acked_points: int = 0
     rejected: int = 0
     reconnects: int = 0
+    connect_attempts: int = 0
     connected_since: float | None = None
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
 
@@ -71,7 +72,8 @@ class Publisher:
 
     def __init__(self, *, settings: BrokerSettings, gateway: str, buffer: Buffer, inflight: int,
                  birth: Callable[[], dict[str, Any]], meta: Callable[[], dict[str, dict[str, Any]]],
-                 commands: CommandHandler, backoff_max_s: float = 60.0) -> None:
+                 commands: CommandHandler, backoff_max_s: float = 60.0,
+                 on_state: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.gateway = gateway
         self.buffer = buffer
@@ -79,7 +81,8 @@ class Publisher:
         self.birth = birth
         self.meta = meta
         self.commands = commands
-        self.state = ConnectionState.DISCONNECTED
+        self._state = ConnectionState.DISCONNECTED
+        self._on_state = on_state
         self.last_error: str | None = None
         self.stats = PublishStats()
         self._backoff = Backoff(initial_s=1.0, max_s=backoff_max_s)
@@ -89,6 +92,17 @@ class Publisher:
         self._acked_events: list[int] = []
         self._link: Link | None = None
         self._commands: asyncio.TaskGroup | None = None
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ConnectionState) -> None:
+        changed = value is not self._state
+        self._state = value
+        if changed and self._on_state is not None:
+            self._on_state()
 
     def notify(self) -> None:
         """New batches or events are in the buffer."""
@@ -104,6 +118,7 @@ class Publisher:
         """Connect, drain, reconnect with backoff and jitter: until cancelled."""
         while True:
             self.state = ConnectionState.CONNECTING
+            self.stats.connect_attempts += 1
             offline = dict(self.birth(), state="offline")
             link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit,
                         will=(f"{self.topic_root}/status", json.dumps(offline).encode()),
@@ -123,7 +138,8 @@ class Publisher:
             self.last_error = None
             self.state = ConnectionState.CONNECTED
             self.stats.connected_since = time.time()
-            log.info("connected to broker", extra=fields(broker=self.settings.describe(), backlog=self.buffer.depth))
+            log.info("connected to broker", extra=fields(broker=self.settings.describe(), backlog=self.buffer.depth,
+                                                         live_from_seq=self.buffer.next_seq))
             self._link = link
             try:
                 await self._session(link)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
 BUFFER_FILE = "buffer.db"
-STATUS_INTERVAL_S = 2.0
+STATUS_INTERVAL_S = 1.0
 
 
 def config_hash(path: Path | None, config: AgentConfig) -> str:
@@ -69,7 +69,7 @@ class Agent:
                              max_age_s=config.buffer.max_age, fsync=config.buffer.fsync)
         self.publisher = Publisher(settings=broker, gateway=gateway, buffer=self.buffer,
                                    inflight=config.publish.inflight, birth=self._birth, meta=self._meta,
-                                   commands=self._command)
+                                   commands=self._command, on_state=self._write_status)
         self.drivers: dict[str, Driver] = {}
         self.device_stats: dict[str, DeviceStats] = {}
         self._device_tasks: dict[str, asyncio.Task[None]] = {}
@@ -259,7 +259,8 @@ class Agent:
             "started": self.started, "config_hash": self.config_hash,
             "connection": {"state": str(publisher.state), "broker": self.broker.describe(),
                            "last_error": publisher.last_error, "connected_since": publisher.stats.connected_since,
-                           "reconnects": publisher.stats.reconnects},
+                           "reconnects": publisher.stats.reconnects,
+                           "connect_attempts": publisher.stats.connect_attempts},
             "publish": {"points_per_s": round(publisher.stats.points_per_s(), 1), "batches": publisher.stats.batches,
                         "points": publisher.stats.points, "acked_points": publisher.stats.acked_points,
                         "rejected": publisher.stats.rejected},

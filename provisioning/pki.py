@@ -1,0 +1,360 @@
+"""Keys, CAs, certificates, CSRs and CRLs: pure functions over ``cryptography`` objects.
+
+Each tenant has its own CA. A gateway makes its key pair on site and sends
+only a CSR; ``sign_csr`` checks it and issues a client certificate whose CN
+is the gateway id, which Mosquitto then uses as the MQTT username
+(``use_identity_as_username``), so the ACL patterns ``gw/%u/...`` bind a
+gateway to its own topics. The bridge (CN ``bridge``) and technicians (CN
+``tech-<name>``) get certificates from ``issue_client_cert``; those names are
+reserved and a gateway CSR may not claim them.
+
+Every check raises ``ProvisioningError`` with a one-line reason; the file
+helpers write atomically, private keys with mode 0600 from the first byte.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import secrets
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from factory_edge.errors import ProvisioningError
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PemObject = x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+BRIDGE_ID = "bridge"
+TECHNICIAN_PREFIX = "tech-"
+ACCEPTED_KEYS = "RSA >= 2048 or EC P-256/P-384"
+CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past
+
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh EC P-256 private key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (key, certificate) whose subject CN is ``name``."""
+    key = new_key()
+    subject = _name(name)
+    start = _now() - CLOCK_SKEW
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, hostname: str,
+                      *, days: int = 825) -> x509.Certificate:
+    """A TLS server certificate for ``hostname`` (SAN DNS and CN), serverAuth only."""
+    start = _now() - CLOCK_SKEW
+    return _leaf(ca_key, ca_cert, public_key, hostname, ExtendedKeyUsageOID.SERVER_AUTH,
+                 start, start + dt.timedelta(days=days), san=[x509.DNSName(hostname)])
+
+
+def make_csr(key: PrivateKey, common_name: str) -> x509.CertificateSigningRequest:
+    """A CSR with subject CN ``common_name``, signed by ``key`` (what a gateway sends)."""
+    return x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, hashes.SHA256())
+
+
+def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
+    """Parse a PEM (or DER) CSR; anything else is a ProvisioningError."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_csr(raw)
+        return x509.load_der_x509_csr(raw)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ProvisioningError("CSR is not a PEM or DER certificate signing request") from exc
+
+
+def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.CertificateSigningRequest | bytes | str,
+             *, common_name: str | None = None, days: int = 365, not_before: dt.datetime | None = None,
+             not_after: dt.datetime | None = None, allow_reserved: bool = False) -> x509.Certificate:
+    """Check a gateway's CSR and issue its client certificate (clientAuth, CN = gateway id).
+
+    Checked, in order: the key type and size, the self-signature, one CN
+    that is a valid id, equal to ``common_name`` when given, and not a
+    reserved identity (``bridge``, ``tech-*``) unless ``allow_reserved``.
+    Only the CN and public key are taken from the CSR; its other subject
+    fields and extensions are ignored.
+    """
+    if not isinstance(csr, x509.CertificateSigningRequest):
+        csr = load_csr(csr)
+    try:
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ProvisioningError(f"CSR key is not supported; need {ACCEPTED_KEYS}") from exc
+    check_key(public_key, what="CSR key")
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, UnsupportedAlgorithm, InvalidSignature) as exc:
+        raise ProvisioningError("CSR signature cannot be checked") from exc
+    if not valid:
+        raise ProvisioningError("CSR signature is invalid: the request was altered or not signed by its key")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ProvisioningError(f"CSR has {len(names)} common names; need exactly one, the gateway id")
+    cn = names[0].value
+    cn = cn.decode("utf-8", "replace") if isinstance(cn, bytes) else cn
+    check_id(cn, what="CSR common name")
+    if common_name is not None and cn != common_name:
+        raise ProvisioningError(f"CSR common name {cn!r} does not match the expected {common_name!r}")
+    if not allow_reserved and is_reserved(cn):
+        raise ProvisioningError(f"CSR common name {cn!r} is reserved for the bridge or technicians")
+    start, end = _validity(days=days, hours=None, not_before=not_before, not_after=not_after)
+    return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
+
+
+def issue_client_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, common_name: str, *, days: int = 365,
+                      hours: float | None = None, not_before: dt.datetime | None = None,
+                      not_after: dt.datetime | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new key and client certificate for ``common_name`` (bridge, technicians, tests).
+
+    ``hours`` (short-lived technician certificates) wins over ``days``;
+    explicit ``not_before``/``not_after`` win over both, so a test can make
+    a certificate that has already expired.
+    """
+    check_id(common_name, what="common name")
+    key = new_key()
+    start, end = _validity(days=days, hours=hours, not_before=not_before, not_after=not_after)
+    return key, _leaf(ca_key, ca_cert, key.public_key(), common_name, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
+
+
+def create_crl(ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tuple[int, dt.datetime]],
+               *, days: int = 7) -> x509.CertificateRevocationList:
+    """A CRL listing ``(serial, revoked_at)`` pairs, valid for ``days``.
+
+    Mosquitto (OpenSSL) refuses every client once the CRL's next update has
+    passed, so it must be re-issued (and the broker sent SIGHUP) well
+    within ``days``.
+    """
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_aware(when)).build())
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def check_key(public_key: object, *, what: str = "key") -> None:
+    """Refuse keys other than EC P-256/P-384 or RSA >= 2048 bits."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise ProvisioningError(f"{what} is RSA {public_key.key_size} bits; need {ACCEPTED_KEYS}")
+        return
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if public_key.curve.name not in _CURVES:
+            raise ProvisioningError(f"{what} is EC {public_key.curve.name}; need {ACCEPTED_KEYS}")
+        return
+    kind = {ed25519.Ed25519PublicKey: "Ed25519", ed448.Ed448PublicKey: "Ed448"}
+    label = next((name for cls, name in kind.items() if isinstance(public_key, cls)), type(public_key).__name__)
+    raise ProvisioningError(f"{what} is {label}; need {ACCEPTED_KEYS}")
+
+
+def check_id(value: str, *, what: str = "id") -> None:
+    """Refuse anything but 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit."""
+    if not ID_RE.match(value):
+        raise ProvisioningError(f"{what} {value!r} is not a valid id: 1-64 letters, digits, '_', '.' or '-',"
+                                " starting with a letter or digit")
+
+
+def is_reserved(identity: str) -> bool:
+    """True for identities that are not gateways: the bridge and technicians."""
+    return identity == BRIDGE_ID or identity.startswith(TECHNICIAN_PREFIX)
+
+
+def common_name(cert: x509.Certificate) -> str:
+    """The certificate's subject CN (the gateway id for client certificates)."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the DER certificate, lowercase hex."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+# -- files -----------------------------------------------------------------
+
+def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
+    """Write ``key`` as unencrypted PKCS#8 PEM, mode 0600, atomically (never readable by others)."""
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    _write_atomic(Path(path), data, 0o600)
+
+
+def write_pem(path: str | os.PathLike[str], obj: PemObject) -> None:
+    """Write a certificate, CRL or CSR as PEM, mode 0644, atomically."""
+    _write_atomic(Path(path), obj.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
+    """Read an unencrypted PEM private key."""
+    data = _read(path, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ProvisioningError(f"{path}: not an unencrypted PEM private key") from exc
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+        raise ProvisioningError(f"{path}: private key is {type(key).__name__}; need RSA or EC")
+    return key
+
+
+def load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
+    """Read a PEM certificate (the first one in the file)."""
+    data = _read(path, "certificate")
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ProvisioningError(f"{path}: not a PEM certificate") from exc
+
+
+def load_crl(path: str | os.PathLike[str]) -> x509.CertificateRevocationList:
+    """Read a PEM CRL."""
+    data = _read(path, "CRL")
+    try:
+        return x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise ProvisioningError(f"{path}: not a PEM CRL") from exc
+
+
+def _read(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ProvisioningError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    # The temporary file is created with its final mode by os.open, so a key
+    # is never readable by others, not even between create and chmod; the
+    # rename makes readers see the old file or the new one, never half of it.
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as exc:
+        raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed 0644; never widens 0600
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename itself is done
+    finally:
+        os.close(fd)
+
+
+# -- building blocks -------------------------------------------------------
+
+def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, cn: str, usage: x509.ObjectIdentifier,
+          start: dt.datetime, end: dt.datetime, *, san: list[x509.GeneralName] | None = None) -> x509.Certificate:
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(rsa_key=isinstance(public_key, rsa.RSAPublicKey)), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if san:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _key_usage(*, cert_sign: bool = False, rsa_key: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False,
+                         key_encipherment=rsa_key and not cert_sign, data_encipherment=False,
+                         key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
+                         encipher_only=False, decipher_only=False)
+
+
+def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
+              not_after: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    start = _aware(not_before) if not_before is not None else _now() - CLOCK_SKEW
+    if not_after is not None:
+        end = _aware(not_after)
+    elif hours is not None:
+        end = _now() + dt.timedelta(hours=hours)
+    else:
+        end = _now() + dt.timedelta(days=days)
+    if end <= start:
+        raise ProvisioningError(f"certificate would end ({end:%Y-%m-%dT%H:%M:%SZ}) before it starts "
+                                f"({start:%Y-%m-%dT%H:%M:%SZ})")
+    return start, end
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def _aware(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
+
+
+__all__ = [
+    "ACCEPTED_KEYS", "BRIDGE_ID", "ID_RE", "TECHNICIAN_PREFIX", "PrivateKey",
+    "check_id", "check_key", "common_name", "create_ca", "create_crl", "fingerprint", "is_reserved",
+    "issue_client_cert", "issue_server_cert", "load_cert", "load_crl", "load_csr", "load_private_key",
+    "make_csr", "new_key", "sign_csr", "write_pem", "write_private_key",
+]
