@@ -84,15 +84,35 @@ class BufferStats:
     events: int
 
 
+_TAG_JSON: dict[str, str] = {}
+
+
 def _point_json(point: Point) -> str:
+    """One point as compact JSON, by hand: this runs for every point buffered."""
     value = point.value
-    doc: dict[str, Any] = {"tag": point.tag, "ts": point.ts, "v": value, "q": str(point.quality)}
-    if isinstance(value, float) and not math.isfinite(value):
-        # JSON has no NaN or Infinity: the reading is bad, and says why.
-        doc["v"], doc["q"], doc["err"] = None, "bad", f"not a finite number ({value})"
-    elif point.error is not None:
-        doc["err"] = point.error
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    quality = point.quality.value
+    error = point.error
+    kind = type(value)
+    if value is None:
+        text = "null"
+    elif kind is bool:
+        text = "true" if value else "false"
+    elif kind is int:
+        text = str(value)
+    elif kind is float:
+        if math.isfinite(value):  # type: ignore[arg-type]
+            text = repr(value)
+        else:
+            # JSON has no NaN or Infinity: the reading is bad, and says why.
+            text, quality, error = "null", "bad", f"not a finite number ({value})"
+    else:
+        text = json.dumps(value if kind is str else str(value), ensure_ascii=False)
+    tag = _TAG_JSON.get(point.tag)
+    if tag is None:
+        tag = _TAG_JSON[point.tag] = json.dumps(point.tag, ensure_ascii=False)
+    if error is None:
+        return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}"}}'
+    return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}","err":{json.dumps(error, ensure_ascii=False)}}}'
 
 
 class Buffer:

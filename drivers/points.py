@@ -23,9 +23,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Point:
-    """One reading: ``ts`` is epoch milliseconds at the source."""
+    """One reading: ``ts`` is epoch milliseconds at the source.
+
+    Not frozen: a frozen dataclass pays for ``object.__setattr__`` on every
+    field, and a busy gateway makes tens of thousands of points a second.
+    Treat points as values all the same.
+    """
 
     device: str
     tag: str

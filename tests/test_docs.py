@@ -52,7 +52,11 @@ def test_config_doc_and_models_agree(models: list[type], keys: set[str]) -> None
     assert fields - keys == set(), f"in {models} but not documented: {fields - keys}"
 
 
-def test_simulator_doc_shows_the_register_map() -> None:
+def test_simulator_doc_shows_the_register_map_and_node_list() -> None:
+    from drivers.simulate.opcua_server import node_table
+
     text = (DOCS / "simulator.md").read_text()
     for line in register_map_lines(demo_machines()):
         assert line in text, f"docs/simulator.md is missing: {line}"
+    for node, kind, meaning in node_table():
+        assert f"| `{node}` | {kind} | {meaning} |" in text, f"docs/simulator.md is missing node {node}"
