@@ -82,8 +82,10 @@ def setup_logging(*, fmt: str = "text", level: str = "info") -> None:
     # pymodbus and asyncua log every frame, retry and failed connect; our
     # driver logs say what matters, so theirs only surface as errors (or
     # everything, when debugging).
-    for noisy in ("pymodbus", "asyncua"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else max(logging.ERROR, root.level))
+    # asyncua logs an ERROR with a traceback for every lost connection, which
+    # the OPC UA driver already reports as "device down" with the reason.
+    for noisy, quiet in (("pymodbus", logging.ERROR), ("asyncua", logging.CRITICAL)):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else max(quiet, root.level))
 
 
 def _under_journald() -> bool:
