@@ -43,8 +43,18 @@ def load_identity(state_dir: Path) -> Identity | None:
         raise ConfigError(f"{path}: unreadable identity ({exc}); provision again with agent provision --force") from exc
 
 
-def resolve(config: AgentConfig, state_dir: Path) -> tuple[str, BrokerSettings]:
-    """The gateway id and broker settings this agent runs with."""
+def resolve(config: AgentConfig, state_dir: Path, *, base_dir: Path | None = None) -> tuple[str, BrokerSettings]:
+    """The gateway id and broker settings this agent runs with.
+
+    Relative file names in the ``mqtt:`` section are relative to ``base_dir``
+    (the config file's directory), not to wherever the agent was started.
+    """
+
+    def local(name: str | None) -> str | None:
+        if name is None or base_dir is None or Path(name).is_absolute():
+            return name
+        return str(base_dir / name)
+
     if config.mqtt is not None:
         if not config.gateway:
             identity = load_identity(state_dir)
@@ -55,7 +65,8 @@ def resolve(config: AgentConfig, state_dir: Path) -> tuple[str, BrokerSettings]:
             gateway = config.gateway
         m = config.mqtt
         return gateway, BrokerSettings.from_url(
-            m.url, connect_host=m.connect_host, ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file,
+            m.url, connect_host=m.connect_host, ca_file=local(m.ca_file), cert_file=local(m.cert_file),
+            key_file=local(m.key_file),
             username=m.username, password=m.password, keepalive_s=m.keepalive)
     identity = load_identity(state_dir)
     if identity is None:

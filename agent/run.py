@@ -29,7 +29,7 @@ async def serve(config_path: Path, state_dir: str | None) -> None:
     config = load_config(config_path)
     directory = Path(state_dir or config.state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    gateway, broker = resolve(config, directory)
+    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent)
     async with Agent(config, gateway=gateway, broker=broker, state_dir=directory, config_path=config_path) as agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -241,6 +241,8 @@ class Agent:
             raise ConfigError("this agent was not started from a config file")
         async with self._reload_lock:
             new = load_config(self.config_path)
+            later = [key for key in ("gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port")
+                     if getattr(new, key) != getattr(self.config, key)]
             await self._stop_devices()
             self.config = self.config.model_copy(update={"devices": new.devices})
             self.config_hash = config_hash(self.config_path, self.config)
@@ -248,7 +250,10 @@ class Agent:
             self._start_devices()
         log.info("config reloaded", extra=fields(devices=len(self.drivers), config_hash=self.config_hash))
         self.event("reload", config_hash=self.config_hash)
-        return {"ok": True, "config_hash": self.config_hash, "devices": sorted(self.drivers)}
+        reply: dict[str, Any] = {"ok": True, "config_hash": self.config_hash, "devices": sorted(self.drivers)}
+        if later:
+            reply["restart_needed_for"] = later
+        return reply
 
     # ------------------------------------------------------------ status
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -277,6 +279,14 @@ async def test_commands_ping_write_reload(tmp_path: Path, pki_acme: TenantPki, b
 
             status = agent.status()
             assert status["running"] and status["connection"]["state"] == "connected"
+            text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agent.cli", "status", "--state-dir",
+                                           str(agent.state_dir)], capture_output=True, text=True, timeout=30)
+            lines = text.stdout.splitlines()
+            assert lines[0] == f"gateway      {GW}  (running, pid {agent.proc.pid})"
+            assert lines[1].startswith(f"broker       mqtts://{pki_acme.host}:{proxy.port} via 127.0.0.1  connected")
+            assert lines[3] == "dropped      0 points"
+            assert lines[6].split()[:3] == ["DEVICE", "STATE", "LAST"]
+            assert lines[7].split()[:2] == ["line-1", "up"]
             assert status["devices"]["line-1"]["state"] == "up"
             metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(
                 f"http://127.0.0.1:{config['metrics_port']}/metrics", timeout=5).read().decode())

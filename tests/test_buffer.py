@@ -120,3 +120,13 @@ def test_report_by_exception() -> None:
     assert sel("pct", 0, 200.0) and not sel("pct", 1, 219.0) and sel("pct", 2, 221.0)
     assert sel("raw", 0, 1) and sel("raw", 1, 1)  # no deadband: every reading
     assert sel("quiet", 0, 1) and not sel("quiet", 1, 1) and sel("quiet", 2, 2) and sel("quiet", 10_002, 2)
+
+
+def test_max_age_drops_points_older_than_the_limit(tmp_path: Path) -> None:
+    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8, max_age_s=0.2) as buf:
+        old, _ = buf.add("d", points("d", 3), max_points=10, max_bytes=10**6)
+        time.sleep(0.3)
+        new, drops = buf.add("d", points("d", 2), max_points=10, max_bytes=10**6)
+        remaining = [b.seq for b in buf.batches_after(0, 10)]
+    assert [(d.reason, d.points, d.oldest_seq) for d in drops] == [("max_age", 3, old[0])]
+    assert remaining == new
