@@ -41,6 +41,7 @@ from asyncua.server.user_managers import UserManager
 
 from factory_edge.errors import FactoryEdgeError
 from factory_edge.logs import fields
+from factory_edge.tasks import cancel_and_wait
 
 from ..opcua.security import generate_certificate
 from ..opcua.values import coerce_for_write
@@ -220,14 +221,7 @@ class OpcuaSimulator:
     async def stop(self) -> None:
         """Stop simulating and close the server with every session; values are kept for a restart."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise
+        await cancel_and_wait(task)
         server, self._server = self._server, None
         if server is not None:
             for name in self._specs:  # what clients wrote survives the restart too
