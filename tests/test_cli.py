@@ -28,7 +28,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_check_config_summarises_the_demo_plant(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(DEMO)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "OK: gateway gw-demo, 4 devices, 30 tags, 14 requests per poll cycle"
+    assert out[0] == "OK: gateway gw-demo, 4 devices, 31 tags, 14 requests per poll cycle"
     assert "  cnc-1  modbus-tcp 127.0.0.1:5020 unit 1  poll 1s  9 tags  5 requests per poll" in out
     assert "    holding 0..3 (4 registers, 4 tags)" in out
 
