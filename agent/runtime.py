@@ -24,6 +24,7 @@ from drivers.points import Point, Quality, now_ms
 from factory_edge import __version__
 from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
+from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 
 from .buffer import Buffer, Drop
@@ -78,6 +79,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self.systemd = Notifier()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -93,10 +95,12 @@ class Agent:
             self._tasks.append(self._group.create_task(serve_metrics(self, self.config.metrics_port), name="metrics"))
         log.info("agent started", extra=fields(gateway=self.gateway, devices=len(self.drivers),
                                                broker=self.broker.describe(), backlog=self.buffer.depth))
+        self.systemd.ready(f"{len(self.drivers)} devices, broker {self.broker.describe()}")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._group is not None
+        self.systemd.stopping()
         await self._stop_devices()
         for task in self._tasks:
             task.cancel()
@@ -288,8 +292,17 @@ class Agent:
             log.warning("cannot write status file", extra=fields(path=str(path), err=str(exc)))
 
     async def _status_loop(self) -> None:
+        """Status file every second, and systemd's watchdog: fed only while the event loop runs."""
+        loop = asyncio.get_running_loop()
+        interval = min(STATUS_INTERVAL_S, self.systemd.watchdog_interval_s or STATUS_INTERVAL_S)
+        last_status = 0.0
         while True:
-            self._write_status()
-            await asyncio.sleep(STATUS_INTERVAL_S)
+            self.systemd.watchdog()
+            if loop.time() - last_status >= STATUS_INTERVAL_S:
+                self._write_status()
+                conn = self.publisher.state
+                self.systemd.status(f"{conn}, {len(self.drivers)} devices, backlog {self.buffer.depth} batches")
+                last_status = loop.time()
+            await asyncio.sleep(interval)
 
 

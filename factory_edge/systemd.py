@@ -1,0 +1,52 @@
+"""systemd service notifications (``Type=notify``): READY, WATCHDOG, STATUS, STOPPING.
+
+A datagram to ``$NOTIFY_SOCKET`` as in sd_notify(3); without that variable
+(not under systemd) every call does nothing. ``watchdog_interval_s`` is half
+of ``WatchdogSec=`` (``$WATCHDOG_USEC``), the pace systemd recommends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class Notifier:
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        self._address: str | None = None
+        if address.startswith("@"):
+            self._address = "\0" + address[1:]  # abstract socket namespace
+        elif address.startswith("/"):
+            self._address = address
+        watchdog_usec = env.get("WATCHDOG_USEC", "")
+        watchdog_pid = env.get("WATCHDOG_PID", "")
+        self.watchdog_interval_s: float | None = None
+        if watchdog_usec.isdigit() and (not watchdog_pid or watchdog_pid == str(os.getpid())):
+            self.watchdog_interval_s = int(watchdog_usec) / 1_000_000 / 2
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    def notify(self, *fields: str) -> None:
+        if self._address is None:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto("\n".join(fields).encode(), self._address)
+            except OSError:
+                pass  # systemd went away (shutdown): nothing to tell
+
+    def ready(self, status: str = "") -> None:
+        self.notify("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def watchdog(self) -> None:
+        self.notify("WATCHDOG=1")
+
+    def status(self, text: str) -> None:
+        self.notify(f"STATUS={text}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1")
