@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from factory_edge.errors import WriteRefused
 from factory_edge.logs import fields
 
 from .config import DeviceBase
@@ -100,6 +101,15 @@ class Driver(abc.ABC):
                 log.debug("poll overran", extra=fields(device=self.device.name, missed=missed))
                 next_at += missed * period
             await asyncio.sleep(next_at - now)
+
+    def writable_tag(self, name: str) -> Any:
+        """The tag called ``name`` if it may be written; WriteRefused says why not."""
+        tag = next((t for t in self.device.tags if t.name == name), None)  # type: ignore[attr-defined]
+        if tag is None:
+            raise WriteRefused(f"{self.device.name}: no tag named {name!r}")
+        if not tag.writable:
+            raise WriteRefused(f"{self.device.name}.{name} is not writable (mark it writable: true in the config)")
+        return tag
 
     def _set_state(self, state: DeviceState, error: str | None = None) -> None:
         """Record a state change and log transitions (not every failed poll)."""

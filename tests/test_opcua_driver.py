@@ -172,7 +172,7 @@ async def test_write_converts_to_the_node_type_and_refuses_other_tags(oven: Opcu
         assert by_tag(await driver.read())["setpoint"].value == 185.0
         await driver.write("setpoint", "172.5")
         assert oven.get("Oven.Setpoint") == 172.5
-        with pytest.raises(WriteRefused, match="tag 'zone1' is not writable"):
+        with pytest.raises(WriteRefused, match=r"oven\.zone1 is not writable \(mark it writable: true in the config\)"):
             await driver.write("zone1", 20.0)
         with pytest.raises(WriteRefused, match="no tag named 'fan'"):
             await driver.write("fan", 1)

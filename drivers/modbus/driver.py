@@ -21,7 +21,7 @@ from typing import Any
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from factory_edge.errors import DriverError, WriteRefused
+from factory_edge.errors import DriverError
 from factory_edge.logs import fields
 
 from ..base import Backoff, DeviceState, Driver
@@ -293,18 +293,9 @@ class ModbusDriver(Driver):
 
     # ------------------------------------------------------------ writing
 
-    def writable_tag(self, name: str) -> ModbusTag:
-        """The tag called ``name`` if it may be written; WriteRefused otherwise."""
-        tag = self._tags.get(name)
-        if tag is None:
-            raise WriteRefused(f"{self.device.name}: no tag named {name!r}")
-        if not tag.writable:
-            raise WriteRefused(f"{self.device.name}.{name} is not writable (mark it writable: true in the config)")
-        return tag
-
     async def write(self, tag: str, value: Any) -> None:
         """Encode ``value`` for the tag's type and order and write it (FC5, FC6 or FC16)."""
-        spec = self.writable_tag(tag)
+        spec: ModbusTag = self.writable_tag(tag)
         value = codec.coerce_write_value(spec, value)
         unit = self.device.unit
         link = self._get_link()

@@ -139,11 +139,7 @@ class OpcuaDriver(Driver):
 
     async def write(self, tag: str, value: Any) -> None:
         """Write a tag marked ``writable``, converted to the type of the value the node holds."""
-        spec = self._tags.get(tag)
-        if spec is None:
-            raise WriteRefused(f"{self.device.name}: no tag named {tag!r}")
-        if not spec.writable:
-            raise WriteRefused(f"{self.device.name}: tag {tag!r} is not writable (mark it writable: true)")
+        self.writable_tag(tag)
         session: Session | None = None
         try:
             session = await self._connected()
