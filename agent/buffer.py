@@ -15,6 +15,12 @@ stores each ``(gw, seq)`` once.
 The buffer is bounded by ``max_bytes`` (and optionally ``max_age``): when
 full, the oldest batches go first, and the drop is counted and returned to
 the caller to log and publish as an event.
+
+Acknowledged batches are kept for ``replay_s`` more seconds and sent again
+on the next connection. A broker acknowledges a message before it has
+written it to disk (Mosquitto's ``autosave_interval``), so a broker that
+crashes can lose what it acknowledged last; the replay covers that window,
+and the bridge stores each ``(gw, seq)`` once.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 from drivers.points import Point, now_ms
 from factory_edge.errors import BufferError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATIONS = {
     1: """
         CREATE TABLE batches (
@@ -49,7 +55,12 @@ _MIGRATIONS = {
         CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
         INSERT INTO meta VALUES ('next_seq', 1), ('dropped_points', 0), ('dropped_batches', 0);
     """,
+    2: """
+        ALTER TABLE batches ADD COLUMN acked_ms INTEGER;
+        CREATE INDEX batches_acked ON batches (acked_ms) WHERE acked_ms IS NOT NULL;
+    """,
 }
+PENDING = "acked_ms IS NULL"
 MAX_EVENTS = 10_000
 
 
@@ -59,6 +70,7 @@ class Batch:
     device: str
     points: int
     payload: bytes
+    acked: bool = False  # already acknowledged once: sent again only to cover a broker crash
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +131,12 @@ class Buffer:
     """The agent's on-disk queue of batches. Not thread-safe: one owner (the agent's event loop)."""
 
     def __init__(self, path: str | Path, *, gateway: str, max_bytes: int, max_age_s: float | None = None,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, replay_s: float = 0.0) -> None:
         self.path = Path(path)
         self.gateway = gateway
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
+        self.replay_ms = int(replay_s * 1000)
         self._head = json.dumps(gateway)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,8 +145,7 @@ class Buffer:
             # FULL: a committed batch survives power loss too, not only kill -9.
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._migrate()
-            self._bytes, self._points, self._batches = self._db.execute(
-                "SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*) FROM batches").fetchone()
+            self._reload_counters()
             self._next_seq = self._meta("next_seq")
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
@@ -185,7 +197,7 @@ class Buffer:
         added_bytes = sum(len(r[4]) for r in rows)
         try:
             with self._transaction():
-                self._db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, NULL)", rows)
                 self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
                 self._bytes += added_bytes
                 self._points += len(points)
@@ -205,21 +217,35 @@ class Buffer:
         drops = []
         if self.max_age_s is not None:
             cutoff = now - int(self.max_age_s * 1000)
-            drop = self._drop_where("created_ms < ?", (cutoff,), "max_age")
+            drop = self._drop_where(f"{PENDING} AND created_ms < ?", (cutoff,), "max_age")
             if drop:
                 drops.append(drop)
+        if self._bytes + self._kept_bytes > self.max_bytes and self._kept_bytes:
+            self._forget_acked(None)  # delivered already: the first to go
         if self._bytes > self.max_bytes:
             # Oldest first, until a tenth below the bound, so a full buffer
             # does not drop on every single poll.
             target = int(self.max_bytes * 0.9)
             cut = self._db.execute(
-                "SELECT seq FROM (SELECT seq, sum(length(payload)) OVER (ORDER BY seq DESC) AS kept FROM batches) "
-                "WHERE kept > ? ORDER BY seq DESC LIMIT 1", (target,)).fetchone()
+                f"SELECT seq FROM (SELECT seq, sum(length(payload)) OVER (ORDER BY seq DESC) AS kept "
+                f"FROM batches WHERE {PENDING}) WHERE kept > ? ORDER BY seq DESC LIMIT 1", (target,)).fetchone()
             if cut:
-                drop = self._drop_where("seq <= ?", (cut[0],), "full")
+                drop = self._drop_where(f"{PENDING} AND seq <= ?", (cut[0],), "full")
                 if drop:
                     drops.append(drop)
         return drops
+
+    def _forget_acked(self, before_ms: int | None) -> None:
+        """Delete acknowledged batches (all, or those acknowledged before ``before_ms``)."""
+        if before_ms is None:
+            self._db.execute("DELETE FROM batches WHERE acked_ms IS NOT NULL")
+            self._kept_bytes = 0
+            return
+        (size,) = self._db.execute("SELECT coalesce(sum(length(payload)), 0) FROM batches "
+                                   "WHERE acked_ms IS NOT NULL AND acked_ms < ?", (before_ms,)).fetchone()
+        if size:
+            self._db.execute("DELETE FROM batches WHERE acked_ms IS NOT NULL AND acked_ms < ?", (before_ms,))
+            self._kept_bytes -= size
 
     def _drop_where(self, condition: str, args: tuple[Any, ...], reason: str) -> Drop | None:
         row = self._db.execute(
@@ -248,30 +274,44 @@ class Buffer:
 
     # ------------------------------------------------------------ reading and acknowledging
 
-    def batches_after(self, seq: int, limit: int, *, below: int | None = None) -> list[Batch]:
-        """Up to ``limit`` batches with ``seq`` greater than ``seq`` (and less than ``below``), in order."""
-        if below is None:
-            rows = self._db.execute(
-                "SELECT seq, device, points, payload FROM batches WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit))
+    def batches_after(self, seq: int, limit: int, *, below: int | None = None, replay: bool = False) -> list[Batch]:
+        """Up to ``limit`` unacknowledged batches with ``seq`` greater than ``seq`` (and less than ``below``),
+        in order; with ``replay``, also those acknowledged within the replay window."""
+        where = "seq > ?"
+        args: list[Any] = [seq]
+        if below is not None:
+            where += " AND seq < ?"
+            args.append(below)
+        if replay and self.replay_ms:
+            where += " AND (acked_ms IS NULL OR acked_ms >= ?)"
+            args.append(now_ms() - self.replay_ms)
         else:
-            rows = self._db.execute(
-                "SELECT seq, device, points, payload FROM batches WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
-                (seq, below, limit))
-        return [Batch(*row) for row in rows]
+            where += f" AND {PENDING}"
+        rows = self._db.execute(f"SELECT seq, device, points, payload, acked_ms IS NOT NULL FROM batches "
+                                f"WHERE {where} ORDER BY seq LIMIT ?", (*args, limit))
+        return [Batch(seq_, device, points, payload, bool(acked)) for seq_, device, points, payload, acked in rows]
 
     def ack(self, seqs: Iterable[int]) -> None:
-        """The broker has these batches: forget them (one transaction)."""
+        """The broker has these batches (one transaction): forget them, or keep them for the replay window."""
         seqs = list(seqs)
         if not seqs:
             return
         marks = ",".join("?" * len(seqs))
+        now = now_ms()
         try:
             with self._transaction():
                 size, points, count = self._db.execute(
                     f"SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*) "
-                    f"FROM batches WHERE seq IN ({marks})", seqs).fetchone()
-                self._db.execute(f"DELETE FROM batches WHERE seq IN ({marks})", seqs)
+                    f"FROM batches WHERE {PENDING} AND seq IN ({marks})", seqs).fetchone()
+                if self.replay_ms:
+                    self._db.execute(f"UPDATE batches SET acked_ms = ? WHERE {PENDING} AND seq IN ({marks})",
+                                     (now, *seqs))
+                    self._kept_bytes += size
+                    self._forget_acked(now - self.replay_ms)
+                else:
+                    self._db.execute(f"DELETE FROM batches WHERE seq IN ({marks})", seqs)
         except sqlite3.DatabaseError as exc:
+            self._reload_counters()
             raise BufferError(f"{self.path}: cannot acknowledge batches: {exc}") from exc
         self._bytes -= size
         self._points -= points
@@ -298,14 +338,18 @@ class Buffer:
         return self._batches
 
     def stats(self) -> BufferStats:
-        oldest = self._db.execute("SELECT min(created_ms) FROM batches").fetchone()[0]
+        oldest = self._db.execute(f"SELECT min(created_ms) FROM batches WHERE {PENDING}").fetchone()[0]
         events = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
         return BufferStats(self._batches, self._points, self._bytes, oldest, self._next_seq,
                            self._meta("dropped_points"), self._meta("dropped_batches"), events)
 
     def _reload_counters(self) -> None:
+        """Pending figures and the bytes of acknowledged batches kept for replay, from the database."""
         self._bytes, self._points, self._batches = self._db.execute(
-            "SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*) FROM batches").fetchone()
+            f"SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*) FROM batches "
+            f"WHERE {PENDING}").fetchone()
+        (self._kept_bytes,) = self._db.execute(
+            "SELECT coalesce(sum(length(payload)), 0) FROM batches WHERE acked_ms IS NOT NULL").fetchone()
 
     def close(self) -> None:
         self._db.close()
@@ -339,7 +383,8 @@ def read_stats(path: str | Path) -> BufferStats | None:
     try:
         meta = dict(db.execute("SELECT key, value FROM meta"))
         size, points, batches, oldest = db.execute(
-            "SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*), min(created_ms) FROM batches"
+            "SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*), min(created_ms) FROM batches "
+            + ("WHERE acked_ms IS NULL" if "acked_ms" in {c[1] for c in db.execute("PRAGMA table_info(batches)")} else "")
         ).fetchone()
         events = db.execute("SELECT count(*) FROM events").fetchone()[0]
     except sqlite3.DatabaseError as exc:

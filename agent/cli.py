@@ -17,7 +17,7 @@ from factory_edge import __version__
 from factory_edge.errors import FactoryEdgeError
 from factory_edge.logs import setup_logging
 
-from . import checkconfig, read, run, simulate, status
+from . import checkconfig, provision, read, run, simulate, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="least severe log level shown (default: info for long-running commands, "
                              "error for one-shot ones whose output already says what failed)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, checkconfig, read, status, simulate):
+    for module in (run, checkconfig, read, status, simulate, provision):
         module.add_parser(commands)
     return parser
 

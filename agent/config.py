@@ -41,6 +41,7 @@ class BufferConfig(Model):
     max_bytes: Size = Field(default=256 * 1024**2, gt=0)
     max_age: Duration | None = None
     fsync: bool = Field(default=True, description="flush every commit to the disk (survives power loss)")
+    replay: Duration = Field(default=10.0, ge=0, description="resend what the broker acknowledged this recently after a reconnect")
 
 
 class PublishConfig(Model):

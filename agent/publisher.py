@@ -6,8 +6,10 @@ subscription; then batches go out as QoS 1 with at most ``inflight``
 awaiting PUBACK. A batch leaves the buffer only when its PUBACK arrives.
 
 After a reconnect the backlog (batches buffered before the connection came
-up) drains oldest first while live batches keep flowing: the window is
-filled alternately from the two, so neither starves. A lost connection
+up, and those acknowledged within the buffer's replay window, in case the
+broker crashed before saving them) drains oldest first while live batches
+keep flowing: the window is filled alternately from the two, so neither
+starves. A lost connection
 forgets everything in flight; the buffer still holds it and the next
 connection sends it again, with the same ``seq``.
 """
@@ -57,6 +59,7 @@ class PublishStats:
     rejected: int = 0
     reconnects: int = 0
     connect_attempts: int = 0
+    replayed: int = 0
     connected_since: float | None = None
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
 
@@ -201,7 +204,8 @@ class Publisher:
                 self._send_events(link)
                 while len(self._inflight) < self.inflight_limit:
                     if not backlog and not backlog_done:
-                        backlog.extend(self.buffer.batches_after(backlog_after, self.inflight_limit, below=boundary))
+                        backlog.extend(self.buffer.batches_after(backlog_after, self.inflight_limit, below=boundary,
+                                                                 replay=True))
                         backlog_done = not backlog
                     if not live:
                         live.extend(self.buffer.batches_after(live_after, self.inflight_limit))
@@ -217,9 +221,12 @@ class Publisher:
                     mid = link.publish(f"{self.topic_root}/data/{batch.device}", batch.payload)
                     if mid is None:
                         break
-                    self._inflight[mid] = ("batch", batch.seq, batch.points)
-                    self.stats.batches += 1
-                    self.stats.points += batch.points
+                    self._inflight[mid] = ("replay" if batch.acked else "batch", batch.seq, batch.points)
+                    if batch.acked:
+                        self.stats.replayed += 1
+                    else:
+                        self.stats.batches += 1
+                        self.stats.points += batch.points
                 try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 except asyncio.TimeoutError:

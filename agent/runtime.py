@@ -31,6 +31,7 @@ from .buffer import Buffer, Drop
 from .config import AgentConfig, load_config
 from .mqtt import BrokerSettings
 from .publisher import ConnectionState, Publisher
+from .renew import Renewer
 from .report import ReportFilter
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class Agent:
         self.config_hash = config_hash(config_path, config)
         self.started = time.time()
         self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=config.buffer.max_bytes,
-                             max_age_s=config.buffer.max_age, fsync=config.buffer.fsync)
+                             max_age_s=config.buffer.max_age, fsync=config.buffer.fsync,
+                             replay_s=config.buffer.replay)
         self.publisher = Publisher(settings=broker, gateway=gateway, buffer=self.buffer,
                                    inflight=config.publish.inflight, birth=self._birth, meta=self._meta,
                                    commands=self._command, on_state=self._write_status)
@@ -87,6 +89,9 @@ class Agent:
         self._group = asyncio.TaskGroup()
         await self._group.__aenter__()
         self._start_devices()
+        renewer = Renewer.for_agent(self.config, self.state_dir)  # only when running from a provisioned identity
+        if renewer is not None:
+            self._tasks.append(self._group.create_task(renewer.run(), name="renew"))
         self._tasks.append(self._group.create_task(self.publisher.run(), name="mqtt"))
         self._tasks.append(self._group.create_task(self._status_loop(), name="status"))
         if self.config.metrics_port:
@@ -272,7 +277,7 @@ class Agent:
                            "connect_attempts": publisher.stats.connect_attempts},
             "publish": {"points_per_s": round(publisher.stats.points_per_s(), 1), "batches": publisher.stats.batches,
                         "points": publisher.stats.points, "acked_points": publisher.stats.acked_points,
-                        "rejected": publisher.stats.rejected},
+                        "rejected": publisher.stats.rejected, "replayed": publisher.stats.replayed},
             "devices": {
                 name: {"state": str(driver.state), "protocol": driver.device.protocol,
                        "last_good_ms": self.device_stats[name].last_good_ms,

@@ -132,6 +132,7 @@ class Collector:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client._reset_sockets()  # paho's wake-up pair; a restarted collector makes a new one
 
     def docs(self, prefix: str) -> list[dict[str, Any]]:
         with self.lock:

@@ -131,6 +131,36 @@ async def test_broker_outage_every_point_arrives(tmp_path: Path, pki_acme: Tenan
     assert all(len(d["points"]) == 5 for d in seen.docs(f"gw/{GW}/data/"))
 
 
+async def test_broker_crash_loses_nothing_it_acknowledged(tmp_path: Path, pki_acme: TenantPki,
+                                                          broker_acme: Mosquitto, proxy: Haproxy) -> None:
+    """kill -9 of the broker while the bridge is away: the broker had acknowledged batches it had not
+    saved yet (autosave every few seconds); the agent sends its recent batches again after reconnecting."""
+    port = free_port()
+    async with ModbusSimulator(units={1: counter_model()}, port=port):
+        config = {"gateway": GW, "mqtt": mqtt_section(pki_acme, proxy.port), "devices": [counter_device(port, poll="50ms")]}
+        seen = bridge_view(pki_acme, broker_acme).start()
+        with AgentProcess(tmp_path / "agent", config) as agent:
+            agent.start()
+            await asyncio.sleep(6)  # past the broker's autosave: the bridge's session is on disk
+            seen.stop()  # the bridge is away; the broker queues for it, in memory
+            await asyncio.sleep(1.5)
+            broker_acme.kill()
+            broker_acme.start()
+            seen.start()
+            await wait_for(lambda: agent.status().get("connection", {}).get("state") == "connected", timeout_s=20,
+                           interval_s=0.2, what="the agent to reconnect")
+            await asyncio.sleep(1)
+            assert agent.stop() == 0
+            last = read_stats(agent.state_dir / "buffer.db")
+            assert last is not None and last.batches == 0
+            await asyncio.to_thread(seen.wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20,
+                                    "every batch")
+            seqs = seen.seqs(GW)
+            assert agent.status()["publish"]["replayed"] > 0
+        seen.stop()
+    no_gaps(seqs)
+
+
 async def test_backlog_drains_in_order_while_live_data_flows(tmp_path: Path, pki_acme: TenantPki,
                                                              broker_acme: Mosquitto, proxy: Haproxy) -> None:
     """A large backlog (buffered while offline) and live polls share the window: neither waits for the other."""

@@ -130,3 +130,25 @@ def test_max_age_drops_points_older_than_the_limit(tmp_path: Path) -> None:
         remaining = [b.seq for b in buf.batches_after(0, 10)]
     assert [(d.reason, d.points, d.oldest_seq) for d in drops] == [("max_age", 3, old[0])]
     assert remaining == new
+
+
+def test_acknowledged_batches_are_kept_for_the_replay_window(tmp_path: Path) -> None:
+    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8, replay_s=0.3) as buf:
+        seqs, _ = buf.add("d", points("d", 10), max_points=5, max_bytes=10**6)
+        buf.ack(seqs[:1])
+        assert buf.depth == 1 and buf.stats().points == 5  # pending figures only
+        assert [b.seq for b in buf.batches_after(0, 10)] == [2]
+        assert [(b.seq, b.acked) for b in buf.batches_after(0, 10, replay=True)] == [(1, True), (2, False)]
+        time.sleep(0.4)
+        buf.ack(seqs[1:])  # acknowledging purges what left the window
+        assert [(b.seq, b.acked) for b in buf.batches_after(0, 10, replay=True)] == [(2, True)]
+    assert read_stats(tmp_path / "b.db").batches == 0
+
+
+def test_a_full_buffer_forgets_acknowledged_batches_before_dropping_any(tmp_path: Path) -> None:
+    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=8_000, replay_s=3600) as buf:
+        seqs, _ = buf.add("d", points("d", 100), max_points=50, max_bytes=10**6)
+        buf.ack(seqs)
+        _, drops = buf.add("d", points("d", 100), max_points=50, max_bytes=10**6)
+        assert drops == [] and buf.stats().dropped_points == 0
+        assert [b.acked for b in buf.batches_after(0, 10, replay=True)] == [False, False]
