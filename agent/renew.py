@@ -34,7 +34,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from factory_edge.errors import ConfigError, ProvisioningError
+from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
 from provisioning import pki
 
@@ -190,7 +190,11 @@ class Renewer:
         if identity is None:
             return None
         complete_pending(identity)
-        api = ApiSettings.load(state_dir)
+        try:
+            api = ApiSettings.load(state_dir)
+        except ConfigError as exc:
+            log.error("certificate will not be renewed automatically", extra=fields(err=str(exc)))
+            return None
         if api is None:
             log.warning("no provisioning API recorded: the certificate will not be renewed automatically",
                         extra=fields(state_dir=str(state_dir)))
@@ -203,7 +207,13 @@ class Renewer:
     async def run(self) -> None:
         retry_s = RETRY_FIRST_S
         while True:
-            cert = self.current()
+            try:
+                cert = self.current()
+            except ProvisioningError as exc:  # never take the agent down: it can publish without renewing
+                log.error("cannot read the certificate: renewal paused", extra=fields(err=str(exc),
+                                                                                     retry_in_s=RETRY_MAX_S))
+                await asyncio.sleep(RETRY_MAX_S)
+                continue
             lifetime_s = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
             wait_s = (renew_at(cert) - dt.datetime.now(dt.timezone.utc)).total_seconds()
             log.info("certificate renewal scheduled", extra=fields(
@@ -215,7 +225,7 @@ class Renewer:
                 wait_s = (renew_at(cert) - dt.datetime.now(dt.timezone.utc)).total_seconds()
             try:
                 new = await self.renew_once()
-            except ProvisioningError as exc:
+            except (FactoryEdgeError, OSError) as exc:
                 left_s = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds()
                 delay = min(retry_s, max(lifetime_s / 10, 1.0))
                 log.warning("certificate renewal failed", extra=fields(err=str(exc), retry_in_s=round(delay, 1),

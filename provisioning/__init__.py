@@ -1,6 +1,12 @@
 """Provisioning: tenants, their CAs, provisioning keys, device certificates and
 the generated broker (Mosquitto) and proxy (HAProxy) configuration.
 
-``pki`` holds the certificate work as pure functions over ``cryptography``
-objects; ``render`` turns settings into Mosquitto, ACL and HAProxy text.
+- ``pki``: certificate work as pure functions over ``cryptography`` objects;
+  ``render``: settings into Mosquitto, ACL and HAProxy text.
+- ``layout`` (where files live), ``registry`` (the SQLite registry and its
+  migrations), ``keys`` (provisioning keys, stored hashed).
+- ``tenants`` (create a tenant, render its files), ``service`` (what the API
+  does: provision, renew), ``admin`` (keys, revocation, technicians, CRLs),
+  ``brokers`` (reloading the brokers and proxy, ending a revoked session).
+- ``api`` (FastAPI app), ``ratelimit``, ``server`` (``serve``), ``cli``.
 """

@@ -4,9 +4,10 @@ Each tenant has its own CA. A gateway makes its key pair on site and sends
 only a CSR; ``sign_csr`` checks it and issues a client certificate whose CN
 is the gateway id, which Mosquitto then uses as the MQTT username
 (``use_identity_as_username``), so the ACL patterns ``gw/%u/...`` bind a
-gateway to its own topics. The bridge (CN ``bridge``) and technicians (CN
-``tech-<name>``) get certificates from ``issue_client_cert``; those names are
-reserved and a gateway CSR may not claim them.
+gateway to its own topics. The bridge (CN ``bridge``), technicians (CN
+``tech-<name>``) and the provisioning service itself (CN ``provisioning``)
+get certificates from ``issue_client_cert``; those names are reserved and a
+gateway CSR may not claim them.
 
 Every check raises ``ProvisioningError`` with a one-line reason; the file
 helpers write atomically, private keys with mode 0600 from the first byte.
@@ -15,15 +16,17 @@ helpers write atomically, private keys with mode 0600 from the first byte.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_edge.errors import ProvisioningError
@@ -34,6 +37,7 @@ PemObject = x509.Certificate | x509.CertificateRevocationList | x509.Certificate
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 BRIDGE_ID = "bridge"
 TECHNICIAN_PREFIX = "tech-"
+SERVICE_ID = "provisioning"  # the provisioning service's own client: ends revoked gateways' sessions
 ACCEPTED_KEYS = "RSA >= 2048 or EC P-256/P-384"
 CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past
 
@@ -68,11 +72,20 @@ def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKe
 
 
 def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, hostname: str,
-                      *, days: int = 825) -> x509.Certificate:
-    """A TLS server certificate for ``hostname`` (SAN DNS and CN), serverAuth only."""
+                      *, days: int = 825, alt_names: Iterable[str] = ()) -> x509.Certificate:
+    """A TLS server certificate for ``hostname`` (SAN DNS and CN), serverAuth only.
+
+    ``alt_names``: more names for the SAN, DNS names or IP addresses.
+    """
     start = _now() - CLOCK_SKEW
+    san: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    for name in alt_names:
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            san.append(x509.DNSName(name))
     return _leaf(ca_key, ca_cert, public_key, hostname, ExtendedKeyUsageOID.SERVER_AUTH,
-                 start, start + dt.timedelta(days=days), san=[x509.DNSName(hostname)])
+                 start, start + dt.timedelta(days=days), san=list(dict.fromkeys(san)))
 
 
 def make_csr(key: PrivateKey, common_name: str) -> x509.CertificateSigningRequest:
@@ -124,7 +137,8 @@ def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.Certificat
     if common_name is not None and cn != common_name:
         raise ProvisioningError(f"CSR common name {cn!r} does not match the expected {common_name!r}")
     if not allow_reserved and is_reserved(cn):
-        raise ProvisioningError(f"CSR common name {cn!r} is reserved for the bridge or technicians")
+        owner = "the provisioning service" if cn == SERVICE_ID else "the bridge or technicians"
+        raise ProvisioningError(f"CSR common name {cn!r} is reserved for {owner}")
     start, end = _validity(days=days, hours=None, not_before=not_before, not_after=not_after)
     return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
@@ -190,14 +204,58 @@ def check_id(value: str, *, what: str = "id") -> None:
 
 
 def is_reserved(identity: str) -> bool:
-    """True for identities that are not gateways: the bridge and technicians."""
-    return identity == BRIDGE_ID or identity.startswith(TECHNICIAN_PREFIX)
+    """True for identities that are not gateways: the bridge, technicians and the provisioning service."""
+    return identity in (BRIDGE_ID, SERVICE_ID) or identity.startswith(TECHNICIAN_PREFIX)
 
 
 def common_name(cert: x509.Certificate) -> str:
     """The certificate's subject CN (the gateway id for client certificates)."""
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""
+
+
+def same_key(a: object, b: object) -> bool:
+    """True when two public keys (or certificates, CSRs) hold the same public key."""
+    def spki(obj: object) -> bytes:
+        key = obj.public_key() if hasattr(obj, "public_key") else obj  # type: ignore[union-attr]
+        return key.public_bytes(serialization.Encoding.DER,  # type: ignore[union-attr]
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    return spki(a) == spki(b)
+
+
+def sign_possession(key: PrivateKey, data: bytes) -> bytes:
+    """Sign ``data`` with ``key`` (ECDSA or RSA PKCS#1 v1.5, SHA-256): proof that we hold ``key``.
+
+    A gateway renewing its certificate signs its new CSR with its current
+    key, so the service knows the request comes from the holder of the
+    certificate it presents.
+    """
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def verify_possession(cert: x509.Certificate, data: bytes, signature: bytes) -> None:
+    """Check a ``sign_possession`` signature against the certificate's public key."""
+    public_key = cert.public_key()
+    try:
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        else:
+            raise ProvisioningError(f"certificate key is {type(public_key).__name__}; need {ACCEPTED_KEYS}")
+    except InvalidSignature as exc:
+        raise ProvisioningError("signature does not match the certificate's key") from exc
+
+
+def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """True when ``cert`` names ``ca_cert`` as issuer and carries a valid signature from it."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -212,6 +270,11 @@ def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     _write_atomic(Path(path), data, 0o600)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` with ``mode``, atomically (identity files, anything else that must not be half-written)."""
+    _write_atomic(Path(path), data, mode)
 
 
 def write_pem(path: str | os.PathLike[str], obj: PemObject) -> None:
@@ -353,8 +416,9 @@ def _aware(when: dt.datetime) -> dt.datetime:
 
 
 __all__ = [
-    "ACCEPTED_KEYS", "BRIDGE_ID", "ID_RE", "TECHNICIAN_PREFIX", "PrivateKey",
-    "check_id", "check_key", "common_name", "create_ca", "create_crl", "fingerprint", "is_reserved",
+    "ACCEPTED_KEYS", "BRIDGE_ID", "ID_RE", "SERVICE_ID", "TECHNICIAN_PREFIX", "PrivateKey",
+    "check_id", "check_key", "common_name", "create_ca", "create_crl", "fingerprint", "is_reserved", "issued_by",
     "issue_client_cert", "issue_server_cert", "load_cert", "load_crl", "load_csr", "load_private_key",
-    "make_csr", "new_key", "sign_csr", "write_pem", "write_private_key",
+    "make_csr", "new_key", "same_key", "sign_csr", "sign_possession", "verify_possession", "write_bytes", "write_pem",
+    "write_private_key",
 ]

@@ -1,0 +1,254 @@
+"""Operator actions: provisioning keys, revoking devices, technician certificates, CRL upkeep.
+
+Each action that changes what a broker must enforce (a revoked
+certificate, a technician in the ACL, a fresh CRL) re-renders the tenant's
+files and reloads its Mosquitto (``brokers.reload_broker``); revoking a
+gateway also ends its live session (``brokers.disconnect_gateway``),
+because Mosquitto checks the CRL only when a connection starts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from factory_edge import __version__
+from factory_edge.errors import ProvisioningError
+from factory_edge.logs import fields
+from provisioning import brokers, keys, pki
+from provisioning.layout import DataDir, private_dir
+from provisioning.registry import Device, KeyRecord, Registry, Tenant, iso, now, parse_iso
+from provisioning.tenants import crl_expires, get_tenant, load_ca, record, render_tenant, write_crl
+
+log = logging.getLogger(__name__)
+
+MAX_TECHNICIAN_HOURS = 7 * 24
+CRL_REFRESH_BELOW = dt.timedelta(days=4)  # a 7-day CRL is re-issued once fewer than 4 days remain
+
+
+# -- keys ----------------------------------------------------------------------
+
+def create_key(data: DataDir, tenant_name: str, *, uses: int | None, expires_s: float | None) -> tuple[keys.NewKey, KeyRecord]:
+    if uses is not None and uses < 1:
+        raise ProvisioningError(f"--uses must be at least 1 (got {uses})")
+    if expires_s is not None and expires_s <= 0:
+        raise ProvisioningError("--expires must be a positive duration like 7d or 12h")
+    data.require()
+    with Registry(data.registry) as registry:
+        tenant = get_tenant(registry, tenant_name)
+        new = keys.new_key()
+        expires = iso(now() + dt.timedelta(seconds=expires_s)) if expires_s is not None else None
+        with registry.transaction():
+            registry.add_key(key_id=new.key_id, tenant=tenant.name, digest=new.digest, max_uses=uses, expires_at=expires)
+        found = registry.key(new.key_id)
+    assert found is not None
+    log.info("provisioning key created", extra=fields(tenant=tenant.name, key=new.key_id, uses=uses, expires=expires))
+    return new, found
+
+
+def list_keys(data: DataDir, tenant_name: str | None) -> list[KeyRecord]:
+    data.require()
+    with Registry(data.registry) as registry:
+        if tenant_name is not None:
+            get_tenant(registry, tenant_name)
+        return registry.keys(tenant_name)
+
+
+def revoke_key(data: DataDir, key_id: str) -> KeyRecord:
+    data.require()
+    with Registry(data.registry) as registry:
+        found = registry.key(key_id)
+        if found is None:
+            raise ProvisioningError(f"no provisioning key {key_id!r} (see provisioning key list)")
+        with registry.transaction():
+            registry.revoke_key(key_id, now())
+        return registry.key(key_id) or found
+
+
+# -- devices -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceView:
+    device: Device
+    serial: str | None
+    not_after: str | None
+    renewals: int
+
+    @property
+    def state(self) -> str:
+        if self.device.revoked_at:
+            return "revoked"
+        expiry = parse_iso(self.not_after)
+        return "expired" if expiry is not None and expiry <= now() else "active"
+
+    def as_json(self) -> dict[str, object]:
+        return {"gateway": self.device.name, "state": self.state, "serial": self.serial, "not_after": self.not_after,
+                "provisioned_at": self.device.created_at, "key": self.device.key_id,
+                "revoked_at": self.device.revoked_at, "renewals": self.renewals}
+
+
+def list_devices(data: DataDir, tenant_name: str, gateway: str | None = None) -> list[DeviceView]:
+    data.require()
+    with Registry(data.registry) as registry:
+        tenant = get_tenant(registry, tenant_name)
+        views = []
+        for device in registry.devices(tenant.name):
+            if gateway is not None and device.name != gateway:
+                continue
+            certs = registry.certificates(tenant.name, device_id=device.id)
+            current = next((c for c in reversed(certs) if c.superseded_by is None), None)
+            views.append(DeviceView(device, current.serial if current else None,
+                                    current.not_after if current else None, max(0, len(certs) - 1)))
+        return views
+
+
+@dataclass
+class Revocation:
+    tenant: Tenant
+    gateway: str
+    serials: list[str]
+    already_revoked_at: str | None = None
+    steps: list[str] = field(default_factory=list)
+
+
+def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
+    """Revoke the gateway and every certificate it holds; publish the CRL; end its live session.
+
+    Running it again for a revoked gateway redoes the CRL, reload and
+    disconnect (for when the broker was unreachable the first time).
+    """
+    data.require()
+    at = now()
+    with Registry(data.registry) as registry:
+        tenant = get_tenant(registry, tenant_name)
+        device = registry.active_device(tenant.name, gateway)
+        already = None
+        if device is None:
+            previous = [d for d in registry.devices(tenant.name) if d.name == gateway]
+            if not previous:
+                raise ProvisioningError(f"no gateway {gateway!r} in tenant {tenant.name} "
+                                        f"(see provisioning device list {tenant.name})")
+            device, already = previous[-1], previous[-1].revoked_at
+        certs = registry.certificates(tenant.name, device_id=device.id)
+        with registry.transaction():
+            registry.revoke_device(device.id, at)
+            for cert in certs:
+                registry.revoke_certificate(cert.serial, at)
+        result = Revocation(tenant, gateway, [c.serial for c in certs], already)
+        write_crl(data, registry, tenant)
+    log.info("gateway revoked", extra=fields(tenant=tenant.name, gateway=gateway, certificates=len(certs)))
+    files = data.tenant(tenant.name)
+    result.steps.append(f"CRL {files.crl} lists {len(certs)} certificate(s) of {gateway}")
+    try:
+        reloaded = brokers.reload_broker(files.conf, tenant.name)
+        result.steps.append(str(reloaded))
+        if not reloaded.pids:
+            result.steps.append(f"{gateway} is refused from the broker's next start ('mosquitto -c {files.conf}')")
+            return result
+        offline = json.dumps({"state": "offline", "ts": int(at.timestamp() * 1000), "version": __version__,
+                              "reason": "revoked"}).encode()
+        brokers.disconnect_gateway(_admin_link(data, tenant), gateway, offline=offline)
+    except ProvisioningError as exc:
+        raise ProvisioningError(f"{gateway} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
+                                "run the command again once that is fixed") from exc
+    result.steps.append(f"{gateway}'s sessions ended; reconnecting is refused (certificate revoked)")
+    return result
+
+
+def _admin_link(data: DataDir, tenant: Tenant) -> brokers.AdminLink:
+    files = data.tenant(tenant.name)
+    return brokers.AdminLink(host=tenant.host, port=tenant.broker_port, ca_file=files.ca_cert,
+                             cert_file=files.service_cert, key_file=files.service_key)
+
+
+# -- technicians ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TechnicianCert:
+    identity: str
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    not_after: dt.datetime
+    command: str
+    broker: str
+
+
+def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float, out_dir: Path) -> TechnicianCert:
+    """A read-only certificate for ``tech-<name>``: key, certificate and CA written to ``out_dir``."""
+    if not 0 < hours <= MAX_TECHNICIAN_HOURS:
+        raise ProvisioningError(f"--hours must be in (0, {MAX_TECHNICIAN_HOURS}] (got {hours:g}): "
+                                "technician certificates are short-lived")
+    identity = name if name.startswith(pki.TECHNICIAN_PREFIX) else f"{pki.TECHNICIAN_PREFIX}{name}"
+    pki.check_id(identity, what="technician name")
+    data.require()
+    with Registry(data.registry) as registry:
+        tenant = get_tenant(registry, tenant_name)
+        files = data.tenant(tenant.name)
+        ca_key, ca_cert = load_ca(files)
+        key, cert = pki.issue_client_cert(ca_key, ca_cert, identity, hours=hours)
+        out_dir = out_dir.resolve()
+        if not out_dir.exists():
+            private_dir(out_dir)
+        cert_file, key_file, ca_file = (out_dir / f"{identity}.pem", out_dir / f"{identity}.key",
+                                        out_dir / f"{tenant.name}-ca.pem")
+        pki.write_private_key(key_file, key)
+        pki.write_pem(cert_file, cert)
+        pki.write_pem(ca_file, ca_cert)
+        pki.write_pem(files.technicians / f"{identity}-{cert.serial_number:x}.pem", cert)
+        with registry.transaction():
+            registry.add_certificate(record(tenant.name, cert, "technician"))
+        render_tenant(data, registry, tenant)
+    try:
+        reloaded = str(brokers.reload_broker(files.conf, tenant.name))
+    except ProvisioningError as exc:
+        reloaded = f"broker {tenant.name} NOT reloaded, the certificate works once it is: {exc}"
+    command = shlex.join(["mosquitto_sub", "-h", tenant.host, "-p", str(tenant.public_port), "--cafile", str(ca_file),
+                          "--cert", str(cert_file), "--key", str(key_file), "-V", "mqttv5",
+                          "-t", "gw/#", "-t", "alerts/#", "-v"])
+    log.info("technician certificate issued", extra=fields(tenant=tenant.name, technician=identity,
+                                                           not_after=iso(cert.not_valid_after_utc)))
+    return TechnicianCert(identity, cert_file, key_file, ca_file, cert.not_valid_after_utc, command, reloaded)
+
+
+# -- CRL upkeep ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CrlStatus:
+    tenant: str
+    next_update: dt.datetime
+    reissued: bool
+    broker: str
+
+
+def refresh_crls(data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, force: bool = False,
+                 only: str | None = None) -> list[CrlStatus]:
+    """Re-issue each tenant's CRL that expires within ``below`` (or all with ``force``) and reload its broker.
+
+    Mosquitto refuses *every* client once its CRL's next update has passed,
+    so this must run at least daily: ``provisioning serve`` does it hourly,
+    and ``provisioning crl refresh`` from a timer does it without the API.
+    """
+    data.require()
+    statuses = []
+    with Registry(data.registry) as registry:
+        tenants = [get_tenant(registry, only)] if only else registry.tenants()
+        for tenant in tenants:
+            files = data.tenant(tenant.name)
+            expires = crl_expires(files)
+            if force or expires - now() < below:
+                expires = write_crl(data, registry, tenant).next_update_utc or expires
+                reloaded = str(brokers.reload_broker(files.conf, tenant.name))
+                statuses.append(CrlStatus(tenant.name, expires, True, reloaded))
+                log.info("CRL re-issued", extra=fields(tenant=tenant.name, next_update=iso(expires)))
+            else:
+                statuses.append(CrlStatus(tenant.name, expires, False, "unchanged"))
+    return statuses
+
+
+__all__ = ["CrlStatus", "DeviceView", "Revocation", "TechnicianCert", "create_key", "list_devices", "list_keys",
+           "refresh_crls", "revoke_device", "revoke_key", "technician_cert"]

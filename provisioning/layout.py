@@ -1,0 +1,122 @@
+"""Where everything lives in the provisioning data directory.
+
+::
+
+    <data>/                              mode 0700: it holds every tenant's CA key
+      registry.db                        tenants, keys (hashed), devices, certificates
+      tenants.json                       each tenant's broker, for the bridge (tenants_from)
+      api/ca.pem ca.key server.pem server.key   the API's own TLS, when not given --tls-cert
+      haproxy/haproxy.cfg tenants.map admin.sock
+      tenants/<tenant>/
+        ca.pem ca.key crl.pem            the tenant's CA and its revocation list
+        broker.pem broker.key            Mosquitto's server certificate (mqtt.<tenant>.<domain>)
+        bridge.pem bridge.key            the bridge's client certificate
+        provisioning.pem provisioning.key   this service's client (ends revoked sessions)
+        mosquitto.conf acl dynsec.json   the broker's configuration
+        data/                            the broker's persistence
+        technicians/                     technician certificates issued (keys are handed out, not kept)
+
+Private keys are mode 0600, everything else 0644; directories 0700.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from factory_edge.errors import ProvisioningError
+
+DEFAULT_DATA_DIR = "/var/lib/factory-edge/provisioning"
+DATA_DIR_ENV = "FE_PROVISIONING_DIR"
+UNIX_SOCKET_MAX = 107  # sun_path, including the final NUL on Linux
+
+
+@dataclass(frozen=True)
+class TenantFiles:
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    ca_cert = property(lambda self: self.dir / "ca.pem")
+    ca_key = property(lambda self: self.dir / "ca.key")
+    crl = property(lambda self: self.dir / "crl.pem")
+    broker_cert = property(lambda self: self.dir / "broker.pem")
+    broker_key = property(lambda self: self.dir / "broker.key")
+    bridge_cert = property(lambda self: self.dir / "bridge.pem")
+    bridge_key = property(lambda self: self.dir / "bridge.key")
+    service_cert = property(lambda self: self.dir / "provisioning.pem")
+    service_key = property(lambda self: self.dir / "provisioning.key")
+    conf = property(lambda self: self.dir / "mosquitto.conf")
+    acl = property(lambda self: self.dir / "acl")
+    dynsec = property(lambda self: self.dir / "dynsec.json")
+    persistence = property(lambda self: self.dir / "data")
+    technicians = property(lambda self: self.dir / "technicians")
+
+
+@dataclass(frozen=True)
+class DataDir:
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | None) -> DataDir:
+        """``--data-dir``, else ``$FE_PROVISIONING_DIR``, else /var/lib/factory-edge/provisioning; made absolute."""
+        chosen = path or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+        return cls(Path(chosen).expanduser().resolve())
+
+    registry = property(lambda self: self.root / "registry.db")
+    tenants_index = property(lambda self: self.root / "tenants.json")
+    api = property(lambda self: self.root / "api")
+    haproxy = property(lambda self: self.root / "haproxy")
+    haproxy_cfg = property(lambda self: self.root / "haproxy" / "haproxy.cfg")
+    haproxy_map = property(lambda self: self.root / "haproxy" / "tenants.map")
+    haproxy_socket = property(lambda self: self.root / "haproxy" / "admin.sock")
+
+    def tenant(self, name: str) -> TenantFiles:
+        return TenantFiles(self.root / "tenants" / name)
+
+    def exists(self) -> bool:
+        return self.registry.exists()
+
+    def require(self) -> None:
+        """Refuse to work on a directory that was never set up (a typo in --data-dir)."""
+        if not self.exists():
+            raise ProvisioningError(f"{self.root} holds no registry: run 'provisioning init' or "
+                                    "'provisioning tenant create' first, or check --data-dir / $FE_PROVISIONING_DIR")
+
+    def make(self) -> None:
+        """Create the directory tree, private to its owner."""
+        for directory in (self.root, self.api, self.haproxy, self.root / "tenants"):
+            private_dir(directory)
+        if len(str(self.haproxy_socket)) > UNIX_SOCKET_MAX - 1:
+            raise ProvisioningError(f"data directory path {self.root} is too long for HAProxy's admin socket "
+                                    f"({len(str(self.haproxy_socket))} > {UNIX_SOCKET_MAX - 1} characters)")
+
+
+def private_dir(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 (and make an existing one 0700)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise ProvisioningError(f"cannot create {path}: {exc.strerror}") from exc
+
+
+def write_text(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a text file atomically (readers see the old or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+__all__ = ["DATA_DIR_ENV", "DEFAULT_DATA_DIR", "DataDir", "TenantFiles", "private_dir", "write_text"]

@@ -1,0 +1,182 @@
+"""What the API does: provision a gateway with a key and a CSR, renew a gateway's certificate.
+
+Checks come first, in the order the statuses are documented (401 unknown,
+403 not usable, 422 bad CSR, 409 name taken); the registry is written only
+after all of them passed, in one transaction that re-checks what another
+request could have changed meanwhile (the key's uses, the name), so a
+refused request leaves no trace and a one-use key serves exactly one
+gateway however many try at once.
+
+Renewal is authenticated by the gateway's current certificate and a
+signature, by its current key, over the new CSR (``pki.sign_possession``).
+Replaying a captured renewal gains nothing: the certificate it yields is
+for a key the replayer does not hold. A retried renewal (same new key,
+answer lost on the way) gets the same certificate again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from factory_edge.errors import ProvisioningError
+from factory_edge.logs import fields
+from provisioning import keys, pki
+from provisioning.errors import Conflict, Forbidden, Invalid, Unauthorized
+from provisioning.layout import DataDir
+from provisioning.registry import Registry, Tenant, iso, now
+from provisioning.tenants import get_tenant, load_ca, record
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CERT_LIFETIME_S = 365 * 86400
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A gateway certificate and everything the gateway needs to use it."""
+
+    tenant: Tenant
+    certificate: x509.Certificate
+    ca: x509.Certificate
+
+    @property
+    def gateway(self) -> str:
+        return pki.common_name(self.certificate)
+
+    def as_json(self) -> dict[str, Any]:
+        lifetime = self.certificate.not_valid_after_utc - self.certificate.not_valid_before_utc
+        return {
+            "gateway": self.gateway,
+            "tenant": self.tenant.name,
+            "certificate": self.certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            "ca": self.ca.public_bytes(serialization.Encoding.PEM).decode(),
+            "broker_url": self.tenant.url,
+            "topic_root": f"gw/{self.gateway}/",
+            "serial": f"{self.certificate.serial_number:x}",
+            "not_after": iso(self.certificate.not_valid_after_utc),
+            "renew_after": iso(self.certificate.not_valid_before_utc + lifetime * 2 / 3),
+        }
+
+
+class Service:
+    """The provisioning operations over one data directory (a registry connection per call)."""
+
+    def __init__(self, data: DataDir, *, cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S) -> None:
+        if cert_lifetime_s <= 0:
+            raise ProvisioningError("certificate lifetime must be positive")
+        self.data = data
+        self.cert_lifetime_s = cert_lifetime_s
+
+    def _validity(self, at: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+        # Start a little in the past for gateways whose clock is behind, but
+        # never more than a tenth of the lifetime (short test lifetimes).
+        skew = min(pki.CLOCK_SKEW, dt.timedelta(seconds=self.cert_lifetime_s / 10))
+        return at - skew, at + dt.timedelta(seconds=self.cert_lifetime_s)
+
+    def provision(self, key: str, csr: str, name: str | None = None) -> Issued:
+        """Spend one use of ``key`` on a certificate for the CSR's key; CN = ``name`` or the CSR's CN."""
+        at = now()
+        if not keys.looks_like_key(key):
+            raise Unauthorized("unknown provisioning key (expected fek_<id>_<secret>)")
+        with Registry(self.data.registry) as registry:
+            found = registry.key_by_digest(keys.digest(key))
+            if found is None:
+                raise Unauthorized("unknown provisioning key")
+            refusal = found.refusal(at)
+            if refusal:
+                raise Forbidden(refusal)
+            tenant = get_tenant(registry, found.tenant)
+            if name is not None:
+                _invalid(pki.check_id, name, what="gateway name")
+            ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
+            start, end = self._validity(at)
+            cert = _invalid(pki.sign_csr, ca_key, ca_cert, csr, common_name=name, not_before=start, not_after=end)
+            gateway = pki.common_name(cert)
+            with registry.transaction():
+                taken = registry.active_device(tenant.name, gateway)
+                if taken is not None:
+                    raise Conflict(f"gateway name {gateway!r} is already taken in tenant {tenant.name} by a device "
+                                   f"provisioned at {taken.created_at}; revoke it first "
+                                   f"(provisioning device revoke {tenant.name} {gateway}) or choose another name")
+                if not registry.use_key(found.id, at):
+                    raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
+                device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
+                registry.add_certificate(record(tenant.name, cert, "gateway", device_id=device_id))
+        log.info("gateway provisioned", extra=fields(tenant=tenant.name, gateway=gateway, key=found.id,
+                                                     serial=f"{cert.serial_number:x}", not_after=iso(end)))
+        return Issued(tenant, cert, ca_cert)
+
+    def renew(self, certificate: str, csr: str, signature: str) -> Issued:
+        """A new certificate for a gateway that proves it holds its current, valid one."""
+        at = now()
+        try:
+            current = x509.load_pem_x509_certificate(certificate.encode())
+        except ValueError as exc:
+            raise Invalid("certificate is not a PEM certificate") from exc
+        try:
+            proof = base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise Invalid("signature is not base64") from exc
+        request = _invalid(pki.load_csr, csr)
+        with Registry(self.data.registry) as registry:
+            issued = registry.certificate(f"{current.serial_number:x}")
+            if issued is None or issued.kind != "gateway" or issued.fingerprint != pki.fingerprint(current):
+                raise Unauthorized("certificate was not issued to a gateway by this service")
+            tenant = get_tenant(registry, issued.tenant)
+            ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
+            if not pki.issued_by(current, ca_cert):
+                raise Unauthorized(f"certificate is not signed by tenant {tenant.name}'s CA")
+            try:
+                pki.verify_possession(current, request.public_bytes(serialization.Encoding.DER), proof)
+            except ProvisioningError as exc:
+                raise Unauthorized("signature over the CSR does not match the certificate's key") from exc
+            device = registry.device(issued.device_id or 0)
+            revoked_at = issued.revoked_at or (device.revoked_at if device else "unknown")
+            if revoked_at:
+                raise Forbidden(f"certificate of {issued.subject} was revoked at {revoked_at}")
+            if current.not_valid_after_utc <= at:
+                raise Forbidden(f"certificate of {issued.subject} expired at {iso(current.not_valid_after_utc)}; "
+                                "provision the gateway again with a new key")
+            if issued.superseded_by:
+                return self._retried(registry, tenant, ca_cert, issued.subject, issued.superseded_by, request)
+            start, end = self._validity(at)
+            cert = _invalid(pki.sign_csr, ca_key, ca_cert, request, common_name=issued.subject,
+                            not_before=start, not_after=end)
+            with registry.transaction():
+                again = registry.certificate(issued.serial)
+                if again is None or again.superseded_by or again.revoked_at:
+                    raise Forbidden(f"certificate of {issued.subject} changed meanwhile; retry")
+                registry.add_certificate(record(tenant.name, cert, "gateway", device_id=issued.device_id))
+                registry.supersede(issued.serial, f"{cert.serial_number:x}")
+        log.info("certificate renewed", extra=fields(tenant=tenant.name, gateway=issued.subject, old=issued.serial,
+                                                     serial=f"{cert.serial_number:x}", not_after=iso(end)))
+        return Issued(tenant, cert, ca_cert)
+
+    def _retried(self, registry: Registry, tenant: Tenant, ca_cert: x509.Certificate, gateway: str, newer: str,
+                 request: x509.CertificateSigningRequest) -> Issued:
+        successor = registry.certificate(newer)
+        if successor is not None and successor.revoked_at is None and successor.superseded_by is None:
+            cert = x509.load_pem_x509_certificate(successor.pem.encode())
+            if pki.same_key(cert, request):
+                log.info("renewal answered again", extra=fields(tenant=tenant.name, gateway=gateway, serial=newer))
+                return Issued(tenant, cert, ca_cert)
+        raise Forbidden(f"certificate of {gateway} was already renewed (serial {newer}); renew with the newest one")
+
+
+def _invalid(check: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a pki check; its ProvisioningError becomes a 422."""
+    try:
+        return check(*args, **kwargs)
+    except ProvisioningError as exc:
+        raise Invalid(str(exc)) from exc
+
+
+__all__ = ["DEFAULT_CERT_LIFETIME_S", "Issued", "Service"]
