@@ -70,14 +70,14 @@ def table_lines(config: AgentConfig, results: dict[str, list[Point]]) -> list[st
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    devices = list(config.devices)
-    if args.device:
-        devices = [d for d in devices if d.name == args.device]
+    devices = [d for d in config.devices if d.enabled]
+    if args.device:  # a device named on the command line is read even when disabled
+        devices = [d for d in config.devices if d.name == args.device]
         if not devices:
             names = ", ".join(d.name for d in config.devices) or "none"
             raise ConfigError(f"{args.config}: no device named {args.device!r} (devices: {names})")
     if not devices:
-        raise ConfigError(f"{args.config}: devices: no devices configured")
+        raise ConfigError(f"{args.config}: devices: no enabled devices configured")
     results = asyncio.run(read_devices(config, devices, args.state_dir))
     if args.json:
         doc = [{"dev": name, "points": [p.to_payload() for p in points]} for name, points in results.items()]

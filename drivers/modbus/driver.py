@@ -172,9 +172,10 @@ class ModbusDriver(Driver):
             Table.INPUT: client.read_input_registers,
         }[read.table]
         response = await self._call(call(read.start, count=read.count, device_id=self.device.unit))
-        if read.table.is_bits:
-            return list(response.bits[: read.count])
-        return list(response.registers)
+        values = list(response.bits[: read.count]) if read.table.is_bits else list(response.registers)
+        if len(values) < read.count:
+            raise _Fault(f"short response: {len(values)} of {read.count} {'bits' if read.table.is_bits else 'registers'}")
+        return values
 
     async def _call(self, request: Any) -> Any:
         """Await one pymodbus request; convert its failures into a _Fault (the one place we do)."""
