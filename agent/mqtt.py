@@ -88,6 +88,9 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
+    for key, name in (("ca_file", settings.ca_file), ("cert_file", settings.cert_file), ("key_file", settings.key_file)):
+        if name and not Path(name).is_file():
+            raise ConfigError(f"mqtt.{key}: {name}: no such file")
     try:
         if settings.ca_file:
             context.load_verify_locations(cafile=settings.ca_file)
@@ -95,11 +98,10 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
             context.load_default_certs()
         if settings.cert_file and settings.key_file:
             context.load_cert_chain(settings.cert_file, settings.key_file)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"mqtt: {exc.filename}: no such file") from exc
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
         raise ConfigError(f"mqtt: cannot load TLS files ({settings.ca_file or 'system CAs'}, "
-                          f"{settings.cert_file}): {exc.reason or exc}") from exc
+                          f"{settings.cert_file}): {reason}") from exc
     return context
 
 

@@ -104,6 +104,8 @@ def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile:
         f"max_queued_bytes {max_queued_bytes}",
         f"max_inflight_messages {max_inflight_messages}",
         f"max_packet_size {max_packet_size}",
+        "# Small messages (alerts, commands, replies) go out at once, not after Nagle's delay.",
+        "set_tcp_nodelay true",
         "",
     ]
     if user:

@@ -1,0 +1,322 @@
+"""Bridge ingest into SQLite and PostgreSQL against a raw subscriber, and alert latency.
+
+    python bench/bench_bridge.py [--points 500000] [--batch 500] [--samples 200] [--dsn postgresql://…]
+
+One real tenant Mosquitto (TLS, client certificates) on loopback. The same
+batches are queued at the broker for three persistent sessions: a raw paho
+subscriber (receives and acknowledges, stores nothing: the baseline), the
+bridge into SQLite, and the bridge into PostgreSQL. Each then drains its
+queue alone: points/s from its connection to the last row committed, and
+the ratio to the raw subscriber's receive rate. The bridge runs in this
+process (the same code as ``bridge run``) so the end is seen without
+polling the database.
+
+Alert latency: a rule ``above`` with no ``for:``. Each sample publishes a
+triggering reading (then a clearing one), and times from the publish to the
+alert arriving at a subscriber. It runs idle and under a background stream
+of data, against the broker as provisioning configures it and against the
+same broker with ``set_tcp_nodelay true``: Mosquitto leaves Nagle's
+algorithm on by default, which holds a small message back for up to the
+peer's delayed-ACK time (~40 ms) on an otherwise quiet connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import paho.mqtt.client as paho  # noqa: E402
+import psycopg  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from paho.mqtt.packettypes import PacketTypes  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
+from bridge.config import validate_config  # noqa: E402
+from bridge.service import Bridge  # noqa: E402
+from tests.infra import Mosquitto, TenantPki  # noqa: E402
+
+GW = "gw-bench"
+
+
+class NoDelayMosquitto(Mosquitto):
+    """The provisioned broker config plus ``set_tcp_nodelay true`` (Nagle off towards clients)."""
+
+    def render(self) -> None:
+        super().render()
+        self.conf_file.write_text(self.conf_file.read_text() + "\nset_tcp_nodelay true\n")
+
+
+def settings(pki: TenantPki, broker: Mosquitto, name: str) -> BrokerSettings:
+    cert, key = pki.bridge if name == "bridge" else pki.client(name)
+    return BrokerSettings(host=pki.host, port=broker.port, tls=True, connect_host="127.0.0.1",
+                          ca_file=str(pki.ca_file), cert_file=str(cert), key_file=str(key))
+
+
+def client(s: BrokerSettings, client_id: str, *, clean: bool = False) -> paho.Client:
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.tls_set_context(tls_context(s))
+    c.max_inflight_messages_set(200)
+    c.max_queued_messages_set(0)
+    connected = threading.Event()
+    c.on_connect = lambda *a: connected.set()
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = 0 if clean else 3600
+    properties.ReceiveMaximum = 2000
+    c.connect(s.dial_host, s.port, keepalive=60, clean_start=clean, properties=properties)
+    c.loop_start()
+    if not connected.wait(10):
+        raise SystemExit(f"cannot connect {client_id}")
+    return c
+
+
+def batch(device: str, seq: int, points: int, value: float = 1.0) -> bytes:
+    ts = int(time.time() * 1000)
+    return json.dumps({"v": 1, "gw": GW, "dev": device, "seq": seq,
+                       "points": [{"tag": f"t{i % 50}", "ts": ts + i, "v": value + i, "q": "good"}
+                                  for i in range(points)]}, separators=(",", ":")).encode()
+
+
+def publish_all(pub: paho.Client, messages: list[tuple[str, bytes]]) -> None:
+    infos = [pub.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(60)
+
+
+class Raw:
+    """A persistent-session paho subscriber that counts messages (paho acknowledges them)."""
+
+    def __init__(self, s: BrokerSettings, client_id: str = "raw-bench", *, parse: bool = False) -> None:
+        self.s = s
+        self.client_id = client_id
+        self.parse = parse
+        self.count = 0
+        self.done = threading.Event()
+        self.expected = 0
+
+    def create_session(self) -> None:
+        c = client(self.s, self.client_id)
+        c.subscribe("gw/+/data/+", qos=1)
+        time.sleep(0.3)
+        c.disconnect()
+        c.loop_stop()
+
+    def drain(self, expected: int) -> float:
+        self.expected = expected
+
+        def on_message(c: Any, u: Any, message: paho.MQTTMessage) -> None:
+            if self.parse:
+                json.loads(message.payload)
+            self.count += 1
+            if self.count == self.expected:
+                self.done.set()
+
+        started = time.perf_counter()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+        c.tls_set_context(tls_context(self.s))
+        c.on_message = on_message
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        properties.ReceiveMaximum = 2000
+        c.connect(self.s.dial_host, self.s.port, keepalive=60, clean_start=False, properties=properties)
+        c.loop_start()
+        if not self.done.wait(300):
+            raise SystemExit(f"raw subscriber got {self.count} of {expected}")
+        elapsed = time.perf_counter() - started
+        c.disconnect()
+        c.loop_stop()
+        return elapsed
+
+
+def bridge_config(pki: TenantPki, broker: Mosquitto, storage: dict[str, Any], rules: list[dict[str, Any]] | None = None,
+                  instance: str = "bench") -> Any:
+    cert, key = pki.bridge
+    return validate_config({
+        "instance": instance, "storage": storage,
+        "tenants": [{"name": pki.tenant, "url": f"mqtts://{pki.host}:{broker.port}", "connect_host": "127.0.0.1",
+                     "ca_file": str(pki.ca_file), "cert_file": str(cert), "key_file": str(key)}],
+        "alerts": {"rules": rules or []}})
+
+
+async def wait(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+async def create_session(config: Any) -> None:
+    async with Bridge(config) as bridge:
+        consumer = bridge.tenants[0].consumers
+        await wait(lambda: consumer and consumer[0].connected.is_set(), 20, "bridge connection")
+        await asyncio.sleep(0.3)
+
+
+async def drain(config: Any, points: int) -> float:
+    async with Bridge(config) as bridge:
+        tenant = bridge.tenants[0]
+        started = time.perf_counter()
+        await wait(lambda: tenant.ingests and tenant.ingests[0].stats.points >= points, 600, "every point stored")
+        return time.perf_counter() - started
+
+
+async def alert_latency(config: Any, pki: TenantPki, broker: Mosquitto, samples: int, load_pps: int) -> list[float]:
+    """Seconds from publishing a triggering (or clearing) reading to its alert arriving at a subscriber."""
+    arrived: dict[str, float] = {}
+    got = threading.Event()
+    watcher = client(settings(pki, broker, "bridge"), "alert-watcher", clean=True)
+
+    def on_message(c: Any, u: Any, message: paho.MQTTMessage) -> None:
+        if message.retain:
+            return  # an earlier run's alert, retained
+        doc = json.loads(message.payload)
+        arrived[f"{doc['device']}:{doc['state']}"] = time.perf_counter()
+        got.set()
+
+    watcher.on_message = on_message
+    watcher.subscribe("alerts/#", qos=1)
+    pub = client(settings(pki, broker, GW), f"{GW}-alerts", clean=True)
+    stop = threading.Event()
+    background = threading.Thread(target=stream, args=(pki, broker, load_pps, stop), daemon=True) if load_pps else None
+    latencies: list[float] = []
+    async with Bridge(config) as bridge:
+        consumers = bridge.tenants[0].consumers
+        await wait(lambda: consumers and consumers[0].connected.is_set(), 20, "bridge connection")
+        if background:
+            background.start()
+            await asyncio.sleep(1.0)
+        seq = 10_000_000
+        for i in range(samples):
+            device = f"cnc-{load_pps}-{i}"
+            for value, state in ((100.0, "firing"), (0.0, "resolved")):
+                seq += 1
+                payload = batch(device, seq, 1, value)
+                key = f"{device}:{state}"
+                sent = time.perf_counter()
+                pub.publish(f"gw/{GW}/data/{device}", payload, qos=1)
+                await wait(lambda: key in arrived, 10, f"alert {key}")
+                latencies.append(arrived[key] - sent)
+        stop.set()
+    if background:
+        background.join(10)
+    for c in (watcher, pub):
+        c.disconnect()
+        c.loop_stop()
+    return latencies
+
+
+def stream(pki: TenantPki, broker: Mosquitto, points_per_s: int, stop: threading.Event) -> None:
+    """Background data: 100-point batches at ``points_per_s`` from another gateway."""
+    pub = client(settings(pki, broker, "gw-load"), "gw-load", clean=True)
+    seq, per_batch = 0, 100
+    interval = per_batch / points_per_s
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        seq += 1
+        ts = int(time.time() * 1000)
+        doc = {"v": 1, "gw": "gw-load", "dev": "line-1", "seq": seq,
+               "points": [{"tag": f"t{i}", "ts": ts, "v": float(i), "q": "good"} for i in range(per_batch)]}
+        pub.publish("gw/gw-load/data/line-1", json.dumps(doc, separators=(",", ":")), qos=1)
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    pub.disconnect()
+    pub.loop_stop()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="fe-bench-bridge-"))
+    tenant = f"bench{os.getpid()}"
+    pki = TenantPki(root / "pki", tenant)
+    broker = Mosquitto(root / "broker", pki).start()
+    pg_ok = True
+    try:
+        with psycopg.connect(args.dsn, connect_timeout=3):
+            pass
+    except psycopg.Error as exc:
+        pg_ok = False
+        print(f"PostgreSQL at {args.dsn} unreachable, skipped: {str(exc).strip()}")
+    batches = args.points // args.batch
+    total = batches * args.batch
+    sqlite_config = bridge_config(pki, broker, {"backend": "sqlite", "path": str(root / "data")}, instance="sqlite")
+    pg_config = bridge_config(pki, broker, {"backend": "postgres", "dsn": args.dsn}, instance="pg")
+    try:
+        raw = Raw(settings(pki, broker, "bridge"))
+        raw.create_session()
+        parsing = Raw(settings(pki, broker, "bridge"), "raw-json-bench", parse=True)
+        parsing.create_session()
+        await create_session(sqlite_config)
+        if pg_ok:
+            await create_session(pg_config)
+        pub = client(settings(pki, broker, GW), f"{GW}-pub", clean=True)
+        messages = [(f"gw/{GW}/data/press-{s % 10}", batch(f"press-{s % 10}", s, args.batch)) for s in range(1, batches + 1)]
+        publish_all(pub, messages)
+        pub.disconnect()
+        pub.loop_stop()
+        size = sum(len(p) for _, p in messages) / len(messages)
+        print(f"bridge ingest: {total:,} points in {batches:,} batches of {args.batch} (~{size / 1024:.0f} KiB), "
+              f"queued at a TLS Mosquitto, drained by each subscriber alone (loopback, {os.cpu_count()} CPUs)")
+        raw_s = raw.drain(batches)
+        raw_pps = total / raw_s
+        print(f"  {'raw paho subscriber (no storage)':<36} {raw_pps:>12,.0f} points/s  {batches / raw_s:>8,.0f} msgs/s")
+        parse_s = parsing.drain(batches)
+        parse_pps = total / parse_s
+        print(f"  {'raw subscriber + json.loads':<36} {total / parse_s:>12,.0f} points/s  {batches / parse_s:>8,.0f} msgs/s  "
+              f"{total / parse_s / raw_pps:.2f} of raw")
+        sqlite_s = await drain(sqlite_config, total)
+        print(f"  {'bridge -> SQLite (WAL, fsync on)':<36} {total / sqlite_s:>12,.0f} points/s  "
+              f"{batches / sqlite_s:>8,.0f} msgs/s  {total / sqlite_s / raw_pps:.2f} of raw, "
+              f"{total / sqlite_s / parse_pps:.2f} of raw + json.loads")
+        if pg_ok:
+            pg_s = await drain(pg_config, total)
+            print(f"  {'bridge -> PostgreSQL (binary COPY)':<36} {total / pg_s:>12,.0f} points/s  "
+                  f"{batches / pg_s:>8,.0f} msgs/s  {total / pg_s / raw_pps:.2f} of raw, "
+                  f"{total / pg_s / parse_pps:.2f} of raw + json.loads")
+        rules = [{"name": "hot", "device": "cnc-*", "tag": "t0", "above": 50.0}]
+        print(f"alert latency (publish -> alert received by a subscriber), {args.samples} firing + "
+              f"{args.samples} resolved samples, SQLite:")
+        brokers = [("broker as provisioned", broker)]
+        fast = NoDelayMosquitto(root / "broker-nodelay", pki).start()
+        brokers.append(("broker with set_tcp_nodelay true", fast))
+        try:
+            for name, target in brokers:
+                alert_config = bridge_config(pki, target, {"backend": "sqlite", "path": str(root / f"alerts-{target.port}")},
+                                             rules, instance="alerts")
+                for label, load in (("idle", 0), (f"{args.load:,} points/s of other data", args.load)):
+                    latencies = await alert_latency(alert_config, pki, target, args.samples, load)
+                    print(f"  {name + ', ' + label:<64} p50 {pct(latencies, 0.5) * 1000:5.1f} ms   "
+                          f"p99 {pct(latencies, 0.99) * 1000:5.1f} ms   max {max(latencies) * 1000:5.1f} ms")
+        finally:
+            fast.stop()
+        print("targets: >= 50,000 points/s into SQLite, >= 30,000 into PostgreSQL, alert p99 < 50 ms")
+    finally:
+        broker.stop()
+        if pg_ok:
+            with psycopg.connect(args.dsn, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tenant)))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", type=int, default=500_000, help="points queued per subscriber")
+    parser.add_argument("--batch", type=int, default=500, help="points per batch message")
+    parser.add_argument("--samples", type=int, default=200, help="alert latency samples per run")
+    parser.add_argument("--load", type=int, default=10_000, help="background points/s in the loaded latency run")
+    parser.add_argument("--dsn", default=os.environ.get("FACTORY_EDGE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    asyncio.run(main(parser.parse_args()))

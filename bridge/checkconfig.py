@@ -1,0 +1,50 @@
+"""``bridge check-config FILE``: validate a bridge config and say what it will do."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from factory_edge.units import format_duration
+
+from .alerts.rules import Rule
+from .config import BridgeConfig, load_config
+from .router import plan
+
+
+def add_parser(commands: Any) -> None:
+    p = commands.add_parser(
+        "check-config", help="validate a bridge config and print its tenants, subscriptions and rules",
+        description="Validate FILE. Prints a summary (storage, tenants, the subscriptions each connection makes, "
+                    "mapped tables, alert rules) or every error, one per line, naming the file, the path inside "
+                    "it and the problem (exit code 2).")
+    p.add_argument("file", metavar="FILE", help="bridge config (YAML)")
+    p.set_defaults(handler=run)
+
+
+def summary_lines(config: BridgeConfig) -> list[str]:
+    storage = config.storage
+    where = f"{storage.path}/<tenant>.db" if storage.backend == "sqlite" else "one schema per tenant"
+    lines = [f"OK: {len(config.tenants)} tenants, storage {storage.backend} ({where}), "
+             f"{len(config.mappings)} mappings, commit window {config.ingest.max_messages} messages, "
+             f"receive maximum {config.ingest.window}"]
+    subscriptions = plan(config.mappings)
+    for tenant in config.tenants:
+        via = f" via {tenant.connect_host}" if tenant.connect_host else ""
+        shared = f"  shared group {tenant.shared_group}" if tenant.shared_group else ""
+        lines.append(f"  {tenant.name}  {tenant.url}{via}{shared}")
+        lines.append("    subscribes " + " ".join(s.topic(tenant.shared_group) for s in subscriptions))
+        for rule in config.tenant_alerts(tenant).rules:
+            condition = Rule.of(rule).condition
+            extra = f" for {format_duration(rule.for_)}" if rule.for_ else ""
+            notify = f" -> {', '.join(rule.notify)}" if rule.notify else ""
+            lines.append(f"    alert {rule.name}: {rule.gateway}/{rule.device}/{rule.tag or '*'} "
+                         f"{condition}{extra} [{rule.severity}]{notify}")
+    for rule in config.mappings:
+        lines.append(f"  mapping {rule.topic} -> table {rule.table} ({', '.join(rule.columns)})")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    print("\n".join(summary_lines(load_config(args.file))))
+    return 0

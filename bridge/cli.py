@@ -1,0 +1,56 @@
+"""The ``bridge`` command.
+
+Each subcommand lives in its own module; this one parses arguments, sets up
+logging and turns the project's errors into one line on stderr with a
+non-zero exit code (2 for config errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from factory_edge import __version__
+from factory_edge.errors import FactoryEdgeError
+from factory_edge.logs import setup_logging
+
+from . import checkconfig, query, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bridge",
+        description="factory-edge bridge: tenant brokers into tenant storage and the alert engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"factory-edge {__version__}")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines as key=value text (default) or JSON")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help="least severe log level shown (default: info for run, error otherwise)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (run, query, checkconfig):
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(fmt=args.log_format, level=args.log_level or getattr(args, "default_log_level", "error"))
+    try:
+        result = args.handler(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except FactoryEdgeError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"Error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

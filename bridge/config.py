@@ -1,0 +1,271 @@
+"""The bridge's config file: storage, tenants, ingest window, mappings and alerts.
+
+Parsed once into frozen models (``factory_edge.configfile``); every error is
+one line naming the file, the path inside it and the problem. Relative file
+paths (certificates, the SQLite directory) are taken from the config file's
+directory, so a config and its certificates can travel together.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field, field_validator, model_validator
+
+from drivers.config import Duration, Model
+from factory_edge.configfile import config_errors, load_yaml, validate
+from factory_edge.errors import ConfigError
+
+from .alerts.rules import AlertRule, WebhookConfig
+from .mapping import MappingRule
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # tenant names: as provisioning names them
+GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a topic level: no '/', '+', '#'
+DEFAULT_STORAGE_PATH = "/var/lib/factory-edge/bridge"
+
+
+class StorageConfig(Model):
+    """Where each tenant's data goes: a SQLite file per tenant, or a PostgreSQL schema per tenant."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: str = DEFAULT_STORAGE_PATH
+    dsn: str | None = None
+    fsync: bool = Field(default=True, description="sqlite: flush every commit to the disk before acknowledging")
+
+    @model_validator(mode="after")
+    def _dsn(self) -> StorageConfig:
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError("dsn: required when backend is postgres (postgresql://user@host/db)")
+        return self
+
+
+class IngestConfig(Model):
+    """The commit window: what is received while one commit runs goes into the next one."""
+
+    max_messages: int = Field(default=1000, ge=1, le=65535)
+    receive_maximum: int | None = Field(default=None, ge=1, le=65535)
+    session_expiry: Duration = 7 * 24 * 3600.0
+
+    @property
+    def window(self) -> int:
+        """MQTT v5 Receive Maximum: a full commit window in flight plus the next one arriving."""
+        return self.receive_maximum or min(65535, 2 * self.max_messages)
+
+
+class AlertsConfig(Model):
+    webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
+    rules: list[AlertRule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, rules: list[AlertRule]) -> list[AlertRule]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return rules
+
+
+class TenantConfig(Model):
+    """One tenant broker, reached with the bridge's certificate from that tenant's CA."""
+
+    name: str = Field(pattern=ID_PATTERN)
+    url: str = Field(pattern=r"^mqtts?://", description="mqtts://mqtt.acme.example.com:8883")
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    connect_host: str | None = None
+    keepalive: Duration = 30.0
+    shared_group: str | None = Field(default=None, pattern=GROUP_PATTERN)
+    alerts: AlertsConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as exc:
+            raise ValueError(f"not a broker URL: {exc}") from None
+        if not parts.hostname:
+            raise ValueError("expected mqtts://host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TenantConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.password is not None and self.username is None:
+            raise ValueError("password: given without username:")
+        return self
+
+
+class BridgeConfig(Model):
+    """The whole bridge config file."""
+
+    instance: str | None = Field(default=None, pattern=ID_PATTERN)
+    storage: StorageConfig = StorageConfig()
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    tenants_from: str | None = None
+    ingest: IngestConfig = IngestConfig()
+    mappings: list[MappingRule] = Field(default_factory=list)
+    alerts: AlertsConfig = AlertsConfig()
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants_unique(cls, tenants: list[TenantConfig]) -> list[TenantConfig]:
+        seen: set[str] = set()
+        for tenant in tenants:
+            if tenant.name.lower() in seen:
+                raise ValueError(f"tenant {tenant.name!r} is listed twice")
+            seen.add(tenant.name.lower())
+        return tenants
+
+    @field_validator("mappings")
+    @classmethod
+    def _tables_unique(cls, mappings: list[MappingRule]) -> list[MappingRule]:
+        tables: dict[str, MappingRule] = {}
+        for rule in mappings:
+            other = tables.setdefault(rule.table, rule)
+            if other is not rule and other.columns != rule.columns:
+                raise ValueError(f"table {rule.table!r} is mapped twice with different columns "
+                                 f"({', '.join(other.columns)} / {', '.join(rule.columns)})")
+        return mappings
+
+    @model_validator(mode="after")
+    def _sources(self) -> BridgeConfig:
+        if not self.tenants and self.tenants_from is None:
+            raise ValueError("tenants: list at least one tenant broker (or tenants_from: the provisioning data directory)")
+        _check_notify(self.alerts, "alerts")
+        for tenant in self.tenants:
+            _check_notify(self.tenant_alerts(tenant), f"tenants[{tenant.name}].alerts")
+        return self
+
+    def with_tenants(self, provisioned: list[TenantConfig]) -> BridgeConfig:
+        """The config with the provisioning service's tenants added (a tenant listed here wins)."""
+        listed = {t.name for t in self.tenants}
+        return self.model_copy(update={"tenants": [*self.tenants, *(t for t in provisioned if t.name not in listed)]})
+
+    def tenant_alerts(self, tenant: TenantConfig) -> AlertsConfig:
+        """The rules and webhooks of one tenant: the top-level ones plus the tenant's own."""
+        if tenant.alerts is None:
+            return self.alerts
+        names = {r.name for r in self.alerts.rules}
+        clash = next((r.name for r in tenant.alerts.rules if r.name in names), None)
+        if clash:
+            raise ValueError(f"tenants[{tenant.name}]: alerts.rules: rule {clash!r} is also a top-level rule")
+        return AlertsConfig(webhooks={**self.alerts.webhooks, **tenant.alerts.webhooks},
+                            rules=[*self.alerts.rules, *tenant.alerts.rules])
+
+    def tenant(self, name: str) -> TenantConfig:
+        for tenant in self.tenants:
+            if tenant.name == name:
+                return tenant
+        raise ConfigError(f"no tenant named {name!r} (tenants: {', '.join(t.name for t in self.tenants)})")
+
+
+def _check_notify(alerts: AlertsConfig, where: str) -> None:
+    for rule in alerts.rules:
+        missing = [name for name in rule.notify if name not in alerts.webhooks]
+        if missing:
+            raise ValueError(f"{where}: rule {rule.name!r}: notify: no webhook named {missing[0]!r} "
+                             f"(webhooks: {', '.join(alerts.webhooks) or 'none'})")
+
+
+TENANTS_INDEX = "tenants.json"  # written by provisioning (docs/provisioning.md, "For the bridge")
+
+
+def provisioned_tenants(directory: str | Path) -> list[TenantConfig]:
+    """The tenants the provisioning service lists in ``<data dir>/tenants.json``; ConfigError says what is wrong."""
+    path = Path(directory) / TENANTS_INDEX
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"tenants_from: {path}: no such file (is {directory} the provisioning data directory, "
+                          "with a tenant created?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"tenants_from: {path}: cannot read: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(f"tenants_from: {path}: not JSON: {exc}") from None
+    entries = doc.get("tenants") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise ConfigError(f"tenants_from: {path}: expected {{\"tenants\": [...]}}")
+    tenants = []
+    for i, entry in enumerate(entries):
+        try:
+            tenants.append(TenantConfig.model_validate(entry))
+        except pydantic.ValidationError as exc:
+            source = f"{path}: tenants[{i}]"
+            lines = []
+            for line in config_errors(exc, source):
+                rest = line[len(source) + 2:]  # "url: problem", or "(top level): problem"
+                top = "(top level): "
+                lines.append(f"{source}: {rest[len(top):]}" if rest.startswith(top) else f"{source}.{rest}")
+            raise ConfigError("\n".join(lines)) from None
+    return tenants
+
+
+_PATH_KEYS = ("ca_file", "cert_file", "key_file")
+
+
+def _resolve_paths(data: Any, base: Path) -> Any:
+    """Relative certificate and storage paths are relative to the config file's directory."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if isinstance(data.get("tenants_from"), str):
+        data["tenants_from"] = str(base / data["tenants_from"])
+    storage = data.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("path"), str):
+        storage = dict(storage)
+        storage["path"] = str(base / storage["path"])
+        data["storage"] = storage
+    tenants = data.get("tenants")
+    if isinstance(tenants, list):
+        resolved = []
+        for tenant in tenants:
+            if isinstance(tenant, dict):
+                tenant = dict(tenant)
+                for key in _PATH_KEYS:
+                    if isinstance(tenant.get(key), str):
+                        tenant[key] = str(base / tenant[key])
+            resolved.append(tenant)
+        data["tenants"] = resolved
+    return data
+
+
+def load_config(path: str | Path) -> BridgeConfig:
+    """Read and validate a bridge config file (and ``tenants_from``); ConfigError lists every problem."""
+    path = Path(path)
+    data = _resolve_paths(load_yaml(path), path.resolve().parent)
+    config = validate(BridgeConfig, data, str(path))
+    if config.tenants_from is not None:
+        config = config.with_tenants(provisioned_tenants(config.tenants_from))
+        if not config.tenants:
+            raise ConfigError(f"{path}: tenants_from: {Path(config.tenants_from) / TENANTS_INDEX} lists no tenants yet")
+    return config
+
+
+def client_id(instance: str, *, role: str = "ingest") -> str:
+    """The MQTT client id of one bridge process on a tenant broker (stable across restarts)."""
+    return f"bridge.{instance}" if role == "ingest" else f"bridge.{role}"
+
+
+def default_instance() -> str:
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "bridge"
+    return host[:64]
+
+
+def validate_config(data: Any, source: str = "config") -> BridgeConfig:
+    """Validate an already parsed config (tests, benchmarks, tools that build one)."""
+    return validate(BridgeConfig, data, source)

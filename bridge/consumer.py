@@ -1,0 +1,160 @@
+"""Keeps one MQTT session to a tenant broker up, and hands its messages out in commit windows.
+
+Each connection is a new ``Session`` with a new generation number. A
+message can only be acknowledged on the connection that delivered it, so
+when a connection is lost, whatever it delivered and was not yet committed
+is dropped here: the broker delivers it again on the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Sequence
+
+from agent.mqtt import BrokerSettings
+from drivers.base import Backoff
+from factory_edge.errors import ConfigError, PublishError
+from factory_edge.logs import fields
+
+from .messages import Received
+from .mqtt import Session
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+
+
+class Consumer:
+    """Task ``mqtt[<tenant>]``: connect, subscribe, reconnect with backoff; ``next_window`` for the ingest loop."""
+
+    def __init__(self, *, tenant: str, settings: BrokerSettings, client_id: str,
+                 subscriptions: Sequence[tuple[str, int]], receive_maximum: int, session_expiry_s: float,
+                 backoff_max_s: float = 30.0) -> None:
+        self.tenant = tenant
+        self.settings = settings
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self.receive_maximum = receive_maximum
+        self.session_expiry_s = session_expiry_s
+        self.state = ConnectionState.DISCONNECTED
+        self.generation = 0
+        self.last_error: str | None = None
+        self.connects = 0
+        self.connected = asyncio.Event()
+        self._queue: asyncio.Queue[Received] = asyncio.Queue()
+        self._session: Session | None = None
+        self._backoff = Backoff(initial_s=0.5, max_s=backoff_max_s)
+
+    # ---------------------------------------------------------------- the connection task
+
+    async def run(self) -> None:
+        while True:
+            self.state = ConnectionState.CONNECTING
+            self.generation += 1
+            session: Session | None = None
+            try:
+                session = Session(self.settings, client_id=self.client_id, generation=self.generation,
+                                  receive_maximum=self.receive_maximum, session_expiry_s=self.session_expiry_s,
+                                  on_message=self._deliver, on_lost=self._lost)
+                await session.open()
+                # Our session's queued messages arrive right after CONNACK, before the SUBACKs:
+                # they must be acknowledgeable at once.
+                self._session = session
+                refused = await session.subscribe(self.subscriptions)
+            except (PublishError, ConfigError) as exc:  # ConfigError: TLS files unreadable since the start
+                self._session = None
+                if session is not None:
+                    await session.close()
+                delay = self._backoff.next_delay()
+                if str(exc) != self.last_error:
+                    log.warning("cannot connect to tenant broker", extra=fields(
+                        tenant=self.tenant, broker=self.settings.describe(), err=str(exc), retry_in_s=round(delay, 1)))
+                self.last_error = str(exc)
+                self.state = ConnectionState.DISCONNECTED
+                await asyncio.sleep(delay)
+                continue
+            except BaseException:  # stopping while connecting: do not leave paho's thread behind
+                self._session = None
+                if session is not None:
+                    await session.close()
+                raise
+            for topic in refused:
+                log.error("broker refused a subscription (check the tenant's ACL for the bridge)",
+                          extra=fields(tenant=self.tenant, topic=topic))
+            self._backoff.reset()
+            self.last_error = None
+            self.connects += 1
+            self.state = ConnectionState.CONNECTED
+            self.connected.set()
+            log.info("connected to tenant broker", extra=fields(
+                tenant=self.tenant, broker=self.settings.describe(), client_id=self.client_id,
+                subscriptions=" ".join(t for t, _ in self.subscriptions)))
+            try:
+                await session.closed.wait()
+            finally:
+                self.connected.clear()
+                self._session = None
+                self.state = ConnectionState.DISCONNECTED
+                await session.close()
+            await asyncio.sleep(self._backoff.next_delay())
+
+    def _deliver(self, message: Received) -> None:
+        if message.generation == self.generation:
+            self._queue.put_nowait(message)
+
+    def _lost(self, reason: str) -> None:
+        if "taken over" in reason.lower():
+            log.error("another client connected with our client id; give every bridge process its own --instance",
+                      extra=fields(tenant=self.tenant, client_id=self.client_id, reason=reason))
+        else:
+            log.warning("connection to tenant broker lost", extra=fields(tenant=self.tenant, reason=reason))
+
+    # ---------------------------------------------------------------- for the ingest loop
+
+    async def next_window(self, max_messages: int, timeout_s: float | None) -> list[Received]:
+        """Whatever arrived while the last commit ran (at least one message, or [] after ``timeout_s``)."""
+        if self._queue.empty():
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout_s)
+            except TimeoutError:
+                return []
+            window = [first]
+        else:
+            window = []
+        queue = self._queue
+        while len(window) < max_messages and not queue.empty():
+            window.append(queue.get_nowait())
+        return self.current(window)
+
+    def current(self, window: list[Received]) -> list[Received]:
+        """The messages of the live connection (the others will be delivered again)."""
+        generation = self.generation
+        if all(m.generation == generation for m in window):
+            return window
+        return [m for m in window if m.generation == generation]
+
+    def ack(self, window: Sequence[Received]) -> int:
+        """PUBACK the committed messages, in the order received; returns how many were acknowledged."""
+        session = self._session
+        if session is None:
+            return 0
+        count = 0
+        for message in window:
+            if message.qos and message.generation == session.generation:
+                session.ack(message.mid)
+                count += 1
+        return count
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> bool:
+        session = self._session
+        return session is not None and session.publish(topic, payload, retain=retain)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

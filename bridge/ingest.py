@@ -1,0 +1,324 @@
+"""The ingest loop of one tenant connection: window → decode → one transaction → PUBACKs → alerts out.
+
+::
+
+    broker ──PUBLISH──▶ Consumer queue ──window──▶ decode (Router) ──▶ alert evaluation (pure)
+                                                                        │
+      PUBACK ◀── ack in receive order ◀── COMMIT ◀── one transaction ◀──┘
+      alerts/{gw}/{device}/{rule} (retained) and webhook outbox ◀── after the commit
+
+Whatever arrives while a commit runs is the next window, so under load the
+windows grow and the commits stay few; when idle every message is
+committed on its own, at once. Storage work runs on the tenant's own
+thread, so a slow disk or database never blocks the event loop, and a
+failed commit is retried (with backoff) without acknowledging anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from drivers.base import Backoff
+from factory_edge.errors import StorageError
+from factory_edge.logs import fields
+
+from .alerts.engine import AlertEngine, Evaluation
+from .alerts.model import Change, OutboxItem
+from .alerts.webhooks import WebhookSender
+from .consumer import Consumer
+from .messages import DeadLetter, Decoded, Received
+from .router import Router
+from .storage import DataRejected, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+STATS_EVERY_S = 60.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class IngestStats:
+    messages: int = 0
+    batches: int = 0
+    duplicates: int = 0
+    points: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    commits: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass
+class Outcome:
+    changes: list[tuple[Change, int]] = field(default_factory=list)
+    outbox: list[OutboxItem] = field(default_factory=list)
+
+
+class Ingest:
+    """Task ``ingest[<tenant>]``. ``store_data`` off: only alerts (the alert role with shared subscriptions)."""
+
+    def __init__(self, *, tenant: str, store: Store, consumer: Consumer, router: Router,
+                 engine: AlertEngine | None, store_data: bool, max_messages: int,
+                 webhooks: dict[str, WebhookSender] | None = None) -> None:
+        self.tenant = tenant
+        self.store = store
+        self.consumer = consumer
+        self.router = router
+        self.engine = engine if engine else None
+        self.store_data = store_data
+        self.max_messages = max_messages
+        self.webhooks = webhooks or {}
+        self.stats = IngestStats()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"store[{tenant}]")
+        self._delivered: list[int] = []
+        self._last_tick = 0
+        self._published_for = 0  # the consumer's connection count when alerts were last republished
+        self._stats_at = time.monotonic()
+        self._logged = IngestStats()
+
+    async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn`` on the store's thread; if we are cancelled meanwhile, let it finish first."""
+        future = asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])
+            raise
+
+    def webhook_done(self, outbox_id: int) -> None:
+        """A webhook sender is finished with an outbox item (delivered or given up)."""
+        self._delivered.append(outbox_id)
+
+    # ---------------------------------------------------------------- the loop
+
+    async def run(self) -> None:
+        try:
+            await self._resume()
+            tick_s = self.engine.tick_s if self.engine else None
+            while True:
+                timeout = tick_s if tick_s is not None else (1.0 if self.webhooks else None)
+                window = await self.consumer.next_window(self.max_messages, timeout)
+                if self.engine is not None and self.consumer.connects != self._published_for \
+                        and self.consumer.connected.is_set():
+                    await self._republish()  # before this window's changes, which are newer
+                window, outcome = await self._commit(window)
+                self.consumer.ack(window)
+                self._send(outcome)
+                self._log_stats()
+        finally:
+            self._thread.shutdown(wait=True)
+            log.info("ingest stopped", extra=fields(tenant=self.tenant, store_data=self.store_data,
+                                                    evaluates_alerts=self.engine is not None, **self.stats.snapshot()))
+
+    async def _resume(self) -> None:
+        """Alert states, the newest reading of every series and the webhook outbox, from the store."""
+        if self.engine is None:
+            return
+        engine = self.engine
+
+        def load() -> list[OutboxItem]:
+            engine.load(self.store.load_alert_states(), self.store.load_alert_series(), now_ms=now_ms())
+            return self.store.load_outbox()
+
+        backoff = Backoff(initial_s=0.5, max_s=30.0)
+        while True:
+            try:
+                outbox = await self._in_store(load)
+                break
+            except StorageError as exc:
+                delay = backoff.next_delay()
+                log.error("cannot load the alert states", extra=fields(tenant=self.tenant, err=str(exc),
+                                                                      retry_in_s=round(delay, 1)))
+                await asyncio.sleep(delay)
+        for item in outbox:
+            sender = self.webhooks.get(item.webhook)
+            if sender is None:
+                log.warning("webhook no longer configured: delivery dropped", extra=fields(
+                    tenant=self.tenant, webhook=item.webhook, outbox_id=item.id))
+                self._delivered.append(item.id)
+            else:
+                sender.submit(item)
+
+    async def _commit(self, window: list[Received]) -> tuple[list[Received], Outcome]:
+        """Commit the window (retrying while the store fails); returns what was committed."""
+        backoff = Backoff(initial_s=0.5, max_s=30.0)
+        last_error = None
+        while True:
+            window = self.consumer.current(window)
+            delivered, self._delivered = self._delivered, []
+            try:
+                return window, await self._in_store(self._process, window, delivered)
+            except DataRejected as exc:
+                self._delivered[:0] = delivered
+                return window, await self._isolate(window, exc)
+            except StorageError as exc:
+                self._delivered[:0] = delivered
+                delay = backoff.next_delay()
+                if str(exc) != last_error:
+                    log.error("cannot commit to tenant storage; nothing is acknowledged until it works",
+                              extra=fields(tenant=self.tenant, err=str(exc), messages=len(window),
+                                           retry_in_s=round(delay, 1)))
+                last_error = str(exc)
+                await asyncio.sleep(delay)
+
+    async def _isolate(self, window: list[Received], exc: DataRejected) -> Outcome:
+        """The store refused something in the window: commit message by message; the culprit is a dead letter."""
+        if len(window) == 1:
+            message = window[0]
+            log.warning("message refused by the store: dead letter", extra=fields(
+                tenant=self.tenant, topic=message.topic, err=str(exc)))
+            dead = DeadLetter(message.topic, message.payload, f"refused by the store: {exc}", message.received_at)
+            backoff = Backoff(initial_s=0.5, max_s=30.0)
+            while True:
+                try:
+                    return await self._in_store(self._process, [], [], dead)
+                except DataRejected as again:
+                    log.error("message refused even as a dead letter: dropped", extra=fields(
+                        tenant=self.tenant, topic=message.topic, bytes=len(message.payload), err=str(again)))
+                    return Outcome()
+                except StorageError as failed:
+                    log.error("cannot store a dead letter", extra=fields(tenant=self.tenant, err=str(failed)))
+                    await asyncio.sleep(backoff.next_delay())
+        total = Outcome()
+        for message in window:
+            _, outcome = await self._commit([message])
+            total.changes += outcome.changes
+            total.outbox += outcome.outbox
+        return total
+
+    def _process(self, window: Sequence[Received], delivered: Sequence[int],
+                 refused: DeadLetter | None = None) -> Outcome:
+        """On the store's thread: decode, evaluate, commit, then let the engine move on."""
+        decoded = self.router.decode(window) if window else Decoded()
+        if refused is not None:
+            decoded.dead.append(refused)
+        now = now_ms()
+        evaluation = self._evaluate(decoded, now)
+        changes = evaluation.changes if evaluation else []
+        dirty = evaluation.dirty() if evaluation else []
+        if not (window or delivered or changes or dirty or decoded.dead):
+            return Outcome()
+        outcome = Outcome()
+        new_batches = new_points = 0
+        with self.store.transaction() as tx:
+            if self.store_data:
+                batches = tx.claim_batches(decoded.batches)
+                new_batches, new_points = len(batches), sum(len(b.rows) for b in batches)
+                tx.insert_points(batches)
+                if decoded.statuses:
+                    tx.insert_status(decoded.statuses)
+                if decoded.events:
+                    tx.insert_events(decoded.events)
+                for table, rows in decoded.mapped.items():
+                    tx.insert_mapped(table, rows)
+                if decoded.dead:
+                    tx.insert_dead_letters(decoded.dead)
+                if decoded.batches:
+                    tx.upsert_latest(_latest(decoded))
+            if changes:
+                ids = tx.record_alerts(changes)
+                outcome.changes = list(zip(changes, ids))
+                queued = [(name, change.payload(i), now) for change, i in outcome.changes for name in change.notify]
+                if queued:
+                    outbox_ids = tx.queue_webhooks(queued)
+                    outcome.outbox = [OutboxItem(o, name, payload, now)
+                                      for o, (name, payload, _) in zip(outbox_ids, queued)]
+            if dirty:
+                tx.save_alert_states(dirty)
+            if evaluation is not None and evaluation.series:
+                tx.save_alert_series(evaluation.series_rows())
+            if delivered:
+                tx.delete_outbox(delivered)
+        if evaluation is not None and self.engine is not None:
+            self.engine.apply(evaluation)
+        s = self.stats
+        s.commits += 1
+        s.messages += len(window)
+        if self.store_data:
+            s.batches += new_batches
+            s.duplicates += len(decoded.batches) - new_batches
+            s.points += new_points
+            s.dead_letters += len(decoded.dead)
+        s.alerts += len(changes)
+        return outcome
+
+    def _evaluate(self, decoded: Decoded, now: int) -> Evaluation | None:
+        engine = self.engine
+        if engine is None:
+            return None
+        evaluation = engine.evaluation(now)
+        point = evaluation.point
+        for batch in decoded.batches:
+            at = batch.received_at
+            for gw, device, tag, ts, value, quality, _, _ in batch.rows:
+                point(gw, device, tag, ts, value, quality, at)
+        for status in decoded.statuses:
+            evaluation.status(status.gw, status.state, status.received_at)
+        if now - self._last_tick >= engine.tick_s * 1000:
+            self._last_tick = now
+            evaluation.tick()
+        return evaluation
+
+    # ---------------------------------------------------------------- after the commit
+
+    def _send(self, outcome: Outcome) -> None:
+        for change, alert_id in outcome.changes:
+            self.consumer.publish(change.topic, change.payload(alert_id), retain=True)
+            log.info("alert", extra=fields(tenant=self.tenant, rule=change.rule, state=str(change.state),
+                                           gw=change.gw, device=change.device, tag=change.tag, value=change.value,
+                                           severity=change.severity))
+        for item in outcome.outbox:
+            sender = self.webhooks.get(item.webhook)
+            if sender is not None:
+                sender.submit(item)
+
+    async def _republish(self) -> None:
+        """After each (re)connect: the current state of every alert, retained (a publish may have been lost)."""
+        try:
+            rows = await self._in_store(self.store.last_alerts)
+        except StorageError as exc:
+            log.error("cannot read the alert states to republish them", extra=fields(tenant=self.tenant, err=str(exc)))
+            return
+        self._published_for = self.consumer.connects
+        for row in rows:
+            doc = {"id": row["id"], "tenant": self.tenant, **{k: row[k] for k in (
+                "rule", "state", "previous", "severity", "gw", "device", "tag", "value", "since", "ts",
+                "condition", "message")}}
+            self.consumer.publish(f"alerts/{row['gw']}/{row['device']}/{row['rule']}",
+                                  json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(), retain=True)
+
+    def _log_stats(self) -> None:
+        if time.monotonic() - self._stats_at < STATS_EVERY_S:
+            return
+        self._stats_at = time.monotonic()
+        now, before = self.stats.snapshot(), self._logged.snapshot()
+        delta = {k: now[k] - before[k] for k in now}
+        self._logged = IngestStats(**now)
+        if delta["messages"]:
+            log.info("ingest", extra=fields(tenant=self.tenant, window_s=STATS_EVERY_S, **delta,
+                                            webhook_backlog=sum(s.backlog for s in self.webhooks.values())))
+
+
+def _latest(decoded: Decoded) -> list[tuple[Any, ...]]:
+    """The newest reading of each series in the window."""
+    newest: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+    for batch in decoded.batches:
+        at = batch.received_at
+        for gw, device, tag, ts, value, quality, error, _ in batch.rows:
+            key = (gw, device, tag)
+            row = newest.get(key)
+            if row is None or ts > row[3]:
+                newest[key] = (gw, device, tag, ts, value, quality, error, at, at if quality != "bad" else None)
+    return list(newest.values())

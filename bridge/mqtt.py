@@ -1,0 +1,179 @@
+"""One MQTT v5 session to a tenant broker, with acknowledgements in the bridge's hands (paho-mqtt 2.x).
+
+``manual_ack``: paho sends the PUBACK of a QoS 1 message only when
+``ack(mid)`` is called, which the ingest loop does after the message's rows
+are committed, in the order the messages arrived. ``Receive Maximum`` tells
+the broker how many unacknowledged messages it may hand over at once (the
+commit window and the next one). The session is persistent (clean start
+off, a session expiry): whatever the broker delivered but did not get a
+PUBACK for is delivered again on the next connection.
+
+TLS, the SNI override (``connect_host``) and the one-line connection errors
+are the agent's (``agent.mqtt``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.mqtt import BrokerSettings, check_client_certificate, explain_connect_error, tls_context
+from factory_edge.errors import PublishError
+
+from .messages import Received
+
+
+class Session:
+    """One connection; dies with it. Callbacks arrive on paho's thread and are handed to the event loop."""
+
+    def __init__(self, settings: BrokerSettings, *, client_id: str, generation: int, receive_maximum: int,
+                 session_expiry_s: float, on_message: Callable[[Received], None],
+                 on_lost: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.generation = generation
+        self.receive_maximum = receive_maximum
+        self.session_expiry_s = session_expiry_s
+        self.loop = asyncio.get_running_loop()
+        self.closed = asyncio.Event()
+        self._connack: asyncio.Future[str | None] = self.loop.create_future()
+        self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
+        self._on_message, self._on_lost = on_message, on_lost
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                                  reconnect_on_failure=False, manual_ack=True)
+        self.client.max_inflight_messages_set(100)  # our own publishes (alerts)
+        self.client.max_queued_messages_set(0)
+        self._tls: ssl.SSLContext | None = None
+        if settings.tls:
+            self._tls = tls_context(settings)
+            self.client.tls_set_context(self._tls)
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password)
+        self.client.on_connect = self._paho_connect
+        self.client.on_disconnect = self._paho_disconnect
+        self.client.on_message = self._paho_message
+        self.client.on_subscribe = self._paho_subscribe
+
+    # ---------------------------------------------------------------- paho thread -> event loop
+
+    def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
+        self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
+
+    def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self.loop.call_soon_threadsafe(self._lost, str(reason) if reason is not None else "connection lost")
+
+    def _paho_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
+        def done() -> None:
+            future = self._subacks.pop(mid, None)
+            if future is not None and not future.done():
+                future.set_result(list(reasons))
+        self.loop.call_soon_threadsafe(done)
+
+    def _paho_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = message._topic.decode("utf-8", "replace")
+        props = getattr(message, "properties", None)
+        ids = getattr(props, "SubscriptionIdentifier", None) if props is not None else None
+        received = Received(topic=topic, payload=bytes(message.payload), qos=message.qos, mid=message.mid,
+                            generation=self.generation, sub_ids=tuple(ids or ()),
+                            received_at=int(time.time() * 1000))
+        self.loop.call_soon_threadsafe(self._on_message, received)
+
+    def _lost(self, reason: str) -> None:
+        if not self._connack.done():
+            self._connack.set_result(f"connection closed before CONNACK ({reason})")
+        for future in self._subacks.values():
+            if not future.done():
+                future.set_result([])
+        if not self.closed.is_set():
+            self.closed.set()
+            self._on_lost(reason)
+
+    # ---------------------------------------------------------------- event loop side
+
+    async def open(self, *, timeout_s: float = 10.0) -> None:
+        """Dial, TLS, CONNECT and wait for CONNACK; PublishError says why not."""
+        check_client_certificate(self.settings)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = int(self.session_expiry_s)
+        properties.ReceiveMaximum = self.receive_maximum
+        self.client.connect_timeout = timeout_s
+        try:
+            await self.loop.run_in_executor(None, lambda: self.client.connect(
+                self.settings.dial_host, self.settings.port, keepalive=int(self.settings.keepalive_s),
+                clean_start=False, properties=properties))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            failed = getattr(self._tls, "last_socket", None)
+            if failed is not None:
+                failed.close()
+            raise PublishError(explain_connect_error(exc, self.settings)) from exc
+        sock = self.client.socket()
+        if sock is not None:
+            # Alerts are small messages sent right after a PUBACK: without this, Nagle's algorithm holds
+            # them until the broker acknowledges the PUBACK's segment (up to its delayed-ACK timer, ~40 ms).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client.loop_start()
+        try:
+            refused = await asyncio.wait_for(asyncio.shield(self._connack), timeout_s)
+        except TimeoutError:
+            refused = f"no CONNACK from {self.settings.describe()} within {timeout_s:g}s"
+        if refused:
+            await self.close()
+            if self.settings.tls and self.settings.cert_file and refused.startswith("connection closed before CONNACK"):
+                refused += ": the broker may have refused our certificate (revoked, or issued by a CA it does not trust)"
+            raise PublishError(refused)
+
+    async def subscribe(self, subscriptions: Sequence[tuple[str, int]], *, timeout_s: float = 10.0) -> list[str]:
+        """Subscribe each ``(filter, subscription id)``; returns the filters the broker refused."""
+        waits: list[tuple[str, asyncio.Future[list[Any]]]] = []
+        for topic, sub_id in subscriptions:
+            properties = Properties(PacketTypes.SUBSCRIBE)
+            properties.SubscriptionIdentifier = sub_id
+            # retainHandling=1: retained messages only for a new subscription, not at every reconnect.
+            rc, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=1),
+                                            properties=properties)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                raise PublishError(f"cannot subscribe to {topic}: connection lost")
+            future = self.loop.create_future()
+            self._subacks[mid] = future
+            waits.append((topic, future))
+        refused = []
+        for topic, future in waits:
+            try:
+                reasons = await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                raise PublishError(f"no SUBACK for {topic} within {timeout_s:g}s") from None
+            if not reasons or any(r.is_failure for r in reasons):
+                if self.closed.is_set():
+                    raise PublishError(f"connection lost while subscribing to {topic}")
+                refused.append(f"{topic} ({reasons[0] if reasons else 'no answer'})")
+        return refused
+
+    def ack(self, mid: int) -> None:
+        """Send the PUBACK of a QoS 1 message (thread-safe in paho: queued for its network thread)."""
+        self.client.ack(mid, 1)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> bool:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    async def close(self) -> None:
+        """Disconnect cleanly (the broker keeps the session) and stop paho's thread."""
+        self.closed.set()
+        self.client.disconnect()
+        await self.loop.run_in_executor(None, self.client.loop_stop)
+        reset = getattr(self.client, "_reset_sockets", None)
+        if reset is not None:
+            reset()

@@ -1,0 +1,139 @@
+"""What the ingest pipeline asks of a tenant's store, whatever the backend.
+
+One store per tenant: a SQLite file ``<path>/<tenant>.db`` or a PostgreSQL
+schema named after the tenant. Every commit window is one transaction
+(``with store.transaction() as tx``): the batches claimed, their points, the
+status, events, mapped rows, dead letters, the newest value of each series,
+and the alert changes they caused commit together or not at all. Only then
+are the messages acknowledged.
+
+Tables (DESIGN.md): ``points``, ``batches`` (``(gw, seq)`` unique),
+``status``, ``events``, ``alerts`` (every state change), ``dead_letters``,
+one table per mapping; and the bridge's own ``latest``, ``alert_state``,
+``webhook_outbox``, ``alert_series``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from factory_edge.errors import StorageError
+
+from ..alerts.model import Change, Instance, OutboxItem, SeriesLast
+from ..mapping import MappingRule
+from ..messages import DataBatch, DeadLetter, EventRow, StatusRow
+
+LatestRow = tuple[str, str, str, int, Any, str, str | None, int, int | None]
+"""``(gw, device, tag, ts, value, quality, error, received_at, seen_at)``."""
+
+
+class Tx(abc.ABC):
+    """One open transaction on a tenant's store."""
+
+    @abc.abstractmethod
+    def claim_batches(self, batches: Sequence[DataBatch]) -> list[DataBatch]:
+        """Record each ``(gw, seq)``; return the batches not stored before (in the given order)."""
+
+    @abc.abstractmethod
+    def insert_points(self, batches: Sequence[DataBatch]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_status(self, rows: Sequence[StatusRow]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_events(self, rows: Sequence[EventRow]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_mapped(self, table: str, rows: Sequence[dict[str, Any]]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None: ...
+
+    @abc.abstractmethod
+    def upsert_latest(self, rows: Sequence[LatestRow]) -> None:
+        """Keep the newest reading per series (a row with an older ``ts`` never replaces a newer one)."""
+
+    @abc.abstractmethod
+    def record_alerts(self, changes: Sequence[Change]) -> list[int]:
+        """Append the changes to ``alerts``; return their ids."""
+
+    @abc.abstractmethod
+    def save_alert_states(self, states: Sequence[Instance]) -> None: ...
+
+    @abc.abstractmethod
+    def save_alert_series(self, rows: Sequence[SeriesLast]) -> None:
+        """The newest reading the alert engine evaluated, per series (never moved backwards)."""
+
+    @abc.abstractmethod
+    def queue_webhooks(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
+        """Add ``(webhook, payload, created_at)`` deliveries to the outbox; return their ids."""
+
+    @abc.abstractmethod
+    def delete_outbox(self, ids: Sequence[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows for ``bridge query``: column names and tuples."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+
+class Store(abc.ABC):
+    """A tenant's storage. Not thread-safe: one owner thread at a time (the tenant's store thread)."""
+
+    tenant: str
+    where: str  # the file or schema, for messages
+
+    @abc.abstractmethod
+    def open(self, mappings: Sequence[MappingRule] = ()) -> None:
+        """Connect, create or migrate the tenant's tables and the mapped tables."""
+
+    @abc.abstractmethod
+    def open_read(self) -> None:
+        """Open existing storage read-only (``bridge query``); StorageError when the tenant has none yet."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractContextManager[Tx]: ...
+
+    # ---------------------------------------------------------------- state the engine resumes from
+
+    @abc.abstractmethod
+    def load_alert_states(self) -> list[Instance]: ...
+
+    @abc.abstractmethod
+    def load_alert_series(self) -> Iterator[SeriesLast]: ...
+
+    @abc.abstractmethod
+    def load_outbox(self) -> list[OutboxItem]: ...
+
+    @abc.abstractmethod
+    def last_alerts(self) -> list[dict[str, Any]]:
+        """The newest ``alerts`` row of every alert instance (republished, retained, after a connect)."""
+
+    # ---------------------------------------------------------------- reading, for `bridge query` and tests
+
+    @abc.abstractmethod
+    def query(self, what: str, *, gw: str | None = None, device: str | None = None, tag: str | None = None,
+              since_ms: int | None = None, limit: int = 100, active: bool = False) -> Table:
+        """``values`` (newest per series), ``points``, ``alerts`` (history, or current with ``active``),
+        ``dead-letters`` or ``counts``: newest first."""
+
+
+QUERY_KINDS = ("values", "points", "alerts", "dead-letters", "counts")
+
+
+class DataRejected(StorageError):
+    """The store refused the data itself (a value, a constraint), not the connection or the disk.
+
+    Retrying the same window would fail the same way: the ingest loop finds
+    the message responsible and sends it to the dead letters instead.
+    """

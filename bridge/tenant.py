@@ -1,0 +1,158 @@
+"""One tenant in the bridge: its store, broker connection(s), ingest loop(s), alert engine and webhooks.
+
+Alone (no ``shared_group``), one connection feeds one ingest loop that
+stores the data and evaluates the alerts in the same transaction.
+
+With ``shared_group``, the data arrives through ``$share/<group>/…`` and
+each process stores its share; the alerts need every reading, so they are
+evaluated by one process only, the holder of the tenant's alert lock, on
+its own subscription (client id ``bridge.alerts``, not shared) that
+stores only alert state. See ``alerts/leader.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import httpx
+
+from agent.mqtt import BrokerSettings, tls_context
+from factory_edge.errors import ConfigError, StorageError
+from factory_edge.logs import fields
+from factory_edge.tasks import cancel_and_wait
+
+from .alerts.engine import AlertEngine
+from .alerts.leader import alert_lock
+from .alerts.webhooks import WebhookSender
+from .config import BridgeConfig, TenantConfig, client_id
+from .consumer import Consumer
+from .ingest import Ingest
+from .router import Router, plan
+from .storage import Store, make_store
+
+log = logging.getLogger(__name__)
+
+LOCK_RETRY_S = 2.0
+LOCK_CHECK_S = 5.0
+
+
+class AlertLockLost(Exception):
+    pass
+
+
+class TenantBridge:
+    def __init__(self, config: BridgeConfig, tenant: TenantConfig, *, instance: str, http: httpx.AsyncClient) -> None:
+        self.config = config
+        self.tenant = tenant
+        self.name = tenant.name
+        self.instance = instance
+        self.http = http
+        self.alerts = config.tenant_alerts(tenant)
+        self.store: Store = make_store(config.storage, tenant.name)
+        self.ingests: list[Ingest] = []
+        self.consumers: list[Consumer] = []
+        self.alert_role_active = False
+
+    @property
+    def settings(self) -> BrokerSettings:
+        t = self.tenant
+        return BrokerSettings.from_url(t.url, connect_host=t.connect_host, ca_file=t.ca_file, cert_file=t.cert_file,
+                                       key_file=t.key_file, username=t.username, password=t.password,
+                                       keepalive_s=t.keepalive)
+
+    async def open(self) -> None:
+        """Check the TLS files and open (create, migrate) the tenant's store: an error now, not a retry loop."""
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self.tenant, key)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"tenants[{self.name}].{key}: {path}: no such file")
+        if self.settings.tls:
+            try:
+                tls_context(self.settings)
+            except ConfigError as exc:
+                raise ConfigError(f"tenants[{self.name}]: {str(exc).removeprefix('mqtt: ')}") from exc
+        await asyncio.to_thread(self.store.open, self.config.mappings)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.store.close)
+
+    def _engine(self) -> AlertEngine | None:
+        return AlertEngine(self.name, self.alerts.rules) if self.alerts.rules else None
+
+    def _consumer(self, *, client: str, topics: list[tuple[str, int]]) -> Consumer:
+        ingest = self.config.ingest
+        consumer = Consumer(tenant=self.name, settings=self.settings, client_id=client, subscriptions=topics,
+                            receive_maximum=ingest.window, session_expiry_s=ingest.session_expiry)
+        self.consumers.append(consumer)
+        return consumer
+
+    def _ingest(self, *, store: Store, consumer: Consumer, router: Router, engine: AlertEngine | None,
+                store_data: bool) -> tuple[Ingest, list[WebhookSender]]:
+        ingest = Ingest(tenant=self.name, store=store, consumer=consumer, router=router, engine=engine,
+                        store_data=store_data, max_messages=self.config.ingest.max_messages)
+        senders = []
+        if engine is not None:
+            for name, hook in self.alerts.webhooks.items():
+                sender = WebhookSender(tenant=self.name, name=name, config=hook, client=self.http,
+                                       on_done=ingest.webhook_done)
+                ingest.webhooks[name] = sender
+                senders.append(sender)
+        self.ingests.append(ingest)
+        return ingest, senders
+
+    async def run(self) -> None:
+        group_name = self.tenant.shared_group
+        subscriptions = plan(self.config.mappings)
+        topics = [(s.topic(group_name), s.id) for s in subscriptions]
+        consumer = self._consumer(client=client_id(self.instance), topics=topics)
+        engine = None if group_name else self._engine()
+        ingest, senders = self._ingest(store=self.store, consumer=consumer, router=Router(subscriptions),
+                                       engine=engine, store_data=True)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(consumer.run(), name=f"mqtt[{self.name}]")
+            group.create_task(ingest.run(), name=f"ingest[{self.name}]")
+            for sender in senders:
+                group.create_task(sender.run(), name=f"webhook[{self.name}/{sender.name}]")
+            if group_name and self.alerts.rules:
+                group.create_task(self._alert_role(), name=f"alerts[{self.name}]")
+
+    async def _alert_role(self) -> None:
+        """Wait for the tenant's alert lock; then evaluate alerts until it is lost (or we stop)."""
+        lock = alert_lock(self.config.storage, self.name)
+        while True:
+            while not await asyncio.to_thread(lock.acquire):
+                await asyncio.sleep(LOCK_RETRY_S)
+            log.info("this process evaluates the tenant's alerts", extra=fields(tenant=self.name))
+            self.alert_role_active = True
+            store = make_store(self.config.storage, self.name)
+            try:
+                try:
+                    await asyncio.to_thread(store.open, ())
+                except StorageError as exc:
+                    log.error("cannot open the tenant's store for alerts", extra=fields(tenant=self.name, err=str(exc)))
+                    await asyncio.sleep(LOCK_RETRY_S)
+                    continue
+                subscriptions = plan((), builtins=("data", "status"))
+                consumer = self._consumer(client=client_id(self.instance, role="alerts"),
+                                          topics=[(s.filter, s.id) for s in subscriptions])
+                ingest, senders = self._ingest(store=store, consumer=consumer, router=Router(subscriptions),
+                                               engine=self._engine(), store_data=False)
+                tasks = [asyncio.create_task(consumer.run(), name=f"mqtt[{self.name}/alerts]"),
+                         asyncio.create_task(ingest.run(), name=f"ingest[{self.name}/alerts]"),
+                         *(asyncio.create_task(s.run(), name=f"webhook[{self.name}/{s.name}]") for s in senders)]
+                try:
+                    while await asyncio.to_thread(lock.alive):
+                        done = [t for t in tasks if t.done()]
+                        if done:
+                            await done[0]  # a failed task: raise its error
+                        await asyncio.sleep(LOCK_CHECK_S)
+                    log.error("lost the tenant's alert lock; another process takes over", extra=fields(tenant=self.name))
+                finally:
+                    for task in reversed(tasks):
+                        await cancel_and_wait(task)
+            finally:
+                self.alert_role_active = False
+                await asyncio.to_thread(store.close)
+                await asyncio.to_thread(lock.release)
