@@ -22,6 +22,7 @@ import httpx
 
 from factory_edge.errors import ConfigError, FactoryEdgeError, StorageError
 from factory_edge.logs import fields
+from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 
 from .config import TENANTS_INDEX, BridgeConfig, default_instance, provisioned_tenants
@@ -40,6 +41,7 @@ class Bridge:
         self.tenants = [TenantBridge(config, t, instance=self.instance, http=self.http) for t in config.tenants]
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.systemd = Notifier()
 
     async def __aenter__(self) -> Bridge:
         opened: list[TenantBridge] = []
@@ -58,6 +60,7 @@ class Bridge:
         log.info("bridge started", extra=fields(instance=self.instance, tenants=",".join(t.name for t in self.tenants),
                                                 storage=self.config.storage.backend))
         self._task = asyncio.create_task(self._run(), name="bridge")
+        self.systemd.ready(f"{len(self.tenants)} tenants, storage {self.config.storage.backend}")
         return self
 
     async def _run(self) -> None:
@@ -68,6 +71,8 @@ class Bridge:
                 if self.config.tenants_from is not None:
                     group.create_task(self._watch(group, Path(self.config.tenants_from) / TENANTS_INDEX),
                                       name="tenants[watch]")
+                if self.systemd.watchdog_interval_s:
+                    group.create_task(self._watchdog(self.systemd.watchdog_interval_s), name="watchdog")
         finally:
             self._stopped.set()
 
@@ -107,7 +112,14 @@ class Bridge:
                 log.warning("tenant no longer provisioned; it keeps running until the bridge restarts",
                             extra=fields(tenant=name))
 
+    async def _watchdog(self, interval_s: float) -> None:
+        """Feed systemd's watchdog from the event loop: a hung loop stops feeding it."""
+        while True:
+            self.systemd.watchdog()
+            await asyncio.sleep(interval_s)
+
     def stop(self) -> None:
+        self.systemd.stopping()
         if self._task is not None:
             self._task.cancel()
 

@@ -26,6 +26,7 @@ from cryptography import x509
 
 from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
+from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 from provisioning import pki
 from provisioning.admin import refresh_crls
@@ -142,10 +143,34 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
     async with asyncio.TaskGroup() as group:
         upkeep = group.create_task(crl_upkeep(data, options.crl_check_s), name="crl-refresh")
         api = group.create_task(_run(server, listener), name="api")
+        notify = group.create_task(_notify_systemd(server, options), name="systemd")
         try:
             await api
         finally:
+            await cancel_and_wait(notify)
             await cancel_and_wait(upkeep)
+
+
+async def _notify_systemd(server: Any, options: ServeOptions) -> None:
+    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down.
+
+    uvicorn ends the process by re-raising SIGTERM after its shutdown, so
+    STOPPING is sent when it starts to exit, not from a ``finally``.
+    """
+    systemd = Notifier()
+    if not systemd.enabled:
+        return
+    while not server.started:
+        await asyncio.sleep(0.05)
+    systemd.ready(f"API on https://{options.host}:{options.port}")
+    loop = asyncio.get_running_loop()
+    fed = 0.0
+    while not server.should_exit:
+        if systemd.watchdog_interval_s and loop.time() - fed >= systemd.watchdog_interval_s:
+            systemd.watchdog()
+            fed = loop.time()
+        await asyncio.sleep(0.1)
+    systemd.stopping()
 
 
 async def _run(server: Any, listener: socket.socket) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,36 +36,72 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     assert "Type=notify" in text and "WatchdogSec=" in text and "NoNewPrivileges=yes" in text
 
 
-def test_agent_notifies_ready_feeds_the_watchdog_and_says_stopping() -> None:
-    short = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))  # unix socket paths are short
+def notifications(argv: list[str], workdir: Path) -> list[str]:
+    """Run a service with a NOTIFY_SOCKET and a 1 s watchdog; stop it with SIGTERM; return what it said."""
+    address = str(workdir / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(15)
+    env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000")
+    proc = subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    messages: list[str] = []
     try:
-        address = str(short / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(address)
-        sock.settimeout(10)
-        config = short / "agent.yaml"
-        config.write_text(yaml.safe_dump({"gateway": "gw-01", "state_dir": str(short / "state"),
-                                          "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"}, "devices": []}))
-        env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000")
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            messages: list[str] = []
-            deadline = time.monotonic() + 15
-            while sum(m == "WATCHDOG=1" for m in messages) < 3 and time.monotonic() < deadline:
-                messages += sock.recv(4096).decode().splitlines()
-            assert "READY=1" in messages
-            assert messages.index("READY=1") < len(messages) - 1
-            assert sum(m == "WATCHDOG=1" for m in messages) >= 3
-            assert any(m.startswith("STATUS=") for m in messages)
-            proc.send_signal(signal.SIGTERM)
-            while "STOPPING=1" not in messages:
-                messages += sock.recv(4096).decode().splitlines()
-            assert proc.wait(15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            sock.close()
+        deadline = time.monotonic() + 30
+        while sum(m == "WATCHDOG=1" for m in messages) < 3 and time.monotonic() < deadline:
+            messages += sock.recv(4096).decode().splitlines()
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages and time.monotonic() < deadline:
+            messages += sock.recv(4096).decode().splitlines()
+        proc.wait(15)
     finally:
-        shutil.rmtree(short, ignore_errors=True)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sock.close()
+    return messages
+
+
+def assert_notify_protocol(messages: list[str]) -> None:
+    assert "READY=1" in messages
+    ready = messages.index("READY=1")
+    assert sum(m == "WATCHDOG=1" for m in messages[ready:]) >= 3  # fed after READY, at the watchdog's pace
+    assert "STOPPING=1" in messages[ready:]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fe-", dir="/tmp"))  # unix socket paths must stay short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_agent_notifies_ready_feeds_the_watchdog_and_says_stopping(short_dir: Path) -> None:
+    config = short_dir / "agent.yaml"
+    config.write_text(yaml.safe_dump({"gateway": "gw-01", "state_dir": str(short_dir / "state"),
+                                      "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"}, "devices": []}))
+    messages = notifications(["agent.cli", "run", "--config", str(config)], short_dir)
+    assert_notify_protocol(messages)
+    assert any(m.startswith("STATUS=") for m in messages)
+
+
+def test_bridge_notifies_ready_and_feeds_the_watchdog(short_dir: Path) -> None:
+    from tests.infra import TenantPki
+
+    pki = TenantPki(short_dir / "pki", "acme")
+    cert, key = pki.bridge
+    config = short_dir / "bridge.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage": {"backend": "sqlite", "path": str(short_dir / "data")},
+        "tenants": [{"name": "acme", "url": f"mqtts://{pki.host}:{free_port()}", "connect_host": "127.0.0.1",
+                     "ca_file": str(pki.ca_file), "cert_file": str(cert), "key_file": str(key)}]}))
+    assert_notify_protocol(notifications(["bridge.cli", "run", "--config", str(config)], short_dir))
+
+
+def test_provisioning_api_notifies_ready_and_feeds_the_watchdog(short_dir: Path) -> None:
+    data = short_dir / "prov"
+    subprocess.run([sys.executable, "-m", "provisioning.cli", "init", "--data-dir", str(data)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=60)
+    messages = notifications(["provisioning.cli", "serve", "--data-dir", str(data), "--port", str(free_port())],
+                             short_dir)
+    assert_notify_protocol(messages)
