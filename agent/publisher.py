@@ -111,6 +111,18 @@ class Publisher:
         """New batches or events are in the buffer."""
         self._wake.set()
 
+    async def flush(self, timeout_s: float) -> None:
+        """While connected, wait (at most ``timeout_s``) until the buffer is empty and nothing is in flight.
+
+        Called when stopping, after the devices: a clean stop leaves nothing
+        for the next start to send again.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self.state is ConnectionState.CONNECTED and (self.buffer.depth or self._inflight)
+               and loop.time() < deadline):
+            await asyncio.sleep(0.05)
+
     @property
     def topic_root(self) -> str:
         return f"gw/{self.gateway}"

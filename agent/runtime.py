@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 BUFFER_FILE = "buffer.db"
 STATUS_INTERVAL_S = 1.0
+FLUSH_ON_STOP_S = 3.0
 
 
 def config_hash(path: Path | None, config: AgentConfig) -> str:
@@ -107,6 +108,8 @@ class Agent:
         assert self._group is not None
         self.systemd.stopping()
         await self._stop_devices()
+        if exc_info[0] is None:
+            await self.publisher.flush(FLUSH_ON_STOP_S)
         for task in self._tasks:
             task.cancel()
         try:
