@@ -95,6 +95,7 @@ class Publisher:
         self._acked_events: list[int] = []
         self._link: Link | None = None
         self._commands: asyncio.TaskGroup | None = None
+        self._refused_events: set[int] = set()  # refused by the broker on this connection
 
     @property
     def state(self) -> ConnectionState:
@@ -184,8 +185,10 @@ class Publisher:
         kind, ident, points = entry
         if not ok:
             # The broker refused it (e.g. not authorized): keep it in the
-            # buffer; it is tried again on the next connection.
+            # buffer; it is tried again on the next connection, not this one.
             self.stats.rejected += 1
+            if kind == "event":
+                self._refused_events.add(ident)
             log.error("broker refused a message", extra=fields(kind=kind, id=ident))
         elif kind == "batch":
             self._acked.append(ident)
@@ -201,6 +204,7 @@ class Publisher:
         link.publish(f"{self.topic_root}/status", json.dumps(self.birth()).encode(), retain=True)
         for device, doc in self.meta().items():
             link.publish(f"{self.topic_root}/meta/{device}", json.dumps(doc).encode(), retain=True)
+        self._refused_events.clear()
         boundary = self.buffer.next_seq  # below: backlog; from here on: live
         backlog_after, live_after = 0, boundary - 1
         backlog: deque[Batch] = deque()
@@ -255,9 +259,9 @@ class Publisher:
             self.buffer.ack_events(acked)
 
     def _send_events(self, link: Link) -> None:
-        pending_ids = {ident for kind, ident, _ in self._inflight.values() if kind == "event"}
-        for event_id, payload in self.buffer.pending_events(10):
-            if event_id in pending_ids:
+        skip = {ident for kind, ident, _ in self._inflight.values() if kind == "event"} | self._refused_events
+        for event_id, payload in self.buffer.pending_events(10 + len(skip)):
+            if event_id in skip:
                 continue
             mid = link.publish(f"{self.topic_root}/events", payload)
             if mid is None:
