@@ -196,19 +196,9 @@ class Link:
 
     async def open(self, *, timeout_s: float = 10.0) -> None:
         """Dial, handshake TLS, send CONNECT and wait for CONNACK; PublishError says why not."""
-        check_client_certificate(self.settings)
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        self.client.connect_timeout = timeout_s
-        try:
-            await self.loop.run_in_executor(None, lambda: self.client.connect(
-                self.settings.dial_host, self.settings.port, keepalive=int(self.settings.keepalive_s),
-                clean_start=False, properties=properties))
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            failed = getattr(self._tls, "last_socket", None)
-            if failed is not None:
-                failed.close()
-            raise PublishError(explain_connect_error(exc, self.settings)) from exc
+        await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)
         self.client.loop_start()
         try:
             refused = await asyncio.wait_for(asyncio.shield(self._connack), timeout_s)
@@ -247,6 +237,26 @@ class Link:
         reset = getattr(self.client, "_reset_sockets", None)
         if reset is not None:
             reset()
+
+
+async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContext | None,
+               properties: Properties, *, timeout_s: float) -> None:
+    """Check our certificate, then TCP, TLS and CONNECT with a persistent session (blocking, so in a thread).
+
+    PublishError says why not, in a technician's words; a socket left by a
+    failed handshake is closed (paho drops it).
+    """
+    check_client_certificate(settings)
+    client.connect_timeout = timeout_s
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, lambda: client.connect(
+            settings.dial_host, settings.port, keepalive=int(settings.keepalive_s), clean_start=False,
+            properties=properties))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        failed = getattr(tls, "last_socket", None)
+        if failed is not None:
+            failed.close()
+        raise PublishError(explain_connect_error(exc, settings)) from exc
 
 
 def check_client_certificate(settings: BrokerSettings) -> None:

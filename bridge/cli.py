@@ -8,13 +8,11 @@ non-zero exit code (2 for config errors).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
 from factory_edge import __version__
-from factory_edge.errors import FactoryEdgeError
-from factory_edge.logs import setup_logging
+from factory_edge.cli import run_command
 
 from . import checkconfig, query, run
 
@@ -36,20 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(fmt=args.log_format, level=args.log_level or getattr(args, "default_log_level", "error"))
-    try:
-        result = args.handler(args)
-        if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
-        return int(result or 0)
-    except FactoryEdgeError as exc:
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"Error: {line}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv, default_log_level="error")
 
 
 if __name__ == "__main__":  # pragma: no cover

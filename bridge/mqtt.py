@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt import BrokerSettings, check_client_certificate, explain_connect_error, tls_context
+from agent.mqtt import BrokerSettings, dial, tls_context
 from factory_edge.errors import PublishError
 
 from .messages import Received
@@ -105,20 +105,10 @@ class Session:
 
     async def open(self, *, timeout_s: float = 10.0) -> None:
         """Dial, TLS, CONNECT and wait for CONNACK; PublishError says why not."""
-        check_client_certificate(self.settings)
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = int(self.session_expiry_s)
         properties.ReceiveMaximum = self.receive_maximum
-        self.client.connect_timeout = timeout_s
-        try:
-            await self.loop.run_in_executor(None, lambda: self.client.connect(
-                self.settings.dial_host, self.settings.port, keepalive=int(self.settings.keepalive_s),
-                clean_start=False, properties=properties))
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            failed = getattr(self._tls, "last_socket", None)
-            if failed is not None:
-                failed.close()
-            raise PublishError(explain_connect_error(exc, self.settings)) from exc
+        await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)
         sock = self.client.socket()
         if sock is not None:
             # Alerts are small messages sent right after a PUBACK: without this, Nagle's algorithm holds

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from factory_edge import __version__
-from factory_edge.errors import FactoryEdgeError, ProvisioningError
-from factory_edge.logs import setup_logging
+from factory_edge.cli import run_command
+from factory_edge.errors import ProvisioningError
 from factory_edge.units import parse_duration
 from provisioning import admin, tenants
 from provisioning.layout import DATA_DIR_ENV, DEFAULT_DATA_DIR, DataDir
@@ -294,17 +294,7 @@ def cmd_crl_refresh(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(fmt=args.log_format, level=args.log_level or getattr(args, "default_log_level", "warning"))
-    try:
-        return int(args.handler(args) or 0)
-    except FactoryEdgeError as exc:
-        for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"Error: {line}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv, default_log_level="warning")
 
 
 if __name__ == "__main__":  # pragma: no cover

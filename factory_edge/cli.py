@@ -1,0 +1,34 @@
+"""What every command-line tool shares: logging setup and one-line errors.
+
+Each tool builds its argparse parser (subcommands set ``handler`` and
+optionally ``default_log_level``) and calls ``run_command``; the project's
+errors become ``Error: …`` lines on stderr and the error's exit code, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from .errors import FactoryEdgeError
+from .logs import setup_logging
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, default_log_level: str) -> int:
+    """Parse ``argv``, set up logging, run the chosen handler and map its errors to an exit code."""
+    args = parser.parse_args(argv)
+    setup_logging(fmt=args.log_format, level=args.log_level or getattr(args, "default_log_level", default_log_level))
+    try:
+        result = args.handler(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result or 0)
+    except FactoryEdgeError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"Error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
