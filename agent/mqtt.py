@@ -200,16 +200,9 @@ class Link:
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)
         self.client.loop_start()
-        try:
-            refused = await asyncio.wait_for(asyncio.shield(self._connack), timeout_s)
-        except asyncio.TimeoutError:
-            refused = f"no CONNACK from {self.settings.describe()} within {timeout_s:g}s"
+        refused = await wait_connack(self._connack, self.settings, timeout_s=timeout_s)
         if refused:
             await self.close()
-            if self.settings.tls and self.settings.cert_file and refused.startswith("connection closed before CONNACK"):
-                # With TLS 1.3 the broker checks our certificate after the
-                # handshake, so its refusal arrives as a closed connection.
-                refused += ": the broker may have refused our certificate (revoked, or issued by a CA it does not trust)"
             raise PublishError(refused)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
@@ -257,6 +250,19 @@ async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContex
         if failed is not None:
             failed.close()
         raise PublishError(explain_connect_error(exc, settings)) from exc
+
+
+async def wait_connack(connack: asyncio.Future[str | None], settings: BrokerSettings, *, timeout_s: float) -> str | None:
+    """None once the broker accepted our CONNECT; otherwise why not, in a technician's words."""
+    try:
+        refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
+    except asyncio.TimeoutError:
+        return f"no CONNACK from {settings.describe()} within {timeout_s:g}s"
+    if refused and settings.tls and settings.cert_file and refused.startswith("connection closed before CONNACK"):
+        # With TLS 1.3 the broker checks our certificate after the
+        # handshake, so its refusal arrives as a closed connection.
+        refused += ": the broker may have refused our certificate (revoked, or issued by a CA it does not trust)"
+    return refused
 
 
 def check_client_certificate(settings: BrokerSettings) -> None:

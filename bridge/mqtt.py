@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt import BrokerSettings, dial, tls_context
+from agent.mqtt import BrokerSettings, dial, tls_context, wait_connack
 from factory_edge.errors import PublishError
 
 from .messages import Received
@@ -115,14 +115,9 @@ class Session:
             # them until the broker acknowledges the PUBACK's segment (up to its delayed-ACK timer, ~40 ms).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
-        try:
-            refused = await asyncio.wait_for(asyncio.shield(self._connack), timeout_s)
-        except TimeoutError:
-            refused = f"no CONNACK from {self.settings.describe()} within {timeout_s:g}s"
+        refused = await wait_connack(self._connack, self.settings, timeout_s=timeout_s)
         if refused:
             await self.close()
-            if self.settings.tls and self.settings.cert_file and refused.startswith("connection closed before CONNACK"):
-                refused += ": the broker may have refused our certificate (revoked, or issued by a CA it does not trust)"
             raise PublishError(refused)
 
     async def subscribe(self, subscriptions: Sequence[tuple[str, int]], *, timeout_s: float = 10.0) -> list[str]:
