@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,11 +18,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt import BrokerSettings, tls_context
+from tests.helpers import ROOT, ServiceProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-class AgentProcess:
+class AgentProcess(ServiceProcess):
     """``agent run`` in a subprocess with a config written from a dict; stopped by PID."""
 
     def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
@@ -32,42 +29,15 @@ class AgentProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "agent.yaml"
         self.state_dir = workdir / "state"
-        self.log_path = workdir / "agent.log"
+        super().__init__(workdir / "agent.log")
         self.write_config(config)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.config = {"state_dir": str(self.workdir / "state"), **config}
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
-    def start(self) -> AgentProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--log-format", "json", "run", "--config", str(self.config_path)],
-            cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        log.close()
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM (clean stop), SIGKILL if it does not exit in time."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-    def kill(self) -> None:
-        """kill -9: no chance to flush, close or say goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def command(self) -> list[str]:
+        return ["agent.cli", "--log-format", "json", "run", "--config", str(self.config_path)]
 
     def status(self) -> dict[str, Any]:
         out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json", "--state-dir", str(self.state_dir)],
@@ -75,16 +45,6 @@ class AgentProcess:
         if out.returncode != 0:
             return {}
         return json.loads(out.stdout)
-
-    def logs(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"msg": line})
-        return out
 
     def __enter__(self) -> AgentProcess:
         return self

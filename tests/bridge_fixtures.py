@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +25,9 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import BrokerSettings, tls_context
+from tests.helpers import ServiceProcess
 from tests.infra import Mosquitto, TenantPki
 
-ROOT = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("FACTORY_EDGE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -160,31 +157,16 @@ def write_config(path: Path, *, tenants: list[dict[str, Any]], storage: dict[str
     return path
 
 
-class BridgeProcess:
+class BridgeProcess(ServiceProcess):
     """``bridge run`` in a subprocess (so it can be killed with -9); stopped by PID."""
 
     def __init__(self, config: Path, *, instance: str = "test", log: Path | None = None) -> None:
+        super().__init__(log or config.with_name(f"bridge-{instance}.log"))
         self.config = config
         self.instance = instance
-        self.log_path = log or config.with_name(f"bridge-{instance}.log")
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> BridgeProcess:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "--log-format", "json", "run", "--config", str(self.config),
-                 "--instance", self.instance], cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        return self
-
-    def logs(self) -> list[dict[str, Any]]:
-        out = []
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"msg": line})
-        return out
+    def command(self) -> list[str]:
+        return ["bridge.cli", "--log-format", "json", "run", "--config", str(self.config), "--instance", self.instance]
 
     def wait_log(self, msg: str, *, count: int = 1, timeout_s: float = 20.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -197,21 +179,6 @@ class BridgeProcess:
 
     def wait_connected(self, count: int = 1) -> None:
         self.wait_log("connected to tenant broker", count=count)
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
 
     def __enter__(self) -> BridgeProcess:
         return self.start()
