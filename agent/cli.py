@@ -12,8 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from factory_edge import __version__
-from factory_edge.cli import run_command
+from factory_edge.cli import add_global_options, run_command
 
 from . import checkconfig, provision, read, run, simulate, status
 
@@ -23,12 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agent",
         description="factory-edge agent: reads machines over Modbus and OPC UA and publishes to MQTT.",
     )
-    parser.add_argument("--version", action="version", version=f"factory-edge {__version__}")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text",
-                        help="log lines as key=value text (default) or JSON")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
-                        help="least severe log level shown (default: info for long-running commands, "
-                             "error for one-shot ones whose output already says what failed)")
+    add_global_options(parser, log_level_help="default: info for long-running commands, "
+                                              "error for one-shot ones whose output already says what failed")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (run, checkconfig, read, status, simulate, provision):
         module.add_parser(commands)

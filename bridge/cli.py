@@ -11,8 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from factory_edge import __version__
-from factory_edge.cli import run_command
+from factory_edge.cli import add_global_options, run_command
 
 from . import checkconfig, query, run
 
@@ -22,11 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bridge",
         description="factory-edge bridge: tenant brokers into tenant storage and the alert engine.",
     )
-    parser.add_argument("--version", action="version", version=f"factory-edge {__version__}")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text",
-                        help="log lines as key=value text (default) or JSON")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
-                        help="least severe log level shown (default: info for run, error otherwise)")
+    add_global_options(parser, log_level_help="default: info for run, error otherwise")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (run, query, checkconfig):
         module.add_parser(commands)

@@ -13,8 +13,18 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .errors import FactoryEdgeError
 from .logs import setup_logging
+
+
+def add_global_options(parser: argparse.ArgumentParser, *, log_level_help: str) -> None:
+    """``--version``, ``--log-format`` and ``--log-level``, the same for every tool."""
+    parser.add_argument("--version", action="version", version=f"factory-edge {__version__}")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines as key=value text (default) or JSON")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help=f"least severe log level shown ({log_level_help})")
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, default_log_level: str) -> int:

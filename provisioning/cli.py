@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from factory_edge import __version__
-from factory_edge.cli import run_command
+from factory_edge.cli import add_global_options, run_command
 from factory_edge.errors import ProvisioningError
 from factory_edge.units import parse_duration
 from provisioning import admin, tenants
@@ -44,10 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="provisioning",
         description="factory-edge provisioning: tenants and their CAs, provisioning keys, device certificates, "
                     "and the generated Mosquitto and HAProxy configuration.")
-    parser.add_argument("--version", action="version", version=f"factory-edge {__version__}")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text", help="log lines as text or JSON")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
-                        help="least severe log level shown (default: info for serve, warning otherwise)")
+    add_global_options(parser, log_level_help="default: info for serve, warning otherwise")
     common = _common()
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
