@@ -34,10 +34,13 @@ class Notifier:
         if self._address is None:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never wait on the supervisor: a datagram socket whose reader lags
+            # (its queue holds ~10 messages) would block the event loop here.
+            sock.setblocking(False)
             try:
                 sock.sendto("\n".join(fields).encode(), self._address)
             except OSError:
-                pass  # systemd went away (shutdown): nothing to tell
+                pass  # systemd went away (shutdown) or is not reading: nothing to tell
 
     def ready(self, status: str = "") -> None:
         self.notify("READY=1", *([f"STATUS={status}"] if status else []))

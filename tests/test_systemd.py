@@ -105,3 +105,18 @@ def test_provisioning_api_notifies_ready_and_feeds_the_watchdog(short_dir: Path)
     messages = notifications(["provisioning.cli", "serve", "--data-dir", str(data), "--port", str(free_port())],
                              short_dir)
     assert_notify_protocol(messages)
+
+
+def test_a_supervisor_that_does_not_read_never_blocks_the_service(short_dir: Path) -> None:
+    """A datagram socket queues about 10 messages; the service keeps running when nobody reads them."""
+    from factory_edge.systemd import Notifier
+
+    path = short_dir / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as supervisor:
+        supervisor.bind(str(path))
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        started = time.monotonic()
+        for i in range(200):
+            notifier.status(f"status {i}")
+        assert time.monotonic() - started < 2.0
+        assert supervisor.recv(4096) == b"STATUS=status 0"  # the first ones were delivered
