@@ -2,7 +2,7 @@
 
 Walks docs/*.md and README.md. A command line is a line of a fenced code
 block or an indented (4 spaces) block whose command is ``agent``,
-``provisioning`` or ``bridge`` (also ``.venv/bin/agent``, ``ExecStart=…``,
+``provisioning``, ``bridge`` or ``./scripts/demo`` (also ``.venv/bin/agent``, ``ExecStart=…``,
 after ``sudo`` or ``VAR=value``). Its subcommand path must exist and every
 ``--option`` must be accepted by that subcommand's argparse parser, with
 synopsis brackets (``[--uses N]``) and alternatives (``list|revoke``) read as
@@ -28,12 +28,14 @@ from agent.config import AgentConfig
 from bridge.cli import build_parser as bridge_parser
 from bridge.config import BridgeConfig
 from factory_edge.configfile import validate
+from factory_edge.demo.cli import build_parser as demo_parser
 from factory_edge.errors import ConfigError
 from provisioning.cli import build_parser as provisioning_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
-PARSERS = {"agent": agent_parser, "provisioning": provisioning_parser, "bridge": bridge_parser}
+PARSERS = {"agent": agent_parser, "provisioning": provisioning_parser, "bridge": bridge_parser,
+           "demo": demo_parser}  # ./scripts/demo
 SHELL_STOPS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1", "-->", "<--"}
 AGENT_KEYS = {"gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port", "devices"}
 BRIDGE_KEYS = {"instance", "storage", "tenants", "tenants_from", "ingest", "mappings", "alerts"}
@@ -102,7 +104,8 @@ def command_words(line: str) -> tuple[str, list[str]] | None:
     if not words:
         return None
     program = words[0].rsplit("/", 1)[-1]
-    if program not in PARSERS or (words[0] != program and "/bin/" not in words[0]):
+    if program not in PARSERS or (words[0] != program and "/bin/" not in words[0]
+                                  and not words[0].endswith(f"scripts/{program}")):
         return None
     if len(words) > 1 and not re.match(r"^\[?(-|[a-z][a-z|-]*$|[A-Z]+\b)", words[1]):
         return None  # output that begins with the word (e.g. 'bridge  /path/bridge.pem'), not a command

@@ -15,7 +15,7 @@ from .stack import Ports, Stack, say, shown
 from .story import Story, stored, where
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/demo",
         description="The whole story on this machine, on 127.0.0.1: simulated machines, two tenants with their "
@@ -40,7 +40,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     ports = Ports.with_offset(args.port_offset)
     if min(ports.modbus, ports.opcua) < 1024 or max(ports.brokers) > 65535:
         print(f"Error: --port-offset {args.port_offset}: ports must stay within 1024..65535", file=sys.stderr)
