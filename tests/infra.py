@@ -34,6 +34,7 @@ from cryptography import x509
 from provisioning import pki as pkilib
 from provisioning import render
 from provisioning.render import TenantRoute
+from factory_edge.demo.processes import terminate
 from tests.helpers import free_port
 
 _LIVE: dict[int, subprocess.Popen[Any]] = {}  # pid -> process, for the exit-time safety net
@@ -150,14 +151,7 @@ class _Process:
         if proc is None:
             return None
         try:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout_s)
-            return proc.returncode
+            return terminate(proc, timeout_s)
         finally:
             _LIVE.pop(proc.pid, None)
 
@@ -440,13 +434,7 @@ class Subscriber:
                           f"message on {topic}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         _LIVE.pop(self.proc.pid, None)
         self._reader.join(5)
         if self.proc.stdout:

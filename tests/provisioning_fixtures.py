@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import sqlite3
 import ssl
@@ -27,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from factory_edge.demo.processes import terminate
 from tests.helpers import free_port
 from tests.infra import _LIVE, _Process, resolve_in_namespace, run_in_namespace
 
@@ -171,13 +171,7 @@ class Watcher:
         return eventually(lambda: next((x for x in self.output() if predicate(x)), None), timeout_s, what)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         _LIVE.pop(self.proc.pid, None)
         self._thread.join(5)
         if self.proc.stdout:

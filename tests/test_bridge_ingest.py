@@ -80,7 +80,7 @@ def test_batches_status_and_events_land_as_rows(running: Any, tenant_pki: Tenant
         wait_until(lambda: backend.count(tenant, "points") == 504 and backend.count(tenant, "events") == 1,
                    what="504 points and 1 event")
     value = "value_text" if backend.backend == "postgres" else "value"
-    rows = backend.rows(tenant, f"SELECT gw, device, tag, ts, value, quality FROM {{points}} WHERE seq = 1 ORDER BY tag")
+    rows = backend.rows(tenant, "SELECT gw, device, tag, ts, value, quality FROM {points} WHERE seq = 1 ORDER BY tag")
     assert [(r[0], r[1], r[2], r[3], r[5]) for r in rows] == [
         (GW, "press-1", t, t0, "good") for t in ("count", "door", "recipe", "spindle_temp")]
     values = dict((r[2], r[4]) for r in rows)

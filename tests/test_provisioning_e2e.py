@@ -115,7 +115,7 @@ def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, te
 
 def test_isolation_between_tenants_and_gateways(site: Deployment, tmp_path: Path) -> None:
     a2 = provision(site, tmp_path, "acme", "gw-a2")
-    a3 = provision(site, tmp_path, "acme", "gw-a3")
+    provision(site, tmp_path, "acme", "gw-a3")  # a real neighbour whose topics gw-a2 tries
     # An acme certificate at globex's name (same proxy port): refused in the handshake, no session.
     intruder = site.pub(site.conn(a2, host="mqtt.globex.test"), "gw/gw-a2/events", "x", "-d")
     assert intruder.returncode != 0

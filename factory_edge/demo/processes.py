@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from factory_edge.errors import FactoryEdgeError
 
@@ -33,6 +33,18 @@ class DemoError(FactoryEdgeError):
 
 def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def terminate(proc: subprocess.Popen[Any], timeout_s: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL if it still runs after ``timeout_s``; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout_s)
+    return proc.returncode
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -134,16 +146,7 @@ class Child:
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; the exit code."""
         proc, self.proc = self.proc, None
-        code = None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout_s)
-            code = proc.returncode
+        code = terminate(proc, timeout_s) if proc is not None else None
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .processes import DemoError, die_with_parent, run_tool
+from .processes import DemoError, die_with_parent, run_tool, terminate
 from .stack import ALERT_ABOVE, ALERT_CLEAR_BELOW, ALERT_RULE, GATEWAY, TENANT, Stack, hosts_note, say, shown, tool
 
 DATA_TIMEOUT_S = 30.0
@@ -60,13 +60,7 @@ class Watch:
         return topic, payload
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
         self.thread.join(5)
         self.log.close()
 
