@@ -40,10 +40,11 @@ _IN_NAMESPACE = 'h=$1; shift; mount --bind "$h" /etc/hosts || exit 125; exec "$@
 class Demo:
     """``scripts/demo ARGS`` in its own mount namespace, its output collected line by line."""
 
-    def __init__(self, root: Path, offset: int, *args: str) -> None:
+    def __init__(self, root: Path, offset: int, *args: str, demo_dir: Path | None = None) -> None:
+        root.mkdir(exist_ok=True)
         self.hosts_file = root / "hosts"
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n")
-        self.dir = root / "demo"
+        self.dir = demo_dir or root / "demo"
         unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
         argv = [*unshare, "sh", "-c", _IN_NAMESPACE, "sh", str(self.hosts_file), str(ROOT / "scripts" / "demo"),
                 "--dir", str(self.dir), "--port-offset", str(offset), *args]
@@ -183,6 +184,14 @@ def test_demo_runs_twice_and_ctrl_c_stops_everything(short_root: Path) -> None:
         watcher = None
         try:
             watcher, _ = _watch_until_data(demo.technician_command())
+            if run == 1:  # a second demo started beside it refuses, and leaves the running one alone
+                second = Demo(short_root / "second", offset, demo_dir=demo.dir)
+                assert second.wait(60) == 1
+                second.kill()
+                assert "Error: " in second.output and f"the demo with pid {demo.proc.pid} runs there" in second.output
+                assert (demo.dir / "agent" / "identity.json").exists()
+                count = len(watcher.output())
+                eventually(lambda: len(watcher.output()) > count + 3, 10, "the first demo's data still flowing")
             demo.proc.send_signal(signal.SIGINT)  # Ctrl-C
             assert demo.wait(30) == 0, demo.output
         finally:

@@ -10,6 +10,7 @@ tenants by SNI; ``agent provision`` with a key, then ``agent run``; and
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -33,6 +34,7 @@ ALERT_RULE = "spindle-overtemp"
 ALERT_ABOVE = 80.0
 ALERT_CLEAR_BELOW = 75.0
 MARKER = ".factory-edge-demo"
+PID_FILE = "demo.pid"
 AGENT_TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "agent-demo.yaml"
 STEPS = 10
 
@@ -172,6 +174,9 @@ class Stack:
 
     def prepare(self) -> None:
         """Check the ports, then start from an empty directory (a previous run's files are replaced)."""
+        other = _running_demo(self.root / PID_FILE)
+        if other is not None:
+            raise DemoError(f"{self.root}: the demo with pid {other} runs there; stop it (Ctrl-C) or choose another --dir")
         busy = [f"{port} ({what})" for what, port in self.ports.named() if not port_free(port)]
         if busy:
             raise DemoError(f"127.0.0.1 port {', '.join(busy)} in use: is the demo already running? "
@@ -182,6 +187,7 @@ class Stack:
             shutil.rmtree(self.root)
         self.logs.mkdir(parents=True)
         (self.root / MARKER).write_text("state of ./scripts/demo; replaced by the next run\n")
+        (self.root / PID_FILE).write_text(f"{os.getpid()}\n")
         self.root.chmod(0o700)  # CA keys and the gateway's key live below
 
     def start(self, child: Child, ready: Callable[[], bool] | None = None) -> Child:
@@ -259,6 +265,16 @@ class Stack:
             except (OSError, FactoryEdgeError) as exc:
                 say(f"        could not remove the demo's names from {hostsfile.HOSTS}: {exc}")
             self.hosts_names = []
+
+
+def _running_demo(pid_file: Path) -> int | None:
+    """The pid in ``pid_file`` if that process is still a running demo."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() and b"factory_edge.demo" in cmdline else None
 
 
 def hosts_note(stack: Stack) -> str:
