@@ -33,6 +33,7 @@ GATEWAY = "gw-demo"
 ALERT_RULE = "spindle-overtemp"
 ALERT_ABOVE = 80.0
 ALERT_CLEAR_BELOW = 75.0
+ALERT_FOR = "3s"
 MARKER = ".factory-edge-demo"
 PID_FILE = "demo.pid"
 AGENT_TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "agent-demo.yaml"
@@ -242,7 +243,7 @@ class Stack:
             "tenants_from": str(self.data),
             "storage": {"backend": "sqlite", "path": str(self.store.parent)},
             "alerts": {"rules": [
-                {"name": ALERT_RULE, "device": "cnc-*", "tag": "spindle_temp", "above": ALERT_ABOVE, "for": "3s",
+                {"name": ALERT_RULE, "device": "cnc-*", "tag": "spindle_temp", "above": ALERT_ABOVE, "for": ALERT_FOR,
                  "clear_below": ALERT_CLEAR_BELOW, "severity": "critical",
                  "message": "{device} spindle at {value:.1f} degC (limit {threshold})"},
                 {"name": "gateway-offline", "offline": True, "for": "10s", "severity": "warning"},
@@ -283,5 +284,5 @@ def hosts_note(stack: Stack) -> str:
     return "the broker names already resolve to this machine"
 
 
-__all__ = ["ALERT_ABOVE", "ALERT_CLEAR_BELOW", "ALERT_RULE", "DOMAIN", "GATEWAY", "Ports", "Stack", "TENANT",
+__all__ = ["ALERT_ABOVE", "ALERT_CLEAR_BELOW", "ALERT_FOR", "ALERT_RULE", "DOMAIN", "GATEWAY", "Ports", "Stack", "TENANT",
            "TENANTS", "hosts_note", "say", "shown", "tool"]

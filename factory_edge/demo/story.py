@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .processes import DemoError, die_with_parent, run_tool, terminate
-from .stack import ALERT_ABOVE, ALERT_CLEAR_BELOW, ALERT_RULE, GATEWAY, TENANT, Stack, hosts_note, say, shown, tool
+from .stack import ALERT_ABOVE, ALERT_CLEAR_BELOW, ALERT_FOR, ALERT_RULE, GATEWAY, TENANT, Stack, hosts_note, say, shown, tool
 
 DATA_TIMEOUT_S = 30.0
 TEMP_EVERY_S = 3.0
@@ -126,9 +126,9 @@ class Story:
                 self.fired = True
                 say(f"  {_clock(doc.get('ts'))}  ALERT FIRED  {ALERT_RULE} [{doc.get('severity')}] tenant "
                     f"{doc.get('tenant')}, {doc.get('gw')}/{doc.get('device')}: {doc.get('message')}")
-                say(f"            (the bridge's rule: spindle_temp above {ALERT_ABOVE:g} for 3 s; "
+                say(f"            (the bridge's rule: spindle_temp above {ALERT_ABOVE:g} for {ALERT_FOR}; "
                     f"it published this retained on {topic})")
-                say("  The operator switches the coolant back on:")
+                say("  Switching the coolant back on:")
                 self.command({"device": "cnc-1", "tag": "coolant", "value": True})
             elif state == "resolved" and self.fired and not self.resolved:
                 self.resolved = True
@@ -136,7 +136,7 @@ class Story:
                     f"(below {ALERT_CLEAR_BELOW:g})")
             elif state == "pending":
                 say(f"  {_clock(doc.get('ts'))}  alert pending  {ALERT_RULE}: spindle_temp {doc.get('value')} degC "
-                    f"above {ALERT_ABOVE:g}, must hold 3 s")
+                    f"above {ALERT_ABOVE:g}, must hold {ALERT_FOR}")
 
     def overheat(self, timeout_s: float) -> bool:
         """Coolant off, until the alert fired and resolved again; False when that took longer than ``timeout_s``."""
