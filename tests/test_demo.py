@@ -204,3 +204,17 @@ def test_demo_runs_twice_and_ctrl_c_stops_everything(short_root: Path) -> None:
         assert BEGIN not in demo.hosts_file.read_text(), f"run {run}"
         assert _leftovers(demo.dir) == [], f"run {run}"
         assert all(port_free(port) for _, port in Ports.with_offset(offset).named()), f"run {run}"
+
+
+def test_hosts_block_replaces_a_stale_one_and_leaves_every_other_line(tmp_path: Path) -> None:
+    from factory_edge import hostsfile
+
+    hosts = tmp_path / "hosts"
+    original = "127.0.0.1 localhost\n10.0.0.5 plc-5  # the press\n"
+    hosts.write_text(original + f"{hostsfile.BEGIN}\n127.0.0.1 mqtt.old.demo.localhost\n{hostsfile.END}\n")
+    inode = hosts.stat().st_ino
+    hostsfile.edit("add", "127.0.0.1", ["mqtt.acme.demo.localhost"], path=hosts)  # after a killed demo
+    assert hosts.read_text() == original + f"{hostsfile.BEGIN}\n127.0.0.1 mqtt.acme.demo.localhost\n{hostsfile.END}\n"
+    hostsfile.edit("remove", path=hosts)
+    assert hosts.read_text() == original
+    assert hosts.stat().st_ino == inode  # edited in place: a bind-mounted /etc/hosts stays mounted

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say()
         say("Stopping.")
-    except FactoryEdgeError as exc:
+    except (FactoryEdgeError, OSError) as exc:  # OSError: a file or program the demo could not use
         print(f"Error: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:

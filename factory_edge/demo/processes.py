@@ -1,8 +1,9 @@
 """The demo's child processes: started with their own log file, waited on until ready, stopped by PID.
 
 Children run in their own session, so a Ctrl-C in the terminal reaches only
-the demo, which then stops them in reverse order of starting (bridge before
-brokers, brokers before the proxy is gone). If the demo itself dies, Linux
+the demo, which then stops them in reverse order of starting: the agent
+and the bridge while the brokers they talk to are still up (the agent's
+clean "offline" status reaches the bridge), the machines last. If the demo itself dies, Linux
 sends each child SIGTERM (``PR_SET_PDEATHSIG``), so nothing is left behind.
 Our own services report readiness the systemd way: each gets a
 ``NOTIFY_SOCKET`` of its own and is ready at ``READY=1``.
