@@ -81,6 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if story is not None:
             story.close()
-        stack.down()
-        say(f"Stopped every process; the files stay in {shown(stack.root)}/ until the next run.")
+        if stack.down():
+            say(f"Stopped every process; the files stay in {shown(stack.root)}/ until the next run.")
     return code

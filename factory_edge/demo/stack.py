@@ -253,8 +253,9 @@ class Stack:
 
     # -- stopping --------------------------------------------------------------
 
-    def down(self) -> None:
-        """Stop every child, newest first, and take the demo's names out of the hosts file."""
+    def down(self) -> int:
+        """Stop every child, newest first, and take the demo's names out of the hosts file; how many stopped."""
+        stopped = len(self.children)
         for child in reversed(self.children):
             code = child.stop()
             if code not in (None, 0, -15, 143):
@@ -266,6 +267,7 @@ class Stack:
             except (OSError, FactoryEdgeError) as exc:
                 say(f"        could not remove the demo's names from {hostsfile.HOSTS}: {exc}")
             self.hosts_names = []
+        return stopped
 
 
 def _running_demo(pid_file: Path) -> int | None:
