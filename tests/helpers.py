@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +17,20 @@ from pathlib import Path
 from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def documented_models(page: Path) -> list[tuple[list[type], set[str]]]:
+    """Each ``<!-- model: a.B c.D -->`` section of a docs page: the models it names and the keys its table lists."""
+    out = []
+    for section in re.split(r"<!-- model: ", page.read_text())[1:]:
+        names, _, body = section.partition(" -->")
+        models = []
+        for dotted in names.split():
+            module, _, attr = dotted.rpartition(".")
+            models.append(getattr(importlib.import_module(module), attr))
+        keys = set(re.findall(r"^\| `([a-z_]+)` \|", body.split("\n## ")[0].split("\n### ")[0], re.M))
+        out.append((models, keys))
+    return out
 
 
 def free_port() -> int:

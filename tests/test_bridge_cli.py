@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from bridge.cli import build_parser, main
 from bridge.config import load_config
 from factory_edge.tasks import cancel_and_wait
 from tests.bridge_fixtures import WebhookServer
-from tests.helpers import wait_for
+from tests.helpers import documented_models, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "bridge.md"
@@ -183,21 +181,7 @@ def test_every_bridge_command_has_help_and_a_docs_section() -> None:
             assert action.help, f"bridge {name}: option {action.dest} has no help text"
 
 
-def documented_models() -> list[tuple[list[type], set[str]]]:
-    sections = re.split(r"<!-- model: ", DOCS.read_text())[1:]
-    out = []
-    for section in sections:
-        names, _, body = section.partition(" -->")
-        models = []
-        for dotted in names.split():
-            module, _, attr = dotted.rpartition(".")
-            models.append(getattr(importlib.import_module(module), attr))
-        keys = set(re.findall(r"^\| `([a-z_]+)` \|", body.split("\n## ")[0].split("\n### ")[0], re.M))
-        out.append((models, keys))
-    return out
-
-
-@pytest.mark.parametrize(("models", "keys"), documented_models(),
+@pytest.mark.parametrize(("models", "keys"), documented_models(DOCS),
                          ids=lambda v: getattr(v[0], "__name__", "") if isinstance(v, list) else None)
 def test_bridge_doc_and_config_models_agree(models: list[type], keys: set[str]) -> None:
     fields = set()
@@ -208,7 +192,7 @@ def test_bridge_doc_and_config_models_agree(models: list[type], keys: set[str]) 
 
 
 def test_every_config_model_is_documented() -> None:
-    documented = {m for models, _ in documented_models() for m in models}
+    documented = {m for models, _ in documented_models(DOCS) for m in models}
     from bridge import config, mapping
     from bridge.alerts import rules
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import re
 from pathlib import Path
 
 import pytest
 
 from agent.cli import build_parser
 from drivers.simulate.machines import demo_machines, register_map_lines
+from tests.helpers import documented_models
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -30,22 +29,7 @@ def test_every_agent_command_has_help_and_a_docs_section() -> None:
             assert action.help, f"agent {name}: option {action.dest} has no help text"
 
 
-def documented_models() -> list[tuple[list[type], set[str]]]:
-    text = (DOCS / "config.md").read_text()
-    sections = re.split(r"<!-- model: ", text)[1:]
-    out = []
-    for section in sections:
-        names, _, body = section.partition(" -->")
-        models = []
-        for dotted in names.split():
-            module, _, attr = dotted.rpartition(".")
-            models.append(getattr(importlib.import_module(module), attr))
-        keys = set(re.findall(r"^\| `([a-z_]+)` \|", body.split("\n## ")[0].split("\n### ")[0], re.M))
-        out.append((models, keys))
-    return out
-
-
-@pytest.mark.parametrize(("models", "keys"), documented_models(), ids=lambda v: getattr(v, "__name__", "") if isinstance(v, type) else None)
+@pytest.mark.parametrize(("models", "keys"), documented_models(DOCS / "config.md"), ids=lambda v: getattr(v, "__name__", "") if isinstance(v, type) else None)
 def test_config_doc_and_models_agree(models: list[type], keys: set[str]) -> None:
     fields = set().union(*(m.model_fields for m in models))
     assert keys - fields == set(), f"documented but not in {models}: {keys - fields}"
