@@ -223,13 +223,18 @@ class Link:
         """Disconnect cleanly (no will message) and stop paho's thread."""
         if not self.closed.is_set():
             self.closed.set()
-        self.client.disconnect()
-        await self.loop.run_in_executor(None, self.client.loop_stop)
-        # paho closes its wake-up socket pair only when the client is garbage
-        # collected; a reconnecting agent makes many clients, so close it now.
-        reset = getattr(self.client, "_reset_sockets", None)
-        if reset is not None:
-            reset()
+        await disconnect(self.client)
+
+
+async def disconnect(client: paho.Client) -> None:
+    """DISCONNECT, stop paho's network thread (in a worker thread: it joins) and close the client's sockets."""
+    client.disconnect()
+    await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+    # paho closes its wake-up socket pair only when the client is garbage
+    # collected; a reconnecting process makes many clients, so close it now.
+    reset = getattr(client, "_reset_sockets", None)
+    if reset is not None:
+        reset()
 
 
 async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContext | None,

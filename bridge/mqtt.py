@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt import BrokerSettings, dial, tls_context, wait_connack
+from agent.mqtt import BrokerSettings, dial, disconnect, tls_context, wait_connack
 from factory_edge.errors import PublishError
 
 from .messages import Received
@@ -157,8 +157,4 @@ class Session:
     async def close(self) -> None:
         """Disconnect cleanly (the broker keeps the session) and stop paho's thread."""
         self.closed.set()
-        self.client.disconnect()
-        await self.loop.run_in_executor(None, self.client.loop_stop)
-        reset = getattr(self.client, "_reset_sockets", None)
-        if reset is not None:
-            reset()
+        await disconnect(self.client)
