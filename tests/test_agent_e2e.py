@@ -57,6 +57,15 @@ def bridge_view(pki: TenantPki, broker: Mosquitto, client_id: str = "bridge") ->
     return Collector(settings, [f"gw/{GW}/#"], client_id=client_id)
 
 
+async def stop_and_collect(agent: AgentProcess, seen: Collector) -> tuple[list[int], Any]:
+    """Stop the agent cleanly, then wait until ``seen`` has every batch it numbered: their seqs and the buffer's stats."""
+    assert agent.stop() == 0
+    last = read_stats(agent.state_dir / "buffer.db")
+    assert last is not None
+    await asyncio.to_thread(seen.wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20, "every batch")
+    return seen.seqs(GW), last
+
+
 def no_gaps(seqs: list[int]) -> None:
     unique = sorted(set(seqs))
     assert unique == list(range(1, unique[-1] + 1)), f"missing seqs: {sorted(set(range(1, unique[-1] + 1)) - set(unique))}"
@@ -120,12 +129,8 @@ async def test_broker_outage_every_point_arrives(tmp_path: Path, pki_acme: Tenan
             await wait_for(lambda: agent.status().get("buffer", {}).get("batches", 99) < 5, timeout_s=30,
                            interval_s=0.3, what="the backlog to drain")
             await asyncio.sleep(1)
-            assert agent.stop() == 0
-            last = read_stats(agent.state_dir / "buffer.db")
-            assert last is not None and last.batches == 0
-            await asyncio.to_thread(seen.wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20,
-                                    "every batch")
-            seqs = seen.seqs(GW)
+            seqs, last = await stop_and_collect(agent, seen)
+            assert last.batches == 0
     no_gaps(seqs)
     assert max(seqs) == last.next_seq - 1
     assert all(len(d["points"]) == 5 for d in seen.docs(f"gw/{GW}/data/"))
@@ -150,12 +155,8 @@ async def test_broker_crash_loses_nothing_it_acknowledged(tmp_path: Path, pki_ac
             await wait_for(lambda: agent.status().get("connection", {}).get("state") == "connected", timeout_s=20,
                            interval_s=0.2, what="the agent to reconnect")
             await asyncio.sleep(1)
-            assert agent.stop() == 0
-            last = read_stats(agent.state_dir / "buffer.db")
-            assert last is not None and last.batches == 0
-            await asyncio.to_thread(seen.wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20,
-                                    "every batch")
-            seqs = seen.seqs(GW)
+            seqs, last = await stop_and_collect(agent, seen)
+            assert last.batches == 0
             assert agent.status()["publish"]["replayed"] > 0
         seen.stop()
     no_gaps(seqs)
@@ -211,12 +212,7 @@ async def test_kill_9_during_drain_loses_nothing(tmp_path: Path, pki_acme: Tenan
             agent.start()
             await wait_for(lambda: agent.status().get("buffer", {}).get("batches", 99) < 5, timeout_s=30,
                            interval_s=0.3, what="the drain to finish after restart")
-            assert agent.stop() == 0
-            last = read_stats(agent.state_dir / "buffer.db")
-            assert last is not None
-            await asyncio.to_thread(seen.wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20,
-                                    "every batch")
-            seqs = seen.seqs(GW)
+            seqs, _ = await stop_and_collect(agent, seen)
     assert killed_at < len(seqs)
     no_gaps(seqs)
     # Redelivered batches are byte-identical: same seq, same points.
