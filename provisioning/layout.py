@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory_edge.errors import ProvisioningError
+from factory_edge.files import write_atomic
 
 DEFAULT_DATA_DIR = "/var/lib/factory-edge/provisioning"
 DATA_DIR_ENV = "FE_PROVISIONING_DIR"
@@ -106,15 +107,8 @@ def private_dir(path: Path) -> None:
 
 def write_text(path: Path, text: str, mode: int = 0o644) -> None:
     """Write a text file atomically (readers see the old or the new one, never half)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        write_atomic(path, text.encode(), mode)
     except OSError as exc:
         raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
 

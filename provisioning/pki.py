@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_edge.errors import ProvisioningError
+from factory_edge.files import write_atomic
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PemObject = x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest
@@ -320,42 +320,10 @@ def _read(path: str | os.PathLike[str], what: str) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # The temporary file is created with its final mode by os.open, so a key
-    # is never readable by others, not even between create and chmod; the
-    # rename makes readers see the old file or the new one, never half of it.
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+        write_atomic(path, data, mode)
     except OSError as exc:
         raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed 0644; never widens 0600
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename itself is done
-    finally:
-        os.close(fd)
 
 
 # -- building blocks -------------------------------------------------------

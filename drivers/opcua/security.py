@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_edge.errors import DriverError
+from factory_edge.files import write_atomic
 
 VALIDITY_DAYS = 5 * 365
 RENEW_BEFORE = dt.timedelta(days=30)
@@ -98,8 +99,8 @@ def ensure_certificate(directory: Path, *, application_uri: str, common_name: st
         cert_pem, key_pem = generate_certificate(application_uri=application_uri, common_name=common_name,
                                                  hostnames=[socket.gethostname(), "localhost"], server=server)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_atomic(files.key_file, key_pem, 0o600)
-        _write_atomic(files.cert_file, cert_pem, 0o644)
+        write_atomic(files.key_file, key_pem, 0o600)
+        write_atomic(files.cert_file, cert_pem, 0o644)
     except OSError as exc:
         raise DriverError(f"cannot store the OPC UA certificate in {directory}: {exc.strerror or exc}") from exc
     return files
@@ -147,17 +148,6 @@ def _san_uris(cert: x509.Certificate) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return san.value.get_values_for_type(x509.UniformResourceIdentifier)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 def _restrict(path: Path) -> None:
