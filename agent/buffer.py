@@ -1,43 +1,64 @@
-"""Store-and-forward: every batch is on disk before it is published, and leaves only when acknowledged.
+"""Store-and-forward: every reading is on disk before it is published, and leaves only once it is safe.
 
 One SQLite database (WAL) in the state directory::
 
     batches(seq PRIMARY KEY, device, points, created_ms, payload)   the data, as published
-    events(id PRIMARY KEY, created_ms, payload)                     gateway events awaiting publish
-    meta(key PRIMARY KEY, value)                                    next_seq, drop counters
+    accepted(seq PRIMARY KEY, at_ms)                                 when the broker last acknowledged a batch
+    events(id PRIMARY KEY, created_ms, payload)                      gateway events awaiting publish
+    meta(key PRIMARY KEY, value)                                     next_seq, drop totals
+    drops(reason PRIMARY KEY, points, batches)                       drops by reason
 
+``accepted`` is a table of its own so that marking a batch costs a small
+row, not a rewrite of its payload.
 ``seq`` is assigned here, per gateway, when points are buffered; it is
 stored in the same transaction as the batches that use it, so it keeps
 increasing across restarts and crashes. A batch's payload is final when
-buffered: a redelivery after a crash is byte-identical, and the bridge
-stores each ``(gw, seq)`` once.
+buffered: a redelivery is byte-identical, and the bridge stores each
+``(gw, seq)`` once.
 
-The buffer is bounded by ``max_bytes`` (and optionally ``max_age``): when
-full, the oldest batches go first, and the drop is counted and returned to
-the caller to log and publish as an event.
+A batch's life: buffered → accepted by the broker (a row in ``accepted``:
+when its PUBACK arrived) → deleted, when it is safe. What
+makes it safe is the ``confirm`` mode:
 
-Acknowledged batches are kept for ``replay_s`` more seconds and sent again
-on the next connection. A broker acknowledges a message before it has
-written it to disk (Mosquitto's ``autosave_interval``), so a broker that
-crashes can lose what it acknowledged last; the replay covers that window,
-and the bridge stores each ``(gw, seq)`` once.
+- ``storage``: the bridge's confirmation that the tenant's storage has
+  committed it (``gw/{gw}/ack``). A broker acknowledges before it has
+  saved (Mosquitto's ``autosave_interval``) and a crash loses what it held
+  for an absent bridge, so a PUBACK proves little; an accepted batch stays
+  until confirmed, and ``delivery.py`` decides when to send it again.
+- ``broker``: the PUBACK, for consumers other than our bridge; accepted
+  batches are kept a little while and replayed after a reconnect
+  (``delivery.py``), then forgotten.
+
+Bounds: ``max_bytes`` bounds the files on disk (the database's pages in
+use plus the WAL, whose size is capped by ``journal_size_limit``), so a
+limit below the free space is never hit by the filesystem first. When a
+write would pass it, the oldest batches go first (in ``broker`` mode the
+already-accepted ones before any), and the drop is counted by reason and
+recorded as a ``buffer_drop`` event. ``max_age`` drops what waited too long.
+
+Not thread-safe: one thread writes (``writer.py``); readers open their own
+connection (``BufferReader``), which WAL lets run beside the writer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drivers.points import Point, now_ms
+from factory_edge.acks import Range
 from factory_edge.errors import BufferError
 
-SCHEMA_VERSION = 2
+Confirm = Literal["storage", "broker"]
+SCHEMA_VERSION = 3
 _MIGRATIONS = {
     1: """
         CREATE TABLE batches (
@@ -59,9 +80,36 @@ _MIGRATIONS = {
         ALTER TABLE batches ADD COLUMN acked_ms INTEGER;
         CREATE INDEX batches_acked ON batches (acked_ms) WHERE acked_ms IS NOT NULL;
     """,
+    3: """
+        CREATE TABLE accepted (seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);
+        CREATE INDEX accepted_at ON accepted (at_ms);
+        INSERT INTO accepted SELECT seq, acked_ms FROM batches WHERE acked_ms IS NOT NULL;
+        DROP INDEX IF EXISTS batches_acked;
+        ALTER TABLE batches DROP COLUMN acked_ms;
+        CREATE TRIGGER batches_gone AFTER DELETE ON batches BEGIN
+            DELETE FROM accepted WHERE seq = old.seq;
+        END;
+        CREATE TABLE drops (reason TEXT PRIMARY KEY, points INTEGER NOT NULL, batches INTEGER NOT NULL);
+        INSERT INTO drops SELECT 'full', m1.value, m2.value FROM meta m1, meta m2
+            WHERE m1.key = 'dropped_points' AND m2.key = 'dropped_batches' AND m1.value > 0;
+    """,
 }
-PENDING = "acked_ms IS NULL"
+SOURCE = "batches LEFT JOIN accepted USING (seq)"  # at_ms: NULL until the broker accepts the batch
+PENDING = "at_ms IS NULL"
+ACCEPTED = "at_ms IS NOT NULL"
 MAX_EVENTS = 10_000
+MIN_MAX_BYTES = 1024 * 1024
+ROW_OVERHEAD = 48  # bytes a batch row costs beyond its payload (key, columns, b-tree cell)
+DROP_TO = 0.9  # a full buffer drops down to this share of its budget, so it does not drop on every poll
+
+
+def wal_limit(max_bytes: int) -> int:
+    """The WAL's share of ``max_bytes``: an eighth, between 128 KiB and 1 MiB.
+
+    Small on purpose: the WAL only shrinks at a checkpoint, and a WAL that
+    outgrows the free space leaves no room even to delete confirmed batches.
+    """
+    return max(128 * 1024, min(1024 * 1024, max_bytes // 8))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,36 +118,59 @@ class Batch:
     device: str
     points: int
     payload: bytes
-    acked: bool = False  # already acknowledged once: sent again only to cover a broker crash
+    accepted_ms: int | None = None  # when the broker last acknowledged it (None: never)
 
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """Batches removed to keep the buffer within its bounds."""
+    """Batches (or readings never buffered) given up, and why."""
 
     batches: int
     points: int
-    oldest_seq: int
-    newest_seq: int
-    reason: str  # "full" or "max_age"
+    oldest_seq: int | None
+    newest_seq: int | None
+    reason: str  # "full", "max_age", "disk_full" or "queue_full"
+    accepted: int = 0  # of the batches, those the broker had accepted: they may still reach the storage
+
+    def event(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"type": "buffer_drop", "ts": now_ms(), "reason": self.reason, "points": self.points,
+                               "batches": self.batches}
+        if self.oldest_seq is not None:
+            doc.update(seq_from=self.oldest_seq, seq_to=self.newest_seq)
+        if self.accepted:
+            doc["accepted"] = self.accepted
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmed:
+    batches: int
+    points: int
+    newest_accepted_ms: int | None  # the latest broker acceptance among them
 
 
 @dataclass(frozen=True, slots=True)
 class BufferStats:
-    batches: int
+    batches: int  # not yet accepted by the broker
     points: int
-    bytes: int
+    bytes: int  # payload bytes of those
     oldest_ms: int | None
+    unconfirmed: int  # accepted, waiting for the storage's confirmation (or, in broker mode, kept for replay)
+    unconfirmed_points: int
+    oldest_unconfirmed_ms: int | None
     next_seq: int
     dropped_points: int
     dropped_batches: int
+    drops: dict[str, int]  # points dropped, by reason
     events: int
+    disk_bytes: int  # database pages in use + WAL
+
+    @property
+    def backlog(self) -> int:
+        return self.batches + self.unconfirmed
 
 
-_TAG_JSON: dict[str, str] = {}
-
-
-def _point_json(point: Point) -> str:
+def point_json(point: Point, tags: dict[str, str]) -> str:
     """One point as compact JSON, by hand: this runs for every point buffered."""
     value = point.value
     quality = point.quality.value
@@ -119,33 +190,54 @@ def _point_json(point: Point) -> str:
             text, quality, error = "null", "bad", f"not a finite number ({value})"
     else:
         text = json.dumps(value if kind is str else str(value), ensure_ascii=False)
-    tag = _TAG_JSON.get(point.tag)
+    tag = tags.get(point.tag)
     if tag is None:
-        tag = _TAG_JSON[point.tag] = json.dumps(point.tag, ensure_ascii=False)
+        tag = tags[point.tag] = json.dumps(point.tag, ensure_ascii=False)
     if error is None:
         return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}"}}'
     return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}","err":{json.dumps(error, ensure_ascii=False)}}}'
 
 
+def open_db(path: Path, *, fsync: bool = True, write: bool = True) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if not write:
+        return db  # WAL is a property of the file, set by the writer
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL: a committed batch survives power loss too, not only kill -9.
+    db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+    db.execute("PRAGMA busy_timeout=5000")
+    # Debian builds SQLite with secure_delete on: every freed page is zeroed, i.e. written again.
+    # FAST zeroes only within pages written anyway: deleting a confirmed batch costs no extra I/O.
+    db.execute("PRAGMA secure_delete=FAST")
+    return db
+
+
 class Buffer:
-    """The agent's on-disk queue of batches. Not thread-safe: one owner (the agent's event loop)."""
+    """The agent's on-disk queue of batches, written by one thread."""
 
     def __init__(self, path: str | Path, *, gateway: str, max_bytes: int, max_age_s: float | None = None,
-                 fsync: bool = True, replay_s: float = 0.0) -> None:
+                 fsync: bool = True, confirm: Confirm = "storage") -> None:
         self.path = Path(path)
         self.gateway = gateway
-        self.max_bytes = max_bytes
+        self.max_bytes = max(max_bytes, MIN_MAX_BYTES)
         self.max_age_s = max_age_s
-        self.replay_ms = int(replay_s * 1000)
+        self.confirm = confirm
         self._head = json.dumps(gateway)
+        self._tags: dict[str, str] = {}
+        self._next_seq = 1
+        # Whoever writes holds this: closing the connection under a running statement would crash the process.
+        self.lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed batch survives power loss too, not only kill -9.
-            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db = open_db(self.path, fsync=fsync)
+            self.page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            wal = wal_limit(self.max_bytes)
+            # The WAL is reset after each checkpoint and truncated to this size.
+            self._db.execute(f"PRAGMA journal_size_limit={wal}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={max(8, wal // self.page_size // 2)}")
+            self.db_budget = self.max_bytes - wal - 8 * self.page_size
+            self.max_transaction_bytes = wal // 4  # keeps one transaction's WAL frames within the WAL's share
             self._migrate()
-            self._reload_counters()
             self._next_seq = self._meta("next_seq")
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
@@ -157,202 +249,213 @@ class Buffer:
         if version > SCHEMA_VERSION:
             raise BufferError(f"{self.path}: buffer schema {version} is newer than this agent ({SCHEMA_VERSION})")
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self._transaction():
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+            with self.transaction():
+                for statement in _statements(_MIGRATIONS[target]):
+                    self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={target}")
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def transaction(self) -> _Transaction:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on any error); the methods below run inside one."""
+        return _Transaction(self)
 
     def _meta(self, key: str) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
-    # ------------------------------------------------------------ writing
+    # ------------------------------------------------------------ size
 
-    def add(self, device: str, points: Sequence[Point], *, max_points: int, max_bytes: int) -> tuple[list[int], list[Drop]]:
-        """Buffer one device's points as batches; returns their seqs and any drops it caused.
+    def used_bytes(self) -> int:
+        """Database pages in use (the freelist is reused before the file grows)."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages - free) * self.page_size
 
-        One transaction: either every batch and the new ``next_seq`` are on
-        disk when this returns, or nothing is.
-        """
-        if not points:
-            return [], []
-        created = now_ms()
-        rows: list[tuple[int, str, int, int, bytes]] = []
-        seq = self._next_seq
-        head = f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":'
+    def free_pages_bytes(self) -> int:
+        with self.lock:
+            return int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) * self.page_size
+
+    def disk_bytes(self) -> int:
+        """What the buffer occupies on disk now: database and WAL files."""
+        return sum(_size(self.path.with_name(self.path.name + suffix)) for suffix in ("", "-wal"))
+
+    # ------------------------------------------------------------ writing (inside a transaction)
+
+    def encode(self, device: str, points: Sequence[Point], *, max_points: int,
+               max_bytes: int) -> list[tuple[str, int, str]]:
+        """Points as batch bodies ``(device, points, body)``, cut by ``max_points`` and ``max_bytes``."""
+        bodies = []
         parts: list[str] = []
         size = 0
+        tags = self._tags
         for point in points:
-            part = _point_json(point)
+            part = point_json(point, tags)
             if parts and (len(parts) >= max_points or size + len(part) + 1 > max_bytes):
-                rows.append(self._row(seq, device, head, parts, created))
-                seq += 1
+                bodies.append((device, len(parts), ",".join(parts)))
                 parts, size = [], 0
             parts.append(part)
             size += len(part) + 1
-        rows.append(self._row(seq, device, head, parts, created))
-        added_bytes = sum(len(r[4]) for r in rows)
-        try:
-            with self._transaction():
-                self._db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?, NULL)", rows)
-                self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq + 1,))
-                self._bytes += added_bytes
-                self._points += len(points)
-                self._batches += len(rows)
-                drops = self._enforce_bounds(created)
-        except sqlite3.DatabaseError as exc:
-            self._reload_counters()
-            raise BufferError(f"{self.path}: cannot store points: {exc}") from exc
-        self._next_seq = seq + 1
-        return [r[0] for r in rows], drops
+        if parts:
+            bodies.append((device, len(parts), ",".join(parts)))
+        return bodies
 
-    def _row(self, seq: int, device: str, head: str, parts: list[str], created: int) -> tuple[int, str, int, int, bytes]:
-        payload = f'{head}{seq},"points":[{",".join(parts)}]}}'.encode()
-        return (seq, device, len(parts), created, payload)
+    def insert(self, bodies: Sequence[tuple[str, int, str]], created_ms: int) -> list[int]:
+        """Store encoded batches with the next seqs; returns them."""
+        seq = self._next_seq
+        rows = []
+        for device, count, body in bodies:
+            payload = f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":{seq},"points":[{body}]}}'
+            rows.append((seq, device, count, created_ms, payload.encode()))
+            seq += 1
+        self._db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq,))
+        self._next_seq = seq
+        return [r[0] for r in rows]
 
-    def _enforce_bounds(self, now: int) -> list[Drop]:
+    def make_room(self, needed: int, now: int) -> list[Drop]:
+        """Before writing about ``needed`` bytes: drop what ``max_age`` and ``max_bytes`` require."""
         drops = []
         if self.max_age_s is not None:
             cutoff = now - int(self.max_age_s * 1000)
             drop = self._drop_where(f"{PENDING} AND created_ms < ?", (cutoff,), "max_age")
             if drop:
                 drops.append(drop)
-        if self._bytes + self._kept_bytes > self.max_bytes and self._kept_bytes:
-            self._forget_acked(None)  # delivered already: the first to go
-        if self._bytes > self.max_bytes:
-            # Oldest first, until a tenth below the bound, so a full buffer
-            # does not drop on every single poll.
-            target = int(self.max_bytes * 0.9)
+        if self.used_bytes() + needed > self.db_budget:
+            goal = int(self.db_budget * DROP_TO) - needed
+            if self.confirm == "broker":
+                # Delivered already (broker mode): forgetting them costs nothing but the replay.
+                self._free(ACCEPTED, goal, None)
+            if self.used_bytes() + needed > self.db_budget:
+                drops += self._free("1", goal, "full")
+        return drops
+
+    def check_bounds(self) -> list[Drop]:
+        """After a write: if the estimate fell short, drop more (rare)."""
+        if self.used_bytes() <= self.db_budget:
+            return []
+        return self._free("1", int(self.db_budget * DROP_TO), "full")
+
+    def _free(self, condition: str, goal_used: int, reason: str | None) -> list[Drop]:
+        """Delete the oldest batches matching ``condition`` until the pages in use are down to ``goal_used``;
+        with a ``reason``, as counted drops."""
+        drops = []
+        for _ in range(16):  # estimates converge in one or two rounds
+            excess = self.used_bytes() - goal_used
+            if excess <= 0:
+                break
             cut = self._db.execute(
-                f"SELECT seq FROM (SELECT seq, sum(length(payload)) OVER (ORDER BY seq DESC) AS kept "
-                f"FROM batches WHERE {PENDING}) WHERE kept > ? ORDER BY seq DESC LIMIT 1", (target,)).fetchone()
-            if cut:
-                drop = self._drop_where(f"{PENDING} AND seq <= ?", (cut[0],), "full")
+                f"SELECT seq FROM (SELECT seq, sum(length(payload) + {ROW_OVERHEAD}) OVER (ORDER BY seq) AS total "
+                f"FROM {SOURCE} WHERE {condition}) WHERE total >= ? ORDER BY seq LIMIT 1", (excess,)).fetchone()
+            if cut is None:
+                cut = self._db.execute(f"SELECT max(seq) FROM {SOURCE} WHERE {condition}").fetchone()
+            if cut is None or cut[0] is None:
+                break
+            if reason is None:
+                self._db.execute(f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} "
+                                 f"WHERE {condition} AND seq <= ?)", (cut[0],))
+            else:
+                drop = self._drop_where(f"{condition} AND seq <= ?", (cut[0],), reason)
                 if drop:
                     drops.append(drop)
         return drops
 
-    def _forget_acked(self, before_ms: int | None) -> None:
-        """Delete acknowledged batches (all, or those acknowledged before ``before_ms``)."""
-        if before_ms is None:
-            self._db.execute("DELETE FROM batches WHERE acked_ms IS NOT NULL")
-            self._kept_bytes = 0
-            return
-        (size,) = self._db.execute("SELECT coalesce(sum(length(payload)), 0) FROM batches "
-                                   "WHERE acked_ms IS NOT NULL AND acked_ms < ?", (before_ms,)).fetchone()
-        if size:
-            self._db.execute("DELETE FROM batches WHERE acked_ms IS NOT NULL AND acked_ms < ?", (before_ms,))
-            self._kept_bytes -= size
-
     def _drop_where(self, condition: str, args: tuple[Any, ...], reason: str) -> Drop | None:
         row = self._db.execute(
-            f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(payload)), 0), min(seq), max(seq) "
-            f"FROM batches WHERE {condition}", args).fetchone()
-        batches, points, size, oldest, newest = row
+            f"SELECT count(*), coalesce(sum(points), 0), min(seq), max(seq), count(at_ms) "
+            f"FROM {SOURCE} WHERE {condition}", args).fetchone()
+        batches, points, oldest, newest, accepted = row
         if not batches:
             return None
-        self._db.execute(f"DELETE FROM batches WHERE {condition}", args)
-        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_points'", (points,))
-        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_batches'", (batches,))
-        self._bytes -= size
-        self._points -= points
-        self._batches -= batches
-        return Drop(batches, points, oldest, newest, reason)
+        self._db.execute(f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} WHERE {condition})", args)
+        drop = Drop(batches, points, oldest, newest, reason, accepted)
+        self.count_drop(drop)
+        self.insert_events([drop.event()])
+        return drop
+
+    def count_drop(self, drop: Drop) -> None:
+        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_points'", (drop.points,))
+        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_batches'", (drop.batches,))
+        self._db.execute("INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (reason) DO UPDATE SET "
+                         "points = points + excluded.points, batches = batches + excluded.batches",
+                         (drop.reason, drop.points, drop.batches))
+
+    def insert_events(self, docs: Iterable[dict[str, Any]]) -> None:
+        """Keep gateway events until published (the newest MAX_EVENTS at most)."""
+        created = now_ms()
+        rows = [(created, json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()) for doc in docs]
+        if rows:
+            self._db.executemany("INSERT INTO events (created_ms, payload) VALUES (?, ?)", rows)
+            self._db.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (MAX_EVENTS,))
+
+    def mark_accepted(self, seqs: Sequence[int], at_ms: int) -> None:
+        """The broker has these batches (its PUBACK); a resend moves the time forward."""
+        if seqs:
+            # Only batches still buffered (a confirmation may have come first).
+            self._db.executemany("INSERT INTO accepted (seq, at_ms) SELECT seq, ? FROM batches WHERE seq = ? "
+                                 "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms", [(at_ms, s) for s in seqs])
+
+    def confirm_ranges(self, ranges: Sequence[Range]) -> Confirmed:
+        """The tenant's storage has these seqs: delete them."""
+        batches = points = 0
+        newest: int | None = None
+        for first, last in ranges:
+            count, pts, accepted = self._db.execute(
+                f"SELECT count(*), coalesce(sum(points), 0), max(at_ms) FROM {SOURCE} WHERE seq BETWEEN ? AND ?",
+                (first, last)).fetchone()
+            if count:
+                self._db.execute("DELETE FROM batches WHERE seq BETWEEN ? AND ?", (first, last))
+                batches += count
+                points += pts
+                if accepted is not None and (newest is None or accepted > newest):
+                    newest = accepted
+        return Confirmed(batches, points, newest)
+
+    def forget_accepted(self, before_ms: int) -> int:
+        """Broker mode: delete accepted batches older than the replay window; returns how many."""
+        return self._db.execute("DELETE FROM batches WHERE seq IN (SELECT seq FROM accepted WHERE at_ms < ?)",
+                                (before_ms,)).rowcount
+
+    def delete_events(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._db.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(ids))})", list(ids))
+
+    # ------------------------------------------------------------ convenience (own transaction)
+
+    def add(self, device: str, points: Sequence[Point], *, max_points: int,
+            max_bytes: int) -> tuple[list[int], list[Drop]]:
+        """Buffer one device's points in one transaction: their seqs, and any drops it caused."""
+        if not points:
+            return [], []
+        bodies = self.encode(device, points, max_points=max_points, max_bytes=max_bytes)
+        created = now_ms()
+        try:
+            with self.transaction():
+                drops = self.make_room(needed_bytes(bodies), created)
+                seqs = self.insert(bodies, created)
+                drops += self.check_bounds()
+        except sqlite3.DatabaseError as exc:
+            raise BufferError(f"{self.path}: cannot store points: {exc}") from exc
+        return seqs, drops
+
+    def accept(self, seqs: Sequence[int], at_ms: int | None = None) -> None:
+        with self.transaction():
+            self.mark_accepted(seqs, now_ms() if at_ms is None else at_ms)
+
+    def confirm_seqs(self, seqs: Iterable[int]) -> Confirmed:
+        from factory_edge.acks import ranges
+
+        with self.transaction():
+            return self.confirm_ranges(ranges(seqs))
 
     def add_event(self, doc: dict[str, Any]) -> None:
-        """Keep a gateway event until it is published (the newest MAX_EVENTS at most)."""
-        payload = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        try:
-            with self._transaction():
-                self._db.execute("INSERT INTO events (created_ms, payload) VALUES (?, ?)", (now_ms(), payload))
-                self._db.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (MAX_EVENTS,))
-        except sqlite3.DatabaseError as exc:
-            raise BufferError(f"{self.path}: cannot store event: {exc}") from exc
-
-    # ------------------------------------------------------------ reading and acknowledging
-
-    def batches_after(self, seq: int, limit: int, *, below: int | None = None, replay: bool = False) -> list[Batch]:
-        """Up to ``limit`` unacknowledged batches with ``seq`` greater than ``seq`` (and less than ``below``),
-        in order; with ``replay``, also those acknowledged within the replay window."""
-        where = "seq > ?"
-        args: list[Any] = [seq]
-        if below is not None:
-            where += " AND seq < ?"
-            args.append(below)
-        if replay and self.replay_ms:
-            where += " AND (acked_ms IS NULL OR acked_ms >= ?)"
-            args.append(now_ms() - self.replay_ms)
-        else:
-            where += f" AND {PENDING}"
-        rows = self._db.execute(f"SELECT seq, device, points, payload, acked_ms IS NOT NULL FROM batches "
-                                f"WHERE {where} ORDER BY seq LIMIT ?", (*args, limit))
-        return [Batch(seq_, device, points, payload, bool(acked)) for seq_, device, points, payload, acked in rows]
-
-    def ack(self, seqs: Iterable[int]) -> None:
-        """The broker has these batches (one transaction): forget them, or keep them for the replay window."""
-        seqs = list(seqs)
-        if not seqs:
-            return
-        marks = ",".join("?" * len(seqs))
-        now = now_ms()
-        try:
-            with self._transaction():
-                size, points, count = self._db.execute(
-                    f"SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*) "
-                    f"FROM batches WHERE {PENDING} AND seq IN ({marks})", seqs).fetchone()
-                if self.replay_ms:
-                    self._db.execute(f"UPDATE batches SET acked_ms = ? WHERE {PENDING} AND seq IN ({marks})",
-                                     (now, *seqs))
-                    self._kept_bytes += size
-                    self._forget_acked(now - self.replay_ms)
-                else:
-                    self._db.execute(f"DELETE FROM batches WHERE seq IN ({marks})", seqs)
-        except sqlite3.DatabaseError as exc:
-            self._reload_counters()
-            raise BufferError(f"{self.path}: cannot acknowledge batches: {exc}") from exc
-        self._bytes -= size
-        self._points -= points
-        self._batches -= count
-
-    def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
-        return list(self._db.execute("SELECT id, payload FROM events ORDER BY id LIMIT ?", (limit,)))
-
-    def ack_events(self, ids: Iterable[int]) -> None:
-        ids = list(ids)
-        if ids:
-            with self._transaction():
-                self._db.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(ids))})", ids)
-
-    # ------------------------------------------------------------ state
+        with self.transaction():
+            self.insert_events([doc])
 
     @property
     def next_seq(self) -> int:
         return self._next_seq
 
-    @property
-    def depth(self) -> int:
-        """Batches waiting for an acknowledgement."""
-        return self._batches
-
-    def stats(self) -> BufferStats:
-        oldest = self._db.execute(f"SELECT min(created_ms) FROM batches WHERE {PENDING}").fetchone()[0]
-        events = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
-        return BufferStats(self._batches, self._points, self._bytes, oldest, self._next_seq,
-                           self._meta("dropped_points"), self._meta("dropped_batches"), events)
-
-    def _reload_counters(self) -> None:
-        """Pending figures and the bytes of acknowledged batches kept for replay, from the database."""
-        self._bytes, self._points, self._batches = self._db.execute(
-            f"SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*) FROM batches "
-            f"WHERE {PENDING}").fetchone()
-        (self._kept_bytes,) = self._db.execute(
-            "SELECT coalesce(sum(length(payload)), 0) FROM batches WHERE acked_ms IS NOT NULL").fetchone()
-
     def close(self) -> None:
-        self._db.close()
+        with self.lock:
+            self._db.close()
 
     def __enter__(self) -> Buffer:
         return self
@@ -361,17 +464,145 @@ class Buffer:
         self.close()
 
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any error."""
+def _statements(script: str) -> list[str]:
+    """An SQL script's statements (a trigger's body holds semicolons of its own)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return [st for st in statements if st]
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+
+def needed_bytes(bodies: Sequence[tuple[str, int, str]]) -> int:
+    """Bytes a write of these batch bodies takes on disk, estimated (the header adds ~60 bytes a batch)."""
+    return sum(len(body) + len(device) + 60 + ROW_OVERHEAD for device, _, body in bodies)
+
+
+class _Transaction:
+    def __init__(self, buffer: Buffer) -> None:
+        self.buffer = buffer
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.buffer.lock.acquire()
+        try:
+            self.next_seq = self.buffer._next_seq
+            self.buffer._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.buffer.lock.release()
+            raise
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        db = self.buffer._db
+        try:
+            if exc_type is None:
+                try:
+                    db.execute("COMMIT")
+                    return
+                except sqlite3.DatabaseError:
+                    self._rollback()
+                    raise
+            self._rollback()
+        finally:
+            self.buffer.lock.release()
+
+    def _rollback(self) -> None:
+        self.buffer._next_seq = self.next_seq  # seqs of a rolled-back insert were never used
+        try:
+            self.buffer._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # SQLite already rolled back (e.g. after SQLITE_FULL)
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+class BufferReader:
+    """A read connection (its own): what to publish, and the figures for ``agent status``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._db = open_db(self.path, write=False)
+        except sqlite3.DatabaseError as exc:
+            raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
+
+    def pending(self, after: int, limit: int, *, below: int | None = None) -> list[Batch]:
+        """Batches never accepted by the broker, ``seq`` in (after, below), in order."""
+        where, args = f"seq > ? AND {PENDING}", [after]
+        if below is not None:
+            where += " AND seq < ?"
+            args.append(below)
+        return self._batches(where, args, limit)
+
+    def old(self, after: int, limit: int, *, below: int, accepted_before: int | None,
+            accepted_from: int | None = None) -> list[Batch]:
+        """The backlog (never accepted, ``seq`` < ``below``) merged with accepted batches to send again:
+        those accepted before ``accepted_before`` (storage mode) or from ``accepted_from`` on (broker replay)."""
+        where = f"seq > ? AND (({PENDING} AND seq < ?)"
+        args: list[Any] = [after, below]
+        if accepted_before is not None:
+            where += " OR at_ms < ?"
+            args.append(accepted_before)
+        if accepted_from is not None:
+            where += " OR at_ms >= ?"
+            args.append(accepted_from)
+        return self._batches(where + ")", args, limit)
+
+    def oldest_unconfirmed(self) -> Batch | None:
+        found = self._batches(f"seq = (SELECT seq FROM accepted ORDER BY at_ms, seq LIMIT 1)", [], 1)
+        return found[0] if found else None
+
+    def newest_accepted_ms(self) -> int | None:
+        return self._db.execute("SELECT max(at_ms) FROM accepted").fetchone()[0]
+
+    def _batches(self, where: str, args: Sequence[Any], limit: int, order: str = "seq") -> list[Batch]:
+        rows = self._db.execute(f"SELECT seq, device, points, payload, at_ms FROM {SOURCE} WHERE {where} "
+                                f"ORDER BY {order} LIMIT ?", (*args, limit))
+        return [Batch(*row) for row in rows]
+
+    def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
+        return list(self._db.execute("SELECT id, payload FROM events ORDER BY id LIMIT ?", (limit,)))
+
+    def has_pending(self) -> bool:
+        return self._db.execute(f"SELECT 1 FROM {SOURCE} WHERE {PENDING} LIMIT 1").fetchone() is not None
+
+    def stats(self) -> BufferStats:
+        return _stats(self._db, self.path)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _stats(db: sqlite3.Connection, path: Path) -> BufferStats:
+    meta = dict(db.execute("SELECT key, value FROM meta"))
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    source, accepted = (SOURCE, ACCEPTED) if version >= 3 else ("batches", "acked_ms IS NOT NULL" if version == 2 else "0")
+    pending, points, size, oldest, unconfirmed, unconfirmed_points, oldest_unconfirmed = db.execute(
+        f"SELECT count(*) - count(CASE WHEN {accepted} THEN 1 END), "
+        f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE points END), 0), "
+        f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE length(payload) END), 0), "
+        f"min(CASE WHEN {accepted} THEN NULL ELSE created_ms END), "
+        f"count(CASE WHEN {accepted} THEN 1 END), "
+        f"coalesce(sum(CASE WHEN {accepted} THEN points ELSE 0 END), 0), "
+        f"min(CASE WHEN {accepted} THEN created_ms END) FROM {source}").fetchone()
+    has_drops = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'drops'").fetchone()
+    drops = dict(db.execute("SELECT reason, points FROM drops")) if has_drops else {}
+    events = db.execute("SELECT count(*) FROM events").fetchone()[0]
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    used = (db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0])
+    disk = used * page_size + _size(path.with_name(path.name + "-wal"))
+    return BufferStats(pending, points, size, oldest, unconfirmed, unconfirmed_points, oldest_unconfirmed,
+                       meta.get("next_seq", 1), meta.get("dropped_points", 0), meta.get("dropped_batches", 0),
+                       drops, events, disk)
 
 
 def read_stats(path: str | Path) -> BufferStats | None:
@@ -379,20 +610,16 @@ def read_stats(path: str | Path) -> BufferStats | None:
     path = Path(path)
     if not path.exists():
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        meta = dict(db.execute("SELECT key, value FROM meta"))
-        size, points, batches, oldest = db.execute(
-            "SELECT coalesce(sum(length(payload)), 0), coalesce(sum(points), 0), count(*), min(created_ms) FROM batches "
-            + ("WHERE acked_ms IS NULL" if "acked_ms" in {c[1] for c in db.execute("PRAGMA table_info(batches)")} else "")
-        ).fetchone()
-        events = db.execute("SELECT count(*) FROM events").fetchone()[0]
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.DatabaseError as exc:
+        raise BufferError(f"{path}: cannot read the buffer: {exc}") from exc
+    try:
+        return _stats(db, path)
     except sqlite3.DatabaseError as exc:
         raise BufferError(f"{path}: cannot read the buffer: {exc}") from exc
     finally:
         db.close()
-    return BufferStats(batches, points, size, oldest, meta.get("next_seq", 1), meta.get("dropped_points", 0),
-                       meta.get("dropped_batches", 0), events)
 
 
 def age_seconds(oldest_ms: int | None) -> float | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
@@ -17,9 +17,10 @@ DEFAULT_STATE_DIR = "/var/lib/factory-edge/agent"
 
 
 class MqttConfig(Model):
-    """Broker settings for sites with their own broker (otherwise they come from provisioning)."""
+    """Broker settings for sites with their own broker (with ``url``), or tuning of the provisioned one (without)."""
 
-    url: str = Field(pattern=r"^mqtts?://", description="mqtts://host:8883 (TLS) or mqtt://host:1883")
+    url: str | None = Field(default=None, pattern=r"^mqtts?://",
+                            description="mqtts://host:8883 (TLS) or mqtt://host:1883; without it, the provisioned broker")
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
@@ -27,6 +28,11 @@ class MqttConfig(Model):
     password: str | None = None
     connect_host: str | None = Field(default=None, description="dial this address; SNI and certificate checks use the URL's host")
     keepalive: Duration = 30.0
+    connect_timeout: Duration = Field(default=5.0, gt=0, le=120,
+                                      description="give up a connection attempt (TCP, TLS, CONNACK) after this")
+    retry_initial: Duration = Field(default=0.2, gt=0, le=60, description="first delay before connecting again")
+    retry_max: Duration = Field(default=1.0, gt=0, le=3600,
+                                description="longest delay between attempts (each is jittered to 50-100%)")
 
     @model_validator(mode="after")
     def _pairs(self) -> MqttConfig:
@@ -34,14 +40,33 @@ class MqttConfig(Model):
             raise ValueError("cert_file and key_file go together")
         if self.password is not None and self.username is None:
             raise ValueError("password: given without username:")
+        if self.url is None:
+            given = [k for k in ("ca_file", "cert_file", "key_file", "username", "connect_host")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: given without url: (the provisioned identity brings its own)")
+        if self.retry_initial > self.retry_max:
+            raise ValueError(f"retry_initial ({self.retry_initial:g}s) is longer than retry_max ({self.retry_max:g}s)")
         return self
 
 
 class BufferConfig(Model):
-    max_bytes: Size = Field(default=256 * 1024**2, gt=0)
+    max_bytes: Size = Field(default=256 * 1024**2, ge=1024**2,
+                            description="the buffer's files on disk (database and WAL) stay below this")
     max_age: Duration | None = None
     fsync: bool = Field(default=True, description="flush every commit to the disk (survives power loss)")
-    replay: Duration = Field(default=10.0, ge=0, description="resend what the broker acknowledged this recently after a reconnect")
+    confirm: Literal["storage", "broker"] = Field(
+        default="storage", description="delete a batch when the tenant's storage confirms it (storage), "
+                                       "or on the broker's PUBACK (broker: for consumers other than the bridge)")
+    confirm_timeout: Duration = Field(default=30.0, gt=0, le=3600,
+                                      description="storage: send an accepted batch again when it is unconfirmed "
+                                                  "this long while newer ones are confirmed")
+    replay: Duration = Field(default=10.0, ge=0, description="broker: after a reconnect, send again what the "
+                                                             "broker accepted this long before the connection was lost")
+    queue_points: int = Field(default=200_000, ge=1000, le=10_000_000,
+                              description="readings waiting for the disk; past it the oldest waiting are dropped")
+    min_free: Size = Field(default=16 * 1024**2, ge=0,
+                           description="stop writing readings while the filesystem has less free space than this")
 
 
 class PublishConfig(Model):

@@ -55,7 +55,10 @@ def resolve(config: AgentConfig, state_dir: Path, *, base_dir: Path | None = Non
             return name
         return str(base_dir / name)
 
+    tuning = {}
     if config.mqtt is not None:
+        tuning = {"keepalive_s": config.mqtt.keepalive, "connect_timeout_s": config.mqtt.connect_timeout}
+    if config.mqtt is not None and config.mqtt.url is not None:
         if not config.gateway:
             identity = load_identity(state_dir)
             if identity is None:
@@ -66,8 +69,7 @@ def resolve(config: AgentConfig, state_dir: Path, *, base_dir: Path | None = Non
         m = config.mqtt
         return gateway, BrokerSettings.from_url(
             m.url, connect_host=m.connect_host, ca_file=local(m.ca_file), cert_file=local(m.cert_file),
-            key_file=local(m.key_file),
-            username=m.username, password=m.password, keepalive_s=m.keepalive)
+            key_file=local(m.key_file), username=m.username, password=m.password, **tuning)
     identity = load_identity(state_dir)
     if identity is None:
         raise ConfigError(f"mqtt: no broker configured and {state_dir} holds no identity: "
@@ -75,4 +77,5 @@ def resolve(config: AgentConfig, state_dir: Path, *, base_dir: Path | None = Non
     if config.gateway and config.gateway != identity.gateway:
         raise ConfigError(f"gateway: {config.gateway!r} differs from the provisioned identity {identity.gateway!r}")
     return identity.gateway, BrokerSettings.from_url(
-        identity.broker_url, ca_file=identity.ca_file, cert_file=identity.cert_file, key_file=identity.key_file)
+        identity.broker_url, ca_file=identity.ca_file, cert_file=identity.cert_file, key_file=identity.key_file,
+        **tuning)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from factory_edge.logs import fields
 
+from .buffer import age_seconds
+
 if TYPE_CHECKING:
     from .runtime import Agent
 
@@ -21,27 +23,51 @@ def _escape(value: str) -> str:
 def render(agent: Agent) -> str:
     """The exposition text: the same figures as ``agent status``."""
     s = agent.status()
-    buf = agent.buffer.stats()
+    buf = agent.reader.stats()
     gw = f'gw="{_escape(agent.gateway)}"'
+    dropped = dict(buf.drops)
+    for reason, points in s["writer"]["dropped_unsaved"].items():  # not yet on disk: it had no room
+        dropped[reason] = dropped.get(reason, 0) + points
     lines = [
         "# HELP factory_edge_connected 1 while connected to the broker.",
         "# TYPE factory_edge_connected gauge",
         f"factory_edge_connected{{{gw}}} {int(s['connection']['state'] == 'connected')}",
-        "# HELP factory_edge_buffer_batches Batches waiting for the broker's acknowledgement.",
+        "# HELP factory_edge_buffer_batches Batches the broker has not accepted yet.",
         "# TYPE factory_edge_buffer_batches gauge",
         f"factory_edge_buffer_batches{{{gw}}} {buf.batches}",
-        "# HELP factory_edge_buffer_points Points waiting for the broker's acknowledgement.",
+        "# HELP factory_edge_buffer_points Points the broker has not accepted yet.",
         "# TYPE factory_edge_buffer_points gauge",
         f"factory_edge_buffer_points{{{gw}}} {buf.points}",
-        "# HELP factory_edge_buffer_bytes Bytes of buffered payload.",
+        "# HELP factory_edge_buffer_unconfirmed_batches Batches accepted by the broker, not yet confirmed stored.",
+        "# TYPE factory_edge_buffer_unconfirmed_batches gauge",
+        f"factory_edge_buffer_unconfirmed_batches{{{gw}}} {buf.unconfirmed}",
+        "# HELP factory_edge_buffer_oldest_unconfirmed_seconds Age of the oldest unconfirmed batch.",
+        "# TYPE factory_edge_buffer_oldest_unconfirmed_seconds gauge",
+        f"factory_edge_buffer_oldest_unconfirmed_seconds{{{gw}}} {round(age_seconds(buf.oldest_unconfirmed_ms) or 0, 1)}",
+        "# HELP factory_edge_buffer_bytes Bytes of payload the broker has not accepted yet.",
         "# TYPE factory_edge_buffer_bytes gauge",
         f"factory_edge_buffer_bytes{{{gw}}} {buf.bytes}",
-        "# HELP factory_edge_buffer_dropped_points_total Points dropped because the buffer was full or too old.",
+        "# HELP factory_edge_buffer_disk_bytes The buffer's files on disk (database pages in use and WAL).",
+        "# TYPE factory_edge_buffer_disk_bytes gauge",
+        f"factory_edge_buffer_disk_bytes{{{gw}}} {buf.disk_bytes}",
+        "# HELP factory_edge_buffer_disk_full 1 while readings cannot be written (no room on disk).",
+        "# TYPE factory_edge_buffer_disk_full gauge",
+        f"factory_edge_buffer_disk_full{{{gw}}} {int(s['writer']['disk_full'])}",
+        "# HELP factory_edge_buffer_dropped_points_total Points dropped, by reason.",
         "# TYPE factory_edge_buffer_dropped_points_total counter",
-        f"factory_edge_buffer_dropped_points_total{{{gw}}} {buf.dropped_points}",
-        "# HELP factory_edge_published_points_total Points acknowledged by the broker.",
+    ]
+    for reason in sorted(dropped):
+        lines.append(f'factory_edge_buffer_dropped_points_total{{{gw},reason="{_escape(reason)}"}} {dropped[reason]}')
+    lines += [
+        "# HELP factory_edge_published_points_total Points accepted by the broker.",
         "# TYPE factory_edge_published_points_total counter",
         f"factory_edge_published_points_total{{{gw}}} {s['publish']['acked_points']}",
+        "# HELP factory_edge_confirmed_points_total Points the tenant's storage confirmed.",
+        "# TYPE factory_edge_confirmed_points_total counter",
+        f"factory_edge_confirmed_points_total{{{gw}}} {s['publish']['confirmed_points']}",
+        "# HELP factory_edge_resent_batches_total Accepted batches sent again (unconfirmed, or replayed).",
+        "# TYPE factory_edge_resent_batches_total counter",
+        f"factory_edge_resent_batches_total{{{gw}}} {s['publish']['resent'] + s['publish']['replayed']}",
         "# HELP factory_edge_reconnects_total Broker connections lost.",
         "# TYPE factory_edge_reconnects_total counter",
         f"factory_edge_reconnects_total{{{gw}}} {s['connection']['reconnects']}",

@@ -11,10 +11,11 @@ paho's memory, decides what is sent again.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class BrokerSettings:
     username: str | None = None
     password: str | None = None
     keepalive_s: float = 30.0
+    connect_timeout_s: float = 10.0
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> BrokerSettings:
@@ -139,6 +141,31 @@ def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
     return f"cannot connect to {where}: {exc}"
 
 
+# What a broker's DISCONNECT reason means to whoever reads the log (paho's own words are terse).
+_SERVER_DISCONNECTS = {
+    "Session taken over": "session taken over by another connection with our client id",
+    "Server shutting down": "the broker is shutting down",
+    "Keep alive timeout": "the broker heard nothing from us within the keepalive",
+    "Not authorized": "the broker refused: not authorized",
+    "Packet too large": "the broker refused a message larger than its max_packet_size",
+    "Administrative action": "the broker ended our session (administrative action: revoked?)",
+    "Quota exceeded": "the broker ended our session: quota exceeded",
+    "Message rate too high": "the broker ended our session: message rate too high",
+}
+
+
+def explain_disconnect(from_server: bool, reason: Any) -> str:
+    """A lost connection in words: the broker's DISCONNECT reason, or what happened to the socket."""
+    name = getattr(reason, "getName", lambda: str(reason))() if reason is not None else ""
+    if from_server:
+        return _SERVER_DISCONNECTS.get(name, f"the broker ended our session: {name.lower() or 'no reason given'}")
+    if name == "Keep alive timeout":
+        return "no answer from the broker within the keepalive (network down?)"
+    if name == "Success":
+        return "disconnected"
+    return "the broker closed the connection"
+
+
 class Link:
     """One connected MQTT session; dies with its TCP connection.
 
@@ -178,7 +205,7 @@ class Link:
         self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        text = str(reason) if reason is not None else "connection lost"
+        text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)
         self.loop.call_soon_threadsafe(self._lost, text)
 
     def _paho_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
@@ -189,13 +216,14 @@ class Link:
 
     def _lost(self, reason: str) -> None:
         if not self._connack.done():
-            self._connack.set_result(f"connection closed before CONNACK ({reason})")
+            self._connack.set_result(f"{reason} before CONNACK")
         if not self.closed.is_set():
             self.closed.set()
             self._on_lost(reason)
 
-    async def open(self, *, timeout_s: float = 10.0) -> None:
+    async def open(self, *, timeout_s: float | None = None) -> None:
         """Dial, handshake TLS, send CONNECT and wait for CONNACK; PublishError says why not."""
+        timeout_s = self.settings.connect_timeout_s if timeout_s is None else timeout_s
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)
@@ -213,11 +241,11 @@ class Link:
             return None
         return info.mid
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topics: Sequence[str]) -> None:
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
         # noLocal: the agent's own replies under cmd/ must not come back to it.
-        self.client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
+        self.client.subscribe([(topic, SubscribeOptions(qos=1, noLocal=True)) for topic in topics])
 
     async def close(self) -> None:
         """Disconnect cleanly (no will message) and stop paho's thread."""
@@ -255,6 +283,19 @@ async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContex
         if failed is not None:
             failed.close()
         raise PublishError(explain_connect_error(exc, settings)) from exc
+    no_delay(client)
+
+
+def no_delay(client: paho.Client) -> None:
+    """TCP_NODELAY on the client's socket.
+
+    A batch is written as several TLS records; without it, Nagle's algorithm
+    holds the last one until the broker's delayed ACK of the first (~40 ms),
+    and small confirmations, commands and alerts wait likewise.
+    """
+    sock = client.socket()
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def wait_connack(connack: asyncio.Future[str | None], settings: BrokerSettings, *, timeout_s: float) -> str | None:
@@ -263,10 +304,10 @@ async def wait_connack(connack: asyncio.Future[str | None], settings: BrokerSett
         refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
     except asyncio.TimeoutError:
         return f"no CONNACK from {settings.describe()} within {timeout_s:g}s"
-    if refused and settings.tls and settings.cert_file and refused.startswith("connection closed before CONNACK"):
+    if refused and settings.tls and settings.cert_file and refused == "the broker closed the connection before CONNACK":
         # With TLS 1.3 the broker checks our certificate after the
         # handshake, so its refusal arrives as a closed connection.
-        refused += ": the broker may have refused our certificate (revoked, or issued by a CA it does not trust)"
+        refused += ": it may have refused our certificate (revoked, or issued by a CA it does not trust)"
     return refused
 
 

@@ -30,7 +30,7 @@ from provisioning import pki
 
 from .config import DEFAULT_STATE_DIR
 from .identity import IDENTITY_FILE, load_identity
-from .mqtt import BrokerSettings, explain_connect_error, tls_context
+from .mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 from .renew import HTTP_TIMEOUT_S, ApiSettings, answer, api_context, check_issued, explain_http_error, renew_at
 
 API_CA_FILE = "api-ca.pem"
@@ -159,6 +159,7 @@ def prove(settings: BrokerSettings, gateway: str) -> float:
         client.connect(settings.dial_host, settings.port, keepalive=30, clean_start=True)
     except Exception as exc:  # noqa: BLE001 - socket, ssl and paho errors, explained in one line
         raise ProvisioningError(explain_connect_error(exc, settings)) from exc
+    no_delay(client)
     client.loop_start()
     try:
         if not connected.wait(CHECK_TIMEOUT_S):

@@ -1,17 +1,23 @@
-"""The publisher: keeps one MQTT connection up and drains the buffer through it.
+"""The publisher: keeps one MQTT connection up and drains the buffer through it (task ``mqtt``).
 
 Each connection (a ``Link``) starts with the retained birth on
-``gw/{gw}/status``, the retained ``meta`` of every device and the ``cmd/#``
-subscription; then batches go out as QoS 1 with at most ``inflight``
-awaiting PUBACK. A batch leaves the buffer only when its PUBACK arrives.
+``gw/{gw}/status``, the retained ``meta`` of every device, and the
+subscriptions to ``gw/{gw}/cmd/#`` and (storage mode) ``gw/{gw}/ack``;
+then batches go out as QoS 1 with at most ``inflight`` awaiting PUBACK.
 
-After a reconnect the backlog (batches buffered before the connection came
-up, and those acknowledged within the buffer's replay window, in case the
-broker crashed before saving them) drains oldest first while live batches
-keep flowing: the window is filled alternately from the two, so neither
-starves. A lost connection
-forgets everything in flight; the buffer still holds it and the next
-connection sends it again, with the same ``seq``.
+A PUBACK marks a batch *accepted*; a confirmation on ``gw/{gw}/ack``
+deletes it (``delivery.py`` says why a PUBACK is not enough, and when an
+accepted batch is sent again). Two streams share the window, alternately,
+so neither starves: *live* batches (buffered since this connection came
+up) and *old* ones (the backlog buffered before it, merged in seq order
+with accepted batches due to be sent again). A lost connection forgets
+everything in flight; the buffer still holds it and the next connection
+sends it again, with the same ``seq``.
+
+Reconnecting: a short, capped, jittered delay (``mqtt.retry_initial``,
+``mqtt.retry_max``), so the agent is back within about a second of the
+broker's return however long it was away. Failures are logged with the
+reason in words when the reason changes, then at growing intervals.
 """
 
 from __future__ import annotations
@@ -31,15 +37,20 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from drivers.base import Backoff
+from drivers.points import now_ms
+from factory_edge.acks import ack_topic, decode_acks
 from factory_edge.errors import PublishError
 from factory_edge.logs import fields
 
-from .buffer import Batch, Buffer
+from .buffer import Batch, BufferReader
+from .delivery import DeliveryPolicy
 from .mqtt import BrokerSettings, Link
+from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, Any], Awaitable[dict[str, Any]]]
+RESCAN_S = 2.0  # how often the old stream looks again for batches due to be sent again
 
 
 class ConnectionState(enum.StrEnum):
@@ -53,33 +64,84 @@ class ConnectionState(enum.StrEnum):
 
 @dataclass
 class PublishStats:
-    batches: int = 0
+    batches: int = 0  # first sends
     points: int = 0
-    acked_points: int = 0
+    acked_points: int = 0  # accepted by the broker (first sends)
+    confirmed_points: int = 0  # confirmed by the tenant's storage
+    confirmed_batches: int = 0
     rejected: int = 0
     reconnects: int = 0
     connect_attempts: int = 0
-    replayed: int = 0
+    resent: int = 0  # accepted batches sent again (storage mode: unconfirmed)
+    replayed: int = 0  # broker mode: accepted batches replayed after a reconnect
+    last_confirmed: float | None = None
     connected_since: float | None = None
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
 
     def points_per_s(self, window_s: float = 10.0) -> float:
-        """Acknowledged points per second over the last ``window_s``."""
+        """Accepted points per second over the last ``window_s``."""
         now = time.monotonic()
         total = sum(n for t, n in self.recent if now - t <= window_s)
         return total / window_s
 
 
-class Publisher:
-    """Owns the MQTT connection and the drain loop (task ``mqtt``)."""
+class RetryLog:
+    """Connection failures in the journal: every new reason at once, the same one at growing intervals."""
 
-    def __init__(self, *, settings: BrokerSettings, gateway: str, buffer: Buffer, inflight: int,
-                 birth: Callable[[], dict[str, Any]], meta: Callable[[], dict[str, dict[str, Any]]],
-                 commands: CommandHandler, backoff_max_s: float = 60.0,
+    FIRST_REPEAT_S = 10.0
+    MAX_REPEAT_S = 300.0
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker
+        self.reason: str | None = None
+        self.down_since: float | None = None
+        self.attempts = 0
+        self._next_at = 0.0
+        self._interval = self.FIRST_REPEAT_S
+
+    def failed(self, reason: str, retry_in_s: float) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+        self.attempts += 1
+        if reason != self.reason:
+            self.reason = reason
+            self._interval = self.FIRST_REPEAT_S
+            log.warning("cannot connect to broker", extra=fields(broker=self.broker, err=reason,
+                                                                 retry_in_s=round(retry_in_s, 2)))
+        elif now >= self._next_at:
+            log.warning("still cannot connect to broker", extra=fields(
+                broker=self.broker, err=reason, attempts=self.attempts, down_s=round(now - self.down_since, 1)))
+            self._interval = min(self.MAX_REPEAT_S, self._interval * 2)
+        else:
+            return
+        self._next_at = now + self._interval
+
+    def lost(self) -> None:
+        self.down_since = time.monotonic()
+
+    def connected(self) -> dict[str, Any]:
+        """The outage just ended: its figures for the 'connected' log line; reset."""
+        figures = {}
+        if self.down_since is not None:
+            figures = {"down_s": round(time.monotonic() - self.down_since, 2), "attempts": self.attempts}
+        self.reason, self.down_since, self.attempts, self._next_at = None, None, 0, 0.0
+        return figures
+
+
+class Publisher:
+    """Owns the MQTT connection and the drain loop."""
+
+    def __init__(self, *, settings: BrokerSettings, gateway: str, writer: BufferWriter, reader: BufferReader,
+                 policy: DeliveryPolicy, inflight: int, birth: Callable[[], dict[str, Any]],
+                 meta: Callable[[], dict[str, dict[str, Any]]], commands: CommandHandler,
+                 retry_initial_s: float = 0.2, retry_max_s: float = 1.0,
                  on_state: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.gateway = gateway
-        self.buffer = buffer
+        self.writer = writer
+        self.reader = reader
+        self.policy = policy
         self.inflight_limit = inflight
         self.birth = birth
         self.meta = meta
@@ -88,9 +150,13 @@ class Publisher:
         self._on_state = on_state
         self.last_error: str | None = None
         self.stats = PublishStats()
-        self._backoff = Backoff(initial_s=1.0, max_s=backoff_max_s)
+        self._backoff = Backoff(initial_s=retry_initial_s, max_s=retry_max_s)
+        self._retry_log = RetryLog(settings.describe())
         self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._inflight: dict[int, tuple[str, int, int]] = {}  # mid -> (kind, seq or event id, points)
+        self._accepting: set[int] = set()  # batches PUBACKed, not yet recorded by the writer
+        self._events_done: set[int] = set()  # events PUBACKed, not yet deleted by the writer
         self._acked: list[int] = []
         self._acked_events: list[int] = []
         self._link: Link | None = None
@@ -108,30 +174,45 @@ class Publisher:
         if changed and self._on_state is not None:
             self._on_state()
 
-    def notify(self) -> None:
-        """New batches or events are in the buffer."""
-        self._wake.set()
-
-    async def flush(self, timeout_s: float) -> None:
-        """While connected, wait (at most ``timeout_s``) until the buffer is empty and nothing is in flight.
-
-        Called when stopping, after the devices: a clean stop leaves nothing
-        for the next start to send again.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while (self.state is ConnectionState.CONNECTED and (self.buffer.depth or self._inflight)
-               and loop.time() < deadline):
-            await asyncio.sleep(0.05)
-
     @property
     def topic_root(self) -> str:
         return f"gw/{self.gateway}"
 
+    def notify(self) -> None:
+        """New batches or events are in the buffer."""
+        self._wake.set()
+
+    def committed(self, commit: Commit) -> None:
+        """The writer's ``on_commit`` (its own thread): hand the news to the event loop."""
+        self._loop.call_soon_threadsafe(self._committed, commit)
+
+    def _committed(self, commit: Commit) -> None:
+        self._accepting.difference_update(commit.accepted)
+        self._events_done.difference_update(commit.events_done)
+        if commit.confirmed is not None and commit.confirmed.batches:
+            self.policy.confirmed(commit.confirmed.newest_accepted_ms)
+            self.stats.confirmed_points += commit.confirmed.points
+            self.stats.confirmed_batches += commit.confirmed.batches
+            self.stats.last_confirmed = time.time()
+        self._wake.set()
+
+    async def flush(self, timeout_s: float) -> None:
+        """While connected, wait (at most ``timeout_s``) until the broker has every buffered batch.
+
+        Called when stopping, after the devices and the writer: a clean stop
+        leaves nothing unsent (in storage mode, confirmations may still come:
+        the broker keeps them for the next start).
+        """
+        deadline = self._loop.time() + timeout_s
+        while self._loop.time() < deadline and self.state is ConnectionState.CONNECTED:
+            if not self._inflight and not self._accepting and not await asyncio.to_thread(self.reader.has_pending):
+                return
+            await asyncio.sleep(0.05)
+
     # ------------------------------------------------------------ connection
 
     async def run(self) -> None:
-        """Connect, drain, reconnect with backoff and jitter: until cancelled."""
+        """Connect, drain, reconnect after a short jittered delay: until cancelled."""
         while True:
             self.state = ConnectionState.CONNECTING
             self.stats.connect_attempts += 1
@@ -143,9 +224,7 @@ class Publisher:
                 await link.open()
             except PublishError as exc:
                 delay = self._backoff.next_delay()
-                if str(exc) != self.last_error:
-                    log.warning("cannot connect to broker", extra=fields(
-                        broker=self.settings.describe(), err=str(exc), retry_in_s=round(delay, 1)))
+                self._retry_log.failed(str(exc), delay)
                 self.last_error = str(exc)
                 self.state = ConnectionState.DISCONNECTED
                 await asyncio.sleep(delay)
@@ -154,8 +233,10 @@ class Publisher:
             self.last_error = None
             self.state = ConnectionState.CONNECTED
             self.stats.connected_since = time.time()
-            log.info("connected to broker", extra=fields(broker=self.settings.describe(), backlog=self.buffer.depth,
-                                                         live_from_seq=self.buffer.next_seq))
+            backlog = self.reader.stats()
+            log.info("connected to broker", extra=fields(
+                broker=self.settings.describe(), backlog=backlog.batches, unconfirmed=backlog.unconfirmed,
+                live_from_seq=self.writer.buffer.next_seq, **self._retry_log.connected()))
             self._link = link
             try:
                 await self._session(link)
@@ -166,16 +247,23 @@ class Publisher:
                                  retain=True)
                 self._link = None
                 self._inflight.clear()
+                self._accepting.clear()
+                self._events_done.clear()
                 self.stats.connected_since = None
                 await link.close()
             self.state = ConnectionState.DISCONNECTED
             self.stats.reconnects += 1
-            log.warning("connection to broker lost", extra=fields(broker=self.settings.describe(), err=self.last_error,
-                                                                  backlog=self.buffer.depth))
+            self._retry_log.lost()
+            log.warning("connection to broker lost", extra=fields(broker=self.settings.describe(),
+                                                                  reason=self.last_error))
             await asyncio.sleep(self._backoff.next_delay())
 
     def _on_lost(self, reason: str) -> None:
         self.last_error = reason
+        if "taken over" in reason:
+            log.error("session taken over by another connection with our client id: is this gateway's "
+                      "certificate in use elsewhere?", extra=fields(broker=self.settings.describe(),
+                                                                    client_id=self.gateway))
         self._wake.set()
 
     def _on_ack(self, mid: int, ok: bool) -> None:
@@ -190,12 +278,15 @@ class Publisher:
             if kind == "event":
                 self._refused_events.add(ident)
             log.error("broker refused a message", extra=fields(kind=kind, id=ident))
-        elif kind == "batch":
+        elif kind in ("batch", "resend"):
             self._acked.append(ident)
-            self.stats.acked_points += points
-            self.stats.recent.append((time.monotonic(), points))
+            self._accepting.add(ident)
+            if kind == "batch":
+                self.stats.acked_points += points
+                self.stats.recent.append((time.monotonic(), points))
         elif kind == "event":
             self._acked_events.append(ident)
+            self._events_done.add(ident)
         self._wake.set()
 
     # ------------------------------------------------------------ the session
@@ -205,62 +296,106 @@ class Publisher:
         for device, doc in self.meta().items():
             link.publish(f"{self.topic_root}/meta/{device}", json.dumps(doc).encode(), retain=True)
         self._refused_events.clear()
-        boundary = self.buffer.next_seq  # below: backlog; from here on: live
-        backlog_after, live_after = 0, boundary - 1
-        backlog: deque[Batch] = deque()
+        policy = self.policy
+        boundary = self.writer.buffer.next_seq  # below: backlog; from here on: live
+        replay_from = policy.replay_from(self.reader.newest_accepted_ms())
+        old_after, live_after = 0, boundary - 1
+        old: deque[Batch] = deque()
         live: deque[Batch] = deque()
-        backlog_done = False
+        old_done, scanned_at, scanned_cutoff = False, 0.0, None
         turn_live = True
         async with asyncio.TaskGroup() as commands:
             self._commands = commands
-            link.subscribe(f"{self.topic_root}/cmd/#")
+            topics = [f"{self.topic_root}/cmd/#"] + ([ack_topic(self.gateway)] if policy.storage else [])
+            link.subscribe(topics)
             while not link.closed.is_set():
                 self._wake.clear()
-                self._flush_acks()
+                now = now_ms()
+                self._flush_acks(now, replay_from if not old_done else None)
                 self._send_events(link)
+                cutoff = policy.resend_before(now)
+                if old_done and policy.storage and (cutoff != scanned_cutoff or time.monotonic() - scanned_at > RESCAN_S):
+                    old_after, old_done = 0, False  # batches may have become due: look again from the start
                 while len(self._inflight) < self.inflight_limit:
-                    if not backlog and not backlog_done:
-                        backlog.extend(self.buffer.batches_after(backlog_after, self.inflight_limit, below=boundary,
-                                                                 replay=True))
-                        backlog_done = not backlog
+                    if not old and not old_done:
+                        if old_after == 0:
+                            scanned_at, scanned_cutoff = time.monotonic(), cutoff
+                        fetched = self.reader.old(old_after, self.inflight_limit, below=boundary,
+                                                  accepted_before=cutoff, accepted_from=replay_from)
+                        if fetched:
+                            old_after = fetched[-1].seq
+                        busy = self._busy_seqs()
+                        old.extend(b for b in fetched if b.seq not in busy)
+                        old_done = not fetched
+                        if old_done:
+                            replay_from = None  # the replay pass is over
+                        if not old and not old_done:
+                            continue
                     if not live:
-                        live.extend(self.buffer.batches_after(live_after, self.inflight_limit))
-                    source = live if (turn_live and live) or not backlog else backlog
+                        live.extend(self.reader.pending(live_after, self.inflight_limit))
+                        if live:
+                            live_after = live[-1].seq
+                    source = live if (turn_live and live) or not old else old
                     if not source:
                         break
                     batch = source.popleft()
-                    if source is live:
-                        live_after = batch.seq
-                    else:
-                        backlog_after = batch.seq
-                    turn_live = source is backlog
-                    mid = link.publish(f"{self.topic_root}/data/{batch.device}", batch.payload)
-                    if mid is None:
+                    turn_live = source is old
+                    if not self._publish(link, batch):
                         break
-                    self._inflight[mid] = ("replay" if batch.acked else "batch", batch.seq, batch.points)
-                    if batch.acked:
-                        self.stats.replayed += 1
-                    else:
-                        self.stats.batches += 1
-                        self.stats.points += batch.points
+                self._probe(link, now)
                 try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
-            self._flush_acks()
+            self._flush_acks(now_ms(), None)
         self._commands = None
 
-    def _flush_acks(self) -> None:
+    def _busy_seqs(self) -> set[int]:
+        return {ident for kind, ident, _ in self._inflight.values() if kind in ("batch", "resend")} | self._accepting
+
+    def _publish(self, link: Link, batch: Batch) -> bool:
+        mid = link.publish(f"{self.topic_root}/data/{batch.device}", batch.payload)
+        if mid is None:
+            return False
+        again = batch.accepted_ms is not None
+        self._inflight[mid] = ("resend" if again else "batch", batch.seq, batch.points)
+        if again:
+            if self.policy.storage:
+                self.stats.resent += 1
+            else:
+                self.stats.replayed += 1
+        else:
+            self.stats.batches += 1
+            self.stats.points += batch.points
+        return True
+
+    def _probe(self, link: Link, now: int) -> None:
+        """Storage mode: the oldest unconfirmed batch, again, when nothing newer has been confirmed for a while."""
+        if not self.policy.storage or len(self._inflight) >= self.inflight_limit:
+            return
+        oldest = self.reader.oldest_unconfirmed()
+        if oldest is None or oldest.seq in self._busy_seqs():
+            return
+        if self.policy.probe_due(oldest.accepted_ms, now) and self._publish(link, oldest):
+            self.policy.probed(now)
+            log.info("no storage confirmation yet: sending the oldest unconfirmed batch again", extra=fields(
+                seq=oldest.seq, accepted_s_ago=round((now - (oldest.accepted_ms or now)) / 1000, 1)))
+
+    def _flush_acks(self, now: int, replay_from: int | None) -> None:
         if self._acked:
             acked, self._acked = self._acked, []
-            self.buffer.ack(acked)
+            self.writer.accepted(acked, now)
         if self._acked_events:
             acked, self._acked_events = self._acked_events, []
-            self.buffer.ack_events(acked)
+            self.writer.events_published(acked)
+        forget = self.policy.forget_before(now, replay_from)
+        if forget is not None:
+            self.writer.forget_accepted(forget)
 
     def _send_events(self, link: Link) -> None:
-        skip = {ident for kind, ident, _ in self._inflight.values() if kind == "event"} | self._refused_events
-        for event_id, payload in self.buffer.pending_events(10 + len(skip)):
+        skip = ({ident for kind, ident, _ in self._inflight.values() if kind == "event"} | self._refused_events
+                | self._events_done)
+        for event_id, payload in self.reader.pending_events(10 + len(skip)):
             if event_id in skip:
                 continue
             mid = link.publish(f"{self.topic_root}/events", payload)
@@ -268,9 +403,12 @@ class Publisher:
                 return
             self._inflight[mid] = ("event", event_id, 0)
 
-    # ------------------------------------------------------------ commands
+    # ------------------------------------------------------------ incoming: confirmations and commands
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
+        if message.topic == ack_topic(self.gateway):
+            self._on_confirmation(message.payload)
+            return
         prefix = f"{self.topic_root}/cmd/"
         if not message.topic.startswith(prefix) or self._link is None or self._commands is None:
             return
@@ -278,6 +416,16 @@ class Publisher:
         if "/" in name:  # replies and anything deeper are not commands
             return
         self._commands.create_task(self._command(self._link, name, message), name=f"cmd[{name}]")
+
+    def _on_confirmation(self, payload: bytes) -> None:
+        try:
+            ranges = decode_acks(payload)
+        except ValueError as exc:
+            log.warning("ignored a confirmation that does not parse", extra=fields(
+                topic=ack_topic(self.gateway), err=str(exc)))
+            return
+        if ranges:
+            self.writer.confirmed(ranges)
 
     async def _command(self, link: Link, name: str, message: paho.MQTTMessage) -> None:
         request = getattr(message, "properties", None)

@@ -183,8 +183,8 @@ class Renewer:
 
     @classmethod
     def for_agent(cls, config: AgentConfig, state_dir: Path) -> Renewer | None:
-        """A renewer when the agent runs from its provisioned identity (no ``mqtt:`` section), else None."""
-        if config.mqtt is not None:
+        """A renewer when the agent runs from its provisioned identity (no ``mqtt.url``), else None."""
+        if config.mqtt is not None and config.mqtt.url is not None:
             return None
         identity = load_identity(state_dir)
         if identity is None:

@@ -3,9 +3,16 @@
     async with Agent(config, ...) as agent:
         await agent.wait_stopped()
 
-Tasks: ``poll[<device>]`` per device, ``mqtt`` (connection and drain),
-``status`` (the status file ``agent status`` reads), ``metrics`` (optional
-Prometheus endpoint). Data flows one way; each stage owns its state.
+    poll[press-1] ─┐                       ┌─ thread buffer-writer: one transaction per round, fsync
+    poll[oven-2]  ─┼─ points ─▶ writer ────┤
+                   ┘ (queue, never waits)   └─ on commit ─▶ mqtt: publish, PUBACK → accepted,
+                                                             gw/{gw}/ack → confirmed → deleted
+
+Tasks: ``poll[<device>]`` per device, ``mqtt`` (connection and drain,
+``publisher.py``), ``status`` (the status file ``agent status`` reads),
+``metrics`` (optional Prometheus endpoint); the buffer's writer is a thread
+(``writer.py``) so that polling never waits for the disk. Data flows one
+way; each stage owns its state.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 
-from .buffer import Buffer, Drop
+from .buffer import Buffer, BufferReader
 from .config import AgentConfig, load_config
+from .delivery import DeliveryPolicy
 from .mqtt import BrokerSettings
 from .publisher import ConnectionState, Publisher
+from .writer import BufferWriter, Commit
 from .renew import Renewer
 from .report import ReportFilter
 
@@ -40,6 +49,7 @@ STATUS_FILE = "status.json"
 BUFFER_FILE = "buffer.db"
 STATUS_INTERVAL_S = 1.0
 FLUSH_ON_STOP_S = 3.0
+WRITE_ON_STOP_S = 10.0
 
 
 def config_hash(path: Path | None, config: AgentConfig) -> str:
@@ -68,12 +78,20 @@ class Agent:
         self.config_path = config_path
         self.config_hash = config_hash(config_path, config)
         self.started = time.time()
-        self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=config.buffer.max_bytes,
-                             max_age_s=config.buffer.max_age, fsync=config.buffer.fsync,
-                             replay_s=config.buffer.replay)
-        self.publisher = Publisher(settings=broker, gateway=gateway, buffer=self.buffer,
-                                   inflight=config.publish.inflight, birth=self._birth, meta=self._meta,
-                                   commands=self._command, on_state=self._write_status)
+        b = config.buffer
+        self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=b.max_bytes, max_age_s=b.max_age,
+                             fsync=b.fsync, confirm=b.confirm)
+        self.reader = BufferReader(self.buffer.path)
+        self.writer = BufferWriter(self.buffer, max_points=config.publish.max_points,
+                                   max_batch_bytes=config.publish.max_bytes, queue_points=b.queue_points,
+                                   min_free_bytes=b.min_free, on_commit=self._committed)
+        retry = config.mqtt
+        self.publisher = Publisher(
+            settings=broker, gateway=gateway, writer=self.writer, reader=self.reader,
+            policy=DeliveryPolicy(b.confirm, b.confirm_timeout, b.replay), inflight=config.publish.inflight,
+            birth=self._birth, meta=self._meta, commands=self._command, on_state=self._write_status,
+            **({"retry_initial_s": retry.retry_initial, "retry_max_s": retry.retry_max} if retry else {}))
+        self._status_warned = False
         self.drivers: dict[str, Driver] = {}
         self.device_stats: dict[str, DeviceStats] = {}
         self._device_tasks: dict[str, asyncio.Task[None]] = {}
@@ -99,8 +117,10 @@ class Agent:
             from .metrics import serve_metrics
 
             self._tasks.append(self._group.create_task(serve_metrics(self, self.config.metrics_port), name="metrics"))
+        backlog = self.reader.stats()
         log.info("agent started", extra=fields(gateway=self.gateway, devices=len(self.drivers),
-                                               broker=self.broker.describe(), backlog=self.buffer.depth))
+                                               broker=self.broker.describe(), backlog=backlog.batches,
+                                               unconfirmed=backlog.unconfirmed, confirm=self.config.buffer.confirm))
         self.systemd.ready(f"{len(self.drivers)} devices, broker {self.broker.describe()}")
         return self
 
@@ -108,6 +128,8 @@ class Agent:
         assert self._group is not None
         self.systemd.stopping()
         await self._stop_devices()
+        # Every reading taken so far goes to disk before anything else stops.
+        await asyncio.to_thread(self.writer.flush, WRITE_ON_STOP_S)
         if exc_info[0] is None:
             await self.publisher.flush(FLUSH_ON_STOP_S)
         for task in self._tasks:
@@ -116,9 +138,13 @@ class Agent:
             await self._group.__aexit__(*exc_info)
         finally:
             self.publisher.state = ConnectionState.STOPPED
+            await asyncio.to_thread(self.writer.close)
             self._write_status()
+            left = self.reader.stats()
+            self.reader.close()
             self.buffer.close()
-            log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=self.buffer.depth))
+            log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=left.batches,
+                                                   unconfirmed=left.unconfirmed))
 
     def stop(self) -> None:
         self._stopped.set()
@@ -182,28 +208,20 @@ class Agent:
             await asyncio.sleep(min(30.0, max(1.0, driver.device.poll)))
 
     def store(self, device: str, points: list[Point]) -> None:
-        """Buffer points (committed before this returns) and wake the publisher."""
+        """Hand points to the buffer's writer (never waits for the disk); the publisher wakes on commit."""
         if not points:
             return
         self.device_stats.setdefault(device, DeviceStats()).reported += len(points)
-        _, drops = self.buffer.add(device, points, max_points=self.config.publish.max_points,
-                                   max_bytes=self.config.publish.max_bytes)
-        for drop in drops:
-            self._report_drop(drop)
-        self.publisher.notify()
+        self.writer.submit(device, points)
 
-    def _report_drop(self, drop: Drop) -> None:
-        log.warning("buffer full: dropped oldest points" if drop.reason == "full" else "dropped points older than max_age",
-                    extra=fields(points=drop.points, batches=drop.batches, seq_from=drop.oldest_seq,
-                                 seq_to=drop.newest_seq, total_dropped=self.buffer.stats().dropped_points))
-        self.event("buffer_drop", reason=drop.reason, points=drop.points, batches=drop.batches,
-                   seq_from=drop.oldest_seq, seq_to=drop.newest_seq)
+    def _committed(self, commit: Commit) -> None:
+        """The writer committed (on its thread): wake the publisher."""
+        self.publisher.committed(commit)
 
     def event(self, kind: str, **details: Any) -> None:
         """Record a gateway event for ``gw/{gw}/events`` (kept in the buffer until published)."""
         doc = {"type": kind, "ts": now_ms(), **{k: v for k, v in details.items() if v is not None}}
-        self.buffer.add_event(doc)
-        self.publisher.notify()
+        self.writer.event(doc)
 
     # ------------------------------------------------------------ what the broker sees
 
@@ -228,7 +246,7 @@ class Agent:
         try:
             if name == "ping":
                 return {"ok": True, "gw": self.gateway, "ts": now_ms(), "version": __version__,
-                        "uptime_s": round(time.time() - self.started, 1), "backlog": self.buffer.depth}
+                        "uptime_s": round(time.time() - self.started, 1), "backlog": self.reader.stats().backlog}
             if name == "write":
                 return await self._write(payload)
             if name == "reload":
@@ -280,7 +298,12 @@ class Agent:
                            "connect_attempts": publisher.stats.connect_attempts},
             "publish": {"points_per_s": round(publisher.stats.points_per_s(), 1), "batches": publisher.stats.batches,
                         "points": publisher.stats.points, "acked_points": publisher.stats.acked_points,
-                        "rejected": publisher.stats.rejected, "replayed": publisher.stats.replayed},
+                        "confirm": self.config.buffer.confirm, "confirmed_points": publisher.stats.confirmed_points,
+                        "confirmed_batches": publisher.stats.confirmed_batches,
+                        "last_confirmed": publisher.stats.last_confirmed,
+                        "rejected": publisher.stats.rejected, "resent": publisher.stats.resent,
+                        "replayed": publisher.stats.replayed},
+            "writer": self.writer.figures(),
             "devices": {
                 name: {"state": str(driver.state), "protocol": driver.device.protocol,
                        "last_good_ms": self.device_stats[name].last_good_ms,
@@ -297,7 +320,13 @@ class Agent:
             tmp.write_text(json.dumps(self.status()))
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("cannot write status file", extra=fields(path=str(path), err=str(exc)))
+            if not self._status_warned:  # once per episode: a full disk must not flood the journal
+                log.warning("cannot write status file", extra=fields(path=str(path), err=str(exc)))
+            self._status_warned = True
+            return
+        if self._status_warned:
+            log.info("status file written again", extra=fields(path=str(path)))
+        self._status_warned = False
 
     async def _status_loop(self) -> None:
         """Status file every second, and systemd's watchdog: fed only while the event loop runs."""
@@ -309,7 +338,9 @@ class Agent:
             if loop.time() - last_status >= STATUS_INTERVAL_S:
                 self._write_status()
                 conn = self.publisher.state
-                self.systemd.status(f"{conn}, {len(self.drivers)} devices, backlog {self.buffer.depth} batches")
+                backlog = self.reader.stats()
+                self.systemd.status(f"{conn}, {len(self.drivers)} devices, backlog {backlog.batches} batches, "
+                                    f"{backlog.unconfirmed} unconfirmed")
                 last_status = loop.time()
             await asyncio.sleep(interval)
 

@@ -56,13 +56,28 @@ def collect(state_dir: Path) -> dict[str, Any]:
         doc["connection"]["state"] = "stopped"
     stats = read_stats(state_dir / BUFFER_FILE)
     if stats is not None:
+        drops = dict(stats.drops)
+        if running:  # what the running agent could not count on disk yet (no room) is in its status
+            for reason, points in doc.get("writer", {}).get("dropped_unsaved", {}).items():
+                drops[reason] = drops.get(reason, 0) + points
         doc["buffer"] = {"batches": stats.batches, "points": stats.points, "bytes": stats.bytes,
-                         "oldest_age_s": None if stats.oldest_ms is None else round(age_seconds(stats.oldest_ms) or 0, 1),
-                         "dropped_points": stats.dropped_points, "dropped_batches": stats.dropped_batches,
+                         "oldest_age_s": _age(stats.oldest_ms),
+                         "unconfirmed_batches": stats.unconfirmed, "unconfirmed_points": stats.unconfirmed_points,
+                         "oldest_unconfirmed_age_s": _age(stats.oldest_unconfirmed_ms),
+                         "disk_bytes": stats.disk_bytes, "dropped_points": sum(drops.values()),
+                         "dropped_batches": stats.dropped_batches, "dropped_by_reason": drops,
                          "next_seq": stats.next_seq, "events_pending": stats.events}
+    if not running:
+        doc.pop("writer", None)
+        if "publish" in doc:
+            doc["publish"]["points_per_s"] = 0.0  # a stopped agent publishes nothing
     if not doc.get("connection") and stats is None:
         raise FactoryEdgeError(f"{state_dir}: no agent has run with this state directory")
     return doc
+
+
+def _age(ms: int | None) -> float | None:
+    return None if ms is None else round(age_seconds(ms) or 0, 1)
 
 
 def _ago(ms: int | None) -> str:
@@ -72,18 +87,29 @@ def _ago(ms: int | None) -> str:
     return f"{seconds:.1f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
 def text_lines(doc: dict[str, Any]) -> list[str]:
     conn = doc.get("connection", {})
     pub = doc.get("publish", {})
     buf = doc.get("buffer", {})
+    drops = buf.get("dropped_by_reason", {})
     lines = [
         f"gateway      {doc.get('gw', '?')}  ({'running, pid ' + str(doc.get('pid')) if doc['running'] else 'not running'})",
         f"broker       {conn.get('broker', '?')}  {conn.get('state', 'unknown')}"
         + (f"  last error: {conn['last_error']}" if conn.get("last_error") else ""),
-        f"buffer       {buf.get('points', 0)} points in {buf.get('batches', 0)} batches, {buf.get('bytes', 0)} bytes"
-        + (f", oldest {buf['oldest_age_s']}s" if buf.get("oldest_age_s") is not None else ""),
-        f"dropped      {buf.get('dropped_points', 0)} points",
-        f"publishing   {pub.get('points_per_s', 0)} points/s, {pub.get('acked_points', 0)} acknowledged"
+        f"buffer       {buf.get('points', 0)} points in {_n(buf.get('batches', 0), 'batch', 'batches')} to send"
+        + (f", oldest {buf['oldest_age_s']}s" if buf.get("oldest_age_s") is not None else "")
+        + f"; {_n(buf.get('unconfirmed_batches', 0), 'batch', 'batches')} awaiting storage confirmation"
+        + (f", oldest {buf['oldest_unconfirmed_age_s']}s" if buf.get("oldest_unconfirmed_age_s") is not None else "")
+        + f"; {buf.get('disk_bytes', 0)} bytes on disk"
+        + ("  DISK FULL: readings are dropped" if doc.get("writer", {}).get("disk_full") else ""),
+        f"dropped      {buf.get('dropped_points', 0)} points"
+        + (" (" + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n) + ")" if any(drops.values()) else ""),
+        f"publishing   {pub.get('points_per_s', 0)} points/s, {pub.get('acked_points', 0)} accepted by the broker, "
+        f"{pub.get('confirmed_points', 0)} confirmed stored"
         + (f", {conn.get('reconnects', 0)} reconnects" if conn else ""),
     ]
     devices = doc.get("devices", {})

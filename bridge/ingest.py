@@ -5,7 +5,13 @@
     broker ──PUBLISH──▶ Consumer queue ──window──▶ decode (Router) ──▶ alert evaluation (pure)
                                                                         │
       PUBACK ◀── ack in receive order ◀── COMMIT ◀── one transaction ◀──┘
-      alerts/{gw}/{device}/{rule} (retained) and webhook outbox ◀── after the commit
+      gw/{gw}/ack (the seqs now stored), alerts/{gw}/{device}/{rule} (retained),
+      webhook outbox ◀── after the commit
+
+The confirmation on ``gw/{gw}/ack`` is what lets a gateway delete a batch
+from its buffer (``factory_edge/acks.py``): it names every data batch of
+the window that the store now holds, repeats and dead letters included,
+since sending those again could not change what is stored.
 
 Whatever arrives while a commit runs is the next window, so under load the
 windows grow and the commits stay few; when idle every message is
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from drivers.base import Backoff
+from factory_edge.acks import ack_topic, encode_acks
 from factory_edge.errors import StorageError
 from factory_edge.logs import fields
 
@@ -40,6 +48,7 @@ from .storage import DataRejected, Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STATS_EVERY_S = 60.0
+_DATA_TOPIC = re.compile(r"^gw/([^/]+)/data/[^/]+$")
 
 
 def now_ms() -> int:
@@ -55,6 +64,7 @@ class IngestStats:
     dead_letters: int = 0
     alerts: int = 0
     commits: int = 0
+    confirmations: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return dict(vars(self))
@@ -64,6 +74,7 @@ class IngestStats:
 class Outcome:
     changes: list[tuple[Change, int]] = field(default_factory=list)
     outbox: list[OutboxItem] = field(default_factory=list)
+    stored: dict[str, list[int]] = field(default_factory=dict)  # gateway -> seqs now in the store
 
 
 class Ingest:
@@ -196,6 +207,8 @@ class Ingest:
             _, outcome = await self._commit([message])
             total.changes += outcome.changes
             total.outbox += outcome.outbox
+            for gw, seqs in outcome.stored.items():
+                total.stored.setdefault(gw, []).extend(seqs)
         return total
 
     def _process(self, window: Sequence[Received], delivered: Sequence[int],
@@ -243,6 +256,8 @@ class Ingest:
                 tx.delete_outbox(delivered)
         if evaluation is not None and self.engine is not None:
             self.engine.apply(evaluation)
+        if self.store_data:
+            outcome.stored = _stored(decoded)
         s = self.stats
         s.commits += 1
         s.messages += len(window)
@@ -274,6 +289,9 @@ class Ingest:
     # ---------------------------------------------------------------- after the commit
 
     def _send(self, outcome: Outcome) -> None:
+        for gw, seqs in outcome.stored.items():
+            if self.consumer.publish(ack_topic(gw), encode_acks(seqs), retain=False):
+                self.stats.confirmations += 1
         for change, alert_id in outcome.changes:
             self.consumer.publish(change.topic, change.payload(alert_id), retain=True)
             log.info("alert", extra=fields(tenant=self.tenant, rule=change.rule, state=str(change.state),
@@ -309,6 +327,24 @@ class Ingest:
         if delta["messages"]:
             log.info("ingest", extra=fields(tenant=self.tenant, window_s=STATS_EVERY_S, **delta,
                                             webhook_backlog=sum(s.backlog for s in self.webhooks.values())))
+
+
+def _stored(decoded: Decoded) -> dict[str, list[int]]:
+    """Per gateway, the seqs of the window's data batches the store now holds (dead letters included)."""
+    stored: dict[str, list[int]] = {}
+    for batch in decoded.batches:
+        stored.setdefault(batch.gw, []).append(batch.seq)
+    for dead in decoded.dead:
+        match = _DATA_TOPIC.match(dead.topic)
+        if match is None:
+            continue
+        try:
+            seq = json.loads(dead.payload).get("seq")
+        except (ValueError, AttributeError, RecursionError):
+            continue  # not even JSON with a seq: nothing a confirmation could name
+        if type(seq) is int and 0 <= seq < 2**63:
+            stored.setdefault(match.group(1), []).append(seq)
+    return stored
 
 
 def _latest(decoded: Decoded) -> list[tuple[Any, ...]]:

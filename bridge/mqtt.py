@@ -15,7 +15,6 @@ are the agent's (``agent.mqtt``).
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt import BrokerSettings, dial, disconnect, tls_context, wait_connack
+from agent.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 from factory_edge.errors import PublishError
 
 from .messages import Received
@@ -70,7 +69,8 @@ class Session:
         self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self.loop.call_soon_threadsafe(self._lost, str(reason) if reason is not None else "connection lost")
+        text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)
+        self.loop.call_soon_threadsafe(self._lost, text)
 
     def _paho_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
         def done() -> None:
@@ -93,7 +93,7 @@ class Session:
 
     def _lost(self, reason: str) -> None:
         if not self._connack.done():
-            self._connack.set_result(f"connection closed before CONNACK ({reason})")
+            self._connack.set_result(f"{reason} before CONNACK")
         for future in self._subacks.values():
             if not future.done():
                 future.set_result([])
@@ -108,12 +108,7 @@ class Session:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = int(self.session_expiry_s)
         properties.ReceiveMaximum = self.receive_maximum
-        await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)
-        sock = self.client.socket()
-        if sock is not None:
-            # Alerts are small messages sent right after a PUBACK: without this, Nagle's algorithm holds
-            # them until the broker acknowledges the PUBACK's segment (up to its delayed-ACK timer, ~40 ms).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)  # sets TCP_NODELAY
         self.client.loop_start()
         refused = await wait_connack(self._connack, self.settings, timeout_s=timeout_s)
         if refused:
@@ -151,6 +146,7 @@ class Session:
         self.client.ack(mid, 1)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> bool:
+        """Queue a QoS 1 publish on this connection (thread-safe in paho); False if the link is gone."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
 

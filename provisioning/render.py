@@ -172,12 +172,14 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridge: str = BRIDGE_ID, s
         "pattern write gw/%u/events",
         "pattern write gw/%u/cmd/+/reply",
         "pattern read gw/%u/cmd/#",
+        "pattern read gw/%u/ack",
         "",
         "# The bridge: reads every gateway, sends commands, owns the alert topics.",
         f"user {bridge}",
         f"topic deny gw/{bridge}/#",
         "topic read gw/#",
         "topic write gw/+/cmd/+",
+        "topic write gw/+/ack",
         "topic readwrite alerts/#",
     ]
     if service is not None:

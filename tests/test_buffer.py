@@ -5,19 +5,30 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from agent.buffer import Buffer, read_stats
+from agent.buffer import Buffer, BufferReader, read_stats
 from agent.report import ReportFilter, Rule
 from drivers.config import Deadband
 from drivers.points import Point, Quality
 
+MiB = 1024 * 1024
+
 
 def points(device: str, n: int, start: int = 0) -> list[Point]:
     return [Point(device, f"t{i}", 1_732_280_000_000 + i, float(start + i)) for i in range(n)]
+
+
+def pending(path: Path, after: int = 0) -> list[int]:
+    reader = BufferReader(path)
+    try:
+        return [b.seq for b in reader.pending(after, 10**6)]
+    finally:
+        reader.close()
 
 
 def test_batches_are_cut_by_points_and_bytes_and_payload_is_the_contract(tmp_path: Path) -> None:
@@ -26,7 +37,7 @@ def test_batches_are_cut_by_points_and_bytes_and_payload_is_the_contract(tmp_pat
         assert seqs == [1, 2, 3] and drops == []
         small, _ = buf.add("press-1", points("press-1", 100), max_points=500, max_bytes=1000)
         assert len(small) > 1
-        first = json.loads(buf.batches_after(0, 1)[0].payload)
+    first = json.loads(BufferReader(tmp_path / "b.db").pending(0, 1)[0].payload)
     assert first["v"] == 1 and first["gw"] == "gw-01" and first["dev"] == "press-1" and first["seq"] == 1
     assert len(first["points"]) == 500
     assert first["points"][0] == {"tag": "t0", "ts": 1_732_280_000_000, "v": 0.0, "q": "good"}
@@ -35,38 +46,84 @@ def test_batches_are_cut_by_points_and_bytes_and_payload_is_the_contract(tmp_pat
 def test_bad_points_and_non_finite_numbers(tmp_path: Path) -> None:
     with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8) as buf:
         buf.add("d", [Point.bad("d", "a", "timeout", ts=5), Point("d", "b", 6, float("nan"))], max_points=10, max_bytes=10**6)
-        doc = json.loads(buf.batches_after(0, 1)[0].payload)
+    doc = json.loads(BufferReader(tmp_path / "b.db").pending(0, 1)[0].payload)
     assert doc["points"] == [{"tag": "a", "ts": 5, "v": None, "q": "bad", "err": "timeout"},
                              {"tag": "b", "ts": 6, "v": None, "q": "bad", "err": "not a finite number (nan)"}]
 
 
-def test_seq_keeps_increasing_across_restarts_and_acks(tmp_path: Path) -> None:
+def test_seq_keeps_increasing_across_restarts_and_confirmations(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
         seqs, _ = buf.add("d", points("d", 10), max_points=5, max_bytes=10**6)
-        buf.ack(seqs)
-        assert buf.depth == 0
+        buf.accept(seqs)
+        assert buf.confirm_seqs(seqs).batches == 2
     with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
         again, _ = buf.add("d", points("d", 1), max_points=5, max_bytes=10**6)
     assert seqs == [1, 2] and again == [3]
 
 
-def test_full_buffer_drops_oldest_and_counts(tmp_path: Path) -> None:
+def test_an_accepted_batch_stays_until_the_storage_confirms_it(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    with Buffer(path, gateway="gw-01", max_bytes=20_000) as buf:
+    with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
+        seqs, _ = buf.add("d", points("d", 30), max_points=10, max_bytes=10**6)
+        buf.accept(seqs, at_ms=1000)
+        stats = read_stats(path)
+        assert stats is not None and (stats.batches, stats.unconfirmed, stats.unconfirmed_points) == (0, 3, 30)
+        confirmed = buf.confirm_seqs([1, 3])
+        assert (confirmed.batches, confirmed.points, confirmed.newest_accepted_ms) == (2, 20, 1000)
+        assert buf.confirm_seqs([1, 3]).batches == 0  # a repeated confirmation changes nothing
+    reader = BufferReader(path)
+    assert reader.oldest_unconfirmed() is not None and reader.oldest_unconfirmed().seq == 2  # type: ignore[union-attr]
+
+
+def test_full_buffer_drops_oldest_counts_them_and_keeps_the_files_within_max_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    limit = 1 * MiB
+    with Buffer(path, gateway="gw-01", max_bytes=limit) as buf:
         all_drops = []
-        for round_ in range(20):
-            _, drops = buf.add("d", points("d", 50, start=round_ * 50), max_points=50, max_bytes=10**6)
+        for round_ in range(120):
+            _, drops = buf.add("d", points("d", 200, start=round_ * 200), max_points=100, max_bytes=10**6)
             all_drops += drops
-        stats = buf.stats()
-        remaining = [b.seq for b in buf.batches_after(0, 100)]
+            on_disk = path.stat().st_size + Path(f"{path}-wal").stat().st_size
+            assert on_disk <= limit, f"{on_disk} bytes on disk after round {round_}"
+    stats = read_stats(path)
+    assert stats is not None
     assert all_drops and all(d.reason == "full" for d in all_drops)
     dropped = sum(d.points for d in all_drops)
-    assert stats.dropped_points == dropped == 1000 - stats.points
-    assert stats.bytes <= 20_000
+    assert stats.dropped_points == dropped == 120 * 200 - stats.points
+    assert stats.drops == {"full": dropped}
     # The newest survive, in order, without gaps: only the oldest went.
-    assert remaining == list(range(21 - len(remaining), 21))
-    assert read_stats(path).dropped_points == dropped
+    remaining = pending(path)
+    assert remaining == list(range(241 - len(remaining), 241))
+    # Each drop is recorded as an event for gw/{gw}/events.
+    events = [json.loads(p) for _, p in BufferReader(path).pending_events(1000)]
+    assert sum(e["points"] for e in events if e["type"] == "buffer_drop") == dropped
+
+
+def test_broker_mode_forgets_accepted_batches_before_dropping_any(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with Buffer(path, gateway="gw-01", max_bytes=1 * MiB, confirm="broker") as buf:
+        seqs, _ = buf.add("d", points("d", 3000), max_points=100, max_bytes=10**6)
+        buf.accept(seqs)
+        for round_ in range(60):
+            _, drops = buf.add("d", points("d", 300, start=round_), max_points=100, max_bytes=10**6)
+            assert drops == []
+            stats = read_stats(path)
+            assert stats is not None
+            if stats.unconfirmed == 0:
+                break
+    assert stats.unconfirmed == 0 and stats.dropped_points == 0 and stats.batches == 3 * (round_ + 1)
+
+
+def test_storage_mode_drops_the_oldest_whether_accepted_or_not_and_says_how_many_were(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with Buffer(path, gateway="gw-01", max_bytes=1 * MiB) as buf:
+        seqs, _ = buf.add("d", points("d", 3000), max_points=100, max_bytes=10**6)
+        buf.accept(seqs)
+        drops = []
+        for round_ in range(60):
+            drops += buf.add("d", points("d", 300, start=round_), max_points=100, max_bytes=10**6)[1]
+    assert drops and drops[0].oldest_seq == 1 and drops[0].accepted == drops[0].batches
 
 
 WRITER = """
@@ -94,12 +151,33 @@ def test_kill_9_loses_nothing_that_was_committed(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
+    seqs = pending(path)
+    assert seqs[: committed] == list(range(1, committed + 1))
     with Buffer(path, gateway="gw-01", max_bytes=10**9) as buf:
-        seqs = [b.seq for b in buf.batches_after(0, 100_000)]
-        assert seqs[: committed] == list(range(1, committed + 1))
         assert buf.next_seq == seqs[-1] + 1
         next_seqs, _ = buf.add("d", points("d", 1), max_points=10, max_bytes=10**6)
     assert next_seqs[0] > committed
+
+
+def test_a_buffer_from_the_previous_version_is_migrated_with_its_drop_count(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE batches (seq INTEGER PRIMARY KEY, device TEXT NOT NULL, points INTEGER NOT NULL,
+                              created_ms INTEGER NOT NULL, payload BLOB NOT NULL, acked_ms INTEGER);
+        CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, created_ms INTEGER NOT NULL, payload BLOB NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO meta VALUES ('next_seq', 8), ('dropped_points', 40), ('dropped_batches', 2);
+        CREATE INDEX batches_acked ON batches (acked_ms) WHERE acked_ms IS NOT NULL;
+        INSERT INTO batches VALUES (6, 'd', 1, 1, '{"seq":6}', 1234), (7, 'd', 1, 1, '{"seq":7}', NULL);
+        PRAGMA user_version = 2;
+    """)
+    db.close()
+    with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
+        assert buf.next_seq == 8
+    stats = read_stats(path)
+    assert stats is not None and stats.drops == {"full": 40} and (stats.batches, stats.unconfirmed) == (1, 1)
+    assert BufferReader(path).newest_accepted_ms() == 1234
 
 
 def test_report_by_exception() -> None:
@@ -127,28 +205,5 @@ def test_max_age_drops_points_older_than_the_limit(tmp_path: Path) -> None:
         old, _ = buf.add("d", points("d", 3), max_points=10, max_bytes=10**6)
         time.sleep(0.3)
         new, drops = buf.add("d", points("d", 2), max_points=10, max_bytes=10**6)
-        remaining = [b.seq for b in buf.batches_after(0, 10)]
     assert [(d.reason, d.points, d.oldest_seq) for d in drops] == [("max_age", 3, old[0])]
-    assert remaining == new
-
-
-def test_acknowledged_batches_are_kept_for_the_replay_window(tmp_path: Path) -> None:
-    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8, replay_s=0.3) as buf:
-        seqs, _ = buf.add("d", points("d", 10), max_points=5, max_bytes=10**6)
-        buf.ack(seqs[:1])
-        assert buf.depth == 1 and buf.stats().points == 5  # pending figures only
-        assert [b.seq for b in buf.batches_after(0, 10)] == [2]
-        assert [(b.seq, b.acked) for b in buf.batches_after(0, 10, replay=True)] == [(1, True), (2, False)]
-        time.sleep(0.4)
-        buf.ack(seqs[1:])  # acknowledging purges what left the window
-        assert [(b.seq, b.acked) for b in buf.batches_after(0, 10, replay=True)] == [(2, True)]
-    assert read_stats(tmp_path / "b.db").batches == 0
-
-
-def test_a_full_buffer_forgets_acknowledged_batches_before_dropping_any(tmp_path: Path) -> None:
-    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=8_000, replay_s=3600) as buf:
-        seqs, _ = buf.add("d", points("d", 100), max_points=50, max_bytes=10**6)
-        buf.ack(seqs)
-        _, drops = buf.add("d", points("d", 100), max_points=50, max_bytes=10**6)
-        assert drops == [] and buf.stats().dropped_points == 0
-        assert [b.acked for b in buf.batches_after(0, 10, replay=True)] == [False, False]
+    assert pending(tmp_path / "b.db") == new

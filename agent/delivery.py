@@ -1,0 +1,99 @@
+"""When to send an accepted batch again: the agent's half of storage-confirmed delivery.
+
+A broker's PUBACK says it has the batch in memory, not that the tenant's
+storage has it: Mosquitto saves its state every ``autosave_interval``, so a
+``kill -9`` loses what it acknowledged since, including everything it held
+for a bridge that was away. So, in ``storage`` mode, a batch stays in the
+buffer, *accepted*, until the bridge confirms it on ``gw/{gw}/ack``, and is
+sent again when there is evidence it was lost:
+
+- **gap**: a batch the broker accepted *later* has been confirmed, and this
+  one was accepted more than ``confirm_timeout`` ago. A broker hands a
+  session's messages over in order, so the bridge has passed this batch by:
+  the broker lost it (or lost its confirmation; the bridge stores a repeat
+  once and confirms it again). The timeout absorbs the reordering of several
+  bridges on a shared subscription.
+- **probe**: nothing accepted after the oldest unconfirmed batch has been
+  confirmed for ``confirm_timeout``, e.g. a quiet gateway whose last batches
+  the broker lost. The oldest one is sent again, alone; once the bridge
+  confirms it, the gap rule takes the rest. While nothing is confirmed
+  (the bridge is stopped for hours), probes back off to one per
+  ``MAX_PROBE_INTERVAL_S``: the backlog waits in the broker's queue and in
+  the buffer, not on the wire again.
+
+In ``broker`` mode (consumers other than our bridge) a PUBACK is the end:
+accepted batches are kept ``replay`` seconds and, after a reconnect, those
+accepted within ``replay`` before the connection was lost are sent again
+(the broker may have crashed before saving them); then forgotten.
+
+Pure logic over times in epoch milliseconds; the publisher asks, the buffer
+answers with SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .buffer import Confirm
+
+MAX_PROBE_INTERVAL_S = 600.0
+
+
+@dataclass
+class DeliveryPolicy:
+    mode: Confirm
+    confirm_timeout_s: float
+    replay_s: float
+    newest_confirmed_ms: int | None = None  # broker acceptance time of the newest confirmed batch
+    _probe_interval_s: float = 0.0
+    _probe_at_ms: int = 0
+
+    def __post_init__(self) -> None:
+        self._probe_interval_s = self.confirm_timeout_s
+
+    @property
+    def storage(self) -> bool:
+        return self.mode == "storage"
+
+    # ---------------------------------------------------------------- storage mode
+
+    def confirmed(self, newest_accepted_ms: int | None) -> None:
+        """The bridge confirmed batches; the latest broker acceptance among them (None if not known)."""
+        if newest_accepted_ms is not None and (self.newest_confirmed_ms is None
+                                               or newest_accepted_ms > self.newest_confirmed_ms):
+            self.newest_confirmed_ms = newest_accepted_ms
+        self._probe_interval_s = self.confirm_timeout_s  # the bridge is there: probe promptly again
+
+    def resend_before(self, now_ms: int) -> int | None:
+        """Accepted batches accepted before this time are sent again (gap rule); None: none are."""
+        if not self.storage or self.newest_confirmed_ms is None:
+            return None
+        return min(self.newest_confirmed_ms, now_ms - int(self.confirm_timeout_s * 1000))
+
+    def probe_due(self, oldest_accepted_ms: int | None, now_ms: int) -> bool:
+        """Send the oldest unconfirmed batch again now?"""
+        if not self.storage or oldest_accepted_ms is None or now_ms < self._probe_at_ms:
+            return False
+        if now_ms - oldest_accepted_ms < self.confirm_timeout_s * 1000:
+            return False
+        cutoff = self.resend_before(now_ms)
+        return cutoff is None or oldest_accepted_ms >= cutoff  # otherwise the gap rule has it
+
+    def probed(self, now_ms: int) -> None:
+        self._probe_at_ms = now_ms + int(self._probe_interval_s * 1000)
+        self._probe_interval_s = min(MAX_PROBE_INTERVAL_S, self._probe_interval_s * 2)
+
+    # ---------------------------------------------------------------- broker mode
+
+    def replay_from(self, last_accepted_ms: int | None) -> int | None:
+        """After a reconnect: batches accepted from this time on are sent again (None: none)."""
+        if self.storage or not self.replay_s or last_accepted_ms is None:
+            return None
+        return last_accepted_ms - int(self.replay_s * 1000)
+
+    def forget_before(self, now_ms: int, replay_from: int | None) -> int | None:
+        """Accepted batches older than this are forgotten (never one a pending replay still needs)."""
+        if self.storage:
+            return None
+        cutoff = now_ms - int(self.replay_s * 1000)
+        return cutoff if replay_from is None else min(cutoff, replay_from)
