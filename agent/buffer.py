@@ -575,6 +575,12 @@ class BufferReader:
     def has_pending(self) -> bool:
         return self._db.execute(f"SELECT 1 FROM {SOURCE} WHERE {PENDING} LIMIT 1").fetchone() is not None
 
+    def counts(self) -> tuple[int, int]:
+        """Batches buffered, and of those accepted by the broker (cheap: no payload is read)."""
+        total, accepted = self._db.execute("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM accepted)"
+                                           ).fetchone()
+        return total - accepted, accepted
+
     def stats(self) -> BufferStats:
         return _stats(self._db, self.path)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from factory_edge.logs import fields
 
-from .buffer import age_seconds
+from .buffer import BufferStats, age_seconds
 
 if TYPE_CHECKING:
     from .runtime import Agent
@@ -20,10 +20,9 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(agent: Agent) -> str:
+def render(agent: Agent, buf: BufferStats) -> str:
     """The exposition text: the same figures as ``agent status``."""
     s = agent.status()
-    buf = agent.reader.stats()
     gw = f'gw="{_escape(agent.gateway)}"'
     dropped = dict(buf.drops)
     for reason, points in s["writer"]["dropped_unsaved"].items():  # not yet on disk: it had no room
@@ -91,7 +90,7 @@ async def serve_metrics(agent: Agent, port: int) -> None:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
             if path.split(b"?")[0] == b"/metrics":
-                body, status = render(agent).encode(), b"200 OK"
+                body, status = render(agent, await agent.buffer_stats()).encode(), b"200 OK"
             else:
                 body, status = b"see /metrics\n", b"404 Not Found"
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"

@@ -233,9 +233,9 @@ class Publisher:
             self.last_error = None
             self.state = ConnectionState.CONNECTED
             self.stats.connected_since = time.time()
-            backlog = self.reader.stats()
+            backlog, unconfirmed = self.reader.counts()
             log.info("connected to broker", extra=fields(
-                broker=self.settings.describe(), backlog=backlog.batches, unconfirmed=backlog.unconfirmed,
+                broker=self.settings.describe(), backlog=backlog, unconfirmed=unconfirmed,
                 live_from_seq=self.writer.buffer.next_seq, **self._retry_log.connected()))
             self._link = link
             try:

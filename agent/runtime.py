@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 
-from .buffer import Buffer, BufferReader
+from .buffer import Buffer, BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
 from .mqtt import BrokerSettings
@@ -81,7 +82,11 @@ class Agent:
         b = config.buffer
         self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=b.max_bytes, max_age_s=b.max_age,
                              fsync=b.fsync, confirm=b.confirm)
-        self.reader = BufferReader(self.buffer.path)
+        self.reader = BufferReader(self.buffer.path)  # the publisher's, on the event loop
+        # The status file and the buffer's figures are written and read off the event loop too: on a busy
+        # disk a rename or a full scan can take long, and polling must not wait for it.
+        self._status_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status")
+        self._status_reader = BufferReader(self.buffer.path)
         self.writer = BufferWriter(self.buffer, max_points=config.publish.max_points,
                                    max_batch_bytes=config.publish.max_bytes, queue_points=b.queue_points,
                                    min_free_bytes=b.min_free, on_commit=self._committed)
@@ -117,10 +122,10 @@ class Agent:
             from .metrics import serve_metrics
 
             self._tasks.append(self._group.create_task(serve_metrics(self, self.config.metrics_port), name="metrics"))
-        backlog = self.reader.stats()
+        backlog, unconfirmed = self.reader.counts()
         log.info("agent started", extra=fields(gateway=self.gateway, devices=len(self.drivers),
-                                               broker=self.broker.describe(), backlog=backlog.batches,
-                                               unconfirmed=backlog.unconfirmed, confirm=self.config.buffer.confirm))
+                                               broker=self.broker.describe(), backlog=backlog,
+                                               unconfirmed=unconfirmed, confirm=self.config.buffer.confirm))
         self.systemd.ready(f"{len(self.drivers)} devices, broker {self.broker.describe()}")
         return self
 
@@ -140,7 +145,9 @@ class Agent:
             self.publisher.state = ConnectionState.STOPPED
             await asyncio.to_thread(self.writer.close)
             self._write_status()
-            left = self.reader.stats()
+            self._status_io.shutdown(wait=True)
+            left = self._status_reader.stats()
+            self._status_reader.close()
             self.reader.close()
             self.buffer.close()
             log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=left.batches,
@@ -246,7 +253,7 @@ class Agent:
         try:
             if name == "ping":
                 return {"ok": True, "gw": self.gateway, "ts": now_ms(), "version": __version__,
-                        "uptime_s": round(time.time() - self.started, 1), "backlog": self.reader.stats().backlog}
+                        "uptime_s": round(time.time() - self.started, 1), "backlog": (await self.buffer_stats()).backlog}
             if name == "write":
                 return await self._write(payload)
             if name == "reload":
@@ -313,11 +320,23 @@ class Agent:
                 for name, driver in self.drivers.items()},
         }
 
+    async def buffer_stats(self) -> BufferStats:
+        """The buffer's figures, read on the status thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._status_io, self._status_reader.stats)
+
     def _write_status(self) -> None:
+        """Snapshot the status here (event loop), write the file on the status thread."""
+        doc = json.dumps(self.status())
+        try:
+            self._status_io.submit(self._write_status_file, doc)
+        except RuntimeError:  # stopping: the executor is shut down
+            pass
+
+    def _write_status_file(self, doc: str) -> None:
         path = self.state_dir / STATUS_FILE
         tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(self.status()))
+            tmp.write_text(doc)
             os.replace(tmp, path)
         except OSError as exc:
             if not self._status_warned:  # once per episode: a full disk must not flood the journal
@@ -338,7 +357,7 @@ class Agent:
             if loop.time() - last_status >= STATUS_INTERVAL_S:
                 self._write_status()
                 conn = self.publisher.state
-                backlog = self.reader.stats()
+                backlog = await self.buffer_stats()
                 self.systemd.status(f"{conn}, {len(self.drivers)} devices, backlog {backlog.batches} batches, "
                                     f"{backlog.unconfirmed} unconfirmed")
                 last_status = loop.time()

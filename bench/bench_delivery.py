@@ -13,9 +13,9 @@ served each reading), one run measures:
 2. reconnect: the broker stopped for ``--outage`` seconds, then the time
    from its return to the agent's first batch at the subscriber (target
    ≤ 2 s); baseline: how soon a fresh raw TLS connection succeeds;
-3. poll periods (from the machine's own record of each read) at 100 ms,
-   quiet and while another process writes and fsyncs on the same disk
-   (target: no poll skipped).
+3. poll periods (from the timestamps the agent gave its readings) at
+   100 ms, quiet and while another process writes and fsyncs on the same
+   disk (target: no poll skipped).
 """
 
 from __future__ import annotations
@@ -119,8 +119,10 @@ def raw_latencies(settings: BrokerSettings, arrivals: Arrivals, payload_size: in
     return [(at - doc["sent"]) * 1000 for at, doc in arrivals.since(start) if "sent" in doc]
 
 
-def poll_periods(plant: Plant, start_ms: int, end_ms: int) -> list[float]:
-    times = [s.at_ms for s in plant.served() if s.value is not None and start_ms <= s.at_ms <= end_ms]
+def poll_periods(arrivals: Arrivals, start_ms: int, end_ms: int) -> list[float]:
+    """Periods between the agent's reads, from the timestamps it gave the readings (the agent's own schedule)."""
+    times = sorted(p["ts"] for _, doc in arrivals.since(start_ms / 1000 - 5) for p in doc.get("points", [])
+                   if p["tag"] == "served" and start_ms <= p["ts"] <= end_ms)
     return [b - a for a, b in zip(times, times[1:])]
 
 
@@ -170,11 +172,12 @@ def main(args: argparse.Namespace) -> None:
                       flush=True)
                 quiet_from = int(time.time() * 1000)
                 time.sleep(args.fsync_load_s)
-                results["quiet"] = poll_periods(plant, quiet_from, int(time.time() * 1000))
+                results["quiet"] = poll_periods(arrivals, quiet_from, int(time.time() * 1000))
                 loaded_from = int(time.time() * 1000)
                 subprocess.run([sys.executable, "-c", FSYNC_WRITER, str(work / "agent" / "fsync-load.bin"),
                                 str(args.fsync_load_s)], check=True)
-                results["loaded"] = poll_periods(plant, loaded_from, int(time.time() * 1000))
+                time.sleep(1)  # the last batches arrive
+                results["loaded"] = poll_periods(arrivals, loaded_from, int(time.time() * 1000) - 1000)
 
                 # 2. reconnect
                 print(f"[3/3] reconnect after a {args.outage:g} s broker outage", flush=True)
