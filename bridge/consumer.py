@@ -110,8 +110,12 @@ class Consumer:
 
     def _lost(self, reason: str) -> None:
         if "taken over" in reason.lower():
-            log.error("another client connected with our client id; give every bridge process its own --instance",
-                      extra=fields(tenant=self.tenant, client_id=self.client_id, reason=reason))
+            # The broker binds the client id to the certificate: only a copy of our own certificate
+            # (another process given the same identity, or a stolen key) can do this.
+            log.error("session taken over by another connection with our client id",
+                      extra=fields(tenant=self.tenant, client_id=self.client_id, broker=self.settings.describe(),
+                                   hint="give every bridge process its own identity (provisioning bridge add NAME, "
+                                        "bridge run --instance NAME); if none shares it, the key has leaked"))
         else:
             log.warning("connection to tenant broker lost", extra=fields(tenant=self.tenant, reason=reason))
 

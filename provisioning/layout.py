@@ -10,7 +10,9 @@
       tenants/<tenant>/
         ca.pem ca.key crl.pem            the tenant's CA and its revocation list
         broker.pem broker.key            Mosquitto's server certificate (mqtt.<tenant>.<domain>)
-        bridge.pem bridge.key            the bridge's client certificate
+        bridge.pem bridge.key            operators' command-line identity (CN bridge: commands, alerts)
+        bridges/bridge.<instance>.pem .key   each bridge process's own identity (bridge run --instance)
+        bridges/bridge-alerts.pem .key   the bridge's alert role (held by one process at a time)
         provisioning.pem provisioning.key   this service's client (ends revoked sessions)
         mosquitto.conf acl dynsec.json   the broker's configuration
         data/                            the broker's persistence
@@ -55,6 +57,11 @@ class TenantFiles:
     dynsec = property(lambda self: self.dir / "dynsec.json")
     persistence = property(lambda self: self.dir / "data")
     technicians = property(lambda self: self.dir / "technicians")
+    bridges = property(lambda self: self.dir / "bridges")
+
+    def identity(self, name: str) -> tuple[Path, Path]:
+        """``(cert, key)`` of a bridge identity (``bridge.<instance>`` or ``bridge-alerts``) under ``bridges/``."""
+        return self.bridges / f"{name}.pem", self.bridges / f"{name}.key"
 
 
 @dataclass(frozen=True)

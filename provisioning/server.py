@@ -29,7 +29,7 @@ from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 from provisioning import pki
-from provisioning.admin import refresh_crls
+from provisioning.admin import enforce_subscriptions, refresh_crls
 from provisioning.layout import DataDir
 from provisioning.ratelimit import FailureLimiter
 from provisioning.registry import now
@@ -48,6 +48,8 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()
     cert_lifetime_s: float = 365 * 86400
     max_failures: int = 10
+    max_key_failures: int = 10
+    max_tenant_failures: int = 100
     failure_window_s: float = 600.0
     crl_check_s: float = 3600.0
 
@@ -99,13 +101,19 @@ def _stale(cert: x509.Certificate, names: list[str]) -> bool:
 
 
 async def crl_upkeep(data: DataDir, interval_s: float) -> None:
-    """Re-issue CRLs before they expire, forever (task ``crl-refresh``)."""
+    """Re-issue CRLs before they expire or when they must list more, and re-apply subscription rules, forever.
+
+    Task ``crl-refresh``. The subscription rules (``dynsec.sync``) are
+    re-applied too, so a broker that was down or restored from a backup
+    converges on the registry within one interval.
+    """
     while True:
         try:
             for status in await asyncio.to_thread(refresh_crls, data):
                 if status.reissued:
                     log.info("CRL refreshed", extra=fields(tenant=status.tenant, broker=status.broker,
                                                            next_update=status.next_update.isoformat()))
+            await asyncio.to_thread(enforce_subscriptions, data)
         except FactoryEdgeError as exc:
             log.error("CRL refresh failed", extra=fields(err=str(exc), retry_in_s=interval_s))
         await asyncio.sleep(interval_s)
@@ -132,8 +140,11 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
     except (OSError, ssl.SSLError) as exc:
         raise ProvisioningError(f"cannot use {cert_file} and {key_file} for TLS: {exc}") from exc
     listener = _listen(options.host, options.port)
-    service = Service(data, cert_lifetime_s=options.cert_lifetime_s)
-    limiter = FailureLimiter(max_failures=options.max_failures, window_s=options.failure_window_s)
+    window = options.failure_window_s
+    service = Service(data, cert_lifetime_s=options.cert_lifetime_s,
+                      per_key=FailureLimiter(max_failures=options.max_key_failures, window_s=window),
+                      per_tenant=FailureLimiter(max_failures=options.max_tenant_failures, window_s=window))
+    limiter = FailureLimiter(max_failures=options.max_failures, window_s=window)
     config = uvicorn.Config(create_app(service, limiter), host=options.host, port=options.port,
                             ssl_certfile=str(cert_file), ssl_keyfile=str(key_file), log_config=None,
                             proxy_headers=False, server_header=False, lifespan="off", timeout_graceful_shutdown=5)
