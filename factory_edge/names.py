@@ -15,10 +15,11 @@ field and showing the value as Python would (``'gw-01\\n'``).
 | bridge instance | same characters; identity ``bridge.<instance>`` | 1-57 | ``main`` |
 
 Reserved identities (never a gateway id, compared without case):
-``bridge`` and everything starting with ``bridge`` (the bridge's
-processes: ``bridge.<instance>``, the alert role ``bridge-alerts``, and
-``bridge`` itself, the operators' command-line identity),
-``provisioning`` (the provisioning service) and ``tech-*`` (technicians).
+everything starting with ``bridge`` (the bridge's processes:
+``bridge.<instance>``, the alert role ``bridge-alerts``, and ``bridge``
+itself, the operators' command-line identity), everything starting with
+``provisioning`` (the service, ``provisioning``, and its retained-message
+guard, ``provisioning-guard``) and ``tech-*`` (technicians).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ BRIDGE_ID = "bridge"  # the operators' identity for command-line tools (commands
 BRIDGE_PREFIX = "bridge."  # bridge.<instance>: one per bridge process
 BRIDGE_ALERTS_ID = "bridge-alerts"  # the alert role's session, held by one bridge process at a time
 SERVICE_ID = "provisioning"
+GUARD_ID = "provisioning-guard"  # provisioning serve's retained-message guard
 TECHNICIAN_PREFIX = "tech-"
 DEFAULT_BRIDGE_INSTANCE = "main"
 
@@ -62,16 +64,16 @@ def check_id(value: str, *, what: str = "id") -> str:
 def is_reserved(identity: str) -> bool:
     """True for identities that are not gateways: bridge processes and tools, the service, technicians."""
     lowered = identity.lower()
-    return lowered.startswith(BRIDGE_ID) or lowered == SERVICE_ID or lowered.startswith(TECHNICIAN_PREFIX)
+    return lowered.startswith((BRIDGE_ID, SERVICE_ID, TECHNICIAN_PREFIX))
 
 
 def check_gateway(value: str, *, what: str = "gateway name") -> str:
     """A gateway id: the id grammar, and not a reserved identity."""
     check_id(value, what=what)
     if is_reserved(value):
-        owner = ("the provisioning service" if value.lower() == SERVICE_ID
+        owner = ("the provisioning service" if value.lower().startswith(SERVICE_ID)
                  else "technicians" if value.lower().startswith(TECHNICIAN_PREFIX) else "the bridge")
-        raise InvalidName(f"{what} {value!r} is reserved for {owner} (reserved: bridge*, provisioning, tech-*)")
+        raise InvalidName(f"{what} {value!r} is reserved for {owner} (reserved: bridge*, provisioning*, tech-*)")
     return value
 
 
@@ -124,7 +126,7 @@ def is_bridge(identity: str) -> bool:
         identity.startswith(BRIDGE_PREFIX) and is_id(identity) and len(identity) > len(BRIDGE_PREFIX))
 
 
-__all__ = ["BRIDGE_ALERTS_ID", "BRIDGE_ID", "BRIDGE_PREFIX", "DEFAULT_BRIDGE_INSTANCE", "ID_RE", "ID_RULE",
+__all__ = ["BRIDGE_ALERTS_ID", "BRIDGE_ID", "BRIDGE_PREFIX", "DEFAULT_BRIDGE_INSTANCE", "GUARD_ID", "ID_RE", "ID_RULE",
            "InvalidName", "LABEL_RE", "SERVICE_ID", "TECHNICIAN_PREFIX", "bridge_identity", "check_domain",
            "check_gateway", "check_id", "check_tenant", "is_bridge", "is_host", "is_id", "is_reserved",
            "technician_identity"]

@@ -162,6 +162,19 @@ class AdminLink:
 ALREADY = ("already exists", "not found")
 
 
+def sni_context(link: AdminLink) -> ssl.SSLContext:
+    """TLS for dialling ``link.dial`` while presenting and checking the broker's name, with the service's certificate."""
+    context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sni_host = link.host
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(link.ca_file))
+        context.load_cert_chain(str(link.cert_file), str(link.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ProvisioningError(f"cannot load the service's broker credentials: {exc}") from exc
+    return context
+
+
 def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s: float = 5.0,
                   tolerate: tuple[str, ...] = (), publish: list[tuple[str, bytes, bool]] = ()) -> list[dict[str, Any]]:
     """Send dynamic-security commands in one message and wait for the answers; ProvisioningError says why not.
@@ -173,14 +186,7 @@ def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.sni_host = link.host
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_verify_locations(cafile=str(link.ca_file))
-        context.load_cert_chain(str(link.cert_file), str(link.key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ProvisioningError(f"cannot load the service's broker credentials: {exc}") from exc
+    context = sni_context(link)
     response_topic = f"{CONTROL_TOPIC}/response"
     done = threading.Event()
     subscribed = threading.Event()
@@ -248,5 +254,5 @@ def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0,
                                            ms=round((time.monotonic() - started) * 1000)))
 
 
-__all__ = ["ALREADY", "AdminLink", "Signalled", "disconnect_gateway", "find_dynsec_plugin", "find_process",
+__all__ = ["ALREADY", "AdminLink", "sni_context", "Signalled", "disconnect_gateway", "find_dynsec_plugin", "find_process",
            "reload_broker", "reload_proxy", "send_commands"]

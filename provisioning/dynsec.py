@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ACCESS = {"publishClientSend": False, "publishClientReceive": False, "subscribe": False, "unsubscribe": True}
 TECHNICIAN_ROLE = "technician"
 SERVICE_ROLE = "service"
+GUARD_ROLE = "guard"
 CONTROL_RESPONSE = "$CONTROL/dynamic-security/v1/response"
 
 
@@ -78,10 +79,12 @@ def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str 
     """The plugin's whole configuration for these identities (what ``dynsec.json`` holds)."""
     roles = [
         _role(TECHNICIAN_ROLE, [("subscribePattern", "gw/#"), ("subscribePattern", "alerts/#")]),
-        _role(SERVICE_ROLE, [("subscribeLiteral", CONTROL_RESPONSE), ("subscribePattern", "gw/+/data/+"),
-                             ("subscribePattern", "gw/+/events"), ("subscribePattern", "gw/+/cmd/+/reply")]),
+        _role(SERVICE_ROLE, [("subscribeLiteral", CONTROL_RESPONSE)]),
+        _role(GUARD_ROLE, [("subscribePattern", topic) for topic in
+                           ("gw/+/status", "gw/+/meta/+", "gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply")]),
     ]
-    clients = [{"username": service, "roles": [{"rolename": SERVICE_ROLE, "priority": 0}]}]
+    clients = [{"username": service, "roles": [{"rolename": SERVICE_ROLE, "priority": 0}]},
+               {"username": names.GUARD_ID, "roles": [{"rolename": GUARD_ROLE, "priority": 0}]}]
     for tech in sorted(set(technicians)):
         clients.append({"username": tech, "roles": [{"rolename": TECHNICIAN_ROLE, "priority": 0}]})
     for gateway in sorted(set(gateways)):

@@ -13,7 +13,8 @@
         bridge.pem bridge.key            operators' command-line identity (CN bridge: commands, alerts)
         bridges/bridge.<instance>.pem .key   each bridge process's own identity (bridge run --instance)
         bridges/bridge-alerts.pem .key   the bridge's alert role (held by one process at a time)
-        provisioning.pem provisioning.key   this service's client (ends revoked sessions)
+        provisioning.pem provisioning.key   this service's client (ends revoked sessions, subscription rules)
+        provisioning-guard.pem .key      the service's retained-message guard
         mosquitto.conf acl dynsec.json   the broker's configuration
         data/                            the broker's persistence
         technicians/                     technician certificates issued (keys are handed out, not kept)
@@ -58,6 +59,7 @@ class TenantFiles:
     persistence = property(lambda self: self.dir / "data")
     technicians = property(lambda self: self.dir / "technicians")
     bridges = property(lambda self: self.dir / "bridges")
+    guard = property(lambda self: (self.dir / "provisioning-guard.pem", self.dir / "provisioning-guard.key"))
 
     def identity(self, name: str) -> tuple[Path, Path]:
         """``(cert, key)`` of a bridge identity (``bridge.<instance>`` or ``bridge-alerts``) under ``bridges/``."""

@@ -144,7 +144,7 @@ def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.Certificat
     if common_name is not None and cn != common_name:
         raise ProvisioningError(f"CSR common name {cn!r} does not match the expected {common_name!r}")
     if not allow_reserved and is_reserved(cn):
-        owner = "the provisioning service" if cn == SERVICE_ID else "the bridge or technicians"
+        owner = "the provisioning service" if cn.lower().startswith(SERVICE_ID) else "the bridge or technicians"
         raise ProvisioningError(f"CSR common name {cn!r} is reserved for {owner}")
     _check_san(csr)
     start, end = _validity(days=days, hours=None, not_before=not_before, not_after=not_after)

@@ -6,8 +6,11 @@ host's names by default); gateways then trust it with ``agent provision
 --ca-file``. The server certificate is re-issued when the names change or
 it nears expiry; the CA stays, so gateways keep trusting it.
 
-Tasks: ``api`` (uvicorn) and ``crl-refresh``, which re-issues every CRL
-with fewer than four of its seven days left and reloads that broker.
+Tasks: ``api`` (uvicorn); ``crl-refresh``, which re-issues every CRL
+with fewer than four of its seven days left (or that must list more) and
+reloads that broker, and re-applies every broker's subscription rules;
+and ``retained[<tenant>]`` per tenant, the retained-message guard
+(``provisioning.retained``), started for new tenants within seconds.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
-from provisioning import pki
+from provisioning import pki, retained
 from provisioning.admin import enforce_subscriptions, refresh_crls
 from provisioning.layout import DataDir
 from provisioning.ratelimit import FailureLimiter
-from provisioning.registry import now
+from provisioning.registry import Registry, now
+from provisioning.tenants import admin_link
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,25 @@ async def crl_upkeep(data: DataDir, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def guards(data: DataDir, group: asyncio.TaskGroup, tasks: list[asyncio.Task[None]],
+                 every_s: float = 5.0) -> None:
+    """Task ``retained``: a retained-message guard for every tenant, including ones created while serving."""
+    started: set[str] = set()
+    while True:
+        try:
+            with Registry(data.registry) as registry:
+                found = registry.tenants()
+        except FactoryEdgeError as exc:
+            log.error("cannot list tenants for the retained-message guard", extra=fields(err=str(exc)))
+            found = []
+        for tenant in found:
+            if tenant.name not in started and data.tenant(tenant.name).guard[0].exists():
+                started.add(tenant.name)
+                tasks.append(group.create_task(retained.guard(tenant.name, admin_link(data, tenant, guard=True)),
+                                               name=f"retained[{tenant.name}]"))
+        await asyncio.sleep(every_s)
+
+
 async def serve(data: DataDir, options: ServeOptions) -> None:
     import uvicorn
 
@@ -155,9 +178,14 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
         upkeep = group.create_task(crl_upkeep(data, options.crl_check_s), name="crl-refresh")
         api = group.create_task(_run(server, listener), name="api")
         notify = group.create_task(_notify_systemd(server, options), name="systemd")
+        guarding: list[asyncio.Task[None]] = []
+        watcher = group.create_task(guards(data, group, guarding), name="retained")
         try:
             await api
         finally:
+            await cancel_and_wait(watcher)
+            for task in guarding:
+                await cancel_and_wait(task)
             await cancel_and_wait(notify)
             await cancel_and_wait(upkeep)
 

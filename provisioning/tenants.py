@@ -187,7 +187,8 @@ def _make_pki(files: TenantFiles, tenant: Tenant, instances: list[str]) -> list[
     pki.write_pem(files.broker_cert, broker_cert)
     records = [record(tenant.name, broker_cert, "broker")]
     identities = [(pki.BRIDGE_ID, files.bridge_cert, files.bridge_key, "bridge"),
-                  (pki.SERVICE_ID, files.service_cert, files.service_key, "service")]
+                  (pki.SERVICE_ID, files.service_cert, files.service_key, "service"),
+                  (names.GUARD_ID, *files.guard, "service")]
     for identity in (names.BRIDGE_ALERTS_ID,
                      *(names.bridge_identity(i) for i in sorted({names.DEFAULT_BRIDGE_INSTANCE, *instances}))):
         identities.append((identity, *files.identity(identity), "bridge"))
@@ -236,7 +237,8 @@ def broker_conf(files: TenantFiles, tenant: Tenant, *, acl: Path | None = None) 
 def _write_broker_files(staging: TenantFiles, tenant: Tenant, *, final: TenantFiles, bridges: list[str],
                         technicians: list[str], target: dict[str, object]) -> None:
     """A new tenant's conf, ACL and dynamic-security state in ``staging``, tried by a real Mosquitto there."""
-    write_text(staging.acl, render.mosquitto_acl(technicians=technicians, bridges=bridges, service=pki.SERVICE_ID))
+    write_text(staging.acl, render.mosquitto_acl(technicians=technicians, bridges=bridges, service=pki.SERVICE_ID,
+                                                 guard=names.GUARD_ID))
     write_text(staging.dynsec, json.dumps(target, indent=2) + "\n", 0o600)
     checks.check_mosquitto(broker_conf(staging, tenant))
     write_text(staging.conf, broker_conf(final, tenant))
@@ -247,7 +249,8 @@ def render_tenant(data: DataDir, registry: Registry, tenant: Tenant) -> None:
     files = data.tenant(tenant.name)
     at = now()
     acl = render.mosquitto_acl(technicians=registry.technicians(tenant.name, at),
-                               bridges=bridge_identities(registry, tenant), service=pki.SERVICE_ID)
+                               bridges=bridge_identities(registry, tenant), service=pki.SERVICE_ID,
+                               guard=names.GUARD_ID)
     candidate = files.dir / ".acl.new"
     try:
         write_text(candidate, acl)
@@ -366,11 +369,11 @@ def apply_proxy(data: DataDir) -> str:
     return str(result) if result.pids else f"proxy not running: start it with 'haproxy -W -f {data.haproxy_cfg}'"
 
 
-def admin_link(data: DataDir, tenant: Tenant) -> AdminLink:
-    """How this service reaches the tenant's broker directly, with its ``provisioning`` certificate."""
+def admin_link(data: DataDir, tenant: Tenant, *, guard: bool = False) -> AdminLink:
+    """How this service reaches the tenant's broker directly: as ``provisioning``, or as its retained-message guard."""
     files = data.tenant(tenant.name)
-    return AdminLink(host=tenant.host, port=tenant.broker_port, ca_file=files.ca_cert,
-                     cert_file=files.service_cert, key_file=files.service_key)
+    cert, key = files.guard if guard else (files.service_cert, files.service_key)
+    return AdminLink(host=tenant.host, port=tenant.broker_port, ca_file=files.ca_cert, cert_file=cert, key_file=key)
 
 
 def get_tenant(registry: Registry, name: str) -> Tenant:
