@@ -8,6 +8,7 @@ the SNI proxy and ``provisioning serve`` of a ``Deployment``.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import ssl
 import threading
@@ -179,5 +180,20 @@ def closed_within(sock: socket.socket, timeout_s: float) -> float | None:
     return None
 
 
-__all__ = ["Client", "bridge_config", "client_hello", "closed_within", "data_batch", "files_of", "provision",
+def closed_now(socks: list[socket.socket]) -> list[socket.socket]:
+    """Those of ``socks`` the peer has closed or reset by now (checked all at once, without waiting)."""
+    readable, _, _ = select.select(socks, [], [], 0)
+    gone = []
+    for sock in readable:
+        try:
+            if sock.recv(65536, socket.MSG_DONTWAIT) == b"":
+                gone.append(sock)
+        except BlockingIOError:
+            continue
+        except OSError:
+            gone.append(sock)
+    return gone
+
+
+__all__ = ["Client", "closed_now", "bridge_config", "client_hello", "closed_within", "data_batch", "files_of", "provision",
            "stalled", "start_bridge", "stored_seqs"]
