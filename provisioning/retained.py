@@ -81,13 +81,15 @@ async def guard(tenant: str, link: AdminLink) -> None:
             async with aiomqtt.Client(link.dial, link.port, identifier=names.GUARD_ID, tls_context=context,
                                       protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=30) as client:
                 for topic in WATCHED:
-                    # retainAsPublished: live publishes keep their retain flag, so a flood is seen as it happens.
-                    await client.subscribe(topic, options=SubscribeOptions(qos=0, retainAsPublished=True))
+                    # retainAsPublished: live publishes keep their retain flag, so a flood is seen as it happens;
+                    # noLocal: not our own clearing messages.
+                    await client.subscribe(topic, options=SubscribeOptions(qos=0, retainAsPublished=True,
+                                                                           noLocal=True))
                 log.info("retained-message guard watching", extra=fields(tenant=tenant))
                 async for message in client.messages:
-                    if not message.retain:
-                        continue
                     payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+                    if not message.retain or not payload:  # an empty retained message deletes one: let it
+                        continue
                     reason = verdict(str(message.topic), len(payload), meta_seen)
                     if reason is None:
                         continue

@@ -215,3 +215,11 @@ def test_loading_errors_name_the_file(tmp_path: Path) -> None:
         pki.load_cert(tmp_path / "junk.pem")
     with pytest.raises(ProvisioningError, match=r"^cannot read certificate .*missing.pem: No such file or directory$"):
         pki.load_cert(tmp_path / "missing.pem")
+
+
+@pytest.mark.parametrize(("exponent", "bits", "problem"), [
+    (3, 2048, "RSA with public exponent 3"), (65537, 8192, "RSA 8192 bits")], ids=["e=3", "8192-bit"])
+def test_rsa_keys_need_2048_to_4096_bits_and_exponent_65537(ca: tuple[pki.PrivateKey, x509.Certificate],
+                                                          exponent: int, bits: int, problem: str) -> None:
+    csr = pki.make_csr(rsa.generate_private_key(exponent, bits), "gw-01")
+    assert refused(ca, csr) == f"CSR key is {problem}; need RSA 2048-4096 with e=65537 or EC P-256/P-384"
