@@ -154,6 +154,7 @@ class Stack:
             self.start(Child("provisioning", [tool("provisioning"), "serve", "--port", str(self.ports.api),
                                               "--data-dir", str(self.data)], self.logs, notify=True))
         with self.step(f"bridge run: every tenant's broker into SQLite, alert rule {ALERT_RULE}"):
+            self.provisioning("bridge", "add", "demo")  # the process's own identity, bridge.demo, on every tenant
             self.write_bridge_config()
             bridge = self.start(Child("bridge", [tool("bridge"), "run", "--config", str(self.bridge_config)],
                                       self.logs, notify=True))
