@@ -408,6 +408,11 @@ class Buffer:
                     newest = accepted
         return Confirmed(batches, points, newest)
 
+    def clamp_accepted(self, now_ms: int) -> int:
+        """Acceptance times in the future (the clock was set back since) become the present; returns how many."""
+        with self.transaction():
+            return self._db.execute("UPDATE accepted SET at_ms = ? WHERE at_ms > ?", (now_ms, now_ms)).rowcount
+
     def forget_accepted(self, before_ms: int) -> int:
         """Broker mode: delete accepted batches older than the replay window; returns how many."""
         return self._db.execute("DELETE FROM batches WHERE seq IN (SELECT seq FROM accepted WHERE at_ms < ?)",

@@ -32,11 +32,29 @@ answers with SQL.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .buffer import Confirm
 
 MAX_PROBE_INTERVAL_S = 600.0
+
+
+class SteadyClock:
+    """Epoch milliseconds that never jump: the wall clock at start, advanced by the monotonic clock.
+
+    Acceptance times and the delivery timeouts use it, so an NTP step (a
+    gateway that booted with a wrong clock) neither sends the whole
+    backlog again nor holds a lost batch back. Across restarts the wall
+    clock anchors it again; the buffer moves acceptance times it finds in
+    the future back to the present (``Buffer.clamp_accepted``).
+    """
+
+    def __init__(self) -> None:
+        self._anchor_ms = time.time_ns() // 1_000_000 - time.monotonic_ns() // 1_000_000
+
+    def __call__(self) -> int:
+        return self._anchor_ms + time.monotonic_ns() // 1_000_000
 
 
 @dataclass

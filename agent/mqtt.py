@@ -154,6 +154,9 @@ _SERVER_DISCONNECTS = {
 }
 
 
+CLOSED_BY_BROKER = "the broker closed the connection"  # no DISCONNECT packet, no keepalive timeout: a bare close
+
+
 def explain_disconnect(from_server: bool, reason: Any) -> str:
     """A lost connection in words: the broker's DISCONNECT reason, or what happened to the socket."""
     name = getattr(reason, "getName", lambda: str(reason))() if reason is not None else ""
@@ -163,7 +166,7 @@ def explain_disconnect(from_server: bool, reason: Any) -> str:
         return "no answer from the broker within the keepalive (network down?)"
     if name == "Success":
         return "disconnected"
-    return "the broker closed the connection"
+    return CLOSED_BY_BROKER
 
 
 class Link:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import socket
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     context = api_context(args.ca_file)
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)  # an existing directory too, whatever the umask made it: it holds the key
     except OSError as exc:
         raise ProvisioningError(f"cannot create the state directory {state_dir}: {exc.strerror}") from exc
 

@@ -37,14 +37,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from drivers.base import Backoff
-from drivers.points import now_ms
 from factory_edge.acks import ack_topic, decode_acks
 from factory_edge.errors import PublishError
 from factory_edge.logs import fields
 
 from .buffer import Batch, BufferReader
-from .delivery import DeliveryPolicy
-from .mqtt import BrokerSettings, Link
+from .delivery import DeliveryPolicy, SteadyClock
+from .mqtt import CLOSED_BY_BROKER, BrokerSettings, Link
 from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)
@@ -154,6 +153,7 @@ class Publisher:
         self._retry_log = RetryLog(settings.describe())
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
+        self._clock = SteadyClock()
         self._inflight: dict[int, tuple[str, int, int]] = {}  # mid -> (kind, seq or event id, points)
         self._accepting: set[int] = set()  # batches PUBACKed, not yet recorded by the writer
         self._events_done: set[int] = set()  # events PUBACKed, not yet deleted by the writer
@@ -162,6 +162,8 @@ class Publisher:
         self._link: Link | None = None
         self._commands: asyncio.TaskGroup | None = None
         self._refused_events: set[int] = set()  # refused by the broker on this connection
+        self._closed_by_broker = False  # the last connection ended in a bare close by the broker
+        self._attempts = 0  # connection attempts since the last connection was lost
 
     @property
     def state(self) -> ConnectionState:
@@ -216,6 +218,7 @@ class Publisher:
         while True:
             self.state = ConnectionState.CONNECTING
             self.stats.connect_attempts += 1
+            self._attempts += 1
             offline = dict(self.birth(), state="offline")
             link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit,
                         will=(f"{self.topic_root}/status", json.dumps(offline).encode()),
@@ -229,6 +232,11 @@ class Publisher:
                 self.state = ConnectionState.DISCONNECTED
                 await asyncio.sleep(delay)
                 continue
+            if self._closed_by_broker and self._attempts == 1:
+                # Mosquitto 2.0 closes a taken-over session without the DISCONNECT 0x8E reaching us; a bare
+                # close followed by a reconnection accepted at once is that (a restarting broker refuses it).
+                self._taken_over("the broker closed our session and accepted a new one at once")
+            self._closed_by_broker, self._attempts = False, 0
             self._backoff.reset()
             self.last_error = None
             self.state = ConnectionState.CONNECTED
@@ -260,11 +268,18 @@ class Publisher:
 
     def _on_lost(self, reason: str) -> None:
         self.last_error = reason
+        self._closed_by_broker = reason == CLOSED_BY_BROKER
         if "taken over" in reason:
-            log.error("session taken over by another connection with our client id: is this gateway's "
-                      "certificate in use elsewhere?", extra=fields(broker=self.settings.describe(),
-                                                                    client_id=self.gateway))
+            self._taken_over("DISCONNECT 0x8E from the broker")
         self._wake.set()
+
+    def _taken_over(self, evidence: str) -> None:
+        # The broker binds the client id to the certificate: only a copy of this gateway's certificate and key
+        # (a second agent given the same state directory, or a stolen key) can take the session.
+        log.error("session taken over by another connection with our client id", extra=fields(
+            broker=self.settings.describe(), client_id=self.gateway, evidence=evidence,
+            hint="is this gateway's certificate in use elsewhere? If nothing here shares it, its key has leaked: "
+                 "revoke the device and provision it again"))
 
     def _on_ack(self, mid: int, ok: bool) -> None:
         entry = self._inflight.pop(mid, None)
@@ -310,7 +325,7 @@ class Publisher:
             link.subscribe(topics)
             while not link.closed.is_set():
                 self._wake.clear()
-                now = now_ms()
+                now = self._clock()
                 self._flush_acks(now, replay_from if not old_done else None)
                 self._send_events(link)
                 cutoff = policy.resend_before(now)
@@ -347,7 +362,7 @@ class Publisher:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
-            self._flush_acks(now_ms(), None)
+            self._flush_acks(self._clock(), None)
         self._commands = None
 
     def _busy_seqs(self) -> set[int]:

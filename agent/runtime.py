@@ -82,6 +82,7 @@ class Agent:
         b = config.buffer
         self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=b.max_bytes, max_age_s=b.max_age,
                              fsync=b.fsync, confirm=b.confirm)
+        self.buffer.clamp_accepted(now_ms())
         self.reader = BufferReader(self.buffer.path)  # the publisher's, on the event loop
         # The status file and the buffer's figures are written and read off the event loop too: on a busy
         # disk a rename or a full scan can take long, and polling must not wait for it.

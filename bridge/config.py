@@ -9,7 +9,6 @@ directory, so a config and its certificates can travel together.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import pydantic
 from pydantic import Field, field_validator, model_validator
 
 from drivers.config import Duration, Model
+from factory_edge import names
 from factory_edge.configfile import config_errors, load_yaml, validate
 from factory_edge.errors import ConfigError
 
@@ -25,6 +25,7 @@ from .alerts.rules import AlertRule, WebhookConfig
 from .mapping import MappingRule
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # tenant names: as provisioning names them
+INSTANCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,56}$"  # identity bridge.<instance> stays within 64
 GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a topic level: no '/', '+', '#'
 DEFAULT_STORAGE_PATH = "/var/lib/factory-edge/bridge"
 
@@ -72,8 +73,22 @@ class AlertsConfig(Model):
         return rules
 
 
+class IdentityFiles(Model):
+    """One bridge identity: a client certificate (CN ``bridge.<instance>``) and its key."""
+
+    cert_file: str
+    key_file: str
+
+
 class TenantConfig(Model):
-    """One tenant broker, reached with the bridge's certificate from that tenant's CA."""
+    """One tenant broker, reached with the bridge's certificate from that tenant's CA.
+
+    The broker binds the MQTT client id to the certificate (``use_username_as_clientid``),
+    so two processes, or two sessions of one process, must never share a
+    certificate: ``identities`` gives each instance its own (``bridge.<instance>``),
+    and the alert role, held by one process at a time, uses ``alerts_cert_file``
+    (``bridge-alerts``). ``cert_file``/``key_file`` serve an instance not listed.
+    """
 
     name: str = Field(pattern=ID_PATTERN)
     url: str = Field(pattern=r"^mqtts?://", description="mqtts://mqtt.acme.example.com:8883")
@@ -85,6 +100,9 @@ class TenantConfig(Model):
     connect_host: str | None = None
     keepalive: Duration = 30.0
     shared_group: str | None = Field(default=None, pattern=GROUP_PATTERN)
+    identities: dict[str, IdentityFiles] = Field(default_factory=dict)
+    alerts_cert_file: str | None = None
+    alerts_key_file: str | None = None
     alerts: AlertsConfig | None = None
 
     @field_validator("url")
@@ -103,15 +121,32 @@ class TenantConfig(Model):
     def _pairs(self) -> TenantConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        if (self.alerts_cert_file is None) != (self.alerts_key_file is None):
+            raise ValueError("alerts_cert_file and alerts_key_file go together")
+        for instance in self.identities:
+            if not names.is_id(instance) or not names.is_id(f"{names.BRIDGE_PREFIX}{instance}"):
+                raise ValueError(f"identities: instance {instance!r} is not valid: 1-57 letters, digits, '_', '.' "
+                                 "or '-', starting with a letter or digit")
         if self.password is not None and self.username is None:
             raise ValueError("password: given without username:")
+        return self
+
+    def for_instance(self, instance: str) -> TenantConfig:
+        """This tenant as bridge process ``instance`` connects to it: with that instance's own certificate."""
+        own = self.identities.get(instance)
+        if own is not None:
+            return self.model_copy(update={"cert_file": own.cert_file, "key_file": own.key_file})
+        if self.identities and self.cert_file is None:
+            raise ConfigError(f"tenant {self.name} has no bridge identity for instance {instance!r} (it has "
+                              f"{', '.join(sorted(self.identities))}): run 'provisioning bridge add {instance}' "
+                              "on the provisioning host, or start the bridge with --instance NAME")
         return self
 
 
 class BridgeConfig(Model):
     """The whole bridge config file."""
 
-    instance: str | None = Field(default=None, pattern=ID_PATTERN)
+    instance: str | None = Field(default=None, pattern=INSTANCE_PATTERN)
     storage: StorageConfig = StorageConfig()
     tenants: list[TenantConfig] = Field(default_factory=list)
     tenants_from: str | None = None
@@ -260,10 +295,8 @@ def client_id(instance: str, *, role: str = "ingest") -> str:
 
 
 def default_instance() -> str:
-    import socket
-
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()) or "bridge"
-    return host[:64]
+    """``main``: the bridge identity ``provisioning tenant create`` issues (``bridge.main``)."""
+    return names.DEFAULT_BRIDGE_INSTANCE
 
 
 def validate_config(data: Any, source: str = "config") -> BridgeConfig:

@@ -13,7 +13,7 @@ import enum
 import logging
 from collections.abc import Sequence
 
-from agent.mqtt import BrokerSettings
+from agent.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from drivers.base import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
@@ -22,6 +22,7 @@ from .messages import Received
 from .mqtt import Session
 
 log = logging.getLogger(__name__)
+
 
 
 class ConnectionState(enum.StrEnum):
@@ -50,6 +51,8 @@ class Consumer:
         self._queue: asyncio.Queue[Received] = asyncio.Queue()
         self._session: Session | None = None
         self._backoff = Backoff(initial_s=0.5, max_s=backoff_max_s)
+        self._closed_by_broker: str | None = None  # why the last session ended, if the broker ended it unexplained
+        self._attempts = 0
 
     # ---------------------------------------------------------------- the connection task
 
@@ -57,6 +60,7 @@ class Consumer:
         while True:
             self.state = ConnectionState.CONNECTING
             self.generation += 1
+            self._attempts += 1
             session: Session | None = None
             try:
                 session = Session(self.settings, client_id=self.client_id, generation=self.generation,
@@ -87,6 +91,11 @@ class Consumer:
             for topic in refused:
                 log.error("broker refused a subscription (check the tenant's ACL for the bridge)",
                           extra=fields(tenant=self.tenant, topic=topic))
+            if self._closed_by_broker is not None and self._attempts == 1:
+                self._taken_over(self._closed_by_broker, evidence="the broker ended a healthy session and accepted "
+                                                                  "this one again at once")
+            self._closed_by_broker = None
+            self._attempts = 0
             self._backoff.reset()
             self.last_error = None
             self.connects += 1
@@ -110,10 +119,22 @@ class Consumer:
 
     def _lost(self, reason: str) -> None:
         if "taken over" in reason.lower():
-            log.error("another client connected with our client id; give every bridge process its own --instance",
-                      extra=fields(tenant=self.tenant, client_id=self.client_id, reason=reason))
-        else:
-            log.warning("connection to tenant broker lost", extra=fields(tenant=self.tenant, reason=reason))
+            self._taken_over(reason, evidence="DISCONNECT 0x8E from the broker")
+            return
+        log.warning("connection to tenant broker lost", extra=fields(tenant=self.tenant, reason=reason))
+        # Mosquitto 2.0 closes a taken-over session before its DISCONNECT 0x8E is sent: paho then reports
+        # a bare close. A loss like that, followed by a reconnection accepted at the first attempt, is a
+        # takeover (a broker restart or outage refuses the first attempt).
+        self._closed_by_broker = reason if reason == CLOSED_BY_BROKER else None
+
+    def _taken_over(self, reason: str, *, evidence: str) -> None:
+        # The broker binds the client id to the certificate: only a copy of our own certificate
+        # (another process given the same identity, or a stolen key) can do this.
+        log.error("session taken over by another connection with our client id",
+                  extra=fields(tenant=self.tenant, client_id=self.client_id, broker=self.settings.describe(),
+                               reason=reason, evidence=evidence,
+                               hint="give every bridge process its own identity (provisioning bridge add NAME, "
+                                    "bridge run --instance NAME); if none shares it, the key has leaked"))
 
     # ---------------------------------------------------------------- for the ingest loop
 

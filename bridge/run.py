@@ -21,8 +21,9 @@ def add_parser(commands: Any) -> None:
                     "not yet acknowledged is delivered again by the broker at the next start.")
     p.add_argument("--config", required=True, metavar="FILE", help="bridge config (YAML)")
     p.add_argument("--instance", metavar="NAME",
-                   help="this process's name, unique among the processes sharing a tenant (MQTT client id "
-                        "bridge.NAME; default: the config's instance, else the host name)")
+                   help="this process's name, unique among the processes sharing a tenant: it picks the "
+                        "process's own certificate (identity bridge.NAME) from tenants_from or a tenant's "
+                        "identities (default: the config's instance, else main)")
     p.set_defaults(handler=run, default_log_level="info")
 
 

@@ -21,6 +21,7 @@ from types import TracebackType
 import httpx
 
 from factory_edge.errors import ConfigError, FactoryEdgeError, StorageError
+from factory_edge.names import bridge_identity
 from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
@@ -37,8 +38,10 @@ class Bridge:
     def __init__(self, config: BridgeConfig, *, instance: str | None = None) -> None:
         self.config = config
         self.instance = instance or config.instance or default_instance()
+        bridge_identity(self.instance)  # InvalidName (one line) for a bad --instance
+        own = [t.for_instance(self.instance) for t in config.tenants]  # ConfigError: no identity for the instance
         self.http = httpx.AsyncClient(follow_redirects=False)
-        self.tenants = [TenantBridge(config, t, instance=self.instance, http=self.http) for t in config.tenants]
+        self.tenants = [TenantBridge(config, t, instance=self.instance, http=self.http) for t in own]
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.systemd = Notifier()
@@ -95,8 +98,9 @@ class Bridge:
             for entry in listed:
                 if entry.name in running:
                     continue
-                tenant = TenantBridge(self.config, entry, instance=self.instance, http=self.http)
                 try:
+                    tenant = TenantBridge(self.config, entry.for_instance(self.instance), instance=self.instance,
+                                          http=self.http)
                     await tenant.open()
                 except FactoryEdgeError as exc:
                     if entry.name not in failed:

@@ -6,8 +6,11 @@ stores the data and evaluates the alerts in the same transaction.
 With ``shared_group``, the data arrives through ``$share/<group>/…`` and
 each process stores its share; the alerts need every reading, so they are
 evaluated by one process only, the holder of the tenant's alert lock, on
-its own subscription (client id ``bridge.alerts``, not shared) that
-stores only alert state. See ``alerts/leader.py``.
+its own subscription (not shared) that stores only alert state. That
+session has an identity of its own (``alerts_cert_file``: CN
+``bridge-alerts``), since the broker binds the client id to the
+certificate and the process's own ingest session already uses its
+``bridge.<instance>`` identity. See ``alerts/leader.py``.
 """
 
 from __future__ import annotations
@@ -62,12 +65,30 @@ class TenantBridge:
                                        key_file=t.key_file, username=t.username, password=t.password,
                                        keepalive_s=t.keepalive)
 
+    @property
+    def alerts_settings(self) -> BrokerSettings:
+        """The alert role's session: its own certificate when there is one (the broker binds client ids to them)."""
+        t = self.tenant
+        if t.alerts_cert_file is None:
+            return self.settings
+        return BrokerSettings.from_url(t.url, connect_host=t.connect_host, ca_file=t.ca_file,
+                                       cert_file=t.alerts_cert_file, key_file=t.alerts_key_file,
+                                       keepalive_s=t.keepalive)
+
+    @property
+    def runs_alert_role(self) -> bool:
+        return bool(self.tenant.shared_group and self.alerts.rules)
+
     async def open(self) -> None:
         """Check the TLS files and open (create, migrate) the tenant's store: an error now, not a retry loop."""
-        for key in ("ca_file", "cert_file", "key_file"):
+        for key in ("ca_file", "cert_file", "key_file", "alerts_cert_file", "alerts_key_file"):
             path = getattr(self.tenant, key)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"tenants[{self.name}].{key}: {path}: no such file")
+        if self.runs_alert_role and self.tenant.cert_file is not None and self.tenant.alerts_cert_file is None:
+            raise ConfigError(f"tenants[{self.name}]: alerts_cert_file: required with shared_group and alert rules: "
+                              "the alert session needs a certificate of its own (CN bridge-alerts; provisioning "
+                              "issues it), as the broker gives each certificate one session")
         if self.settings.tls:
             try:
                 tls_context(self.settings)
@@ -83,7 +104,8 @@ class TenantBridge:
 
     def _consumer(self, *, client: str, topics: list[tuple[str, int]]) -> Consumer:
         ingest = self.config.ingest
-        consumer = Consumer(tenant=self.name, settings=self.settings, client_id=client, subscriptions=topics,
+        settings = self.alerts_settings if client == client_id(self.instance, role="alerts") else self.settings
+        consumer = Consumer(tenant=self.name, settings=settings, client_id=client, subscriptions=topics,
                             receive_maximum=ingest.window, session_expiry_s=ingest.session_expiry)
         self.consumers.append(consumer)
         return consumer
@@ -115,7 +137,7 @@ class TenantBridge:
             group.create_task(ingest.run(), name=f"ingest[{self.name}]")
             for sender in senders:
                 group.create_task(sender.run(), name=f"webhook[{self.name}/{sender.name}]")
-            if group_name and self.alerts.rules:
+            if self.runs_alert_role:
                 group.create_task(self._alert_role(), name=f"alerts[{self.name}]")
 
     async def _alert_role(self) -> None:

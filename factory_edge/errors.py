@@ -12,7 +12,8 @@ converted into these at the one place each library is called, with
     ├── BufferError          the agent's store-and-forward buffer
     ├── PublishError         MQTT connection or publish
     ├── ProvisioningError    tenants, keys, certificates
-    └── StorageError         the bridge's storage
+    ├── StorageError         the bridge's storage
+    └── InvalidName          a name outside its grammar (factory_edge.names)
 """
 
 from __future__ import annotations

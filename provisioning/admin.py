@@ -1,10 +1,12 @@
-"""Operator actions: provisioning keys, revoking devices, technician certificates, CRL upkeep.
+"""Operator actions: provisioning keys, revoking devices and technicians, bridge identities, CRL upkeep.
 
 Each action that changes what a broker must enforce (a revoked
-certificate, a technician in the ACL, a fresh CRL) re-renders the tenant's
-files and reloads its Mosquitto (``brokers.reload_broker``); revoking a
-gateway also ends its live session (``brokers.disconnect_gateway``),
-because Mosquitto checks the CRL only when a connection starts.
+certificate, a technician or bridge identity in the ACL, a fresh CRL)
+re-renders the tenant's files and reloads its Mosquitto
+(``brokers.reload_broker``) and brings its subscription rules up to date
+(``dynsec.sync``); revoking a gateway or a technician also ends its live
+session (``brokers.disconnect_gateway``), because Mosquitto checks the CRL
+only when a connection starts.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 from factory_edge import __version__
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning import brokers, keys, pki
+from factory_edge import names
+from provisioning import brokers, dynsec, keys, pki
 from provisioning.layout import DataDir, private_dir
-from provisioning.registry import Device, KeyRecord, Registry, Tenant, iso, now, parse_iso
-from provisioning.tenants import crl_expires, get_tenant, load_ca, record, render_tenant, write_crl
+from provisioning.registry import CertRecord, Device, KeyRecord, Registry, Tenant, iso, now, parse_iso
+from provisioning.tenants import (admin_link, crl_entries, crl_expires, crl_serials, get_tenant, issue_bridge_identity, load_ca,
+                                  record, render_proxy, render_tenant, wanted_dynsec, write_crl)
 
 log = logging.getLogger(__name__)
 
@@ -148,21 +152,22 @@ def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
         result.steps.append(str(reloaded))
         if not reloaded.pids:
             result.steps.append(f"{gateway} is refused from the broker's next start ('mosquitto -c {files.conf}')")
+            with Registry(data.registry) as registry:
+                result.steps.append(dynsec.sync(files, admin_link(data, tenant), wanted_dynsec(registry, tenant),
+                                                tenant=tenant.name))
             return result
         offline = json.dumps({"state": "offline", "ts": int(at.timestamp() * 1000), "version": __version__,
                               "reason": "revoked"}).encode()
-        brokers.disconnect_gateway(_admin_link(data, tenant), gateway, offline=offline)
+        link = admin_link(data, tenant)
+        with dynsec.locked(files):
+            brokers.disconnect_gateway(link, gateway, offline=offline, role=dynsec.gateway_role(gateway))
+        with Registry(data.registry) as registry:
+            result.steps.append(dynsec.sync(files, link, wanted_dynsec(registry, tenant), tenant=tenant.name))
     except ProvisioningError as exc:
         raise ProvisioningError(f"{gateway} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
                                 "run the command again once that is fixed") from exc
     result.steps.append(f"{gateway}'s sessions ended; reconnecting is refused (certificate revoked)")
     return result
-
-
-def _admin_link(data: DataDir, tenant: Tenant) -> brokers.AdminLink:
-    files = data.tenant(tenant.name)
-    return brokers.AdminLink(host=tenant.host, port=tenant.broker_port, ca_file=files.ca_cert,
-                             cert_file=files.service_cert, key_file=files.service_key)
 
 
 # -- technicians ---------------------------------------------------------------
@@ -183,8 +188,7 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
     if not 0 < hours <= MAX_TECHNICIAN_HOURS:
         raise ProvisioningError(f"--hours must be in (0, {MAX_TECHNICIAN_HOURS}] (got {hours:g}): "
                                 "technician certificates are short-lived")
-    identity = name if name.startswith(pki.TECHNICIAN_PREFIX) else f"{pki.TECHNICIAN_PREFIX}{name}"
-    pki.check_id(identity, what="technician name")
+    identity = names.technician_identity(name)
     data.require()
     with Registry(data.registry) as registry:
         tenant = get_tenant(registry, tenant_name)
@@ -202,9 +206,12 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
         pki.write_pem(files.technicians / f"{identity}-{cert.serial_number:x}.pem", cert)
         with registry.transaction():
             registry.add_certificate(record(tenant.name, cert, "technician"))
-        render_tenant(data, registry, tenant)
+            render_tenant(data, registry, tenant)  # checked first: a refused config rolls the certificate back
+        target = wanted_dynsec(registry, tenant)
     try:
-        reloaded = str(brokers.reload_broker(files.conf, tenant.name))
+        signalled = brokers.reload_broker(files.conf, tenant.name)
+        synced = dynsec.sync(files, admin_link(data, tenant), target, tenant=tenant.name)
+        reloaded = f"{signalled}; {synced}" if signalled.pids else str(signalled)
     except ProvisioningError as exc:
         reloaded = f"broker {tenant.name} NOT reloaded, the certificate works once it is: {exc}"
     command = shlex.join(["mosquitto_sub", "-h", tenant.host, "-p", str(tenant.public_port), "--cafile", str(ca_file),
@@ -213,6 +220,126 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
     log.info("technician certificate issued", extra=fields(tenant=tenant.name, technician=identity,
                                                            not_after=iso(cert.not_valid_after_utc)))
     return TechnicianCert(identity, cert_file, key_file, ca_file, cert.not_valid_after_utc, command, reloaded)
+
+
+@dataclass(frozen=True)
+class TechnicianView:
+    identity: str
+    serial: str
+    not_after: str
+    issued_at: str
+    revoked_at: str | None
+
+    @property
+    def state(self) -> str:
+        if self.revoked_at:
+            return "revoked"
+        expiry = parse_iso(self.not_after)
+        return "expired" if expiry is not None and expiry <= now() else "active"
+
+    def as_json(self) -> dict[str, object]:
+        return {"technician": self.identity, "state": self.state, "serial": self.serial,
+                "not_after": self.not_after, "issued_at": self.issued_at, "revoked_at": self.revoked_at}
+
+
+def list_technicians(data: DataDir, tenant_name: str) -> list[TechnicianView]:
+    """Every technician certificate issued for the tenant, newest last."""
+    data.require()
+    with Registry(data.registry) as registry:
+        tenant = get_tenant(registry, tenant_name)
+        return [TechnicianView(c.subject, c.serial, c.not_after, c.issued_at, c.revoked_at)
+                for c in registry.certificates(tenant.name, kind="technician")]
+
+
+def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
+    """Revoke every certificate of ``tech-<name>``, drop it from the ACL and end its live sessions now."""
+    identity = names.technician_identity(name)
+    data.require()
+    at = now()
+    with Registry(data.registry) as registry:
+        tenant = get_tenant(registry, tenant_name)
+        certs = [c for c in registry.certificates(tenant.name, kind="technician") if c.subject == identity]
+        if not certs:
+            raise ProvisioningError(f"no technician {identity!r} in tenant {tenant.name} "
+                                    f"(see provisioning technician list {tenant.name})")
+        live = [c for c in certs if c.revoked_at is None]
+        with registry.transaction():
+            for cert in live:
+                registry.revoke_certificate(cert.serial, at)
+            render_tenant(data, registry, tenant)  # without its user block; checked before it replaces the ACL
+        target = wanted_dynsec(registry, tenant)
+    already = None if live else certs[-1].revoked_at
+    result = Revocation(tenant, identity, [c.serial for c in certs], already)
+    files = data.tenant(tenant.name)
+    result.steps.append(f"CRL {files.crl} lists {len(certs)} certificate(s) of {identity}; removed from the ACL")
+    log.info("technician revoked", extra=fields(tenant=tenant.name, technician=identity, certificates=len(live)))
+    try:
+        reloaded = brokers.reload_broker(files.conf, tenant.name)
+        result.steps.append(str(reloaded))
+        link = admin_link(data, tenant)
+        if reloaded.pids:
+            with dynsec.locked(files):
+                brokers.disconnect_gateway(link, identity)
+            result.steps.append(f"{identity}'s sessions ended; reconnecting is refused (certificate revoked)")
+        result.steps.append(dynsec.sync(files, link, target, tenant=tenant.name))
+    except ProvisioningError as exc:
+        raise ProvisioningError(f"{identity} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
+                                "run the command again once that is fixed") from exc
+    return result
+
+
+# -- bridge identities -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BridgeIdentity:
+    instance: str
+    identity: str
+    tenants: list[str]
+
+
+def add_bridge(data: DataDir, instance: str) -> BridgeIdentity:
+    """Issue ``bridge.<instance>`` on every tenant (and every tenant created later), list it in each ACL."""
+    identity = names.bridge_identity(instance)
+    data.require()
+    issued: list[str] = []
+    with Registry(data.registry) as registry:
+        with registry.transaction():
+            registry.add_bridge_instance(instance, now())
+            for tenant in registry.tenants():
+                if registry.active_certificates(tenant.name, "bridge", now(), subject=identity):
+                    continue
+                registry.add_certificate(issue_bridge_identity(data, registry, tenant, identity))
+                render_tenant(data, registry, tenant)
+                issued.append(tenant.name)
+            render_proxy(data, registry)  # tenants.json: the bridge finds its certificate by instance
+        tenants = registry.tenants()
+    for tenant in tenants:
+        if tenant.name in issued:
+            brokers.reload_broker(data.tenant(tenant.name).conf, tenant.name)
+    log.info("bridge identity added", extra=fields(identity=identity, tenants=",".join(issued)))
+    return BridgeIdentity(instance, identity, issued)
+
+
+def list_bridges(data: DataDir) -> list[tuple[str, list[CertRecord]]]:
+    """Each bridge identity with its valid certificates, across tenants."""
+    data.require()
+    found: dict[str, list[CertRecord]] = {}
+    with Registry(data.registry) as registry:
+        for tenant in registry.tenants():
+            for cert in registry.active_certificates(tenant.name, "bridge", now()):
+                found.setdefault(cert.subject, []).append(cert)
+    return sorted(found.items())
+
+
+def enforce_subscriptions(data: DataDir, only: str | None = None) -> list[str]:
+    """Bring every tenant broker's subscription rules in line with the registry (``serve``'s upkeep)."""
+    data.require()
+    done = []
+    with Registry(data.registry) as registry:
+        for tenant in [get_tenant(registry, only)] if only else registry.tenants():
+            done.append(f"{tenant.name}: " + dynsec.sync(data.tenant(tenant.name), admin_link(data, tenant),
+                                                         wanted_dynsec(registry, tenant), tenant=tenant.name))
+    return done
 
 
 # -- CRL upkeep ------------------------------------------------------------------
@@ -232,6 +359,8 @@ def refresh_crls(data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, forc
     Mosquitto refuses *every* client once its CRL's next update has passed,
     so this must run at least daily: ``provisioning serve`` does it hourly,
     and ``provisioning crl refresh`` from a timer does it without the API.
+    A CRL is also re-issued when what it must list changed (a certificate
+    superseded by a renewal whose overlap has passed).
     """
     data.require()
     statuses = []
@@ -240,7 +369,8 @@ def refresh_crls(data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, forc
         for tenant in tenants:
             files = data.tenant(tenant.name)
             expires = crl_expires(files)
-            if force or expires - now() < below:
+            changed = {serial for serial, _ in crl_entries(registry, tenant)} != crl_serials(files)
+            if force or changed or expires - now() < below:
                 expires = write_crl(data, registry, tenant).next_update_utc or expires
                 reloaded = str(brokers.reload_broker(files.conf, tenant.name))
                 statuses.append(CrlStatus(tenant.name, expires, True, reloaded))
@@ -250,5 +380,6 @@ def refresh_crls(data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, forc
     return statuses
 
 
-__all__ = ["CrlStatus", "DeviceView", "Revocation", "TechnicianCert", "create_key", "list_devices", "list_keys",
-           "refresh_crls", "revoke_device", "revoke_key", "technician_cert"]
+__all__ = ["BridgeIdentity", "CrlStatus", "DeviceView", "Revocation", "TechnicianCert", "TechnicianView", "add_bridge",
+           "admin_link", "create_key", "enforce_subscriptions", "list_bridges", "list_devices", "list_keys",
+           "list_technicians", "refresh_crls", "revoke_device", "revoke_key", "revoke_technician", "technician_cert"]

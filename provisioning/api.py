@@ -9,7 +9,7 @@ Every error is ``{"detail": "<one line>"}`` with a precise status:
 | 409 | the gateway name is taken by another (active) device |
 | 413 | request body over 64 KiB |
 | 422 | bad request body, CSR (not a CSR, key type or size, signature, CN not allowed) or name |
-| 429 | too many failed attempts from this client (``Retry-After`` says when to retry) |
+| 429 | too many failed attempts from this client, for this key or certificate, or for this tenant (``Retry-After``) |
 
 The OpenAPI document is served at ``/openapi.json``; the interactive pages
 are off (they load scripts from a CDN).
@@ -30,7 +30,7 @@ from factory_edge import __version__
 from factory_edge.configfile import format_location
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning.errors import Refused
+from provisioning.errors import Refused, TooManyAttempts
 from provisioning.ratelimit import FailureLimiter
 from provisioning.service import Service
 
@@ -44,7 +44,7 @@ class ProvisionRequest(BaseModel):
 
     key: str = Field(max_length=200, description="the provisioning key, as printed by `provisioning key create`")
     csr: str = Field(max_length=16384, description="PEM certificate signing request made on the gateway "
-                                                   "(EC P-256/P-384 or RSA >= 2048); its CN is the gateway id")
+                                                   "(EC P-256/P-384 or RSA 2048-4096 with e=65537); its CN is the gateway id")
     name: str | None = Field(default=None, max_length=64,
                              description="gateway id; when given, the CSR's CN must equal it")
 
@@ -104,8 +104,9 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
         client = _client(request.scope)
         limiter.failed(client)
         log.warning("request refused", extra=fields(path=request.url.path, status=exc.status, client=client,
-                                                    reason=str(exc)))
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+                                                    reason=str(exc), counted=", ".join(exc.subjects) or None))
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyAttempts) else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -158,15 +158,12 @@ class AdminLink:
     dial: str = "127.0.0.1"
 
 
-def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0, offline: bytes | None = None) -> None:
-    """End every session of ``gateway`` on its broker now; ProvisioningError says why not.
+# dynamic-security answers that mean "already as wanted" for create/delete commands
+ALREADY = ("already exists", "not found")
 
-    ``offline``: a retained ``gw/<gateway>/status`` to publish afterwards (the
-    kicked session leaves no will message).
-    """
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
 
+def sni_context(link: AdminLink) -> ssl.SSLContext:
+    """TLS for dialling ``link.dial`` while presenting and checking the broker's name, with the service's certificate."""
     context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
     context.sni_host = link.host
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -175,13 +172,26 @@ def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0,
         context.load_cert_chain(str(link.cert_file), str(link.key_file))
     except (OSError, ssl.SSLError) as exc:
         raise ProvisioningError(f"cannot load the service's broker credentials: {exc}") from exc
+    return context
+
+
+def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s: float = 5.0,
+                  tolerate: tuple[str, ...] = (), publish: list[tuple[str, bytes, bool]] = ()) -> list[dict[str, Any]]:
+    """Send dynamic-security commands in one message and wait for the answers; ProvisioningError says why not.
+
+    An answer whose error contains one of ``tolerate`` (``ALREADY``) is not
+    a failure. ``publish``: ``(topic, payload, retain)`` messages to send on
+    the same session afterwards (a revoked gateway's retained status).
+    """
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    context = sni_context(link)
     response_topic = f"{CONTROL_TOPIC}/response"
-    commands = [{"command": "createClient", "username": gateway},
-                {"command": "disableClient", "username": gateway},
-                {"command": "deleteClient", "username": gateway}]
     done = threading.Event()
     subscribed = threading.Event()
     answer: dict[str, Any] = {}
+    # The broker replaces the client id by the certificate's CN (use_username_as_clientid).
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"provisioning-{uuid.uuid4().hex[:12]}",
                          protocol=paho.MQTTv5)
     client.tls_set_context(context)
@@ -196,32 +206,53 @@ def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0,
         done.set()
 
     client.on_message = on_message
-    started = time.monotonic()
     try:
         client.connect(link.dial, link.port, keepalive=10)
     except (OSError, ssl.SSLError) as exc:
-        raise ProvisioningError(f"cannot reach the broker at {link.dial}:{link.port} to end {gateway}'s session: "
-                                f"{exc}") from exc
+        raise ProvisioningError(f"cannot reach the broker at {link.dial}:{link.port}: {exc}") from exc
     client.loop_start()
     try:
         if not subscribed.wait(timeout_s):
             raise ProvisioningError(f"broker {link.host} did not accept the service's session within {timeout_s:g}s")
-        client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
-        if not done.wait(timeout_s):
-            raise ProvisioningError(f"broker {link.host} did not answer the disconnect request within {timeout_s:g}s "
-                                    "(is the dynamic-security plugin loaded?)")
-        errors = [r["error"] for r in answer.get("responses", []) if r.get("error")]
+        if commands:
+            client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
+            if not done.wait(timeout_s):
+                raise ProvisioningError(f"broker {link.host} did not answer within {timeout_s:g}s "
+                                        "(is the dynamic-security plugin loaded?)")
+        responses = list(answer.get("responses", []))
+        errors = [f"{r.get('command')}: {r['error']}" for r in responses
+                  if r.get("error") and not any(t in str(r["error"]).lower() for t in tolerate)]
         if errors or "error" in answer:
-            raise ProvisioningError(f"broker {link.host} refused to end {gateway}'s session: "
-                                    f"{'; '.join(errors) or answer.get('error')}")
-        if offline is not None:
-            client.publish(f"gw/{gateway}/status", offline, qos=1, retain=True).wait_for_publish(timeout_s)
+            raise ProvisioningError(f"broker {link.host} refused: {'; '.join(errors) or answer.get('error')}")
+        for topic, payload, retain in publish:
+            client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(timeout_s)
     finally:
         client.disconnect()
         client.loop_stop()
-    log.info("gateway session ended", extra=fields(broker=link.host, gateway=gateway,
-                                                   ms=round((time.monotonic() - started) * 1000)))
+    return responses
 
 
-__all__ = ["AdminLink", "Signalled", "disconnect_gateway", "find_dynsec_plugin", "find_process",
-           "reload_broker", "reload_proxy"]
+def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0, offline: bytes | None = None,
+                       role: str | None = None) -> None:
+    """End every session of ``gateway`` (any identity) on its broker now; ProvisioningError says why not.
+
+    ``disableClient`` kicks every session of the username; the client (and
+    ``role``, the identity's own dynamic-security role) is then deleted, so
+    the name is forgotten by the plugin. ``offline``: a retained
+    ``gw/<gateway>/status`` to publish afterwards (the kicked session leaves
+    no will message).
+    """
+    started = time.monotonic()
+    commands: list[dict[str, Any]] = [{"command": "createClient", "username": gateway},
+                                      {"command": "disableClient", "username": gateway},
+                                      {"command": "deleteClient", "username": gateway}]
+    if role is not None:
+        commands.append({"command": "deleteRole", "rolename": role})
+    publish = [(f"gw/{gateway}/status", offline, True)] if offline is not None else []
+    send_commands(link, commands, timeout_s=timeout_s, tolerate=ALREADY, publish=publish)
+    log.info("session ended", extra=fields(broker=link.host, identity=gateway,
+                                           ms=round((time.monotonic() - started) * 1000)))
+
+
+__all__ = ["ALREADY", "AdminLink", "sni_context", "Signalled", "disconnect_gateway", "find_dynsec_plugin", "find_process",
+           "reload_broker", "reload_proxy", "send_commands"]

@@ -1,4 +1,4 @@
-"""The ``provisioning`` command: tenants, keys, the API, devices, technicians, CRLs.
+"""The ``provisioning`` command: tenants, keys, the API, devices, technicians, bridge identities, CRLs.
 
 Like ``agent``: the project's errors become one ``Error: …`` line on stderr
 and a non-zero exit code; results go to stdout (``--json`` where a script
@@ -48,14 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser("init", parents=[common], help="create the data directory and choose the proxy's address",
-                            description="Create the data directory and registry. Optional: tenant create does it "
-                                        "with the defaults. Settings are fixed once a tenant exists.")
+                            description="Create the data directory and registry, or change its settings. Optional: "
+                                        "tenant create does it with the defaults. Addresses and ports are fixed once a "
+                                        "tenant exists; the proxy's limits and the renewal overlap may change any time "
+                                        "(the proxy is reloaded).")
     p.add_argument("--proxy-bind", metavar="ADDR", help="address HAProxy listens on (default 0.0.0.0)")
     p.add_argument("--proxy-port", type=int, metavar="PORT", help="port HAProxy listens on (default 8883)")
     p.add_argument("--public-port", type=int, metavar="PORT",
                    help="port gateways dial, in broker URLs (default: the proxy port)")
     p.add_argument("--first-broker-port", type=int, metavar="PORT",
                    help="tenant brokers listen on 127.0.0.1 from this port up (default 18831)")
+    p.add_argument("--proxy-maxconn", type=int, metavar="N",
+                   help="connections the proxy holds at once, all tenants (default 0: HAProxy's own, from its "
+                        "file-descriptor limit)")
+    p.add_argument("--proxy-per-source", type=int, metavar="N",
+                   help="concurrent connections from one client address (default 200)")
+    p.add_argument("--proxy-per-tenant", type=int, metavar="N",
+                   help="concurrent connections to one tenant (default 2000)")
+    p.add_argument("--proxy-hello-timeout", metavar="DURATION",
+                   help="a connection must send its TLS ClientHello within this (default 5s)")
+    p.add_argument("--proxy-idle-timeout", metavar="DURATION",
+                   help="a silent connection is closed after this; above 1.5 x every client's MQTT keepalive "
+                        "(default 2m)")
+    p.add_argument("--renew-overlap", type=_duration, metavar="DURATION",
+                   help="how long a gateway certificate superseded by a renewal keeps working (default 1h)")
     p.set_defaults(handler=cmd_init)
 
     tenant = commands.add_parser("tenant", help="create and list tenants", description="Tenants: one CA and one "
@@ -108,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lifetime of gateway certificates (default 365d); gateways renew at two thirds")
     p.add_argument("--max-failures", type=int, default=10, metavar="N",
                    help="failed requests a client may make per --failure-window before 429 (default 10)")
+    p.add_argument("--max-key-failures", type=int, default=10, metavar="N",
+                   help="failed requests per provisioning key or gateway certificate, from any address (default 10)")
+    p.add_argument("--max-tenant-failures", type=int, default=100, metavar="N",
+                   help="failed requests per tenant, from any address (default 100)")
     p.add_argument("--failure-window", type=_duration, default=600.0, metavar="DURATION",
                    help="window for --max-failures (default 10m)")
     p.add_argument("--crl-check", type=_duration, default=3600.0, metavar="DURATION",
@@ -139,6 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the key, certificate and tenant CA (default: current directory)")
     p.set_defaults(handler=cmd_technician_cert)
 
+    technician = commands.add_parser("technician", help="list and revoke technician certificates",
+                                     description="Technician certificates of a tenant (issue with technician-cert)."
+                                     ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = technician.add_parser("list", parents=[common], help="list technician certificates",
+                              description="List a tenant's technician certificates with their state.")
+    p.add_argument("tenant", metavar="TENANT", help="the tenant")
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p.set_defaults(handler=cmd_technician_list)
+    p = technician.add_parser("revoke", parents=[common], help="revoke a technician and cut it off now",
+                              description="Revoke every certificate of tech-NAME, take it out of the ACL, re-issue the "
+                                          "CRL, reload the broker and end its live sessions.")
+    p.add_argument("tenant", metavar="TENANT", help="the tenant")
+    p.add_argument("name", metavar="NAME", help="the technician (NAME or tech-NAME)")
+    p.set_defaults(handler=cmd_technician_revoke)
+
+    bridge = commands.add_parser("bridge", help="bridge identities", description="Each bridge process has an "
+                                 "identity of its own, bridge.INSTANCE, on every tenant's broker."
+                                 ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = bridge.add_parser("add", parents=[common], help="issue bridge.INSTANCE on every tenant",
+                          description="Issue the identity bridge.INSTANCE (a client certificate) on every tenant, now "
+                                      "and for tenants created later, list it in each ACL and in tenants.json, and "
+                                      "reload the brokers. Then run: bridge run --instance INSTANCE.")
+    p.add_argument("instance", metavar="INSTANCE", help="the bridge process's name (tenant create issues 'main')")
+    p.set_defaults(handler=cmd_bridge_add)
+    p = bridge.add_parser("list", parents=[common], help="list bridge identities",
+                          description="List the bridge identities and the tenants they hold a certificate on.")
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p.set_defaults(handler=cmd_bridge_list)
+
     crl = commands.add_parser("crl", help="certificate revocation lists", description="CRL upkeep."
                               ).add_subparsers(dest="action", metavar="ACTION", required=True)
     p = crl.add_parser("refresh", parents=[common], help="re-issue CRLs that expire soon and reload the brokers",
@@ -165,10 +214,19 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     data = _data(args)
+    limits = {field: value for field, value in (
+        ("maxconn", args.proxy_maxconn), ("per_source", args.proxy_per_source), ("per_tenant", args.proxy_per_tenant),
+        ("hello_timeout", args.proxy_hello_timeout), ("idle_timeout", args.proxy_idle_timeout)) if value is not None}
     settings, created = tenants.init(data, proxy_bind=args.proxy_bind, proxy_port=args.proxy_port,
-                                     public_port=args.public_port, first_broker_port=args.first_broker_port)
+                                     public_port=args.public_port, first_broker_port=args.first_broker_port,
+                                     limits=limits, renew_overlap_s=args.renew_overlap)
     print(f"{'created' if created else 'updated'} {data.root}: proxy on {settings.proxy_bind}:{settings.proxy_port}, "
           f"gateways dial port {settings.public_port}, brokers from 127.0.0.1:{settings.first_broker_port}")
+    lim = settings.limits
+    print(f"  proxy limits: {lim.per_source} connections per address, {lim.per_tenant} per tenant, "
+          f"{lim.maxconn or 'HAProxy default'} in all; ClientHello within {lim.hello_timeout}, idle {lim.idle_timeout}")
+    if not created:
+        print(f"  proxy: {tenants.apply_proxy(data)}")
     return 0
 
 
@@ -180,7 +238,9 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
     print(f"tenant {tenant.name} created")
     print(f"  broker URL   {tenant.url}  (its Mosquitto: 127.0.0.1:{tenant.broker_port})")
     print(f"  tenant CA    {files.ca_cert}")
-    print(f"  bridge       {files.bridge_cert}  {files.bridge_key}")
+    print(f"  bridge       {files.identity('bridge.main')[0]}  (bridge run --instance main; more: provisioning "
+          "bridge add NAME)")
+    print(f"  commands     {files.bridge_cert}  {files.bridge_key}  (CN bridge: operators' tools)")
     print(f"  proxy        {data.haproxy_cfg}: {proxy}")
     print(f"start its broker:  mosquitto -c {files.conf}")
     print(f"next:              provisioning key create {tenant.name} --uses 1 --expires 7d")
@@ -237,11 +297,14 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from provisioning.server import ServeOptions, serve
 
-    if args.max_failures < 1:
-        raise ProvisioningError("--max-failures must be at least 1")
+    for flag, value in (("--max-failures", args.max_failures), ("--max-key-failures", args.max_key_failures),
+                        ("--max-tenant-failures", args.max_tenant_failures)):
+        if value < 1:
+            raise ProvisioningError(f"{flag} must be at least 1")
     options = ServeOptions(host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key,
                            tls_names=tuple(args.tls_name), cert_lifetime_s=args.cert_lifetime,
-                           max_failures=args.max_failures, failure_window_s=args.failure_window,
+                           max_failures=args.max_failures, max_key_failures=args.max_key_failures,
+                           max_tenant_failures=args.max_tenant_failures, failure_window_s=args.failure_window,
                            crl_check_s=args.crl_check)
     asyncio.run(serve(_data(args), options))
     return 0
@@ -279,6 +342,46 @@ def cmd_technician_cert(args: argparse.Namespace) -> int:
     print(f"  tenant CA    {cert.ca_file}")
     print("watch every gateway and alert:")
     print(f"  {cert.command}")
+    return 0
+
+
+def cmd_technician_list(args: argparse.Namespace) -> int:
+    views = admin.list_technicians(_data(args), args.tenant)
+    if args.json:
+        print(json.dumps([v.as_json() for v in views]))
+        return 0
+    _table([("TECHNICIAN", "STATE", "CERTIFICATE", "EXPIRES", "ISSUED", "REVOKED")]
+           + [(v.identity, v.state, v.serial, v.not_after, v.issued_at, v.revoked_at or "-") for v in views])
+    return 0
+
+
+def cmd_technician_revoke(args: argparse.Namespace) -> int:
+    result = admin.revoke_technician(_data(args), args.tenant, args.name)
+    head = (f"{result.gateway} was already revoked at {result.already_revoked_at}; enforced again"
+            if result.already_revoked_at else f"{result.gateway} revoked in tenant {result.tenant.name}")
+    print(head)
+    for step in result.steps:
+        print(f"  {step}")
+    return 0
+
+
+def cmd_bridge_add(args: argparse.Namespace) -> int:
+    added = admin.add_bridge(_data(args), args.instance)
+    where = ", ".join(added.tenants) if added.tenants else "no tenant needed one (already issued)"
+    print(f"{added.identity}: issued on {where}; tenants created later get it too")
+    print(f"run it with:  bridge run --config FILE --instance {added.instance}   (tenants_from: {_data(args).root})")
+    return 0
+
+
+def cmd_bridge_list(args: argparse.Namespace) -> int:
+    found = admin.list_bridges(_data(args))
+    if args.json:
+        print(json.dumps([{"identity": identity, "tenants": [c.tenant for c in certs],
+                           "not_after": min(c.not_after for c in certs)} for identity, certs in found]))
+        return 0
+    _table([("IDENTITY", "TENANTS", "FIRST EXPIRY")]
+           + [(identity, ",".join(c.tenant for c in certs), min(c.not_after for c in certs))
+              for identity, certs in found])
     return 0
 
 

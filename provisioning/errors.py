@@ -18,9 +18,14 @@ from factory_edge.errors import ProvisioningError
 
 
 class Refused(ProvisioningError):
-    """A request the service refuses; ``status`` is the HTTP status."""
+    """A request the service refuses; ``status`` is the HTTP status.
+
+    ``subjects``: what else the failure counts against besides the client's
+    address (``key <id>``, ``tenant <name>``), once the request named them.
+    """
 
     status = 400
+    subjects: tuple[str, ...] = ()
 
 
 class Unauthorized(Refused):

@@ -10,8 +10,11 @@
       tenants/<tenant>/
         ca.pem ca.key crl.pem            the tenant's CA and its revocation list
         broker.pem broker.key            Mosquitto's server certificate (mqtt.<tenant>.<domain>)
-        bridge.pem bridge.key            the bridge's client certificate
-        provisioning.pem provisioning.key   this service's client (ends revoked sessions)
+        bridge.pem bridge.key            operators' command-line identity (CN bridge: commands, alerts)
+        bridges/bridge.<instance>.pem .key   each bridge process's own identity (bridge run --instance)
+        bridges/bridge-alerts.pem .key   the bridge's alert role (held by one process at a time)
+        provisioning.pem provisioning.key   this service's client (ends revoked sessions, subscription rules)
+        provisioning-guard.pem .key      the service's retained-message guard
         mosquitto.conf acl dynsec.json   the broker's configuration
         data/                            the broker's persistence
         technicians/                     technician certificates issued (keys are handed out, not kept)
@@ -55,6 +58,12 @@ class TenantFiles:
     dynsec = property(lambda self: self.dir / "dynsec.json")
     persistence = property(lambda self: self.dir / "data")
     technicians = property(lambda self: self.dir / "technicians")
+    bridges = property(lambda self: self.dir / "bridges")
+    guard = property(lambda self: (self.dir / "provisioning-guard.pem", self.dir / "provisioning-guard.key"))
+
+    def identity(self, name: str) -> tuple[Path, Path]:
+        """``(cert, key)`` of a bridge identity (``bridge.<instance>`` or ``bridge-alerts``) under ``bridges/``."""
+        return self.bridges / f"{name}.pem", self.bridges / f"{name}.key"
 
 
 @dataclass(frozen=True)

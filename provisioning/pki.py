@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,17 +27,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from factory_edge import names
 from factory_edge.errors import ProvisioningError
 from factory_edge.files import write_atomic
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PemObject = x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-BRIDGE_ID = "bridge"
-TECHNICIAN_PREFIX = "tech-"
-SERVICE_ID = "provisioning"  # the provisioning service's own client: ends revoked gateways' sessions
-ACCEPTED_KEYS = "RSA >= 2048 or EC P-256/P-384"
+ID_RE = names.ID_RE  # match with fullmatch (names.is_id): re.match with '$' lets a trailing newline through
+BRIDGE_ID = names.BRIDGE_ID
+TECHNICIAN_PREFIX = names.TECHNICIAN_PREFIX
+SERVICE_ID = names.SERVICE_ID  # the provisioning service's own client: ends revoked gateways' sessions
+ACCEPTED_KEYS = "RSA 2048-4096 with e=65537 or EC P-256/P-384"
+RSA_BITS = (2048, 4096)
+RSA_EXPONENT = 65537
+MAX_CN = 64  # X.509 ub-common-name
 CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past
 
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
@@ -52,7 +55,7 @@ def new_key() -> ec.EllipticCurvePrivateKey:
 def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA (key, certificate) whose subject CN is ``name``."""
     key = new_key()
-    subject = _name(name)
+    subject = _name(name[:MAX_CN])
     start = _now() - CLOCK_SKEW
     cert = (
         x509.CertificateBuilder()
@@ -78,13 +81,17 @@ def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key:
     ``alt_names``: more names for the SAN, DNS names or IP addresses.
     """
     start = _now() - CLOCK_SKEW
+    if not names.is_host(hostname):
+        raise ProvisioningError(f"server name {hostname!r} is not a lowercase DNS name")
     san: list[x509.GeneralName] = [x509.DNSName(hostname)]
     for name in alt_names:
         try:
             san.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
             san.append(x509.DNSName(name))
-    return _leaf(ca_key, ca_cert, public_key, hostname, ExtendedKeyUsageOID.SERVER_AUTH,
+    # The CN is informative only (clients check the SAN) and X.509 caps it at 64 characters.
+    cn = hostname if len(hostname) <= MAX_CN else hostname.split(".", 2)[1][:MAX_CN]
+    return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.SERVER_AUTH,
                  start, start + dt.timedelta(days=days), san=list(dict.fromkeys(san)))
 
 
@@ -128,17 +135,18 @@ def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.Certificat
         raise ProvisioningError("CSR signature cannot be checked") from exc
     if not valid:
         raise ProvisioningError("CSR signature is invalid: the request was altered or not signed by its key")
-    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1:
-        raise ProvisioningError(f"CSR has {len(names)} common names; need exactly one, the gateway id")
-    cn = names[0].value
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise ProvisioningError(f"CSR has {len(cns)} common names; need exactly one, the gateway id")
+    cn = cns[0].value
     cn = cn.decode("utf-8", "replace") if isinstance(cn, bytes) else cn
     check_id(cn, what="CSR common name")
     if common_name is not None and cn != common_name:
         raise ProvisioningError(f"CSR common name {cn!r} does not match the expected {common_name!r}")
     if not allow_reserved and is_reserved(cn):
-        owner = "the provisioning service" if cn == SERVICE_ID else "the bridge or technicians"
+        owner = "the provisioning service" if cn.lower().startswith(SERVICE_ID) else "the bridge or technicians"
         raise ProvisioningError(f"CSR common name {cn!r} is reserved for {owner}")
+    _check_san(csr)
     start, end = _validity(days=days, hours=None, not_before=not_before, not_after=not_after)
     return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
@@ -182,10 +190,17 @@ def create_crl(ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tupl
 
 
 def check_key(public_key: object, *, what: str = "key") -> None:
-    """Refuse keys other than EC P-256/P-384 or RSA >= 2048 bits."""
+    """Refuse keys other than EC P-256/P-384 or RSA of 2048-4096 bits with public exponent 65537.
+
+    A small exponent (3) invites the classic low-exponent attacks on careless
+    padding, and more than 4096 bits only costs the verifier CPU.
+    """
     if isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size < 2048:
+        if not RSA_BITS[0] <= public_key.key_size <= RSA_BITS[1]:
             raise ProvisioningError(f"{what} is RSA {public_key.key_size} bits; need {ACCEPTED_KEYS}")
+        exponent = public_key.public_numbers().e
+        if exponent != RSA_EXPONENT:
+            raise ProvisioningError(f"{what} is RSA with public exponent {exponent}; need {ACCEPTED_KEYS}")
         return
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if public_key.curve.name not in _CURVES:
@@ -197,21 +212,35 @@ def check_key(public_key: object, *, what: str = "key") -> None:
 
 
 def check_id(value: str, *, what: str = "id") -> None:
-    """Refuse anything but 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit."""
-    if not ID_RE.match(value):
-        raise ProvisioningError(f"{what} {value!r} is not a valid id: 1-64 letters, digits, '_', '.' or '-',"
-                                " starting with a letter or digit")
+    """Refuse anything but 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit (in full)."""
+    if not names.is_id(value):
+        raise ProvisioningError(f"{what} {value!r} is not a valid id: {names.ID_RULE}")
 
 
 def is_reserved(identity: str) -> bool:
-    """True for identities that are not gateways: the bridge, technicians and the provisioning service."""
-    return identity in (BRIDGE_ID, SERVICE_ID) or identity.startswith(TECHNICIAN_PREFIX)
+    """True for identities that are not gateways: ``bridge*``, ``provisioning``, ``tech-*`` (any case)."""
+    return names.is_reserved(identity)
+
+
+def _check_san(csr: x509.CertificateSigningRequest) -> None:
+    """A SAN in a CSR is never copied, but it must not smuggle anything either: DNS names of the id grammar only."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return
+    except ValueError as exc:
+        raise ProvisioningError(f"CSR extensions cannot be read: {exc}") from exc
+    for entry in san:
+        if not isinstance(entry, x509.DNSName):
+            raise ProvisioningError(f"CSR subject alternative name {entry.value!r} is not allowed: only DNS names "
+                                    "of the gateway-id grammar (they are not copied)")
+        check_id(entry.value, what="CSR subject alternative name")
 
 
 def common_name(cert: x509.Certificate) -> str:
     """The certificate's subject CN (the gateway id for client certificates)."""
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
 
 
 def same_key(a: object, b: object) -> bool:

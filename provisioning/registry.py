@@ -119,6 +119,7 @@ class CertRecord:
     pem: str = ""
     revoked_at: str | None = None
     superseded_by: str | None = None
+    superseded_at: str | None = None
 
 
 # -- migrations --------------------------------------------------------------
@@ -171,8 +172,21 @@ def _m0001_initial(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+def _m0002_isolation(db: sqlite_utils.Database) -> None:
+    for sql in (
+        # When a renewal superseded the certificate: it is revoked once the overlap has passed.
+        "ALTER TABLE certificates ADD COLUMN superseded_at TEXT",
+        # Bridge processes, each with an identity bridge.<instance> on every tenant's broker.
+        """CREATE TABLE bridge_instances (
+            name TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL)""",
+    ):
+        db.execute(sql)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m0001_initial),
+    ("0002_isolation", _m0002_isolation),
 ]
 
 
@@ -343,24 +357,53 @@ class Registry:
             sql, params = sql + " AND kind = ?", params + [kind]
         return [CertRecord(**r) for r in self._rows(sql + " ORDER BY issued_at, serial", params)]
 
-    def supersede(self, serial: str, by: str) -> None:
-        self.db.execute("UPDATE certificates SET superseded_by = ? WHERE serial = ?", [by, serial])
+    def supersede(self, serial: str, by: str, at: dt.datetime | None = None) -> None:
+        self.db.execute("UPDATE certificates SET superseded_by = ?, superseded_at = ? WHERE serial = ?",
+                        [by, iso(at or now()), serial])
 
     def revoke_certificate(self, serial: str, at: dt.datetime) -> None:
         self.db.execute("UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
                         [iso(at), serial])
 
-    def revoked(self, tenant: str, at: dt.datetime) -> list[tuple[int, dt.datetime]]:
-        """``(serial, revoked_at)`` of revoked certificates not yet expired: what the CRL lists."""
-        rows = self._rows("SELECT serial, revoked_at FROM certificates WHERE tenant = ? AND revoked_at IS NOT NULL "
-                          "AND not_after > ? ORDER BY serial", [tenant, iso(at)])
-        return [(int(r["serial"], 16), parse_iso(r["revoked_at"]) or at) for r in rows]
+    def revoked(self, tenant: str, at: dt.datetime, *,
+                overlap: dt.timedelta = dt.timedelta(0)) -> list[tuple[int, dt.datetime]]:
+        """``(serial, revoked_at)`` of revoked certificates not yet expired: what the CRL lists.
+
+        A certificate superseded by a renewal counts as revoked once ``overlap``
+        has passed since the renewal (the gateway may still be using it until
+        it reconnects with the new one).
+        """
+        rows = self._rows("SELECT serial, revoked_at, superseded_at FROM certificates WHERE tenant = ? "
+                          "AND not_after > ? AND (revoked_at IS NOT NULL OR superseded_at <= ?) ORDER BY serial",
+                          [tenant, iso(at), iso(at - overlap)])
+        found = []
+        for r in rows:
+            superseded = parse_iso(r["superseded_at"])
+            when = parse_iso(r["revoked_at"]) or (superseded + overlap if superseded else at)
+            found.append((int(r["serial"], 16), when))
+        return found
 
     def technicians(self, tenant: str, at: dt.datetime) -> list[str]:
         """Technician identities holding a certificate that is neither expired nor revoked."""
         rows = self._rows("SELECT DISTINCT subject FROM certificates WHERE tenant = ? AND kind = 'technician' "
                           "AND revoked_at IS NULL AND not_after > ? ORDER BY subject", [tenant, iso(at)])
         return [r["subject"] for r in rows]
+
+    def active_certificates(self, tenant: str, kind: str, at: dt.datetime, subject: str | None = None) -> list[CertRecord]:
+        """Certificates of ``kind`` neither expired nor revoked (``subject``: of that identity only)."""
+        sql = ("SELECT * FROM certificates WHERE tenant = ? AND kind = ? AND revoked_at IS NULL AND not_after > ?")
+        params: list[Any] = [tenant, kind, iso(at)]
+        if subject is not None:
+            sql, params = sql + " AND subject = ?", params + [subject]
+        return [CertRecord(**r) for r in self._rows(sql + " ORDER BY subject, issued_at", params)]
+
+    # bridge instances -----------------------------------------------------------
+
+    def bridge_instances(self) -> list[str]:
+        return [r["name"] for r in self._rows("SELECT name FROM bridge_instances ORDER BY name")]
+
+    def add_bridge_instance(self, name: str, at: dt.datetime) -> None:
+        self.db.execute("INSERT OR IGNORE INTO bridge_instances (name, created_at) VALUES (?, ?)", [name, iso(at)])
 
 
 def _key(row: dict[str, Any]) -> KeyRecord:

@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from factory_edge import names
 from factory_edge.errors import ProvisioningError
-from provisioning.pki import BRIDGE_ID, ID_RE, TECHNICIAN_PREFIX
+from provisioning.pki import BRIDGE_ID, TECHNICIAN_PREFIX
 
 MiB = 1024 * 1024
 
@@ -39,7 +40,14 @@ MAX_PACKET_SIZE = 1 * MiB  # a 500-point batch is ~50 KiB; MQTT v5 clients learn
 AUTOSAVE_INTERVAL_S = 5  # a broker crash loses at most this much of its state
 SESSION_EXPIRATION = "14d"  # forgotten sessions (old technician certs) stop holding queues
 
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_BACKEND_RE = re.compile(r"[A-Za-z0-9_.-]+")
+
+# The SNI proxy's limits (``provisioning init --proxy-…``); see ProxyLimits.
+PROXY_MAXCONN = 0  # 0: HAProxy's own, derived from its file descriptor limit (9,985 with 20,000 descriptors)
+PROXY_PER_SOURCE = 200
+PROXY_PER_TENANT = 2_000
+PROXY_HELLO_TIMEOUT = "5s"
+PROXY_IDLE_TIMEOUT = "2m"
 
 
 def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile: str, keyfile: str,
@@ -118,7 +126,8 @@ def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile:
               "log_timestamp true",
               "log_timestamp_format %Y-%m-%dT%H:%M:%S",
               "",
-              "# TLS only, client certificate required; the certificate CN is the MQTT username.",
+              "# TLS only, client certificate required; the certificate CN is the MQTT username, and the",
+        "# client id too: no identity can take over another's session by claiming its client id.",
               f"listener {port} {bind}",
               "tls_version tlsv1.2",
               f"cafile {cafile}",
@@ -127,20 +136,25 @@ def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile:
               f"crlfile {crlfile}",
               "require_certificate true",
               "use_identity_as_username true",
+              "use_username_as_clientid true",
               ""]
     return "\n".join(lines)
 
 
-def mosquitto_acl(*, technicians: Iterable[str] = (), bridge: str = BRIDGE_ID, service: str | None = None) -> str:
-    """The tenant ACL: gateways by pattern, the bridge and each technician by name.
+def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (BRIDGE_ID,),
+                  service: str | None = None, guard: str | None = None) -> str:
+    """The tenant ACL: gateways by pattern, each bridge identity and each technician by name.
 
     Mosquitto's ``pattern`` lines apply to *every* identity, and a ``user``
     block matches one exact name (there is no prefix match), so:
 
-    - gateways get exactly the topics of the contract under ``gw/<their id>/``;
-    - the bridge and every technician get a ``user`` block, whose ``deny``
-      line (checked before any grant, patterns included) takes away what
-      the gateway patterns would otherwise give them under their own name;
+    - gateways get exactly the topics of the contract under ``gw/<their id>/``
+      (write status, meta, data, events, command replies; read their
+      commands and the bridge's acknowledgements ``gw/<id>/ack``);
+    - every bridge identity (``bridge``, ``bridge.<instance>``,
+      ``bridge-alerts``) and every technician gets a ``user`` block, whose
+      ``deny`` line (checked before any grant, patterns included) takes away
+      what the gateway patterns would otherwise give it under its own name;
     - a technician can read only once its name is listed here and the
       broker reloaded (SIGHUP). Until then its identity falls under the
       gateway patterns like any CN, i.e. it may write under ``gw/tech-*/``,
@@ -148,24 +162,39 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridge: str = BRIDGE_ID, s
       reserved names): list every technician certificate issued, and let
       readers ignore reserved gateway ids.
 
+    Nobody but a bridge identity may write ``gw/+/ack``: a gateway that
+    could acknowledge its own batches would make its agent delete data the
+    storage never got.
+
     ``service`` (the provisioning service's identity, normally
     ``provisioning``) may send dynamic-security commands, which the broker
-    only uses to end revoked gateways' sessions, and write a gateway's
-    retained status (to mark a revoked gateway offline); nothing else.
+    uses to end revoked sessions and to refuse subscriptions, and write a
+    gateway's retained status (to mark a revoked gateway offline).
+    ``guard`` (``provisioning-guard``) reads the gateways' topics and may
+    write them, only to clear retained messages the design does not have
+    (``provisioning.retained``).
+
+    Every name is checked in full against its grammar, so no value can end
+    a line early or add one.
     """
     techs = sorted(set(technicians))
     for name in techs:
-        if not name.startswith(TECHNICIAN_PREFIX) or not ID_RE.match(name):
+        if not name.startswith(TECHNICIAN_PREFIX) or not names.is_id(name):
             raise ProvisioningError(f"technician identity {name!r} must be 'tech-<name>' and a valid id")
-    if not ID_RE.match(bridge) or bridge.startswith(TECHNICIAN_PREFIX):
-        raise ProvisioningError(f"bridge identity {bridge!r} is not a valid id")
-    if service is not None and (not ID_RE.match(service) or service.startswith(TECHNICIAN_PREFIX) or service == bridge):
-        raise ProvisioningError(f"service identity {service!r} is not a valid id")
+    bridge_ids = sorted(set(bridges))
+    for bridge in bridge_ids:
+        if not names.is_bridge(bridge):
+            raise ProvisioningError(f"bridge identity {bridge!r} is not 'bridge', 'bridge.<instance>' or "
+                                    f"'{names.BRIDGE_ALERTS_ID}'")
+    for what, value in (("service", service), ("guard", guard)):
+        if value is not None and (not names.is_id(value) or names.is_bridge(value)
+                                  or value.startswith(TECHNICIAN_PREFIX)):
+            raise ProvisioningError(f"{what} identity {value!r} is not a valid id")
     lines = [
         "# factory-edge tenant ACL. Generated by provisioning; edits are overwritten.",
         "# Identity = certificate CN (use_identity_as_username). Anything not granted is denied.",
         "",
-        "# Gateways (CN = gateway id): write only their own topics, read only their own commands.",
+        "# Gateways (CN = gateway id): write only their own topics, read only their own commands and acks.",
         "pattern write gw/%u/status",
         "pattern write gw/%u/meta/+",
         "pattern write gw/%u/data/+",
@@ -174,29 +203,40 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridge: str = BRIDGE_ID, s
         "pattern read gw/%u/cmd/#",
         "pattern read gw/%u/ack",
         "",
-        "# The bridge: reads every gateway, sends commands, owns the alert topics.",
-        f"user {bridge}",
-        f"topic deny gw/{bridge}/#",
-        "topic read gw/#",
-        "topic write gw/+/cmd/+",
-        "topic write gw/+/ack",
-        "topic readwrite alerts/#",
+        "# The bridge (every process and tool its own identity): reads every gateway, sends commands and",
+        "# acknowledgements, owns the alert topics.",
     ]
+    for bridge in bridge_ids:
+        lines += [f"user {bridge}", f"topic deny gw/{bridge}/#", "topic read gw/#", "topic write gw/+/cmd/+",
+                  "topic write gw/+/ack", "topic readwrite alerts/#", ""]
     if service is not None:
         lines += [
-            "",
-            "# The provisioning service: ends revoked gateways' sessions and marks them offline.",
+            "# The provisioning service: ends revoked sessions, refuses subscriptions (dynamic security),",
+            "# marks revoked gateways offline.",
             f"user {service}",
             f"topic deny gw/{service}/#",
             "topic write $CONTROL/dynamic-security/v1",
             "topic read $CONTROL/dynamic-security/v1/response",
             "topic write gw/+/status",
+            "",
+        ]
+    if guard is not None:
+        lines += [
+            "# The service's retained-message guard: clears retained messages outside status and meta.",
+            f"user {guard}",
+            f"topic deny gw/{guard}/#",
+            "topic readwrite gw/+/status",
+            "topic readwrite gw/+/meta/+",
+            "topic readwrite gw/+/data/+",
+            "topic readwrite gw/+/events",
+            "topic readwrite gw/+/cmd/+/reply",
+            "",
         ]
     if techs:
-        lines += ["", "# Technicians: read-only (short-lived certificates)."]
+        lines += ["# Technicians: read-only (short-lived certificates).", ""]
     for name in techs:
-        lines += ["", f"user {name}", f"topic deny gw/{name}/#", "topic read gw/#", "topic read alerts/#"]
-    return "\n".join(lines) + "\n"
+        lines += [f"user {name}", f"topic deny gw/{name}/#", "topic read gw/#", "topic read alerts/#", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 # -- HAProxy ---------------------------------------------------------------
@@ -218,12 +258,13 @@ class TenantRoute:
         """Accept a TenantRoute or a ``{name, sni_host, backend_addr}`` mapping, and check it."""
         route = tenant if isinstance(tenant, TenantRoute) else cls(
             name=str(tenant["name"]), sni_host=str(tenant["sni_host"]), backend_addr=str(tenant["backend_addr"]))
-        if not ID_RE.match(route.name):
+        if not names.is_id(route.name):
             raise ProvisioningError(f"tenant name {route.name!r} is not a valid id")
-        if not _HOST_RE.match(route.sni_host):
+        if not names.is_host(route.sni_host):
             raise ProvisioningError(f"tenant {route.name}: SNI name {route.sni_host!r} is not a lowercase DNS name")
         host, sep, port = route.backend_addr.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in host):
+        if (not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536
+                or any(c.isspace() for c in host)):
             raise ProvisioningError(f"tenant {route.name}: backend address {route.backend_addr!r} is not host:port")
         return route
 
@@ -242,14 +283,59 @@ def haproxy_map(routes: Mapping[str, str]) -> str:
     """The SNI map file: one ``sni-name backend-name`` line per tenant."""
     lines = ["# sni-name backend (generated by provisioning)"]
     for sni, backend in sorted(routes.items()):
-        if not _HOST_RE.match(sni) or not re.match(r"^[A-Za-z0-9_.-]+$", backend):
+        if not names.is_host(sni) or not _BACKEND_RE.fullmatch(backend):
             raise ProvisioningError(f"bad SNI route {sni!r} -> {backend!r}")
         lines.append(f"{sni} {backend}")
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class ProxyLimits:
+    """What one client address, one tenant and everyone together may hold on the SNI proxy.
+
+    - ``maxconn``: connections the proxy holds at once, all tenants together
+      (HAProxy's global and frontend ``maxconn``); 0 leaves it to HAProxy,
+      which derives it from its file-descriptor limit (two per connection).
+    - ``per_source``: concurrent connections from one client address,
+      refused at accept, before any byte is read. Gateways behind one NAT
+      address share it: raise it for large sites.
+    - ``per_tenant``: concurrent connections to one tenant (by SNI name),
+      refused once the ClientHello names the tenant. Keep it well below
+      ``maxconn`` so one tenant's flood leaves room for every other tenant.
+    - ``hello_timeout``: a connection must deliver a complete TLS
+      ClientHello naming a known tenant within this time, or it is closed.
+    - ``idle_timeout``: a connection silent this long is closed. It must
+      exceed 1.5 times the longest MQTT keepalive of any client (the agent
+      and the bridge use 30 s, ``mosquitto_sub`` 60 s). In passthrough the
+      proxy cannot see the rest of the handshake (it is encrypted end to
+      end), so a client that stalls *after* its ClientHello holds its slot
+      until this timeout: the per-source and per-tenant limits bound that.
+    """
+
+    maxconn: int = PROXY_MAXCONN
+    per_source: int = PROXY_PER_SOURCE
+    per_tenant: int = PROXY_PER_TENANT
+    hello_timeout: str = PROXY_HELLO_TIMEOUT
+    idle_timeout: str = PROXY_IDLE_TIMEOUT
+
+    def check(self) -> ProxyLimits:
+        for name in ("maxconn", "per_source", "per_tenant"):
+            value = getattr(self, name)
+            low = 0 if name == "maxconn" else 1
+            if not isinstance(value, int) or not low <= value <= 1_000_000:
+                raise ProvisioningError(f"proxy {name.replace('_', '-')} {value!r} is not in {low}..1000000")
+        for name in ("hello_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not _DURATION_RE.fullmatch(value):
+                raise ProvisioningError(f"proxy {name.replace('_', '-')} {value!r} is not a duration like 5s or 2m")
+        return self
+
+
+_DURATION_RE = re.compile(r"[1-9][0-9]{0,6}(ms|s|m|h)")
+
+
 def haproxy_cfg(*, bind: str, port: int, map_file: str, tenants: Iterable[TenantRoute | Mapping[str, Any]],
-                stats_socket: str | None = None, timeout_idle: str = "10m") -> str:
+                stats_socket: str | None = None, limits: ProxyLimits | None = None) -> str:
     """``haproxy.cfg``: TLS passthrough routed by SNI through ``map_file``; unknown names are rejected.
 
     Every tenant gets a backend here; which SNI name reaches which backend
@@ -257,13 +343,13 @@ def haproxy_cfg(*, bind: str, port: int, map_file: str, tenants: Iterable[Tenant
     added at runtime (``add map <map_file> <sni> <backend>``) without
     dropping connections. A new *backend* needs a reload, which
     ``expose-fd listeners`` makes seamless (the old process keeps its
-    connections until they end). ``timeout_idle`` must exceed the MQTT
-    keepalive of every client.
+    connections until they end). ``limits``: see ProxyLimits.
     """
     if not 0 < port < 65536:
         raise ProvisioningError(f"proxy port {port} is not in 1..65535")
     for name, value in (("bind", bind), ("map_file", map_file), ("stats_socket", stats_socket)):
         _check_value(name, value)
+    limits = (limits or ProxyLimits()).check()
     routes = [TenantRoute.of(t) for t in tenants]
     haproxy_routes(routes)  # duplicate check
     lines = [
@@ -271,6 +357,8 @@ def haproxy_cfg(*, bind: str, port: int, map_file: str, tenants: Iterable[Tenant
         "global",
         "    log stdout format raw local0 info",
     ]
+    if limits.maxconn:
+        lines.append(f"    maxconn {limits.maxconn}")
     if stats_socket:
         lines.append(f"    stats socket {stats_socket} mode 600 level admin expose-fd listeners")
     lines += [
@@ -280,18 +368,31 @@ def haproxy_cfg(*, bind: str, port: int, map_file: str, tenants: Iterable[Tenant
         "    log global",
         "    option tcplog",
         "    timeout connect 5s",
-        f"    timeout client {timeout_idle}",
-        f"    timeout server {timeout_idle}",
+        "    # Idle connections: longer than 1.5 x the longest MQTT keepalive of any client.",
+        f"    timeout client {limits.idle_timeout}",
+        f"    timeout server {limits.idle_timeout}",
         "",
         "frontend mqtts",
         f"    bind {bind}:{port}",
-        "    tcp-request inspect-delay 5s",
+        *([f"    maxconn {limits.maxconn}"] if limits.maxconn else []),
+        "    # One client address may hold this many connections (refused before reading a byte).",
+        "    stick-table type ipv6 size 100k expire 10m store conn_cur",
+        "    tcp-request connection track-sc0 src",
+        f"    tcp-request connection reject if {{ sc0_conn_cur gt {limits.per_source} }}",
+        "    # A complete ClientHello naming a known tenant within the hello timeout, or the connection is closed.",
+        f"    tcp-request inspect-delay {limits.hello_timeout}",
         f"    acl known_tenant req.ssl_sni,lower,map({map_file}) -m found",
         "    # No default backend: a client hello without a known SNI name is refused.",
         "    tcp-request content reject if !known_tenant",
-        "    tcp-request content accept if { req_ssl_hello_type 1 }",
-        "    tcp-request content reject",
+        "    tcp-request content reject if !{ req_ssl_hello_type 1 }",
+        "    # One tenant may hold this many connections: its flood leaves room for every other tenant.",
+        "    tcp-request content track-sc1 req.ssl_sni,lower table per_tenant",
+        f"    tcp-request content reject if {{ sc1_conn_cur(per_tenant) gt {limits.per_tenant} }}",
+        "    tcp-request content accept",
         f"    use_backend %[req.ssl_sni,lower,map({map_file})]",
+        "",
+        "backend per_tenant",
+        "    stick-table type string len 253 size 100k expire 10m store conn_cur",
     ]
     for route in routes:
         lines += ["", f"backend {route.backend}", f"    server {route.name} {route.backend_addr}"]
@@ -305,4 +406,4 @@ def _check_value(name: str, value: str | None) -> None:
         raise ProvisioningError(f"{name} {value!r} is empty or contains whitespace")
 
 
-__all__ = ["TenantRoute", "haproxy_cfg", "haproxy_map", "haproxy_routes", "mosquitto_acl", "mosquitto_conf"]
+__all__ = ["ProxyLimits", "TenantRoute", "haproxy_cfg", "haproxy_map", "haproxy_routes", "mosquitto_acl", "mosquitto_conf"]

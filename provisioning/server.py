@@ -6,8 +6,11 @@ host's names by default); gateways then trust it with ``agent provision
 --ca-file``. The server certificate is re-issued when the names change or
 it nears expiry; the CA stays, so gateways keep trusting it.
 
-Tasks: ``api`` (uvicorn) and ``crl-refresh``, which re-issues every CRL
-with fewer than four of its seven days left and reloads that broker.
+Tasks: ``api`` (uvicorn); ``crl-refresh``, which re-issues every CRL
+with fewer than four of its seven days left (or that must list more) and
+reloads that broker, and re-applies every broker's subscription rules;
+and ``retained[<tenant>]`` per tenant, the retained-message guard
+(``provisioning.retained``), started for new tenants within seconds.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
-from provisioning import pki
-from provisioning.admin import refresh_crls
+from provisioning import pki, retained
+from provisioning.admin import enforce_subscriptions, refresh_crls
 from provisioning.layout import DataDir
 from provisioning.ratelimit import FailureLimiter
-from provisioning.registry import now
+from provisioning.registry import Registry, now
+from provisioning.tenants import admin_link
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class ServeOptions:
     tls_names: tuple[str, ...] = ()
     cert_lifetime_s: float = 365 * 86400
     max_failures: int = 10
+    max_key_failures: int = 10
+    max_tenant_failures: int = 100
     failure_window_s: float = 600.0
     crl_check_s: float = 3600.0
 
@@ -99,16 +105,41 @@ def _stale(cert: x509.Certificate, names: list[str]) -> bool:
 
 
 async def crl_upkeep(data: DataDir, interval_s: float) -> None:
-    """Re-issue CRLs before they expire, forever (task ``crl-refresh``)."""
+    """Re-issue CRLs before they expire or when they must list more, and re-apply subscription rules, forever.
+
+    Task ``crl-refresh``. The subscription rules (``dynsec.sync``) are
+    re-applied too, so a broker that was down or restored from a backup
+    converges on the registry within one interval.
+    """
     while True:
         try:
             for status in await asyncio.to_thread(refresh_crls, data):
                 if status.reissued:
                     log.info("CRL refreshed", extra=fields(tenant=status.tenant, broker=status.broker,
                                                            next_update=status.next_update.isoformat()))
+            await asyncio.to_thread(enforce_subscriptions, data)
         except FactoryEdgeError as exc:
             log.error("CRL refresh failed", extra=fields(err=str(exc), retry_in_s=interval_s))
         await asyncio.sleep(interval_s)
+
+
+async def guards(data: DataDir, group: asyncio.TaskGroup, tasks: list[asyncio.Task[None]],
+                 every_s: float = 5.0) -> None:
+    """Task ``retained``: a retained-message guard for every tenant, including ones created while serving."""
+    started: set[str] = set()
+    while True:
+        try:
+            with Registry(data.registry) as registry:
+                found = registry.tenants()
+        except FactoryEdgeError as exc:
+            log.error("cannot list tenants for the retained-message guard", extra=fields(err=str(exc)))
+            found = []
+        for tenant in found:
+            if tenant.name not in started and data.tenant(tenant.name).guard[0].exists():
+                started.add(tenant.name)
+                tasks.append(group.create_task(retained.guard(tenant.name, admin_link(data, tenant, guard=True)),
+                                               name=f"retained[{tenant.name}]"))
+        await asyncio.sleep(every_s)
 
 
 async def serve(data: DataDir, options: ServeOptions) -> None:
@@ -132,8 +163,11 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
     except (OSError, ssl.SSLError) as exc:
         raise ProvisioningError(f"cannot use {cert_file} and {key_file} for TLS: {exc}") from exc
     listener = _listen(options.host, options.port)
-    service = Service(data, cert_lifetime_s=options.cert_lifetime_s)
-    limiter = FailureLimiter(max_failures=options.max_failures, window_s=options.failure_window_s)
+    window = options.failure_window_s
+    service = Service(data, cert_lifetime_s=options.cert_lifetime_s,
+                      per_key=FailureLimiter(max_failures=options.max_key_failures, window_s=window),
+                      per_tenant=FailureLimiter(max_failures=options.max_tenant_failures, window_s=window))
+    limiter = FailureLimiter(max_failures=options.max_failures, window_s=window)
     config = uvicorn.Config(create_app(service, limiter), host=options.host, port=options.port,
                             ssl_certfile=str(cert_file), ssl_keyfile=str(key_file), log_config=None,
                             proxy_headers=False, server_header=False, lifespan="off", timeout_graceful_shutdown=5)
@@ -144,9 +178,14 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
         upkeep = group.create_task(crl_upkeep(data, options.crl_check_s), name="crl-refresh")
         api = group.create_task(_run(server, listener), name="api")
         notify = group.create_task(_notify_systemd(server, options), name="systemd")
+        guarding: list[asyncio.Task[None]] = []
+        watcher = group.create_task(guards(data, group, guarding), name="retained")
         try:
             await api
         finally:
+            await cancel_and_wait(watcher)
+            for task in guarding:
+                await cancel_and_wait(task)
             await cancel_and_wait(notify)
             await cancel_and_wait(upkeep)
 

@@ -20,19 +20,23 @@ import base64
 import binascii
 import datetime as dt
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from factory_edge import names
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning import keys, pki
-from provisioning.errors import Conflict, Forbidden, Invalid, Unauthorized
+from provisioning import dynsec, keys, pki
+from provisioning.errors import Conflict, Forbidden, Invalid, Refused, TooManyAttempts, Unauthorized
 from provisioning.layout import DataDir
-from provisioning.registry import Registry, Tenant, iso, now
-from provisioning.tenants import get_tenant, load_ca, record
+from provisioning.ratelimit import FailureLimiter
+from provisioning.registry import Registry, Tenant, iso, now, parse_iso
+from provisioning.tenants import admin_link, get_tenant, load_ca, record, renew_overlap
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +73,35 @@ class Issued:
 class Service:
     """The provisioning operations over one data directory (a registry connection per call)."""
 
-    def __init__(self, data: DataDir, *, cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S) -> None:
+    def __init__(self, data: DataDir, *, cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S,
+                 per_key: FailureLimiter | None = None, per_tenant: FailureLimiter | None = None) -> None:
         if cert_lifetime_s <= 0:
             raise ProvisioningError("certificate lifetime must be positive")
         self.data = data
         self.cert_lifetime_s = cert_lifetime_s
+        self.per_key = per_key
+        self.per_tenant = per_tenant
+
+    @contextmanager
+    def _counted(self, *, key: str, tenant: str) -> Iterator[None]:
+        """Refuse (429) a key or tenant with too many recent failures; count this request's failure against both.
+
+        The address limit (the API's Guard) stops one client; these stop many
+        addresses working on one leaked key, or on one tenant.
+        """
+        pairs = [(limiter, subject) for limiter, subject in ((self.per_key, key), (self.per_tenant, f"tenant {tenant}"))
+                 if limiter]
+        for limiter, subject in pairs:
+            wait = limiter.blocked_for(subject)
+            if wait:
+                raise TooManyAttempts(f"too many failed attempts for {subject}; retry in {wait} s", retry_after_s=wait)
+        try:
+            yield
+        except Refused as exc:
+            for limiter, subject in pairs:
+                limiter.failed(subject)
+            exc.subjects = tuple(subject for _, subject in pairs)
+            raise
 
     def _validity(self, at: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
         # Start a little in the past for gateways whose clock is behind, but
@@ -90,29 +118,42 @@ class Service:
             found = registry.key_by_digest(keys.digest(key))
             if found is None:
                 raise Unauthorized("unknown provisioning key")
-            refusal = found.refusal(at)
-            if refusal:
-                raise Forbidden(refusal)
-            tenant = get_tenant(registry, found.tenant)
-            if name is not None:
-                _invalid(pki.check_id, name, what="gateway name")
-            ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
-            start, end = self._validity(at)
-            cert = _invalid(pki.sign_csr, ca_key, ca_cert, csr, common_name=name, not_before=start, not_after=end)
-            gateway = pki.common_name(cert)
-            with registry.transaction():
-                taken = registry.active_device(tenant.name, gateway)
-                if taken is not None:
-                    raise Conflict(f"gateway name {gateway!r} is already taken in tenant {tenant.name} by a device "
-                                   f"provisioned at {taken.created_at}; revoke it first "
-                                   f"(provisioning device revoke {tenant.name} {gateway}) or choose another name")
-                if not registry.use_key(found.id, at):
-                    raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
-                device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
-                registry.add_certificate(record(tenant.name, cert, "gateway", device_id=device_id))
+            with self._counted(key=f"key {found.id}", tenant=found.tenant):
+                return self._provision(registry, found, csr, name, at)
+
+    def _provision(self, registry: Registry, found: Any, csr: str, name: str | None, at: dt.datetime) -> Issued:
+        refusal = found.refusal(at)
+        if refusal:
+            raise Forbidden(refusal)
+        tenant = get_tenant(registry, found.tenant)
+        if name is not None:
+            _invalid(names.check_gateway, name, what="gateway name")
+        ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
+        start, end = self._validity(at)
+        cert = _invalid(pki.sign_csr, ca_key, ca_cert, csr, common_name=name, not_before=start, not_after=end)
+        gateway = pki.common_name(cert)
+        if registry.active_device(tenant.name, gateway) is None:
+            # Before the certificate exists for anyone: the broker refuses its subscriptions beyond its own.
+            self._register(registry, tenant, gateway)
+        with registry.transaction():
+            taken = registry.active_device(tenant.name, gateway)
+            if taken is not None:
+                raise Conflict(f"gateway name {gateway!r} is already taken in tenant {tenant.name} by a device "
+                               f"provisioned at {taken.created_at}; revoke it first "
+                               f"(provisioning device revoke {tenant.name} {gateway}) or choose another name")
+            if not registry.use_key(found.id, at):
+                raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
+            device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
+            registry.add_certificate(record(tenant.name, cert, "gateway", device_id=device_id))
         log.info("gateway provisioned", extra=fields(tenant=tenant.name, gateway=gateway, key=found.id,
                                                      serial=f"{cert.serial_number:x}", not_after=iso(end)))
         return Issued(tenant, cert, ca_cert)
+
+    def _register(self, registry: Registry, tenant: Tenant, gateway: str) -> None:
+        """Make the tenant broker refuse the gateway's subscriptions beyond its own topics (dynsec)."""
+        gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
+        target = dynsec.wanted(gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()))
+        dynsec.sync(self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name)
 
     def renew(self, certificate: str, csr: str, signature: str) -> Issued:
         """A new certificate for a gateway that proves it holds its current, valid one."""
@@ -131,31 +172,41 @@ class Service:
             if issued is None or issued.kind != "gateway" or issued.fingerprint != pki.fingerprint(current):
                 raise Unauthorized("certificate was not issued to a gateway by this service")
             tenant = get_tenant(registry, issued.tenant)
-            ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
-            if not pki.issued_by(current, ca_cert):
-                raise Unauthorized(f"certificate is not signed by tenant {tenant.name}'s CA")
-            try:
-                pki.verify_possession(current, request.public_bytes(serialization.Encoding.DER), proof)
-            except ProvisioningError as exc:
-                raise Unauthorized("signature over the CSR does not match the certificate's key") from exc
-            device = registry.device(issued.device_id or 0)
-            revoked_at = issued.revoked_at or (device.revoked_at if device else "unknown")
-            if revoked_at:
-                raise Forbidden(f"certificate of {issued.subject} was revoked at {revoked_at}")
-            if current.not_valid_after_utc <= at:
-                raise Forbidden(f"certificate of {issued.subject} expired at {iso(current.not_valid_after_utc)}; "
-                                "provision the gateway again with a new key")
-            if issued.superseded_by:
-                return self._retried(registry, tenant, ca_cert, issued.subject, issued.superseded_by, request)
-            start, end = self._validity(at)
-            cert = _invalid(pki.sign_csr, ca_key, ca_cert, request, common_name=issued.subject,
-                            not_before=start, not_after=end)
-            with registry.transaction():
-                again = registry.certificate(issued.serial)
-                if again is None or again.superseded_by or again.revoked_at:
-                    raise Forbidden(f"certificate of {issued.subject} changed meanwhile; retry")
-                registry.add_certificate(record(tenant.name, cert, "gateway", device_id=issued.device_id))
-                registry.supersede(issued.serial, f"{cert.serial_number:x}")
+            with self._counted(key=f"certificate {issued.serial}", tenant=tenant.name):
+                return self._renew(registry, tenant, issued, current, request, proof, at)
+
+    def _renew(self, registry: Registry, tenant: Tenant, issued: Any, current: x509.Certificate,
+               request: x509.CertificateSigningRequest, proof: bytes, at: dt.datetime) -> Issued:
+        ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
+        if not pki.issued_by(current, ca_cert):
+            raise Unauthorized(f"certificate is not signed by tenant {tenant.name}'s CA")
+        try:
+            pki.verify_possession(current, request.public_bytes(serialization.Encoding.DER), proof)
+        except ProvisioningError as exc:
+            raise Unauthorized("signature over the CSR does not match the certificate's key") from exc
+        device = registry.device(issued.device_id or 0)
+        revoked_at = issued.revoked_at or (device.revoked_at if device else "unknown")
+        if revoked_at:
+            raise Forbidden(f"certificate of {issued.subject} was revoked at {revoked_at}")
+        if current.not_valid_after_utc <= at:
+            raise Forbidden(f"certificate of {issued.subject} expired at {iso(current.not_valid_after_utc)}; "
+                            "provision the gateway again with a new key")
+        if issued.superseded_by:
+            overlap = renew_overlap(registry)
+            superseded = parse_iso(issued.superseded_at)
+            if superseded is not None and superseded + overlap <= at:
+                raise Forbidden(f"certificate of {issued.subject} was superseded at {issued.superseded_at} and is "
+                                f"revoked since the renewal overlap ({overlap}) ended; renew with the newest one")
+            return self._retried(registry, tenant, ca_cert, issued.subject, issued.superseded_by, request)
+        start, end = self._validity(at)
+        cert = _invalid(pki.sign_csr, ca_key, ca_cert, request, common_name=issued.subject,
+                        not_before=start, not_after=end)
+        with registry.transaction():
+            again = registry.certificate(issued.serial)
+            if again is None or again.superseded_by or again.revoked_at:
+                raise Forbidden(f"certificate of {issued.subject} changed meanwhile; retry")
+            registry.add_certificate(record(tenant.name, cert, "gateway", device_id=issued.device_id))
+            registry.supersede(issued.serial, f"{cert.serial_number:x}", at)
         log.info("certificate renewed", extra=fields(tenant=tenant.name, gateway=issued.subject, old=issued.serial,
                                                      serial=f"{cert.serial_number:x}", not_after=iso(end)))
         return Issued(tenant, cert, ca_cert)
@@ -172,10 +223,10 @@ class Service:
 
 
 def _invalid(check: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a pki check; its ProvisioningError becomes a 422."""
+    """Run a pki or name check; its ProvisioningError or InvalidName becomes a 422."""
     try:
         return check(*args, **kwargs)
-    except ProvisioningError as exc:
+    except (ProvisioningError, names.InvalidName) as exc:
         raise Invalid(str(exc)) from exc
 
 

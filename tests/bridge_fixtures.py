@@ -25,6 +25,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import BrokerSettings, tls_context
+from factory_edge import names
 from tests.helpers import ServiceProcess
 from tests.infra import Mosquitto, TenantPki
 
@@ -147,9 +148,11 @@ class Watcher:
 
 
 def tenant_entry(pki: TenantPki, broker: Mosquitto, **extra: Any) -> dict[str, Any]:
-    cert, key = pki.bridge
+    """A ``tenants:`` entry: every pre-issued ``bridge.<instance>`` identity, and ``bridge-alerts`` for the alert role."""
+    alerts_cert, alerts_key = pki.paths(names.BRIDGE_ALERTS_ID)
     return {"name": pki.tenant, "url": f"mqtts://{pki.host}:{broker.port}", "connect_host": "127.0.0.1",
-            "ca_file": str(pki.ca_file), "cert_file": str(cert), "key_file": str(key), **extra}
+            "ca_file": str(pki.ca_file), "identities": pki.bridge_identities(),
+            "alerts_cert_file": str(alerts_cert), "alerts_key_file": str(alerts_key), **extra}
 
 
 def write_config(path: Path, *, tenants: list[dict[str, Any]], storage: dict[str, Any], **extra: Any) -> Path:
@@ -293,9 +296,9 @@ class MappingBroker(Mosquitto):
 
     def render(self) -> None:
         super().render()
-        self.acl_file.write_text(self.acl_file.read_text()
-                                 + "\n# third-party machines\nuser bridge\ntopic read plant/#\n\n"
-                                   "user plc-7\ntopic write plant/#\n")
+        readers = "".join(f"user {name}\ntopic read plant/#\n\n" for name in self.pki.bridges)
+        self.acl_file.write_text(self.acl_file.read_text() + "\n# third-party machines\n" + readers
+                                 + "user plc-7\ntopic write plant/#\n")
 
 
 # ---------------------------------------------------------------- webhook endpoints

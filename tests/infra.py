@@ -31,6 +31,7 @@ from typing import Any, Self
 
 from cryptography import x509
 
+from factory_edge import names
 from provisioning import pki as pkilib
 from provisioning import render
 from provisioning.render import TenantRoute
@@ -38,6 +39,7 @@ from factory_edge.demo.processes import terminate
 from tests.helpers import free_port
 
 _LIVE: dict[int, subprocess.Popen[Any]] = {}  # pid -> process, for the exit-time safety net
+BRIDGE_INSTANCES = ("test", "one", "two", "t0", "t1", "t2", "t3")  # bridge.<instance> identities of a TenantPki
 
 
 class TenantPki:
@@ -66,6 +68,11 @@ class TenantPki:
         self.certs: dict[str, x509.Certificate] = {}
         self._write_crl()
         self.bridge = self.client(pkilib.BRIDGE_ID)
+        # The broker binds each client id to its certificate, so every bridge process and the alert role
+        # have identities of their own; issued now so that the broker's ACL lists them from its start.
+        for instance in BRIDGE_INSTANCES:
+            self.client(names.bridge_identity(instance))
+        self.client(names.BRIDGE_ALERTS_ID)
 
     def client(self, name: str, **validity: Any) -> tuple[Path, Path]:
         """Issue (or re-issue) a client certificate with CN ``name``; returns ``(cert_path, key_path)``.
@@ -83,6 +90,19 @@ class TenantPki:
 
     def paths(self, name: str) -> tuple[Path, Path]:
         return self.clients_dir / f"{name}.pem", self.clients_dir / f"{name}.key"
+
+    @property
+    def bridges(self) -> list[str]:
+        """Every bridge identity issued: ``bridge``, ``bridge.<instance>``, ``bridge-alerts``."""
+        return sorted(name for name in self.certs if names.is_bridge(name))
+
+    def bridge_identities(self) -> dict[str, dict[str, str]]:
+        """``identities:`` for a bridge config: each pre-issued instance's certificate and key."""
+        found = {}
+        for instance in BRIDGE_INSTANCES:
+            cert, key = self.paths(names.bridge_identity(instance))
+            found[instance] = {"cert_file": str(cert), "key_file": str(key)}
+        return found
 
     @property
     def technicians(self) -> list[str]:
@@ -202,7 +222,7 @@ class Mosquitto(_Process):
             port=self.port, cafile=str(self.pki.ca_file), certfile=str(self.pki.broker_cert_file),
             keyfile=str(self.pki.broker_key_file), crlfile=str(self.pki.crl_file), aclfile=str(self.acl_file),
             persistence_dir=str(self.data_dir), user=pwd.getpwuid(os.geteuid()).pw_name))
-        self.acl_file.write_text(render.mosquitto_acl(technicians=self.pki.technicians))
+        self.acl_file.write_text(render.mosquitto_acl(technicians=self.pki.technicians, bridges=self.pki.bridges))
 
     def start(self, timeout_s: float = 10.0) -> Mosquitto:
         """Render and run ``mosquitto -c``; return once the TLS listener is open."""

@@ -380,3 +380,26 @@ def _days_ago(days: int) -> Any:
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+
+
+async def test_a_copy_of_the_gateways_certificate_is_logged_as_a_takeover(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy) -> None:
+    """The broker binds the client id to the certificate: only a copy of this gateway's own certificate can take
+    its session (a leaked key). The agent takes it back at once and says so, in words."""
+    config = {"gateway": GW, "mqtt": mqtt_section(pki_acme, proxy.port), "devices": []}
+    with AgentProcess(tmp_path / "agent", config) as agent:
+        agent.start()
+        await wait_for(lambda: agent.status().get("connection", {}).get("state") == "connected", timeout_s=20,
+                       interval_s=0.1, what="the agent to connect")
+        cert, key = pki_acme.client(GW)
+        settings = BrokerSettings(host=pki_acme.host, port=proxy.port, tls=True, connect_host="127.0.0.1",
+                                  ca_file=str(pki_acme.ca_file), cert_file=str(cert), key_file=str(key))
+        with Collector(settings, [], client_id="not-the-agents-id"):
+            await wait_for(lambda: any(e.get("msg") == "session taken over by another connection with our client id"
+                                       for e in agent.logs()), timeout_s=10, what="the takeover in the agent's log")
+        await wait_for(lambda: agent.status().get("connection", {}).get("state") == "connected", timeout_s=10,
+                       what="the agent back on its session")
+    logged = next(e for e in agent.logs() if e.get("msg") == "session taken over by another connection with our "
+                                                             "client id")
+    assert logged["client_id"] == GW and "certificate" in logged["hint"]
+    assert f"Client {GW} already connected, closing old connection." in broker_acme.log()

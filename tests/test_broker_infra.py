@@ -104,8 +104,9 @@ def test_gateway_writes_only_its_own_topics(site: Site) -> None:
 
 
 def test_gateway_reads_only_its_own_commands(site: Site) -> None:
+    # One identity, one session (the client id is the CN): gw-02 publishes before it subscribes.
+    assert site.pub("gw-02", "gw/gw-02/data/press-1", batch(1)).stderr == ""
     with site.sub("gw-01", "gw/gw-02/cmd/#", "gw/#") as gw1, site.sub("gw-02", "gw/gw-02/cmd/#") as gw2:
-        assert site.pub("gw-02", "gw/gw-02/data/press-1", batch(1)).stderr == ""
         assert site.pub("bridge", "gw/gw-02/cmd/ping", "for gw-02").stderr == ""
         assert site.pub("bridge", "gw/gw-01/cmd/ping", "for gw-01").stderr == ""
         assert gw2.wait_message("gw/gw-02/cmd/ping") == "for gw-02"

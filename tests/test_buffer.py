@@ -207,3 +207,17 @@ def test_max_age_drops_points_older_than_the_limit(tmp_path: Path) -> None:
         new, drops = buf.add("d", points("d", 2), max_points=10, max_bytes=10**6)
     assert [(d.reason, d.points, d.oldest_seq) for d in drops] == [("max_age", 3, old[0])]
     assert pending(tmp_path / "b.db") == new
+
+
+def test_acceptance_times_in_the_future_are_brought_back_to_the_present(tmp_path: Path) -> None:
+    """A gateway that restarts with its clock set back must not hold accepted batches back until the clock
+    catches up: the delivery timeouts would never expire."""
+    path = tmp_path / "b.db"
+    with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
+        seqs, _ = buf.add("d", points("d", 20), max_points=10, max_bytes=10**6)
+        buf.accept(seqs[:1], at_ms=5_000)
+        buf.accept(seqs[1:], at_ms=9_000_000_000_000)  # year 2255
+        assert buf.clamp_accepted(now_ms=6_000) == 1
+    reader = BufferReader(path)
+    assert reader.newest_accepted_ms() == 6_000
+    assert [b.accepted_ms for b in reader.old(0, 10, below=0, accepted_before=10_000)] == [5_000, 6_000]

@@ -75,15 +75,15 @@ def test_accepted_key_types(ca: tuple[pki.PrivateKey, x509.Certificate], key: pk
 
 def test_csr_with_rsa_1024_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate]) -> None:
     csr = pki.make_csr(rsa.generate_private_key(65537, 1024), "gw-01")
-    assert refused(ca, csr) == "CSR key is RSA 1024 bits; need RSA >= 2048 or EC P-256/P-384"
+    assert refused(ca, csr) == "CSR key is RSA 1024 bits; need RSA 2048-4096 with e=65537 or EC P-256/P-384"
 
 
 def test_csr_with_other_curves_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate]) -> None:
     csr = pki.make_csr(ec.generate_private_key(ec.SECP256K1()), "gw-01")
-    assert refused(ca, csr) == "CSR key is EC secp256k1; need RSA >= 2048 or EC P-256/P-384"
+    assert refused(ca, csr) == "CSR key is EC secp256k1; need RSA 2048-4096 with e=65537 or EC P-256/P-384"
     ed = x509.CertificateSigningRequestBuilder().subject_name(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-01")])).sign(ed25519.Ed25519PrivateKey.generate(), None)
-    assert refused(ca, ed) == "CSR key is Ed25519; need RSA >= 2048 or EC P-256/P-384"
+    assert refused(ca, ed) == "CSR key is Ed25519; need RSA 2048-4096 with e=65537 or EC P-256/P-384"
 
 
 def test_csr_for_another_gateway_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate]) -> None:
@@ -215,3 +215,11 @@ def test_loading_errors_name_the_file(tmp_path: Path) -> None:
         pki.load_cert(tmp_path / "junk.pem")
     with pytest.raises(ProvisioningError, match=r"^cannot read certificate .*missing.pem: No such file or directory$"):
         pki.load_cert(tmp_path / "missing.pem")
+
+
+@pytest.mark.parametrize(("exponent", "bits", "problem"), [
+    (3, 2048, "RSA with public exponent 3"), (65537, 4160, "RSA 4160 bits")], ids=["e=3", "4160-bit"])
+def test_rsa_keys_need_2048_to_4096_bits_and_exponent_65537(ca: tuple[pki.PrivateKey, x509.Certificate],
+                                                          exponent: int, bits: int, problem: str) -> None:
+    csr = pki.make_csr(rsa.generate_private_key(exponent, bits), "gw-01")
+    assert refused(ca, csr) == f"CSR key is {problem}; need RSA 2048-4096 with e=65537 or EC P-256/P-384"

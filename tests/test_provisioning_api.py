@@ -139,9 +139,9 @@ def test_one_use_key_serves_one_of_many_concurrent_requests(api: Api) -> None:
     (lambda: "not a CSR", None, "CSR is not a PEM or DER certificate signing request"),
     (lambda: pem(x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(
         x509.NameOID.COMMON_NAME, "gw-ed")])).sign(ed25519.Ed25519PrivateKey.generate(), None)), None,
-     "CSR key is Ed25519; need RSA >= 2048 or EC P-256/P-384"),
+     "CSR key is Ed25519; need RSA 2048-4096 with e=65537 or EC P-256/P-384"),
     (lambda: pem(csr_for("gw-rsa", rsa.generate_private_key(65537, 1024))), None,
-     "CSR key is RSA 1024 bits; need RSA >= 2048 or EC P-256/P-384"),
+     "CSR key is RSA 1024 bits; need RSA 2048-4096 with e=65537 or EC P-256/P-384"),
     (lambda: pem(csr_for("bridge")), None, "CSR common name 'bridge' is reserved for the bridge or technicians"),
     (lambda: pem(csr_for("tech-eve")), None, "CSR common name 'tech-eve' is reserved for the bridge or technicians"),
     (lambda: pem(csr_for("provisioning")), None,

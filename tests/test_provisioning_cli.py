@@ -58,7 +58,10 @@ def test_tenant_create_prints_what_to_run_and_refuses_a_second_time(data: Path, 
         "tenant globex created",
         "  broker URL   mqtts://mqtt.globex.example.com:8883  (its Mosquitto: 127.0.0.1:18831)",
         f"  tenant CA    {data}/tenants/globex/ca.pem",
-        f"  bridge       {data}/tenants/globex/bridge.pem  {data}/tenants/globex/bridge.key",
+        f"  bridge       {data}/tenants/globex/bridges/bridge.main.pem  (bridge run --instance main; more: "
+        "provisioning bridge add NAME)",
+        f"  commands     {data}/tenants/globex/bridge.pem  {data}/tenants/globex/bridge.key  (CN bridge: operators' "
+        "tools)",
         f"  proxy        {data}/haproxy/haproxy.cfg: proxy not running: start it with 'haproxy -W -f "
         f"{data}/haproxy/haproxy.cfg'",
         f"start its broker:  mosquitto -c {data}/tenants/globex/mosquitto.conf",
@@ -110,7 +113,7 @@ def test_errors_are_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert run(capsys, data, "technician-cert", "acme", "anna", "--hours", "200")[2] == (
         "Error: --hours must be in (0, 168] (got 200): technician certificates are short-lived\n")
     assert run(capsys, data, "technician-cert", "acme", "an na")[2] == (
-        "Error: technician name 'tech-an na' is not a valid id: 1-64 letters, digits, '_', '.' or '-', starting "
+        "Error: technician name 'an na' is not valid: 1-59 letters, digits, '_', '.' or '-', starting "
         "with a letter or digit\n")
     with pytest.raises(SystemExit) as exited:
         main(["key", "create", "acme", "--expires", "soon", "--data-dir", str(data)])
@@ -223,7 +226,7 @@ def test_every_provisioning_command_has_help_and_a_docs_section() -> None:
     for name, sub in subcommands(build_parser()).items():
         children = subcommands(sub)
         leaves += [(f"{name} {child}", parser) for child, parser in children.items()] if children else [(name, sub)]
-    assert len(leaves) == 11
+    assert len(leaves) == 15
     for name, parser in leaves:
         assert parser.description, f"provisioning {name} has no --help description"
         assert f"\n## provisioning {name}\n" in cli_doc, f"docs/cli.md has no section for provisioning {name}"

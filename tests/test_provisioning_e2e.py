@@ -101,8 +101,11 @@ def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, te
         tech.wait_line(lambda x: x == 'gw/gw-a1/data/press-1 {"v":1,"seq":1}', 10, "acme data")
         assert not any("gw-g1" in line for line in tech.output())  # globex's data never reaches acme
 
-        # The technician reads only: every publish is refused.
-        tech_args = technician.split()
+        # Technicians read only: every publish is refused. (Another technician: one certificate holds one
+        # session, since the broker makes its CN the client id.)
+        other = provisioning(site.data, "technician-cert", "acme", "ben", "--hours", "1", "--out", str(tmp_path / "b"))
+        tech_args = next(line.strip() for line in other.stdout.splitlines()
+                         if line.strip().startswith("mosquitto_sub ")).split()
         tech_conn = tech_args[1:tech_args.index("-t")]
         for topic in ("gw/gw-a1/cmd/write", "gw/gw-a1/data/press-1", "alerts/gw-a1/press-1/hot"):
             assert site.pub(tech_conn, topic, "forged").stderr.strip() == NOT_AUTHORIZED
@@ -243,12 +246,13 @@ def test_running_agent_renews_its_certificate_at_two_thirds(site: Deployment, tm
         assert x509.load_pem_x509_certificate((state / "gw-renew.pem").read_bytes()).subject == first.subject
         assert stat.S_IMODE((state / "gw-renew.key").stat().st_mode) == 0o600
         assert second.not_valid_after_utc > first.not_valid_after_utc
-        # Key and certificate match, and the broker accepts the pair.
-        assert site.pub(site.conn(state), "gw/gw-renew/events", "renewed").stderr == ""
         devices = json.loads(provisioning(site.data, "device", "list", "acme", "gw-renew", "--json").stdout)
         assert devices[0]["renewals"] >= 1 and devices[0]["state"] == "active"
         status = json.loads((state / "status.json").read_text())
         assert status["connection"]["state"] == "connected"
+        # Key and certificate match, and the broker accepts the pair (this session replaces the agent's:
+        # one certificate, one session).
+        assert site.pub(site.conn(state), "gw/gw-renew/events", "renewed").stderr == ""
     finally:
         agent.terminate()
         agent.wait(10)

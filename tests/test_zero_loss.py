@@ -154,14 +154,14 @@ def test_two_bridges_on_a_shared_subscription_one_killed_repeatedly(
     broker = make_broker(pki)
     view = StoreView("postgres", tmp_path, pg_dsn)
     config = bridge_config(tmp_path, pki, broker, view, shared_group="bridge")
-    steady = BridgeProcess(config, instance="steady").start()
-    flaky = BridgeProcess(config, instance="flaky").start()
+    steady = BridgeProcess(config, instance="one").start()
+    flaky = BridgeProcess(config, instance="two").start()
     agent = AgentProcess(tmp_path / "agent", agent_config(pki, broker.port, plant)).start()
     try:
         for i in range(8):
             time.sleep(1.5)
             flaky.kill()
-            flaky = BridgeProcess(config, instance="flaky", log=tmp_path / f"flaky-{i}.log").start()
+            flaky = BridgeProcess(config, instance="two", log=tmp_path / f"flaky-{i}.log").start()
         finish(plant, agent)
     finally:
         agent.stop()

@@ -12,6 +12,7 @@ and text as text, exactly as received.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -96,7 +97,14 @@ class SqliteStore(Store):
         if directory.exists() and not directory.is_dir():
             raise StorageError(f"{directory}: not a directory (storage.path)")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.exists():  # private whatever the umask: it holds every reading of the tenant
+                directory.mkdir(mode=0o700, parents=True)
+                os.chmod(directory, 0o700)
+            if not self.path.exists():  # 0600 from the first byte; SQLite gives its -wal and -shm the same mode
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.chmod(self.path, 0o600)
+        except FileExistsError:
+            pass
         except OSError as exc:
             raise StorageError(f"{directory}: cannot create the storage directory: {exc.strerror or exc}") from exc
         try:

@@ -100,7 +100,8 @@ class Stack:
         self.technician_dir = self.root / "technician"
         self.children: list[Child] = []
         self.hosts_names: list[str] = []
-        self.technician_command = ""
+        self.technician_command = ""  # printed for the person running the demo
+        self.watch_command = ""  # the demo's own watch: another technician, as one certificate holds one session
         self.hosts = [f"mqtt.{t}.{DOMAIN}" for t in TENANTS]
         self._step = 0
 
@@ -153,6 +154,7 @@ class Stack:
             self.start(Child("provisioning", [tool("provisioning"), "serve", "--port", str(self.ports.api),
                                               "--data-dir", str(self.data)], self.logs, notify=True))
         with self.step(f"bridge run: every tenant's broker into SQLite, alert rule {ALERT_RULE}"):
+            self.provisioning("bridge", "add", "demo")  # the process's own identity, bridge.demo, on every tenant
             self.write_bridge_config()
             bridge = self.start(Child("bridge", [tool("bridge"), "run", "--config", str(self.bridge_config)],
                                       self.logs, notify=True))
@@ -167,10 +169,14 @@ class Stack:
             self.start(Child("agent", [tool("agent"), "run", "--config", str(self.agent_config)], self.logs,
                              notify=True))
         with self.step("technician certificate: read-only, 8 hours"):
-            out = self.provisioning("technician-cert", TENANT, "demo", "--hours", "8", "--out", str(self.technician_dir))
-            self.technician_command = next(
-                (line.strip() for line in out.splitlines() if line.strip().startswith("mosquitto_sub ")), "")
-            if not self.technician_command:
+            commands = []
+            for name in ("demo", "demo-story"):
+                out = self.provisioning("technician-cert", TENANT, name, "--hours", "8", "--out",
+                                        str(self.technician_dir))
+                commands.append(next(
+                    (line.strip() for line in out.splitlines() if line.strip().startswith("mosquitto_sub ")), ""))
+            self.technician_command, self.watch_command = commands
+            if not all(commands):
                 raise DemoError(f"provisioning technician-cert printed no mosquitto_sub command; see {self.logs}")
 
     def prepare(self) -> None:

@@ -1,9 +1,11 @@
 """What the demo shows once everything runs: live data, a write command, an alert firing and resolving.
 
-The demo watches through the very ``mosquitto_sub`` command it prints for
-the technician (read-only certificate, ``gw/#`` and ``alerts/#``), and
-sends commands as the cloud side does, with ``mosquitto_pub`` and the
-bridge's certificate on ``gw/<gw>/cmd/write``. Switching the CNC's coolant
+The demo watches through a ``mosquitto_sub`` command like the one it prints
+for the technician (read-only certificate, ``gw/#`` and ``alerts/#``), with
+a technician certificate of its own (the broker gives each certificate one
+session: the printed command must not take the demo's), and sends commands
+as the cloud side does, with ``mosquitto_pub`` and the operators' ``bridge``
+certificate on ``gw/<gw>/cmd/write``. Switching the CNC's coolant
 off heats its spindle; the bridge's rule fires above 80 degC, the demo
 switches the coolant back on, and the alert resolves below 75.
 """
@@ -79,7 +81,7 @@ def _json(payload: str) -> Any:
 class Story:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
-        self.watch = Watch(stack.technician_command, stack.logs / "technician.log")
+        self.watch = Watch(stack.watch_command, stack.logs / "technician.log")
         self.alert_topic = f"alerts/{GATEWAY}/cnc-1/{ALERT_RULE}"
         self.last_temp_at = 0.0
         self.fired = False
