@@ -129,7 +129,10 @@ class ModbusDriver(Driver):
         self.holes: list[Hole] = []
         self.requests = 0
         self._tags = {t.name: t for t in device.tags}
-        self._decoders = {t.name: (t.register_count, codec.make_decoder(t)) for t in device.tags}
+        # Per tag: (name, registers, decoder), the decoder None when the register is the value.
+        self._decoders = {t.name: (t.name, t.register_count, None if codec.is_plain_word(t) else codec.make_decoder(t))
+                          for t in device.tags}
+        self._programs: dict[int, tuple[Read, list[tuple[str, int, int, codec.Decoder | None]]]] = {}
         self._backoff = Backoff(initial_s=min(1.0, device.poll), max_s=device.backoff_max)
         self._retry_at = 0.0
         self._link: _Link | None = None
@@ -327,20 +330,26 @@ class ModbusDriver(Driver):
         ts = now_ms()
         return [Point.bad(self.device.name, t.name, reason, ts) for t in read.tags]
 
+    def _program(self, read: Read) -> list[tuple[str, int, int, codec.Decoder | None]]:
+        """How to decode a read's answer: (tag name, offset, registers, decoder) per tag, built once per read."""
+        cached = self._programs.get(id(read))
+        if cached is not None and cached[0] is read:
+            return cached[1]
+        if len(self._programs) > 2 * len(self.plan) + 16:
+            self._programs.clear()  # reads of an older plan
+        program = [(name, tag.address - read.start, count, decode)
+                   for tag in read.tags for name, count, decode in (self._decoders[tag.name],)]
+        self._programs[id(read)] = (read, program)
+        return program
+
     def _decode(self, read: Read, values: list[int] | list[bool]) -> list[Point]:
         ts = now_ms()
         device = self.device.name
-        out = []
+        program = self._program(read)
         if read.table.is_bits:
-            for tag in read.tags:
-                out.append(Point(device, tag.name, ts, bool(values[tag.address - read.start])))
-            return out
-        decoders = self._decoders
-        for tag in read.tags:
-            count, decode = decoders[tag.name]
-            offset = tag.address - read.start
-            out.append(Point(device, tag.name, ts, decode(values[offset: offset + count])))
-        return out
+            return [Point(device, name, ts, bool(values[offset])) for name, offset, _, _ in program]
+        return [Point(device, name, ts, values[offset] if decode is None else decode(values[offset:offset + count]))
+                for name, offset, count, decode in program]
 
     # ------------------------------------------------------------ writing
 
