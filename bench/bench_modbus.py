@@ -200,7 +200,8 @@ async def main(tags: int, polls: int, answer_times: list[float], mix: bool) -> N
         results = await scenario(tags, mix, polls, answer_ms)
         raw = results["raw pymodbus"][1]
         print(f"\ndevice answer time {answer_ms:g} ms per request")
-        print(f"{'':<20} {'requests/poll':>13} {'median cycle':>13} {'p95 cycle':>10} {'client CPU/poll':>16} {'vs raw pymodbus':>16}")
+        print(f"{'':<20} {'requests/poll':>13} {'median cycle':>13} {'p95 cycle':>10} "
+              f"{'client CPU/poll':>16} {'vs raw pymodbus':>16}")
         for label, (per_poll, median, p95, cpu) in results.items():
             print(f"{label:<20} {per_poll:>13.0f} {median * 1000:>11.2f}ms {p95 * 1000:>8.2f}ms "
                   f"{cpu * 1000:>14.2f}ms {median / raw:>15.2f}x")
