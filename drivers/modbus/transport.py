@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections import deque
 from collections.abc import Awaitable
 
 from pymodbus.client.mixin import ModbusClientMixin
@@ -57,6 +56,8 @@ from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
 
 from factory_edge.logs import fields
+
+from .window import Window
 
 log = logging.getLogger(__name__)
 
@@ -91,59 +92,6 @@ class TransactionTimeout(ModbusIOException):
             "No response received", request.function_code, transaction_id=request.transaction_id, dev_id=request.dev_id
         )
         self.link_alive = link_alive
-
-
-class _Window:
-    """Slots for transactions on the wire, granted first come first served.
-
-    ``alone`` waits until nothing else is outstanding and keeps others out
-    until it leaves: how a request is sent again to see whether the device
-    answers it when it is the only one.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.busy = 0
-        self.exclusive = False
-        self._waiters: deque[tuple[bool, asyncio.Future[None]]] = deque()
-
-    def _fits(self, alone: bool) -> bool:
-        if alone:
-            return self.busy == 0
-        return not self.exclusive and self.busy < self.size
-
-    def _take(self, alone: bool) -> None:
-        self.busy += 1
-        self.exclusive = alone
-
-    async def enter(self, alone: bool) -> None:
-        if not self._waiters and self._fits(alone):
-            self._take(alone)
-            return
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = (alone, granted)
-        self._waiters.append(waiter)
-        try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self.leave(alone)  # granted just as the caller was cancelled
-            else:
-                self._waiters.remove(waiter)
-                self._wake()
-            raise
-
-    def leave(self, alone: bool) -> None:
-        self.busy -= 1
-        if alone:
-            self.exclusive = False
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            alone, granted = self._waiters.popleft()
-            self._take(alone)
-            granted.set_result(None)
 
 
 class _Transaction:
@@ -218,7 +166,7 @@ class TcpClient(ModbusClientMixin[Awaitable[ModbusPDU]]):
         self.retries = retries
         self.configured_window = window
         self.stale = False
-        self._window = _Window(window)
+        self._window = Window(window)
         self._decoder = DecodePDU(False)
         self._connection: _Connection | None = None
         self._pending: dict[int, _Transaction] = {}
