@@ -26,6 +26,13 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(handler=run, default_log_level="info")
 
 
+def dump_stacks_on_sigusr2() -> None:
+    """``kill -USR2 <pid>`` writes every thread's stack to stderr (the journal): what a hung agent is doing."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+
 async def serve(config_path: Path, state_dir: str | None) -> None:
     config = load_config(config_path)
     directory = Path(state_dir or config.state_dir)
@@ -39,5 +46,6 @@ async def serve(config_path: Path, state_dir: str | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    dump_stacks_on_sigusr2()
     asyncio.run(serve(Path(args.config), args.state_dir))
     return 0

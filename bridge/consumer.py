@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
+from collections import deque
 from collections.abc import Sequence
 
 from agent.mqtt import CLOSED_BY_BROKER, BrokerSettings
@@ -52,6 +54,7 @@ class Consumer:
         self._session: Session | None = None
         self._backoff = Backoff(initial_s=0.5, max_s=backoff_max_s)
         self._closed_by_broker: str | None = None  # why the last session ended, if the broker ended it unexplained
+        self._takeovers: deque[float] = deque(maxlen=3)  # when sessions looked taken over (monotonic)
         self._attempts = 0
 
     # ---------------------------------------------------------------- the connection task
@@ -93,7 +96,8 @@ class Consumer:
                           extra=fields(tenant=self.tenant, topic=topic))
             if self._closed_by_broker is not None and self._attempts == 1:
                 self._taken_over(self._closed_by_broker, evidence="the broker ended a healthy session and accepted "
-                                                                  "this one again at once")
+                                                                  "this one again at once (once alone, this can also "
+                                                                  "be a broker restarting within a second)")
             self._closed_by_broker = None
             self._attempts = 0
             self._backoff.reset()
@@ -130,7 +134,11 @@ class Consumer:
     def _taken_over(self, reason: str, *, evidence: str) -> None:
         # The broker binds the client id to the certificate: only a copy of our own certificate
         # (another process given the same identity, or a stolen key) can do this.
-        log.error("session taken over by another connection with our client id",
+        now = time.monotonic()
+        self._takeovers.append(now)
+        certain = "0x8E" in evidence or (len(self._takeovers) >= 2 and now - self._takeovers[-2] < 300)
+        log.log(logging.ERROR if certain else logging.WARNING,
+                "session taken over by another connection with our client id",
                   extra=fields(tenant=self.tenant, client_id=self.client_id, broker=self.settings.describe(),
                                reason=reason, evidence=evidence,
                                hint="give every bridge process its own identity (provisioning bridge add NAME, "

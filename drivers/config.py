@@ -224,6 +224,8 @@ class ModbusDeviceBase(DeviceBase):
     max_gap: int = Field(default=16, ge=0, le=124, description="unused registers a merged read may span")
     max_registers_per_read: int = Field(default=125, ge=1, le=125)
     max_bits_per_read: int = Field(default=2000, ge=1, le=2000)
+    max_concurrent_requests: int = Field(
+        default=1, ge=1, le=32, description="requests outstanding at once on the device's TCP connection")
     tags: list[ModbusTag] = Field(min_length=1)
 
     @field_validator("tags")
@@ -249,6 +251,13 @@ class ModbusRtuDevice(ModbusDeviceBase):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
+
+    @field_validator("max_concurrent_requests")
+    @classmethod
+    def _one_at_a_time(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("a serial line carries one request at a time: only 1 is possible for modbus-rtu")
+        return value
 
     @property
     def address(self) -> str:

@@ -84,6 +84,9 @@ class ServiceProcess:
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            # Hung: have it write its threads' stacks to its log (agent run registers SIGUSR2), then kill it.
+            self.proc.send_signal(signal.SIGUSR2)
+            time.sleep(1)
             self.proc.kill()
             return self.proc.wait(5)
 

@@ -51,6 +51,14 @@ def test_a_batch_decodes_into_rows_with_gateway_and_device_from_the_topic() -> N
     ]
 
 
+def test_numbers_read_exactly_whichever_parser_reads_them() -> None:
+    """A float beyond 2**63 stays a float; a byte order mark is accepted as before."""
+    batch = decode_batch(GW, DEV, payload(points=[{"tag": "t", "ts": 1, "v": 1e19, "q": "good"},
+                                                  {"tag": "u", "ts": 2, "v": -2**63, "q": "good"}]), 0)
+    assert [r[4] for r in batch.rows] == [1e19, -2**63] and type(batch.rows[1][4]) is int
+    assert decode_batch(GW, DEV, b"\xef\xbb\xbf" + payload(), 0).rows == decode_batch(GW, DEV, payload(), 0).rows
+
+
 @pytest.mark.parametrize(("data", "reason"), [
     (b"{not json", "invalid JSON: Expecting property name enclosed in double quotes at byte 1"),
     (b"[1, 2]", "payload must be a JSON object, got array"),
@@ -69,6 +77,9 @@ def test_a_batch_decodes_into_rows_with_gateway_and_device_from_the_topic() -> N
     (payload(points=[{"tag": "t", "ts": 1}]), "points[0].v: missing (use null for no value)"),
     (payload(points=[{"tag": "t", "ts": 1, "v": [1]}]), "points[0].v: must be a number, text, true/false or null (got array)"),
     (payload(points=[{"tag": "t", "ts": 1, "v": 2**64}]), "points[0].v: integer out of the 64-bit range"),
+    (payload(points=[{"tag": "t", "ts": 1, "v": 10**25}]), "points[0].v: integer out of the 64-bit range"),
+    (payload(points=[{"tag": "t", "ts": 10**25, "v": 1}]), "points[0].ts: 10000000000000000000000000 is not an epoch"),
+    (payload(seq=10**25), "seq: must be a non-negative 64-bit integer, got 10000000000000000000000000"),
     (payload(points=[{"tag": "t", "ts": 1, "v": 1, "q": "fine"}]), "points[0].q: must be good, bad or uncertain, got 'fine'"),
     (payload(points=[{"tag": "t", "ts": 1, "v": "a\u0000b"}]), "points[0].v: contains a NUL character"),
     (payload(points=[{"tag": "t", "ts": 1, "v": 1, "err": 5}]), "points[0].err: must be text, got integer"),

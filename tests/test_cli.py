@@ -76,6 +76,12 @@ devices:
     ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_registers_per_read: 2, "
      "tags: [{name: t, address: 1, type: float64}]}\n",
      "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2"),
+    ("devices:\n  - {name: a, protocol: modbus-rtu, serial: /dev/ttyUSB0, max_concurrent_requests: 4, "
+     "tags: [{name: t, address: 1}]}\n",
+     "devices[0].max_concurrent_requests: a serial line carries one request at a time: "
+     "only 1 is possible for modbus-rtu (got 4)"),
+    ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_concurrent_requests: 64, tags: [{name: t, address: 1}]}\n",
+     "devices[0].max_concurrent_requests: must be less than or equal to 32 (got 64)"),
 ])
 def test_config_errors_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:
     path = write(tmp_path, text)

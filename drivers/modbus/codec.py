@@ -96,6 +96,12 @@ def make_decoder(tag: ModbusTag) -> Decoder:
     return decode_number
 
 
+def is_plain_word(tag: ModbusTag) -> bool:
+    """True when the register as it arrives is the value: a uint16 with no byte swap, scale or offset."""
+    return (tag.data_type is DataType.UINT16 and not _swaps(tag.order)[1]
+            and tag.scale == 1.0 and tag.offset == 0.0)
+
+
 def decode(tag: ModbusTag, registers: Sequence[int]) -> bool | int | float | str:
     """Decode a register-table tag from exactly ``tag.register_count`` registers."""
     return make_decoder(tag)(registers)

@@ -7,7 +7,11 @@ reason; a device that stops answering is retried with exponential backoff
 and jitter, and polls in between return at once, so a dead device costs its
 own schedule nothing and other devices nothing at all.
 
-Devices on one RS-485 line (same serial port) share one port and take turns.
+A poll's requests go out together, up to the device's
+``max_concurrent_requests`` at once on its TCP connection (``transport.py``
+matches the answers by transaction id); on a serial line they go one at a
+time, and devices on one RS-485 line (same serial port) share one port and
+take turns.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
 
 from factory_edge.errors import DriverError
 from factory_edge.logs import fields
@@ -29,6 +36,7 @@ from ..config import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevi
 from ..points import Point, now_ms
 from . import codec
 from .plan import Hole, Limits, Read, plan_reads, split
+from .transport import TcpClient, TransactionTimeout
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +64,25 @@ class _Fault(Exception):
         self.lost = lost
 
 
-class _Link:
-    """A pymodbus client and the lock that serializes requests on it."""
+class _LinkLost(Exception):
+    """A poll's read found the link dead: the poll's other reads stop."""
 
-    def __init__(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient, key: str) -> None:
+
+@dataclass
+class _Poll:
+    """What one poll learns on the way: holes in the map, and whether the link died."""
+
+    holes: list[Hole] = field(default_factory=list)
+    lost: str | None = None
+
+
+Outcome = tuple[Read, "list[int] | list[bool] | _Fault"]
+
+
+class _Link:
+    """A connection (our TCP client, or pymodbus' serial client) and the lock that gives a poll or a write the whole of it."""
+
+    def __init__(self, client: TcpClient | AsyncModbusSerialClient, key: str) -> None:
         self.client = client
         self.key = key
         self.lock = asyncio.Lock()
@@ -70,15 +93,13 @@ class _Link:
 _serial_links: dict[str, _Link] = {}
 
 
-def _new_client(device: ModbusDeviceBase) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+def _new_client(device: ModbusDeviceBase) -> TcpClient | AsyncModbusSerialClient:
+    if isinstance(device, ModbusTcpDevice):
+        return TcpClient(device.host, device.port, timeout_s=device.timeout, retries=device.retries,
+                         window=device.max_concurrent_requests, name=device.name)
+    assert isinstance(device, ModbusRtuDevice)
     # reconnect_delay=0: pymodbus must not reconnect on its own; the driver
     # owns reconnects so it can back off and report state.
-    if isinstance(device, ModbusTcpDevice):
-        return AsyncModbusTcpClient(
-            device.host, port=device.port, timeout=device.timeout, retries=device.retries,
-            reconnect_delay=0, name=device.name,
-        )
-    assert isinstance(device, ModbusRtuDevice)
     return AsyncModbusSerialClient(
         device.serial, baudrate=device.baudrate, parity=device.parity, stopbits=device.stopbits,
         bytesize=device.bytesize, timeout=device.timeout, retries=device.retries,
@@ -86,18 +107,15 @@ def _new_client(device: ModbusDeviceBase) -> AsyncModbusTcpClient | AsyncModbusS
     )
 
 
-async def _diagnose_tcp(host: str, port: int, timeout_s: float) -> str:
-    """Why a TCP connect failed, in a technician's words (pymodbus only logs it)."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
-    except asyncio.TimeoutError:
+def _connect_failure(exc: Exception) -> str:
+    """Why a TCP connect failed, in a technician's words."""
+    if isinstance(exc, TimeoutError):
         return "connect timeout"
-    except ConnectionRefusedError:
+    if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    except OSError as exc:
-        return exc.strerror.lower() if exc.strerror else str(exc)
-    writer.close()
-    return "connect failed"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or "connect failed"
 
 
 class ModbusDriver(Driver):
@@ -111,7 +129,10 @@ class ModbusDriver(Driver):
         self.holes: list[Hole] = []
         self.requests = 0
         self._tags = {t.name: t for t in device.tags}
-        self._decoders = {t.name: (t.register_count, codec.make_decoder(t)) for t in device.tags}
+        # Per tag: (name, registers, decoder), the decoder None when the register is the value.
+        self._decoders = {t.name: (t.name, t.register_count, None if codec.is_plain_word(t) else codec.make_decoder(t))
+                          for t in device.tags}
+        self._programs: dict[int, tuple[Read, list[tuple[str, int, int, codec.Decoder | None]]]] = {}
         self._backoff = Backoff(initial_s=min(1.0, device.poll), max_s=device.backoff_max)
         self._retry_at = 0.0
         self._link: _Link | None = None
@@ -138,16 +159,22 @@ class ModbusDriver(Driver):
             return True
         if time.monotonic() < self._retry_at:
             return False
+        client = link.client
+        if isinstance(client, TcpClient):
+            try:
+                await client.connect()
+                return True
+            except (TimeoutError, OSError) as exc:
+                self._fail(_connect_failure(exc))
+                return False
         ok = False
         try:
-            ok = await asyncio.wait_for(link.client.connect(), self.device.timeout + 1.0)
-        except (asyncio.TimeoutError, OSError, ModbusException):
+            ok = await asyncio.wait_for(client.connect(), self.device.timeout + 1.0)
+        except (TimeoutError, OSError, ModbusException):
             ok = False
         if ok:
             return True
-        if isinstance(self.device, ModbusTcpDevice):
-            reason = await _diagnose_tcp(self.device.host, self.device.port, self.device.timeout)
-        elif not os.path.exists(self.device.serial):  # type: ignore[attr-defined]
+        if not os.path.exists(self.device.serial):  # type: ignore[attr-defined]
             reason = f"no such serial port {self.device.serial}"  # type: ignore[attr-defined]
         else:
             reason = "cannot open serial port"
@@ -171,21 +198,28 @@ class ModbusDriver(Driver):
             Table.HOLDING: client.read_holding_registers,
             Table.INPUT: client.read_input_registers,
         }[read.table]
-        response = await self._call(call(read.start, count=read.count, device_id=self.device.unit))
+        response = await self._call(call(read.start, count=read.count, device_id=self.device.unit), link)
         values = list(response.bits[: read.count]) if read.table.is_bits else list(response.registers)
         if len(values) < read.count:
             raise _Fault(f"short response: {len(values)} of {read.count} {'bits' if read.table.is_bits else 'registers'}")
         return values
 
-    async def _call(self, request: Any) -> Any:
-        """Await one pymodbus request; convert its failures into a _Fault (the one place we do)."""
-        # pymodbus bounds each try by the timeout; this guards the whole call.
-        guard_s = self.device.timeout * (self.device.retries + 1) + 1.0
+    async def _call(self, request: Awaitable[ModbusPDU], link: _Link) -> Any:
+        """Await one request; convert its failures into a _Fault (the one place we do)."""
         try:
-            response = await asyncio.wait_for(request, guard_s)
-        except (asyncio.TimeoutError, ModbusIOException) as exc:
-            text = str(exc)
-            if isinstance(exc, asyncio.TimeoutError) or "No response" in text:
+            if isinstance(link.client, TcpClient):
+                # Bounded per try by the client; a request may also wait its
+                # turn behind others, so no overall guard here.
+                response = await request
+            else:
+                # pymodbus bounds each try by the timeout; this guards the whole call.
+                response = await asyncio.wait_for(request, self.device.timeout * (self.device.retries + 1) + 1.0)
+        except TransactionTimeout as exc:
+            # The device answered other requests meanwhile: only this one failed.
+            raise _Fault("timeout", lost=not exc.link_alive) from exc
+        except (TimeoutError, ModbusIOException) as exc:
+            text = str(exc).removeprefix("Modbus Error: ").removeprefix("[Input/Output] ")
+            if isinstance(exc, TimeoutError) or "No response" in text:
                 raise _Fault("timeout", lost=True) from exc
             raise _Fault(f"bad response: {text}", lost=True) from exc
         except ConnectionException as exc:
@@ -213,84 +247,109 @@ class ModbusDriver(Driver):
             return await self._read_plan(link)
 
     async def _read_plan(self, link: _Link) -> list[Point]:
+        poll = _Poll()
+        results: list[list[Outcome] | None] = [None] * len(self.plan)
+
+        async def fetch(i: int, read: Read) -> None:
+            results[i] = (await self._fetch(link, read, poll))[0]
+
+        try:
+            if isinstance(link.client, TcpClient):
+                # All at once: the client keeps max_concurrent_requests on the
+                # wire and the rest wait their turn, in plan order.
+                async with asyncio.TaskGroup() as group:
+                    for i, read in enumerate(self.plan):
+                        group.create_task(fetch(i, read), name=f"read[{self.device.name}]")
+            else:
+                for i, read in enumerate(self.plan):
+                    await fetch(i, read)
+        except* _LinkLost:
+            pass
         points: list[Point] = []
         kept: list[Read] = []
-        # (read, (split id, side)) — children of a refused read remember their parent.
-        pending: list[tuple[Read, tuple[int, int] | None]] = [(r, None) for r in self.plan]
-        splits: list[tuple[Read, Read]] = []
-        succeeded: set[tuple[int, int]] = set()
-        learned: list[Hole] = []
-        lost: str | None = None
-        while pending:
-            read, parent = pending.pop(0)
-            if lost is not None:
-                kept.append(read)
-                points += self._bad(read, lost)
-                continue
-            try:
-                values = await self._request(link, read)
-            except _Fault as fault:
-                if fault.code == ILLEGAL_DATA_ADDRESS:
-                    parts = split(read)
-                    if len(parts) > 1:
-                        log.info("splitting refused read", extra=fields(
-                            device=self.device.name, read=str(read), into=" + ".join(map(str, parts))))
-                        splits.append((parts[0], parts[1]))
-                        n = len(splits) - 1
-                        pending[0:0] = [(parts[0], (n, 0)), (parts[1], (n, 1))]
-                        continue
-                    learned.append((read.table, read.start, read.end))
-                kept.append(read)
-                points += self._bad(read, fault.reason)
-                if fault.lost:
-                    lost = fault.reason
-                continue
-            if parent is not None:
-                succeeded.add(parent)
-            kept.append(read)
-            points += self._decode(read, values)
-        # Both halves of a refused read worked: the hole is in the gap between them.
-        for n, (left, right) in enumerate(splits):
-            if (n, 0) in succeeded and (n, 1) in succeeded and right.start > left.end:
-                learned.append((left.table, left.end, right.start))
-        if learned:
-            self.holes.extend(learned)
+        for read, outcomes in zip(self.plan, results, strict=True):
+            if outcomes is None:  # not read: the link died first
+                outcomes = [(read, _Fault(poll.lost or "connection lost", lost=True))]
+            for part, outcome in outcomes:
+                kept.append(part)
+                points += self._bad(part, outcome.reason) if isinstance(outcome, _Fault) else self._decode(part, outcome)
+        if poll.holes:
+            self.holes.extend(poll.holes)
             self.plan = plan_reads(self.device.tags, Limits.of(self.device), self.holes)
             log.info("read plan adjusted around holes", extra=fields(
                 device=self.device.name, holes=" ".join(f"{t} {s}..{e - 1}" for t, s, e in self.holes),
                 requests=len(self.plan)))
         else:
             self.plan = kept
-        if lost is not None:
-            if isinstance(self.device, ModbusTcpDevice):
-                # A TCP link that timed out may deliver a stale answer later:
-                # start the next attempt on a fresh connection.
+        if poll.lost is not None:
+            if isinstance(link.client, TcpClient):
+                # Start the next attempt on a fresh connection.
                 link.client.close()
-            self._fail(lost)
+            self._fail(poll.lost)
         else:
+            if isinstance(link.client, TcpClient) and link.client.stale:
+                # The device ignored requests it may still hold: start clean.
+                link.client.close()
             self._backoff.reset()
             self.last_good_ms = now_ms()
             self._set_state(DeviceState.UP)
         return points
 
+    async def _fetch(self, link: _Link, read: Read, poll: _Poll) -> tuple[list[Outcome], bool]:
+        """One planned read, split while the device refuses it; True if it worked as one request."""
+        try:
+            return [(read, await self._request(link, read))], True
+        except _Fault as fault:
+            if fault.lost:
+                if poll.lost is None:
+                    poll.lost = fault.reason
+                raise _LinkLost from fault
+            if fault.code != ILLEGAL_DATA_ADDRESS:
+                return [(read, fault)], False
+            parts = split(read)
+            if len(parts) == 1:
+                poll.holes.append((read.table, read.start, read.end))
+                return [(read, fault)], False
+        log.info("splitting refused read", extra=fields(
+            device=self.device.name, read=str(read), into=" + ".join(map(str, parts))))
+        left, right = parts
+        if isinstance(link.client, TcpClient):
+            async with asyncio.TaskGroup() as group:
+                left_task = group.create_task(self._fetch(link, left, poll), name=f"read[{self.device.name}]")
+                right_task = group.create_task(self._fetch(link, right, poll), name=f"read[{self.device.name}]")
+            (left_out, left_ok), (right_out, right_ok) = left_task.result(), right_task.result()
+        else:
+            left_out, left_ok = await self._fetch(link, left, poll)
+            right_out, right_ok = await self._fetch(link, right, poll)
+        # Both halves worked: the hole is in the gap between them.
+        if left_ok and right_ok and right.start > left.end:
+            poll.holes.append((left.table, left.end, right.start))
+        return left_out + right_out, False
+
     def _bad(self, read: Read, reason: str) -> list[Point]:
         ts = now_ms()
         return [Point.bad(self.device.name, t.name, reason, ts) for t in read.tags]
 
+    def _program(self, read: Read) -> list[tuple[str, int, int, codec.Decoder | None]]:
+        """How to decode a read's answer: (tag name, offset, registers, decoder) per tag, built once per read."""
+        cached = self._programs.get(id(read))
+        if cached is not None and cached[0] is read:
+            return cached[1]
+        if len(self._programs) > 2 * len(self.plan) + 16:
+            self._programs.clear()  # reads of an older plan
+        program = [(name, tag.address - read.start, count, decode)
+                   for tag in read.tags for name, count, decode in (self._decoders[tag.name],)]
+        self._programs[id(read)] = (read, program)
+        return program
+
     def _decode(self, read: Read, values: list[int] | list[bool]) -> list[Point]:
         ts = now_ms()
         device = self.device.name
-        out = []
+        program = self._program(read)
         if read.table.is_bits:
-            for tag in read.tags:
-                out.append(Point(device, tag.name, ts, bool(values[tag.address - read.start])))
-            return out
-        decoders = self._decoders
-        for tag in read.tags:
-            count, decode = decoders[tag.name]
-            offset = tag.address - read.start
-            out.append(Point(device, tag.name, ts, decode(values[offset: offset + count])))
-        return out
+            return [Point(device, name, ts, bool(values[offset])) for name, offset, _, _ in program]
+        return [Point(device, name, ts, values[offset] if decode is None else decode(values[offset:offset + count]))
+                for name, offset, count, decode in program]
 
     # ------------------------------------------------------------ writing
 
@@ -307,17 +366,17 @@ class ModbusDriver(Driver):
             client = link.client
             try:
                 if spec.table is Table.COIL:
-                    await self._call(client.write_coil(spec.address, bool(value), device_id=unit))
+                    await self._call(client.write_coil(spec.address, bool(value), device_id=unit), link)
                 elif spec.bit is not None:
-                    current = await self._call(client.read_holding_registers(spec.address, count=1, device_id=unit))
+                    current = await self._call(client.read_holding_registers(spec.address, count=1, device_id=unit), link)
                     word = codec.set_bit(current.registers[0], spec.bit, bool(value))
-                    await self._call(client.write_register(spec.address, word, device_id=unit))
+                    await self._call(client.write_register(spec.address, word, device_id=unit), link)
                 else:
                     registers = codec.encode(spec, value)
                     if len(registers) == 1:
-                        await self._call(client.write_register(spec.address, registers[0], device_id=unit))
+                        await self._call(client.write_register(spec.address, registers[0], device_id=unit), link)
                     else:
-                        await self._call(client.write_registers(spec.address, registers, device_id=unit))
+                        await self._call(client.write_registers(spec.address, registers, device_id=unit), link)
             except _Fault as fault:
                 if fault.lost:
                     self._fail(fault.reason)

@@ -5,6 +5,11 @@ in the model are holes and answer "illegal data address", as real devices
 do. The server reads and writes the model on every request, so values set by
 a test or by a machine's ``step`` are what the next request sees, and every
 request is recorded (``requests``) so tests can count them at the server.
+
+Over TCP the server answers pipelined requests, each as soon as it is ready
+(``modbus_pipeline.py``), and ``faults`` makes chosen requests slow or
+unanswered; ``pipelining=False`` is pymodbus' own server, which serves one
+request at a time and loses the others.
 """
 
 from __future__ import annotations
@@ -25,12 +30,10 @@ from factory_edge.tasks import cancel_and_wait
 from ..config import ModbusTag, Table
 from ..modbus import codec
 from .machines import Machine
+from .modbus_pipeline import TABLE_OF_FC as _TABLE_OF_FC
+from .modbus_pipeline import Faults, PipelinedTcpServer
 
 log = logging.getLogger(__name__)
-
-_TABLE_OF_FC = {1: Table.COIL, 5: Table.COIL, 15: Table.COIL, 2: Table.DISCRETE,
-                3: Table.HOLDING, 6: Table.HOLDING, 16: Table.HOLDING, 23: Table.HOLDING, 4: Table.INPUT}
-
 
 @dataclass
 class RegisterModel:
@@ -118,6 +121,7 @@ class Request:
     function_code: int
     address: int
     count: int
+    transaction_id: int = 0
 
 
 class ModbusSimulator:
@@ -129,7 +133,8 @@ class ModbusSimulator:
 
     def __init__(self, *, units: dict[int, RegisterModel] | None = None, machines: list[Machine] | None = None,
                  host: str = "127.0.0.1", port: int = 5020, serial: str | None = None, baudrate: int = 19200,
-                 parity: str = "N", stopbits: int = 1, update_interval_s: float = 0.5) -> None:
+                 parity: str = "N", stopbits: int = 1, update_interval_s: float = 0.5,
+                 pipelining: bool = True) -> None:
         self.machines = machines or []
         self.units: dict[int, RegisterModel] = dict(units or {})
         for machine in self.machines:
@@ -140,13 +145,19 @@ class ModbusSimulator:
         self.host, self.port, self.serial = host, port, serial
         self.serial_options = {"baudrate": baudrate, "parity": parity, "stopbits": stopbits}
         self.update_interval_s = update_interval_s
+        self.pipelining = pipelining
+        self.faults = Faults()
         self.requests: list[Request] = []
+        self.answers: list[int] = []  # transaction ids of the answers, in the order they were sent
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     def _trace(self, sending: bool, pdu: Any) -> Any:
-        if not sending:
-            self.requests.append(Request(pdu.dev_id, pdu.function_code, getattr(pdu, "address", 0), getattr(pdu, "count", 0)))
+        if sending:
+            self.answers.append(pdu.transaction_id)
+        else:
+            self.requests.append(Request(pdu.dev_id, pdu.function_code, getattr(pdu, "address", 0),
+                                         getattr(pdu, "count", 0), pdu.transaction_id))
         return pdu
 
     async def start(self) -> None:
@@ -155,6 +166,9 @@ class ModbusSimulator:
         if self.serial:
             self._server = ModbusSerialServer(devices, port=self.serial, trace_pdu=self._trace,
                                               **self.serial_options)  # type: ignore[arg-type]
+        elif self.pipelining:
+            self._server = PipelinedTcpServer(devices, address=(self.host, self.port), trace_pdu=self._trace,
+                                              faults=self.faults)
         else:
             self._server = ModbusTcpServer(devices, address=(self.host, self.port), trace_pdu=self._trace)
         await self._server.serve_forever(background=True)
