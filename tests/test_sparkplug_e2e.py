@@ -300,3 +300,38 @@ def test_only_state_may_stay_retained_in_the_sparkplug_namespace() -> None:
     assert verdict("spBv1.0/plant-1/NBIRTH/gw-01", 10, seen) == "retained where the design has none"
     assert verdict("spBv1.0/plant-1/DDATA/gw-01/press-1", 10, seen) == "retained where the design has none"
     assert verdict("spBv1.0/STATE/factory-edge", 40, seen) is None
+
+
+def test_a_gateway_publishes_only_as_its_own_edge_node_and_reads_only_its_own_commands(
+        pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    pki_acme.client("tech-sniffer")
+    broker_acme.reload()
+    outcome: dict[str, Any] = {}
+
+    def client(name: str) -> paho.Client:
+        settings = settings_for(pki_acme, broker_acme, name)
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
+        c.tls_set_context(tls_context(settings))
+        c.on_publish = lambda cl, u, mid, reason, props: outcome.__setitem__(mid, str(reason))
+        c.on_message = lambda cl, u, m: outcome.setdefault("received", []).append(m.topic)
+        c.connect(settings.dial_host, settings.port)
+        c.loop_start()
+        return c
+
+    thief, victim = client("gw-02"), client(GW)
+    try:
+        victim.subscribe([(f"spBv1.0/{GROUP}/NCMD/{GW}", 1), (f"spBv1.0/{GROUP}/NCMD/gw-02", 1)])
+        time.sleep(0.3)
+        forged = thief.publish(f"spBv1.0/{GROUP}/NDATA/{GW}", b"x", qos=1)
+        own = thief.publish(f"spBv1.0/{GROUP}/NDATA/gw-02", encode(Payload(metrics=[])), qos=1)
+        command = thief.publish(f"spBv1.0/{GROUP}/NCMD/{GW}", b"x", qos=1)
+        wait_until(lambda: all(m in outcome for m in (forged.mid, own.mid, command.mid)), what="PUBACKs")
+        time.sleep(0.3)
+    finally:
+        thief.disconnect()
+        thief.loop_stop()
+        victim.disconnect()
+        victim.loop_stop()
+    assert outcome[forged.mid] == "Not authorized" and outcome[command.mid] == "Not authorized"
+    assert outcome[own.mid] in ("Success", "No matching subscribers")  # allowed (0x00 or 0x10)
+    assert "received" not in outcome  # no command reached gw-01, and gw-02's are not readable by gw-01
