@@ -16,9 +16,13 @@ from typing import Any
 import pytest
 
 from tests.agentproc import AgentProcess, Collector
-from tests.bridge_fixtures import BridgeProcess, StoreView, settings_for, tenant_entry, wait_until, write_config
+from tests.bridge_fixtures import (
+    BridgeProcess, StoreView, pg_dsn, pg_schemas, settings_for, tenant_entry, unique_tenant, wait_until, write_config,
+)
 from tests.faults import GW, Plant, agent_config, check_exactly_once, finish
 from tests.infra import Mosquitto, TenantPki
+
+__all__ = ["pg_dsn", "pg_schemas"]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -303,3 +307,215 @@ async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_rea
     print(f"confirmed batches={status['publish']['confirmed_batches']} zone1_temp rows={temps} "
           f"dead letters={len(dead)} {dead[:1]}")
     assert temps > 0, f"no zone1_temp reading stored; {len(dead)} batches dead-lettered ({dead[:1]}) and confirmed"
+
+
+# ---------------------------------------------------------------- who may confirm
+
+
+def test_only_a_bridge_can_confirm_a_gateways_batches(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    """No bridge runs: the agent's batches stay accepted and unconfirmed. Another gateway, a technician and the
+    gateway's own identity publishing confirmations for every seq must change nothing; garbage from a bridge
+    is ignored without harm."""
+    from tests.bridge_fixtures import Gateway, Watcher
+
+    tech = "tech-eve"
+    pki_acme.client(tech)
+    broker_acme.reload()
+    everything = b'{"v":1,"seqs":[[0,9223372036854775807]]}'
+    agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant)).start()
+    try:
+        wait_until(lambda: agent.status().get("buffer", {}).get("unconfirmed_batches", 0) > 20, timeout_s=20)
+        with Watcher(pki_acme, broker_acme, ["gw/+/ack"], name="bridge.one") as seen:
+            for name in ("gw-02", tech):
+                with Gateway(pki_acme, broker_acme, name) as other:
+                    for topic in (f"gw/{GW}/ack", f"gw/{name}/ack"):
+                        info = other.publish(topic, everything, wait=False)
+                        info.wait_for_publish(5)
+            # A bridge sending garbage: not JSON, deep nesting, wrong shapes.
+            with Gateway(pki_acme, broker_acme, "bridge") as bridge:
+                for junk in (b"\xff\xfe", b"[" * 100_000, b'{"v":1,"seqs":"all"}', b'{"v":1,"seqs":[[5,1]]}',
+                             b'{"v":1,"seqs":[[1.5,2]]}', b"", b"null"):
+                    bridge.publish(f"gw/{GW}/ack", junk)
+            time.sleep(2)
+            delivered = [t for t, *_ in seen.messages]
+        status = agent.status()
+        assert agent.alive
+    finally:
+        agent.stop()
+    logs = agent.logs()
+    text = (tmp_path / "agent" / "agent.log").read_text()
+    print(f"acks seen by a bridge subscriber: {len(delivered)}; confirmed by the agent: "
+          f"{status['publish']['confirmed_batches']}; unconfirmed: {status['buffer']['unconfirmed_batches']}")
+    assert status["publish"]["confirmed_batches"] == 0
+    assert len(delivered) == 7  # only the bridge's own (garbage) messages reached the topic
+    assert "Traceback" not in text, text[text.index("Traceback"):][:1500]
+    assert sum(1 for e in logs if e.get("msg") == "ignored a confirmation that does not parse") >= 6
+
+
+# ---------------------------------------------------------------- confirm: broker (a consumer other than the bridge)
+
+
+@pytest.mark.fault
+def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_batch(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    """``buffer.confirm: broker``: a third-party consumer with a persistent session is away; the broker is
+    killed -9 three times while the agent publishes (each crash loses what it acknowledged since its last
+    autosave, 5 s). The replay window (10 s, measured from the lost connection) must cover it: when the
+    consumer comes back, every seq the agent wrote is in its queue."""
+    from tests.faults import restart_broker_hard
+
+    settings = settings_for(pki_acme, broker_acme, "bridge.two")
+    consumer = Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two").start()
+    consumer.stop()  # away; its session and subscription stay
+    time.sleep(6)  # the session reaches the broker's disk
+    agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
+                                                          buffer={"confirm": "broker"})).start()
+    try:
+        for _ in range(3):
+            time.sleep(3)
+            restart_broker_hard(broker_acme)
+        time.sleep(3)
+        plant.freeze()
+        wait_until(lambda: agent.status().get("buffer", {}).get("batches", 1) == 0, timeout_s=30)
+        time.sleep(12)  # past the replay window
+        written = agent.status()["buffer"]["next_seq"] - 1
+        status = agent.status()
+    finally:
+        agent.stop()
+    with Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two") as back:
+        back.wait(lambda: len(set(back.seqs(GW))) >= written, 20, "the queued batches")
+        seqs = set(back.seqs(GW))
+    missing = sorted(set(range(1, written + 1)) - seqs)
+    print(f"broker mode: written={written} received={len(seqs)} replayed={status['publish']['replayed']} "
+          f"missing={len(missing)} {missing[:10]}")
+    assert not missing
+
+
+# ---------------------------------------------------------------- everything killed, in every order
+
+
+@pytest.mark.fault
+def test_agent_bridge_and_broker_killed_9_in_turn_lose_and_duplicate_nothing(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    """kill -9 of the agent, the bridge and the broker, in a seeded random order at random moments (0.2 to
+    1.5 s apart), so that some land between a PUBACK and its record, between a commit and its confirmation,
+    between a confirmation and its deletion. Exactly once, except what an agent kill took before the disk."""
+    import random
+
+    from tests.faults import restart_broker_hard
+
+    rng = random.Random(10)
+    view = StoreView("sqlite", tmp_path / "store")
+    config = bridge_config(tmp_path, pki_acme, broker_acme, view)
+    agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant)).start()
+    bridge = BridgeProcess(config).start()
+    kills: list[float] = []
+    try:
+        for i in range(30):
+            time.sleep(rng.uniform(0.2, 1.5))
+            victim = rng.choice(["agent", "bridge", "broker"])
+            if victim == "agent":
+                kills.append(time.time())
+                agent.kill()
+                agent.start()
+            elif victim == "bridge":
+                bridge.kill()
+                bridge = BridgeProcess(config, log=tmp_path / f"bridge-{i}.log").start()
+            else:
+                restart_broker_hard(broker_acme)
+        time.sleep(2)
+        finish(plant, agent, timeout_s=120)
+    finally:
+        agent.stop()
+        bridge.stop()
+    report = check_exactly_once(plant, view, pki_acme.tenant, kills=kills)
+    print(f"30 kills (agent {len(kills)}): {report}")
+
+
+# ---------------------------------------------------------------- the broker's queue for the bridge overflows
+
+
+class SmallQueueBroker(Mosquitto):
+    """A tenant broker whose per-session queue holds only 200 messages: past it Mosquitto drops silently."""
+
+    def render(self) -> None:
+        super().render()
+        text = self.conf_file.read_text()
+        lines = [("max_queued_messages 200" if line.startswith("max_queued_messages ") else line)
+                 for line in text.splitlines()]
+        self.conf_file.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.fault
+def test_what_the_broker_dropped_from_a_full_queue_is_sent_again_and_stored_once(
+        tmp_path: Path, pki_acme: TenantPki, plant: Plant) -> None:
+    """The bridge is away long enough for its session queue to overflow (the broker accepts every batch and
+    drops what does not fit). When the bridge is back, the agent must find out and send the dropped batches
+    again: every reading stored exactly once, within a minute or so of the bridge's return."""
+    broker = SmallQueueBroker(tmp_path / "broker", pki_acme).start()
+    try:
+        assert "max_queued_messages 200" in broker.conf_file.read_text()
+        view = StoreView("sqlite", tmp_path / "store")
+        config = bridge_config(tmp_path, pki_acme, broker, view)
+        with BridgeProcess(config) as bridge:
+            bridge.wait_connected()
+        agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker.port, plant)).start()
+        try:
+            time.sleep(25)  # ~1,000 batches: 800 more than the queue holds
+            away = agent.status()["buffer"]
+            bridge = BridgeProcess(config, log=tmp_path / "bridge-back.log").start()
+            back = time.monotonic()
+            try:
+                finish(plant, agent, timeout_s=180)
+                took = time.monotonic() - back
+            finally:
+                bridge.stop()
+            status = agent.status()
+        finally:
+            agent.stop()
+    finally:
+        broker.stop()
+    report = check_exactly_once(plant, view, pki_acme.tenant)
+    print(f"queue overflow: unconfirmed while away={away['unconfirmed_batches']}, drained {took:.1f} s after the "
+          f"bridge's return, resent={status['publish']['resent']}, {report}")
+    assert took < 60
+
+
+# ---------------------------------------------------------------- a shared subscription with a stalled bridge
+
+
+@pytest.mark.fault
+def test_two_bridges_on_a_shared_subscription_one_stalled_lose_and_duplicate_nothing(
+        tmp_path: Path, make_broker: Any, plant: Plant, pg_dsn: str, pg_schemas: list[str]) -> None:
+    """Two bridges share the subscription; one freezes (SIGSTOP: a GC pause, a swapped-out VM, a hung database)
+    for 15 s, twice, with its connection open: what the broker handed it waits there. Resends may be
+    false (the other bridge stores them); nothing may be lost or stored twice."""
+    import os
+    import signal
+
+    tenant = unique_tenant("acme")
+    pg_schemas.append(tenant)
+    pki = TenantPki(tmp_path / "pki", tenant)
+    broker = make_broker(pki)
+    view = StoreView("postgres", tmp_path, pg_dsn)
+    config = bridge_config(tmp_path, pki, broker, view, shared_group="bridge")
+    steady = BridgeProcess(config, instance="one").start()
+    stalled = BridgeProcess(config, instance="two").start()
+    agent = AgentProcess(tmp_path / "agent", agent_config(pki, broker.port, plant)).start()
+    try:
+        for _ in range(2):
+            time.sleep(3)
+            assert stalled.proc is not None
+            os.kill(stalled.proc.pid, signal.SIGSTOP)
+            time.sleep(15)
+            os.kill(stalled.proc.pid, signal.SIGCONT)
+        finish(plant, agent, timeout_s=120)
+        status = agent.status()
+    finally:
+        agent.stop()
+        stalled.stop()
+        steady.stop()
+    report = check_exactly_once(plant, view, tenant)
+    print(f"shared subscription, one bridge stalled 2 x 15 s: {report}, resent={status['publish']['resent']}")
+    assert report["stored"] == report["served"]
