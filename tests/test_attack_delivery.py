@@ -519,3 +519,35 @@ def test_two_bridges_on_a_shared_subscription_one_stalled_lose_and_duplicate_not
     report = check_exactly_once(plant, view, tenant)
     print(f"shared subscription, one bridge stalled 2 x 15 s: {report}, resent={status['publish']['resent']}")
     assert report["stored"] == report["served"]
+
+
+def cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.fault
+def test_an_agent_waiting_with_a_full_buffer_is_nearly_idle(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    """Broker unreachable for hours, buffer full (256 MiB of small batches): the agent has nothing to do
+    but poll one slow device. It must not burn a core re-reading its whole buffer (on a gateway's ARM CPU the
+    same work is several times slower)."""
+    broker_acme.stop()
+    agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant))
+    agent.config["devices"] = plant.devices(poll="1s")
+    agent.write_config({k: v for k, v in agent.config.items() if k != "state_dir"})
+    prebuilt_backlog(agent.state_dir, 600_000)
+    agent.start()
+    try:
+        wait_until(lambda: agent.status().get("buffer", {}).get("unconfirmed_batches", 0) > 0, timeout_s=30)
+        time.sleep(3)
+        assert agent.proc is not None
+        before, t0 = cpu_seconds(agent.proc.pid), time.monotonic()
+        time.sleep(15)
+        share = (cpu_seconds(agent.proc.pid) - before) / (time.monotonic() - t0)
+    finally:
+        agent.stop()
+    print(f"idle agent with a full buffer: {share:.0%} of a core")
+    assert share < 0.10, f"{share:.0%} of a core while waiting for the broker"
