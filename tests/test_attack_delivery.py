@@ -551,3 +551,131 @@ def test_an_agent_waiting_with_a_full_buffer_is_nearly_idle(
         agent.stop()
     print(f"idle agent with a full buffer: {share:.0%} of a core")
     assert share < 0.10, f"{share:.0%} of a core while waiting for the broker"
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("units,bulk,poll_ms", [(2, 0, 50), (4, 100, 20)], ids=["40-small-batches-a-s",
+                                                                              "200-batches-of-5kB-a-s"])
+def test_broker_mode_replays_only_the_window_before_the_lost_connection(
+        units: int, bulk: int, poll_ms: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    """``confirm: broker``: the consumer is not our bridge and stores every message it gets. After one clean
+    broker restart (nothing lost) the agent may send again what the broker accepted in the ``replay`` window
+    (10 s) before the connection was lost, once. Batches first sent on the new connection must not be sent a
+    second time, and accepted batches must not pile up in the buffer."""
+    settings = settings_for(pki_acme, broker_acme, "bridge.two")
+    with Plant(tmp_path / "plant", units=tuple(range(1, units + 1)), bulk=bulk) as plant, \
+            Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two") as consumer:
+        config = agent_config(pki_acme, broker_acme.port, plant, buffer={"confirm": "broker"})
+        config["devices"] = plant.devices(poll=f"{poll_ms}ms")
+        agent = AgentProcess(tmp_path / "agent", config).start()
+        try:
+            time.sleep(15)
+            broker_acme.stop()  # clean: the broker saves everything
+            broker_acme.start()
+            time.sleep(30)
+            status = agent.status()
+            plant.freeze()
+            time.sleep(2)
+        finally:
+            agent.stop()
+        time.sleep(3)
+        seqs = consumer.seqs(GW)
+    per_s = units * 1000 / poll_ms  # batches a second
+    repeats = len(seqs) - len(set(seqs))
+    print(f"broker mode, one clean restart, {per_s:.0f} batches/s: {len(set(seqs))} batches, {repeats} received "
+          f"twice, replayed={status['publish']['replayed']}, accepted kept={status['buffer']['unconfirmed_batches']}, "
+          f"unsent={status['buffer']['batches']}")
+    assert repeats <= 1.1 * 10 * per_s + 40, (
+        f"{repeats} batches delivered twice after one restart (window: {10 * per_s:.0f})")
+    assert status["buffer"]["unconfirmed_batches"] <= 12 * per_s + 40
+
+
+class FakeLink:
+    """Stands in for an MQTT connection: records every publish and acknowledges it a moment later."""
+
+    def __init__(self, publisher: Any) -> None:
+        import asyncio
+
+        self.publisher = publisher
+        self.closed = asyncio.Event()
+        self.sent: list[tuple[str, bytes]] = []
+        self._mid = 0
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
+                properties: Any = None) -> int:
+        import asyncio
+
+        self._mid += 1
+        self.sent.append((topic, payload))
+        asyncio.get_running_loop().call_later(0.005, self.publisher._on_ack, self._mid, True)
+        return self._mid
+
+    def subscribe(self, topics: Any) -> None:
+        pass
+
+    def seqs(self) -> list[int]:
+        import json
+
+        return [json.loads(p)["seq"] for t, p in self.sent if "/data/" in t]
+
+
+@pytest.mark.parametrize("confirm", ["storage", "broker"])
+async def test_batches_committed_just_after_a_connection_came_up_are_sent_on_it(confirm: str, tmp_path: Path) -> None:
+    """The connection comes up while the buffer's writer is inside a transaction (on a slow SD card it nearly
+    always is): the live stream starts after that write's seqs, which the backlog pass cannot see yet. Once
+    the write commits, its batches must go out on this connection, not wait for the next reconnect."""
+    import asyncio
+    import threading
+
+    from agent.buffer import Buffer, BufferReader
+    from agent.delivery import DeliveryPolicy
+    from agent.mqtt import BrokerSettings
+    from agent.publisher import Publisher
+    from agent.writer import BufferWriter
+    from drivers.points import Point
+
+    buffer = Buffer(tmp_path / "buffer.db", gateway=GW, max_bytes=64 * 1024**2, confirm=confirm)  # type: ignore[arg-type]
+    reader = BufferReader(buffer.path)
+    holder: dict[str, Any] = {}
+    writer = BufferWriter(buffer, max_points=500, max_batch_bytes=256 * 1024, queue_points=100_000,
+                          min_free_bytes=1024**2, on_commit=lambda c: holder["pub"].committed(c))
+    pub = Publisher(settings=BrokerSettings(host="broker.test", port=1883, tls=False), gateway=GW, writer=writer,
+                    reader=reader, policy=DeliveryPolicy(confirm, 30.0, 10.0), inflight=20,  # type: ignore[arg-type]
+                    birth=lambda: {"state": "online"}, meta=lambda: {}, commands=None)  # type: ignore[arg-type]
+    holder["pub"] = pub
+    points = [Point("m1", "served", int(time.time() * 1000), 1)]
+    for _ in range(5):
+        writer.submit("m1", points)
+    assert writer.flush(5)
+    # A write is under way (seqs 6-8 taken, not yet committed) when the connection comes up.
+    started, release = threading.Event(), threading.Event()
+
+    def slow_write() -> None:
+        with buffer.transaction():
+            buffer.insert(buffer.encode("m1", points * 3, max_points=1, max_bytes=1000), int(time.time() * 1000))
+            started.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=slow_write)
+    thread.start()
+    started.wait(5)
+    link = FakeLink(pub)
+    session = asyncio.create_task(pub._session(link))  # type: ignore[arg-type]
+    try:
+        await asyncio.sleep(0.5)
+        release.set()  # the slow write commits
+        thread.join()
+        for _ in range(3):
+            writer.submit("m1", points)  # live data goes on
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(5)
+    finally:
+        link.closed.set()
+        pub._wake.set()
+        await asyncio.wait_for(session, 5)
+        writer.close()
+        reader.close()
+        buffer.close()
+    sent = sorted(set(link.seqs()))
+    print(f"{confirm}: sent on the connection {sent}")
+    assert {6, 7, 8} <= set(sent), f"seqs {sorted({6, 7, 8} - set(sent))} never sent on this connection: {sent}"
