@@ -679,3 +679,83 @@ async def test_batches_committed_just_after_a_connection_came_up_are_sent_on_it(
     sent = sorted(set(link.seqs()))
     print(f"{confirm}: sent on the connection {sent}")
     assert {6, 7, 8} <= set(sent), f"seqs {sorted({6, 7, 8} - set(sent))} never sent on this connection: {sent}"
+
+
+# ---------------------------------------------------------------- a slow disk, and a stop
+
+
+class SlowDiskAgent(AgentProcess):
+    """``agent run`` under strace, every fsync/fdatasync of the process delayed: a worn SD card."""
+
+    delay_us = 400_000
+
+    def start(self) -> SlowDiskAgent:  # type: ignore[override]
+        import subprocess
+        import sys
+
+        from tests.helpers import ROOT
+
+        inject = [arg for call in ("fsync", "fdatasync")
+                  for arg in ("-e", f"inject={call}:delay_exit={self.delay_us}")]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null", "-e", "trace=fsync,fdatasync", *inject,
+                 sys.executable, "-m", *self.command()], cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        return self
+
+
+def buffered_counters(state_dir: Path) -> dict[int, set[int]]:
+    """Per unit, the counter values held in a stopped agent's buffer."""
+    import json
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{state_dir / 'buffer.db'}?mode=ro", uri=True)
+    try:
+        out: dict[int, set[int]] = {}
+        for device, payload in db.execute("SELECT device, payload FROM batches"):
+            for p in json.loads(payload)["points"]:
+                if p["tag"] == "served" and p["q"] == "good":
+                    out.setdefault(int(device[1:]), set()).add(int(p["v"]))
+        return out
+    finally:
+        db.close()
+
+
+@pytest.mark.fault
+def test_on_a_slow_disk_polls_keep_time_and_a_stop_writes_every_reading_taken(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    """Every fsync takes 400 ms. Polling at 50 ms keeps its schedule (the writer makes fewer, larger commits);
+    SIGTERM while readings wait for the disk writes them all before the process exits."""
+    import os
+    import signal
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace not installed")
+    broker_acme.stop()  # nothing leaves the buffer: it holds every reading taken
+    with Plant(tmp_path / "plant", units=(1, 2), bulk=50) as plant:
+        config = agent_config(pki_acme, broker_acme.port, plant)
+        agent = SlowDiskAgent(tmp_path / "agent", config).start()
+        try:
+            wait_until(lambda: agent.status().get("buffer", {}).get("batches", 0) > 10, timeout_s=30)
+            since = int(time.time() * 1000)
+            time.sleep(10)
+            gaps = poll_gaps_ms(plant, 1, since)
+            running = agent.status()
+            assert agent.proc is not None
+            child = int(Path(f"/proc/{agent.proc.pid}/task/{agent.proc.pid}/children").read_text().split()[0])
+            os.kill(child, signal.SIGTERM)  # the agent itself, under strace
+            code = agent.proc.wait(60)
+        finally:
+            agent.stop()
+        served = {}
+        for s in plant.served():
+            if s.value is not None:
+                served.setdefault(s.unit, {})[s.value] = s.at_ms
+    held = buffered_counters(agent.state_dir)
+    missing = {u: sorted(set(v) - held.get(u, set())) for u, v in served.items()}
+    late = [g for g in gaps if g >= 95]
+    print(f"slow disk: commits={running.get('writer', {})}, poll gaps >= 95 ms: {len(late)} of {len(gaps)}, "
+          f"exit={code}, missing after stop: { {u: (len(m), m[:5]) for u, m in missing.items()} }")
+    assert code == 0
+    assert all(len(m) <= 1 for m in missing.values()), missing  # at most the poll under way at the signal
+    assert len(late) <= len(gaps) // 100
