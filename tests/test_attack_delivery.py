@@ -759,3 +759,41 @@ def test_on_a_slow_disk_polls_keep_time_and_a_stop_writes_every_reading_taken(
     assert code == 0
     assert all(len(m) <= 1 for m in missing.values()), missing  # at most the poll under way at the signal
     assert len(late) <= len(gaps) // 100
+
+
+# ---------------------------------------------------------------- what the drop counters say
+
+
+@pytest.mark.fault
+def test_readings_counted_as_dropped_are_not_also_stored(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    """The bridge is away and the buffer (``max_bytes: 1MiB``) fills: the oldest batches are dropped and
+    counted as lost. Those the broker had already accepted still sit in the bridge's queue and are stored when
+    it comes back. A reading must be either stored or counted as dropped, not both: otherwise the counters
+    and the ``buffer_drop`` events report a loss that did not happen."""
+    view = StoreView("sqlite", tmp_path / "store")
+    with Plant(tmp_path / "plant", units=(1, 2), bulk=50) as plant:
+        config = bridge_config(tmp_path, pki_acme, broker_acme, view)
+        with BridgeProcess(config) as bridge:
+            bridge.wait_connected()
+        agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
+                                                              buffer={"confirm_timeout": "3s", "max_bytes": "1MiB"}))
+        agent.start()
+        try:
+            wait_until(lambda: agent.status().get("buffer", {}).get("dropped_points", 0) > 0, timeout_s=60)
+            time.sleep(5)
+            bridge = BridgeProcess(config, log=tmp_path / "bridge-back.log").start()
+            try:
+                finish(plant, agent, timeout_s=120)
+            finally:
+                bridge.stop()
+            status = agent.status()
+        finally:
+            agent.stop()
+        served = plant.points_served()
+    stored = view.count(pki_acme.tenant, "points", "WHERE quality = 'good'")
+    dropped = status["buffer"]["dropped_points"]
+    events = view.rows(pki_acme.tenant, "SELECT payload FROM {events} WHERE type = 'buffer_drop'")
+    print(f"served={served} stored={stored} dropped={dropped} (stored + dropped = {stored + dropped}); "
+          f"buffer_drop events: {[e[0] for e in events][:2]}")
+    assert stored + dropped <= served, f"{stored + dropped - served} readings both stored and counted as dropped"
