@@ -797,3 +797,25 @@ def test_readings_counted_as_dropped_are_not_also_stored(
     print(f"served={served} stored={stored} dropped={dropped} (stored + dropped = {stored + dropped}); "
           f"buffer_drop events: {[e[0] for e in events][:2]}")
     assert stored + dropped <= served, f"{stored + dropped - served} readings both stored and counted as dropped"
+
+
+@pytest.mark.fault
+def test_with_max_age_a_write_does_not_scan_the_whole_backlog(tmp_path: Path) -> None:
+    """``buffer.max_age`` set, 600,000 batches waiting (a full 256 MiB buffer of small batches): each write of
+    the buffer's thread must stay cheap. On a gateway's CPU a scan per commit takes a core."""
+    from agent.buffer import Buffer
+    from drivers.points import Point
+
+    prebuilt_backlog(tmp_path, 600_000)
+    timings = {}
+    for max_age in (None, 7 * 86400.0):
+        with Buffer(tmp_path / "buffer.db", gateway=GW, max_bytes=256 * 1024**2, max_age_s=max_age,
+                    fsync=False) as buf:
+            points = [Point("m1", "served", int(time.time() * 1000), 1)]
+            start = time.perf_counter()
+            for _ in range(10):
+                buf.add("m1", points, max_points=500, max_bytes=256 * 1024)
+            timings[max_age] = (time.perf_counter() - start) / 10 * 1000
+    print(f"one write with a 600,000-batch backlog: {timings[None]:.1f} ms without max_age, "
+          f"{timings[7 * 86400.0]:.1f} ms with max_age")
+    assert timings[7 * 86400.0] < 10, f"{timings[7 * 86400.0]:.0f} ms per write with max_age set"
