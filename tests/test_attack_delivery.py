@@ -821,3 +821,74 @@ def test_with_max_age_a_write_does_not_scan_the_whole_backlog(tmp_path: Path) ->
     print(f"one write with a 600,000-batch backlog: {timings[None]:.1f} ms without max_age, "
           f"{timings[7 * 86400.0]:.1f} ms with max_age")
     assert timings[7 * 86400.0] < 10, f"{timings[7 * 86400.0]:.0f} ms per write with max_age set"
+
+
+@pytest.mark.fault
+def test_a_disk_filled_to_the_last_byte_by_another_program_still_lets_confirmations_make_room(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path) -> None:
+    """The buffer stopped at ``min_free``; then another program (a log, a core dump) takes the last bytes of
+    the filesystem. When the broker and the bridge are back, the agent publishes what it holds, the bridge
+    stores it, and the confirmations must still delete it from the buffer: that is how room comes back."""
+    import subprocess
+
+    view = StoreView("sqlite", tmp_path / "store")
+    with Plant(tmp_path / "plant", units=(1,), bulk=400) as plant:
+        config = agent_config(pki_acme, broker_acme.port, plant, state_dir=str(small_state_dir),
+                              buffer={"confirm_timeout": "3s", "min_free": "2MiB"})
+        config["devices"] = plant.devices(poll="20ms")
+        with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
+            bridge.wait_connected()
+            broker_acme.stop()
+            agent = AgentProcess(tmp_path / "agent", config)
+            agent.state_dir = small_state_dir
+            agent.start()
+            try:
+                wait_until(lambda: agent.status().get("writer", {}).get("disk_full"), timeout_s=120,
+                           interval_s=0.5, what="the disk to fill")
+                subprocess.run(["dd", "if=/dev/zero", f"of={small_state_dir / 'core.dump'}", "bs=4k"],
+                               capture_output=True)
+                before = agent.status()["buffer"]
+                broker_acme.start()
+                try:
+                    wait_until(lambda: agent.status().get("publish", {}).get("confirmed_batches", 0) > 0
+                               and agent.status()["buffer"]["unconfirmed_batches"] + agent.status()["buffer"]["batches"]
+                               < before["batches"] // 2, timeout_s=60, interval_s=1,
+                               what="confirmations to delete stored batches")
+                finally:
+                    status = agent.status()
+                    stored = view.count(pki_acme.tenant, "points", "WHERE quality = 'good'")
+                    print(f"buffered before={before['batches']} now: pending={status['buffer']['batches']} "
+                          f"unconfirmed={status['buffer']['unconfirmed_batches']} confirmed_batches="
+                          f"{status['publish']['confirmed_batches']} stored points={stored} "
+                          f"writer={status.get('writer')}")
+                assert agent.alive
+            finally:
+                agent.stop()
+
+
+@pytest.mark.fault
+def test_agent_status_on_a_full_filesystem_says_the_agent_runs_and_what_it_dropped(
+        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path) -> None:
+    """The filesystem under the state directory is full (another program took the last byte). ``agent status``
+    is what a technician runs then: it must say the agent is running, connected, and dropping readings."""
+    import subprocess
+
+    with Plant(tmp_path / "plant", units=(1,)) as plant:
+        config = agent_config(pki_acme, broker_acme.port, plant, state_dir=str(small_state_dir))
+        agent = AgentProcess(tmp_path / "agent", config)
+        agent.state_dir = small_state_dir
+        agent.start()
+        try:
+            wait_until(lambda: agent.status().get("connection", {}).get("state") == "connected", timeout_s=20)
+            subprocess.run(["dd", "if=/dev/zero", f"of={small_state_dir / 'core.dump'}", "bs=4k"],
+                           capture_output=True)
+            time.sleep(15)
+            status = agent.status()
+            assert agent.alive
+        finally:
+            agent.stop()
+    print(f"agent status on a full filesystem: running={status.get('running')} "
+          f"connection={status.get('connection', {}).get('state')} writer={status.get('writer')} "
+          f"dropped={status.get('buffer', {}).get('dropped_by_reason')}")
+    assert status["running"] and status["connection"]["state"] == "connected"
+    assert status["writer"]["disk_full"] and status["buffer"]["dropped_points"] > 0
