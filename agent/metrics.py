@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from factory_edge.logs import fields
 
-from .buffer import BufferStats, age_seconds
+from .buffer import age_seconds
+from .bufferread import BufferStats
 
 if TYPE_CHECKING:
     from .runtime import Agent

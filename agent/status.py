@@ -11,7 +11,8 @@ from typing import Any
 
 from factory_edge.errors import FactoryEdgeError
 
-from .buffer import age_seconds, read_stats
+from .buffer import NOT_LOST, age_seconds
+from .bufferread import read_stats
 from .config import DEFAULT_STATE_DIR
 from .runtime import BUFFER_FILE, STATUS_FILE
 
@@ -46,10 +47,14 @@ def collect(state_dir: Path) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     status_path = state_dir / STATUS_FILE
     if status_path.exists():
-        try:
-            doc = json.loads(status_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise FactoryEdgeError(f"{status_path}: unreadable status file: {exc}") from exc
+        for attempt in range(3):  # on a full disk the agent rewrites the file in place: a read may catch it midway
+            try:
+                doc = json.loads(status_path.read_text())
+                break
+            except (OSError, ValueError) as exc:
+                if attempt == 2:
+                    raise FactoryEdgeError(f"{status_path}: unreadable status file: {exc}") from exc
+                time.sleep(0.1)
     running = bool(doc) and _alive(int(doc.get("pid", 0))) and time.time() - doc.get("updated", 0) < STALE_AFTER_S
     doc["running"] = running
     if not running and "connection" in doc:
@@ -64,7 +69,8 @@ def collect(state_dir: Path) -> dict[str, Any]:
                          "oldest_age_s": _age(stats.oldest_ms),
                          "unconfirmed_batches": stats.unconfirmed, "unconfirmed_points": stats.unconfirmed_points,
                          "oldest_unconfirmed_age_s": _age(stats.oldest_unconfirmed_ms),
-                         "disk_bytes": stats.disk_bytes, "dropped_points": sum(drops.values()),
+                         "disk_bytes": stats.disk_bytes,
+                         "dropped_points": sum(n for reason, n in drops.items() if reason not in NOT_LOST),
                          "dropped_batches": stats.dropped_batches, "dropped_by_reason": drops,
                          "next_seq": stats.next_seq, "events_pending": stats.events}
     if not running:
@@ -107,7 +113,9 @@ def text_lines(doc: dict[str, Any]) -> list[str]:
         + f"; {buf.get('disk_bytes', 0)} bytes on disk"
         + ("  DISK FULL: readings are dropped" if doc.get("writer", {}).get("disk_full") else ""),
         f"dropped      {buf.get('dropped_points', 0)} points"
-        + (" (" + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n) + ")" if any(drops.values()) else ""),
+        + (" (" + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n and reason not in NOT_LOST)
+           + ")" if any(n for r, n in drops.items() if r not in NOT_LOST) else "")
+        + (f"; {drops['released']} released to the broker's keeping (buffer full)" if drops.get("released") else ""),
         f"publishing   {pub.get('points_per_s', 0)} points/s, {pub.get('acked_points', 0)} accepted by the broker, "
         f"{pub.get('confirmed_points', 0)} confirmed stored"
         + (f", {conn.get('reconnects', 0)} reconnects" if conn else ""),

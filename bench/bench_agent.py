@@ -198,6 +198,7 @@ async def main(args: argparse.Namespace) -> None:
                 drain_dir = work / "agent-drain"
                 with Buffer(drain_dir / "state" / "buffer.db", gateway=GW, max_bytes=10**10) as buf:
                     batch = [Point("backlog", f"t{t}", 1_732_280_000_000, t) for t in range(500)]
+                    backlog_first = buf.next_seq
                     for _ in range(args.backlog // 500):
                         buf.add("backlog", batch, max_points=500, max_bytes=256 * 1024)
                     backlog_last = buf.next_seq - 1
@@ -207,8 +208,8 @@ async def main(args: argparse.Namespace) -> None:
                 agent = AgentProcess(drain_dir, config)
                 started = time.perf_counter()
                 agent.start()
-                while not all(s in counter.seqs for s in range(1, backlog_last + 1, 97)) or \
-                        len([s for s in counter.seqs if s <= backlog_last]) < backlog_last:
+                while not all(s in counter.seqs for s in range(backlog_first, backlog_last + 1, 97)) or \
+                        len([s for s in counter.seqs if s <= backlog_last]) < backlog_last - backlog_first + 1:
                     await asyncio.sleep(0.05)
                     if time.perf_counter() - started > 300:
                         raise SystemExit("backlog did not drain within 300 s")
