@@ -36,6 +36,18 @@ class AgentProcess(ServiceProcess):
         self.config = {"state_dir": str(self.workdir / "state"), **config}
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
+    def create_buffer(self) -> int:
+        """Create the agent's buffer now, as its first run would, and return the first seq it will write."""
+        from agent.buffer import Buffer
+        from agent.runtime import BUFFER_FILE
+
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        buffer = Buffer(self.state_dir / BUFFER_FILE, gateway=str(self.config.get("gateway", "")), max_bytes=0)
+        try:
+            return buffer.next_seq
+        finally:
+            buffer.close()
+
     def command(self) -> list[str]:
         return ["agent.cli", "--log-format", "json", "run", "--config", str(self.config_path)]
 

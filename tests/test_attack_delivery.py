@@ -44,28 +44,32 @@ def bridge_config(tmp_path: Path, pki: TenantPki, broker: Mosquitto, view: Store
 def test_a_replacement_box_with_a_fresh_buffer_has_its_readings_stored(
         tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
     """The documented replacement of a gateway (revoke, provision the same name on a new box), or a buffer
-    lost with its SD card: the new buffer numbers its batches from 1 again. The store already holds
-    ``(gw-01, 1..N)`` from the old box; the new box's readings must still be stored, not taken for repeats,
-    confirmed and deleted from its buffer."""
+    lost with its SD card: the new buffer numbers its batches afresh. The store already holds the old box's
+    ``(gw-01, seq)``; the new box's readings must still be stored, not taken for repeats, confirmed and
+    deleted from its buffer."""
     view = StoreView("sqlite", tmp_path / "store")
     config = agent_config(pki_acme, broker_acme.port, plant)
     with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
         bridge.wait_connected()
-        old_box = AgentProcess(tmp_path / "old-box", config).start()
+        old_box = AgentProcess(tmp_path / "old-box", config)
+        old_first = old_box.create_buffer()
+        old_box.start()
         try:
             time.sleep(5)
             wait_until(lambda: old_box.status().get("buffer", {}).get("unconfirmed_batches", 1) == 0, timeout_s=30)
             assert old_box.stop() == 0
-            first_life = old_box.status()["buffer"]["next_seq"] - 1
+            first_life = old_box.status()["buffer"]["next_seq"] - old_first
         finally:
             old_box.stop()
         assert first_life > 50
         # The replacement: same gateway id, a buffer of its own.
-        new_box = AgentProcess(tmp_path / "new-box", config).start()
+        new_box = AgentProcess(tmp_path / "new-box", config)
+        new_first = new_box.create_buffer()
+        new_box.start()
         try:
             time.sleep(4)
             finish(plant, new_box)
-            second_life = new_box.status()["buffer"]["next_seq"] - 1
+            second_life = new_box.status()["buffer"]["next_seq"] - new_first
         finally:
             new_box.stop()
     report = check_exactly_once(plant, view, pki_acme.tenant)
@@ -89,11 +93,13 @@ def test_bridge_back_after_a_long_absence_does_not_make_the_agent_resend_its_who
         bridge.wait_connected()  # its persistent session and subscription exist from now on
     with Collector(settings_for(pki_acme, broker_acme, "bridge"), [f"gw/{GW}/data/#"], client_id="wire") as wire:
         agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
-                                                              buffer={"confirm_timeout": confirm_timeout})).start()
+                                                              buffer={"confirm_timeout": confirm_timeout}))
+        first = agent.create_buffer()
+        agent.start()
         try:
             time.sleep(away_s)  # probes at 1, 2, 4, 8, 16 x confirm_timeout: the oldest batch, again and again
             away = agent.status()
-            batches = away["buffer"]["next_seq"] - 1
+            batches = away["buffer"]["next_seq"] - first
             assert away["buffer"]["unconfirmed_batches"] > 0.9 * batches
             bridge = BridgeProcess(config, log=tmp_path / "bridge-back.log").start()
             try:
@@ -373,7 +379,9 @@ def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_bat
     consumer.stop()  # away; its session and subscription stay
     time.sleep(6)  # the session reaches the broker's disk
     agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
-                                                          buffer={"confirm": "broker"})).start()
+                                                          buffer={"confirm": "broker"}))
+    first = agent.create_buffer()
+    agent.start()
     try:
         for _ in range(3):
             time.sleep(3)
@@ -382,14 +390,14 @@ def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_bat
         plant.freeze()
         wait_until(lambda: agent.status().get("buffer", {}).get("batches", 1) == 0, timeout_s=30)
         time.sleep(12)  # past the replay window
-        written = agent.status()["buffer"]["next_seq"] - 1
         status = agent.status()
+        written = status["buffer"]["next_seq"] - first
     finally:
         agent.stop()
     with Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two") as back:
         back.wait(lambda: len(set(back.seqs(GW))) >= written, 20, "the queued batches")
         seqs = set(back.seqs(GW))
-    missing = sorted(set(range(1, written + 1)) - seqs)
+    missing = sorted(set(range(first, first + written)) - seqs)
     print(f"broker mode: written={written} received={len(seqs)} replayed={status['publish']['replayed']} "
           f"missing={len(missing)} {missing[:10]}")
     assert not missing
