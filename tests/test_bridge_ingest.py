@@ -127,8 +127,10 @@ NAME = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
 
 
 @st.composite
-def malformed(draw: st.DrawFn, seq: int) -> tuple[str, bytes]:
-    """A payload for a built-in topic that is invalid by construction, and that topic."""
+def malformed(draw: st.DrawFn, seq: int) -> tuple[str, bytes, str]:
+    """A payload for a built-in topic that is invalid by construction, that topic, and what the bridge must do
+    with it: ``dead`` (a dead letter) or ``bad point`` (a batch is stored, its first reading bad because no
+    store can hold its value; the batch's other readings as they are)."""
     kind = draw(st.sampled_from(["truncated", "wrong_type", "huge", "not_a_number", "unicode", "binary",
                                  "not_object", "status", "event"]))
     doc: dict[str, Any] = {"v": 1, "gw": GW, "dev": "press-1", "seq": seq,
@@ -138,7 +140,7 @@ def malformed(draw: st.DrawFn, seq: int) -> tuple[str, bytes]:
     point = doc["points"][0]
     if kind == "truncated":
         text = json.dumps(doc)
-        return topic, text[:draw(st.integers(1, len(text) - 1))].encode()
+        return topic, text[:draw(st.integers(1, len(text) - 1))].encode(), "dead"
     if kind == "wrong_type":
         field = draw(st.sampled_from(["v", "gw", "dev", "seq", "points", "tag", "ts", "value", "q"]))
         wrong = {"v": st.sampled_from([0, 2, "1", None]), "gw": st.sampled_from(["gw-02", 1, None]),
@@ -148,35 +150,36 @@ def malformed(draw: st.DrawFn, seq: int) -> tuple[str, bytes]:
                  "q": st.sampled_from(["fine", 1, None])}[field]
         target = point if field in ("tag", "ts", "value", "q") else doc
         target["v" if field == "value" else field] = draw(wrong)
-        return topic, json.dumps(doc).encode()
+        return topic, json.dumps(doc).encode(), "dead"
     if kind == "huge":
         which = draw(st.sampled_from(["v", "ts", "seq", "literal"]))
-        if which == "v":
+        if which == "v":  # beyond 64 bits: no store column holds it
             point["v"] = draw(st.integers(2**63, 2**200))
-        elif which == "ts":
+            return topic, json.dumps(doc).encode(), "bad point"
+        if which == "literal":  # 1e999: not finite once read
+            return topic, json.dumps(doc).replace(json.dumps(point["v"]), "1e999", 1).encode(), "bad point"
+        if which == "ts":
             point["ts"] = draw(st.integers(10**16, 10**30))
-        elif which == "seq":
-            doc["seq"] = draw(st.integers(2**63, 2**100))
         else:
-            return topic, json.dumps(doc).replace(json.dumps(point["v"]), "1e999", 1).encode()
-        return topic, json.dumps(doc).encode()
+            doc["seq"] = draw(st.integers(2**63, 2**100))
+        return topic, json.dumps(doc).encode(), "dead"
     if kind == "not_a_number":
         point["v"] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
-        return topic, json.dumps(doc).encode()  # Python writes NaN / Infinity, which JSON does not have
+        return topic, json.dumps(doc).encode(), "dead"  # Python writes NaN / Infinity, which JSON does not have
     if kind == "unicode":
-        which = draw(st.sampled_from(["tag", "surrogate", "nul"]))
+        which = draw(st.sampled_from(["tag", "surrogate"]))
         if which == "tag":
             point["tag"] = draw(st.text(min_size=1, max_size=8).filter(lambda t: not t.isascii()))
-            return topic, json.dumps(doc, ensure_ascii=False).encode()
-        point["v" if which == "surrogate" else "err"] = "\ud800" if which == "surrogate" else "bad\u0000read"
-        return topic, json.dumps(doc).encode()
+            return topic, json.dumps(doc, ensure_ascii=False).encode(), "dead"
+        point["v"] = "\ud800"  # a lone surrogate: no store's text holds it
+        return topic, json.dumps(doc).encode(), "bad point"
     if kind == "binary":
-        return topic, b"\xff" + draw(st.binary(max_size=50))
+        return topic, b"\xff" + draw(st.binary(max_size=50)), "dead"
     if kind == "not_object":
-        return topic, json.dumps(draw(st.sampled_from([[], 1, "batch", None, [doc]]))).encode()
+        return topic, json.dumps(draw(st.sampled_from([[], 1, "batch", None, [doc]]))).encode(), "dead"
     if kind == "status":
-        return f"gw/{GW}/status", json.dumps({"state": draw(st.sampled_from(["up", 1, None])), "ts": 1}).encode()
-    return f"gw/{GW}/events", json.dumps({"type": draw(st.sampled_from(["", 5, None])), "ts": 1}).encode()
+        return f"gw/{GW}/status", json.dumps({"state": draw(st.sampled_from(["up", 1, None])), "ts": 1}).encode(), "dead"
+    return f"gw/{GW}/events", json.dumps({"type": draw(st.sampled_from(["", 5, None])), "ts": 1}).encode(), "dead"
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"], indirect=True)
@@ -185,26 +188,36 @@ def test_fuzzed_malformed_payloads_land_in_dead_letters_and_the_bridge_survives(
     broker, start = running
     bridge = start()
     tenant = tenant_pki.tenant
-    sent: list[tuple[str, bytes]] = []
+    dead_sent: list[tuple[str, bytes]] = []
+    stored_seqs: list[int] = []
     with Gateway(tenant_pki, broker, GW) as gw:
 
         @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(st.data())
         def publish(data: st.DataObject) -> None:
-            topic, payload = data.draw(malformed(seq=10_000 + len(sent)))
+            seq = 10_000 + len(dead_sent) + len(stored_seqs)
+            topic, payload, verdict = data.draw(malformed(seq=seq))
             gw.publish(topic, payload, wait=False)
-            sent.append((topic, payload))
+            if verdict == "dead":
+                dead_sent.append((topic, payload))
+            else:
+                stored_seqs.append(seq)
 
         publish()
         gw.publish(f"gw/{GW}/data/press-1", batch(GW, "press-1", 1, 10))
-        wait_until(lambda: backend.count(tenant, "dead_letters") >= len(sent) and backend.count(tenant, "points") == 10,
-                   what=f"{len(sent)} dead letters and the valid batch")
+        wait_until(lambda: backend.count(tenant, "dead_letters") >= len(dead_sent)
+                   and backend.count(tenant, "batches") == len(stored_seqs) + 1,
+                   what=f"{len(dead_sent)} dead letters, {len(stored_seqs)} batches with a bad reading and the valid batch")
     assert bridge.proc is not None and bridge.proc.poll() is None
     dead = backend.rows(tenant, "SELECT topic, payload, reason FROM {dead_letters} ORDER BY id")
-    assert len(dead) == len(sent)
-    assert sorted((t, bytes(p)) for t, p, _ in dead) == sorted(sent)
+    assert len(dead) == len(dead_sent)
+    assert sorted((t, bytes(p)) for t, p, _ in dead) == sorted(dead_sent)
     assert all(reason and "\n" not in reason for _, _, reason in dead)
-    assert backend.rows(tenant, "SELECT seq FROM {batches}") == [(1,)]
+    assert sorted(seq for (seq,) in backend.rows(tenant, "SELECT seq FROM {batches}")) == sorted([1, *stored_seqs])
+    refused = backend.rows(tenant, "SELECT seq, value, quality, error FROM {points} WHERE seq <> 1 AND quality = 'bad'")
+    assert sorted(seq for seq, *_ in refused) == sorted(stored_seqs)  # exactly the one unstorable reading of each
+    assert all(value is None and error.startswith("refused by the bridge: ") for _, value, _, error in refused)
+    assert backend.count(tenant, "points") >= 10 + len(stored_seqs)
 
 
 # ---------------------------------------------------------------- tenants
