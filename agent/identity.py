@@ -18,7 +18,7 @@ from pathlib import Path
 from factory_edge.errors import ConfigError
 
 from .config import AgentConfig
-from .mqtt import BrokerSettings
+from factory_edge.mqtt import BrokerSettings
 
 IDENTITY_FILE = "identity.json"
 

@@ -31,7 +31,7 @@ from provisioning import pki
 
 from .config import DEFAULT_STATE_DIR
 from .identity import IDENTITY_FILE, load_identity
-from .mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
+from factory_edge.mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 from .renew import HTTP_TIMEOUT_S, ApiSettings, answer, api_context, check_issued, explain_http_error, renew_at
 
 API_CA_FILE = "api-ca.pem"

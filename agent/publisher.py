@@ -43,7 +43,7 @@ from factory_edge.logs import fields
 
 from .buffer import Batch, BufferReader
 from .delivery import DeliveryPolicy, SteadyClock
-from .mqtt import CLOSED_BY_BROKER, BrokerSettings, Link
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings, Link
 from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from factory_edge.tasks import cancel_and_wait
 from .buffer import Buffer, BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
-from .mqtt import BrokerSettings
+from factory_edge.mqtt import BrokerSettings
 from .publisher import ConnectionState, Publisher
 from .writer import BufferWriter, Commit
 from .renew import Renewer

@@ -37,7 +37,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from agent.buffer import Buffer  # noqa: E402
-from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
+from factory_edge.mqtt import BrokerSettings, tls_context  # noqa: E402
 from drivers.config import Table  # noqa: E402
 from drivers.points import Point  # noqa: E402
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel  # noqa: E402

@@ -50,7 +50,7 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
+from factory_edge.mqtt import BrokerSettings, tls_context  # noqa: E402
 from bridge.config import validate_config  # noqa: E402
 from bridge.decode import decode_batch  # noqa: E402
 from bridge.service import Bridge  # noqa: E402

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
+from factory_edge.mqtt import BrokerSettings, tls_context  # noqa: E402
 from tests.agentproc import AgentProcess  # noqa: E402
 from tests.faults import GW, Plant, agent_config  # noqa: E402
 from tests.infra import Haproxy, Mosquitto, TenantPki  # noqa: E402

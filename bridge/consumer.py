@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from agent.mqtt import CLOSED_BY_BROKER, BrokerSettings
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from drivers.base import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields

@@ -9,7 +9,7 @@ off, a session expiry): whatever the broker delivered but did not get a
 PUBACK for is delivered again on the next connection.
 
 TLS, the SNI override (``connect_host``) and the one-line connection errors
-are the agent's (``agent.mqtt``).
+are shared with the agent (``factory_edge.mqtt``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
+from factory_edge.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 from factory_edge.errors import PublishError
 
 from .messages import Received

@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import BrokerSettings, tls_context
+from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.helpers import ROOT, ServiceProcess
 
 

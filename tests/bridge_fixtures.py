@@ -24,7 +24,7 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import BrokerSettings, tls_context
+from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge import names
 from tests.helpers import ServiceProcess
 from tests.infra import Mosquitto, TenantPki

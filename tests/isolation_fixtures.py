@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import BrokerSettings, tls_context
+from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.bridge_fixtures import BridgeProcess, batch, sqlite_rows
 from tests.provisioning_fixtures import Deployment
 

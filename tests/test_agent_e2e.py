@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.buffer import read_stats
-from agent.mqtt import BrokerSettings
+from factory_edge.mqtt import BrokerSettings
 from drivers.simulate.machines import demo_machines
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
 from drivers.config import Table
@@ -327,7 +327,7 @@ async def test_commands_ping_write_reload(tmp_path: Path, pki_acme: TenantPki, b
 
 async def test_tls_failures_are_clear_and_retried(tmp_path: Path, pki_acme: TenantPki, pki_globex: TenantPki,
                                                   broker_acme: Mosquitto, proxy: Haproxy) -> None:
-    from agent.mqtt import Link
+    from factory_edge.mqtt import Link
     from factory_edge.errors import PublishError
 
     cert, key = pki_acme.client(GW)

@@ -254,7 +254,7 @@ class FirstBatch:
         from paho.mqtt.enums import CallbackAPIVersion
 
         from tests.bridge_fixtures import settings_for
-        from agent.mqtt import tls_context
+        from factory_edge.mqtt import tls_context
 
         self.settings = settings_for(pki, broker, "bridge")
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="first-batch", protocol=paho.MQTTv5)
