@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from factory_edge import __version__
 from factory_edge.errors import ConfigError, ProvisioningError
-from provisioning import pki
+from factory_edge import pki
 
 from .config import DEFAULT_STATE_DIR
 from .identity import IDENTITY_FILE, load_identity

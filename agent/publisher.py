@@ -36,14 +36,16 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from drivers.base import Backoff
+from factory_edge.backoff import Backoff
 from factory_edge.acks import ack_topic, decode_acks
 from factory_edge.errors import PublishError
 from factory_edge.logs import fields
 
 from .buffer import Batch, BufferReader
 from .delivery import DeliveryPolicy, SteadyClock
-from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings, Link
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
+
+from .mqtt import Link
 from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)

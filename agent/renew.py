@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 
 from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
-from provisioning import pki
+from factory_edge import pki
 
 from .config import AgentConfig
 from .identity import Identity, load_identity

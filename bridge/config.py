@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
-from drivers.config import Duration, Model
+from factory_edge.configmodel import Duration, Model
 from factory_edge import names
 from factory_edge.configfile import config_errors, load_yaml, validate
 from factory_edge.errors import ConfigError

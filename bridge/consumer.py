@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
-from drivers.base import Backoff
+from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
 

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from drivers.config import Model
+from factory_edge.configmodel import Model
 
 from .messages import INT64, MAX_TS_MS, Malformed, _json_type, check_json, check_scalar, check_text, parse_json
 

@@ -11,21 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from factory_edge.configfile import YamlFloat
-from factory_edge.units import parse_duration
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-"""Device and tag names become MQTT topic levels: no ``/``, ``+``, ``#`` or spaces."""
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-class Model(BaseModel):
-    """Base of config models: unknown keys are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 
 
 @dataclass(frozen=True, slots=True)

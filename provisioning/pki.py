@@ -9,8 +9,10 @@ gateway to its own topics. The bridge (CN ``bridge``), technicians (CN
 get certificates from ``issue_client_cert``; those names are reserved and a
 gateway CSR may not claim them.
 
-Every check raises ``ProvisioningError`` with a one-line reason; the file
-helpers write atomically, private keys with mode 0600 from the first byte.
+The gateway's own side (its key, CSR, proof of possession, PEM files) is
+``factory_edge.pki``, shared with the agent; it is re-exported here so the
+service reads as one module. Every check raises ``ProvisioningError`` with a
+one-line reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import datetime as dt
 import ipaddress
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -29,12 +30,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_edge import names
 from factory_edge.errors import ProvisioningError
-from factory_edge.files import write_atomic
+from factory_edge.pki import (
+    ID_RE,
+    PrivateKey,
+    check_id,
+    cn_name,
+    common_name,
+    is_reserved,
+    issued_by,
+    load_cert,
+    load_private_key,
+    make_csr,
+    new_key,
+    read_file,
+    same_key,
+    sign_possession,
+    write_bytes,
+    write_pem,
+    write_private_key,
+)
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-PemObject = x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest
-
-ID_RE = names.ID_RE  # match with fullmatch (names.is_id): re.match with '$' lets a trailing newline through
 BRIDGE_ID = names.BRIDGE_ID
 TECHNICIAN_PREFIX = names.TECHNICIAN_PREFIX
 SERVICE_ID = names.SERVICE_ID  # the provisioning service's own client: ends revoked gateways' sessions
@@ -47,15 +62,10 @@ CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh EC P-256 private key."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA (key, certificate) whose subject CN is ``name``."""
     key = new_key()
-    subject = _name(name[:MAX_CN])
+    subject = cn_name(name[:MAX_CN])
     start = _now() - CLOCK_SKEW
     cert = (
         x509.CertificateBuilder()
@@ -93,11 +103,6 @@ def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key:
     cn = hostname if len(hostname) <= MAX_CN else hostname.split(".", 2)[1][:MAX_CN]
     return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.SERVER_AUTH,
                  start, start + dt.timedelta(days=days), san=list(dict.fromkeys(san)))
-
-
-def make_csr(key: PrivateKey, common_name: str) -> x509.CertificateSigningRequest:
-    """A CSR with subject CN ``common_name``, signed by ``key`` (what a gateway sends)."""
-    return x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, hashes.SHA256())
 
 
 def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
@@ -211,17 +216,6 @@ def check_key(public_key: object, *, what: str = "key") -> None:
     raise ProvisioningError(f"{what} is {label}; need {ACCEPTED_KEYS}")
 
 
-def check_id(value: str, *, what: str = "id") -> None:
-    """Refuse anything but 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit (in full)."""
-    if not names.is_id(value):
-        raise ProvisioningError(f"{what} {value!r} is not a valid id: {names.ID_RULE}")
-
-
-def is_reserved(identity: str) -> bool:
-    """True for identities that are not gateways: ``bridge*``, ``provisioning``, ``tech-*`` (any case)."""
-    return names.is_reserved(identity)
-
-
 def _check_san(csr: x509.CertificateSigningRequest) -> None:
     """A SAN in a CSR is never copied, but it must not smuggle anything either: DNS names of the id grammar only."""
     try:
@@ -235,33 +229,6 @@ def _check_san(csr: x509.CertificateSigningRequest) -> None:
             raise ProvisioningError(f"CSR subject alternative name {entry.value!r} is not allowed: only DNS names "
                                     "of the gateway-id grammar (they are not copied)")
         check_id(entry.value, what="CSR subject alternative name")
-
-
-def common_name(cert: x509.Certificate) -> str:
-    """The certificate's subject CN (the gateway id for client certificates)."""
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(cns[0].value) if cns else ""
-
-
-def same_key(a: object, b: object) -> bool:
-    """True when two public keys (or certificates, CSRs) hold the same public key."""
-    def spki(obj: object) -> bytes:
-        key = obj.public_key() if hasattr(obj, "public_key") else obj  # type: ignore[union-attr]
-        return key.public_bytes(serialization.Encoding.DER,  # type: ignore[union-attr]
-                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    return spki(a) == spki(b)
-
-
-def sign_possession(key: PrivateKey, data: bytes) -> bytes:
-    """Sign ``data`` with ``key`` (ECDSA or RSA PKCS#1 v1.5, SHA-256): proof that we hold ``key``.
-
-    A gateway renewing its certificate signs its new CSR with its current
-    key, so the service knows the request comes from the holder of the
-    certificate it presents.
-    """
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
 def verify_possession(cert: x509.Certificate, data: bytes, signature: bytes) -> None:
@@ -278,81 +245,18 @@ def verify_possession(cert: x509.Certificate, data: bytes, signature: bytes) -> 
         raise ProvisioningError("signature does not match the certificate's key") from exc
 
 
-def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    """True when ``cert`` names ``ca_cert`` as issuer and carries a valid signature from it."""
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the DER certificate, lowercase hex."""
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-# -- files -----------------------------------------------------------------
-
-def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
-    """Write ``key`` as unencrypted PKCS#8 PEM, mode 0600, atomically (never readable by others)."""
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    _write_atomic(Path(path), data, 0o600)
-
-
-def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` with ``mode``, atomically (identity files, anything else that must not be half-written)."""
-    _write_atomic(Path(path), data, mode)
-
-
-def write_pem(path: str | os.PathLike[str], obj: PemObject) -> None:
-    """Write a certificate, CRL or CSR as PEM, mode 0644, atomically."""
-    _write_atomic(Path(path), obj.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
-    """Read an unencrypted PEM private key."""
-    data = _read(path, "private key")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ProvisioningError(f"{path}: not an unencrypted PEM private key") from exc
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
-        raise ProvisioningError(f"{path}: private key is {type(key).__name__}; need RSA or EC")
-    return key
-
-
-def load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
-    """Read a PEM certificate (the first one in the file)."""
-    data = _read(path, "certificate")
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
-        raise ProvisioningError(f"{path}: not a PEM certificate") from exc
-
-
 def load_crl(path: str | os.PathLike[str]) -> x509.CertificateRevocationList:
     """Read a PEM CRL."""
-    data = _read(path, "CRL")
+    data = read_file(path, "CRL")
     try:
         return x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise ProvisioningError(f"{path}: not a PEM CRL") from exc
-
-
-def _read(path: str | os.PathLike[str], what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ProvisioningError(f"cannot read {what} {path}: {exc.strerror}") from exc
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    try:
-        write_atomic(path, data, mode)
-    except OSError as exc:
-        raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
 
 
 # -- building blocks -------------------------------------------------------
@@ -361,7 +265,7 @@ def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, cn:
           start: dt.datetime, end: dt.datetime, *, san: list[x509.GeneralName] | None = None) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
+        .subject_name(cn_name(cn))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)  # type: ignore[arg-type]
         .serial_number(x509.random_serial_number())
@@ -398,10 +302,6 @@ def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
         raise ProvisioningError(f"certificate would end ({end:%Y-%m-%dT%H:%M:%SZ}) before it starts "
                                 f"({start:%Y-%m-%dT%H:%M:%SZ})")
     return start, end
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 def _now() -> dt.datetime:

@@ -327,7 +327,7 @@ async def test_commands_ping_write_reload(tmp_path: Path, pki_acme: TenantPki, b
 
 async def test_tls_failures_are_clear_and_retried(tmp_path: Path, pki_acme: TenantPki, pki_globex: TenantPki,
                                                   broker_acme: Mosquitto, proxy: Haproxy) -> None:
-    from factory_edge.mqtt import Link
+    from agent.mqtt import Link
     from factory_edge.errors import PublishError
 
     cert, key = pki_acme.client(GW)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from drivers.config import NAME_PATTERN, Duration, Model
+from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.units import format_duration
 
 from .template import DEFAULTS, check_template

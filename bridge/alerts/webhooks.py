@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import httpx
 
-from drivers.base import Backoff
+from factory_edge.backoff import Backoff
 from factory_edge import __version__
 from factory_edge.logs import fields
 

@@ -31,7 +31,9 @@ from pymodbus.pdu import ModbusPDU
 from factory_edge.errors import DriverError
 from factory_edge.logs import fields
 
-from ..base import Backoff, DeviceState, Driver
+from factory_edge.backoff import Backoff
+
+from ..base import DeviceState, Driver
 from ..config import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevice, Table
 from ..points import Point, now_ms
 from . import codec

@@ -27,7 +27,9 @@ from asyncua import ua
 from factory_edge.errors import DriverError, WriteRefused
 from factory_edge.logs import fields
 
-from ..base import Backoff, DeviceState, Driver, Emit
+from factory_edge.backoff import Backoff
+
+from ..base import DeviceState, Driver, Emit
 from ..config import OpcuaDevice
 from ..points import Point, now_ms
 from .connection import Session, client_certificate, close_session, open_session
