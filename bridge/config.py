@@ -143,6 +143,13 @@ class TenantConfig(Model):
         return self
 
 
+class SparkplugConfig(Model):
+    """The bridge as a Sparkplug B host application on every tenant broker (docs/sparkplug.md)."""
+
+    host_id: str = Field(default="factory-edge", pattern=GROUP_PATTERN,
+                         description="published as spBv1.0/STATE/<host_id>; edge nodes name it as their primary host")
+
+
 class BridgeConfig(Model):
     """The whole bridge config file."""
 
@@ -153,6 +160,7 @@ class BridgeConfig(Model):
     ingest: IngestConfig = IngestConfig()
     mappings: list[MappingRule] = Field(default_factory=list)
     alerts: AlertsConfig = AlertsConfig()
+    sparkplug: SparkplugConfig = SparkplugConfig()
 
     @field_validator("tenants")
     @classmethod

@@ -19,6 +19,7 @@ from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
+from factory_edge.sparkplug.topics import state_payload
 
 from .messages import Received
 from .mqtt import Session
@@ -38,8 +39,10 @@ class Consumer:
 
     def __init__(self, *, tenant: str, settings: BrokerSettings, client_id: str,
                  subscriptions: Sequence[tuple[str, int]], receive_maximum: int, session_expiry_s: float,
-                 backoff_max_s: float = 30.0) -> None:
+                 backoff_max_s: float = 30.0, sparkplug_state: str | None = None) -> None:
         self.tenant = tenant
+        # Sparkplug host application: ``spBv1.0/STATE/<host id>``, online at every connection, offline as the will.
+        self.sparkplug_state = sparkplug_state
         self.settings = settings
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
@@ -65,10 +68,12 @@ class Consumer:
             self.generation += 1
             self._attempts += 1
             session: Session | None = None
+            born = int(time.time() * 1000)  # a STATE will carries its birth's timestamp (Sparkplug 3.0)
+            will = (self.sparkplug_state, state_payload(False, born)) if self.sparkplug_state else None
             try:
                 session = Session(self.settings, client_id=self.client_id, generation=self.generation,
                                   receive_maximum=self.receive_maximum, session_expiry_s=self.session_expiry_s,
-                                  on_message=self._deliver, on_lost=self._lost)
+                                  on_message=self._deliver, on_lost=self._lost, will=will)
                 await session.open()
                 # Our session's queued messages arrive right after CONNACK, before the SUBACKs:
                 # they must be acknowledgeable at once.
@@ -105,6 +110,8 @@ class Consumer:
             self.connects += 1
             self.state = ConnectionState.CONNECTED
             self.connected.set()
+            if self.sparkplug_state:
+                session.publish(self.sparkplug_state, state_payload(True, born), retain=True)
             log.info("connected to tenant broker", extra=fields(
                 tenant=self.tenant, broker=self.settings.describe(), client_id=self.client_id,
                 subscriptions=" ".join(t for t, _ in self.subscriptions)))
@@ -114,6 +121,9 @@ class Consumer:
                 self.connected.clear()
                 self._session = None
                 self.state = ConnectionState.DISCONNECTED
+                if self.sparkplug_state and not session.closed.is_set():
+                    # Stopping: say so (the will is only for an unexpected loss).
+                    session.publish(self.sparkplug_state, state_payload(False, born), retain=True)
                 await session.close()
             await asyncio.sleep(self._backoff.next_delay())
 

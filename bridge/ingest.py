@@ -75,6 +75,7 @@ class Outcome:
     changes: list[tuple[Change, int]] = field(default_factory=list)
     outbox: list[OutboxItem] = field(default_factory=list)
     stored: dict[str, list[int]] = field(default_factory=dict)  # gateway -> seqs now in the store
+    replies: list[tuple[str, bytes]] = field(default_factory=list)  # e.g. Sparkplug rebirth requests
 
 
 class Ingest:
@@ -209,6 +210,7 @@ class Ingest:
             total.outbox += outcome.outbox
             for gw, seqs in outcome.stored.items():
                 total.stored.setdefault(gw, []).extend(seqs)
+            total.replies += outcome.replies
         return total
 
     def _process(self, window: Sequence[Received], delivered: Sequence[int],
@@ -258,6 +260,7 @@ class Ingest:
             self.engine.apply(evaluation)
         if self.store_data:
             outcome.stored = _stored(decoded)
+            outcome.replies = decoded.replies
         s = self.stats
         s.commits += 1
         s.messages += len(window)
@@ -292,6 +295,8 @@ class Ingest:
         for gw, seqs in outcome.stored.items():
             if self.consumer.publish(ack_topic(gw), encode_acks(seqs), retain=False):
                 self.stats.confirmations += 1
+        for topic, payload in outcome.replies:
+            self.consumer.publish(topic, payload, retain=False)
         for change, alert_id in outcome.changes:
             self.consumer.publish(change.topic, change.payload(alert_id), retain=True)
             log.info("alert", extra=fields(tenant=self.tenant, rule=change.rule, state=str(change.state),
@@ -333,7 +338,8 @@ def _stored(decoded: Decoded) -> dict[str, list[int]]:
     """Per gateway, the seqs of the window's data batches the store now holds (dead letters included)."""
     stored: dict[str, list[int]] = {}
     for batch in decoded.batches:
-        stored.setdefault(batch.gw, []).append(batch.seq)
+        if batch.seq >= 0:  # negative: another Sparkplug implementation's message, keyed by the bridge itself
+            stored.setdefault(batch.gw, []).append(batch.seq)
     for dead in decoded.dead:
         match = _DATA_TOPIC.match(dead.topic)
         if match is None:

@@ -92,6 +92,7 @@ class Decoded:
     events: list[EventRow] = field(default_factory=list)
     mapped: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
+    replies: list[tuple[str, bytes]] = field(default_factory=list)  # to publish after the commit (e.g. rebirths)
 
     @property
     def points(self) -> int:

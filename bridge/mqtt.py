@@ -37,7 +37,7 @@ class Session:
 
     def __init__(self, settings: BrokerSettings, *, client_id: str, generation: int, receive_maximum: int,
                  session_expiry_s: float, on_message: Callable[[Received], None],
-                 on_lost: Callable[[str], None]) -> None:
+                 on_lost: Callable[[str], None], will: tuple[str, bytes] | None = None) -> None:
         self.settings = settings
         self.generation = generation
         self.receive_maximum = receive_maximum
@@ -57,6 +57,8 @@ class Session:
             self.client.tls_set_context(self._tls)
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._paho_connect
         self.client.on_disconnect = self._paho_disconnect
         self.client.on_message = self._paho_message

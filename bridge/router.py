@@ -17,10 +17,15 @@ from factory_edge.logs import fields
 from .decode import decode_batch, decode_event, decode_status
 from .mapping import Mapping, MappingRule, topic_matches
 from .messages import DeadLetter, Decoded, Malformed, Received
+from .sparkplug import SparkplugHost
 
 log = logging.getLogger(__name__)
 
-BUILTINS = {"data": "gw/+/data/+", "status": "gw/+/status", "events": "gw/+/events"}
+BUILTINS = {"data": "gw/+/data/+", "status": "gw/+/status", "events": "gw/+/events", "sparkplug": "spBv1.0/#",
+            # With a shared subscription a birth reaches one process only, but every process must know the
+            # aliases to read data: each also reads the births itself, not shared, to learn them (not to store).
+            "spb_nbirth": "spBv1.0/+/NBIRTH/+", "spb_dbirth": "spBv1.0/+/DBIRTH/+/+"}
+LEARN_ONLY = frozenset({"spb_nbirth", "spb_dbirth"})
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,11 @@ class Subscription:
     mappings: tuple[Mapping, ...]
 
     def topic(self, shared_group: str | None) -> str:
-        return f"$share/{shared_group}/{self.filter}" if shared_group else self.filter
+        shared = shared_group and self.builtin not in LEARN_ONLY
+        return f"$share/{shared_group}/{self.filter}" if shared else self.filter
 
 
-def plan(mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "events")
+def plan(mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "events", "sparkplug")
          ) -> list[Subscription]:
     """One subscription per distinct filter: the built-in ones, then the mappings'."""
     by_filter: dict[str, tuple[str | None, list[Mapping]]] = {BUILTINS[b]: (b, []) for b in builtins}
@@ -50,6 +56,7 @@ class Router:
     def __init__(self, subscriptions: Sequence[Subscription]) -> None:
         self.subscriptions = list(subscriptions)
         self.by_id = {s.id: s for s in subscriptions}
+        self.sparkplug = SparkplugHost()  # the births it has seen: decoding is stateful for Sparkplug
 
     def decode(self, window: Sequence[Received]) -> Decoded:
         out = Decoded()
@@ -65,7 +72,11 @@ class Router:
         try:
             if sub.builtin is not None:
                 levels = topic.split("/")
-                if sub.builtin == "data":
+                if sub.builtin == "sparkplug":
+                    self.sparkplug.decode(message, out)
+                elif sub.builtin in LEARN_ONLY:
+                    self.sparkplug.decode(message, Decoded())  # the aliases, nothing stored
+                elif sub.builtin == "data":
                     out.batches.append(decode_batch(levels[1], levels[3], payload, at))
                 elif sub.builtin == "status":
                     out.statuses.append(decode_status(levels[1], payload, at))

@@ -24,6 +24,7 @@ import httpx
 from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge.errors import ConfigError, StorageError
 from factory_edge.logs import fields
+from factory_edge.sparkplug.topics import state_topic
 from factory_edge.tasks import cancel_and_wait
 
 from .alerts.engine import AlertEngine
@@ -102,11 +103,12 @@ class TenantBridge:
     def _engine(self) -> AlertEngine | None:
         return AlertEngine(self.name, self.alerts.rules) if self.alerts.rules else None
 
-    def _consumer(self, *, client: str, topics: list[tuple[str, int]]) -> Consumer:
+    def _consumer(self, *, client: str, topics: list[tuple[str, int]], state: bool = False) -> Consumer:
         ingest = self.config.ingest
         settings = self.alerts_settings if client == client_id(self.instance, role="alerts") else self.settings
         consumer = Consumer(tenant=self.name, settings=settings, client_id=client, subscriptions=topics,
-                            receive_maximum=ingest.window, session_expiry_s=ingest.session_expiry)
+                            receive_maximum=ingest.window, session_expiry_s=ingest.session_expiry,
+                            sparkplug_state=state_topic(self.config.sparkplug.host_id) if state else None)
         self.consumers.append(consumer)
         return consumer
 
@@ -126,9 +128,12 @@ class TenantBridge:
 
     async def run(self) -> None:
         group_name = self.tenant.shared_group
-        subscriptions = plan(self.config.mappings)
+        learn = ("spb_nbirth", "spb_dbirth") if group_name else ()
+        subscriptions = plan(self.config.mappings, builtins=("data", "status", "events", "sparkplug", *learn))
         topics = [(s.topic(group_name), s.id) for s in subscriptions]
-        consumer = self._consumer(client=client_id(self.instance), topics=topics)
+        # One Sparkplug host per tenant publishes STATE: this process when alone; with a shared group, the
+        # holder of the alert role (a singleton), see _alert_role.
+        consumer = self._consumer(client=client_id(self.instance), topics=topics, state=not group_name)
         engine = None if group_name else self._engine()
         ingest, senders = self._ingest(store=self.store, consumer=consumer, router=Router(subscriptions),
                                        engine=engine, store_data=True)
@@ -156,9 +161,9 @@ class TenantBridge:
                     log.error("cannot open the tenant's store for alerts", extra=fields(tenant=self.name, err=str(exc)))
                     await asyncio.sleep(LOCK_RETRY_S)
                     continue
-                subscriptions = plan((), builtins=("data", "status"))
+                subscriptions = plan((), builtins=("data", "status", "sparkplug"))
                 consumer = self._consumer(client=client_id(self.instance, role="alerts"),
-                                          topics=[(s.filter, s.id) for s in subscriptions])
+                                          topics=[(s.filter, s.id) for s in subscriptions], state=True)
                 ingest, senders = self._ingest(store=store, consumer=consumer, router=Router(subscriptions),
                                                engine=self._engine(), store_data=False)
                 tasks = [asyncio.create_task(consumer.run(), name=f"mqtt[{self.name}/alerts]"),

@@ -78,7 +78,8 @@ def _role(name: str, allowed: Iterable[tuple[str, str]]) -> dict[str, Any]:
 def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str = names.SERVICE_ID) -> dict[str, Any]:
     """The plugin's whole configuration for these identities (what ``dynsec.json`` holds)."""
     roles = [
-        _role(TECHNICIAN_ROLE, [("subscribePattern", "gw/#"), ("subscribePattern", "alerts/#")]),
+        _role(TECHNICIAN_ROLE, [("subscribePattern", "gw/#"), ("subscribePattern", "alerts/#"),
+                                ("subscribePattern", "spBv1.0/#")]),
         _role(SERVICE_ROLE, [("subscribeLiteral", CONTROL_RESPONSE)]),
         _role(GUARD_ROLE, [("subscribePattern", topic) for topic in
                            ("gw/+/status", "gw/+/meta/+", "gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply")]),
@@ -90,7 +91,10 @@ def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str 
     for gateway in sorted(set(gateways)):
         names.check_gateway(gateway)
         roles.append(_role(gateway_role(gateway), [("subscribePattern", f"gw/{gateway}/cmd/#"),
-                                                   ("subscribePattern", f"gw/{gateway}/ack")]))
+                                                   ("subscribePattern", f"gw/{gateway}/ack"),
+                                                   ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}"),
+                                                   ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/+"),
+                                                   ("subscribePattern", "spBv1.0/STATE/+")]))
         clients.append({"username": gateway, "roles": [{"rolename": gateway_role(gateway), "priority": 0}]})
     return {"defaultACLAccess": dict(DEFAULT_ACCESS), "clients": clients, "groups": [], "roles": roles}
 

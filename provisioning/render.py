@@ -202,19 +202,27 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
         "pattern write gw/%u/cmd/+/reply",
         "pattern read gw/%u/cmd/#",
         "pattern read gw/%u/ack",
+        "# Sparkplug B (docs/sparkplug.md): the edge node id is the gateway id; any group.",
+        *(f"pattern write spBv1.0/+/{kind}/%u" for kind in ("NBIRTH", "NDEATH", "NDATA")),
+        *(f"pattern write spBv1.0/+/{kind}/%u/+" for kind in ("DBIRTH", "DDEATH", "DDATA")),
+        "pattern read spBv1.0/+/NCMD/%u",
+        "pattern read spBv1.0/+/DCMD/%u/+",
+        "pattern read spBv1.0/STATE/+",
         "",
         "# The bridge (every process and tool its own identity): reads every gateway, sends commands and",
-        "# acknowledgements, owns the alert topics.",
+        "# acknowledgements, owns the alert topics; a Sparkplug host application (STATE, NCMD, DCMD).",
     ]
     for bridge in bridge_ids:
-        lines += [f"user {bridge}", f"topic deny gw/{bridge}/#", "topic read gw/#", "topic write gw/+/cmd/+",
-                  "topic write gw/+/ack", "topic readwrite alerts/#", ""]
+        lines += [f"user {bridge}", *_not_a_gateway(bridge), "topic read gw/#", "topic write gw/+/cmd/+",
+                  "topic write gw/+/ack", "topic readwrite alerts/#", "topic read spBv1.0/#",
+                  "topic write spBv1.0/+/NCMD/+", "topic write spBv1.0/+/DCMD/+/+", "topic write spBv1.0/STATE/+",
+                  ""]
     if service is not None:
         lines += [
             "# The provisioning service: ends revoked sessions, refuses subscriptions (dynamic security),",
             "# marks revoked gateways offline.",
             f"user {service}",
-            f"topic deny gw/{service}/#",
+            *_not_a_gateway(service),
             "topic write $CONTROL/dynamic-security/v1",
             "topic read $CONTROL/dynamic-security/v1/response",
             "topic write gw/+/status",
@@ -224,7 +232,7 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
         lines += [
             "# The service's retained-message guard: clears retained messages outside status and meta.",
             f"user {guard}",
-            f"topic deny gw/{guard}/#",
+            *_not_a_gateway(guard),
             "topic readwrite gw/+/status",
             "topic readwrite gw/+/meta/+",
             "topic readwrite gw/+/data/+",
@@ -235,8 +243,14 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
     if techs:
         lines += ["# Technicians: read-only (short-lived certificates).", ""]
     for name in techs:
-        lines += [f"user {name}", f"topic deny gw/{name}/#", "topic read gw/#", "topic read alerts/#", ""]
+        lines += [f"user {name}", *_not_a_gateway(name), "topic read gw/#", "topic read alerts/#",
+                  "topic read spBv1.0/#", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _not_a_gateway(name: str) -> list[str]:
+    """A named identity's ``deny`` lines: they take away what the gateway patterns give any CN."""
+    return [f"topic deny gw/{name}/#", f"topic deny spBv1.0/+/+/{name}", f"topic deny spBv1.0/+/+/{name}/+"]
 
 
 # -- HAProxy ---------------------------------------------------------------

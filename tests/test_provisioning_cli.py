@@ -81,8 +81,10 @@ def test_rendered_broker_config_and_acl(data: Path) -> None:
         assert f"\n{line}\n" in conf, line
     acl = (data / "tenants" / "acme" / "acl").read_text()
     assert "pattern write gw/%u/data/+\n" in acl and "pattern read gw/%u/cmd/#\n" in acl
-    assert ("user provisioning\ntopic deny gw/provisioning/#\ntopic write $CONTROL/dynamic-security/v1\n"
+    assert ("user provisioning\ntopic deny gw/provisioning/#\ntopic deny spBv1.0/+/+/provisioning\n"
+            "topic deny spBv1.0/+/+/provisioning/+\ntopic write $CONTROL/dynamic-security/v1\n"
             "topic read $CONTROL/dynamic-security/v1/response\ntopic write gw/+/status\n") in acl
+    assert "pattern write spBv1.0/+/DDATA/%u/+\n" in acl and "pattern read spBv1.0/+/NCMD/%u\n" in acl
 
 
 def test_key_is_printed_once_and_stored_hashed(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
