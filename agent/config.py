@@ -10,6 +10,8 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from drivers.config import Device, ModbusDeviceBase
 from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.configfile import load_model
+from factory_edge.errors import ConfigError
+from factory_edge.extras import install_hint, missing
 from factory_edge.units import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -112,4 +114,18 @@ class AgentConfig(Model):
 
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate an agent config file; ConfigError lists every problem, one per line."""
-    return load_model(AgentConfig, path)
+    config = load_model(AgentConfig, path)
+    require_drivers(config, str(path))
+    return config
+
+
+def require_drivers(config: AgentConfig, source: str) -> None:
+    """Every enabled device's driver is installed: an OPC UA device needs the [opcua] extra."""
+    absent = missing("opcua")
+    if not absent:
+        return
+    lines = [f"{source}: devices[{device.name}]: protocol opcua needs the [opcua] extra ({', '.join(absent)} "
+             f"not installed): {install_hint('opcua')}"
+             for device in config.devices if device.protocol == "opcua" and device.enabled]
+    if lines:
+        raise ConfigError("\n".join(lines))

@@ -10,6 +10,7 @@ from typing import Any
 
 from drivers.simulate.machines import demo_machines, register_map_lines
 from drivers.simulate.modbus_server import ModbusSimulator
+from factory_edge.extras import install_hint, missing
 from factory_edge.logs import fields
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ def add_parser(commands: Any) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from drivers.simulate.opcua_server import OpcuaSimulator, node_table
-
     async with contextlib.AsyncExitStack() as stack:
         if args.modbus_port:
             machines = demo_machines()
@@ -38,7 +37,13 @@ async def serve(args: argparse.Namespace) -> None:
             if not args.quiet:
                 print(f"Modbus TCP on {args.host}:{args.modbus_port}")
                 print("\n".join(register_map_lines(machines)))
-        if args.opcua_port:
+        if args.opcua_port and missing("opcua"):
+            print(f"OPC UA: not simulated (oven-1 needs the [opcua] extra: {install_hint('opcua')})", flush=True)
+            log.warning("OPC UA not simulated", extra=fields(reason="the [opcua] extra is not installed",
+                                                             fix=install_hint("opcua")))
+        elif args.opcua_port:
+            from drivers.simulate.opcua_server import OpcuaSimulator, node_table
+
             opcua = await stack.enter_async_context(OpcuaSimulator(host=args.host, port=args.opcua_port))
             if not args.quiet:
                 print(f"OPC UA on {opcua.endpoint}")
