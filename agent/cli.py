@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from factory_edge.cli import add_global_options, run_command
+from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 
 from . import checkconfig, provision, read, run, simulate, status
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (run, checkconfig, read, status, simulate, provision):
         module.add_parser(commands)
+    accept_global_options_anywhere(parser)
     return parser
 
 

@@ -48,6 +48,11 @@ class MqttConfig(Model):
                      if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{given[0]}: given without url: (the provisioned identity brings its own)")
+        elif self.url.startswith("mqtt://"):
+            given = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: given with an mqtt:// url, which is plain TCP without TLS: "
+                                 "use mqtts:// (TLS), or remove it")
         if self.retry_initial > self.retry_max:
             raise ValueError(f"retry_initial ({self.retry_initial:g}s) is longer than retry_max ({self.retry_max:g}s)")
         return self

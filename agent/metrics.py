@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from factory_edge.errors import ConfigError
 from factory_edge.logs import fields
 
 from .buffer import BufferStats, age_seconds
@@ -101,7 +102,10 @@ async def serve_metrics(agent: Agent, port: int) -> None:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+    except OSError as exc:
+        raise ConfigError(f"metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
     log.info("metrics listening", extra=fields(address=f"127.0.0.1:{port}"))
     async with server:
         await server.serve_forever()

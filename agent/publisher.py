@@ -38,7 +38,7 @@ from paho.mqtt.properties import Properties
 
 from factory_edge.backoff import Backoff
 from factory_edge.acks import ack_topic, decode_acks
-from factory_edge.errors import PublishError
+from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
 
 from .buffer import Batch, BufferReader
@@ -223,12 +223,14 @@ class Publisher:
             self.stats.connect_attempts += 1
             self._attempts += 1
             offline = dict(self.birth(), state="offline")
-            link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit,
-                        will=(f"{self.topic_root}/status", json.dumps(offline).encode()),
-                        on_ack=self._on_ack, on_message=self._on_message, on_lost=self._on_lost)
             try:
+                # A TLS file replaced by something unreadable while running (checked at start) is retried
+                # like a refused connection: the agent keeps polling and buffering, its status says why.
+                link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit,
+                            will=(f"{self.topic_root}/status", json.dumps(offline).encode()),
+                            on_ack=self._on_ack, on_message=self._on_message, on_lost=self._on_lost)
                 await link.open()
-            except PublishError as exc:
+            except (PublishError, ConfigError) as exc:
                 delay = self._backoff.next_delay()
                 self._retry_log.failed(str(exc), delay)
                 self.last_error = str(exc)

@@ -10,6 +10,8 @@ import sys
 from typing import Any
 
 from drivers.base import open_driver
+from drivers.config import ModbusTag
+from drivers.modbus.notation import modicon_hint
 from drivers.points import Point, Quality
 from factory_edge.errors import ConfigError, DriverError
 from factory_edge.logs import fields
@@ -88,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         total = sum(len(p) for p in results.values())
         first_device, first = failed[0]
+        hint = ""
+        if first.error == "illegal data address":
+            tag = next(t for t in config.device(first_device).tags if t.name == first.tag)
+            hint = f"; {modicon_hint(tag)}" if isinstance(tag, ModbusTag) and modicon_hint(tag) else ""
         raise DriverError(f"{len(failed)} of {total} tags not good (first: {first_device}.{first.tag}: "
-                          f"{first.error or first.quality})")
+                          f"{first.error or first.quality}{hint})")
     sys.stdout.flush()
     return 0

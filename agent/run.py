@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from factory_edge.mqtt import tls_context
+
 from .config import load_config
 from .identity import resolve
 from .runtime import Agent
@@ -37,7 +39,9 @@ async def serve(config_path: Path, state_dir: str | None) -> None:
     config = load_config(config_path)
     directory = Path(state_dir or config.state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent)
+    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent, source=str(config_path))
+    if broker.tls:
+        tls_context(broker)  # a wrong TLS file is a config error now, not a retry loop
     async with Agent(config, gateway=gateway, broker=broker, state_dir=directory, config_path=config_path) as agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -34,6 +34,7 @@ from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
+from factory_edge.units import plural
 
 from .buffer import Buffer, BufferReader, BufferStats
 from .config import AgentConfig, load_config
@@ -127,32 +128,40 @@ class Agent:
         log.info("agent started", extra=fields(gateway=self.gateway, devices=len(self.drivers),
                                                broker=self.broker.describe(), backlog=backlog,
                                                unconfirmed=unconfirmed, confirm=self.config.buffer.confirm))
-        self.systemd.ready(f"{len(self.drivers)} devices, broker {self.broker.describe()}")
+        self.systemd.ready(f"{plural(len(self.drivers), 'device')}, broker {self.broker.describe()}")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._group is not None
         self.systemd.stopping()
-        await self._stop_devices()
-        # Every reading taken so far goes to disk before anything else stops.
-        await asyncio.to_thread(self.writer.flush, WRITE_ON_STOP_S)
-        if exc_info[0] is None:
-            await self.publisher.flush(FLUSH_ON_STOP_S)
-        for task in self._tasks:
-            task.cancel()
         try:
-            await self._group.__aexit__(*exc_info)
+            try:
+                await self._stop_devices()
+            except asyncio.CancelledError:
+                # A task failed and the group cancelled us (or we are cancelled from outside): stop the rest
+                # all the same; the group's exit below raises what failed, or this cancellation.
+                if exc_info[0] is None:
+                    raise
+            # Every reading taken so far goes to disk before anything else stops.
+            await asyncio.to_thread(self.writer.flush, WRITE_ON_STOP_S)
+            if exc_info[0] is None:
+                await self.publisher.flush(FLUSH_ON_STOP_S)
         finally:
-            self.publisher.state = ConnectionState.STOPPED
-            await asyncio.to_thread(self.writer.close)
-            self._write_status()
-            self._status_io.shutdown(wait=True)
-            left = self._status_reader.stats()
-            self._status_reader.close()
-            self.reader.close()
-            self.buffer.close()
-            log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=left.batches,
-                                                   unconfirmed=left.unconfirmed))
+            for task in self._tasks:
+                task.cancel()
+            try:
+                await self._group.__aexit__(*exc_info)
+            finally:
+                self.publisher.state = ConnectionState.STOPPED
+                await asyncio.to_thread(self.writer.close)
+                self._write_status()
+                self._status_io.shutdown(wait=True)
+                left = self._status_reader.stats()
+                self._status_reader.close()
+                self.reader.close()
+                self.buffer.close()
+                log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=left.batches,
+                                                       unconfirmed=left.unconfirmed))
 
     def stop(self) -> None:
         self._stopped.set()
@@ -177,12 +186,14 @@ class Agent:
     async def _stop_devices(self) -> None:
         for task in self._device_tasks.values():
             task.cancel()
-        for task in self._device_tasks.values():
-            await cancel_and_wait(task)
-        for driver in self.drivers.values():
-            await driver.close()
-        self._device_tasks.clear()
-        self.drivers.clear()
+        try:
+            for task in self._device_tasks.values():
+                await cancel_and_wait(task)
+        finally:
+            for driver in self.drivers.values():
+                await driver.close()
+            self._device_tasks.clear()
+            self.drivers.clear()
 
     async def _poll(self, driver: Driver) -> None:
         name = driver.device.name
@@ -359,7 +370,8 @@ class Agent:
                 self._write_status()
                 conn = self.publisher.state
                 backlog = await self.buffer_stats()
-                self.systemd.status(f"{conn}, {len(self.drivers)} devices, backlog {backlog.batches} batches, "
+                self.systemd.status(f"{conn}, {plural(len(self.drivers), 'device')}, "
+                                    f"backlog {plural(backlog.batches, 'batch', 'batches')}, "
                                     f"{backlog.unconfirmed} unconfirmed")
                 last_status = loop.time()
             await asyncio.sleep(interval)

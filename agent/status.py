@@ -108,9 +108,9 @@ def text_lines(doc: dict[str, Any]) -> list[str]:
         + ("  DISK FULL: readings are dropped" if doc.get("writer", {}).get("disk_full") else ""),
         f"dropped      {buf.get('dropped_points', 0)} points"
         + (" (" + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n) + ")" if any(drops.values()) else ""),
-        f"publishing   {pub.get('points_per_s', 0)} points/s, {pub.get('acked_points', 0)} accepted by the broker, "
-        f"{pub.get('confirmed_points', 0)} confirmed stored"
-        + (f", {conn.get('reconnects', 0)} reconnects" if conn else ""),
+        ("publishing   " + (f"{pub.get('points_per_s', 0)} points/s, " if doc["running"] else "stopped; last run: ")
+         + f"{pub.get('acked_points', 0)} accepted by the broker, {pub.get('confirmed_points', 0)} confirmed stored"
+         + (f", {_n(conn.get('reconnects', 0), 'reconnect', 'reconnects')}" if conn else "")),
     ]
     devices = doc.get("devices", {})
     if devices:

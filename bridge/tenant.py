@@ -64,7 +64,7 @@ class TenantBridge:
         t = self.tenant
         return BrokerSettings.from_url(t.url, connect_host=t.connect_host, ca_file=t.ca_file, cert_file=t.cert_file,
                                        key_file=t.key_file, username=t.username, password=t.password,
-                                       keepalive_s=t.keepalive)
+                                       keepalive_s=t.keepalive, origin=f"tenants[{self.name}].")
 
     @property
     def alerts_settings(self) -> BrokerSettings:
@@ -74,7 +74,7 @@ class TenantBridge:
             return self.settings
         return BrokerSettings.from_url(t.url, connect_host=t.connect_host, ca_file=t.ca_file,
                                        cert_file=t.alerts_cert_file, key_file=t.alerts_key_file,
-                                       keepalive_s=t.keepalive)
+                                       keepalive_s=t.keepalive, origin=f"tenants[{self.name}].alerts_")
 
     @property
     def runs_alert_role(self) -> bool:
@@ -91,10 +91,7 @@ class TenantBridge:
                               "the alert session needs a certificate of its own (CN bridge-alerts; provisioning "
                               "issues it), as the broker gives each certificate one session")
         if self.settings.tls:
-            try:
-                tls_context(self.settings)
-            except ConfigError as exc:
-                raise ConfigError(f"tenants[{self.name}]: {str(exc).removeprefix('mqtt: ')}") from exc
+            tls_context(self.settings)  # a file of the wrong kind: "tenants[acme].ca_file: …: not a PEM certificate"
         await asyncio.to_thread(self.store.open, self.config.mappings)
 
     async def close(self) -> None:

@@ -7,6 +7,7 @@ Every error names the file, the path inside it and the problem::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,16 +61,32 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
 
 
-def format_location(loc: tuple[Any, ...]) -> str:
-    """``('devices', 2, 'tags', 5, 'address')`` -> ``devices[2].tags[5].address``."""
+def _item_name(item: Any) -> str | None:
+    """The name an item of a list goes by in a path: its ``name:``, when that is a plain, non-numeric word."""
+    name = item.get("name") if isinstance(item, dict) else None
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name) and not name.isdigit():
+        return name
+    return None
+
+
+def format_location(loc: tuple[Any, ...], data: Any = None) -> str:
+    """``('devices', 2, 'tags', 5, 'address')`` -> ``devices[press-1].tags[spindle_temp].address``.
+
+    An item of a list is named by its ``name:`` when ``data`` (the parsed
+    file) gives it one, else by its 0-based index: ``devices[2]``.
+    """
     out = ""
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
+            item = data[part] if isinstance(data, list) and 0 <= part < len(data) else None
+            name = _item_name(item)
+            out += f"[{name}]" if name is not None else f"[{part}]"
+            data = item
         elif isinstance(part, str) and part.startswith(("function-", "modbus-", "opcua")):
             continue  # pydantic's union/validator branch names, not config keys
         else:
             out += ("." if out else "") + str(part)
+            data = data.get(part) if isinstance(data, dict) else None
     return out or "(top level)"
 
 
@@ -98,21 +115,21 @@ _PATTERN_HINTS = {
 }
 
 
-def config_errors(exc: pydantic.ValidationError, source: str) -> list[str]:
-    """One line per problem: ``file: path: problem``."""
+def config_errors(exc: pydantic.ValidationError, source: str, data: Any = None) -> list[str]:
+    """One line per problem: ``file: path: problem`` (items named after ``data``, the parsed input)."""
     lines = []
     for error in exc.errors():
         loc = tuple(error["loc"])
         if error["type"] == "union_tag_invalid":
             ctx = error.get("ctx", {})
-            lines.append(f"{source}: {format_location(loc + (ctx.get('discriminator', 'protocol').strip(chr(39)),))}: "
+            lines.append(f"{source}: {format_location(loc + (ctx.get('discriminator', 'protocol').strip(chr(39)),), data)}: "
                          f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})")
             continue
         if error["type"] == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")
             if pattern in _PATTERN_HINTS:
                 error = {**error, "msg": _PATTERN_HINTS[pattern]}
-        lines.append(f"{source}: {format_location(loc)}: {_describe(error)}")
+        lines.append(f"{source}: {format_location(loc, data)}: {_describe(error)}")
     return lines
 
 
@@ -125,7 +142,7 @@ def validate(model: type[M], data: Any, source: str) -> M:
     try:
         return model.model_validate(data, context={"source": source})
     except pydantic.ValidationError as exc:
-        raise ConfigError("\n".join(config_errors(exc, source))) from None
+        raise ConfigError("\n".join(config_errors(exc, source, data))) from None
 
 
 def load_model(model: type[M], path: str | Path) -> M:

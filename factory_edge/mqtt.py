@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.properties import Properties
 
 from .errors import ConfigError, PublishError
@@ -42,6 +44,7 @@ class BrokerSettings:
     password: str | None = None
     keepalive_s: float = 30.0
     connect_timeout_s: float = 10.0
+    origin: str = "mqtt."  # where the file names came from, for errors: "plant.yaml: mqtt.", ".../identity.json: "
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> BrokerSettings:
@@ -78,16 +81,73 @@ class _SniContext(ssl.SSLContext):
         return self.last_socket
 
 
+def tls_file_problems(settings: BrokerSettings) -> list[str]:
+    """What is wrong with the CA, certificate and key files, one line each, naming the field and the file.
+
+    Checked before dialling (and by ``agent check-config``), so a wrong path
+    or a file of the wrong kind is a config error, not a failed connection.
+    """
+    problems: list[str] = []
+
+    def read(key: str, name: str) -> bytes | None:
+        try:
+            return Path(name).read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{settings.origin}{key}: {name}: no such file")
+        except IsADirectoryError:
+            problems.append(f"{settings.origin}{key}: {name}: is a directory, not a file")
+        except OSError as exc:
+            problems.append(f"{settings.origin}{key}: {name}: cannot read: {exc.strerror}")
+        return None
+
+    if settings.ca_file and (data := read("ca_file", settings.ca_file)) is not None:
+        try:
+            x509.load_pem_x509_certificates(data)
+        except ValueError:
+            problems.append(f"{settings.origin}ca_file: {settings.ca_file}: not a PEM certificate "
+                            "(expected -----BEGIN CERTIFICATE-----)")
+    cert = key = None
+    if settings.cert_file and (data := read("cert_file", settings.cert_file)) is not None:
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+        except ValueError:
+            problems.append(f"{settings.origin}cert_file: {settings.cert_file}: not a PEM certificate "
+                            "(expected -----BEGIN CERTIFICATE-----)")
+    if settings.key_file and (data := read("key_file", settings.key_file)) is not None:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            problems.append(f"{settings.origin}key_file: {settings.key_file}: the key is encrypted; "
+                            "the agent needs an unencrypted key (mode 0600)")
+        except (ValueError, UnsupportedAlgorithm):
+            problems.append(f"{settings.origin}key_file: {settings.key_file}: not a PEM private key "
+                            "(expected -----BEGIN PRIVATE KEY-----)")
+    if cert is not None and key is not None and not _same_public_key(cert, key):
+        problems.append(f"{settings.origin}key_file: {settings.key_file}: not the key of the certificate "
+                        f"{settings.cert_file}")
+    return problems
+
+
+def _same_public_key(cert: x509.Certificate, key: Any) -> bool:
+    def spki(public: Any) -> bytes:
+        return bytes(public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    return spki(cert.public_key()) == spki(key.public_key())
+
+
 def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
-    """TLS >= 1.2, broker certificate verified against the CA and the URL's host; client cert if given."""
+    """TLS >= 1.2, broker certificate verified against the CA and the URL's host; client cert if given.
+
+    ConfigError, one line per problem, when a file is missing or not what its field says.
+    """
+    problems = tls_file_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
     context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
     context.sni_host = settings.host
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
-    for key, name in (("ca_file", settings.ca_file), ("cert_file", settings.cert_file), ("key_file", settings.key_file)):
-        if name and not Path(name).is_file():
-            raise ConfigError(f"mqtt.{key}: {name}: no such file")
     try:
         if settings.ca_file:
             context.load_verify_locations(cafile=settings.ca_file)
@@ -97,14 +157,42 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
             context.load_cert_chain(settings.cert_file, settings.key_file)
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or exc
-        raise ConfigError(f"mqtt: cannot load TLS files ({settings.ca_file or 'system CAs'}, "
-                          f"{settings.cert_file}): {reason}") from exc
+        raise ConfigError(f"{settings.origin.rstrip('.: ') or 'mqtt'}: cannot load TLS files "
+                          f"({settings.ca_file or 'system CAs'}, {settings.cert_file}): {reason}") from exc
     return context
 
 
-def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
-    """A one-line reason a TCP/TLS connection to the broker failed."""
+def handshake_cut(exc: BaseException) -> bool:
+    """True when the peer ended or garbled the TLS handshake: a plain listener, an SNI proxy without a route, or a refusal."""
+    return (isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError | EOFError)
+            or "UNEXPECTED_EOF" in str(exc) or "WRONG_VERSION_NUMBER" in str(exc))
+
+
+# MQTT 3.1.1 CONNECT, clean session, empty client id: any MQTT broker answers it with a CONNACK (0x20).
+_PLAIN_CONNECT = bytes.fromhex("100c00044d5154540402003c0000")
+
+
+def answers_plain_mqtt(host: str, port: int, *, timeout_s: float = 2.0) -> bool:
+    """True when ``host:port`` speaks MQTT without TLS (blocking: run it in a thread)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(_PLAIN_CONNECT)
+            return sock.recv(1)[:1] == b"\x20"
+    except OSError:
+        return False
+
+
+def explain_connect_error(exc: BaseException, settings: BrokerSettings, *, plain_mqtt: bool = False) -> str:
+    """A one-line reason a TCP/TLS connection to the broker failed.
+
+    ``plain_mqtt``: the port answered a plain MQTT CONNECT after the TLS handshake failed.
+    """
     where = f"{settings.dial_host}:{settings.port}"
+    if plain_mqtt:
+        return (f"{where} is not a TLS port: it answered in plain MQTT; use the broker's TLS port "
+                f"(usually 8883), or an mqtt:// URL for a plain listener")
+    if settings.tls and "WRONG_VERSION_NUMBER" in str(exc):
+        return f"{where} did not answer in TLS: is it a TLS port? (mqtts:// needs a TLS listener, usually 8883)"
     if isinstance(exc, ssl.SSLCertVerificationError):
         if "Hostname mismatch" in str(exc) or "IP address mismatch" in str(exc):
             return f"TLS: the broker's certificate is not valid for {settings.host} (hostname mismatch)"
@@ -112,8 +200,7 @@ def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
             return "TLS: the broker's certificate has expired"
         return f"TLS: broker certificate not trusted ({exc.verify_message}); check ca_file"
     if isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(exc):
-        return (f"{where} closed the connection during the TLS handshake "
-                f"(unknown SNI name {settings.host}, or the broker refused our certificate)")
+        return _closed_in_handshake(where, settings)
     if isinstance(exc, ssl.SSLError):
         text = str(exc)
         if "CERTIFICATE_EXPIRED" in text.upper() or "certificate expired" in text:
@@ -130,10 +217,15 @@ def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
     if isinstance(exc, (TimeoutError, ssl.SSLZeroReturnError)):
         return f"no answer from {where} (timeout)"
     if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
-        return f"{where} closed the connection during the TLS handshake (unknown SNI name {settings.host}, or the broker refused our certificate)"
+        return _closed_in_handshake(where, settings)
     if isinstance(exc, OSError):
         return f"cannot reach {where}: {exc.strerror or exc}"
     return f"cannot connect to {where}: {exc}"
+
+
+def _closed_in_handshake(where: str, settings: BrokerSettings) -> str:
+    return (f"{where} closed the connection during the TLS handshake (is it a TLS port? behind the SNI proxy: "
+            f"unknown SNI name {settings.host}, or the broker refused our certificate)")
 
 
 # What a broker's DISCONNECT reason means to whoever reads the log (paho's own words are terse).
@@ -192,7 +284,12 @@ async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContex
         failed = getattr(tls, "last_socket", None)
         if failed is not None:
             failed.close()
-        raise PublishError(explain_connect_error(exc, settings)) from exc
+        plain = False
+        if settings.tls and handshake_cut(exc):
+            # A plain listener reads our ClientHello as a bad packet and hangs up: ask it in plain MQTT.
+            plain = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: answers_plain_mqtt(settings.dial_host, settings.port, timeout_s=min(2.0, timeout_s)))
+        raise PublishError(explain_connect_error(exc, settings, plain_mqtt=plain)) from exc
     no_delay(client)
 
 

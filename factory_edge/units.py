@@ -54,3 +54,8 @@ def format_duration(seconds: float) -> str:
     if seconds % 60 == 0:
         return f"{int(seconds // 60)}m"
     return f"{int(seconds)}s"
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """``1 device``, ``2 devices``; ``many`` for irregular words (``batch``, ``batches``)."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from factory_edge.cli import add_global_options, run_command
+from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 from factory_edge.errors import ProvisioningError
 from factory_edge.units import parse_duration
 from provisioning import admin, tenants
@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant", metavar="TENANT", nargs="?", help="only this tenant")
     p.add_argument("--force", action="store_true", help="re-issue even if still fresh")
     p.set_defaults(handler=cmd_crl_refresh)
+    accept_global_options_anywhere(parser)
     return parser
 
 

@@ -299,7 +299,7 @@ async def test_commands_ping_write_reload(tmp_path: Path, pki_acme: TenantPki, b
             broken = dict(config, devices=[dict(counter_device(port), tags=[{"name": "x", "address": 70000}])])
             agent.write_config(broken)
             bad = await command("reload", {}, b"c-5")
-            assert bad["ok"] is False and "devices[0].tags[0].address" in bad["error"]
+            assert bad["ok"] is False and "devices[line-1].tags[x].address" in bad["error"]
             grown = dict(config, devices=[counter_device(port, poll="200ms", tags=7)])
             agent.write_config(grown)
             good = await command("reload", {}, b"c-6")

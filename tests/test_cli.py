@@ -56,12 +56,12 @@ devices:
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"Error: {path}: devices[0].tags[1].address: must be between 0 and 65535 (0-based protocol address) (got 70000)",
-        f"Error: {path}: devices[0].tags[2]: a register bit (bit: 10) is read as bool, not int16",
-        f"Error: {path}: devices[0].tags[3]: a string tag needs length: (number of registers, 2 characters each)",
-        f"Error: {path}: devices[0].tags[4].tpye: unknown key (check its spelling and indentation)",
-        f"Error: {path}: devices[1].poll: expected a duration like 500ms, 1s or 5m, got '5 parsecs'",
-        f"Error: {path}: devices[2].protocol: must be one of 'modbus-tcp', 'modbus-rtu', 'opcua' (got 'profibus')",
+        f"Error: {path}: devices[press-1].tags[far].address: must be between 0 and 65535 (0-based protocol address) (got 70000)",
+        f"Error: {path}: devices[press-1].tags[word]: a register bit (bit: 10) is read as bool, not int16",
+        f"Error: {path}: devices[press-1].tags[recipe]: a string tag needs length: (number of registers, 2 characters each)",
+        f"Error: {path}: devices[press-1].tags[typo].tpye: unknown key (check its spelling and indentation)",
+        f"Error: {path}: devices[oven].poll: expected a duration like 500ms, 1s or 5m, got '5 parsecs'",
+        f"Error: {path}: devices[x].protocol: must be one of 'modbus-tcp', 'modbus-rtu', 'opcua' (got 'profibus')",
     ]
 
 
@@ -69,7 +69,7 @@ devices:
     ("devices: [\n", "line 2 column 1: invalid YAML: expected the node content, but found '<stream end>'"),
     ("- just\n- a list\n", "the top level must be a mapping of keys, got list"),
     ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, tags: [{name: t, address: 1}, {name: t, address: 2}]}\n",
-     "devices[0].tags: tag name 't' is used twice"),
+     "devices[a].tags: tag name 't' is used twice"),
     ("devices:\n  - {name: a/b, protocol: opcua, endpoint: 'opc.tcp://h', tags: [{name: t, node: 'i=1'}]}\n",
      "devices[0].name: must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
      "(it becomes an MQTT topic level) (got 'a/b')"),
@@ -78,10 +78,10 @@ devices:
      "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2"),
     ("devices:\n  - {name: a, protocol: modbus-rtu, serial: /dev/ttyUSB0, max_concurrent_requests: 4, "
      "tags: [{name: t, address: 1}]}\n",
-     "devices[0].max_concurrent_requests: a serial line carries one request at a time: "
+     "devices[a].max_concurrent_requests: a serial line carries one request at a time: "
      "only 1 is possible for modbus-rtu (got 4)"),
     ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_concurrent_requests: 64, tags: [{name: t, address: 1}]}\n",
-     "devices[0].max_concurrent_requests: must be less than or equal to 32 (got 64)"),
+     "devices[a].max_concurrent_requests: must be less than or equal to 32 (got 64)"),
 ])
 def test_config_errors_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:
     path = write(tmp_path, text)

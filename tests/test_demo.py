@@ -16,6 +16,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -211,10 +212,46 @@ def test_hosts_block_replaces_a_stale_one_and_leaves_every_other_line(tmp_path: 
 
     hosts = tmp_path / "hosts"
     original = "127.0.0.1 localhost\n10.0.0.5 plc-5  # the press\n"
-    hosts.write_text(original + f"{hostsfile.BEGIN}\n127.0.0.1 mqtt.old.demo.localhost\n{hostsfile.END}\n")
+    begin, end = f"{BEGIN} /srv/demo (removed when that demo stops)", f"{hostsfile.END} /srv/demo"
+    hosts.write_text(original + f"{begin}\n127.0.0.1 mqtt.old.demo.localhost\n{end}\n")
     inode = hosts.stat().st_ino
-    hostsfile.edit("add", "127.0.0.1", ["mqtt.acme.demo.localhost"], path=hosts)  # after a killed demo
-    assert hosts.read_text() == original + f"{hostsfile.BEGIN}\n127.0.0.1 mqtt.acme.demo.localhost\n{hostsfile.END}\n"
-    hostsfile.edit("remove", path=hosts)
+    hostsfile.edit("add", "127.0.0.1", ["mqtt.acme.demo.localhost"], owner="/srv/demo", path=hosts)  # after a killed demo
+    assert hosts.read_text() == original + f"{begin}\n127.0.0.1 mqtt.acme.demo.localhost\n{end}\n"
+    hostsfile.edit("remove", owner="/srv/demo", path=hosts)
     assert hosts.read_text() == original
     assert hosts.stat().st_ino == inode  # edited in place: a bind-mounted /etc/hosts stays mounted
+
+
+_TWO_DEMOS = """
+import socket, sys
+from pathlib import Path
+from factory_edge.demo.stack import Ports, Stack
+
+def resolves(name):
+    try:
+        return socket.getaddrinfo(name, None)[0][4][0]
+    except OSError as exc:
+        return f"Lookup error: {exc}"
+
+first, second = (Stack(Path(d), Ports.with_offset(0)) for d in sys.argv[1:3])
+first.resolve_names()
+second.resolve_names()          # the names resolve already, through the first demo's block
+first.down()                    # the first demo stops and takes its block out
+print(resolves("mqtt.acme.demo.localhost"), resolves("mqtt.globex.demo.localhost"))
+second.down()
+print(resolves("mqtt.acme.demo.localhost").split(":")[0])
+"""
+
+
+def test_two_demos_keep_their_own_hosts_block(tmp_path: Path) -> None:
+    """Issue 12 item 3: a demo that found the names resolving through another demo's block lost them when that one stopped."""
+    hosts = tmp_path / "hosts"
+    original = "127.0.0.1 localhost\n::1 localhost\n"
+    hosts.write_text(original)
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+    result = subprocess.run([*unshare, "sh", "-c", _IN_NAMESPACE, "sh", str(hosts), sys.executable, "-c", _TWO_DEMOS,
+                             str(tmp_path / "demo-1"), str(tmp_path / "demo-2")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["127.0.0.1 127.0.0.1", "Lookup error"]
+    assert hosts.read_text() == original

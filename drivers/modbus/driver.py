@@ -36,11 +36,12 @@ from factory_edge.backoff import Backoff
 from ..base import DeviceState, Driver
 from ..config import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevice, Table
 from ..points import Point, now_ms
-from . import codec
+from . import codec, noise
 from .plan import Hole, Limits, Read, plan_reads, split
 from .transport import TcpClient, TransactionTimeout
 
 log = logging.getLogger(__name__)
+noise.install()
 
 EXCEPTION_NAMES = {
     1: "illegal function",

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from factory_edge.units import plural
+
 from ..config import ModbusDeviceBase, ModbusTag, Table
 
 TABLE_ORDER = (Table.COIL, Table.DISCRETE, Table.HOLDING, Table.INPUT)
@@ -34,7 +36,8 @@ class Read:
         return self.start + self.count
 
     def __str__(self) -> str:
-        return f"{self.table} {self.start}..{self.end - 1} ({self.count} {'bits' if self.table.is_bits else 'registers'}, {len(self.tags)} tags)"
+        unit = "bit" if self.table.is_bits else "register"
+        return f"{self.table} {self.start}..{self.end - 1} ({plural(self.count, unit)}, {plural(len(self.tags), 'tag')})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,6 @@ from types import FrameType
 
 from factory_edge.errors import FactoryEdgeError
 
-from .stack import Ports, Stack, say, shown
-from .story import Story, stored, where
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -41,6 +38,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported once the arguments are parsed: --help works with a bare python3 (scripts/demo --help).
+    from .stack import Ports, Stack, say, shown
+    from .story import Story, stored, where
+
     ports = Ports.with_offset(args.port_offset)
     if min(ports.modbus, ports.opcua) < 1024 or max(ports.brokers) > 65535:
         print(f"Error: --port-offset {args.port_offset}: ports must stay within 1024..65535", file=sys.stderr)

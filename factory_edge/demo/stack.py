@@ -207,9 +207,11 @@ class Stack:
                         what=f"provisioning {' '.join(args[:2])}")
 
     def resolve_names(self) -> None:
+        """Names that do not resolve, or resolve only through another demo's block, go into a block of our own."""
         missing = [host for host in self.hosts if not hostsfile.resolves_to_loopback(host)]
+        missing += [host for host in hostsfile.borrowed(self.hosts) if host not in missing]
         if missing:
-            hostsfile.edit("add", "127.0.0.1", missing)
+            hostsfile.edit("add", "127.0.0.1", missing, owner=str(self.root))
             self.hosts_names = missing
             still = [host for host in missing if not hostsfile.resolves_to_loopback(host)]
             if still:
@@ -269,7 +271,7 @@ class Stack:
         self.children.clear()
         if self.hosts_names:
             try:
-                hostsfile.edit("remove")
+                hostsfile.edit("remove", owner=str(self.root))
             except (OSError, FactoryEdgeError) as exc:
                 say(f"        could not remove the demo's names from {hostsfile.HOSTS}: {exc}")
             self.hosts_names = []
