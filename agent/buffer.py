@@ -563,7 +563,7 @@ class BufferReader:
         return self._batches(where + ")", args, limit)
 
     def oldest_unconfirmed(self) -> Batch | None:
-        found = self._batches(f"seq = (SELECT seq FROM accepted ORDER BY at_ms, seq LIMIT 1)", [], 1)
+        found = self._batches("seq = (SELECT seq FROM accepted ORDER BY at_ms, seq LIMIT 1)", [], 1)
         return found[0] if found else None
 
     def newest_accepted_ms(self) -> int | None:

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from drivers.config import Device, ModbusDeviceBase
-from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.configfile import load_model
+from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.errors import ConfigError
 from factory_edge.extras import install_hint, missing
 from factory_edge.units import parse_size

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory_edge.errors import ConfigError
+from factory_edge.mqtt import BrokerSettings
 
 from .config import AgentConfig
-from factory_edge.mqtt import BrokerSettings
 
 IDENTITY_FILE = "identity.json"
 

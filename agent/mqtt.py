@@ -62,7 +62,11 @@ class Link:
     # paho thread -> event loop
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
-        self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
+        self.loop.call_soon_threadsafe(self._connack_received, result)
+
+    def _connack_received(self, result: str | None) -> None:
+        if not self._connack.done():
+            self._connack.set_result(result)
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)

@@ -25,13 +25,12 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives import serialization
 
-from factory_edge import __version__
+from factory_edge import __version__, pki
 from factory_edge.errors import ConfigError, ProvisioningError
-from factory_edge import pki
+from factory_edge.mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 
 from .config import DEFAULT_STATE_DIR
 from .identity import IDENTITY_FILE, load_identity
-from factory_edge.mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 from .renew import HTTP_TIMEOUT_S, ApiSettings, answer, api_context, check_issued, explain_http_error, renew_at
 
 API_CA_FILE = "api-ca.pem"
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         existing = load_identity(state_dir)
     except ConfigError:
         if not args.force:
-            raise ProvisioningError(f"{state_dir / IDENTITY_FILE} is unreadable; use --force to provision again")
+            raise ProvisioningError(f"{state_dir / IDENTITY_FILE} is unreadable; use --force to provision again") from None
         existing = None
     if existing is not None and not args.force:
         raise ProvisioningError(f"already provisioned as {existing.gateway} for {existing.broker_url} "
@@ -159,7 +158,7 @@ def prove(settings: BrokerSettings, gateway: str) -> float:
     client.on_disconnect = lambda *a: connected.set()
     try:
         client.connect(settings.dial_host, settings.port, keepalive=30, clean_start=True)
-    except Exception as exc:  # noqa: BLE001 - socket, ssl and paho errors, explained in one line
+    except Exception as exc:
         raise ProvisioningError(explain_connect_error(exc, settings)) from exc
     no_delay(client)
     client.loop_start()

@@ -36,15 +36,14 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from factory_edge.backoff import Backoff
 from factory_edge.acks import ack_topic, decode_acks
+from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 
 from .buffer import Batch, BufferReader
 from .delivery import DeliveryPolicy, SteadyClock
-from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
-
 from .mqtt import Link
 from .writer import BufferWriter, Commit
 
@@ -371,7 +370,7 @@ class Publisher:
                 self._probe(link, now)
                 try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._flush_acks(self._clock(), None)
         self._commands = None
@@ -433,7 +432,7 @@ class Publisher:
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
         if message.topic == ack_topic(self.gateway):
-            self._on_confirmation(message.payload)
+            self._on_confirmation(bytes(message.payload))
             return
         prefix = f"{self.topic_root}/cmd/"
         if not message.topic.startswith(prefix) or self._link is None or self._commands is None:

@@ -34,9 +34,9 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from factory_edge import pki
 from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
-from factory_edge import pki
 
 from .config import AgentConfig
 from .identity import Identity, load_identity
@@ -215,18 +215,18 @@ class Renewer:
                 await asyncio.sleep(RETRY_MAX_S)
                 continue
             lifetime_s = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
-            wait_s = (renew_at(cert) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            wait_s = (renew_at(cert) - dt.datetime.now(dt.UTC)).total_seconds()
             log.info("certificate renewal scheduled", extra=fields(
                 serial=f"{cert.serial_number:x}", renew_at=renew_at(cert).isoformat(timespec="seconds"),
                 not_after=cert.not_valid_after_utc.isoformat(timespec="seconds")))
             # Re-check at least hourly: suspend/resume and clock steps do not move a sleeping timer.
             while wait_s > 0:
                 await asyncio.sleep(min(wait_s, 3600.0))
-                wait_s = (renew_at(cert) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+                wait_s = (renew_at(cert) - dt.datetime.now(dt.UTC)).total_seconds()
             try:
                 new = await self.renew_once()
             except (FactoryEdgeError, OSError) as exc:
-                left_s = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds()
+                left_s = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
                 delay = min(retry_s, max(lifetime_s / 10, 1.0))
                 log.warning("certificate renewal failed", extra=fields(err=str(exc), retry_in_s=round(delay, 1),
                                                                         expires_in_s=round(left_s)))
@@ -234,7 +234,7 @@ class Renewer:
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
                 continue
             retry_s = RETRY_FIRST_S
-            if renew_at(new) <= dt.datetime.now(dt.timezone.utc):
+            if renew_at(new) <= dt.datetime.now(dt.UTC):
                 # The new certificate is already due: the service's lifetime is
                 # shorter than our clock thinks; do not hammer the service.
                 await asyncio.sleep(min(60.0, lifetime_s / 3))
@@ -271,5 +271,14 @@ class Renewer:
         return cert
 
 
-__all__ = ["PROVISIONING_FILE", "ApiSettings", "Renewer", "api_context", "answer", "check_issued",
-           "complete_pending", "explain_http_error", "renew_at"]
+__all__ = [
+    "PROVISIONING_FILE",
+    "ApiSettings",
+    "Renewer",
+    "answer",
+    "api_context",
+    "check_issued",
+    "complete_pending",
+    "explain_http_error",
+    "renew_at",
+]

@@ -32,6 +32,7 @@ from drivers.points import Point, Quality, now_ms
 from factory_edge import __version__
 from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
+from factory_edge.mqtt import BrokerSettings
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 from factory_edge.units import plural
@@ -39,11 +40,10 @@ from factory_edge.units import plural
 from .buffer import Buffer, BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
-from factory_edge.mqtt import BrokerSettings
 from .publisher import ConnectionState, Publisher
-from .writer import BufferWriter, Commit
 from .renew import Renewer
 from .report import ReportFilter
+from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)
 

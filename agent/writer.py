@@ -223,9 +223,9 @@ class BufferWriter:
             log.warning("readings dropped before reaching the disk: the write queue was full",
                         extra=fields(points=ops.queue_drops[0], queue_points=self.queue_points))
         # Deliveries first, on their own: they free space and must not wait for readings that cannot be written.
-        if ops.bookkeeping():
-            if self._transaction(lambda: self._bookkeeping(ops, commit), "cannot record deliveries") is None:
-                self._requeue_bookkeeping(ops)
+        if ops.bookkeeping() and (
+                self._transaction(lambda: self._bookkeeping(ops, commit), "cannot record deliveries") is None):
+            self._requeue_bookkeeping(ops)
         buffer = self.buffer
         encoded, self._retry = self._retry, []
         for device, points, n in ops.adds:

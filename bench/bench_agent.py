@@ -33,17 +33,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer import Buffer  # noqa: E402
-from factory_edge.mqtt import BrokerSettings, tls_context  # noqa: E402
-from drivers.config import Table  # noqa: E402
-from drivers.points import Point  # noqa: E402
-from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel  # noqa: E402
-from tests.agentproc import AgentProcess  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
-from tests.infra import Haproxy, Mosquitto, TenantPki  # noqa: E402
+from agent.buffer import Buffer, BufferReader
+from drivers.config import Table
+from drivers.points import Point
+from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
+from factory_edge.mqtt import BrokerSettings, tls_context
+from tests.agentproc import AgentProcess
+from tests.helpers import free_port
+from tests.infra import Haproxy, Mosquitto, TenantPki
 
 GW = "gw-bench"
 SEQ = re.compile(rb'"seq":(\d+)')
@@ -80,7 +80,11 @@ def sample_batches(tags: int, count: int) -> list[bytes]:
         for i in range(count):
             buf.add("dev-0", [Point("dev-0", f"t{t}", 1_732_280_000_000 + i, t) for t in range(tags)],
                     max_points=500, max_bytes=256 * 1024)
-        return [b.payload for b in buf.batches_after(0, 10**9)]
+        reader = BufferReader(buf.path)
+        try:
+            return [b.payload for b in reader.pending(0, 10**9)]
+        finally:
+            reader.close()
 
 
 def raw_paho(settings: BrokerSettings, payloads: list[bytes], seconds: float, inflight: int) -> float:

@@ -37,27 +37,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import orjson  # noqa: E402
-import paho.mqtt.client as paho  # noqa: E402
-import psycopg  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
-from psycopg import sql  # noqa: E402
+import orjson
+import paho.mqtt.client as paho
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from psycopg import sql
 
-from factory_edge.mqtt import BrokerSettings, tls_context  # noqa: E402
-from bridge.config import validate_config  # noqa: E402
-from bridge.decode import decode_batch  # noqa: E402
-from bridge.service import Bridge  # noqa: E402
-from bridge.storage.base import Store  # noqa: E402
-from bridge.storage.postgres import PostgresStore  # noqa: E402
-from bridge.storage.sqlite import SqliteStore  # noqa: E402
-from tests.infra import Mosquitto, TenantPki  # noqa: E402
+from bridge.config import validate_config
+from bridge.decode import decode_batch
+from bridge.service import Bridge
+from bridge.storage.base import Store
+from bridge.storage.postgres import PostgresStore
+from bridge.storage.sqlite import SqliteStore
+from factory_edge.mqtt import BrokerSettings, tls_context
+from tests.infra import Mosquitto, TenantPki
 
 GW = "gw-bench"
 
@@ -219,7 +220,7 @@ async def alert_latency(config: Any, pki: TenantPki, broker: Mosquitto, samples:
                 key = f"{device}:{state}"
                 sent = time.perf_counter()
                 pub.publish(f"gw/{GW}/data/{device}", payload, qos=1)
-                await wait(lambda: key in arrived, 10, f"alert {key}")
+                await wait(lambda key=key: key in arrived, 10, f"alert {key}")
                 latencies.append(arrived[key] - sent)
         stop.set()
     if background:
@@ -310,8 +311,8 @@ async def main(args: argparse.Namespace) -> None:
         fast_pps = total / fast_parsing.drain(batches)
         print(f"  {'raw subscriber + orjson.loads':<38} {fast_pps:>10,.0f} points/s  {fast_pps / parse_pps:.2f}x baseline")
         per_commit = max(1, 100_000 // args.batch)
-        results = [("SQLite (WAL, fsync on)", sqlite_config, 0.3,
-                    lambda: SqliteStore(root / "alone", "alone"))]
+        results: list[tuple[str, Any, float, Callable[[], Store]]] = [
+            ("SQLite (WAL, fsync on)", sqlite_config, 0.3, lambda: SqliteStore(root / "alone", "alone"))]
         if pg_ok:
             results.append(("PostgreSQL (binary COPY)", pg_config, 0.2,
                             lambda: PostgresStore(args.dsn, f"{tenant}_alone")))
@@ -331,12 +332,13 @@ async def main(args: argparse.Namespace) -> None:
         fast = NoDelayMosquitto(root / "broker-nodelay", pki).start()
         brokers.append(("broker with set_tcp_nodelay true", fast))
         try:
-            for name, target in brokers:
-                alert_config = bridge_config(pki, target, {"backend": "sqlite", "path": str(root / f"alerts-{target.port}")},
+            for broker_name, alert_broker in brokers:
+                alert_config = bridge_config(pki, alert_broker,
+                                             {"backend": "sqlite", "path": str(root / f"alerts-{alert_broker.port}")},
                                              rules, instance="alerts")
-                for label, load in (("idle", 0), (f"{args.load:,} points/s of other data", args.load)):
-                    latencies = await alert_latency(alert_config, pki, target, args.samples, load)
-                    print(f"  {name + ', ' + label:<64} p50 {pct(latencies, 0.5) * 1000:5.1f} ms   "
+                for load_label, rate in (("idle", 0), (f"{args.load:,} points/s of other data", args.load)):
+                    latencies = await alert_latency(alert_config, pki, alert_broker, args.samples, rate)
+                    print(f"  {broker_name + ', ' + load_label:<64} p50 {pct(latencies, 0.5) * 1000:5.1f} ms   "
                           f"p99 {pct(latencies, 0.99) * 1000:5.1f} ms   max {max(latencies) * 1000:5.1f} ms")
         finally:
             fast.stop()

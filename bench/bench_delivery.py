@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import itertools
 
-from factory_edge.mqtt import BrokerSettings, tls_context  # noqa: E402
-from tests.agentproc import AgentProcess  # noqa: E402
-from tests.faults import GW, Plant, agent_config  # noqa: E402
-from tests.infra import Haproxy, Mosquitto, TenantPki  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from factory_edge.mqtt import BrokerSettings, tls_context
+from tests.agentproc import AgentProcess
+from tests.faults import GW, Plant, agent_config
+from tests.infra import Haproxy, Mosquitto, TenantPki
 
 FSYNC_WRITER = """
 import os, sys, time
@@ -71,7 +72,7 @@ class Arrivals:
         self.lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}", protocol=paho.MQTTv5)
         self.client.tls_set_context(tls_context(settings))
-        self.client.reconnect_delay_set(0.05, 0.1)
+        self.client.reconnect_delay_set(0.05, 0.1)  # type: ignore[arg-type]  # paho types whole seconds; it takes floats
         self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
         self.client.on_message = self._message
         self.client.connect(settings.dial_host, settings.port, keepalive=5)
@@ -123,7 +124,7 @@ def poll_periods(arrivals: Arrivals, start_ms: int, end_ms: int) -> list[float]:
     """Periods between the agent's reads, from the timestamps it gave the readings (the agent's own schedule)."""
     times = sorted(p["ts"] for _, doc in arrivals.since(start_ms / 1000 - 5) for p in doc.get("points", [])
                    if p["tag"] == "served" and start_ms <= p["ts"] <= end_ms)
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def raw_connect_ready(settings: BrokerSettings, since: float) -> float:

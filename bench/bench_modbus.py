@@ -39,12 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
+from pymodbus.client import AsyncModbusTcpClient
 
-from drivers.config import ModbusTcpDevice, Table  # noqa: E402
-from drivers.modbus.driver import ModbusDriver  # noqa: E402
-from drivers.modbus.plan import Read, read_for  # noqa: E402
-from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel  # noqa: E402
+from drivers.config import ModbusTcpDevice, Table
+from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.plan import Read, read_for
+from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
 
 
 def free_port() -> int:

@@ -32,8 +32,9 @@ import socket
 import statistics
 import sys
 import time
+from typing import Any
 
-from asyncua import Client
+from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeEvent, Subscription
 
 from drivers.config import OpcuaDevice
@@ -91,7 +92,7 @@ class Server:
         self.conn = conn
         self.nodes = nodes
 
-    def ask(self, command: str) -> object:
+    def ask(self, command: str) -> Any:
         self.conn.send(command)
         if not self.conn.poll(30):
             raise SystemExit(f"simulator did not answer {command!r}")
@@ -99,8 +100,8 @@ class Server:
 
     def rounds(self) -> tuple[int, float]:
         """Rounds of changes completed so far, and when (the child's monotonic clock)."""
-        rounds, at = self.ask("count")  # type: ignore[misc]
-        return rounds, at
+        rounds, at = self.ask("count")
+        return int(rounds), float(at)
 
 
 class Tally:
@@ -201,7 +202,7 @@ async def measure_raw(server: Server, endpoint: str, interval_ms: int, seconds: 
         try:
             node_list = [client.get_node(f"ns=2;s=Bench.Value{i}") for i in range(server.nodes)]
             # The same queue size as the driver asks for, so both see the same notifications.
-            await subscription.subscribe_data_change(node_list, queuesize=QUEUE_SIZE, sampling_interval=interval_ms)
+            await subscription.subscribe_data_change(node_list, queuesize=QUEUE_SIZE, sampling_interval=ua.Duration(interval_ms))
             await asyncio.wait_for(tally.initial_values.wait(), STARTUP_TIMEOUT_S)
             return await tally.measure(server, seconds)
         finally:

@@ -40,8 +40,8 @@ def summary_lines(config: BridgeConfig) -> list[str]:
             notify = f" -> {', '.join(rule.notify)}" if rule.notify else ""
             lines.append(f"    alert {rule.name}: {rule.gateway}/{rule.device}/{rule.tag or '*'} "
                          f"{condition}{extra} [{rule.severity}]{notify}")
-    for rule in config.mappings:
-        lines.append(f"  mapping {rule.topic} -> table {rule.table} ({', '.join(rule.columns)})")
+    for mapping in config.mappings:
+        lines.append(f"  mapping {mapping.topic} -> table {mapping.table} ({', '.join(mapping.columns)})")
     return lines
 
 

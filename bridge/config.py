@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
-from factory_edge.configmodel import Duration, Model
 from factory_edge import names
 from factory_edge.configfile import config_errors, load_yaml, validate
+from factory_edge.configmodel import Duration, Model
 from factory_edge.errors import ConfigError
 
 from .alerts.rules import AlertRule, WebhookConfig
@@ -291,9 +291,10 @@ def load_config(path: str | Path) -> BridgeConfig:
     data = _resolve_paths(load_yaml(path), path.resolve().parent)
     config = validate(BridgeConfig, data, str(path))
     if config.tenants_from is not None:
+        directory = Path(config.tenants_from)
         config = config.with_tenants(provisioned_tenants(config.tenants_from))
         if not config.tenants:
-            raise ConfigError(f"{path}: tenants_from: {Path(config.tenants_from) / TENANTS_INDEX} lists no tenants yet")
+            raise ConfigError(f"{path}: tenants_from: {directory / TENANTS_INDEX} lists no tenants yet")
     return config
 
 

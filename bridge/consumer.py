@@ -15,10 +15,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from factory_edge.sparkplug.topics import state_payload
 
 from .messages import Received

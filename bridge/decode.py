@@ -14,8 +14,18 @@ from typing import Any
 import orjson
 
 from .messages import (
-    MAX_TS_MS, QUALITIES, DataBatch, EventRow, Malformed, StatusRow, _json_type, check_json, check_scalar, check_text,
-    check_ts, parse_json,
+    MAX_TS_MS,
+    QUALITIES,
+    DataBatch,
+    EventRow,
+    Malformed,
+    StatusRow,
+    _json_type,
+    check_json,
+    check_scalar,
+    check_text,
+    check_ts,
+    parse_json,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from factory_edge.backoff import Backoff
 from factory_edge.acks import ack_topic, encode_acks
+from factory_edge.backoff import Backoff
 from factory_edge.errors import StorageError
 from factory_edge.logs import fields
 

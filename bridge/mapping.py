@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -319,7 +319,7 @@ def _timestamp(value: Any, where: str, unit: str) -> int:
         except ValueError:
             raise Malformed(f"{where}: expected epoch {unit} or an ISO 8601 time, got {_describe(value)}") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)  # documented: times without a zone are UTC
+            moment = moment.replace(tzinfo=UTC)  # documented: times without a zone are UTC
         ms = round(moment.timestamp() * 1000)
     else:
         number = _number(value, where)

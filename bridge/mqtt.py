@@ -26,8 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from factory_edge.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 from factory_edge.errors import PublishError
+from factory_edge.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 
 from .messages import Received
 
@@ -68,7 +68,11 @@ class Session:
 
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
-        self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
+        self.loop.call_soon_threadsafe(self._connack_received, result)
+
+    def _connack_received(self, result: str | None) -> None:
+        if not self._connack.done():
+            self._connack.set_result(result)
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)

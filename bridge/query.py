@@ -6,7 +6,7 @@ import argparse
 import base64
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from factory_edge.errors import ConfigError
@@ -87,7 +87,7 @@ def _cell(name: str, value: Any) -> str:
     if value is None:
         return ""
     if name in _TIME_COLUMNS and isinstance(value, int):
-        moment = datetime.fromtimestamp(value / 1000, timezone.utc)
+        moment = datetime.fromtimestamp(value / 1000, UTC)
         return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{value % 1000:03d}Z"
     if isinstance(value, (bytes, bytearray, memoryview)):
         text = bytes(value).decode("utf-8", "replace")

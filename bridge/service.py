@@ -21,8 +21,8 @@ from types import TracebackType
 import httpx
 
 from factory_edge.errors import ConfigError, FactoryEdgeError, StorageError
-from factory_edge.names import bridge_identity
 from factory_edge.logs import fields
+from factory_edge.names import bridge_identity
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 

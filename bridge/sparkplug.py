@@ -160,7 +160,7 @@ class SparkplugHost:
                "source": "sparkplug"}
         text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
         digest = hashlib.sha256(f"{topic}|{payload.seq}|{text}".encode()).hexdigest()
-        return EventRow(topic.edge_node, kind, doc["ts"], text, digest, message.received_at)
+        return EventRow(topic.edge_node, kind, int(str(doc["ts"])), text, digest, message.received_at)
 
     # ---------------------------------------------------------------- data
 
@@ -214,7 +214,7 @@ class SparkplugHost:
             return  # a factory-edge batch: not stored, not confirmed; the agent sends it again after the rebirth
         out.dead.append(DeadLetter(str(topic), message.payload, f"{why}: rebirth requested", message.received_at))
 
-    def _ask_rebirth(self, topic: Topic, message: Received, why: str) -> None:
+    def _ask_rebirth(self, topic: Topic, message: Received, out: Decoded, why: str) -> None:
         key = (topic.group, topic.edge_node)
         if message.received_at - self._asked.get(key, -10**12) < REBIRTH_EVERY_S * 1000:
             return

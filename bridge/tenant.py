@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 
-from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge.errors import ConfigError, StorageError
 from factory_edge.logs import fields
+from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge.sparkplug.topics import state_topic
 from factory_edge.tasks import cancel_and_wait
 

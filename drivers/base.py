@@ -15,7 +15,7 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from factory_edge.errors import WriteRefused
 from factory_edge.logs import fields
@@ -46,7 +46,7 @@ class Driver(abc.ABC):
         self.last_error: str | None = None
         self.last_good_ms: int | None = None
 
-    async def __aenter__(self) -> Driver:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -84,7 +84,7 @@ class Driver(abc.ABC):
 
     def writable_tag(self, name: str) -> Any:
         """The tag called ``name`` if it may be written; WriteRefused says why not."""
-        tag = next((t for t in self.device.tags if t.name == name), None)  # type: ignore[attr-defined]
+        tag = next((t for t in self.device.tags if t.name == name), None)
         if tag is None:
             raise WriteRefused(f"{self.device.name}: no tag named {name!r}")
         if not tag.writable:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
@@ -122,7 +123,7 @@ class ModbusTag(TagBase):
     """A value in a Modbus device's register map (addresses are 0-based, as sent on the wire)."""
 
     table: Table = Table.HOLDING
-    address: Annotated[int | dict, BeforeValidator(_split_address)]
+    address: int
     bit: int | None = Field(default=None, ge=0, le=15)
     type: DataType | None = None
     order: ByteOrder = ByteOrder.ABCD
@@ -141,9 +142,12 @@ class ModbusTag(TagBase):
                 data = {**data, "address": split["register"], "bit": split["bit"]}
         return data
 
-    @field_validator("address")
+    @field_validator("address", mode="before")
     @classmethod
     def _address_range(cls, value: Any) -> int:
+        # register.bit was split off by _address_with_bit; what is left must be a register number.
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError("expected a register number, or register.bit like 40.3")
         if not 0 <= value <= 65535:
@@ -200,6 +204,13 @@ def _unique_names(items: list[Any], what: str) -> list[Any]:
 
 
 class DeviceBase(Model):
+    if TYPE_CHECKING:  # what every device has; each protocol's model declares it
+        protocol: str
+        tags: Sequence[TagBase]
+
+        @property
+        def address(self) -> str: ...
+
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
     poll: Duration = Field(default=1.0, gt=0)
     timeout: Duration = Field(default=1.0, gt=0)

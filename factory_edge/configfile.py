@@ -52,7 +52,7 @@ def load_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
@@ -122,7 +122,7 @@ def config_errors(exc: pydantic.ValidationError, source: str, data: Any = None) 
         loc = tuple(error["loc"])
         if error["type"] == "union_tag_invalid":
             ctx = error.get("ctx", {})
-            lines.append(f"{source}: {format_location(loc + (ctx.get('discriminator', 'protocol').strip(chr(39)),), data)}: "
+            lines.append(f"{source}: {format_location((*loc, ctx.get('discriminator', 'protocol').strip(chr(39))), data)}: "
                          f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})")
             continue
         if error["type"] == "string_pattern_mismatch":

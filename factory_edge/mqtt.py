@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from datetime import datetime, timezone
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from paho.mqtt.properties import Properties
 
 from .errors import ConfigError, PublishError
+
 
 @dataclass(frozen=True)
 class BrokerSettings:
@@ -74,7 +75,7 @@ class _SniContext(ssl.SSLContext):
     sni_host: str = ""
     last_socket: ssl.SSLSocket | None = None
 
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["server_hostname"] = self.sni_host
         # Kept so a failed handshake's socket can be closed: paho drops it.
         self.last_socket = super().wrap_socket(sock, *args, **kwargs)
@@ -301,7 +302,7 @@ def no_delay(client: paho.Client) -> None:
     and small confirmations, commands and alerts wait likewise.
     """
     sock = client.socket()
-    if sock is not None:
+    if isinstance(sock, socket.socket):  # an ssl.SSLSocket too
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -309,7 +310,7 @@ async def wait_connack(connack: asyncio.Future[str | None], settings: BrokerSett
     """None once the broker accepted our CONNECT; otherwise why not, in a technician's words."""
     try:
         refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return f"no CONNACK from {settings.describe()} within {timeout_s:g}s"
     if refused and settings.tls and settings.cert_file and refused == "the broker closed the connection before CONNACK":
         # With TLS 1.3 the broker checks our certificate after the
@@ -326,7 +327,7 @@ def check_client_certificate(settings: BrokerSettings) -> None:
         cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
     except (OSError, ValueError) as exc:
         raise PublishError(f"TLS: cannot read our certificate {settings.cert_file}: {exc}") from exc
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if cert.not_valid_after_utc < now:
         raise PublishError(f"TLS: our certificate {settings.cert_file} expired on "
                            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it (agent provision --force)")

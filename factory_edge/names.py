@@ -126,7 +126,26 @@ def is_bridge(identity: str) -> bool:
         identity.startswith(BRIDGE_PREFIX) and is_id(identity) and len(identity) > len(BRIDGE_PREFIX))
 
 
-__all__ = ["BRIDGE_ALERTS_ID", "BRIDGE_ID", "BRIDGE_PREFIX", "DEFAULT_BRIDGE_INSTANCE", "GUARD_ID", "ID_RE", "ID_RULE",
-           "InvalidName", "LABEL_RE", "SERVICE_ID", "TECHNICIAN_PREFIX", "bridge_identity", "check_domain",
-           "check_gateway", "check_id", "check_tenant", "is_bridge", "is_host", "is_id", "is_reserved",
-           "technician_identity"]
+__all__ = [
+    "BRIDGE_ALERTS_ID",
+    "BRIDGE_ID",
+    "BRIDGE_PREFIX",
+    "DEFAULT_BRIDGE_INSTANCE",
+    "GUARD_ID",
+    "ID_RE",
+    "ID_RULE",
+    "LABEL_RE",
+    "SERVICE_ID",
+    "TECHNICIAN_PREFIX",
+    "InvalidName",
+    "bridge_identity",
+    "check_domain",
+    "check_gateway",
+    "check_id",
+    "check_tenant",
+    "is_bridge",
+    "is_host",
+    "is_id",
+    "is_reserved",
+    "technician_identity",
+]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -63,9 +64,8 @@ def common_name(cert: x509.Certificate) -> str:
 def same_key(a: object, b: object) -> bool:
     """True when two public keys (or certificates, CSRs) hold the same public key."""
     def spki(obj: object) -> bytes:
-        key = obj.public_key() if hasattr(obj, "public_key") else obj  # type: ignore[union-attr]
-        return key.public_bytes(serialization.Encoding.DER,  # type: ignore[union-attr]
-                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        key: Any = obj.public_key() if hasattr(obj, "public_key") else obj
+        return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
     return spki(a) == spki(b)
 
 

@@ -18,15 +18,26 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factory_edge import __version__
+from factory_edge import __version__, names
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from factory_edge import names
 from provisioning import brokers, dynsec, keys, pki
 from provisioning.layout import DataDir, private_dir
 from provisioning.registry import CertRecord, Device, KeyRecord, Registry, Tenant, iso, now, parse_iso
-from provisioning.tenants import (admin_link, crl_entries, crl_expires, crl_serials, get_tenant, issue_bridge_identity, load_ca,
-                                  record, render_proxy, render_tenant, wanted_dynsec, write_crl)
+from provisioning.tenants import (
+    admin_link,
+    crl_entries,
+    crl_expires,
+    crl_serials,
+    get_tenant,
+    issue_bridge_identity,
+    load_ca,
+    record,
+    render_proxy,
+    render_tenant,
+    wanted_dynsec,
+    write_crl,
+)
 
 log = logging.getLogger(__name__)
 

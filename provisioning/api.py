@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -121,7 +122,7 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
         log.error("request failed", extra=fields(path=request.url.path, err=str(exc)))
         return JSONResponse({"detail": f"provisioning service error: {exc}"}, status_code=500)
 
-    app.add_middleware(Guard, limiter=limiter)  # type: ignore[arg-type]
+    app.add_middleware(Guard, limiter=limiter)
     return app
 
 
@@ -136,7 +137,7 @@ def _one_line(exc: RequestValidationError) -> str:
     return "; ".join(problems) or "invalid request"
 
 
-def _client(scope: dict[str, Any]) -> str:
+def _client(scope: Mapping[str, Any]) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 

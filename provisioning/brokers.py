@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ class _SniContext(ssl.SSLContext):
 
     sni_host = ""
 
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["server_hostname"] = self.sni_host
         return super().wrap_socket(sock, *args, **kwargs)
 
@@ -176,7 +177,7 @@ def sni_context(link: AdminLink) -> ssl.SSLContext:
 
 
 def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s: float = 5.0,
-                  tolerate: tuple[str, ...] = (), publish: list[tuple[str, bytes, bool]] = ()) -> list[dict[str, Any]]:
+                  tolerate: tuple[str, ...] = (), publish: Sequence[tuple[str, bytes, bool]] = ()) -> list[dict[str, Any]]:
     """Send dynamic-security commands in one message and wait for the answers; ProvisioningError says why not.
 
     An answer whose error contains one of ``tolerate`` (``ALREADY``) is not
@@ -254,5 +255,15 @@ def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0,
                                            ms=round((time.monotonic() - started) * 1000)))
 
 
-__all__ = ["ALREADY", "AdminLink", "sni_context", "Signalled", "disconnect_gateway", "find_dynsec_plugin", "find_process",
-           "reload_broker", "reload_proxy", "send_commands"]
+__all__ = [
+    "ALREADY",
+    "AdminLink",
+    "Signalled",
+    "disconnect_gateway",
+    "find_dynsec_plugin",
+    "find_process",
+    "reload_broker",
+    "reload_proxy",
+    "send_commands",
+    "sni_context",
+]

@@ -178,4 +178,4 @@ def sync(files: TenantFiles, link: brokers.AdminLink, target: dict[str, Any], *,
     return f"subscription rules updated on the running broker ({len(todo)} changes)"
 
 
-__all__ = ["DEFAULT_ACCESS", "gateway_role", "commands", "locked", "read", "sync", "wanted"]
+__all__ = ["DEFAULT_ACCESS", "commands", "gateway_role", "locked", "read", "sync", "wanted"]

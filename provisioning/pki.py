@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -305,17 +305,41 @@ def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
 __all__ = [
-    "ACCEPTED_KEYS", "BRIDGE_ID", "ID_RE", "SERVICE_ID", "TECHNICIAN_PREFIX", "PrivateKey",
-    "check_id", "check_key", "common_name", "create_ca", "create_crl", "fingerprint", "is_reserved", "issued_by",
-    "issue_client_cert", "issue_server_cert", "load_cert", "load_crl", "load_csr", "load_private_key",
-    "make_csr", "new_key", "same_key", "sign_csr", "sign_possession", "verify_possession", "write_bytes", "write_pem",
+    "ACCEPTED_KEYS",
+    "BRIDGE_ID",
+    "ID_RE",
+    "SERVICE_ID",
+    "TECHNICIAN_PREFIX",
+    "PrivateKey",
+    "check_id",
+    "check_key",
+    "common_name",
+    "create_ca",
+    "create_crl",
+    "fingerprint",
+    "is_reserved",
+    "issue_client_cert",
+    "issue_server_cert",
+    "issued_by",
+    "load_cert",
+    "load_crl",
+    "load_csr",
+    "load_private_key",
+    "make_csr",
+    "new_key",
+    "same_key",
+    "sign_csr",
+    "sign_possession",
+    "verify_possession",
+    "write_bytes",
+    "write_pem",
     "write_private_key",
 ]

@@ -33,15 +33,15 @@ REGISTRY_FILE = "registry.db"
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def iso(when: dt.datetime | None) -> str | None:
-    return None if when is None else when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if when is None else when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(text: str | None) -> dt.datetime | None:
-    return None if text is None else dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return None if text is None else dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 # -- rows --------------------------------------------------------------------
@@ -350,11 +350,11 @@ class Registry:
         return CertRecord(**rows[0]) if rows else None
 
     def certificates(self, tenant: str, *, device_id: int | None = None, kind: str | None = None) -> list[CertRecord]:
-        sql, params = "SELECT * FROM certificates WHERE tenant = ?", [tenant]
+        sql, params = "SELECT * FROM certificates WHERE tenant = ?", list[object]([tenant])
         if device_id is not None:
-            sql, params = sql + " AND device_id = ?", params + [device_id]
+            sql, params = sql + " AND device_id = ?", [*params, device_id]
         if kind is not None:
-            sql, params = sql + " AND kind = ?", params + [kind]
+            sql, params = sql + " AND kind = ?", [*params, kind]
         return [CertRecord(**r) for r in self._rows(sql + " ORDER BY issued_at, serial", params)]
 
     def supersede(self, serial: str, by: str, at: dt.datetime | None = None) -> None:
@@ -394,7 +394,7 @@ class Registry:
         sql = ("SELECT * FROM certificates WHERE tenant = ? AND kind = ? AND revoked_at IS NULL AND not_after > ?")
         params: list[Any] = [tenant, kind, iso(at)]
         if subject is not None:
-            sql, params = sql + " AND subject = ?", params + [subject]
+            sql, params = sql + " AND subject = ?", [*params, subject]
         return [CertRecord(**r) for r in self._rows(sql + " ORDER BY subject, issued_at", params)]
 
     # bridge instances -----------------------------------------------------------

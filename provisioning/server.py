@@ -70,9 +70,9 @@ def ensure_api_tls(data: DataDir, names: list[str]) -> tuple[Path, Path, Path]:
     ca_file, ca_key_file = data.api / "ca.pem", data.api / "ca.key"
     cert_file, key_file = data.api / "server.pem", data.api / "server.key"
     if not ca_file.exists():
-        ca_key, ca_cert = pki.create_ca("factory-edge provisioning API CA")
-        pki.write_private_key(ca_key_file, ca_key)
-        pki.write_pem(ca_file, ca_cert)
+        new_ca_key, new_ca_cert = pki.create_ca("factory-edge provisioning API CA")
+        pki.write_private_key(ca_key_file, new_ca_key)
+        pki.write_pem(ca_file, new_ca_cert)
     ca_key, ca_cert = pki.load_private_key(ca_key_file), pki.load_cert(ca_file)
     if not cert_file.exists() or not key_file.exists() or _stale(pki.load_cert(cert_file), names):
         dns = [n for n in names if not _is_ip(n)]

@@ -20,13 +20,14 @@ broker; they too try a new config before it replaces the old one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 import pwd
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class Settings:
     proxy_port: int
     public_port: int
     first_broker_port: int
-    limits: render.ProxyLimits = render.ProxyLimits()
+    limits: render.ProxyLimits = dataclasses.field(default_factory=render.ProxyLimits)
 
     @classmethod
     def load(cls, registry: Registry) -> Settings:
@@ -106,7 +107,7 @@ def init(data: DataDir, *, proxy_bind: str | None = None, proxy_port: int | None
         if not 0 <= renew_overlap_s <= 30 * 86400:
             raise ProvisioningError(f"--renew-overlap {renew_overlap_s:g}s is not within 0..30d")
         given["renew_overlap_s"] = str(renew_overlap_s)
-    render.ProxyLimits(**{**vars(render.ProxyLimits()), **(limits or {})}).check()  # type: ignore[arg-type]
+    render.ProxyLimits(**{**vars(render.ProxyLimits()), **(limits or {})}).check()
     created = not data.exists()
     data.make()
     with Registry(data.registry) as registry:
@@ -310,7 +311,7 @@ def render_proxy(data: DataDir, registry: Registry) -> None:
 
 
 @contextmanager
-def _proxy_files(data: DataDir, registry: Registry) -> Iterator[object]:
+def _proxy_files(data: DataDir, registry: Registry) -> Iterator[Callable[[], None]]:
     """Render and check the proxy files; yields ``install()``, which writes all three or none."""
     settings = Settings.load(registry)
     tenants = registry.tenants()

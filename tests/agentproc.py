@@ -76,7 +76,7 @@ class Collector:
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append((message.topic, message.payload, getattr(message, "properties", None)))
+            self.messages.append((message.topic, bytes(message.payload), getattr(message, "properties", None)))
 
     def start(self) -> Collector:
         properties = Properties(PacketTypes.CONNECT)

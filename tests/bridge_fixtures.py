@@ -19,13 +19,13 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import psycopg
-from psycopg import sql
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from psycopg import sql
 
-from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge import names
+from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.helpers import ServiceProcess
 from tests.infra import Mosquitto, TenantPki
 
@@ -120,13 +120,17 @@ class Watcher:
                                   protocol=paho.MQTTv5)
         self.client.tls_set_context(tls_context(self.settings))
         self._subscribed = threading.Event()
-        self.client.on_connect = lambda c, *a: [c.subscribe(t, qos=1) for t in self.topics]
+        self.client.on_connect = self._subscribe
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
 
+    def _subscribe(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        for topic in self.topics:
+            client.subscribe(topic, qos=1)
+
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append((message.topic, message.payload, time.monotonic(), bool(message.retain)))
+            self.messages.append((message.topic, bytes(message.payload), time.monotonic(), bool(message.retain)))
 
     def __enter__(self) -> Watcher:
         self.client.connect(self.settings.dial_host, self.settings.port, keepalive=30)
@@ -316,7 +320,7 @@ class WebhookServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 server.requests.append(({k: v for k, v in self.headers.items()}, body))
                 self.send_response(server.first.pop(0) if server.first else server.status)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,7 @@ def finish(plant: Plant, agent: AgentProcess, *, timeout_s: float = 60.0) -> Non
     assert agent.stop() == 0
 
 
-def check_exactly_once(plant: Plant, view: StoreView, tenant: str, *, kills: list[float] = ()) -> dict[str, int]:
+def check_exactly_once(plant: Plant, view: StoreView, tenant: str, *, kills: Sequence[float] = ()) -> dict[str, int]:
     """Every reading served is stored exactly once (but those in the moment before an agent kill -9)."""
     served = [s for s in plant.served() if s.value is not None]
     stored = stored_counters(view, tenant)
@@ -152,7 +153,7 @@ def check_exactly_once(plant: Plant, view: StoreView, tenant: str, *, kills: lis
         truth = {s.value: s.at_ms for s in served if s.unit == unit}
         invented = sorted(set(counts) - set(truth))
         assert not invented, f"unit {unit}: values stored that were never served: {invented[:20]}"
-        missing = sorted(set(truth) - set(counts))
+        missing = sorted(set(truth) - set(counts), key=str)
         unexplained = [v for v in missing
                        if not any(k * 1000 - KILL_WINDOW_S * 1000 <= truth[v] <= k * 1000 + 200 for k in kills)]
         assert not unexplained, (f"unit {unit}: {len(unexplained)} of {len(truth)} served readings never stored: "

@@ -45,7 +45,7 @@ class CountingUnit(RegisterModel):
     async def _sync(self, fc: int, start: int, address: int, count: int, registers: list[int],
                     values: Any) -> ExcCodes | None:
         if fc != 3 or values:
-            return await super()._sync(fc, start, address, count, registers, values)  # type: ignore[func-returns-value]
+            return await super()._sync(fc, start, address, count, registers, values)
         if self.state["frozen"]:
             return ExcCodes.DEVICE_FAILURE
         value = "-"

@@ -32,10 +32,10 @@ from typing import Any, Self
 from cryptography import x509
 
 from factory_edge import names
+from factory_edge.demo.processes import terminate
 from provisioning import pki as pkilib
 from provisioning import render
 from provisioning.render import TenantRoute
-from factory_edge.demo.processes import terminate
 from tests.helpers import free_port
 
 _LIVE: dict[int, subprocess.Popen[Any]] = {}  # pid -> process, for the exit-time safety net
@@ -111,7 +111,7 @@ class TenantPki:
     def revoke(self, name: str) -> int:
         """Add ``name``'s current certificate to the CRL file (reload the broker to apply); returns the serial."""
         serial = self.certs[name].serial_number
-        self.revoked[serial] = dt.datetime.now(dt.timezone.utc)
+        self.revoked[serial] = dt.datetime.now(dt.UTC)
         self._write_crl()
         return serial
 

@@ -171,7 +171,7 @@ def closed_within(sock: socket.socket, timeout_s: float) -> float | None:
     while time.monotonic() - started < timeout_s:
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return time.monotonic() - started
@@ -195,5 +195,16 @@ def closed_now(socks: list[socket.socket]) -> list[socket.socket]:
     return gone
 
 
-__all__ = ["Client", "closed_now", "bridge_config", "client_hello", "closed_within", "data_batch", "files_of", "provision",
-           "stalled", "start_bridge", "stored_seqs"]
+__all__ = [
+    "Client",
+    "bridge_config",
+    "client_hello",
+    "closed_now",
+    "closed_within",
+    "data_batch",
+    "files_of",
+    "provision",
+    "stalled",
+    "start_bridge",
+    "stored_seqs",
+]

@@ -63,7 +63,8 @@ class CodecPeer:
         return answer
 
     def decode(self, data: bytes) -> dict[str, Any]:
-        return self._ask({"decode": base64.b64encode(data).decode()})["payload"]  # type: ignore[no-any-return]
+        payload: dict[str, Any] = self._ask({"decode": base64.b64encode(data).decode()})["payload"]
+        return payload
 
     def encode(self, payload: dict[str, Any]) -> bytes:
         return base64.b64decode(self._ask({"encode": payload})["bytes"])

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from agent.buffer import read_stats
-from factory_edge.mqtt import BrokerSettings
+from drivers.config import Table
 from drivers.simulate.machines import demo_machines
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
-from drivers.config import Table
+from factory_edge.mqtt import BrokerSettings
 from tests.agentproc import AgentProcess, Collector
 from tests.helpers import free_port, wait_for
 from tests.infra import Haproxy, Mosquitto, Subscriber, TenantPki, tls_args
@@ -312,6 +312,7 @@ async def test_commands_ping_write_reload(tmp_path: Path, pki_acme: TenantPki, b
             text = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "agent.cli", "status", "--state-dir",
                                            str(agent.state_dir)], capture_output=True, text=True, timeout=30)
             lines = text.stdout.splitlines()
+            assert agent.proc is not None
             assert lines[0] == f"gateway      {GW}  (running, pid {agent.proc.pid})"
             assert lines[1].startswith(f"broker       mqtts://{pki_acme.host}:{proxy.port} via 127.0.0.1  connected")
             assert lines[3] == "dropped      0 points"
@@ -379,7 +380,7 @@ async def test_tls_failures_are_clear_and_retried(tmp_path: Path, pki_acme: Tena
 def _days_ago(days: int) -> Any:
     import datetime as dt
 
-    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+    return dt.datetime.now(dt.UTC) - dt.timedelta(days=days)
 
 
 async def test_a_copy_of_the_gateways_certificate_is_logged_as_a_takeover(

@@ -12,7 +12,16 @@ import pytest
 
 from bridge.alerts.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.bridge_fixtures import (
-    BlackHole, BridgeProcess, Gateway, StoreView, Watcher, WebhookServer, batch, now_ms, tenant_entry, wait_until,
+    BlackHole,
+    BridgeProcess,
+    Gateway,
+    StoreView,
+    Watcher,
+    WebhookServer,
+    batch,
+    now_ms,
+    tenant_entry,
+    wait_until,
     write_config,
 )
 from tests.infra import Mosquitto, TenantPki

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydantic
 import pytest
 import yaml
 
@@ -184,7 +185,7 @@ def test_every_bridge_command_has_help_and_a_docs_section() -> None:
 
 @pytest.mark.parametrize(("models", "keys"), documented_models(DOCS),
                          ids=lambda v: getattr(v[0], "__name__", "") if isinstance(v, list) else None)
-def test_bridge_doc_and_config_models_agree(models: list[type], keys: set[str]) -> None:
+def test_bridge_doc_and_config_models_agree(models: list[type[pydantic.BaseModel]], keys: set[str]) -> None:
     fields = set()
     for model in models:
         fields |= {f.alias or name for name, f in model.model_fields.items()}

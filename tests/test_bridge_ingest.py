@@ -17,8 +17,18 @@ from hypothesis import strategies as st
 from bridge.cli import main
 from bridge.storage.postgres import describe_dsn
 from tests.bridge_fixtures import (
-    BridgeProcess, Gateway, MappingBroker, StoreView, batch, now_ms, pg_dsn, pg_schemas, tenant_entry,
-    unique_tenant, wait_until, write_config,
+    BridgeProcess,
+    Gateway,
+    MappingBroker,
+    StoreView,
+    batch,
+    now_ms,
+    pg_dsn,
+    pg_schemas,
+    tenant_entry,
+    unique_tenant,
+    wait_until,
+    write_config,
 )
 from tests.infra import Mosquitto, TenantPki
 

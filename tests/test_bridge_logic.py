@@ -111,7 +111,7 @@ points_strategy = st.lists(st.fixed_dictionaries({
     "tag": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,20}", fullmatch=True),
     "ts": st.integers(0, 253_402_300_799_999),
     "v": st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+    | st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00")),
     "q": st.sampled_from(["good", "bad", "uncertain"]),
 }), max_size=20)
 

@@ -15,8 +15,18 @@ from pathlib import Path
 import pytest
 
 from tests.bridge_fixtures import (
-    BridgeProcess, Gateway, StoreView, Watcher, batch, now_ms, pg_dsn, pg_schemas, tenant_entry, unique_tenant,
-    wait_until, write_config,
+    BridgeProcess,
+    Gateway,
+    StoreView,
+    Watcher,
+    batch,
+    now_ms,
+    pg_dsn,
+    pg_schemas,
+    tenant_entry,
+    unique_tenant,
+    wait_until,
+    write_config,
 )
 from tests.infra import Mosquitto, TenantPki
 
@@ -70,7 +80,7 @@ def test_kill_9_during_a_stream_of_100000_points_then_restart_stores_each_point_
         exactly_once(view, tenant, batches=batches, points=batches * per_batch)
     finally:
         bridge.stop()
-    stopped = [e for e in bridge.logs() if e.get("msg") == "ingest stopped"][0]
+    stopped = next(e for e in bridge.logs() if e.get("msg") == "ingest stopped")
     assert stopped["batches"] + stopped["duplicates"] >= batches - at_kill // per_batch - 1
 
 

@@ -173,7 +173,7 @@ def test_revoked_certificate_is_refused_at_handshake(site: Site) -> None:
 
 
 def test_expired_certificate_is_refused(site: Site) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     site.pki.client("gw-old", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
     result = site.pub("gw-old", "gw/gw-old/events", "x", debug=True)
     assert result.returncode != 0 and "alert certificate expired" in result.stdout

@@ -112,6 +112,7 @@ def test_broker_mode_forgets_accepted_batches_before_dropping_any(tmp_path: Path
             assert stats is not None
             if stats.unconfirmed == 0:
                 break
+    assert stats is not None
     assert stats.unconfirmed == 0 and stats.dropped_points == 0 and stats.batches == 3 * (round_ + 1)
 
 
@@ -184,7 +185,7 @@ def test_report_by_exception() -> None:
     f = ReportFilter({("d", "temp"): Rule(Deadband(0.5), 60_000), ("d", "pct"): Rule(Deadband(10, percent=True), None),
                       ("d", "raw"): Rule(None, None), ("d", "quiet"): Rule(None, 10_000)})
 
-    def sel(tag: str, ts: int, value: object, quality: Quality = Quality.GOOD, err: str | None = None) -> bool:
+    def sel(tag: str, ts: int, value: bool | int | float | str | None, quality: Quality = Quality.GOOD, err: str | None = None) -> bool:
         return bool(f.select([Point("d", tag, ts, value, quality, err)]))
 
     assert sel("temp", 0, 70.0)

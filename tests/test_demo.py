@@ -8,6 +8,7 @@ the test reads that scratch file to see them come and go. The
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -94,6 +95,10 @@ class Demo:
         self._thread.join(5)
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+def _grew(watcher: Watcher, lines: int) -> bool:
+    return len(watcher.output()) > lines
 
 
 def _free_offset() -> int:
@@ -192,7 +197,7 @@ def test_demo_runs_twice_and_ctrl_c_stops_everything(short_root: Path) -> None:
                 assert "Error: " in second.output and f"the demo with pid {demo.proc.pid} runs there" in second.output
                 assert (demo.dir / "agent" / "identity.json").exists()
                 count = len(watcher.output())
-                eventually(lambda: len(watcher.output()) > count + 3, 10, "the first demo's data still flowing")
+                eventually(functools.partial(_grew, watcher, count + 3), 10, "the first demo's data still flowing")
             demo.proc.send_signal(signal.SIGINT)  # Ctrl-C
             assert demo.wait(30) == 0, demo.output
         finally:

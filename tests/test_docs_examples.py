@@ -20,6 +20,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -33,7 +34,7 @@ from factory_edge.errors import ConfigError
 from provisioning.cli import build_parser as provisioning_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+PAGES = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 PARSERS = {"agent": agent_parser, "provisioning": provisioning_parser, "bridge": bridge_parser,
            "demo": demo_parser}  # ./scripts/demo
 SHELL_STOPS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1", "-->", "<--"}
@@ -229,8 +230,8 @@ def fill_placeholders(text: str) -> str:
     return text.replace("…", "placeholder")
 
 
-def config_examples() -> list[tuple[str, type, str]]:
-    out = []
+def config_examples() -> list[tuple[str, type[pydantic.BaseModel], str]]:
+    out: list[tuple[str, type[pydantic.BaseModel], str]] = []
     for block in ALL_BLOCKS:
         if block.lang not in {"yaml", "yml", ""}:
             continue

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,8 +120,10 @@ def test_global_options_after_the_command_and_check_config_takes_config(tmp_path
     assert args.log_level == "debug"  # before the command, as before
     path = tmp_path / "plant.yaml"
     path.write_text(MODBUS_DEVICE.format(port=502, unit=1, address=0))
-    for argv in (["check-config", path, "--log-format", "json"], ["check-config", "--config", path],
-                 ["check-config", "--log-level", "debug", "--config", path, path]):
+    argvs: list[list[str | Path]] = [
+        ["check-config", path, "--log-format", "json"], ["check-config", "--config", path],
+                 ["check-config", "--log-level", "debug", "--config", path, path]]
+    for argv in argvs:
         result = agent(*argv)
         assert (result.returncode, result.stderr) == (0, ""), argv
         assert result.stdout.startswith("OK: gateway (from provisioning), 1 device, 1 tag, 1 request per poll cycle")
@@ -285,7 +288,7 @@ def test_text_log_lines_carry_the_time_zone_and_no_none_fields() -> None:
 
 
 def test_status_of_a_stopped_agent_shows_no_rate() -> None:
-    doc = {"gw": "gw-01", "running": False, "connection": {"broker": "mqtts://b:8883", "state": "stopped", "reconnects": 1},
+    doc: dict[str, Any] = {"gw": "gw-01", "running": False, "connection": {"broker": "mqtts://b:8883", "state": "stopped", "reconnects": 1},
            "publish": {"points_per_s": 0.0, "acked_points": 1200, "confirmed_points": 1100}, "buffer": {}}
     lines = text_lines(doc)
     assert lines[4] == "publishing   stopped; last run: 1200 accepted by the broker, 1100 confirmed stored, 1 reconnect"

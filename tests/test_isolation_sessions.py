@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.isolation_fixtures import (Client, bridge_config, data_batch, files_of, provision, start_bridge,
-                                      stored_seqs)
+from tests.isolation_fixtures import Client, bridge_config, data_batch, files_of, provision, start_bridge, stored_seqs
 from tests.provisioning_fixtures import Deployment, eventually, provisioning
 
 pytestmark = pytest.mark.timeout(180)

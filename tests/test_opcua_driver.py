@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -83,7 +84,7 @@ async def running(driver: OpcuaDriver, emit: Collector) -> AsyncIterator[asyncio
 
 
 async def test_poll_reads_every_type_with_quality_and_source_timestamp(oven: OpcuaSimulator) -> None:
-    started = dt.datetime(2024, 3, 1, 6, 30, 15, 250000, tzinfo=dt.timezone.utc)
+    started = dt.datetime(2024, 3, 1, 6, 30, 15, 250000, tzinfo=dt.UTC)
     await oven.set("Oven.Zone1.Temp", 71.5, source_ts_ms=SOURCE_TS)
     await oven.set("Oven.Heater.Power", 42.7, source_ts_ms=SOURCE_TS + 1)
     await oven.set("Oven.Door.Open", True, source_ts_ms=SOURCE_TS + 2)
@@ -138,7 +139,7 @@ async def test_unknown_node_and_path_are_bad_for_that_tag_only(oven: OpcuaSimula
 async def test_subscription_reports_changes_beyond_the_deadband(oven: OpcuaSimulator) -> None:
     await oven.set("Oven.Zone1.Temp", 50.0)
     await oven.set("Oven.Door.Open", False)
-    tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp", "deadband": 0.5},
+    tags: list[dict[str, Any]] = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp", "deadband": 0.5},
             {"name": "door", "path": "2:Oven/2:Door/2:Open"},
             {"name": "ghost", "node": "ns=2;s=Nope"}]
     driver = OpcuaDriver(device(oven.endpoint, tags, mode="subscribe"))
@@ -164,7 +165,7 @@ async def test_subscription_reports_changes_beyond_the_deadband(oven: OpcuaSimul
 
 async def test_write_converts_to_the_node_type_and_refuses_other_tags(oven: OpcuaSimulator) -> None:
     await oven.set("Oven.Setpoint", 200.0)
-    tags = [{"name": "setpoint", "node": "ns=2;s=Oven.Setpoint", "writable": True},
+    tags: list[dict[str, Any]] = [{"name": "setpoint", "node": "ns=2;s=Oven.Setpoint", "writable": True},
             {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}]
     async with OpcuaDriver(device(oven.endpoint, tags)) as driver:
         await driver.write("setpoint", 185)
@@ -183,7 +184,8 @@ async def test_write_converts_to_the_node_type_and_refuses_other_tags(oven: Opcu
 
 async def test_unreachable_server_gives_bad_points_not_errors() -> None:
     port = free_port()  # nothing listens there
-    tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}, {"name": "door", "path": "2:Oven/2:Door/2:Open"}]
+    tags: list[dict[str, Any]] = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
+                                  {"name": "door", "path": "2:Oven/2:Door/2:Open"}]
     async with OpcuaDriver(device(f"opc.tcp://127.0.0.1:{port}/factory-edge/", tags)) as driver:
         points = await driver.read()
         again = await driver.read()  # within the backoff: no new attempt, same reason
@@ -200,7 +202,8 @@ async def test_server_restart_is_survived_by_both_modes() -> None:
     await sim.start()
     try:
         await sim.set("Oven.Zone1.Temp", 70.0)
-        tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}, {"name": "door", "path": "2:Oven/2:Door/2:Open"}]
+        tags: list[dict[str, Any]] = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
+                                  {"name": "door", "path": "2:Oven/2:Door/2:Open"}]
         subscriber = OpcuaDriver(device(sim.endpoint, tags, name="sub", mode="subscribe"))
         poller = OpcuaDriver(device(sim.endpoint, tags, name="poll", poll="200ms"))
         sub_points, poll_points = Collector(), Collector()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from asyncua import ua
@@ -13,11 +14,11 @@ from drivers.opcua.monitor import deadband_filter
 from drivers.opcua.values import coerce_for_write, float32, json_value, point_from_datavalue, quality_of
 from drivers.points import Point, Quality
 
-T0 = dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.UTC)
 T0_MS = 1714979289123
 
 
-def datavalue(value: object, variant_type: ua.VariantType, **kw: object) -> ua.DataValue:
+def datavalue(value: object, variant_type: ua.VariantType, **kw: Any) -> ua.DataValue:
     return ua.DataValue(ua.Variant(value, variant_type), **kw)
 
 
@@ -28,7 +29,7 @@ def datavalue(value: object, variant_type: ua.VariantType, **kw: object) -> ua.D
     (ua.StatusCodes.BadCommunicationError, (Quality.BAD, "BadCommunicationError")),
 ])
 def test_status_code_quality(code: int, expected: tuple[Quality, str | None]) -> None:
-    assert quality_of(ua.StatusCode(code)) == expected
+    assert quality_of(ua.StatusCode(ua.UInt32(code))) == expected
 
 
 def test_source_timestamp_first_then_server_then_default() -> None:
@@ -42,10 +43,10 @@ def test_source_timestamp_first_then_server_then_default() -> None:
 
 
 def test_bad_status_drops_the_value_uncertain_keeps_it() -> None:
-    bad = datavalue(3.0, ua.VariantType.Double, StatusCode=ua.StatusCode(ua.StatusCodes.BadOutOfService),
+    bad = datavalue(3.0, ua.VariantType.Double, StatusCode=ua.StatusCode(ua.UInt32(ua.StatusCodes.BadOutOfService)),
                     SourceTimestamp=T0)
     uncertain = datavalue(3.0, ua.VariantType.Double,
-                          StatusCode=ua.StatusCode(ua.StatusCodes.UncertainInitialValue), SourceTimestamp=T0)
+                          StatusCode=ua.StatusCode(ua.UInt32(ua.StatusCodes.UncertainInitialValue)), SourceTimestamp=T0)
     assert point_from_datavalue("d", "t", bad) == Point("d", "t", T0_MS, None, Quality.BAD, "BadOutOfService")
     assert point_from_datavalue("d", "t", uncertain) == Point(
         "d", "t", T0_MS, 3.0, Quality.UNCERTAIN, "UncertainInitialValue")
@@ -66,7 +67,7 @@ def test_non_finite_float_is_a_bad_point() -> None:
     (T0, ua.VariantType.DateTime, "2024-05-06T07:08:09.123000+00:00"),
     (b"\x01\xab", ua.VariantType.ByteString, "01ab"),
     (ua.LocalizedText("Oven", "en"), ua.VariantType.LocalizedText, "Oven"),
-    (ua.NodeId("Oven.State", 2), ua.VariantType.NodeId, "ns=2;s=Oven.State"),
+    (ua.NodeId(ua.String("Oven.State"), ua.Int16(2)), ua.VariantType.NodeId, "ns=2;s=Oven.State"),
     ([1.5, 2.5], ua.VariantType.Double, "[1.5, 2.5]"),
     (None, ua.VariantType.Null, None),
 ])

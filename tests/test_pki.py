@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from factory_edge.errors import ProvisioningError
 from provisioning import pki
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +154,7 @@ def test_crl_lists_revoked_serials(ca: tuple[pki.PrivateKey, x509.Certificate], 
     entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
     assert entry is not None and entry.revocation_date_utc == when
     assert len(crl) == 1
+    assert crl.next_update_utc is not None
     assert dt.timedelta(days=6, hours=23) < crl.next_update_utc - dt.datetime.now(UTC) <= dt.timedelta(days=7)
 
 

@@ -13,8 +13,8 @@ import pytest
 from cryptography import x509
 
 from agent.identity import Identity
-from factory_edge.errors import ProvisioningError
 from agent.renew import complete_pending, pending_cert, pending_key, renew_at
+from factory_edge.errors import ProvisioningError
 from provisioning import keys, pki, render
 from provisioning.cli import build_parser, main
 from provisioning.ratelimit import FailureLimiter
@@ -134,7 +134,7 @@ def test_technician_cert_files_and_command(data: Path, tmp_path: Path, capsys: p
                          f"{t}/tech-anna.pem --key {t}/tech-anna.key -V mqttv5 -t 'gw/#' -t 'alerts/#' -v")
     assert stat.S_IMODE((t / "tech-anna.key").stat().st_mode) == 0o600
     cert = pki.load_cert(t / "tech-anna.pem")
-    hours = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() / 3600
+    hours = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 3600
     assert pki.common_name(cert) == "tech-anna" and 0.9 < hours <= 1.0
     assert "\nuser tech-anna\n" in (data / "tenants" / "acme" / "acl").read_text()
 
@@ -187,7 +187,7 @@ def _identity(tmp_path: Path, key: pki.PrivateKey, cert: x509.Certificate) -> Id
 
 def test_renewal_schedule_and_crash_recovery(tmp_path: Path) -> None:
     ca = pki.create_ca("t")
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     old_key, new_key = pki.new_key(), pki.new_key()
     old = pki.sign_csr(*ca, pki.make_csr(old_key, "gw"), not_before=start, not_after=start + dt.timedelta(days=90))
     assert renew_at(old) == start + dt.timedelta(days=60)

@@ -21,9 +21,17 @@ import pytest
 import yaml
 from cryptography import x509
 
-from tests.provisioning_fixtures import (NOT_AUTHORIZED, PY, ROOT, ApiServer, Deployment, eventually, key_files,
-                                         provisioning)
 from tests.infra import _LIVE, resolve_in_namespace, run_in_namespace
+from tests.provisioning_fixtures import (
+    NOT_AUTHORIZED,
+    PY,
+    ROOT,
+    ApiServer,
+    Deployment,
+    eventually,
+    key_files,
+    provisioning,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -232,7 +240,7 @@ def test_running_agent_renews_its_certificate_at_two_thirds(site: Deployment, tm
     due = (first.not_valid_before_utc + lifetime * 2 / 3).timestamp()
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({"state_dir": str(state)}))
-    log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115 - handed to the child
+    log = open(tmp_path / "agent.log", "wb")
     agent = resolve_in_namespace(site.hosts, [PY, "-m", "agent.cli", "run", "--config", str(config)],
                                  stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
     log.close()

@@ -101,4 +101,8 @@ def test_limits_can_change_and_reload_the_proxy_without_dropping_a_connection(si
         provisioning(site.data, "init", "--proxy-per-source", str(PER_SOURCE))
     bad = provisioning(site.data, "init", "--proxy-hello-timeout", "soon", check=False)
     assert (bad.returncode, bad.stderr) == (1, "Error: proxy hello-timeout 'soon' is not a duration like 5s or 2m\n")
-    eventually(lambda: socket.create_connection(("127.0.0.1", site.proxy_port), 1).close() is None, 5, "proxy")
+    def proxy_answers() -> bool:
+        socket.create_connection(("127.0.0.1", site.proxy_port), 1).close()
+        return True
+
+    eventually(proxy_answers, 5, "proxy")

@@ -118,7 +118,8 @@ devices:
     tags:
       - {name: zone1_temp, node: "ns=2;s=Oven.Zone1.Temp"}
 """)
-    for argv in (["check-config", config], ["read", "--config", config], ["run", "--config", config]):
+    argvs: list[list[str | Path]] = [["check-config", config], ["read", "--config", config], ["run", "--config", config]]
+    for argv in argvs:
         result = run(base_venv / "bin" / "agent", *argv)
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""

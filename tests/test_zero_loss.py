@@ -22,10 +22,23 @@ import pytest
 
 from tests.agentproc import AgentProcess
 from tests.bridge_fixtures import (
-    BridgeProcess, StoreView, pg_dsn, pg_schemas, tenant_entry, unique_tenant, wait_until, write_config,
+    BridgeProcess,
+    StoreView,
+    pg_dsn,
+    pg_schemas,
+    tenant_entry,
+    unique_tenant,
+    wait_until,
+    write_config,
 )
 from tests.faults import (
-    GW, Plant, agent_config, check_exactly_once, drained, finish, restart_broker_hard, wait_drained,
+    GW,
+    Plant,
+    agent_config,
+    check_exactly_once,
+    finish,
+    restart_broker_hard,
+    wait_drained,
 )
 from tests.infra import Haproxy, Mosquitto, TenantPki
 
@@ -253,13 +266,13 @@ class FirstBatch:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from tests.bridge_fixtures import settings_for
         from factory_edge.mqtt import tls_context
+        from tests.bridge_fixtures import settings_for
 
         self.settings = settings_for(pki, broker, "bridge")
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="first-batch", protocol=paho.MQTTv5)
         self.client.tls_set_context(tls_context(self.settings))
-        self.client.reconnect_delay_set(0.05, 0.1)
+        self.client.reconnect_delay_set(0.05, 0.1)  # type: ignore[arg-type]  # paho types whole seconds; it takes floats
         self.client.on_connect = lambda c, *a: c.subscribe(f"gw/{GW}/data/#", qos=1)
         self.client.on_message = self._message
         self.max_seq = 0

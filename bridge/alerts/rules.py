@@ -149,19 +149,20 @@ class Rule:
     def of(cls, config: AlertRule) -> Rule:
         kind = config.kind
         family = {"rate_above": "rate", "rate_below": "rate", "stale": "stale", "offline": "offline"}.get(kind, "value")
+        threshold: Any  # a number for value and rate rules (alert payloads carry it as one), else text
         if kind == "outside":
             lo, hi = config.outside  # type: ignore[misc]
             condition, threshold = f"outside {lo:g}..{hi:g}", f"{lo:g}..{hi:g}"
         elif kind == "equals":
             value = config.equals
-            shown = ("true" if value else "false") if isinstance(value, bool) else value
+            shown = ("true" if value else "false") if isinstance(value, bool) else str(value)
             condition, threshold = f"equals {shown}", shown
         elif kind in ("above", "below"):
-            threshold = _plain(getattr(config, kind))
-            condition = f"{kind} {threshold:g}"
+            number = _plain(getattr(config, kind))
+            condition, threshold = f"{kind} {number:g}", number
         elif kind in ("rate_above", "rate_below"):
-            threshold = _plain(getattr(config, kind))
-            condition = f"rate {kind[5:]} {threshold:g}/s"
+            number = _plain(getattr(config, kind))
+            condition, threshold = f"rate {kind[5:]} {number:g}/s", number
         elif kind == "stale":
             threshold = format_duration(config.stale or 0)
             condition = f"no data for {threshold}"
@@ -197,12 +198,12 @@ class Rule:
             return None
         if c.above is not None or c.rate_above is not None:
             limit = c.above if c.above is not None else c.rate_above
-            if value > limit:  # type: ignore[operator]
+            if value > limit:
                 return Verdict.TRIGGER
             return Verdict.HOLD if c.clear_below is not None and value >= c.clear_below else Verdict.CLEAR
         if c.below is not None or c.rate_below is not None:
             limit = c.below if c.below is not None else c.rate_below
-            if value < limit:  # type: ignore[operator]
+            if value < limit:
                 return Verdict.TRIGGER
             return Verdict.HOLD if c.clear_above is not None and value <= c.clear_above else Verdict.CLEAR
         if c.outside is not None:

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import httpx
 
-from factory_edge.backoff import Backoff
 from factory_edge import __version__
+from factory_edge.backoff import Backoff
 from factory_edge.logs import fields
 
 from .model import OutboxItem

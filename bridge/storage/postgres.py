@@ -264,7 +264,8 @@ class PostgresStore(Store):
 
     def query(self, what: str, *, gw: str | None = None, device: str | None = None, tag: str | None = None,
               since_ms: int | None = None, limit: int = 100, active: bool = False) -> Table:
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         for column, value in (("gw", gw), ("device", device), ("tag", tag)):
             if value is not None:
                 where.append(f"{column} = %s")

@@ -239,7 +239,8 @@ class SqliteStore(Store):
     def query(self, what: str, *, gw: str | None = None, device: str | None = None, tag: str | None = None,
               since_ms: int | None = None, limit: int = 100, active: bool = False) -> Table:
         assert self._utils is not None
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         for column, value in (("gw", gw), ("device", device), ("tag", tag)):
             if value is not None:
                 where.append(f"{column} = ?")

@@ -28,10 +28,9 @@ from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from factory_edge.backoff import Backoff
 from factory_edge.errors import DriverError
 from factory_edge.logs import fields
-
-from factory_edge.backoff import Backoff
 
 from ..base import DeviceState, Driver
 from ..config import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevice, Table
@@ -231,7 +230,7 @@ class ModbusDriver(Driver):
             raise _Fault(f"modbus error: {exc}", lost=True) from exc
         self.requests += 1
         if response.isError():
-            code = getattr(response, "exception_code", None)
+            code = int(getattr(response, "exception_code", 0))
             raise _Fault(EXCEPTION_NAMES.get(code, f"exception {code}"), code=code)
         return response
 

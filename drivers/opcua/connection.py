@@ -54,8 +54,9 @@ def describe(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, ua.UaStatusCodeError):
         return ua.StatusCode(exc.code).name
-    if isinstance(exc, ua.UaError) and isinstance(getattr(exc, "code", None), int):
-        return ua.StatusCode(exc.code).name  # asyncua's ServiceError
+    code = getattr(exc, "code", None)
+    if isinstance(exc, ua.UaError) and isinstance(code, int):
+        return ua.StatusCode(ua.UInt32(code)).name  # asyncua's ServiceError
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -125,7 +126,7 @@ class Session:
         params = self.read_parameters([tag])
         params.TimestampsToReturn = ua.TimestampsToReturn.Neither
         (value,) = await self.read(params)
-        if not value.StatusCode.is_good() or value.Value is None or value.Value.VariantType is ua.VariantType.Null:
+        if value.StatusCode is None or not value.StatusCode.is_good() or value.Value is None or value.Value.VariantType is ua.VariantType.Null:
             return None
         return value.Value.VariantType
 
@@ -239,7 +240,7 @@ async def _resolve_tags(session: Session, device: OpcuaDevice) -> None:
     if paths:
         with converted():
             results = await session.client.translate_browsepaths(
-                ua.NodeId(ua.ObjectIds.ObjectsFolder), [path for _, path in paths])
+                ua.NodeId(ua.Int32(ua.ObjectIds.ObjectsFolder)), [path for _, path in paths])
         for (name, _), result in zip(paths, results, strict=True):
             if result.StatusCode.is_good() and result.Targets:
                 target = result.Targets[0].TargetId

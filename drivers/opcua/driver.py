@@ -24,10 +24,9 @@ from typing import Any
 
 from asyncua import ua
 
+from factory_edge.backoff import Backoff
 from factory_edge.errors import DriverError, WriteRefused
 from factory_edge.logs import fields
-
-from factory_edge.backoff import Backoff
 
 from ..base import DeviceState, Driver, Emit
 from ..config import OpcuaDevice

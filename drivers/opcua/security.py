@@ -56,7 +56,7 @@ def generate_certificate(*, application_uri: str, common_name: str, hostnames: l
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "factory-edge")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
     alt_names += [x509.DNSName(host) for host in dict.fromkeys(hostnames)]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
@@ -128,7 +128,7 @@ def _reusable(files: CertificateFiles) -> bool:
         key = serialization.load_pem_private_key(files.key_file.read_bytes(), password=None)
     except ValueError:
         return False
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (
         cert.not_valid_after_utc - RENEW_BEFORE > now
         and files.application_uri in _san_uris(cert)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..config import ByteOrder, DataType, ModbusTag, Table
 
@@ -116,7 +117,7 @@ def _compressor_step(v: dict[str, Any], t: float, dt: float) -> dict[str, Any]:
 
 def demo_machines() -> list[Machine]:
     """The machines ``agent simulate`` plays, one Modbus unit id each."""
-    H, I, C, D = Table.HOLDING, Table.INPUT, Table.COIL, Table.DISCRETE
+    H, IN, C, D = Table.HOLDING, Table.INPUT, Table.COIL, Table.DISCRETE
     return [
         Machine("cnc-1", "CNC milling machine", 1, [
             Field("spindle_speed", H, 0, DataType.UINT16, unit="rpm", description="spindle speed"),
@@ -136,16 +137,16 @@ def demo_machines() -> list[Machine]:
             Field("tonnage", H, 2, DataType.INT16, scale=0.1, unit="kN", description="ram force, 0.1 kN per count"),
             Field("stroke_rate", H, 3, DataType.UINT16, unit="1/min", description="actual strokes per minute"),
             Field("stroke_setpoint", H, 10, DataType.UINT16, unit="1/min", writable=True, description="stroke rate setpoint (writable)"),
-            Field("hydraulic_temp", I, 0, DataType.INT16, scale=0.1, unit="degC", description="hydraulic oil temperature"),
+            Field("hydraulic_temp", IN, 0, DataType.INT16, scale=0.1, unit="degC", description="hydraulic oil temperature"),
             Field("door_open", D, 0, DataType.BOOL, description="safety guard open"),
             Field("running", C, 0, DataType.BOOL, writable=True, description="press enabled (writable)"),
         ], {"cycle_count": 250_000, "_stroke_acc": 0.0, "tonnage": 0.0, "stroke_rate": 0, "stroke_setpoint": 30,
             "hydraulic_temp": 45.0, "door_open": False, "running": True}, _press_step),
         Machine("compressor-1", "Screw air compressor", 3, [
-            Field("pressure", I, 0, DataType.FLOAT32, ByteOrder.CDAB, unit="bar", description="discharge pressure (word-swapped float)"),
-            Field("flow", I, 2, DataType.UINT32, ByteOrder.ABCD, unit="l/min", description="free air delivery"),
-            Field("motor_current", I, 4, DataType.UINT16, scale=0.01, unit="A", description="motor current, 0.01 A per count"),
-            Field("energy_kwh", I, 10, DataType.FLOAT64, ByteOrder.DCBA, unit="kWh", description="energy meter (little endian double)"),
+            Field("pressure", IN, 0, DataType.FLOAT32, ByteOrder.CDAB, unit="bar", description="discharge pressure (word-swapped float)"),
+            Field("flow", IN, 2, DataType.UINT32, ByteOrder.ABCD, unit="l/min", description="free air delivery"),
+            Field("motor_current", IN, 4, DataType.UINT16, scale=0.01, unit="A", description="motor current, 0.01 A per count"),
+            Field("energy_kwh", IN, 10, DataType.FLOAT64, ByteOrder.DCBA, unit="kWh", description="energy meter (little endian double)"),
             Field("pressure_setpoint", H, 0, DataType.UINT16, scale=0.1, unit="bar", writable=True, description="pressure setpoint, 0.1 bar per count (writable)"),
             Field("serial_number", H, 1, DataType.STRING, ByteOrder.BADC, length=4, description="serial number, byte-swapped string"),
             Field("loaded", C, 0, DataType.BOOL, description="compressor loaded"),

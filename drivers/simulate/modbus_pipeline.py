@@ -121,7 +121,7 @@ class _PipelinedHandler(ServerRequestHandler):
                 if server.ignore_missing_devices:
                     return
                 response = ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)
-            except Exception:  # noqa: BLE001 - what pymodbus' own handler does: the device reports a failure
+            except Exception:
                 log.exception("simulated device failed a request")
                 response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
             finally:

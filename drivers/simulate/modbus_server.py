@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
@@ -94,7 +95,7 @@ class RegisterModel:
         return SimDevice(id=unit, simdata=tuple(blocks), action=self._sync)  # type: ignore[arg-type]
 
     async def _sync(self, fc: int, start: int, address: int, count: int,
-                    registers: list[int], values: list[int] | list[bool] | None) -> None:
+                    registers: list[int], values: list[int] | list[bool] | None) -> ExcCodes | None:
         """pymodbus hook on every valid request: writes go into the model, reads come from it."""
         table = _TABLE_OF_FC[fc]
         if values:
@@ -111,6 +112,7 @@ class RegisterModel:
         else:
             for a in range(address, address + count):
                 registers[a - start] = self.tables[table].get(a, 0)
+        return None  # no exception: the request is answered from ``registers``
 
 
 @dataclass(frozen=True, slots=True)

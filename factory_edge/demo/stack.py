@@ -10,6 +10,7 @@ tenants by SNI; ``agent provision`` with a key, then ``agent run``; and
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -146,7 +147,7 @@ class Stack:
             for tenant, port in zip(TENANTS, self.ports.brokers):
                 conf = self.data / "tenants" / tenant / "mosquitto.conf"
                 self.start(Child(f"mosquitto-{tenant}", [tool("mosquitto"), "-c", str(conf)], self.logs),
-                           lambda port=port: port_open(port))
+                           functools.partial(port_open, port))
         with self.step(f"SNI proxy: HAProxy on 127.0.0.1:{self.ports.proxy}"):
             self.start(Child("haproxy", [tool("haproxy"), "-W", "-db", "-f", str(self.data / "haproxy" / "haproxy.cfg")],
                              self.logs), lambda: port_open(self.ports.proxy))
@@ -294,5 +295,19 @@ def hosts_note(stack: Stack) -> str:
     return "the broker names already resolve to this machine"
 
 
-__all__ = ["ALERT_ABOVE", "ALERT_CLEAR_BELOW", "ALERT_FOR", "ALERT_RULE", "DOMAIN", "GATEWAY", "Ports", "Stack", "TENANT",
-           "TENANTS", "hosts_note", "say", "shown", "tool"]
+__all__ = [
+    "ALERT_ABOVE",
+    "ALERT_CLEAR_BELOW",
+    "ALERT_FOR",
+    "ALERT_RULE",
+    "DOMAIN",
+    "GATEWAY",
+    "TENANT",
+    "TENANTS",
+    "Ports",
+    "Stack",
+    "hosts_note",
+    "say",
+    "shown",
+    "tool",
+]

@@ -23,7 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from .processes import DemoError, die_with_parent, run_tool, terminate
-from .stack import ALERT_ABOVE, ALERT_CLEAR_BELOW, ALERT_FOR, ALERT_RULE, GATEWAY, TENANT, Stack, hosts_note, say, shown, tool
+from .stack import (
+    ALERT_ABOVE,
+    ALERT_CLEAR_BELOW,
+    ALERT_FOR,
+    ALERT_RULE,
+    GATEWAY,
+    TENANT,
+    Stack,
+    hosts_note,
+    say,
+    shown,
+    tool,
+)
 
 DATA_TIMEOUT_S = 30.0
 TEMP_EVERY_S = 3.0
@@ -117,7 +129,7 @@ class Story:
             return
         if topic == f"gw/{GATEWAY}/data/cnc-1":
             temp = next((p for p in doc.get("points", []) if p.get("tag") == "spindle_temp"), None)
-            if temp and (time.monotonic() - self.last_temp_at >= TEMP_EVERY_S or self.fired and not self.resolved):
+            if temp and (time.monotonic() - self.last_temp_at >= TEMP_EVERY_S or (self.fired and not self.resolved)):
                 self.last_temp_at = time.monotonic()
                 say(f"  {_clock(temp.get('ts'))}  cnc-1 spindle_temp {temp.get('v')} degC")
         elif topic == f"gw/{GATEWAY}/cmd/write/reply":

@@ -298,7 +298,7 @@ def _value(m: Any, datatype: DataType, where: str) -> Value:
             raise PayloadError(f"{where}: StringArray is not UTF-8") from None
     if datatype is DataType.FLOAT and not math.isfinite(raw):
         return float(raw)  # kept as it is; the consumer decides what a NaN reading means
-    return raw  # type: ignore[no-any-return]
+    return raw
 
 
 def _property(pv: Any) -> Value:
@@ -315,7 +315,7 @@ def _property(pv: Any) -> Value:
     if kind in ("int_value", "long_value") and datatype in _INT_RANGES and _INT_RANGES[datatype][0] < 0:
         bits = 32 if kind == "int_value" else 64
         return int(raw - (1 << bits) if raw >= 1 << (bits - 1) else raw)
-    return raw  # type: ignore[no-any-return]
+    return raw
 
 
 def metrics_named(payload: Payload, names: Iterable[str]) -> dict[str, Metric]:
