@@ -83,6 +83,21 @@ class PublishConfig(Model):
     inflight: int = Field(default=20, ge=1, le=1000)
 
 
+SPARKPLUG_ID = r"^[^/+#\s]{1,64}$"  # a Sparkplug topic level: no '/', '+', '#', spaces
+
+
+class SparkplugConfig(Model):
+    """Sparkplug B 3.0 edge node (docs/sparkplug.md): data goes to spBv1.0/<group_id>/… instead of gw/<gw>/data."""
+
+    group_id: str = Field(pattern=SPARKPLUG_ID, description="the Sparkplug group of this edge node")
+    edge_node_id: str | None = Field(default=None, pattern=SPARKPLUG_ID,
+                                     description="default: the gateway id (the broker's ACL allows only that)")
+    primary_host: str | None = Field(default=None, pattern=SPARKPLUG_ID,
+                                     description="host application id: publish only while its STATE is online")
+    data_qos: Literal[0, 1] = Field(default=0, description="QoS of DDATA: 0 as the specification says; the "
+                                                           "storage confirmation makes either lossless")
+
+
 class AgentConfig(Model):
     """The whole agent config file."""
 
@@ -92,6 +107,7 @@ class AgentConfig(Model):
     buffer: BufferConfig = BufferConfig()
     publish: PublishConfig = PublishConfig()
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    sparkplug: SparkplugConfig | None = None
     devices: list[Device] = Field(default_factory=list)
 
     @field_validator("devices")

@@ -34,6 +34,7 @@ class Link:
     """
 
     def __init__(self, settings: BrokerSettings, *, client_id: str, will: tuple[str, bytes] | None,
+                 will_retain: bool = True,
                  inflight: int, on_ack: Callable[[int, bool], None],
                  on_message: Callable[[paho.MQTTMessage], None], on_lost: Callable[[str], None]) -> None:
         self.settings = settings
@@ -51,7 +52,7 @@ class Link:
         if settings.username:
             self.client.username_pw_set(settings.username, settings.password)
         if will is not None:
-            self.client.will_set(will[0], will[1], qos=1, retain=True)
+            self.client.will_set(will[0], will[1], qos=1, retain=will_retain)
         self._on_ack, self._on_message, self._on_lost = on_ack, on_message, on_lost
         self.client.on_connect = self._paho_connect
         self.client.on_disconnect = self._paho_disconnect

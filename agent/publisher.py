@@ -41,10 +41,12 @@ from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
 from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
+from factory_edge.sparkplug.payload import PayloadError
 
 from .buffer import Batch, BufferReader
 from .delivery import DeliveryPolicy, SteadyClock
 from .mqtt import Link
+from .sparkplug import EdgeNode
 from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ class Publisher:
                  policy: DeliveryPolicy, inflight: int, birth: Callable[[], dict[str, Any]],
                  meta: Callable[[], dict[str, dict[str, Any]]], commands: CommandHandler,
                  retry_initial_s: float = 0.2, retry_max_s: float = 1.0,
-                 on_state: Callable[[], None] | None = None) -> None:
+                 on_state: Callable[[], None] | None = None, edge: EdgeNode | None = None) -> None:
         self.settings = settings
         self.gateway = gateway
         self.writer = writer
@@ -166,6 +168,8 @@ class Publisher:
         self._closed_by_broker = False  # the last connection ended in a bare close by the broker
         self._attempts = 0  # connection attempts since the last connection was lost
         self._takeovers: deque[float] = deque(maxlen=3)  # when sessions looked taken over (monotonic)
+        self.edge = edge  # Sparkplug B mode: what to send instead of the JSON topics
+        self._rebirth = False  # births to (re)send on this connection
 
     @property
     def state(self) -> ConnectionState:
@@ -221,13 +225,17 @@ class Publisher:
             self.state = ConnectionState.CONNECTING
             self.stats.connect_attempts += 1
             self._attempts += 1
-            offline = dict(self.birth(), state="offline")
+            if self.edge is not None:
+                death = self.edge.connecting()  # the NDEATH carrying this connection's bdSeq
+                will, retain = (death.topic, death.payload), False
+            else:
+                will, retain = (f"{self.topic_root}/status", json.dumps(dict(self.birth(), state="offline")).encode()), True
             try:
                 # A TLS file replaced by something unreadable while running (checked at start) is retried
                 # like a refused connection: the agent keeps polling and buffering, its status says why.
-                link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit,
-                            will=(f"{self.topic_root}/status", json.dumps(offline).encode()),
-                            on_ack=self._on_ack, on_message=self._on_message, on_lost=self._on_lost)
+                link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit, will=will,
+                            will_retain=retain, on_ack=self._on_ack, on_message=self._on_message,
+                            on_lost=self._on_lost)
                 await link.open()
             except (PublishError, ConfigError) as exc:
                 delay = self._backoff.next_delay()
@@ -257,8 +265,12 @@ class Publisher:
             finally:
                 if not link.closed.is_set():
                     # Stopping: say so (the will is only for unexpected loss).
-                    link.publish(f"{self.topic_root}/status", json.dumps(dict(self.birth(), state="offline")).encode(),
-                                 retain=True)
+                    if self.edge is not None:
+                        death = self.edge.death()
+                        link.publish(death.topic, death.payload, qos=death.qos)
+                    else:
+                        link.publish(f"{self.topic_root}/status",
+                                     json.dumps(dict(self.birth(), state="offline")).encode(), retain=True)
                 self._link = None
                 self._inflight.clear()
                 self._accepting.clear()
@@ -317,7 +329,10 @@ class Publisher:
     # ------------------------------------------------------------ the session
 
     async def _session(self, link: Link) -> None:
-        link.publish(f"{self.topic_root}/status", json.dumps(self.birth()).encode(), retain=True)
+        if self.edge is None:
+            link.publish(f"{self.topic_root}/status", json.dumps(self.birth()).encode(), retain=True)
+        else:
+            self._rebirth = self.edge.host_online  # else: births when the primary host says online
         for device, doc in self.meta().items():
             link.publish(f"{self.topic_root}/meta/{device}", json.dumps(doc).encode(), retain=True)
         self._refused_events.clear()
@@ -329,15 +344,25 @@ class Publisher:
         live: deque[Batch] = deque()
         old_done, scanned_at, scanned_cutoff = False, 0.0, None
         turn_live = True
+        flowing = self.edge is None  # Sparkplug: data flows from the births on, which may come later
         async with asyncio.TaskGroup() as commands:
             self._commands = commands
             topics = [f"{self.topic_root}/cmd/#"] + ([ack_topic(self.gateway)] if policy.storage else [])
+            if self.edge is not None:
+                topics += self.edge.subscriptions()
             link.subscribe(topics)
             while not link.closed.is_set():
                 self._wake.clear()
                 now = self._clock()
                 self._flush_acks(now, replay_from if not old_done else None)
                 self._send_events(link)
+                if self.edge is not None and not self._sparkplug_ready(link):
+                    await self._wait_wake()
+                    continue  # nothing is published before the births (primary host offline)
+                if not flowing:
+                    # What was buffered until the births is backlog (historical), not live.
+                    flowing, boundary = True, self.writer.buffer.next_seq
+                    live_after = boundary - 1
                 cutoff = policy.resend_before(now)
                 if old_done and policy.storage and (cutoff != scanned_cutoff or time.monotonic() - scanned_at > RESCAN_S):
                     old_after, old_done = 0, False  # batches may have become due: look again from the start
@@ -365,24 +390,61 @@ class Publisher:
                         break
                     batch = source.popleft()
                     turn_live = source is old
-                    if not self._publish(link, batch):
+                    if not self._publish(link, batch, old=source is old):
                         break
                 self._probe(link, now)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                except TimeoutError:
-                    pass
+                await self._wait_wake()
             self._flush_acks(self._clock(), None)
         self._commands = None
+
+    async def _wait_wake(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), 1.0)
+        except TimeoutError:
+            pass
+
+    def _sparkplug_ready(self, link: Link) -> bool:
+        """Sparkplug mode: send the births when due; data may flow once they are out."""
+        edge = self.edge
+        assert edge is not None
+        if self._rebirth and edge.host_online:
+            self._rebirth = False
+            for message in edge.births():
+                link.publish(message.topic, message.payload, qos=message.qos)
+            log.info("Sparkplug births published", extra=fields(group=edge.group, edge_node=edge.edge_node,
+                                                               bd_seq=edge.bd_seq, devices=len(edge.devices_up)))
+        return edge.born and edge.host_online
+
+    def rebirth(self) -> None:
+        """Sparkplug mode: send the births again on this connection (a reload changed the tags)."""
+        self._rebirth = True
+        self._wake.set()
+
+    def device_state(self, device: str, up: bool) -> None:
+        """Sparkplug mode: a device's birth or death, on the live connection."""
+        if self.edge is None:
+            return
+        message = self.edge.device_state(device, up)
+        if message is not None and self._link is not None and not self._link.closed.is_set():
+            self._link.publish(message.topic, message.payload, qos=message.qos)
 
     def _busy_seqs(self) -> set[int]:
         return {ident for kind, ident, _ in self._inflight.values() if kind in ("batch", "resend")} | self._accepting
 
-    def _publish(self, link: Link, batch: Batch) -> bool:
-        mid = link.publish(f"{self.topic_root}/data/{batch.device}", batch.payload)
+    def _publish(self, link: Link, batch: Batch, *, old: bool = False) -> bool:
+        again = batch.accepted_ms is not None
+        topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1
+        if self.edge is not None:
+            try:
+                message = self.edge.data(batch.seq, batch.payload, historical=old or again)
+                topic, payload, qos = message.topic, message.payload, message.qos
+            except PayloadError as exc:
+                # A tag gone from the config, or a value its Sparkplug datatype cannot hold: the batch still
+                # reaches the store, as the JSON batch it is.
+                log.warning("batch sent as JSON: it has no Sparkplug form", extra=fields(seq=batch.seq, err=str(exc)))
+        mid = link.publish(topic, payload, qos=qos)
         if mid is None:
             return False
-        again = batch.accepted_ms is not None
         self._inflight[mid] = ("resend" if again else "batch", batch.seq, batch.points)
         if again:
             if self.policy.storage:
@@ -434,6 +496,9 @@ class Publisher:
         if message.topic == ack_topic(self.gateway):
             self._on_confirmation(bytes(message.payload))
             return
+        if self.edge is not None and message.topic.startswith("spBv1.0/"):
+            self._on_sparkplug(message)
+            return
         prefix = f"{self.topic_root}/cmd/"
         if not message.topic.startswith(prefix) or self._link is None or self._commands is None:
             return
@@ -441,6 +506,35 @@ class Publisher:
         if "/" in name:  # replies and anything deeper are not commands
             return
         self._commands.create_task(self._command(self._link, name, message), name=f"cmd[{name}]")
+
+    def _on_sparkplug(self, message: paho.MQTTMessage) -> None:
+        edge, link = self.edge, self._link
+        assert edge is not None
+        action, writes = edge.on_message(message.topic, bytes(message.payload))
+        if action in ("rebirth", "host_online"):
+            log.info("Sparkplug births requested" if action == "rebirth" else "primary host online: births",
+                     extra=fields(primary_host=edge.primary_host))
+            self._rebirth = True
+            self._wake.set()
+        elif action == "host_offline" and link is not None and not link.closed.is_set():
+            # Sparkplug 3.0: the edge node ends its session and waits for its host on a new one, buffering.
+            log.warning("primary host offline: ending the session until it is back",
+                        extra=fields(primary_host=edge.primary_host))
+            death = edge.death()
+            link.publish(death.topic, death.payload, qos=death.qos)
+            self.last_error = f"primary host {edge.primary_host} offline"
+            link.closed.set()  # the session ends; run() disconnects and connects again
+            self._wake.set()
+        elif action == "write" and self._commands is not None:
+            for write in writes:
+                request = {"device": write.device, "tag": write.tag, "value": write.value}
+                self._commands.create_task(self._dcmd(request), name=f"dcmd[{write.device}]")
+
+    async def _dcmd(self, request: dict[str, Any]) -> None:
+        """A DCMD metric: the JSON ``write`` command's path and checks; Sparkplug has no reply, the log says."""
+        reply = await self.commands("write", request)
+        log.info("command", extra=fields(command="write", source="DCMD", device=request["device"],
+                                         tag=request["tag"], ok=reply.get("ok"), error=reply.get("error")))
 
     def _on_confirmation(self, payload: bytes) -> None:
         try:

@@ -43,6 +43,7 @@ from .delivery import DeliveryPolicy
 from .publisher import ConnectionState, Publisher
 from .renew import Renewer
 from .report import ReportFilter
+from .sparkplug import EdgeNode
 from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)
@@ -93,10 +94,16 @@ class Agent:
                                    max_batch_bytes=config.publish.max_bytes, queue_points=b.queue_points,
                                    min_free_bytes=b.min_free, on_commit=self._committed)
         retry = config.mqtt
+        self.edge = None
+        if config.sparkplug is not None:
+            sp = config.sparkplug
+            self.edge = EdgeNode(group=sp.group_id, edge_node=sp.edge_node_id or gateway, devices=config.devices,
+                                 state_dir=state_dir, version=__version__, primary_host=sp.primary_host,
+                                 data_qos=sp.data_qos)
         self.publisher = Publisher(
             settings=broker, gateway=gateway, writer=self.writer, reader=self.reader,
             policy=DeliveryPolicy(b.confirm, b.confirm_timeout, b.replay), inflight=config.publish.inflight,
-            birth=self._birth, meta=self._meta, commands=self._command, on_state=self._write_status,
+            birth=self._birth, meta=self._meta, commands=self._command, on_state=self._write_status, edge=self.edge,
             **({"retry_initial_s": retry.retry_initial, "retry_max_s": retry.retry_max} if retry else {}))
         self._status_warned = False
         self.drivers: dict[str, Driver] = {}
@@ -208,10 +215,13 @@ class Agent:
                 stats.last_good_ms = now_ms()
             errors = [p.error for p in points if p.error]
             stats.last_error = errors[0] if errors else stats.last_error
+            if self.edge is not None:
+                self.edge.observe(name, points)
             if driver.state is not state and driver.state in (DeviceState.UP, DeviceState.DOWN):
                 self.event("device_up" if driver.state is DeviceState.UP else "device_down",
                            device=name, error=driver.last_error if driver.state is DeviceState.DOWN else None)
                 state = driver.state
+                self.publisher.device_state(name, state is DeviceState.UP)
             self.store(name, self._filter.select(points))
 
         while True:
@@ -290,12 +300,16 @@ class Agent:
             raise ConfigError("this agent was not started from a config file")
         async with self._reload_lock:
             new = load_config(self.config_path)
-            later = [key for key in ("gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port")
+            later = [key for key in ("gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port", "sparkplug")
                      if getattr(new, key) != getattr(self.config, key)]
             await self._stop_devices()
             self.config = self.config.model_copy(update={"devices": new.devices})
             self.config_hash = config_hash(self.config_path, self.config)
             self._filter = ReportFilter.for_devices(self.config.devices)
+            if self.edge is not None:  # new aliases and datatypes: new births, devices as they come up
+                self.edge.configure(self.config.devices)
+                self.edge.devices_up.clear()
+                self.publisher.rebirth()
             self._start_devices()
         log.info("config reloaded", extra=fields(devices=len(self.drivers), config_hash=self.config_hash))
         self.event("reload", config_hash=self.config_hash)

@@ -9,7 +9,7 @@ from factory_edge.units import format_duration
 
 from .alerts.rules import Rule
 from .config import BridgeConfig, load_config
-from .router import plan
+from .router import ingest_builtins, plan
 
 
 def add_parser(commands: Any) -> None:
@@ -28,8 +28,8 @@ def summary_lines(config: BridgeConfig) -> list[str]:
     lines = [f"OK: {len(config.tenants)} tenants, storage {storage.backend} ({where}), "
              f"{len(config.mappings)} mappings, commit window {config.ingest.max_messages} messages, "
              f"receive maximum {config.ingest.window}"]
-    subscriptions = plan(config.mappings)
     for tenant in config.tenants:
+        subscriptions = plan(config.mappings, builtins=ingest_builtins(tenant.shared_group))
         via = f" via {tenant.connect_host}" if tenant.connect_host else ""
         shared = f"  shared group {tenant.shared_group}" if tenant.shared_group else ""
         lines.append(f"  {tenant.name}  {tenant.url}{via}{shared}")

@@ -40,6 +40,11 @@ class Subscription:
         return f"$share/{shared_group}/{self.filter}" if shared else self.filter
 
 
+def ingest_builtins(shared_group: str | None) -> tuple[str, ...]:
+    """What a tenant's ingest connection subscribes to (with a shared group, the births unshared too)."""
+    return ("data", "status", "events", "sparkplug", *(("spb_nbirth", "spb_dbirth") if shared_group else ()))
+
+
 def plan(mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "events", "sparkplug")
          ) -> list[Subscription]:
     """One subscription per distinct filter: the built-in ones, then the mappings'."""

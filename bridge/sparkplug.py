@@ -14,6 +14,10 @@ edge node id, ``tag`` the metric name, ``ts`` the metric's timestamp (or
 the payload's), ``quality`` from the metric's ``Quality`` property (OPC
 codes: 192 good, 64-191 uncertain, below 64 bad; none: good).
 
+A factory-edge birth (``uuid`` ``fe:birth``) only teaches aliases: its
+values are copies of readings its batches deliver. Another edge node's
+birth values are stored as readings.
+
 Exactly once: an edge node of factory-edge names its buffer batch in the
 payload's ``uuid`` (``fe:<seq>``); the store claims ``(gw, seq)`` once and
 the bridge confirms it on ``gw/{gw}/ack``, as for JSON batches. Another
@@ -38,7 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from factory_edge.logs import fields
-from factory_edge.sparkplug.payload import DataType, Metric, Payload, PayloadError, decode, encode
+from factory_edge.sparkplug.payload import (
+    BATCH_UUID,
+    BIRTH_UUID,
+    DataType,
+    Metric,
+    Payload,
+    PayloadError,
+    decode,
+    encode,
+)
 from factory_edge.sparkplug.topics import MessageType, Topic, TopicError, parse
 
 from .messages import DataBatch, DeadLetter, Decoded, EventRow, Received, StatusRow
@@ -46,7 +59,6 @@ from .messages import DataBatch, DeadLetter, Decoded, EventRow, Received, Status
 log = logging.getLogger(__name__)
 
 REBIRTH_EVERY_S = 5.0
-BATCH_UUID = re.compile(r"^fe:(\d{1,19})$")
 SKIPPED = ("bdSeq", "Node Control/")  # bookkeeping metrics, not readings
 _NAME = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
 
@@ -119,7 +131,8 @@ class SparkplugHost:
         self._learn(node, None, payload)
         ts = payload.timestamp or message.received_at
         out.statuses.append(StatusRow(topic.edge_node, "online", ts, "sparkplug", None, message.received_at))
-        self._store(topic, node, None, payload, message, out)
+        if payload.uuid != BIRTH_UUID:
+            self._store(topic, node, None, payload, message, out)
 
     def _dbirth(self, topic: Topic, node: _Node, payload: Payload, message: Received, out: Decoded) -> None:
         device = topic.device or ""
@@ -128,7 +141,8 @@ class SparkplugHost:
         node.devices.add(device)
         self._learn(node, device, payload)
         out.events.append(self._event(topic, "device_up", device, payload, message))
-        self._store(topic, node, device, payload, message, out)
+        if payload.uuid != BIRTH_UUID:
+            self._store(topic, node, device, payload, message, out)
 
     def _ddeath(self, topic: Topic, node: _Node, payload: Payload, message: Received, out: Decoded) -> None:
         device = topic.device or ""

@@ -33,7 +33,7 @@ from .alerts.webhooks import WebhookSender
 from .config import BridgeConfig, TenantConfig, client_id
 from .consumer import Consumer
 from .ingest import Ingest
-from .router import Router, plan
+from .router import Router, ingest_builtins, plan
 from .storage import Store, make_store
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ class TenantBridge:
 
     async def run(self) -> None:
         group_name = self.tenant.shared_group
-        learn = ("spb_nbirth", "spb_dbirth") if group_name else ()
-        subscriptions = plan(self.config.mappings, builtins=("data", "status", "events", "sparkplug", *learn))
+        subscriptions = plan(self.config.mappings, builtins=ingest_builtins(group_name))
         topics = [(s.topic(group_name), s.id) for s in subscriptions]
         # One Sparkplug host per tenant publishes STATE: this process when alone; with a shared group, the
         # holder of the alert role (a singleton), see _alert_role.

@@ -22,7 +22,7 @@ from .errors import FactoryEdgeError
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "opcua": ("asyncua",),
-    "cloud": ("fastapi", "uvicorn", "sqlite_utils", "psycopg", "orjson", "aiomqtt", "google.protobuf"),
+    "cloud": ("fastapi", "uvicorn", "sqlite_utils", "psycopg", "orjson", "aiomqtt"),
 }
 WHAT = {"opcua": "OPC UA", "cloud": "the cloud side (provisioning, bridge)"}
 

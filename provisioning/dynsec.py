@@ -82,7 +82,8 @@ def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str 
                                 ("subscribePattern", "spBv1.0/#")]),
         _role(SERVICE_ROLE, [("subscribeLiteral", CONTROL_RESPONSE)]),
         _role(GUARD_ROLE, [("subscribePattern", topic) for topic in
-                           ("gw/+/status", "gw/+/meta/+", "gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply")]),
+                           ("gw/+/status", "gw/+/meta/+", "gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply",
+                            "spBv1.0/+/+/+", "spBv1.0/+/+/+/+")]),
     ]
     clients = [{"username": service, "roles": [{"rolename": SERVICE_ROLE, "priority": 0}]},
                {"username": names.GUARD_ID, "roles": [{"rolename": GUARD_ROLE, "priority": 0}]}]
@@ -93,7 +94,8 @@ def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str 
         roles.append(_role(gateway_role(gateway), [("subscribePattern", f"gw/{gateway}/cmd/#"),
                                                    ("subscribePattern", f"gw/{gateway}/ack"),
                                                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}"),
-                                                   ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/+"),
+                                                   ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}/#"),
+                                                   ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/#"),
                                                    ("subscribePattern", "spBv1.0/STATE/+")]))
         clients.append({"username": gateway, "roles": [{"rolename": gateway_role(gateway), "priority": 0}]})
     return {"defaultACLAccess": dict(DEFAULT_ACCESS), "clients": clients, "groups": [], "roles": roles}

@@ -238,6 +238,8 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
             "topic readwrite gw/+/data/+",
             "topic readwrite gw/+/events",
             "topic readwrite gw/+/cmd/+/reply",
+            "topic readwrite spBv1.0/+/+/+",
+            "topic readwrite spBv1.0/+/+/+/+",
             "",
         ]
     if techs:

@@ -18,7 +18,9 @@ tenant's gateway topics with "retain as published" under its own identity
 allowed, publishes an empty retained message to the same topic, which
 deletes it at the broker:
 
-- ``gw/+/data/+``, ``gw/+/events``, ``gw/+/cmd/+/reply``: never retained;
+- ``gw/+/data/+``, ``gw/+/events``, ``gw/+/cmd/+/reply``, and the Sparkplug
+  edge node and device topics (``spBv1.0/<group>/<type>/<node>[/<device>]``):
+  never retained;
 - ``gw/+/status`` and ``gw/+/meta/+``: at most ``MAX_RETAINED_BYTES``, and
   at most ``MAX_META_DEVICES`` meta topics per gateway.
 
@@ -44,13 +46,16 @@ log = logging.getLogger(__name__)
 
 MAX_RETAINED_BYTES = 64 * 1024
 MAX_META_DEVICES = 256
-WATCHED = ("gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply", "gw/+/status", "gw/+/meta/+")
+WATCHED = ("gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply", "gw/+/status", "gw/+/meta/+",
+           "spBv1.0/+/+/+", "spBv1.0/+/+/+/+")  # Sparkplug edge node and device topics (STATE is the bridge's)
 RETRY_S = 5.0
 
 
 def verdict(topic: str, size: int, meta_seen: dict[str, set[str]]) -> str | None:
     """Why a retained message on ``topic`` must go (None: it may stay). ``meta_seen`` counts meta topics per gateway."""
     parts = topic.split("/")
+    if parts[0] == "spBv1.0" and len(parts) >= 4:
+        return "retained where the design has none"  # Sparkplug retains only STATE
     if len(parts) < 3 or parts[0] != "gw":
         return None
     gateway, kind = parts[1], parts[2]

@@ -56,7 +56,7 @@ def test_check_config_summarises(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "receive maximum 2000",
         "  acme  mqtts://mqtt.acme.example.com:8883  shared group bridge",
         "    subscribes $share/bridge/gw/+/data/+ $share/bridge/gw/+/status $share/bridge/gw/+/events "
-        "$share/bridge/plant/+/temp",
+        "$share/bridge/spBv1.0/# spBv1.0/+/NBIRTH/+ spBv1.0/+/DBIRTH/+/+ $share/bridge/plant/+/temp",
         "    alert hot: */*/temp above 85 for 30s [warning]",
         "    alert silent: */*/* no data for 1m [warning]",
         "  mapping plant/{line}/temp -> table temps (line, value, ts, received_at)",

@@ -274,8 +274,8 @@ def test_documented_config_example_validates(where: str, model: type, text: str)
 
 
 def test_config_examples_are_found() -> None:
-    models = {e[1] for e in EXAMPLES}
-    assert models == {AgentConfig, BridgeConfig}, EXAMPLES
+    models = {e[1].__name__ for e in EXAMPLES}
+    assert models == {AgentConfig.__name__, BridgeConfig.__name__}, EXAMPLES
     assert any(e[0].startswith("README.md") for e in EXAMPLES)
 
 

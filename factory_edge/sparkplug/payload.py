@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,15 @@ from google.protobuf.message import DecodeError
 from . import sparkplug_b_pb2 as pb
 
 Value = bool | int | float | str | bytes | list[Any] | None
+
+# How a factory-edge edge node marks its payloads (``Payload.uuid``), for its bridge: a data batch names its
+# buffer seq (stored once, then confirmed on gw/{gw}/ack); a birth only repeats readings batches deliver.
+BIRTH_UUID = "fe:birth"
+BATCH_UUID = re.compile(r"^fe:(\d{1,19})$")
+
+
+def batch_uuid(seq: int) -> str:
+    return f"fe:{seq}"
 
 
 class PayloadError(ValueError):
