@@ -139,6 +139,8 @@ def check_command(program: str, words: list[str]) -> list[str]:
             if action is None:
                 problems.append(f"{' '.join(path)}: no option {option}")
                 continue
+            if isinstance(action, argparse._VersionAction | argparse._HelpAction):
+                break  # the command prints and exits: nothing else is needed
             if action.nargs != 0 and "=" not in word and i < len(words) and not words[i].lstrip("[").startswith("--"):
                 i += 1  # its value (a synopsis may list options without one: [--host --port])
             continue

@@ -135,3 +135,13 @@ def test_cloud_commands_name_their_extra(base_venv: Path, command: str) -> None:
     assert result.stderr.startswith(f"Error: the {command} command needs the [cloud] extra (fastapi, ")
     assert result.stderr.endswith(" not installed): pip install 'factory-edge[cloud]'\n")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_one_version() -> None:
+    """``agent --version`` and the packages' version are the same number (CONTRIBUTING.md, Release)."""
+    import tomllib
+
+    from factory_edge import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__
