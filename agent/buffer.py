@@ -133,8 +133,13 @@ class Drop:
     accepted: int = 0  # of the batches, those the broker had accepted: they may still reach the storage
 
     def event(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"type": "buffer_drop", "ts": now_ms(), "reason": self.reason, "points": self.points,
-                               "batches": self.batches}
+        doc: dict[str, Any] = {
+            "type": "buffer_drop",
+            "ts": now_ms(),
+            "reason": self.reason,
+            "points": self.points,
+            "batches": self.batches,
+        }
         if self.oldest_seq is not None:
             doc.update(seq_from=self.oldest_seq, seq_to=self.newest_seq)
         if self.accepted:
@@ -215,8 +220,16 @@ def open_db(path: Path, *, fsync: bool = True, write: bool = True) -> sqlite3.Co
 class Buffer:
     """The agent's on-disk queue of batches, written by one thread."""
 
-    def __init__(self, path: str | Path, *, gateway: str, max_bytes: int, max_age_s: float | None = None,
-                 fsync: bool = True, confirm: Confirm = "storage") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        gateway: str,
+        max_bytes: int,
+        max_age_s: float | None = None,
+        fsync: bool = True,
+        confirm: Confirm = "storage",
+    ) -> None:
         self.path = Path(path)
         self.gateway = gateway
         self.max_bytes = max(max_bytes, MIN_MAX_BYTES)
@@ -279,8 +292,9 @@ class Buffer:
 
     # ------------------------------------------------------------ writing (inside a transaction)
 
-    def encode(self, device: str, points: Sequence[Point], *, max_points: int,
-               max_bytes: int) -> list[tuple[str, int, str]]:
+    def encode(
+        self, device: str, points: Sequence[Point], *, max_points: int, max_bytes: int
+    ) -> list[tuple[str, int, str]]:
         """Points as batch bodies ``(device, points, body)``, cut by ``max_points`` and ``max_bytes``."""
         bodies = []
         parts: list[str] = []
@@ -343,14 +357,18 @@ class Buffer:
                 break
             cut = self._db.execute(
                 f"SELECT seq FROM (SELECT seq, sum(length(payload) + {ROW_OVERHEAD}) OVER (ORDER BY seq) AS total "
-                f"FROM {SOURCE} WHERE {condition}) WHERE total >= ? ORDER BY seq LIMIT 1", (excess,)).fetchone()
+                f"FROM {SOURCE} WHERE {condition}) WHERE total >= ? ORDER BY seq LIMIT 1",
+                (excess,),
+            ).fetchone()
             if cut is None:
                 cut = self._db.execute(f"SELECT max(seq) FROM {SOURCE} WHERE {condition}").fetchone()
             if cut is None or cut[0] is None:
                 break
             if reason is None:
-                self._db.execute(f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} "
-                                 f"WHERE {condition} AND seq <= ?)", (cut[0],))
+                self._db.execute(
+                    f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} WHERE {condition} AND seq <= ?)",
+                    (cut[0],),
+                )
             else:
                 drop = self._drop_where(f"{condition} AND seq <= ?", (cut[0],), reason)
                 if drop:
@@ -360,7 +378,9 @@ class Buffer:
     def _drop_where(self, condition: str, args: tuple[Any, ...], reason: str) -> Drop | None:
         row = self._db.execute(
             f"SELECT count(*), coalesce(sum(points), 0), min(seq), max(seq), count(at_ms) "
-            f"FROM {SOURCE} WHERE {condition}", args).fetchone()
+            f"FROM {SOURCE} WHERE {condition}",
+            args,
+        ).fetchone()
         batches, points, oldest, newest, accepted = row
         if not batches:
             return None
@@ -373,9 +393,11 @@ class Buffer:
     def count_drop(self, drop: Drop) -> None:
         self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_points'", (drop.points,))
         self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_batches'", (drop.batches,))
-        self._db.execute("INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (reason) DO UPDATE SET "
-                         "points = points + excluded.points, batches = batches + excluded.batches",
-                         (drop.reason, drop.points, drop.batches))
+        self._db.execute(
+            "INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (reason) DO UPDATE SET "
+            "points = points + excluded.points, batches = batches + excluded.batches",
+            (drop.reason, drop.points, drop.batches),
+        )
 
     def insert_events(self, docs: Iterable[dict[str, Any]]) -> None:
         """Keep gateway events until published (the newest MAX_EVENTS at most)."""
@@ -389,8 +411,11 @@ class Buffer:
         """The broker has these batches (its PUBACK); a resend moves the time forward."""
         if seqs:
             # Only batches still buffered (a confirmation may have come first).
-            self._db.executemany("INSERT INTO accepted (seq, at_ms) SELECT seq, ? FROM batches WHERE seq = ? "
-                                 "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms", [(at_ms, s) for s in seqs])
+            self._db.executemany(
+                "INSERT INTO accepted (seq, at_ms) SELECT seq, ? FROM batches WHERE seq = ? "
+                "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms",
+                [(at_ms, s) for s in seqs],
+            )
 
     def confirm_ranges(self, ranges: Sequence[Range]) -> Confirmed:
         """The tenant's storage has these seqs: delete them."""
@@ -399,7 +424,8 @@ class Buffer:
         for first, last in ranges:
             count, pts, accepted = self._db.execute(
                 f"SELECT count(*), coalesce(sum(points), 0), max(at_ms) FROM {SOURCE} WHERE seq BETWEEN ? AND ?",
-                (first, last)).fetchone()
+                (first, last),
+            ).fetchone()
             if count:
                 self._db.execute("DELETE FROM batches WHERE seq BETWEEN ? AND ?", (first, last))
                 batches += count
@@ -415,8 +441,9 @@ class Buffer:
 
     def forget_accepted(self, before_ms: int) -> int:
         """Broker mode: delete accepted batches older than the replay window; returns how many."""
-        return self._db.execute("DELETE FROM batches WHERE seq IN (SELECT seq FROM accepted WHERE at_ms < ?)",
-                                (before_ms,)).rowcount
+        return self._db.execute(
+            "DELETE FROM batches WHERE seq IN (SELECT seq FROM accepted WHERE at_ms < ?)", (before_ms,)
+        ).rowcount
 
     def delete_events(self, ids: Sequence[int]) -> None:
         if ids:
@@ -424,8 +451,9 @@ class Buffer:
 
     # ------------------------------------------------------------ convenience (own transaction)
 
-    def add(self, device: str, points: Sequence[Point], *, max_points: int,
-            max_bytes: int) -> tuple[list[int], list[Drop]]:
+    def add(
+        self, device: str, points: Sequence[Point], *, max_points: int, max_bytes: int
+    ) -> tuple[list[int], list[Drop]]:
         """Buffer one device's points in one transaction: their seqs, and any drops it caused."""
         if not points:
             return [], []
@@ -548,8 +576,9 @@ class BufferReader:
             args.append(below)
         return self._batches(where, args, limit)
 
-    def old(self, after: int, limit: int, *, below: int, accepted_before: int | None,
-            accepted_from: int | None = None) -> list[Batch]:
+    def old(
+        self, after: int, limit: int, *, below: int, accepted_before: int | None, accepted_from: int | None = None
+    ) -> list[Batch]:
         """The backlog (never accepted, ``seq`` < ``below``) merged with accepted batches to send again:
         those accepted before ``accepted_before`` (storage mode) or from ``accepted_from`` on (broker replay)."""
         where = f"seq > ? AND (({PENDING} AND seq < ?)"
@@ -570,8 +599,10 @@ class BufferReader:
         return self._db.execute("SELECT max(at_ms) FROM accepted").fetchone()[0]
 
     def _batches(self, where: str, args: Sequence[Any], limit: int, order: str = "seq") -> list[Batch]:
-        rows = self._db.execute(f"SELECT seq, device, points, payload, at_ms FROM {SOURCE} WHERE {where} "
-                                f"ORDER BY {order} LIMIT ?", (*args, limit))
+        rows = self._db.execute(
+            f"SELECT seq, device, points, payload, at_ms FROM {SOURCE} WHERE {where} ORDER BY {order} LIMIT ?",
+            (*args, limit),
+        )
         return [Batch(*row) for row in rows]
 
     def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
@@ -582,8 +613,9 @@ class BufferReader:
 
     def counts(self) -> tuple[int, int]:
         """Batches buffered, and of those accepted by the broker (cheap: no payload is read)."""
-        total, accepted = self._db.execute("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM accepted)"
-                                           ).fetchone()
+        total, accepted = self._db.execute(
+            "SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM accepted)"
+        ).fetchone()
         return total - accepted, accepted
 
     def stats(self) -> BufferStats:
@@ -596,7 +628,9 @@ class BufferReader:
 def _stats(db: sqlite3.Connection, path: Path) -> BufferStats:
     meta = dict(db.execute("SELECT key, value FROM meta"))
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    source, accepted = (SOURCE, ACCEPTED) if version >= 3 else ("batches", "acked_ms IS NOT NULL" if version == 2 else "0")
+    source, accepted = (
+        (SOURCE, ACCEPTED) if version >= 3 else ("batches", "acked_ms IS NOT NULL" if version == 2 else "0")
+    )
     pending, points, size, oldest, unconfirmed, unconfirmed_points, oldest_unconfirmed = db.execute(
         f"SELECT count(*) - count(CASE WHEN {accepted} THEN 1 END), "
         f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE points END), 0), "
@@ -604,16 +638,29 @@ def _stats(db: sqlite3.Connection, path: Path) -> BufferStats:
         f"min(CASE WHEN {accepted} THEN NULL ELSE created_ms END), "
         f"count(CASE WHEN {accepted} THEN 1 END), "
         f"coalesce(sum(CASE WHEN {accepted} THEN points ELSE 0 END), 0), "
-        f"min(CASE WHEN {accepted} THEN created_ms END) FROM {source}").fetchone()
+        f"min(CASE WHEN {accepted} THEN created_ms END) FROM {source}"
+    ).fetchone()
     has_drops = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'drops'").fetchone()
     drops = dict(db.execute("SELECT reason, points FROM drops")) if has_drops else {}
     events = db.execute("SELECT count(*) FROM events").fetchone()[0]
     page_size = db.execute("PRAGMA page_size").fetchone()[0]
-    used = (db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0])
+    used = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
     disk = used * page_size + _size(path.with_name(path.name + "-wal"))
-    return BufferStats(pending, points, size, oldest, unconfirmed, unconfirmed_points, oldest_unconfirmed,
-                       meta.get("next_seq", 1), meta.get("dropped_points", 0), meta.get("dropped_batches", 0),
-                       drops, events, disk)
+    return BufferStats(
+        pending,
+        points,
+        size,
+        oldest,
+        unconfirmed,
+        unconfirmed_points,
+        oldest_unconfirmed,
+        meta.get("next_seq", 1),
+        meta.get("dropped_points", 0),
+        meta.get("dropped_batches", 0),
+        drops,
+        events,
+        disk,
+    )
 
 
 def read_stats(path: str | Path) -> BufferStats | None:

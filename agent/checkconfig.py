@@ -20,9 +20,11 @@ from .identity import broker_from_config
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "check-config", help="validate a config file and print its devices, tags and read plan",
+        "check-config",
+        help="validate a config file and print its devices, tags and read plan",
         description="Validate FILE. Prints a summary (devices, tags, the Modbus requests each poll makes) "
-                    "or every error, one per line, naming the file, the path inside it and the problem (exit code 2).")
+        "or every error, one per line, naming the file, the path inside it and the problem (exit code 2).",
+    )
     p.add_argument("file", metavar="FILE", nargs="?", help="agent config (YAML)")
     p.add_argument("--config", metavar="FILE", help="the same, as agent run and agent read take it")
     p.set_defaults(handler=run)
@@ -38,8 +40,10 @@ def summary_lines(config: AgentConfig) -> list[str]:
         if isinstance(device, ModbusDeviceBase):
             reads = plan_reads(device.tags, Limits.of(device))
             total_requests += len(reads)
-            lines.append(f"{head} unit {device.unit}  poll {format_duration(device.poll)}  "
-                         f"{plural(len(device.tags), 'tag')}  {plural(len(reads), 'request')} per poll")
+            lines.append(
+                f"{head} unit {device.unit}  poll {format_duration(device.poll)}  "
+                f"{plural(len(device.tags), 'tag')}  {plural(len(reads), 'request')} per poll"
+            )
             lines += [f"    {r}" for r in reads]
         elif isinstance(device, OpcuaDevice):
             security = "" if device.security.policy == "None" else f"  {device.security.policy}/{device.security.mode}"
@@ -47,11 +51,15 @@ def summary_lines(config: AgentConfig) -> list[str]:
                 total_requests += 1
                 how = f"poll {format_duration(device.poll)}  1 read request per poll"
             else:
-                how = f"subscribe, sampling {format_duration(device.poll)}  {plural(len(device.tags), 'monitored item')}"
+                how = (
+                    f"subscribe, sampling {format_duration(device.poll)}  {plural(len(device.tags), 'monitored item')}"
+                )
             lines.append(f"{head}{security}  {plural(len(device.tags), 'tag')}  {how}")
     gateway = config.gateway or "(from provisioning)"
-    header = (f"OK: gateway {gateway}, {plural(len(config.devices), 'device')}, {plural(total_tags, 'tag')}, "
-              f"{plural(total_requests, 'request')} per poll cycle")
+    header = (
+        f"OK: gateway {gateway}, {plural(len(config.devices), 'device')}, {plural(total_tags, 'tag')}, "
+        f"{plural(total_requests, 'request')} per poll cycle"
+    )
     return [header, *lines]
 
 
@@ -77,8 +85,10 @@ def check_tls_files(config: AgentConfig, path: str) -> None:
 def check_devices(config: AgentConfig, path: str) -> None:
     """A config that polls nothing is a mistake (an empty file, devices: at the wrong indentation)."""
     if not config.devices:
-        raise ConfigError(f"{path}: devices: none configured, so the agent would poll nothing; "
-                          "list the machines under devices: (docs/config.md)")
+        raise ConfigError(
+            f"{path}: devices: none configured, so the agent would poll nothing; "
+            "list the machines under devices: (docs/config.md)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,8 +77,9 @@ class DeliveryPolicy:
 
     def confirmed(self, newest_accepted_ms: int | None) -> None:
         """The bridge confirmed batches; the latest broker acceptance among them (None if not known)."""
-        if newest_accepted_ms is not None and (self.newest_confirmed_ms is None
-                                               or newest_accepted_ms > self.newest_confirmed_ms):
+        if newest_accepted_ms is not None and (
+            self.newest_confirmed_ms is None or newest_accepted_ms > self.newest_confirmed_ms
+        ):
             self.newest_confirmed_ms = newest_accepted_ms
         self._probe_interval_s = self.confirm_timeout_s  # the bridge is there: probe promptly again
 

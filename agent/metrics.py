@@ -76,8 +76,10 @@ def render(agent: Agent, buf: BufferStats) -> str:
     ]
     for name, dev in s["devices"].items():
         lines.append(f'factory_edge_device_up{{{gw},device="{_escape(name)}"}} {int(dev["state"] == "up")}')
-    lines += ["# HELP factory_edge_device_points_total Points read from the device.",
-              "# TYPE factory_edge_device_points_total counter"]
+    lines += [
+        "# HELP factory_edge_device_points_total Points read from the device.",
+        "# TYPE factory_edge_device_points_total counter",
+    ]
     for name, dev in s["devices"].items():
         lines.append(f'factory_edge_device_points_total{{{gw},device="{_escape(name)}"}} {dev["points"]}')
     return "\n".join(lines) + "\n"
@@ -94,8 +96,10 @@ async def serve_metrics(agent: Agent, port: int) -> None:
                 body, status = render(agent, await agent.buffer_stats()).encode(), b"200 OK"
             else:
                 body, status = b"see /metrics\n", b"404 Not Found"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+            )
             await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass

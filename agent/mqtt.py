@@ -33,16 +33,25 @@ class Link:
     (``on_ack(mid, ok)``, ``on_message(message)``, ``on_lost(reason)``).
     """
 
-    def __init__(self, settings: BrokerSettings, *, client_id: str, will: tuple[str, bytes] | None,
-                 will_retain: bool = True,
-                 inflight: int, on_ack: Callable[[int, bool], None],
-                 on_message: Callable[[paho.MQTTMessage], None], on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        will: tuple[str, bytes] | None,
+        will_retain: bool = True,
+        inflight: int,
+        on_ack: Callable[[int, bool], None],
+        on_message: Callable[[paho.MQTTMessage], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self._connack: asyncio.Future[str | None] = self.loop.create_future()
         self.closed = asyncio.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                  reconnect_on_failure=False)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=False
+        )
         self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(0)
         self._tls: ssl.SSLContext | None = None
@@ -98,8 +107,9 @@ class Link:
             await self.close()
             raise PublishError(refused)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                properties: Properties | None = None) -> int | None:
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, properties: Properties | None = None
+    ) -> int | None:
         """Queue a publish on this connection; returns its mid, or None if the link is gone."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:

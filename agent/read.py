@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "read", help="poll the devices once and print every tag's value, quality and error",
+        "read",
+        help="poll the devices once and print every tag's value, quality and error",
         description="Poll every device (or one) once and print each tag's decoded value, unit, quality "
-                    "and error. Exit code 1 when any tag could not be read.")
+        "and error. Exit code 1 when any tag could not be read.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="agent config (YAML)")
     p.add_argument("--device", metavar="NAME", help="only this device")
     p.add_argument("--json", action="store_true", help="print JSON: one object per device with its points")
@@ -94,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if first.error == "illegal data address":
             tag = next(t for t in config.device(first_device).tags if t.name == first.tag)
             hint = f"; {modicon_hint(tag)}" if isinstance(tag, ModbusTag) and modicon_hint(tag) else ""
-        raise DriverError(f"{len(failed)} of {total} tags not good (first: {first_device}.{first.tag}: "
-                          f"{first.error or first.quality}{hint})")
+        raise DriverError(
+            f"{len(failed)} of {total} tags not good (first: {first_device}.{first.tag}: "
+            f"{first.error or first.quality}{hint})"
+        )
     sys.stdout.flush()
     return 0

@@ -17,12 +17,14 @@ from .runtime import Agent
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "run", help="poll the devices, buffer every reading and publish to the broker until stopped",
+        "run",
+        help="poll the devices, buffer every reading and publish to the broker until stopped",
         description="Run the agent: poll every device on its schedule, commit every reported point to the "
-                    "buffer in the state directory, and publish batches over MQTT v5 (QoS 1) to the broker "
-                    "from the config's mqtt: section or the provisioned identity. SIGTERM or Ctrl-C stops "
-                    "cleanly: buffered batches get up to 3 s to reach the broker, then a retained offline status; "
-                    "anything still unacknowledged stays buffered for the next start.")
+        "buffer in the state directory, and publish batches over MQTT v5 (QoS 1) to the broker "
+        "from the config's mqtt: section or the provisioned identity. SIGTERM or Ctrl-C stops "
+        "cleanly: buffered batches get up to 3 s to reach the broker, then a retained offline status; "
+        "anything still unacknowledged stays buffered for the next start.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="agent config (YAML)")
     p.add_argument("--state-dir", metavar="DIR", help="buffer, identity and status (default: the config's state_dir)")
     p.set_defaults(handler=run, default_log_level="info")

@@ -18,12 +18,16 @@ log = logging.getLogger(__name__)
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "simulate", help="run simulated machines: a Modbus TCP server and an OPC UA server",
+        "simulate",
+        help="run simulated machines: a Modbus TCP server and an OPC UA server",
         description="Serve a CNC, a press and a compressor over Modbus TCP (unit ids 1, 2, 3) and an oven "
-                    "over OPC UA, with values that move over time, until interrupted. "
-                    "config/agent-demo.yaml reads them. Register map and node list: docs/simulator.md.")
+        "over OPC UA, with values that move over time, until interrupted. "
+        "config/agent-demo.yaml reads them. Register map and node list: docs/simulator.md.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--modbus-port", type=int, default=5020, metavar="P", help="Modbus TCP port (default 5020; 0 disables)")
+    p.add_argument(
+        "--modbus-port", type=int, default=5020, metavar="P", help="Modbus TCP port (default 5020; 0 disables)"
+    )
     p.add_argument("--opcua-port", type=int, default=4840, metavar="P", help="OPC UA port (default 4840; 0 disables)")
     p.add_argument("--quiet", action="store_true", help="do not print the register map and node list")
     p.set_defaults(handler=run, default_log_level="info")
@@ -39,8 +43,10 @@ async def serve(args: argparse.Namespace) -> None:
                 print("\n".join(register_map_lines(machines)))
         if args.opcua_port and missing("opcua"):
             print(f"OPC UA: not simulated (oven-1 needs the [opcua] extra: {install_hint('opcua')})", flush=True)
-            log.warning("OPC UA not simulated", extra=fields(reason="the [opcua] extra is not installed",
-                                                             fix=install_hint("opcua")))
+            log.warning(
+                "OPC UA not simulated",
+                extra=fields(reason="the [opcua] extra is not installed", fix=install_hint("opcua")),
+            )
         elif args.opcua_port:
             from drivers.simulate.opcua_server import OpcuaSimulator, node_table
 

@@ -32,8 +32,10 @@ from tests.provisioning_fixtures import Deployment
 def summary(label: str, values: list[float]) -> str:
     values = sorted(values)
     p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
-    return (f"{label:<44} median {statistics.median(values) * 1000:7.0f} ms   p90 {p90 * 1000:7.0f} ms   "
-            f"max {values[-1] * 1000:7.0f} ms")
+    return (
+        f"{label:<44} median {statistics.median(values) * 1000:7.0f} ms   p90 {p90 * 1000:7.0f} ms   "
+        f"max {values[-1] * 1000:7.0f} ms"
+    )
 
 
 def main() -> int:

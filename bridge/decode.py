@@ -107,12 +107,19 @@ def _batch(gw: str, device: str, doc: Any, received_at: int, *, exact: bool) -> 
         # Anything else takes the careful check, which names what is wrong.
         try:
             tag, ts, value = point["tag"], point["ts"], point["v"]
-            fast = (tag in known and type(ts) is int and 0 <= ts <= max_ts
-                    and type(value) in numbers and len(point) == 4 and point["q"] == "good")
+            fast = (
+                tag in known
+                and type(ts) is int
+                and 0 <= ts <= max_ts
+                and type(value) in numbers
+                and len(point) == 4
+                and point["q"] == "good"
+            )
         except (KeyError, TypeError):  # missing keys, not an object, an unhashable tag
             fast = False
-        if fast and (-_INT64 < value < _INT64 if type(value) is float
-                     else type(value) is not int or -_INT64 <= value < _INT64):
+        if fast and (
+            -_INT64 < value < _INT64 if type(value) is float else type(value) is not int or -_INT64 <= value < _INT64
+        ):
             append((gw, device, tag, ts, value, "good", None, seq))
         else:
             append(_careful_row(gw, device, seq, len(rows), point, exact))

@@ -30,8 +30,21 @@ from factory_edge.configmodel import Model
 from .messages import INT64, MAX_TS_MS, Malformed, _json_type, check_json, check_scalar, check_text, parse_json
 
 COLUMN_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-RESERVED_TABLES = frozenset({"points", "batches", "status", "events", "alerts", "alert_state", "dead_letters",
-                             "latest", "webhook_outbox", "alert_series", "schema_version"})
+RESERVED_TABLES = frozenset(
+    {
+        "points",
+        "batches",
+        "status",
+        "events",
+        "alerts",
+        "alert_state",
+        "dead_letters",
+        "latest",
+        "webhook_outbox",
+        "alert_series",
+        "schema_version",
+    }
+)
 FieldType = Literal["auto", "float", "int", "str", "bool", "json", "timestamp"]
 
 
@@ -95,7 +108,7 @@ class MappingRule(Model):
         if self.payload == "text":
             bad = [n for n, f in self.fields.items() if f.path != "$"]
             if bad:
-                raise ValueError(f"fields.{bad[0]}: a text payload has only one value: path must be \"$\"")
+                raise ValueError(f'fields.{bad[0]}: a text payload has only one value: path must be "$"')
         ts = self.fields.get("ts")
         if ts is not None and ts.type not in ("auto", "timestamp"):
             raise ValueError("fields.ts: the timestamp column must have type timestamp")
@@ -226,8 +239,12 @@ class Mapping:
                 if value is None:
                     row[name] = None
                     continue
-            row[name] = convert(value, "timestamp" if name == "ts" and spec.type == "auto" else spec.type,
-                                f"fields.{name}", unit=spec.unit)
+            row[name] = convert(
+                value,
+                "timestamp" if name == "ts" and spec.type == "auto" else spec.type,
+                f"fields.{name}",
+                unit=spec.unit,
+            )
         row.setdefault("ts", received_at)
         row["received_at"] = received_at
         return row
@@ -261,8 +278,19 @@ def convert(value: Any, kind: str, where: str, *, unit: str = "ms") -> Any:
     if kind == "str":
         if isinstance(value, (dict, list)):
             raise Malformed(f"{where}: expected text, got {_json_type(value)}")
-        text = value if isinstance(value, str) else ("true" if value is True else "false" if value is False
-                                                     else repr(value) if isinstance(value, float) else str(value))
+        text = (
+            value
+            if isinstance(value, str)
+            else (
+                "true"
+                if value is True
+                else "false"
+                if value is False
+                else repr(value)
+                if isinstance(value, float)
+                else str(value)
+            )
+        )
         return check_text(text, where)
     if kind == "bool":
         if type(value) is bool:

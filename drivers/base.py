@@ -97,7 +97,9 @@ class Driver(abc.ABC):
             if state is DeviceState.UP:
                 log.info("device up", extra=fields(device=self.device.name, address=self.device.address))
             elif state is DeviceState.DOWN:
-                log.warning("device down", extra=fields(device=self.device.name, address=self.device.address, err=error))
+                log.warning(
+                    "device down", extra=fields(device=self.device.name, address=self.device.address, err=error)
+                )
             self.state = state
         if error is not None:
             self.last_error = error

@@ -90,9 +90,15 @@ class DataType(enum.StrEnum):
 
 
 REGISTERS_PER_TYPE = {
-    DataType.BOOL: 1, DataType.INT16: 1, DataType.UINT16: 1,
-    DataType.INT32: 2, DataType.UINT32: 2, DataType.FLOAT32: 2,
-    DataType.INT64: 4, DataType.UINT64: 4, DataType.FLOAT64: 4,
+    DataType.BOOL: 1,
+    DataType.INT16: 1,
+    DataType.UINT16: 1,
+    DataType.INT32: 2,
+    DataType.UINT32: 2,
+    DataType.FLOAT32: 2,
+    DataType.INT64: 4,
+    DataType.UINT64: 4,
+    DataType.FLOAT64: 4,
 }
 
 
@@ -173,7 +179,9 @@ class ModbusTag(TagBase):
         if self.scale == 0:
             raise ValueError("scale cannot be 0")
         if self.writable and self.table in (Table.INPUT, Table.DISCRETE):
-            raise ValueError(f"{self.table} {'registers' if self.table is Table.INPUT else 'inputs'} are read-only: remove writable")
+            raise ValueError(
+                f"{self.table} {'registers' if self.table is Table.INPUT else 'inputs'} are read-only: remove writable"
+            )
         if self.address + self.register_count > 65536:
             raise ValueError(f"{self.name} runs past the last address 65535")
         return self
@@ -225,7 +233,8 @@ class ModbusDeviceBase(DeviceBase):
     max_registers_per_read: int = Field(default=125, ge=1, le=125)
     max_bits_per_read: int = Field(default=2000, ge=1, le=2000)
     max_concurrent_requests: int = Field(
-        default=1, ge=1, le=32, description="requests outstanding at once on the device's TCP connection")
+        default=1, ge=1, le=32, description="requests outstanding at once on the device's TCP connection"
+    )
     tags: list[ModbusTag] = Field(min_length=1)
 
     @field_validator("tags")
@@ -270,7 +279,9 @@ class ModbusRtuDevice(ModbusDeviceBase):
 class OpcuaSecurity(Model):
     policy: Literal["None", "Basic256Sha256"] = "None"
     mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
-    cert_file: str | None = Field(default=None, description="client certificate (PEM or DER); generated on first use if absent")
+    cert_file: str | None = Field(
+        default=None, description="client certificate (PEM or DER); generated on first use if absent"
+    )
     key_file: str | None = None
     server_cert_file: str | None = Field(default=None, description="pin the server certificate")
 

@@ -29,12 +29,21 @@ def add_global_options(parser: argparse.ArgumentParser, *, log_level_help: str) 
     _log_options(parser, log_level_help=log_level_help, default_format="text", default_level=None)
 
 
-def _log_options(parser: argparse.ArgumentParser, *, log_level_help: str, default_format: object,
-                 default_level: object) -> None:
-    parser.add_argument("--log-format", choices=["text", "json"], default=default_format,
-                        help="log lines as key=value text (default) or JSON")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default_level,
-                        help=f"least severe log level shown ({log_level_help})")
+def _log_options(
+    parser: argparse.ArgumentParser, *, log_level_help: str, default_format: object, default_level: object
+) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=default_format,
+        help="log lines as key=value text (default) or JSON",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=default_level,
+        help=f"least severe log level shown ({log_level_help})",
+    )
 
 
 def accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +58,12 @@ def accept_global_options_anywhere(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 if not any("--log-format" in a.option_strings for a in sub._actions):
-                    _log_options(sub, log_level_help=level_help, default_format=argparse.SUPPRESS,
-                                 default_level=argparse.SUPPRESS)
+                    _log_options(
+                        sub,
+                        log_level_help=level_help,
+                        default_format=argparse.SUPPRESS,
+                        default_level=argparse.SUPPRESS,
+                    )
                 accept_global_options_anywhere(sub)
 
 

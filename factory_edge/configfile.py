@@ -93,25 +93,27 @@ def format_location(loc: tuple[Any, ...], data: Any = None) -> str:
 def _describe(error: Any) -> str:
     msg = str(error["msg"])
     if msg.startswith("Input should be"):
-        msg = "must be" + msg[len("Input should be"):]
+        msg = "must be" + msg[len("Input should be") :]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if error["type"] == "extra_forbidden":
         return "unknown key (check its spelling and indentation)"
     if error["type"] == "missing":
         return "required key is missing"
     value = error.get("input")
-    if error["type"] not in ("model_type", "dict_type", "list_type", "union_tag_invalid") and not (
-        isinstance(value, (dict, list))
-    ) and "got" not in msg:
+    if (
+        error["type"] not in ("model_type", "dict_type", "list_type", "union_tag_invalid")
+        and not (isinstance(value, (dict, list)))
+        and "got" not in msg
+    ):
         msg += f" (got {value!r})" if not isinstance(value, YamlFloat) else f" (got {value.text})"
     return msg
 
 
 _PATTERN_HINTS = {
     r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$": "must start with a letter or digit and hold only letters, digits, "
-                                      "'_', '.' and '-' (it becomes an MQTT topic level)",
+    "'_', '.' and '-' (it becomes an MQTT topic level)",
 }
 
 
@@ -122,8 +124,10 @@ def config_errors(exc: pydantic.ValidationError, source: str, data: Any = None) 
         loc = tuple(error["loc"])
         if error["type"] == "union_tag_invalid":
             ctx = error.get("ctx", {})
-            lines.append(f"{source}: {format_location((*loc, ctx.get('discriminator', 'protocol').strip(chr(39))), data)}: "
-                         f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})")
+            lines.append(
+                f"{source}: {format_location((*loc, ctx.get('discriminator', 'protocol').strip(chr(39))), data)}: "
+                f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})"
+            )
             continue
         if error["type"] == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")

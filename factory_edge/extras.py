@@ -51,8 +51,9 @@ def require(extra: str, what: str) -> None:
     """Raise MissingExtra, naming ``what`` needs it, unless every module of ``extra`` is installed."""
     absent = missing(extra)
     if absent:
-        raise MissingExtra(f"{what} needs the [{extra}] extra ({', '.join(absent)} not installed): "
-                           f"{install_hint(extra)}")
+        raise MissingExtra(
+            f"{what} needs the [{extra}] extra ({', '.join(absent)} not installed): {install_hint(extra)}"
+        )
 
 
 def guarded_main(extra: str, command: str, module: str, argv: Sequence[str] | None = None) -> int:

@@ -98,19 +98,20 @@ def _rewrite(path: Path, text: str) -> None:
         f.truncate()
 
 
-def edit(action: str, address: str = "127.0.0.1", names: Iterable[str] = (), *, owner: str,
-         path: Path = HOSTS) -> None:
+def edit(action: str, address: str = "127.0.0.1", names: Iterable[str] = (), *, owner: str, path: Path = HOSTS) -> None:
     """``add`` (replacing an old block of ``owner``) or ``remove`` ``owner``'s block; through ``sudo`` when needed."""
     names = list(names)
     if os.access(path, os.W_OK):
         current = path.read_text(encoding="utf-8")
-        _rewrite(path, with_block(current, address, names, owner) if action == "add"
-                 else without_block(current, owner))
+        _rewrite(path, with_block(current, address, names, owner) if action == "add" else without_block(current, owner))
         return
     if shutil.which("sudo") is None:
         line = f"{address} {' '.join(names)}"
-        raise FactoryEdgeError(f"{path}: not writable and no sudo; add the line '{line}' to it yourself"
-                               if action == "add" else f"{path}: not writable and no sudo")
+        raise FactoryEdgeError(
+            f"{path}: not writable and no sudo; add the line '{line}' to it yourself"
+            if action == "add"
+            else f"{path}: not writable and no sudo"
+        )
     argv = ["sudo", sys.executable, "-m", __name__, action, "--file", str(path), "--owner", owner]
     if action == "add":
         argv += [address, *names]
@@ -121,8 +122,10 @@ def edit(action: str, address: str = "127.0.0.1", names: Iterable[str] = (), *, 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m factory_edge.hostsfile",
-                                     description="Add or remove the factory-edge demo's block of /etc/hosts.")
+    parser = argparse.ArgumentParser(
+        prog="python -m factory_edge.hostsfile",
+        description="Add or remove the factory-edge demo's block of /etc/hosts.",
+    )
     parser.add_argument("action", choices=["add", "remove"])
     parser.add_argument("address", nargs="?", default="127.0.0.1")
     parser.add_argument("names", nargs="*")

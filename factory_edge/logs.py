@@ -43,8 +43,7 @@ class KeyValueFormatter(logging.Formatter):
         if self.with_time:  # local time with its offset: 2026-12-03T11:26:55.747+01:00
             stamp = datetime.fromtimestamp(record.created).astimezone()
             parts.append("ts=" + stamp.isoformat(timespec="milliseconds"))
-        parts += [f"level={record.levelname.lower()}", f"logger={record.name}",
-                  f"msg={_quote(record.getMessage())}"]
+        parts += [f"level={record.levelname.lower()}", f"logger={record.name}", f"msg={_quote(record.getMessage())}"]
         for key, value in getattr(record, _FIELDS, {}).items():
             if value is not None:  # an absent value is left out, never "err=None"
                 parts.append(f"{key}={_quote(value)}")

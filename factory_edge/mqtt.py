@@ -105,27 +105,36 @@ def tls_file_problems(settings: BrokerSettings) -> list[str]:
         try:
             x509.load_pem_x509_certificates(data)
         except ValueError:
-            problems.append(f"{settings.origin}ca_file: {settings.ca_file}: not a PEM certificate "
-                            "(expected -----BEGIN CERTIFICATE-----)")
+            problems.append(
+                f"{settings.origin}ca_file: {settings.ca_file}: not a PEM certificate "
+                "(expected -----BEGIN CERTIFICATE-----)"
+            )
     cert = key = None
     if settings.cert_file and (data := read("cert_file", settings.cert_file)) is not None:
         try:
             cert = x509.load_pem_x509_certificate(data)
         except ValueError:
-            problems.append(f"{settings.origin}cert_file: {settings.cert_file}: not a PEM certificate "
-                            "(expected -----BEGIN CERTIFICATE-----)")
+            problems.append(
+                f"{settings.origin}cert_file: {settings.cert_file}: not a PEM certificate "
+                "(expected -----BEGIN CERTIFICATE-----)"
+            )
     if settings.key_file and (data := read("key_file", settings.key_file)) is not None:
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except TypeError:
-            problems.append(f"{settings.origin}key_file: {settings.key_file}: the key is encrypted; "
-                            "the agent needs an unencrypted key (mode 0600)")
+            problems.append(
+                f"{settings.origin}key_file: {settings.key_file}: the key is encrypted; "
+                "the agent needs an unencrypted key (mode 0600)"
+            )
         except (ValueError, UnsupportedAlgorithm):
-            problems.append(f"{settings.origin}key_file: {settings.key_file}: not a PEM private key "
-                            "(expected -----BEGIN PRIVATE KEY-----)")
+            problems.append(
+                f"{settings.origin}key_file: {settings.key_file}: not a PEM private key "
+                "(expected -----BEGIN PRIVATE KEY-----)"
+            )
     if cert is not None and key is not None and not _same_public_key(cert, key):
-        problems.append(f"{settings.origin}key_file: {settings.key_file}: not the key of the certificate "
-                        f"{settings.cert_file}")
+        problems.append(
+            f"{settings.origin}key_file: {settings.key_file}: not the key of the certificate {settings.cert_file}"
+        )
     return problems
 
 
@@ -158,15 +167,20 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
             context.load_cert_chain(settings.cert_file, settings.key_file)
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or exc
-        raise ConfigError(f"{settings.origin.rstrip('.: ') or 'mqtt'}: cannot load TLS files "
-                          f"({settings.ca_file or 'system CAs'}, {settings.cert_file}): {reason}") from exc
+        raise ConfigError(
+            f"{settings.origin.rstrip('.: ') or 'mqtt'}: cannot load TLS files "
+            f"({settings.ca_file or 'system CAs'}, {settings.cert_file}): {reason}"
+        ) from exc
     return context
 
 
 def handshake_cut(exc: BaseException) -> bool:
     """True when the peer ended or garbled the TLS handshake: a plain listener, an SNI proxy without a route, or a refusal."""
-    return (isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError | EOFError)
-            or "UNEXPECTED_EOF" in str(exc) or "WRONG_VERSION_NUMBER" in str(exc))
+    return (
+        isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError | EOFError)
+        or "UNEXPECTED_EOF" in str(exc)
+        or "WRONG_VERSION_NUMBER" in str(exc)
+    )
 
 
 # MQTT 3.1.1 CONNECT, clean session, empty client id: any MQTT broker answers it with a CONNACK (0x20).
@@ -190,8 +204,10 @@ def explain_connect_error(exc: BaseException, settings: BrokerSettings, *, plain
     """
     where = f"{settings.dial_host}:{settings.port}"
     if plain_mqtt:
-        return (f"{where} is not a TLS port: it answered in plain MQTT; use the broker's TLS port "
-                f"(usually 8883), or an mqtt:// URL for a plain listener")
+        return (
+            f"{where} is not a TLS port: it answered in plain MQTT; use the broker's TLS port "
+            f"(usually 8883), or an mqtt:// URL for a plain listener"
+        )
     if settings.tls and "WRONG_VERSION_NUMBER" in str(exc):
         return f"{where} did not answer in TLS: is it a TLS port? (mqtts:// needs a TLS listener, usually 8883)"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -225,8 +241,10 @@ def explain_connect_error(exc: BaseException, settings: BrokerSettings, *, plain
 
 
 def _closed_in_handshake(where: str, settings: BrokerSettings) -> str:
-    return (f"{where} closed the connection during the TLS handshake (is it a TLS port? behind the SNI proxy: "
-            f"unknown SNI name {settings.host}, or the broker refused our certificate)")
+    return (
+        f"{where} closed the connection during the TLS handshake (is it a TLS port? behind the SNI proxy: "
+        f"unknown SNI name {settings.host}, or the broker refused our certificate)"
+    )
 
 
 # What a broker's DISCONNECT reason means to whoever reads the log (paho's own words are terse).
@@ -268,8 +286,14 @@ async def disconnect(client: paho.Client) -> None:
         reset()
 
 
-async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContext | None,
-               properties: Properties, *, timeout_s: float) -> None:
+async def dial(
+    client: paho.Client,
+    settings: BrokerSettings,
+    tls: ssl.SSLContext | None,
+    properties: Properties,
+    *,
+    timeout_s: float,
+) -> None:
     """Check our certificate, then TCP, TLS and CONNECT with a persistent session (blocking, so in a thread).
 
     PublishError says why not, in a technician's words; a socket left by a
@@ -278,9 +302,16 @@ async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContex
     check_client_certificate(settings)
     client.connect_timeout = timeout_s
     try:
-        await asyncio.get_running_loop().run_in_executor(None, lambda: client.connect(
-            settings.dial_host, settings.port, keepalive=int(settings.keepalive_s), clean_start=False,
-            properties=properties))
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: client.connect(
+                settings.dial_host,
+                settings.port,
+                keepalive=int(settings.keepalive_s),
+                clean_start=False,
+                properties=properties,
+            ),
+        )
     except (OSError, ssl.SSLError, ValueError) as exc:
         failed = getattr(tls, "last_socket", None)
         if failed is not None:
@@ -289,7 +320,8 @@ async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContex
         if settings.tls and handshake_cut(exc):
             # A plain listener reads our ClientHello as a bad packet and hangs up: ask it in plain MQTT.
             plain = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: answers_plain_mqtt(settings.dial_host, settings.port, timeout_s=min(2.0, timeout_s)))
+                None, lambda: answers_plain_mqtt(settings.dial_host, settings.port, timeout_s=min(2.0, timeout_s))
+            )
         raise PublishError(explain_connect_error(exc, settings, plain_mqtt=plain)) from exc
     no_delay(client)
 
@@ -306,7 +338,9 @@ def no_delay(client: paho.Client) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def wait_connack(connack: asyncio.Future[str | None], settings: BrokerSettings, *, timeout_s: float) -> str | None:
+async def wait_connack(
+    connack: asyncio.Future[str | None], settings: BrokerSettings, *, timeout_s: float
+) -> str | None:
     """None once the broker accepted our CONNECT; otherwise why not, in a technician's words."""
     try:
         refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
@@ -329,8 +363,12 @@ def check_client_certificate(settings: BrokerSettings) -> None:
         raise PublishError(f"TLS: cannot read our certificate {settings.cert_file}: {exc}") from exc
     now = datetime.now(UTC)
     if cert.not_valid_after_utc < now:
-        raise PublishError(f"TLS: our certificate {settings.cert_file} expired on "
-                           f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it (agent provision --force)")
+        raise PublishError(
+            f"TLS: our certificate {settings.cert_file} expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it (agent provision --force)"
+        )
     if cert.not_valid_before_utc > now:
-        raise PublishError(f"TLS: our certificate {settings.cert_file} is not valid before "
-                           f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the gateway's clock")
+        raise PublishError(
+            f"TLS: our certificate {settings.cert_file} is not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the gateway's clock"
+        )

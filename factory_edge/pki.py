@@ -63,9 +63,11 @@ def common_name(cert: x509.Certificate) -> str:
 
 def same_key(a: object, b: object) -> bool:
     """True when two public keys (or certificates, CSRs) hold the same public key."""
+
     def spki(obj: object) -> bytes:
         key: Any = obj.public_key() if hasattr(obj, "public_key") else obj
         return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
     return spki(a) == spki(b)
 
 
@@ -92,10 +94,12 @@ def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
 
 # -- files -----------------------------------------------------------------
 
+
 def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
     """Write ``key`` as unencrypted PKCS#8 PEM, mode 0600, atomically (never readable by others)."""
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     _write_atomic(Path(path), data, 0o600)
 
 

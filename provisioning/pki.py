@@ -84,8 +84,15 @@ def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKe
     return key, cert
 
 
-def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, hostname: str,
-                      *, days: int = 825, alt_names: Iterable[str] = ()) -> x509.Certificate:
+def issue_server_cert(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: object,
+    hostname: str,
+    *,
+    days: int = 825,
+    alt_names: Iterable[str] = (),
+) -> x509.Certificate:
     """A TLS server certificate for ``hostname`` (SAN DNS and CN), serverAuth only.
 
     ``alt_names``: more names for the SAN, DNS names or IP addresses.
@@ -101,8 +108,16 @@ def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key:
             san.append(x509.DNSName(name))
     # The CN is informative only (clients check the SAN) and X.509 caps it at 64 characters.
     cn = hostname if len(hostname) <= MAX_CN else hostname.split(".", 2)[1][:MAX_CN]
-    return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.SERVER_AUTH,
-                 start, start + dt.timedelta(days=days), san=list(dict.fromkeys(san)))
+    return _leaf(
+        ca_key,
+        ca_cert,
+        public_key,
+        cn,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        start,
+        start + dt.timedelta(days=days),
+        san=list(dict.fromkeys(san)),
+    )
 
 
 def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
@@ -116,9 +131,17 @@ def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
         raise ProvisioningError("CSR is not a PEM or DER certificate signing request") from exc
 
 
-def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.CertificateSigningRequest | bytes | str,
-             *, common_name: str | None = None, days: int = 365, not_before: dt.datetime | None = None,
-             not_after: dt.datetime | None = None, allow_reserved: bool = False) -> x509.Certificate:
+def sign_csr(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    csr: x509.CertificateSigningRequest | bytes | str,
+    *,
+    common_name: str | None = None,
+    days: int = 365,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    allow_reserved: bool = False,
+) -> x509.Certificate:
     """Check a gateway's CSR and issue its client certificate (clientAuth, CN = gateway id).
 
     Checked, in order: the key type and size, the self-signature, one CN
@@ -156,9 +179,16 @@ def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.Certificat
     return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
 
-def issue_client_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, common_name: str, *, days: int = 365,
-                      hours: float | None = None, not_before: dt.datetime | None = None,
-                      not_after: dt.datetime | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def issue_client_cert(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    *,
+    days: int = 365,
+    hours: float | None = None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A new key and client certificate for ``common_name`` (bridge, technicians, tests).
 
     ``hours`` (short-lived technician certificates) wins over ``days``;
@@ -171,8 +201,9 @@ def issue_client_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, common_name
     return key, _leaf(ca_key, ca_cert, key.public_key(), common_name, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
 
-def create_crl(ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tuple[int, dt.datetime]],
-               *, days: int = 7) -> x509.CertificateRevocationList:
+def create_crl(
+    ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tuple[int, dt.datetime]], *, days: int = 7
+) -> x509.CertificateRevocationList:
     """A CRL listing ``(serial, revoked_at)`` pairs, valid for ``days``.
 
     Mosquitto (OpenSSL) refuses every client once the CRL's next update has
@@ -190,7 +221,8 @@ def create_crl(ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tupl
     )
     for serial, when in revoked:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_aware(when)).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_aware(when)).build()
+        )
     return builder.sign(ca_key, hashes.SHA256())
 
 
@@ -226,8 +258,10 @@ def _check_san(csr: x509.CertificateSigningRequest) -> None:
         raise ProvisioningError(f"CSR extensions cannot be read: {exc}") from exc
     for entry in san:
         if not isinstance(entry, x509.DNSName):
-            raise ProvisioningError(f"CSR subject alternative name {entry.value!r} is not allowed: only DNS names "
-                                    "of the gateway-id grammar (they are not copied)")
+            raise ProvisioningError(
+                f"CSR subject alternative name {entry.value!r} is not allowed: only DNS names "
+                "of the gateway-id grammar (they are not copied)"
+            )
         check_id(entry.value, what="CSR subject alternative name")
 
 
@@ -261,8 +295,18 @@ def load_crl(path: str | os.PathLike[str]) -> x509.CertificateRevocationList:
 
 # -- building blocks -------------------------------------------------------
 
-def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, cn: str, usage: x509.ObjectIdentifier,
-          start: dt.datetime, end: dt.datetime, *, san: list[x509.GeneralName] | None = None) -> x509.Certificate:
+
+def _leaf(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: object,
+    cn: str,
+    usage: x509.ObjectIdentifier,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    san: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(cn_name(cn))
@@ -283,14 +327,22 @@ def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, cn:
 
 
 def _key_usage(*, cert_sign: bool = False, rsa_key: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False,
-                         key_encipherment=rsa_key and not cert_sign, data_encipherment=False,
-                         key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-                         encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=rsa_key and not cert_sign,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
-def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
-              not_after: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+def _validity(
+    *, days: int, hours: float | None, not_before: dt.datetime | None, not_after: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
     start = _aware(not_before) if not_before is not None else _now() - CLOCK_SKEW
     if not_after is not None:
         end = _aware(not_after)
@@ -299,8 +351,9 @@ def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
     else:
         end = _now() + dt.timedelta(days=days)
     if end <= start:
-        raise ProvisioningError(f"certificate would end ({end:%Y-%m-%dT%H:%M:%SZ}) before it starts "
-                                f"({start:%Y-%m-%dT%H:%M:%SZ})")
+        raise ProvisioningError(
+            f"certificate would end ({end:%Y-%m-%dT%H:%M:%SZ}) before it starts ({start:%Y-%m-%dT%H:%M:%SZ})"
+        )
     return start, end
 
 

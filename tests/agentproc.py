@@ -40,8 +40,13 @@ class AgentProcess(ServiceProcess):
         return ["agent.cli", "--log-format", "json", "run", "--config", str(self.config_path)]
 
     def status(self) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json", "--state-dir", str(self.state_dir)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--json", "--state-dir", str(self.state_dir)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode != 0:
             return {}
         return json.loads(out.stdout)
@@ -81,8 +86,9 @@ class Collector:
     def start(self) -> Collector:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 3600
-        self.client.connect(self.settings.dial_host, self.settings.port, keepalive=10, clean_start=False,
-                            properties=properties)
+        self.client.connect(
+            self.settings.dial_host, self.settings.port, keepalive=10, clean_start=False, properties=properties
+        )
         self.client.loop_start()
         if not self.connected.wait(10):
             raise AssertionError("collector could not connect")

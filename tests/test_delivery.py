@@ -65,8 +65,13 @@ def test_confirmation_payload_round_trip_and_refusals() -> None:
     payload = encode_acks([1, 2, 3, 5])
     assert json.loads(payload) == {"v": 1, "seqs": [[1, 3], [5, 5]]}
     assert decode_acks(payload) == [(1, 3), (5, 5)]
-    for bad, why in [(b"{", "not JSON"), (b'{"v":2,"seqs":[]}', "expected"), (b'{"v":1,"seqs":[[3,1]]}', "range"),
-                     (b'{"v":1,"seqs":[[1,"2"]]}', "range"), (b'{"v":1,"seqs":[[-1,2]]}', "range"),
-                     (b'{"v":1,"seqs":[[1,2,3]]}', "range")]:
+    for bad, why in [
+        (b"{", "not JSON"),
+        (b'{"v":2,"seqs":[]}', "expected"),
+        (b'{"v":1,"seqs":[[3,1]]}', "range"),
+        (b'{"v":1,"seqs":[[1,"2"]]}', "range"),
+        (b'{"v":1,"seqs":[[-1,2]]}', "range"),
+        (b'{"v":1,"seqs":[[1,2,3]]}', "range"),
+    ]:
         with pytest.raises(ValueError, match=why):
             decode_acks(bad)

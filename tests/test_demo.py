@@ -48,10 +48,29 @@ class Demo:
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n")
         self.dir = demo_dir or root / "demo"
         unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
-        argv = [*unshare, "sh", "-c", _IN_NAMESPACE, "sh", str(self.hosts_file), str(ROOT / "scripts" / "demo"),
-                "--dir", str(self.dir), "--port-offset", str(offset), *args]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1, cwd=ROOT)
+        argv = [
+            *unshare,
+            "sh",
+            "-c",
+            _IN_NAMESPACE,
+            "sh",
+            str(self.hosts_file),
+            str(ROOT / "scripts" / "demo"),
+            "--dir",
+            str(self.dir),
+            "--port-offset",
+            str(offset),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            cwd=ROOT,
+        )
         _LIVE[self.proc.pid] = self.proc
         self.lines: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True, name="demo output")
@@ -152,8 +171,11 @@ def test_demo_once_fires_the_alert_and_the_printed_mosquitto_sub_shows_live_data
         assert batch["gw"] == GATEWAY and batch["seq"] >= 1 and batch["points"]
         assert all(p["q"] == "good" for p in batch["points"]), batch
         assert time.time() * 1000 - max(p["ts"] for p in batch["points"]) < 10_000  # live, not old
-        firing = watcher.wait_line(lambda x: x.startswith(f"alerts/{GATEWAY}/cnc-1/spindle-overtemp ")
-                                   and '"firing"' in x, 150, "the alert firing in mosquitto_sub")
+        firing = watcher.wait_line(
+            lambda x: x.startswith(f"alerts/{GATEWAY}/cnc-1/spindle-overtemp ") and '"firing"' in x,
+            150,
+            "the alert firing in mosquitto_sub",
+        )
         alert = json.loads(firing.split(" ", 1)[1])
         assert (alert["tenant"], alert["tag"], alert["severity"]) == ("acme", "spindle_temp", "critical")
         assert alert["value"] > 80
@@ -220,7 +242,9 @@ def test_hosts_block_replaces_a_stale_one_and_leaves_every_other_line(tmp_path: 
     begin, end = f"{BEGIN} /srv/demo (removed when that demo stops)", f"{hostsfile.END} /srv/demo"
     hosts.write_text(original + f"{begin}\n127.0.0.1 mqtt.old.demo.localhost\n{end}\n")
     inode = hosts.stat().st_ino
-    hostsfile.edit("add", "127.0.0.1", ["mqtt.acme.demo.localhost"], owner="/srv/demo", path=hosts)  # after a killed demo
+    hostsfile.edit(
+        "add", "127.0.0.1", ["mqtt.acme.demo.localhost"], owner="/srv/demo", path=hosts
+    )  # after a killed demo
     assert hosts.read_text() == original + f"{begin}\n127.0.0.1 mqtt.acme.demo.localhost\n{end}\n"
     hostsfile.edit("remove", owner="/srv/demo", path=hosts)
     assert hosts.read_text() == original
@@ -254,9 +278,25 @@ def test_two_demos_keep_their_own_hosts_block(tmp_path: Path) -> None:
     original = "127.0.0.1 localhost\n::1 localhost\n"
     hosts.write_text(original)
     unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
-    result = subprocess.run([*unshare, "sh", "-c", _IN_NAMESPACE, "sh", str(hosts), sys.executable, "-c", _TWO_DEMOS,
-                             str(tmp_path / "demo-1"), str(tmp_path / "demo-2")],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [
+            *unshare,
+            "sh",
+            "-c",
+            _IN_NAMESPACE,
+            "sh",
+            str(hosts),
+            sys.executable,
+            "-c",
+            _TWO_DEMOS,
+            str(tmp_path / "demo-1"),
+            str(tmp_path / "demo-2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["127.0.0.1 127.0.0.1", "Lookup error"]
     assert hosts.read_text() == original

@@ -44,8 +44,14 @@ devices:
 
 
 def agent(*argv: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -59,8 +65,9 @@ def one_line(result: subprocess.CompletedProcess[str], code: int) -> str:
 
 def plant(tmp_path: Path, mqtt: str, port: int = 5020) -> Path:
     path = tmp_path / "plant.yaml"
-    path.write_text(f"gateway: gw-01\nstate_dir: {tmp_path / 'state'}\n{mqtt}"
-                    + MODBUS_DEVICE.format(port=port, unit=1, address=0))
+    path.write_text(
+        f"gateway: gw-01\nstate_dir: {tmp_path / 'state'}\n{mqtt}" + MODBUS_DEVICE.format(port=port, unit=1, address=0)
+    )
     return path
 
 
@@ -78,16 +85,26 @@ def _tls_cases(pki: TenantPki, tmp_path: Path) -> list[tuple[str, str]]:
     url = "  url: mqtts://mqtt.acme.test:8883\n"
     return [
         (f"mqtt:\n{url}  ca_file: nope.pem\n", f"mqtt.ca_file: {tmp_path}/nope.pem: no such file"),
-        (f"mqtt:\n{url}  ca_file: readme.txt\n",
-         f"mqtt.ca_file: {tmp_path}/readme.txt: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)"),
-        (f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: gw-01.pem\n  key_file: {key}\n",
-         f"mqtt.cert_file: {tmp_path}/gw-01.pem: no such file"),
-        (f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: {cert}\n  key_file: gw-01.key\n",
-         f"mqtt.key_file: {tmp_path}/gw-01.key: no such file"),
-        (f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: {cert}\n  key_file: {cert}\n",
-         f"mqtt.key_file: {cert}: not a PEM private key (expected -----BEGIN PRIVATE KEY-----)"),
-        (f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: {cert}\n  key_file: {pki.broker_key_file}\n",
-         f"mqtt.key_file: {pki.broker_key_file}: not the key of the certificate {cert}"),
+        (
+            f"mqtt:\n{url}  ca_file: readme.txt\n",
+            f"mqtt.ca_file: {tmp_path}/readme.txt: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+        ),
+        (
+            f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: gw-01.pem\n  key_file: {key}\n",
+            f"mqtt.cert_file: {tmp_path}/gw-01.pem: no such file",
+        ),
+        (
+            f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: {cert}\n  key_file: gw-01.key\n",
+            f"mqtt.key_file: {tmp_path}/gw-01.key: no such file",
+        ),
+        (
+            f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: {cert}\n  key_file: {cert}\n",
+            f"mqtt.key_file: {cert}: not a PEM private key (expected -----BEGIN PRIVATE KEY-----)",
+        ),
+        (
+            f"mqtt:\n{url}  ca_file: {pki.ca_file}\n  cert_file: {cert}\n  key_file: {pki.broker_key_file}\n",
+            f"mqtt.key_file: {pki.broker_key_file}: not the key of the certificate {cert}",
+        ),
     ]
 
 
@@ -121,13 +138,17 @@ def test_global_options_after_the_command_and_check_config_takes_config(tmp_path
     path = tmp_path / "plant.yaml"
     path.write_text(MODBUS_DEVICE.format(port=502, unit=1, address=0))
     argvs: list[list[str | Path]] = [
-        ["check-config", path, "--log-format", "json"], ["check-config", "--config", path],
-                 ["check-config", "--log-level", "debug", "--config", path, path]]
+        ["check-config", path, "--log-format", "json"],
+        ["check-config", "--config", path],
+        ["check-config", "--log-level", "debug", "--config", path, path],
+    ]
     for argv in argvs:
         result = agent(*argv)
         assert (result.returncode, result.stderr) == (0, ""), argv
         assert result.stdout.startswith("OK: gateway (from provisioning), 1 device, 1 tag, 1 request per poll cycle")
-    assert one_line(agent("check-config"), 2) == "Error: no config file given: agent check-config FILE (or --config FILE)"
+    assert (
+        one_line(agent("check-config"), 2) == "Error: no config file given: agent check-config FILE (or --config FILE)"
+    )
 
 
 # -- 5. library noise ------------------------------------------------------------------------------------
@@ -167,9 +188,13 @@ def test_pymodbus_frame_dumps_stay_out_of_the_log(capsys: pytest.CaptureFixture[
 def simulator(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port, out = free_port(), tmp_path / "simulate.log"
     with open(out, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "simulate", "--modbus-port", str(port),
-                                 "--opcua-port", "0", "--quiet"], stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "simulate", "--modbus-port", str(port), "--opcua-port", "0", "--quiet"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + 30
         while "simulating" not in out.read_text():
@@ -187,8 +212,9 @@ def test_simulator_answers_an_unknown_unit_id_like_a_gateway(simulator: tuple[in
     path.write_text(MODBUS_DEVICE.format(port=port, unit=9, address=0))
     for _ in range(2):
         result = agent("read", "--config", path)
-        assert one_line(result, 1) == ("Error: 1 of 1 tags not good "
-                                       "(first: press-1.cycle_count: gateway target failed to respond)")
+        assert one_line(result, 1) == (
+            "Error: 1 of 1 tags not good (first: press-1.cycle_count: gateway target failed to respond)"
+        )
     log = out.read_text()
     assert "Traceback" not in log and "KeyError" not in log, log
     warnings = [line for line in log.splitlines() if "level=warning" in line]
@@ -204,8 +230,9 @@ def plain_broker(tmp_path: Path) -> Iterator[int]:
     port = free_port()
     conf = tmp_path / "plain.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -221,7 +248,9 @@ def plain_broker(tmp_path: Path) -> Iterator[int]:
         proc.wait(10)
 
 
-async def test_mqtts_url_against_a_plain_listener_says_it_is_not_a_tls_port(plain_broker: int, tls_files: TenantPki) -> None:
+async def test_mqtts_url_against_a_plain_listener_says_it_is_not_a_tls_port(
+    plain_broker: int, tls_files: TenantPki
+) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -229,15 +258,18 @@ async def test_mqtts_url_against_a_plain_listener_says_it_is_not_a_tls_port(plai
 
     from factory_edge.mqtt import tls_context
 
-    settings = BrokerSettings.from_url(f"mqtts://mqtt.acme.test:{plain_broker}", connect_host="127.0.0.1",
-                                       ca_file=str(tls_files.ca_file))
+    settings = BrokerSettings.from_url(
+        f"mqtts://mqtt.acme.test:{plain_broker}", connect_host="127.0.0.1", ca_file=str(tls_files.ca_file)
+    )
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="gw-01", protocol=paho.MQTTv5)
     context = tls_context(settings)
     client.tls_set_context(context)
     with pytest.raises(PublishError) as caught:
         await dial(client, settings, context, Properties(PacketTypes.CONNECT), timeout_s=5)
-    assert str(caught.value) == (f"127.0.0.1:{plain_broker} is not a TLS port: it answered in plain MQTT; use the "
-                                 "broker's TLS port (usually 8883), or an mqtt:// URL for a plain listener")
+    assert str(caught.value) == (
+        f"127.0.0.1:{plain_broker} is not a TLS port: it answered in plain MQTT; use the "
+        "broker's TLS port (usually 8883), or an mqtt:// URL for a plain listener"
+    )
     await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
 
 
@@ -250,15 +282,18 @@ def test_a_config_without_devices_is_not_ok(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     assert one_line(agent("check-config", path), 2) == (
         f"Error: {path}: devices: none configured, so the agent would poll nothing; "
-        "list the machines under devices: (docs/config.md)")
+        "list the machines under devices: (docs/config.md)"
+    )
 
 
 def test_modicon_address_is_named_at_check_config_and_at_read(tmp_path: Path) -> None:
     port = free_port()
     path = tmp_path / "plant.yaml"
     path.write_text(MODBUS_DEVICE.format(port=port, unit=2, address=40001))
-    hint = ("address 40001 looks like 1-based Modicon notation (holding register 40001); "
-            "this field takes the 0-based protocol address: table: holding, address: 0")
+    hint = (
+        "address 40001 looks like 1-based Modicon notation (holding register 40001); "
+        "this field takes the 0-based protocol address: table: holding, address: 0"
+    )
     result = agent("check-config", path)
     assert result.returncode == 0
     assert result.stderr == f"Warning: {path}: devices[press-1].tags[cycle_count].address: {hint}\n"
@@ -268,14 +303,17 @@ def test_modicon_address_is_named_at_check_config_and_at_read(tmp_path: Path) ->
             return await asyncio.to_thread(agent, "read", "--config", path)
 
     result = asyncio.run(read())
-    assert one_line(result, 1) == f"Error: 1 of 1 tags not good (first: press-1.cycle_count: illegal data address; {hint})"
+    assert (
+        one_line(result, 1) == f"Error: 1 of 1 tags not good (first: press-1.cycle_count: illegal data address; {hint})"
+    )
 
 
 def test_ca_file_with_a_plain_url_is_an_error(tmp_path: Path) -> None:
     path = plant(tmp_path, "mqtt:\n  url: mqtt://broker.local:1883\n  ca_file: ca.pem\n")
     assert one_line(agent("check-config", path), 2) == (
         f"Error: {path}: mqtt: ca_file: given with an mqtt:// url, which is plain TCP without TLS: "
-        "use mqtts:// (TLS), or remove it")
+        "use mqtts:// (TLS), or remove it"
+    )
 
 
 def test_text_log_lines_carry_the_time_zone_and_no_none_fields() -> None:
@@ -288,8 +326,13 @@ def test_text_log_lines_carry_the_time_zone_and_no_none_fields() -> None:
 
 
 def test_status_of_a_stopped_agent_shows_no_rate() -> None:
-    doc: dict[str, Any] = {"gw": "gw-01", "running": False, "connection": {"broker": "mqtts://b:8883", "state": "stopped", "reconnects": 1},
-           "publish": {"points_per_s": 0.0, "acked_points": 1200, "confirmed_points": 1100}, "buffer": {}}
+    doc: dict[str, Any] = {
+        "gw": "gw-01",
+        "running": False,
+        "connection": {"broker": "mqtts://b:8883", "state": "stopped", "reconnects": 1},
+        "publish": {"points_per_s": 0.0, "acked_points": 1200, "confirmed_points": 1100},
+        "buffer": {},
+    }
     lines = text_lines(doc)
     assert lines[4] == "publishing   stopped; last run: 1200 accepted by the broker, 1100 confirmed stored, 1 reconnect"
     doc["running"] = True
@@ -300,8 +343,9 @@ def test_status_of_a_stopped_agent_shows_no_rate() -> None:
 def test_demo_help_sets_nothing_up(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no venv on the PATH: --help needs none
     started = time.monotonic()
-    result = subprocess.run([str(ROOT / "scripts" / "demo"), "--help"], capture_output=True, text=True, env=env,
-                            timeout=30, cwd=tmp_path)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "demo"), "--help"], capture_output=True, text=True, env=env, timeout=30, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: scripts/demo [-h]") and "setup:" not in result.stderr
     assert time.monotonic() - started < 5

@@ -56,5 +56,7 @@ def test_imports_follow_the_layers(package: str) -> None:
 
 def test_the_rule_sees_lazy_imports(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
-    source.write_text("import os\nfrom agent.mqtt import Link\n\ndef f():\n    import bridge.cli\n    from . import x\n")
+    source.write_text(
+        "import os\nfrom agent.mqtt import Link\n\ndef f():\n    import bridge.cli\n    from . import x\n"
+    )
     assert imported_packages(source) == [(2, "agent"), (5, "bridge")]

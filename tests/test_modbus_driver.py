@@ -22,8 +22,17 @@ ORDERS = ["ABCD", "CDAB", "BADC", "DCBA"]
 
 def device(port: int, tags: list[dict], **extra) -> ModbusTcpDevice:
     return ModbusTcpDevice.model_validate(
-        {"protocol": "modbus-tcp", "name": extra.pop("name", "dev"), "host": "127.0.0.1", "port": port,
-         "timeout": "300ms", "retries": 0, "tags": tags, **extra})
+        {
+            "protocol": "modbus-tcp",
+            "name": extra.pop("name", "dev"),
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": "300ms",
+            "retries": 0,
+            "tags": tags,
+            **extra,
+        }
+    )
 
 
 def by_tag(points: list[Point]) -> dict[str, Point]:
@@ -53,15 +62,29 @@ async def test_every_type_and_byte_order_read_exactly() -> None:
     tags += [
         {"name": "recipe", "address": 100, "type": "string", "length": 5},
         {"name": "recipe_swapped", "address": 110, "type": "string", "length": 2, "order": "BADC"},
-        {"name": "bit0", "address": "120.0"}, {"name": "bit1", "address": 120, "bit": 1},
+        {"name": "bit0", "address": "120.0"},
+        {"name": "bit1", "address": 120, "bit": 1},
         {"name": "bit15", "address": "120.15"},
         {"name": "temp", "address": 121, "type": "int16", "scale": 0.1, "offset": 1.5},
         {"name": "input_neg", "table": "input", "address": 0, "type": "int16"},
-        {"name": "coil0", "table": "coil", "address": 0}, {"name": "coil1", "table": "coil", "address": 1},
-        {"name": "coil2", "table": "coil", "address": 2}, {"name": "door", "table": "discrete", "address": 5},
+        {"name": "coil0", "table": "coil", "address": 0},
+        {"name": "coil1", "table": "coil", "address": 1},
+        {"name": "coil2", "table": "coil", "address": 2},
+        {"name": "door", "table": "discrete", "address": 5},
     ]
-    expected |= {"recipe": "RECIPE-7", "recipe_swapped": "RECI", "bit0": True, "bit1": False, "bit15": True,
-                 "temp": 72.8, "input_neg": -200, "coil0": True, "coil1": False, "coil2": True, "door": True}
+    expected |= {
+        "recipe": "RECIPE-7",
+        "recipe_swapped": "RECI",
+        "bit0": True,
+        "bit1": False,
+        "bit15": True,
+        "temp": 72.8,
+        "input_neg": -200,
+        "coil0": True,
+        "coil1": False,
+        "coil2": True,
+        "door": True,
+    }
     port = free_port()
     async with ModbusSimulator(units={1: model}, port=port), ModbusDriver(device(port, tags, max_gap=0)) as driver:
         points = await driver.read()
@@ -145,11 +168,14 @@ async def test_a_dead_device_never_delays_a_live_one() -> None:
     def sink(name: str):
         async def emit(points: list[Point]) -> None:
             polls[name].append(points)
+
         return emit
 
     drivers = {
         "live": ModbusDriver(device(live_port, [{"name": "x", "address": 0}], name="live", poll="100ms")),
-        "hung": ModbusDriver(device(hung_port, [{"name": "x", "address": 0}], name="hung", poll="100ms", timeout="500ms", retries=1)),
+        "hung": ModbusDriver(
+            device(hung_port, [{"name": "x", "address": 0}], name="hung", poll="100ms", timeout="500ms", retries=1)
+        ),
         "closed": ModbusDriver(device(closed_port, [{"name": "x", "address": 0}], name="closed", poll="100ms")),
     }
     async with ModbusSimulator(units={1: model}, port=live_port), SilentDevice(hung_port):
@@ -224,8 +250,15 @@ async def test_writes_encode_type_and_order() -> None:
             await driver.write("nope", 1)
         with pytest.raises(WriteRefused, match="out of range for int16"):
             await driver.write("speed", 5000)
-    assert values == {"setpoint": 71.5, "speed": -12.3, "recipe": "AB-7", "total": 4_000_000_000,
-                      "flag": True, "run": True, "locked": 0}
+    assert values == {
+        "setpoint": 71.5,
+        "speed": -12.3,
+        "recipe": "AB-7",
+        "total": 4_000_000_000,
+        "flag": True,
+        "run": True,
+        "locked": 0,
+    }
     # Exactly these registers reached the device: CDAB float, and bit 1 set without touching bits 0 and 2.
     assert model.get_registers(Table.HOLDING, 0, 2) == wire("f", 71.5, "CDAB")
     assert model.get_registers(Table.HOLDING, 8, 2) == wire("I", 4_000_000_000, "DCBA")

@@ -30,17 +30,37 @@ BASE_ROOT = CACHE / f"debian12-{ARCH}" / "base"
 DEB = ROOT / "dist" / f"factory-edge-agent_{__version__}-1_{ARCH}.deb"
 # What apt and dpkg keep about any install (their databases, logs, caches), and /run (a tmpfs on a running
 # system, where adduser and systemctl leave their locks): not the package's leftovers.
-BOOKKEEPING = ("var/lib/dpkg", "var/lib/apt", "var/cache", "var/log", "var/lib/systemd/deb-systemd-helper-enabled",
-               "tmp", "proc", "run", "etc/ld.so.cache", "etc/resolv.conf", "etc/passwd-", "etc/group-", "etc/shadow-",
-               "etc/gshadow-", "etc/subuid-", "etc/subgid-")
+BOOKKEEPING = (
+    "var/lib/dpkg",
+    "var/lib/apt",
+    "var/cache",
+    "var/log",
+    "var/lib/systemd/deb-systemd-helper-enabled",
+    "tmp",
+    "proc",
+    "run",
+    "etc/ld.so.cache",
+    "etc/resolv.conf",
+    "etc/passwd-",
+    "etc/group-",
+    "etc/shadow-",
+    "etc/gshadow-",
+    "etc/subuid-",
+    "etc/subgid-",
+)
 
 
 def in_root(root: Path, *argv: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` chrooted in ``root``, with /proc, in a private mount namespace (nothing stays mounted)."""
     script = 'mount -t proc proc "$1/proc" && exec chroot "$@"'
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(root), *argv], capture_output=True,
-                            text=True, timeout=timeout, env=env)
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(root), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if check:
         assert result.returncode == 0, f"{' '.join(argv)}: exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
@@ -63,8 +83,9 @@ def tree(root: Path) -> set[str]:
 def deb() -> Path:
     if os.geteuid() != 0:
         pytest.skip("building and installing the .deb needs root (debootstrap, chroot)")
-    built = subprocess.run([str(ROOT / "scripts" / "build-packages")], capture_output=True, text=True, timeout=1500,
-                           cwd=ROOT)
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "build-packages")], capture_output=True, text=True, timeout=1500, cwd=ROOT
+    )
     assert built.returncode == 0, built.stdout + built.stderr
     assert DEB.exists(), built.stderr
     return DEB
@@ -90,15 +111,26 @@ def test_deb_installs_runs_and_purges_cleanly(fresh_root: Path, deb: Path) -> No
     checked = in_root(root, "agent", "check-config", "/etc/factory-edge/agent.yaml")
     assert checked.stdout.startswith("OK: gateway (from provisioning), 1 device, 3 tags"), checked.stdout
     # The service's user reads its config (group factory-edge, 0640) and owns its state directory.
-    as_agent = in_root(root, "setpriv", "--reuid=factory-edge", "--regid=factory-edge", "--init-groups",
-                       "agent", "check-config", "/etc/factory-edge/agent.yaml")
+    as_agent = in_root(
+        root,
+        "setpriv",
+        "--reuid=factory-edge",
+        "--regid=factory-edge",
+        "--init-groups",
+        "agent",
+        "check-config",
+        "/etc/factory-edge/agent.yaml",
+    )
     assert as_agent.stdout.startswith("OK: "), as_agent.stderr
     stat = in_root(root, "stat", "-c", "%U:%G %a %n", "/etc/factory-edge/agent.yaml", "/var/lib/factory-edge/agent")
-    assert stat.stdout.splitlines() == ["root:factory-edge 640 /etc/factory-edge/agent.yaml",
-                                        "factory-edge:factory-edge 700 /var/lib/factory-edge/agent"]
+    assert stat.stdout.splitlines() == [
+        "root:factory-edge 640 /etc/factory-edge/agent.yaml",
+        "factory-edge:factory-edge 700 /var/lib/factory-edge/agent",
+    ]
     # --man=no: the unit names its man page, and a gateway may have no man-db to show it.
-    verify = in_root(root, "systemd-analyze", "verify", "--man=no", "/lib/systemd/system/factory-edge-agent.service",
-                     check=False)
+    verify = in_root(
+        root, "systemd-analyze", "verify", "--man=no", "/lib/systemd/system/factory-edge-agent.service", check=False
+    )
     assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
     unit = (root / "lib" / "systemd" / "system" / "factory-edge-agent.service").read_text()
     assert "ExecStart=/usr/bin/agent run --config /etc/factory-edge/agent.yaml" in unit

@@ -42,8 +42,10 @@ def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_base_wheel_has_no_cloud_or_opcua_stack(base_venv: Path) -> None:
-    probe = ("import importlib.util as u, sys; "
-             f"print(' '.join(m for m in {CLOUD_AND_OPCUA!r} if u.find_spec(m) is not None))")
+    probe = (
+        "import importlib.util as u, sys; "
+        f"print(' '.join(m for m in {CLOUD_AND_OPCUA!r} if u.find_spec(m) is not None))"
+    )
     found = run(base_venv / "bin" / "python", "-c", probe)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "", f"installed with the base wheel: {found.stdout.strip()}"
@@ -68,9 +70,12 @@ def simulator(base_venv: Path, tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
     out = tmp_path / "simulate.out"
     with open(out, "w") as sink:
-        proc = subprocess.Popen([base_venv / "bin" / "agent", "simulate", "--modbus-port", str(port),
-                                 "--opcua-port", str(free_port())], stdout=sink, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [base_venv / "bin" / "agent", "simulate", "--modbus-port", str(port), "--opcua-port", str(free_port())],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + 30
         while "simulating" not in out.read_text():
@@ -85,7 +90,9 @@ def simulator(base_venv: Path, tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def test_agent_read_works_against_agent_simulate(base_venv: Path, simulator: tuple[int, Path], tmp_path: Path) -> None:
     port, out = simulator
-    assert "OPC UA: not simulated (oven-1 needs the [opcua] extra: pip install 'factory-edge[opcua]')" in out.read_text()
+    assert (
+        "OPC UA: not simulated (oven-1 needs the [opcua] extra: pip install 'factory-edge[opcua]')" in out.read_text()
+    )
     config = tmp_path / "plant.yaml"
     config.write_text(f"""\
 gateway: gw-01
@@ -118,13 +125,19 @@ devices:
     tags:
       - {name: zone1_temp, node: "ns=2;s=Oven.Zone1.Temp"}
 """)
-    argvs: list[list[str | Path]] = [["check-config", config], ["read", "--config", config], ["run", "--config", config]]
+    argvs: list[list[str | Path]] = [
+        ["check-config", config],
+        ["read", "--config", config],
+        ["run", "--config", config],
+    ]
     for argv in argvs:
         result = run(base_venv / "bin" / "agent", *argv)
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
-        assert result.stderr == (f"Error: {config}: devices[oven-2]: protocol opcua needs the [opcua] extra "
-                                 "(asyncua not installed): pip install 'factory-edge[opcua]'\n")
+        assert result.stderr == (
+            f"Error: {config}: devices[oven-2]: protocol opcua needs the [opcua] extra "
+            "(asyncua not installed): pip install 'factory-edge[opcua]'\n"
+        )
 
 
 @pytest.mark.parametrize("command", ["bridge", "provisioning"])

@@ -83,8 +83,10 @@ class AlertRule(Model):
     def _one_condition(self) -> AlertRule:
         given = [c for c in CONDITIONS if self._has(c)]
         if len(given) != 1:
-            raise ValueError(f"rule {self.name!r}: give exactly one condition of {', '.join(CONDITIONS)} "
-                             f"(got {', '.join(given) or 'none'})")
+            raise ValueError(
+                f"rule {self.name!r}: give exactly one condition of {', '.join(CONDITIONS)} "
+                f"(got {', '.join(given) or 'none'})"
+            )
         kind = given[0]
         if kind in ("above", "below", "outside", "equals", "rate_above", "rate_below") and self.tag is None:
             raise ValueError(f"rule {self.name!r}: {kind} needs tag: (a tag name or a glob)")
@@ -92,21 +94,35 @@ class AlertRule(Model):
             raise ValueError(f"rule {self.name!r}: offline is about gateways: no device: or tag:")
         if kind == "stale" and self.for_:
             raise ValueError(f"rule {self.name!r}: stale is a duration already; for: does not apply")
-        allowed = {"above": {"clear_below"}, "rate_above": {"clear_below"}, "below": {"clear_above"},
-                   "rate_below": {"clear_above"}, "outside": {"clear_inside"}}.get(kind, set())
+        allowed = {
+            "above": {"clear_below"},
+            "rate_above": {"clear_below"},
+            "below": {"clear_above"},
+            "rate_below": {"clear_above"},
+            "outside": {"clear_inside"},
+        }.get(kind, set())
         for clear in ("clear_below", "clear_above", "clear_inside"):
             if getattr(self, clear) is not None and clear not in allowed:
-                raise ValueError(f"rule {self.name!r}: {clear} does not go with {kind}"
-                                 + (f" (use {', '.join(sorted(allowed))})" if allowed else ""))
+                raise ValueError(
+                    f"rule {self.name!r}: {clear} does not go with {kind}"
+                    + (f" (use {', '.join(sorted(allowed))})" if allowed else "")
+                )
         limit = getattr(self, kind)
         if self.clear_below is not None and self.clear_below > limit:
-            raise ValueError(f"rule {self.name!r}: clear_below {self.clear_below:g} must not be above "
-                             f"{kind} {limit:g} (it is the lower end of the hysteresis)")
+            raise ValueError(
+                f"rule {self.name!r}: clear_below {self.clear_below:g} must not be above "
+                f"{kind} {limit:g} (it is the lower end of the hysteresis)"
+            )
         if self.clear_above is not None and self.clear_above < limit:
-            raise ValueError(f"rule {self.name!r}: clear_above {self.clear_above:g} must not be below "
-                             f"{kind} {limit:g} (it is the upper end of the hysteresis)")
-        if self.clear_inside is not None and self.outside is not None and not (
-                self.outside[0] <= self.clear_inside[0] <= self.clear_inside[1] <= self.outside[1]):
+            raise ValueError(
+                f"rule {self.name!r}: clear_above {self.clear_above:g} must not be below "
+                f"{kind} {limit:g} (it is the upper end of the hysteresis)"
+            )
+        if (
+            self.clear_inside is not None
+            and self.outside is not None
+            and not (self.outside[0] <= self.clear_inside[0] <= self.clear_inside[1] <= self.outside[1])
+        ):
             raise ValueError(f"rule {self.name!r}: clear_inside must lie within outside")
         return self
 
@@ -180,8 +196,11 @@ class Rule:
 
     def matches(self, gw: str, device: str, tag: str | None) -> bool:
         c = self.config
-        return (fnmatchcase(gw, c.gateway) and (self.kind == "offline" or fnmatchcase(device, c.device))
-                and (c.tag is None or (tag is not None and fnmatchcase(tag, c.tag))))
+        return (
+            fnmatchcase(gw, c.gateway)
+            and (self.kind == "offline" or fnmatchcase(device, c.device))
+            and (c.tag is None or (tag is not None and fnmatchcase(tag, c.tag)))
+        )
 
     def judge(self, value: Any, rate: float | None) -> Verdict | None:
         """What a reading (or, for rate rules, its rate of change per second) means; None: not applicable."""

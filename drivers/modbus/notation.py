@@ -27,8 +27,10 @@ def modicon_hint(tag: ModbusTag) -> str | None:
     table = next((t for t, p in _PREFIX.items() if p == prefix), None)
     if table is None:
         return None
-    return (f"address {address} looks like 1-based Modicon notation ({table} register {address}); "
-            f"this field takes the 0-based protocol address: table: {table}, address: {offset - 1}")
+    return (
+        f"address {address} looks like 1-based Modicon notation ({table} register {address}); "
+        f"this field takes the 0-based protocol address: table: {table}, address: {offset - 1}"
+    )
 
 
 def address_warnings(config: Any, source: str) -> list[str]:

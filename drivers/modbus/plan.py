@@ -37,7 +37,9 @@ class Read:
 
     def __str__(self) -> str:
         unit = "bit" if self.table.is_bits else "register"
-        return f"{self.table} {self.start}..{self.end - 1} ({plural(self.count, unit)}, {plural(len(self.tags), 'tag')})"
+        return (
+            f"{self.table} {self.start}..{self.end - 1} ({plural(self.count, unit)}, {plural(len(self.tags), 'tag')})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +76,9 @@ def _hits(holes: Sequence[tuple[int, int]], start: int, end: int) -> bool:
     return any(h_start < end and h_end > start for h_start, h_end in holes)
 
 
-def plan_table(table: Table, tags: Iterable[ModbusTag], limits: Limits,
-               holes: Sequence[tuple[int, int]] = ()) -> list[Read]:
+def plan_table(
+    table: Table, tags: Iterable[ModbusTag], limits: Limits, holes: Sequence[tuple[int, int]] = ()
+) -> list[Read]:
     """Greedy coalescing of one table's tags (optimal for sorted intervals under a size cap).
 
     A read never spans a known hole; a tag inside a hole is read on its own
@@ -95,8 +98,12 @@ def plan_table(table: Table, tags: Iterable[ModbusTag], limits: Limits,
             group = []
             continue
         new_end = max(end, tag_end)
-        if (group and tag.address - end <= limits.max_gap and new_end - start <= size
-                and not _hits(holes, start, new_end)):
+        if (
+            group
+            and tag.address - end <= limits.max_gap
+            and new_end - start <= size
+            and not _hits(holes, start, new_end)
+        ):
             group.append(tag)
             end = new_end
             continue
@@ -116,8 +123,11 @@ def plan_reads(tags: Iterable[ModbusTag], limits: Limits, holes: Iterable[Hole] 
     holes_of: dict[Table, list[tuple[int, int]]] = {}
     for table, start, end in holes:
         holes_of.setdefault(table, []).append((start, end))
-    return [read for table in TABLE_ORDER
-            for read in plan_table(table, by_table.get(table, []), limits, holes_of.get(table, []))]
+    return [
+        read
+        for table in TABLE_ORDER
+        for read in plan_table(table, by_table.get(table, []), limits, holes_of.get(table, []))
+    ]
 
 
 def split(read: Read) -> list[Read]:

@@ -114,8 +114,11 @@ def point_from_datavalue(device: str, tag: str, value: ua.DataValue, *, default_
         return Point(device, tag, ts, None, quality, error)
     raw = variant.Value
     # Doubles are the bulk of plant data: skip the general conversion for them.
-    converted = raw if type(raw) is float and variant.VariantType is ua.VariantType.Double else json_value(
-        raw, variant.VariantType)
+    converted = (
+        raw
+        if type(raw) is float and variant.VariantType is ua.VariantType.Double
+        else json_value(raw, variant.VariantType)
+    )
     if isinstance(converted, float) and not math.isfinite(converted):
         return Point(device, tag, ts, None, Quality.BAD, f"non-finite value {converted}")
     return Point(device, tag, ts, converted, quality, error)

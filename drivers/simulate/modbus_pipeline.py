@@ -109,8 +109,9 @@ class _PipelinedHandler(ServerRequestHandler):
                 # What a Modbus TCP gateway answers for a unit id behind it that does not respond
                 # (pymodbus' SimCore would fail with a KeyError instead).
                 server.unknown_unit(pdu.dev_id)
-                self.server_send(_answer_with(pdu, ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)),
-                                 addr)
+                self.server_send(
+                    _answer_with(pdu, ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)), addr
+                )
                 return
             self._serving += 1
             try:

@@ -53,6 +53,7 @@ def _node(name: str) -> ua.NodeId:
     """The simulator's nodes: string ids in namespace 2."""
     return ua.NodeId(ua.String(name), ua.Int16(2))
 
+
 NAMESPACE_URI = "urn:factory-edge:simulator"
 APPLICATION_URI = "urn:factory-edge:simulator:oven"
 """Distinct from the namespace: a server's own URI takes namespace index 1, ours must be 2."""
@@ -62,8 +63,11 @@ UNLOAD_S = 5.0
 RECIPES = {"Bread-200": 200.0, "Croissant-190": 190.0, "Pizza-250": 250.0}
 """Recipe name -> its baking temperature, loaded into the setpoint when a batch starts."""
 _ZERO: dict[ua.VariantType, Any] = {
-    ua.VariantType.String: "", ua.VariantType.Double: 0.0, ua.VariantType.Float: 0.0,
-    ua.VariantType.Boolean: False, ua.VariantType.UInt32: 0,
+    ua.VariantType.String: "",
+    ua.VariantType.Double: 0.0,
+    ua.VariantType.Float: 0.0,
+    ua.VariantType.Boolean: False,
+    ua.VariantType.UInt32: 0,
     ua.VariantType.DateTime: dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
 }
 
@@ -106,8 +110,9 @@ class _PasswordUsers(UserManager):
     def __init__(self, users: dict[str, str]) -> None:
         self._users = dict(users)
 
-    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
-                 certificate: Any = None) -> User | None:
+    def get_user(
+        self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
+    ) -> User | None:
         expected = self._users.get(username or "")
         if expected is None or password is None or not hmac.compare_digest(expected, password):
             return None
@@ -126,9 +131,17 @@ class OpcuaSimulator:
     ``update_interval_s=None`` freezes the simulation.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 4840, extra_nodes: int = 0,
-                 users: dict[str, str] | None = None, security: bool = False,
-                 state_dir: Path | None = None, update_interval_s: float | None = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        extra_nodes: int = 0,
+        users: dict[str, str] | None = None,
+        security: bool = False,
+        state_dir: Path | None = None,
+        update_interval_s: float | None = 0.5,
+    ) -> None:
         self.host = host
         self.port = port
         self.extra_nodes = extra_nodes
@@ -137,15 +150,25 @@ class OpcuaSimulator:
         self.state_dir = state_dir
         self.update_interval_s = update_interval_s
         self._specs = {spec.name: spec for spec in NODES}
-        self._specs.update({name: NodeSpec(name, ua.VariantType.Double, "benchmark value")
-                            for name in self._extra_names()})
+        self._specs.update(
+            {name: NodeSpec(name, ua.VariantType.Double, "benchmark value") for name in self._extra_names()}
+        )
         started = dt.datetime.now(dt.UTC)
-        self._values: dict[str, ua.DataValue] = {name: self._datavalue(name, value, None, None) for name, value in {
-            "Oven.State": "Heating", "Oven.Recipe": "Bread-200", "Oven.Setpoint": RECIPES["Bread-200"],
-            "Oven.Zone1.Temp": AMBIENT_C, "Oven.Zone2.Temp": AMBIENT_C, "Oven.Heater.Power": 0.0,
-            "Oven.Door.Open": False, "Oven.BatchCount": 0, "Oven.BatchStart": started,
-            **{name: 0.0 for name in self._extra_names()},
-        }.items()}
+        self._values: dict[str, ua.DataValue] = {
+            name: self._datavalue(name, value, None, None)
+            for name, value in {
+                "Oven.State": "Heating",
+                "Oven.Recipe": "Bread-200",
+                "Oven.Setpoint": RECIPES["Bread-200"],
+                "Oven.Zone1.Temp": AMBIENT_C,
+                "Oven.Zone2.Temp": AMBIENT_C,
+                "Oven.Heater.Power": 0.0,
+                "Oven.Door.Open": False,
+                "Oven.BatchCount": 0,
+                "Oven.BatchStart": started,
+                **{name: 0.0 for name in self._extra_names()},
+            }.items()
+        }
         self._held: set[str] = set()
         self._phase_since = 0.0
         self._tick = 0
@@ -157,8 +180,9 @@ class OpcuaSimulator:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop()
 
     @property
@@ -298,8 +322,9 @@ class OpcuaSimulator:
         else:
             variant = ua.Variant(coerce_for_write(value, spec.variant_type), spec.variant_type)
         # asyncua types timestamps as its own datetime subclass, and takes any datetime.
-        return ua.DataValue(variant, StatusCode=code, SourceTimestamp=cast(ua.DateTime, source),
-                            ServerTimestamp=cast(ua.DateTime, now))
+        return ua.DataValue(
+            variant, StatusCode=code, SourceTimestamp=cast(ua.DateTime, source), ServerTimestamp=cast(ua.DateTime, now)
+        )
 
     async def _write(self, name: str, datavalue: ua.DataValue) -> None:
         self._values[name] = datavalue
@@ -322,8 +347,9 @@ class OpcuaSimulator:
             initial = ua.Variant(_ZERO[spec.variant_type], spec.variant_type)
             node = await parent.add_variable(_node(name), ua.QualifiedName(leaf, 2), initial)
             if spec.description and not name.startswith("Bench."):
-                await node.write_attribute(ua.AttributeIds.Description,
-                                           ua.DataValue(ua.Variant(ua.LocalizedText(spec.description))))
+                await node.write_attribute(
+                    ua.AttributeIds.Description, ua.DataValue(ua.Variant(ua.LocalizedText(spec.description)))
+                )
             if spec.writable:
                 await node.set_writable()
             await server.write_attribute_value(node.nodeid, self._values[name])
@@ -331,8 +357,12 @@ class OpcuaSimulator:
     async def _server_certificate(self) -> tuple[bytes, bytes]:
         if self._certificate is None:
             self._certificate = await asyncio.to_thread(
-                generate_certificate, application_uri=APPLICATION_URI, common_name="factory-edge oven simulator",
-                hostnames=[self.host, "localhost"], server=True)
+                generate_certificate,
+                application_uri=APPLICATION_URI,
+                common_name="factory-edge oven simulator",
+                hostnames=[self.host, "localhost"],
+                server=True,
+            )
             if self.state_dir is not None:
                 self.state_dir.mkdir(parents=True, exist_ok=True)
                 (self.state_dir / "simulator-cert.pem").write_bytes(self._certificate[0])
@@ -367,8 +397,11 @@ class OpcuaSimulator:
         zone1 += (target - zone1) * (1 - math.exp(-dt_s / 12.0)) + random.gauss(0, 0.05)
         zone2 += (zone1 - 2.0 - zone2) * (1 - math.exp(-dt_s / 18.0)) + random.gauss(0, 0.05)
         power = max(0.0, min(100.0, (setpoint - zone1) * 4.0 + 15.0 + random.gauss(0, 0.5)))
-        updates: dict[str, Any] = {"Oven.Zone1.Temp": round(zone1, 2), "Oven.Zone2.Temp": round(zone2, 2),
-                                   "Oven.Heater.Power": round(power, 1)}
+        updates: dict[str, Any] = {
+            "Oven.Zone1.Temp": round(zone1, 2),
+            "Oven.Zone2.Temp": round(zone2, 2),
+            "Oven.Heater.Power": round(power, 1),
+        }
         if state == "Heating" and abs(setpoint - zone1) < 2.0:
             updates["Oven.State"] = "Baking"
         elif state == "Baking" and elapsed >= BAKE_S:
@@ -378,9 +411,16 @@ class OpcuaSimulator:
             names = list(RECIPES)
             recipe = value["Oven.Recipe"]
             following = names[(names.index(recipe) + 1) % len(names)] if recipe in RECIPES else names[0]
-            updates.update({"Oven.State": "Heating", "Oven.Door.Open": False, "Oven.BatchCount": count + 1,
-                            "Oven.Recipe": following, "Oven.Setpoint": RECIPES[following],
-                            "Oven.BatchStart": dt.datetime.now(dt.UTC)})
+            updates.update(
+                {
+                    "Oven.State": "Heating",
+                    "Oven.Door.Open": False,
+                    "Oven.BatchCount": count + 1,
+                    "Oven.Recipe": following,
+                    "Oven.Setpoint": RECIPES[following],
+                    "Oven.BatchStart": dt.datetime.now(dt.UTC),
+                }
+            )
         if updates.get("Oven.State", state) != state:
             self._phase_since = now
         for name, new in updates.items():
@@ -389,4 +429,5 @@ class OpcuaSimulator:
         if self._server is not None:
             await self._server.write_attribute_value(
                 ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerStatus_CurrentTime)),
-                ua.DataValue(ua.Variant(dt.datetime.now(dt.UTC), ua.VariantType.DateTime)))
+                ua.DataValue(ua.Variant(dt.datetime.now(dt.UTC), ua.VariantType.DateTime)),
+            )
