@@ -3,53 +3,53 @@
 One SQLite database (WAL) in the state directory::
 
     batches(seq PRIMARY KEY, device, points, created_ms, payload)   the data, as published
-    accepted(seq PRIMARY KEY, at_ms)                                 when the broker last acknowledged a batch
+    accepted(seq PRIMARY KEY, at_ms, first_ms)                       the broker's PUBACKs: the latest, the first
     events(id PRIMARY KEY, created_ms, payload)                      gateway events awaiting publish
     meta(key PRIMARY KEY, value)                                     next_seq, drop totals
     drops(reason PRIMARY KEY, points, batches)                       drops by reason
 
 ``accepted`` is a table of its own so that marking a batch costs a small
-row, not a rewrite of its payload.
-``seq`` is assigned here, per gateway, when points are buffered; it is
-stored in the same transaction as the batches that use it, so it keeps
-increasing across restarts and crashes. A batch's payload is final when
-buffered: a redelivery is byte-identical, and the bridge stores each
-``(gw, seq)`` once.
+row, not a rewrite of its payload. ``seq`` is assigned here, per gateway,
+in the same transaction as the batches that use it, so it keeps increasing
+across restarts and crashes; a new buffer starts its seqs at its creation
+time in milliseconds × 1000, so a replaced box (or a deleted buffer) never
+reuses a seq the tenant's store already holds for that gateway. A batch's
+payload is final when buffered: a redelivery is byte-identical, and the
+bridge stores each ``(gw, seq)`` once.
 
-A batch's life: buffered → accepted by the broker (a row in ``accepted``:
-when its PUBACK arrived) → deleted, when it is safe. What
-makes it safe is the ``confirm`` mode:
+A batch's life: buffered → accepted by the broker → deleted when safe,
+which depends on ``confirm``:
 
 - ``storage``: the bridge's confirmation that the tenant's storage has
   committed it (``gw/{gw}/ack``). A broker acknowledges before it has
-  saved (Mosquitto's ``autosave_interval``) and a crash loses what it held
-  for an absent bridge, so a PUBACK proves little; an accepted batch stays
-  until confirmed, and ``delivery.py`` decides when to send it again.
-- ``broker``: the PUBACK, for consumers other than our bridge; accepted
-  batches are kept a little while and replayed after a reconnect
-  (``delivery.py``), then forgotten.
+  saved and a crash loses what it held for an absent bridge, so a PUBACK
+  proves little; ``delivery.py`` decides when an accepted batch is sent
+  again (the first PUBACK's time orders them, the latest one times them).
+- ``broker``: the PUBACK, for consumers other than the bridge; accepted
+  batches are kept a little while and replayed after a reconnect.
 
-Bounds: ``max_bytes`` bounds the files on disk (the database's pages in
-use plus the WAL, whose size is capped by ``journal_size_limit``), so a
-limit below the free space is never hit by the filesystem first. When a
-write would pass it, the oldest batches go first (in ``broker`` mode the
-already-accepted ones before any), and the drop is counted by reason and
-recorded as a ``buffer_drop`` event. ``max_age`` drops what waited too long.
+Bounds: ``max_bytes`` bounds the files on disk (pages in use plus the WAL,
+capped by ``journal_size_limit``). When a write would pass it, batches the
+broker already accepted go first, oldest first (counted as ``released``:
+the broker still holds them, they are no longer kept to be sent again),
+then the oldest others (``full``: lost). ``max_age`` drops what waited too
+long. Every drop is counted by reason and recorded as a ``buffer_drop``
+event.
 
-Not thread-safe: one thread writes (``writer.py``); readers open their own
-connection (``BufferReader``), which WAL lets run beside the writer.
+One thread writes (``writer.py``); readers open their own connection
+(``bufferread.py``), which WAL lets run beside the writer. The writer keeps
+the backlog's figures in memory, so status reads cost no scan.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,8 +57,10 @@ from drivers.points import Point, now_ms
 from factory_edge.acks import Range
 from factory_edge.errors import BufferError
 
+from .pointjson import Body, bodies
+
 Confirm = Literal["storage", "broker"]
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATIONS = {
     1: """
         CREATE TABLE batches (
@@ -93,14 +95,22 @@ _MIGRATIONS = {
         INSERT INTO drops SELECT 'full', m1.value, m2.value FROM meta m1, meta m2
             WHERE m1.key = 'dropped_points' AND m2.key = 'dropped_batches' AND m1.value > 0;
     """,
+    4: """
+        ALTER TABLE accepted ADD COLUMN first_ms INTEGER;
+        UPDATE accepted SET first_ms = at_ms;
+        CREATE INDEX accepted_first ON accepted (first_ms);
+        CREATE INDEX batches_created ON batches (created_ms);
+    """,
 }
-SOURCE = "batches LEFT JOIN accepted USING (seq)"  # at_ms: NULL until the broker accepts the batch
+SOURCE = "batches LEFT JOIN accepted USING (seq)"  # at_ms, first_ms: NULL until the broker accepts the batch
 PENDING = "at_ms IS NULL"
 ACCEPTED = "at_ms IS NOT NULL"
+NOT_LOST = frozenset({"released"})  # drops that are not readings lost: left out of the dropped totals
 MAX_EVENTS = 10_000
 MIN_MAX_BYTES = 1024 * 1024
 ROW_OVERHEAD = 48  # bytes a batch row costs beyond its payload (key, columns, b-tree cell)
 DROP_TO = 0.9  # a full buffer drops down to this share of its budget, so it does not drop on every poll
+SEQ_FLOOR_MS = 1_767_225_600_000  # 2026-01-01: a clock behind this (no RTC yet) still starts seqs high
 
 
 def wal_limit(max_bytes: int) -> int:
@@ -110,6 +120,11 @@ def wal_limit(max_bytes: int) -> int:
     outgrows the free space leaves no room even to delete confirmed batches.
     """
     return max(128 * 1024, min(1024 * 1024, max_bytes // 8))
+
+
+def first_seq(clock_ms: int) -> int:
+    """Where a new buffer's seqs start: above any seq an earlier buffer of the same gateway can have used."""
+    return max(clock_ms, SEQ_FLOOR_MS) * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +144,8 @@ class Drop:
     points: int
     oldest_seq: int | None
     newest_seq: int | None
-    reason: str  # "full", "max_age", "disk_full" or "queue_full"
-    accepted: int = 0  # of the batches, those the broker had accepted: they may still reach the storage
+    reason: str  # "full", "released", "max_age", "disk_full", "queue_full", "too_large"
+    accepted: int = 0  # of the batches, those the broker had accepted
 
     def event(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -151,70 +166,18 @@ class Drop:
 class Confirmed:
     batches: int
     points: int
-    newest_accepted_ms: int | None  # the latest broker acceptance among them
+    newest_first_ms: int | None  # the latest first acceptance among them (the order the broker had them in)
 
 
-@dataclass(frozen=True, slots=True)
-class BufferStats:
-    batches: int  # not yet accepted by the broker
-    points: int
-    bytes: int  # payload bytes of those
-    oldest_ms: int | None
-    unconfirmed: int  # accepted, waiting for the storage's confirmation (or, in broker mode, kept for replay)
-    unconfirmed_points: int
-    oldest_unconfirmed_ms: int | None
-    next_seq: int
-    dropped_points: int
-    dropped_batches: int
-    drops: dict[str, int]  # points dropped, by reason
-    events: int
-    disk_bytes: int  # database pages in use + WAL
+@dataclass(slots=True)
+class Counts:
+    """The backlog's figures, kept by the writer as it writes."""
 
-    @property
-    def backlog(self) -> int:
-        return self.batches + self.unconfirmed
-
-
-def point_json(point: Point, tags: dict[str, str]) -> str:
-    """One point as compact JSON, by hand: this runs for every point buffered."""
-    value = point.value
-    quality = point.quality.value
-    error = point.error
-    kind = type(value)
-    if value is None:
-        text = "null"
-    elif kind is bool:
-        text = "true" if value else "false"
-    elif kind is int:
-        text = str(value)
-    elif kind is float:
-        if math.isfinite(value):  # type: ignore[arg-type]
-            text = repr(value)
-        else:
-            # JSON has no NaN or Infinity: the reading is bad, and says why.
-            text, quality, error = "null", "bad", f"not a finite number ({value})"
-    else:
-        text = json.dumps(value if kind is str else str(value), ensure_ascii=False)
-    tag = tags.get(point.tag)
-    if tag is None:
-        tag = tags[point.tag] = json.dumps(point.tag, ensure_ascii=False)
-    if error is None:
-        return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}"}}'
-    return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}","err":{json.dumps(error, ensure_ascii=False)}}}'
-
-
-def open_db(path: Path, *, fsync: bool = True, write: bool = True) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    if not write:
-        return db  # WAL is a property of the file, set by the writer
-    db.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed batch survives power loss too, not only kill -9.
-    db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-    db.execute("PRAGMA busy_timeout=5000")
-    # Debian builds SQLite with secure_delete on: every freed page is zeroed, i.e. written again.
-    # FAST zeroes only within pages written anyway: deleting a confirmed batch costs no extra I/O.
-    db.execute("PRAGMA secure_delete=FAST")
-    return db
+    pending_batches: int = 0
+    pending_points: int = 0
+    pending_bytes: int = 0
+    unconfirmed_batches: int = 0
+    unconfirmed_points: int = 0
 
 
 class Buffer:
@@ -238,6 +201,8 @@ class Buffer:
         self._head = json.dumps(gateway)
         self._tags: dict[str, str] = {}
         self._next_seq = 1
+        self.committed_next_seq = 1  # what readers can see: batches below it are on disk
+        self.counts = Counts()
         # Whoever writes holds this: closing the connection under a running statement would crash the process.
         self.lock = threading.RLock()
         try:
@@ -251,7 +216,8 @@ class Buffer:
             self.db_budget = self.max_bytes - wal - 8 * self.page_size
             self.max_transaction_bytes = wal // 4  # keeps one transaction's WAL frames within the WAL's share
             self._migrate()
-            self._next_seq = self._meta("next_seq")
+            self._next_seq = self.committed_next_seq = self._meta("next_seq")
+            self.counts = self._count_all()
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
 
@@ -265,6 +231,8 @@ class Buffer:
             with self.transaction():
                 for statement in _statements(_MIGRATIONS[target]):
                     self._db.execute(statement)
+                if version == 0 and target == SCHEMA_VERSION:  # a new buffer: seqs no earlier one has used
+                    self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (first_seq(now_ms()),))
                 self._db.execute(f"PRAGMA user_version={target}")
 
     def transaction(self) -> _Transaction:
@@ -273,6 +241,19 @@ class Buffer:
 
     def _meta(self, key: str) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    def _count_all(self) -> Counts:
+        row = self._db.execute(
+            f"SELECT count(*) - count(at_ms), coalesce(sum(CASE WHEN {PENDING} THEN points END), 0), "
+            f"coalesce(sum(CASE WHEN {PENDING} THEN length(payload) END), 0), count(at_ms), "
+            f"coalesce(sum(CASE WHEN {ACCEPTED} THEN points END), 0) FROM {SOURCE}"
+        ).fetchone()
+        return Counts(*row)
+
+    def figures(self) -> Counts:
+        """A consistent copy of the backlog's figures (any thread)."""
+        with self.lock:
+            return replace(self.counts)
 
     # ------------------------------------------------------------ size
 
@@ -292,36 +273,25 @@ class Buffer:
 
     # ------------------------------------------------------------ writing (inside a transaction)
 
-    def encode(
-        self, device: str, points: Sequence[Point], *, max_points: int, max_bytes: int
-    ) -> list[tuple[str, int, str]]:
+    def encode(self, device: str, points: Sequence[Point], *, max_points: int, max_bytes: int) -> list[Body]:
         """Points as batch bodies ``(device, points, body)``, cut by ``max_points`` and ``max_bytes``."""
-        bodies = []
-        parts: list[str] = []
-        size = 0
-        tags = self._tags
-        for point in points:
-            part = point_json(point, tags)
-            if parts and (len(parts) >= max_points or size + len(part) + 1 > max_bytes):
-                bodies.append((device, len(parts), ",".join(parts)))
-                parts, size = [], 0
-            parts.append(part)
-            size += len(part) + 1
-        if parts:
-            bodies.append((device, len(parts), ",".join(parts)))
-        return bodies
+        return bodies(device, points, self._tags, max_points=max_points, max_bytes=max_bytes)
 
-    def insert(self, bodies: Sequence[tuple[str, int, str]], created_ms: int) -> list[int]:
+    def insert(self, encoded: Sequence[Body], created_ms: int) -> list[int]:
         """Store encoded batches with the next seqs; returns them."""
         seq = self._next_seq
         rows = []
-        for device, count, body in bodies:
+        for device, count, body in encoded:
             payload = f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":{seq},"points":[{body}]}}'
             rows.append((seq, device, count, created_ms, payload.encode()))
             seq += 1
         self._db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
         self._db.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (seq,))
         self._next_seq = seq
+        c = self.counts
+        c.pending_batches += len(rows)
+        c.pending_points += sum(r[2] for r in rows)
+        c.pending_bytes += sum(len(r[4]) for r in rows)
         return [r[0] for r in rows]
 
     def make_room(self, needed: int, now: int) -> list[Drop]:
@@ -334,9 +304,8 @@ class Buffer:
                 drops.append(drop)
         if self.used_bytes() + needed > self.db_budget:
             goal = int(self.db_budget * DROP_TO) - needed
-            if self.confirm == "broker":
-                # Delivered already (broker mode): forgetting them costs nothing but the replay.
-                self._free(ACCEPTED, goal, None)
+            # The broker holds what it accepted: those go first (in broker mode, already delivered).
+            drops += self._free(ACCEPTED, goal, None if self.confirm == "broker" else "released")
             if self.used_bytes() + needed > self.db_budget:
                 drops += self._free("1", goal, "full")
         return drops
@@ -365,34 +334,47 @@ class Buffer:
             if cut is None or cut[0] is None:
                 break
             if reason is None:
-                self._db.execute(
-                    f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} WHERE {condition} AND seq <= ?)",
-                    (cut[0],),
-                )
+                self._delete(f"{condition} AND seq <= ?", (cut[0],))
             else:
                 drop = self._drop_where(f"{condition} AND seq <= ?", (cut[0],), reason)
                 if drop:
                     drops.append(drop)
         return drops
 
-    def _drop_where(self, condition: str, args: tuple[Any, ...], reason: str) -> Drop | None:
+    def _delete(
+        self, condition: str, args: tuple[Any, ...]
+    ) -> tuple[int, int, int | None, int | None, int, int | None]:
+        """Delete batches; ``(batches, points, oldest seq, newest seq, accepted ones, newest first acceptance)``."""
         row = self._db.execute(
-            f"SELECT count(*), coalesce(sum(points), 0), min(seq), max(seq), count(at_ms) "
-            f"FROM {SOURCE} WHERE {condition}",
+            f"SELECT count(*), coalesce(sum(points), 0), min(seq), max(seq), count(at_ms), max(first_ms), "
+            f"coalesce(sum(CASE WHEN {PENDING} THEN length(payload) END), 0), "
+            f"coalesce(sum(CASE WHEN {PENDING} THEN points END), 0) FROM {SOURCE} WHERE {condition}",
             args,
         ).fetchone()
-        batches, points, oldest, newest, accepted = row
+        batches, points, oldest, newest, accepted, newest_first, pending_bytes, pending_points = row
+        if batches:
+            self._db.execute(f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} WHERE {condition})", args)
+            c = self.counts
+            c.pending_batches -= batches - accepted
+            c.pending_points -= pending_points
+            c.pending_bytes -= pending_bytes
+            c.unconfirmed_batches -= accepted
+            c.unconfirmed_points -= points - pending_points
+        return batches, points, oldest, newest, accepted, newest_first
+
+    def _drop_where(self, condition: str, args: tuple[Any, ...], reason: str) -> Drop | None:
+        batches, points, oldest, newest, accepted, _ = self._delete(condition, args)
         if not batches:
             return None
-        self._db.execute(f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} WHERE {condition})", args)
         drop = Drop(batches, points, oldest, newest, reason, accepted)
         self.count_drop(drop)
         self.insert_events([drop.event()])
         return drop
 
     def count_drop(self, drop: Drop) -> None:
-        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_points'", (drop.points,))
-        self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_batches'", (drop.batches,))
+        if drop.reason not in NOT_LOST:
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_points'", (drop.points,))
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_batches'", (drop.batches,))
         self._db.execute(
             "INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (reason) DO UPDATE SET "
             "points = points + excluded.points, batches = batches + excluded.batches",
@@ -408,42 +390,58 @@ class Buffer:
             self._db.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (MAX_EVENTS,))
 
     def mark_accepted(self, seqs: Sequence[int], at_ms: int) -> None:
-        """The broker has these batches (its PUBACK); a resend moves the time forward."""
-        if seqs:
-            # Only batches still buffered (a confirmation may have come first).
-            self._db.executemany(
-                "INSERT INTO accepted (seq, at_ms) SELECT seq, ? FROM batches WHERE seq = ? "
-                "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms",
-                [(at_ms, s) for s in seqs],
-            )
+        """The broker has these batches (its PUBACK): the first time is kept, the latest moves forward."""
+        if not seqs:
+            return
+        marks = ",".join("?" * len(seqs))
+        count, points, size = self._db.execute(
+            f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(payload)), 0) FROM {SOURCE} "
+            f"WHERE seq IN ({marks}) AND {PENDING}",
+            list(seqs),
+        ).fetchone()
+        # Only batches still buffered (a confirmation may have come first).
+        self._db.executemany(
+            "INSERT INTO accepted (seq, at_ms, first_ms) SELECT seq, ?, ? FROM batches WHERE seq = ? "
+            "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms",
+            [(at_ms, at_ms, s) for s in seqs],
+        )
+        c = self.counts
+        c.pending_batches -= count
+        c.pending_points -= points
+        c.pending_bytes -= size
+        c.unconfirmed_batches += count
+        c.unconfirmed_points += points
 
     def confirm_ranges(self, ranges: Sequence[Range]) -> Confirmed:
         """The tenant's storage has these seqs: delete them."""
         batches = points = 0
         newest: int | None = None
         for first, last in ranges:
-            count, pts, accepted = self._db.execute(
-                f"SELECT count(*), coalesce(sum(points), 0), max(at_ms) FROM {SOURCE} WHERE seq BETWEEN ? AND ?",
-                (first, last),
-            ).fetchone()
-            if count:
-                self._db.execute("DELETE FROM batches WHERE seq BETWEEN ? AND ?", (first, last))
-                batches += count
-                points += pts
-                if accepted is not None and (newest is None or accepted > newest):
-                    newest = accepted
+            count, pts, _, _, _, newest_first = self._delete("seq BETWEEN ? AND ?", (first, last))
+            batches += count
+            points += pts
+            if newest_first is not None and (newest is None or newest_first > newest):
+                newest = newest_first
         return Confirmed(batches, points, newest)
 
-    def clamp_accepted(self, now_ms: int) -> int:
+    def discard(self, seq: int, reason: str) -> Drop | None:
+        """A batch that can never be delivered (e.g. larger than the broker accepts): dropped and counted."""
+        return self._drop_where("seq = ?", (seq,), reason)
+
+    def clamp_accepted(self, now: int) -> int:
         """Acceptance times in the future (the clock was set back since) become the present; returns how many."""
         with self.transaction():
-            return self._db.execute("UPDATE accepted SET at_ms = ? WHERE at_ms > ?", (now_ms, now_ms)).rowcount
+            return int(
+                self._db.execute(
+                    "UPDATE accepted SET at_ms = min(at_ms, ?), first_ms = min(first_ms, ?) "
+                    "WHERE at_ms > ? OR first_ms > ?",
+                    (now, now, now, now),
+                ).rowcount
+            )
 
     def forget_accepted(self, before_ms: int) -> int:
         """Broker mode: delete accepted batches older than the replay window; returns how many."""
-        return self._db.execute(
-            "DELETE FROM batches WHERE seq IN (SELECT seq FROM accepted WHERE at_ms < ?)", (before_ms,)
-        ).rowcount
+        return self._delete("seq IN (SELECT seq FROM accepted WHERE at_ms < ?)", (before_ms,))[0]
 
     def delete_events(self, ids: Sequence[int]) -> None:
         if ids:
@@ -457,12 +455,12 @@ class Buffer:
         """Buffer one device's points in one transaction: their seqs, and any drops it caused."""
         if not points:
             return [], []
-        bodies = self.encode(device, points, max_points=max_points, max_bytes=max_bytes)
+        encoded = self.encode(device, points, max_points=max_points, max_bytes=max_bytes)
         created = now_ms()
         try:
             with self.transaction():
-                drops = self.make_room(needed_bytes(bodies), created)
-                seqs = self.insert(bodies, created)
+                drops = self.make_room(needed_bytes(encoded), created)
+                seqs = self.insert(encoded, created)
                 drops += self.check_bounds()
         except sqlite3.DatabaseError as exc:
             raise BufferError(f"{self.path}: cannot store points: {exc}") from exc
@@ -497,6 +495,20 @@ class Buffer:
         self.close()
 
 
+def open_db(path: Path, *, fsync: bool = True, write: bool = True) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    if not write:
+        return db  # WAL is a property of the file, set by the writer
+    db.execute("PRAGMA journal_mode=WAL")
+    # FULL: a committed batch survives power loss too, not only kill -9.
+    db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+    db.execute("PRAGMA busy_timeout=5000")
+    # Debian builds SQLite with secure_delete on: every freed page is zeroed, i.e. written again.
+    # FAST zeroes only within pages written anyway: deleting a confirmed batch costs no extra I/O.
+    db.execute("PRAGMA secure_delete=FAST")
+    return db
+
+
 def _statements(script: str) -> list[str]:
     """An SQL script's statements (a trigger's body holds semicolons of its own)."""
     statements, current = [], ""
@@ -508,9 +520,9 @@ def _statements(script: str) -> list[str]:
     return [st for st in statements if st]
 
 
-def needed_bytes(bodies: Sequence[tuple[str, int, str]]) -> int:
+def needed_bytes(encoded: Sequence[Body]) -> int:
     """Bytes a write of these batch bodies takes on disk, estimated (the header adds ~60 bytes a batch)."""
-    return sum(len(body) + len(device) + 60 + ROW_OVERHEAD for device, _, body in bodies)
+    return sum(len(body) + len(device) + 60 + ROW_OVERHEAD for device, _, body in encoded)
 
 
 class _Transaction:
@@ -521,6 +533,7 @@ class _Transaction:
         self.buffer.lock.acquire()
         try:
             self.next_seq = self.buffer._next_seq
+            self.counts = replace(self.buffer.counts)
             self.buffer._db.execute("BEGIN IMMEDIATE")
         except BaseException:
             self.buffer.lock.release()
@@ -532,6 +545,7 @@ class _Transaction:
             if exc_type is None:
                 try:
                     db.execute("COMMIT")
+                    self.buffer.committed_next_seq = self.buffer._next_seq
                     return
                 except sqlite3.DatabaseError:
                     self._rollback()
@@ -542,6 +556,7 @@ class _Transaction:
 
     def _rollback(self) -> None:
         self.buffer._next_seq = self.next_seq  # seqs of a rolled-back insert were never used
+        self.buffer.counts = self.counts
         try:
             self.buffer._db.execute("ROLLBACK")
         except sqlite3.OperationalError:
@@ -553,131 +568,6 @@ def _size(path: Path) -> int:
         return os.stat(path).st_size
     except FileNotFoundError:
         return 0
-
-
-# ---------------------------------------------------------------- reading
-
-
-class BufferReader:
-    """A read connection (its own): what to publish, and the figures for ``agent status``."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._db = open_db(self.path, write=False)
-        except sqlite3.DatabaseError as exc:
-            raise BufferError(f"{self.path}: cannot open the buffer: {exc}") from exc
-
-    def pending(self, after: int, limit: int, *, below: int | None = None) -> list[Batch]:
-        """Batches never accepted by the broker, ``seq`` in (after, below), in order."""
-        where, args = f"seq > ? AND {PENDING}", [after]
-        if below is not None:
-            where += " AND seq < ?"
-            args.append(below)
-        return self._batches(where, args, limit)
-
-    def old(
-        self, after: int, limit: int, *, below: int, accepted_before: int | None, accepted_from: int | None = None
-    ) -> list[Batch]:
-        """The backlog (never accepted, ``seq`` < ``below``) merged with accepted batches to send again:
-        those accepted before ``accepted_before`` (storage mode) or from ``accepted_from`` on (broker replay)."""
-        where = f"seq > ? AND (({PENDING} AND seq < ?)"
-        args: list[Any] = [after, below]
-        if accepted_before is not None:
-            where += " OR at_ms < ?"
-            args.append(accepted_before)
-        if accepted_from is not None:
-            where += " OR at_ms >= ?"
-            args.append(accepted_from)
-        return self._batches(where + ")", args, limit)
-
-    def oldest_unconfirmed(self) -> Batch | None:
-        found = self._batches("seq = (SELECT seq FROM accepted ORDER BY at_ms, seq LIMIT 1)", [], 1)
-        return found[0] if found else None
-
-    def newest_accepted_ms(self) -> int | None:
-        return self._db.execute("SELECT max(at_ms) FROM accepted").fetchone()[0]
-
-    def _batches(self, where: str, args: Sequence[Any], limit: int, order: str = "seq") -> list[Batch]:
-        rows = self._db.execute(
-            f"SELECT seq, device, points, payload, at_ms FROM {SOURCE} WHERE {where} ORDER BY {order} LIMIT ?",
-            (*args, limit),
-        )
-        return [Batch(*row) for row in rows]
-
-    def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
-        return list(self._db.execute("SELECT id, payload FROM events ORDER BY id LIMIT ?", (limit,)))
-
-    def has_pending(self) -> bool:
-        return self._db.execute(f"SELECT 1 FROM {SOURCE} WHERE {PENDING} LIMIT 1").fetchone() is not None
-
-    def counts(self) -> tuple[int, int]:
-        """Batches buffered, and of those accepted by the broker (cheap: no payload is read)."""
-        total, accepted = self._db.execute(
-            "SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM accepted)"
-        ).fetchone()
-        return total - accepted, accepted
-
-    def stats(self) -> BufferStats:
-        return _stats(self._db, self.path)
-
-    def close(self) -> None:
-        self._db.close()
-
-
-def _stats(db: sqlite3.Connection, path: Path) -> BufferStats:
-    meta = dict(db.execute("SELECT key, value FROM meta"))
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    source, accepted = (
-        (SOURCE, ACCEPTED) if version >= 3 else ("batches", "acked_ms IS NOT NULL" if version == 2 else "0")
-    )
-    pending, points, size, oldest, unconfirmed, unconfirmed_points, oldest_unconfirmed = db.execute(
-        f"SELECT count(*) - count(CASE WHEN {accepted} THEN 1 END), "
-        f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE points END), 0), "
-        f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE length(payload) END), 0), "
-        f"min(CASE WHEN {accepted} THEN NULL ELSE created_ms END), "
-        f"count(CASE WHEN {accepted} THEN 1 END), "
-        f"coalesce(sum(CASE WHEN {accepted} THEN points ELSE 0 END), 0), "
-        f"min(CASE WHEN {accepted} THEN created_ms END) FROM {source}"
-    ).fetchone()
-    has_drops = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'drops'").fetchone()
-    drops = dict(db.execute("SELECT reason, points FROM drops")) if has_drops else {}
-    events = db.execute("SELECT count(*) FROM events").fetchone()[0]
-    page_size = db.execute("PRAGMA page_size").fetchone()[0]
-    used = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
-    disk = used * page_size + _size(path.with_name(path.name + "-wal"))
-    return BufferStats(
-        pending,
-        points,
-        size,
-        oldest,
-        unconfirmed,
-        unconfirmed_points,
-        oldest_unconfirmed,
-        meta.get("next_seq", 1),
-        meta.get("dropped_points", 0),
-        meta.get("dropped_batches", 0),
-        drops,
-        events,
-        disk,
-    )
-
-
-def read_stats(path: str | Path) -> BufferStats | None:
-    """Buffer figures for ``agent status``, read-only, while the agent runs (WAL allows it)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.DatabaseError as exc:
-        raise BufferError(f"{path}: cannot read the buffer: {exc}") from exc
-    try:
-        return _stats(db, path)
-    except sqlite3.DatabaseError as exc:
-        raise BufferError(f"{path}: cannot read the buffer: {exc}") from exc
-    finally:
-        db.close()
 
 
 def age_seconds(oldest_ms: int | None) -> float | None:

@@ -8,7 +8,10 @@ buffer, *accepted*, until the bridge confirms it on ``gw/{gw}/ack``, and is
 sent again when there is evidence it was lost:
 
 - **gap**: a batch the broker accepted *later* has been confirmed, and this
-  one was accepted more than ``confirm_timeout`` ago. A broker hands a
+  one was last sent more than ``confirm_timeout`` ago. "Later" compares the
+  *first* acceptances (the order the broker queued them in): sending a
+  batch again moves only its last-sent time, so a probe whose original
+  copy the bridge then confirms does not make the whole backlog look lost. A broker hands a
   session's messages over in order, so the bridge has passed this batch by:
   the broker lost it (or lost its confirmation; the bridge stores a repeat
   once and confirms it again). The timeout absorbs the reordering of several
@@ -62,7 +65,7 @@ class DeliveryPolicy:
     mode: Confirm
     confirm_timeout_s: float
     replay_s: float
-    newest_confirmed_ms: int | None = None  # broker acceptance time of the newest confirmed batch
+    newest_confirmed_ms: int | None = None  # first broker acceptance of the newest confirmed batch
     _probe_interval_s: float = 0.0
     _probe_at_ms: int = 0
 
@@ -75,28 +78,28 @@ class DeliveryPolicy:
 
     # ---------------------------------------------------------------- storage mode
 
-    def confirmed(self, newest_accepted_ms: int | None) -> None:
-        """The bridge confirmed batches; the latest broker acceptance among them (None if not known)."""
-        if newest_accepted_ms is not None and (
-            self.newest_confirmed_ms is None or newest_accepted_ms > self.newest_confirmed_ms
+    def confirmed(self, newest_first_ms: int | None) -> None:
+        """The bridge confirmed batches; the latest first acceptance among them (None if not known)."""
+        if newest_first_ms is not None and (
+            self.newest_confirmed_ms is None or newest_first_ms > self.newest_confirmed_ms
         ):
-            self.newest_confirmed_ms = newest_accepted_ms
+            self.newest_confirmed_ms = newest_first_ms
         self._probe_interval_s = self.confirm_timeout_s  # the bridge is there: probe promptly again
 
-    def resend_before(self, now_ms: int) -> int | None:
-        """Accepted batches accepted before this time are sent again (gap rule); None: none are."""
+    def resend_cutoffs(self, now_ms: int) -> tuple[int, int] | None:
+        """Gap rule: accepted batches first accepted before the first value and last sent before the second
+        are sent again; None: none are."""
         if not self.storage or self.newest_confirmed_ms is None:
             return None
-        return min(self.newest_confirmed_ms, now_ms - int(self.confirm_timeout_s * 1000))
+        return self.newest_confirmed_ms, now_ms - int(self.confirm_timeout_s * 1000)
 
-    def probe_due(self, oldest_accepted_ms: int | None, now_ms: int) -> bool:
-        """Send the oldest unconfirmed batch again now?"""
-        if not self.storage or oldest_accepted_ms is None or now_ms < self._probe_at_ms:
+    def probe_due(self, first_ms: int | None, sent_ms: int | None, now_ms: int) -> bool:
+        """Send the oldest unconfirmed batch (first accepted at ``first_ms``, last sent at ``sent_ms``) again now?"""
+        if not self.storage or first_ms is None or sent_ms is None or now_ms < self._probe_at_ms:
             return False
-        if now_ms - oldest_accepted_ms < self.confirm_timeout_s * 1000:
+        if now_ms - sent_ms < self.confirm_timeout_s * 1000:
             return False
-        cutoff = self.resend_before(now_ms)
-        return cutoff is None or oldest_accepted_ms >= cutoff  # otherwise the gap rule has it
+        return self.newest_confirmed_ms is None or first_ms >= self.newest_confirmed_ms  # else: the gap rule
 
     def probed(self, now_ms: int) -> None:
         self._probe_at_ms = now_ms + int(self._probe_interval_s * 1000)

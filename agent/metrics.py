@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 from factory_edge.errors import ConfigError
 from factory_edge.logs import fields
 
-from .buffer import BufferStats, age_seconds
+from .buffer import age_seconds
+from .bufferread import BufferStats
 
 if TYPE_CHECKING:
     from .runtime import Agent

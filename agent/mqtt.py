@@ -63,6 +63,7 @@ class Link:
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=will_retain)
         self._on_ack, self._on_message, self._on_lost = on_ack, on_message, on_lost
+        self.max_packet_size: int | None = None
         self.client.on_connect = self._paho_connect
         self.client.on_disconnect = self._paho_disconnect
         self.client.on_publish = self._paho_publish
@@ -71,6 +72,8 @@ class Link:
 
     # paho thread -> event loop
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        # MQTT v5: the largest packet the broker accepts (absent: no limit); a larger one ends the connection.
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
         self.loop.call_soon_threadsafe(self._connack_received, result)
 

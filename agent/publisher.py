@@ -43,8 +43,10 @@ from factory_edge.logs import fields
 from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from factory_edge.sparkplug.payload import PayloadError
 
-from .buffer import Batch, BufferReader
+from .buffer import Batch
+from .bufferread import BufferReader
 from .delivery import DeliveryPolicy, SteadyClock
+from .drain import OldStream
 from .mqtt import Link
 from .sparkplug import EdgeNode
 from .writer import BufferWriter, Commit
@@ -52,7 +54,6 @@ from .writer import BufferWriter, Commit
 log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[str, Any], Awaitable[dict[str, Any]]]
-RESCAN_S = 2.0  # how often the old stream looks again for batches due to be sent again
 
 
 class ConnectionState(enum.StrEnum):
@@ -187,6 +188,8 @@ class Publisher:
         self._attempts = 0  # connection attempts since the last connection was lost
         self._takeovers: deque[float] = deque(maxlen=3)  # when sessions looked taken over (monotonic)
         self.edge = edge  # Sparkplug B mode: what to send instead of the JSON topics
+        self._probe_look_at = 0
+        self._forget_at = 0
         self._rebirth = False  # births to (re)send on this connection
 
     @property
@@ -216,7 +219,7 @@ class Publisher:
         self._accepting.difference_update(commit.accepted)
         self._events_done.difference_update(commit.events_done)
         if commit.confirmed is not None and commit.confirmed.batches:
-            self.policy.confirmed(commit.confirmed.newest_accepted_ms)
+            self.policy.confirmed(commit.confirmed.newest_first_ms)
             self.stats.confirmed_points += commit.confirmed.points
             self.stats.confirmed_batches += commit.confirmed.batches
             self.stats.last_confirmed = time.time()
@@ -285,13 +288,13 @@ class Publisher:
             self.last_error = None
             self.state = ConnectionState.CONNECTED
             self.stats.connected_since = time.time()
-            backlog, unconfirmed = self.reader.counts()
+            counts = self.writer.buffer.figures()
             log.info(
                 "connected to broker",
                 extra=fields(
                     broker=self.settings.describe(),
-                    backlog=backlog,
-                    unconfirmed=unconfirmed,
+                    backlog=counts.pending_batches,
+                    unconfirmed=counts.unconfirmed_batches,
                     live_from_seq=self.writer.buffer.next_seq,
                     **self._retry_log.connected(),
                 ),
@@ -384,12 +387,18 @@ class Publisher:
             link.publish(f"{self.topic_root}/meta/{device}", json.dumps(doc).encode(), retain=True)
         self._refused_events.clear()
         policy = self.policy
-        boundary = self.writer.buffer.next_seq  # below: backlog; from here on: live
-        replay_from = policy.replay_from(self.reader.newest_accepted_ms())
-        old_after, live_after = 0, boundary - 1
+        # Below: backlog; from here on: live. What the writer has committed (a write under way is live).
+        boundary = self.writer.buffer.committed_next_seq
+        stream = OldStream(
+            self.reader,
+            policy,
+            boundary=boundary,
+            limit=self.inflight_limit,
+            replay_from=policy.replay_from(self.reader.newest_accepted_ms()),
+        )
+        live_after = boundary - 1
         old: deque[Batch] = deque()
         live: deque[Batch] = deque()
-        old_done, scanned_at, scanned_cutoff = False, 0.0, None
         turn_live = True
         flowing = self.edge is None  # Sparkplug: data flows from the births on, which may come later
         async with asyncio.TaskGroup() as commands:
@@ -401,42 +410,18 @@ class Publisher:
             while not link.closed.is_set():
                 self._wake.clear()
                 now = self._clock()
-                self._flush_acks(now, replay_from if not old_done else None)
+                self._flush_acks(now, stream.replay_from if stream.replaying else None)
                 self._send_events(link)
                 if self.edge is not None and not self._sparkplug_ready(link):
                     await self._wait_wake()
                     continue  # nothing is published before the births (primary host offline)
                 if not flowing:
                     # What was buffered until the births is backlog (historical), not live.
-                    flowing, boundary = True, self.writer.buffer.next_seq
-                    live_after = boundary - 1
-                cutoff = policy.resend_before(now)
-                if (
-                    old_done
-                    and policy.storage
-                    and (cutoff != scanned_cutoff or time.monotonic() - scanned_at > RESCAN_S)
-                ):
-                    old_after, old_done = 0, False  # batches may have become due: look again from the start
+                    flowing, boundary = True, self.writer.buffer.committed_next_seq
+                    stream.boundary, live_after = boundary, boundary - 1
                 while len(self._inflight) < self.inflight_limit:
-                    if not old and not old_done:
-                        if old_after == 0:
-                            scanned_at, scanned_cutoff = time.monotonic(), cutoff
-                        fetched = self.reader.old(
-                            old_after,
-                            self.inflight_limit,
-                            below=boundary,
-                            accepted_before=cutoff,
-                            accepted_from=replay_from,
-                        )
-                        if fetched:
-                            old_after = fetched[-1].seq
-                        busy = self._busy_seqs()
-                        old.extend(b for b in fetched if b.seq not in busy)
-                        old_done = not fetched
-                        if old_done:
-                            replay_from = None  # the replay pass is over
-                        if not old and not old_done:
-                            continue
+                    if not old:
+                        old.extend(stream.take(now, self._busy_seqs()))
                     if not live:
                         live.extend(self.reader.pending(live_after, self.inflight_limit))
                         if live:
@@ -493,6 +478,16 @@ class Publisher:
 
     def _publish(self, link: Link, batch: Batch, *, old: bool = False) -> bool:
         again = batch.accepted_ms is not None
+        limit = link.max_packet_size
+        if limit is not None and len(batch.payload) + 200 > limit:
+            # The broker would end the connection on it, again and again: it can never be delivered.
+            log.error(
+                "batch larger than the broker accepts: dropped",
+                extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit),
+            )
+            self.writer.discard(batch.seq, "too_large")
+            self._accepting.add(batch.seq)  # not offered again while the writer deletes it
+            return True
         topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1
         if self.edge is not None:
             try:
@@ -518,16 +513,18 @@ class Publisher:
 
     def _probe(self, link: Link, now: int) -> None:
         """Storage mode: the oldest unconfirmed batch, again, when nothing newer has been confirmed for a while."""
-        if not self.policy.storage or len(self._inflight) >= self.inflight_limit:
+        if not self.policy.storage or len(self._inflight) >= self.inflight_limit or now < self._probe_look_at:
             return
-        oldest = self.reader.oldest_unconfirmed()
-        if oldest is None or oldest.seq in self._busy_seqs():
+        self._probe_look_at = now + 1000  # a look at most every second
+        found = self.reader.oldest_unconfirmed()
+        if found is None or found[0].seq in self._busy_seqs():
             return
-        if self.policy.probe_due(oldest.accepted_ms, now) and self._publish(link, oldest):
+        oldest, first_ms = found
+        if self.policy.probe_due(first_ms, oldest.accepted_ms, now) and self._publish(link, oldest):
             self.policy.probed(now)
             log.info(
                 "no storage confirmation yet: sending the oldest unconfirmed batch again",
-                extra=fields(seq=oldest.seq, accepted_s_ago=round((now - (oldest.accepted_ms or now)) / 1000, 1)),
+                extra=fields(seq=oldest.seq, accepted_s_ago=round((now - first_ms) / 1000, 1)),
             )
 
     def _flush_acks(self, now: int, replay_from: int | None) -> None:
@@ -538,7 +535,8 @@ class Publisher:
             acked, self._acked_events = self._acked_events, []
             self.writer.events_published(acked)
         forget = self.policy.forget_before(now, replay_from)
-        if forget is not None:
+        if forget is not None and now >= self._forget_at:
+            self._forget_at = now + 1000  # broker mode: the replay window moves on, a write a second is enough
             self.writer.forget_accepted(forget)
 
     def _send_events(self, link: Link) -> None:

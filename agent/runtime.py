@@ -18,6 +18,7 @@ way; each stage owns its state.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -37,7 +38,8 @@ from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 from factory_edge.units import plural
 
-from .buffer import Buffer, BufferReader, BufferStats
+from .buffer import Buffer
+from .bufferread import BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
 from .publisher import ConnectionState, Publisher
@@ -53,6 +55,7 @@ BUFFER_FILE = "buffer.db"
 STATUS_INTERVAL_S = 1.0
 FLUSH_ON_STOP_S = 3.0
 WRITE_ON_STOP_S = 10.0
+AGES_EVERY_S = 10.0
 
 
 def config_hash(path: Path | None, config: AgentConfig) -> str:
@@ -103,6 +106,8 @@ class Agent:
         # disk a rename or a full scan can take long, and polling must not wait for it.
         self._status_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status")
         self._status_reader = BufferReader(self.buffer.path)
+        self._ages: tuple[int | None, int | None] = (None, None)
+        self._ages_at = 0.0
         self.writer = BufferWriter(
             self.buffer,
             max_points=config.publish.max_points,
@@ -164,15 +169,15 @@ class Agent:
             from .metrics import serve_metrics
 
             self._tasks.append(self._group.create_task(serve_metrics(self, self.config.metrics_port), name="metrics"))
-        backlog, unconfirmed = self.reader.counts()
+        counts = self.buffer.figures()
         log.info(
             "agent started",
             extra=fields(
                 gateway=self.gateway,
                 devices=len(self.drivers),
                 broker=self.broker.describe(),
-                backlog=backlog,
-                unconfirmed=unconfirmed,
+                backlog=counts.pending_batches,
+                unconfirmed=counts.unconfirmed_batches,
                 confirm=self.config.buffer.confirm,
             ),
         )
@@ -204,7 +209,9 @@ class Agent:
                 await asyncio.to_thread(self.writer.close)
                 self._write_status()
                 self._status_io.shutdown(wait=True)
-                left = self._status_reader.stats()
+                left = self._status_reader.stats(
+                    self.buffer.figures(), self.buffer.committed_next_seq, ages=(None, None)
+                )
                 self._status_reader.close()
                 self.reader.close()
                 self.buffer.close()
@@ -432,8 +439,16 @@ class Agent:
         }
 
     async def buffer_stats(self) -> BufferStats:
-        """The buffer's figures, read on the status thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._status_io, self._status_reader.stats)
+        """The buffer's figures, on the status thread: counts from the writer, ages looked up every 10 s
+        (finding the oldest pending batch can walk many accepted ones)."""
+        return await asyncio.get_running_loop().run_in_executor(self._status_io, self._buffer_stats)
+
+    def _buffer_stats(self) -> BufferStats:
+        now = time.monotonic()
+        if now >= self._ages_at:
+            self._ages = self._status_reader.ages()
+            self._ages_at = now + AGES_EVERY_S
+        return self._status_reader.stats(self.buffer.figures(), self.buffer.committed_next_seq, ages=self._ages)
 
     def _write_status(self) -> None:
         """Snapshot the status here (event loop), write the file on the status thread."""
@@ -446,9 +461,16 @@ class Agent:
     def _write_status_file(self, doc: str) -> None:
         path = self.state_dir / STATUS_FILE
         tmp = path.with_suffix(".tmp")
+        # Padded to whole 4 KiB blocks: on a full disk the same blocks are written over in place.
+        data = doc.encode()
+        data += b" " * (-len(data) % 4096 or 0) + b"\n"
         try:
-            tmp.write_text(doc)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not _overwrite(path, data):
+                    raise
         except OSError as exc:
             if not self._status_warned:  # once per episode: a full disk must not flood the journal
                 log.warning("cannot write status file", extra=fields(path=str(path), err=str(exc)))
@@ -476,3 +498,16 @@ class Agent:
                 )
                 last_status = loop.time()
             await asyncio.sleep(interval)
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over the file's existing blocks (no new ones needed); False if it does not fit."""
+    try:
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            if len(data) > size:
+                return False
+            f.write(data + b" " * (size - len(data)))
+        return True
+    except OSError:
+        return False

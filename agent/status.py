@@ -11,7 +11,8 @@ from typing import Any
 
 from factory_edge.errors import FactoryEdgeError
 
-from .buffer import age_seconds, read_stats
+from .buffer import NOT_LOST, age_seconds
+from .bufferread import read_stats
 from .config import DEFAULT_STATE_DIR
 from .runtime import BUFFER_FILE, STATUS_FILE
 
@@ -48,10 +49,14 @@ def collect(state_dir: Path) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     status_path = state_dir / STATUS_FILE
     if status_path.exists():
-        try:
-            doc = json.loads(status_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise FactoryEdgeError(f"{status_path}: unreadable status file: {exc}") from exc
+        for attempt in range(3):  # on a full disk the agent rewrites the file in place: a read may catch it midway
+            try:
+                doc = json.loads(status_path.read_text())
+                break
+            except (OSError, ValueError) as exc:
+                if attempt == 2:
+                    raise FactoryEdgeError(f"{status_path}: unreadable status file: {exc}") from exc
+                time.sleep(0.1)
     running = bool(doc) and _alive(int(doc.get("pid", 0))) and time.time() - doc.get("updated", 0) < STALE_AFTER_S
     doc["running"] = running
     if not running and "connection" in doc:
@@ -71,7 +76,7 @@ def collect(state_dir: Path) -> dict[str, Any]:
             "unconfirmed_points": stats.unconfirmed_points,
             "oldest_unconfirmed_age_s": _age(stats.oldest_unconfirmed_ms),
             "disk_bytes": stats.disk_bytes,
-            "dropped_points": sum(drops.values()),
+            "dropped_points": sum(n for reason, n in drops.items() if reason not in NOT_LOST),
             "dropped_batches": stats.dropped_batches,
             "dropped_by_reason": drops,
             "next_seq": stats.next_seq,
@@ -118,10 +123,13 @@ def text_lines(doc: dict[str, Any]) -> list[str]:
         + ("  DISK FULL: readings are dropped" if doc.get("writer", {}).get("disk_full") else ""),
         f"dropped      {buf.get('dropped_points', 0)} points"
         + (
-            " (" + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n) + ")"
-            if any(drops.values())
+            " ("
+            + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n and reason not in NOT_LOST)
+            + ")"
+            if any(n for r, n in drops.items() if r not in NOT_LOST)
             else ""
-        ),
+        )
+        + (f"; {drops['released']} released to the broker's keeping (buffer full)" if drops.get("released") else ""),
         (
             "publishing   "
             + (f"{pub.get('points_per_s', 0)} points/s, " if doc["running"] else "stopped; last run: ")

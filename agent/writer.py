@@ -42,6 +42,12 @@ from .buffer import Buffer, Confirmed, Drop, needed_bytes, wal_limit
 log = logging.getLogger(__name__)
 
 MAX_HELD_EVENTS = 1000  # events kept in memory while the disk is full
+DROP_MESSAGES = {
+    "full": "buffer full: dropped oldest points",
+    "released": "buffer full: released batches the broker holds (no longer kept to be sent again)",
+    "max_age": "dropped points older than max_age",
+    "too_large": "dropped a batch larger than the broker accepts",
+}
 
 # One submit, encoded: (points, batch bodies, bytes on disk).
 Encoded = tuple[int, list[tuple[str, int, str]], int]
@@ -82,10 +88,14 @@ class _Ops:
     confirmed: list[Range] = field(default_factory=list)
     events_done: list[int] = field(default_factory=list)
     forget_before: int | None = None
+    discards: list[tuple[int, str]] = field(default_factory=list)  # seq, reason
     queue_drops: list[int] = field(default_factory=lambda: [0, 0])  # points, submits
 
+    def deletions(self) -> bool:
+        return bool(self.confirmed or self.events_done or self.forget_before is not None or self.discards)
+
     def bookkeeping(self) -> bool:
-        return bool(self.accepted or self.confirmed or self.events_done or self.forget_before is not None)
+        return bool(self.accepted) or self.deletions()
 
     def empty(self) -> bool:
         return not (self.adds or self.events or self.bookkeeping() or self.queue_drops[0])
@@ -121,7 +131,13 @@ class BufferWriter:
         self._unsaved: dict[str, list[int]] = {}  # reason -> [points, submits] not yet counted on disk
         self._retry: list[Encoded] = []  # readings whose write found the database locked by another process
         self._busy_error = False
+        self._logged_errors: dict[str, float] = {}
         self._full_since: float | None = None
+        # A few blocks set aside: when another program fills the disk to the last byte, giving them back is
+        # what lets SQLite record the confirmations that make room.
+        self.reserve = buffer.path.with_name(buffer.path.name + ".reserve")
+        self.reserve_bytes = 2 * wal_limit(buffer.max_bytes)
+        self._make_reserve()
         self._thread = threading.Thread(target=self._run, name="buffer-writer", daemon=True)
         self._thread.start()
 
@@ -155,6 +171,10 @@ class BufferWriter:
     def events_published(self, ids: Sequence[int]) -> None:
         self._put(lambda ops: ops.events_done.extend(ids))
 
+    def discard(self, seq: int, reason: str) -> None:
+        """A batch that can never be delivered: dropped, counted under ``reason``."""
+        self._put(lambda ops: ops.discards.append((seq, reason)))
+
     def forget_accepted(self, before_ms: int) -> None:
         def put(ops: _Ops) -> None:
             ops.forget_before = max(before_ms, ops.forget_before or 0)
@@ -167,23 +187,27 @@ class BufferWriter:
             self._cond.notify()
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Block until everything queued so far is committed (or given up); False on timeout."""
+        """Block until every reading and event queued so far is written (or counted as dropped); False on
+        timeout. Deliveries waiting for room on a full disk are not waited for: they are redone after a restart."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while (not self._ops.empty() or self._busy) and self._thread.is_alive():
+            while (self._ops.adds or self._ops.events or self._busy) and self._thread.is_alive():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
         return True
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Write what is queued, then stop the thread (the buffer stays open: its owner closes it)."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued, save the drop counters (even below ``min_free``: a few bytes), stop the thread.
+        The buffer stays open: its owner closes it."""
         self.flush(timeout_s)
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self._save_counters()
 
     def figures(self) -> dict[str, Any]:
         """The writer's figures for ``agent status`` (a consistent copy)."""
@@ -215,7 +239,7 @@ class BufferWriter:
                     self._cond.wait(1.0 if waiting else None)
                     if waiting:
                         break  # try the disk again, even with nothing new to write
-                if self._closing and self._ops.empty() and not self._retry:
+                if self._closing and not (self._ops.adds or self._ops.events) and not self._retry:
                     self._cond.notify_all()
                     return
                 ops, self._ops = self._ops, _Ops()
@@ -238,11 +262,16 @@ class BufferWriter:
                 "readings dropped before reaching the disk: the write queue was full",
                 extra=fields(points=ops.queue_drops[0], queue_points=self.queue_points),
             )
-        # Deliveries first, on their own: they free space and must not wait for readings that cannot be written.
-        if ops.bookkeeping() and (
-            self._transaction(lambda: self._bookkeeping(ops, commit), "cannot record deliveries") is None
+        # Deletions first, on their own: they free space and must not wait for anything that cannot be written.
+        if ops.deletions():
+            if self._transaction(lambda: self._deletions(ops, commit), "cannot record confirmations") is None:
+                self._requeue_deletions(ops)
+        if (
+            ops.accepted
+            and self._transaction(lambda: self._acceptances(ops, commit), "cannot record acceptances") is None
         ):
-            self._requeue_bookkeeping(ops)
+            # Only a saving lost: those batches count as never sent, and are sent once more.
+            log.debug("acceptances not recorded", extra=fields(batches=len(ops.accepted)))
         buffer = self.buffer
         encoded, self._retry = self._retry, []
         for device, points, n in ops.adds:
@@ -264,29 +293,37 @@ class BufferWriter:
         if self.on_commit is not None and commit:
             self.on_commit(commit)
 
-    def _bookkeeping(self, ops: _Ops, commit: Commit) -> None:
+    def _deletions(self, ops: _Ops, commit: Commit) -> None:
         buffer = self.buffer
-        by_time: dict[int, list[int]] = {}
-        for seq, at in ops.accepted:
-            by_time.setdefault(at, []).append(seq)
-        for at, seqs in by_time.items():
-            buffer.mark_accepted(seqs, at)
         if ops.confirmed:
             commit.confirmed = buffer.confirm_ranges(ops.confirmed)
         if ops.forget_before is not None:
             buffer.forget_accepted(ops.forget_before)
+        for seq, reason in ops.discards:
+            drop = buffer.discard(seq, reason)
+            if drop:
+                commit.drops.append(drop)
         buffer.delete_events(ops.events_done)
-        commit.accepted = [seq for seq, _ in ops.accepted]
         commit.events_done = list(ops.events_done)
+        commit.accepted += [seq for seq, _ in ops.discards]  # no longer anyone's to record
 
-    def _requeue_bookkeeping(self, ops: _Ops) -> None:
-        """Deliveries that could not be recorded are tried again with the next write."""
+    def _acceptances(self, ops: _Ops, commit: Commit) -> None:
+        by_time: dict[int, list[int]] = {}
+        for seq, at in ops.accepted:
+            by_time.setdefault(at, []).append(seq)
+        for at, seqs in by_time.items():
+            self.buffer.mark_accepted(seqs, at)
+        commit.accepted += [seq for seq, _ in ops.accepted]
+
+    def _requeue_deletions(self, ops: _Ops) -> None:
+        """Deletions that could not be recorded are tried again with the next write."""
         with self._cond:
-            self._ops.accepted[:0] = ops.accepted
             self._ops.confirmed[:0] = ops.confirmed
             self._ops.events_done[:0] = ops.events_done
+            self._ops.discards[:0] = ops.discards
             if ops.forget_before is not None:
                 self._ops.forget_before = max(ops.forget_before, self._ops.forget_before or 0)
+        time.sleep(0.5)  # the disk has no room even for this: do not spin
 
     def _write_readings(self, chunk: list[Encoded], events: list[dict[str, Any]], commit: Commit) -> None:
         buffer = self.buffer
@@ -333,7 +370,7 @@ class BufferWriter:
         self._unsaved.clear()
         for drop in drops:
             log.warning(
-                "buffer full: dropped oldest points" if drop.reason == "full" else "dropped points older than max_age",
+                DROP_MESSAGES.get(drop.reason, f"dropped points ({drop.reason})"),
                 extra=fields(
                     points=drop.points,
                     batches=drop.batches,
@@ -342,6 +379,8 @@ class BufferWriter:
                     accepted=drop.accepted,
                 ),
             )
+        if bodies:
+            self._make_reserve()  # room again: set the reserve aside again
         if self.stats.disk_full and bodies:
             self.stats.disk_full = False
             log.warning(
@@ -365,6 +404,23 @@ class BufferWriter:
             with self._cond:
                 self._count("queue_full", n)
         time.sleep(0.1)
+
+    def _save_counters(self) -> None:
+        """At stop: drops not yet counted on disk are counted now, whatever the free space (a few bytes)."""
+        if not self._unsaved:
+            return
+        unsaved = [Drop(submits, points, None, None, reason) for reason, (points, submits) in self._unsaved.items()]
+
+        def write() -> None:
+            for drop in unsaved:
+                self.buffer.count_drop(drop)
+            self.buffer.insert_events([d.event() for d in unsaved])
+
+        if self._transaction(write, "cannot save the drop counters") is not None:
+            with self._cond:
+                for drop in unsaved:
+                    self.stats.unsaved[drop.reason] -= drop.points
+            self._unsaved.clear()
 
     def _hold(self, reason: str, points: int, submits: int) -> None:
         held = self._unsaved.setdefault(reason, [0, 0])
@@ -398,15 +454,48 @@ class BufferWriter:
                 extra=fields(path=str(self.buffer.path), reason=why, min_free=self.min_free_bytes),
             )
 
+    def _make_reserve(self) -> None:
+        if self.reserve.exists():
+            return
+        try:
+            st = os.statvfs(self.reserve.parent)
+            if st.f_bavail * st.f_frsize < self.min_free_bytes + self.reserve_bytes:
+                return  # not now: there is no room to spare
+            with open(self.reserve, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, self.reserve_bytes)
+        except OSError:
+            self.reserve.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False
+        log.warning(
+            "disk full: released the buffer's reserve so that stored batches can be deleted",
+            extra=fields(path=str(self.reserve), bytes=self.reserve_bytes),
+        )
+        return True
+
     def _transaction(self, work: Callable[[], Any], what: str) -> Any:
         """Run ``work`` in one transaction; None (the reason in ``stats.last_error``) if SQLite refuses."""
         try:
-            with self.buffer.transaction():
-                result = work()
+            try:
+                with self.buffer.transaction():
+                    result = work()
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL or not self._release_reserve():
+                    raise
+                with self.buffer.transaction():  # once more, with the reserve's room
+                    result = work()
         except sqlite3.DatabaseError as exc:
             self._busy_error = getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
             text = f"{what}: {exc}"
-            if text != self.stats.last_error:
+            now = time.monotonic()
+            if self._logged_errors.get(text, 0.0) <= now:  # each distinct failure at most once a minute
+                self._logged_errors[text] = now + 60.0
                 log.error("buffer write failed", extra=fields(path=str(self.buffer.path), err=text))
             self.stats.last_error = text
             return None

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer import Buffer, BufferReader
+from agent.buffer import Buffer
+from agent.bufferread import BufferReader
 from drivers.config import Table
 from drivers.points import Point
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
@@ -240,6 +241,7 @@ async def main(args: argparse.Namespace) -> None:
                 drain_dir = work / "agent-drain"
                 with Buffer(drain_dir / "state" / "buffer.db", gateway=GW, max_bytes=10**10) as buf:
                     batch = [Point("backlog", f"t{t}", 1_732_280_000_000, t) for t in range(500)]
+                    backlog_first = buf.next_seq
                     for _ in range(args.backlog // 500):
                         buf.add("backlog", batch, max_points=500, max_bytes=256 * 1024)
                     backlog_last = buf.next_seq - 1
@@ -254,8 +256,8 @@ async def main(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 agent.start()
                 while (
-                    not all(s in counter.seqs for s in range(1, backlog_last + 1, 97))
-                    or len([s for s in counter.seqs if s <= backlog_last]) < backlog_last
+                    not all(s in counter.seqs for s in range(backlog_first, backlog_last + 1, 97))
+                    or len([s for s in counter.seqs if s <= backlog_last]) < backlog_last - backlog_first + 1
                 ):
                     await asyncio.sleep(0.05)
                     if time.perf_counter() - started > 300:

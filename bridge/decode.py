@@ -144,7 +144,6 @@ def _careful_row(gw: str, device: str, seq: int, i: int, point: Any, exact: bool
         raise Malformed(f"points[{i}].v: missing (use null for no value)")
     if not exact and type(value) is float and not -_INT64 < value < _INT64:
         raise _Inexact  # maybe an integer literal beyond 64 bits
-    check_scalar(value, f"points[{i}].v")
     quality = point.get("q", "good")
     if quality != "good" and (type(quality) is not str or quality not in QUALITIES):
         raise Malformed(f"points[{i}].q: must be good, bad or uncertain, got {_show(quality)}")
@@ -152,7 +151,18 @@ def _careful_row(gw: str, device: str, seq: int, i: int, point: Any, exact: bool
     if error is not None:
         if type(error) is not str:
             raise Malformed(f"points[{i}].err: must be text, got {_json_type(error)}")
-        check_text(error, f"points[{i}].err")
+        try:
+            check_text(error, f"points[{i}].err")
+        except Malformed:
+            error = error.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    try:
+        check_scalar(value, f"points[{i}].v")
+    except Malformed as exc:
+        if type(value) in (list, dict):
+            raise
+        # A value no store can hold (a NUL in text, a lone surrogate, not finite, beyond 64 bits): this
+        # reading is bad and says why; the batch's other readings are stored as they are.
+        value, quality, error = None, "bad", f"refused by the bridge: {exc.reason}"
     return (gw, device, tag, ts, value, quality, error, seq)
 
 

@@ -27,7 +27,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -76,6 +76,7 @@ class Outcome:
     outbox: list[OutboxItem] = field(default_factory=list)
     stored: dict[str, list[int]] = field(default_factory=dict)  # gateway -> seqs now in the store
     replies: list[tuple[str, bytes]] = field(default_factory=list)  # e.g. Sparkplug rebirth requests
+    conflicts: set[tuple[str, int]] = field(default_factory=set)  # (gw, seq) stored before for another batch
 
 
 class Ingest:
@@ -264,6 +265,9 @@ class Ingest:
             if self.store_data:
                 batches = tx.claim_batches(decoded.batches)
                 new_batches, new_points = len(batches), sum(len(b.rows) for b in batches)
+                if new_batches < len(decoded.batches):  # repeats: really the same batch?
+                    claimed = {id(b) for b in batches}
+                    outcome.conflicts = tx.differing([b for b in decoded.batches if id(b) not in claimed])
                 tx.insert_points(batches)
                 if decoded.statuses:
                     tx.insert_status(decoded.statuses)
@@ -293,8 +297,14 @@ class Ingest:
         if evaluation is not None and self.engine is not None:
             self.engine.apply(evaluation)
         if self.store_data:
-            outcome.stored = _stored(decoded)
+            outcome.stored = _stored(decoded, outcome.conflicts)
             outcome.replies = decoded.replies
+            for gw, seq in sorted(outcome.conflicts):
+                log.error(
+                    "a gateway sent a batch under a seq already stored for another batch: not confirmed "
+                    "(did its buffer start again?)",
+                    extra=fields(tenant=self.tenant, gw=gw, seq=seq),
+                )
         s = self.stats
         s.commits += 1
         s.messages += len(window)
@@ -406,11 +416,13 @@ class Ingest:
             )
 
 
-def _stored(decoded: Decoded) -> dict[str, list[int]]:
+def _stored(decoded: Decoded, conflicts: Collection[tuple[str, int]] = ()) -> dict[str, list[int]]:
     """Per gateway, the seqs of the window's data batches the store now holds (dead letters included)."""
     stored: dict[str, list[int]] = {}
     for batch in decoded.batches:
-        if batch.seq >= 0:  # negative: another Sparkplug implementation's message, keyed by the bridge itself
+        if (
+            batch.seq >= 0 and (batch.gw, batch.seq) not in conflicts
+        ):  # negative: another Sparkplug implementation's message, keyed by the bridge itself
             stored.setdefault(batch.gw, []).append(batch.seq)
     for dead in decoded.dead:
         match = _DATA_TOPIC.match(dead.topic)

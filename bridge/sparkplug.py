@@ -185,10 +185,11 @@ class SparkplugHost:
 
     @staticmethod
     def _event(topic: Topic, kind: str, device: str, payload: Payload, message: Received) -> EventRow:
-        doc = {"type": kind, "ts": payload.timestamp or message.received_at, "device": device, "source": "sparkplug"}
+        ts = payload.timestamp or message.received_at
+        doc = {"type": kind, "ts": ts, "device": device, "source": "sparkplug"}
         text = json.dumps(doc, separators=(",", ":"), sort_keys=True)
         digest = hashlib.sha256(f"{topic}|{payload.seq}|{text}".encode()).hexdigest()
-        return EventRow(topic.edge_node, kind, int(str(doc["ts"])), text, digest, message.received_at)
+        return EventRow(topic.edge_node, kind, ts, text, digest, message.received_at)
 
     # ---------------------------------------------------------------- data
 

@@ -45,8 +45,12 @@ def encode_acks(seqs: Iterable[int]) -> bytes:
 
 def decode_acks(payload: bytes) -> list[Range]:
     """The ranges of a confirmation; ValueError with a one-line reason when it is not one."""
+    if len(payload) > 64 * MAX_RANGES:
+        raise ValueError(f"{len(payload)} bytes: longer than any confirmation")
     try:
         doc = json.loads(payload)
+    except RecursionError:
+        raise ValueError("not JSON: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("v") != VERSION or not isinstance(doc.get("seqs"), list):

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from agent.buffer import Buffer, BufferReader, read_stats
+from agent.buffer import Buffer
+from agent.bufferread import BufferReader, read_stats
 from agent.report import ReportFilter, Rule
 from drivers.config import Deadband
 from drivers.points import Point, Quality
@@ -34,13 +35,14 @@ def pending(path: Path, after: int = 0) -> list[int]:
 def test_batches_are_cut_by_points_and_bytes_and_payload_is_the_contract(tmp_path: Path) -> None:
     with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8) as buf:
         seqs, drops = buf.add("press-1", points("press-1", 1200), max_points=500, max_bytes=10**6)
-        assert seqs == [1, 2, 3] and drops == []
+        first = seqs[0]
+        assert seqs == [first, first + 1, first + 2] and drops == []
         small, _ = buf.add("press-1", points("press-1", 100), max_points=500, max_bytes=1000)
         assert len(small) > 1
-    first = json.loads(BufferReader(tmp_path / "b.db").pending(0, 1)[0].payload)
-    assert first["v"] == 1 and first["gw"] == "gw-01" and first["dev"] == "press-1" and first["seq"] == 1
-    assert len(first["points"]) == 500
-    assert first["points"][0] == {"tag": "t0", "ts": 1_732_280_000_000, "v": 0.0, "q": "good"}
+    doc = json.loads(BufferReader(tmp_path / "b.db").pending(0, 1)[0].payload)
+    assert doc["v"] == 1 and doc["gw"] == "gw-01" and doc["dev"] == "press-1" and doc["seq"] == first
+    assert len(doc["points"]) == 500
+    assert doc["points"][0] == {"tag": "t0", "ts": 1_732_280_000_000, "v": 0.0, "q": "good"}
 
 
 def test_bad_points_and_non_finite_numbers(tmp_path: Path) -> None:
@@ -66,7 +68,17 @@ def test_seq_keeps_increasing_across_restarts_and_confirmations(tmp_path: Path) 
         assert buf.confirm_seqs(seqs).batches == 2
     with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
         again, _ = buf.add("d", points("d", 1), max_points=5, max_bytes=10**6)
-    assert seqs == [1, 2] and again == [3]
+    assert seqs == [seqs[0], seqs[0] + 1] and again == [seqs[0] + 2]
+
+
+def test_a_new_buffer_never_reuses_the_seqs_of_an_earlier_one(tmp_path: Path) -> None:
+    """A replaced box, or a deleted buffer: the store already holds (gw, 1…N) of the old one."""
+    with Buffer(tmp_path / "old.db", gateway="gw-01", max_bytes=10**8) as old:
+        used, _ = old.add("d", points("d", 50), max_points=1, max_bytes=10**6)
+    time.sleep(0.002)
+    with Buffer(tmp_path / "new.db", gateway="gw-01", max_bytes=10**8) as new:
+        fresh, _ = new.add("d", points("d", 1), max_points=1, max_bytes=10**6)
+    assert fresh[0] > used[-1] and used[0] >= int(time.time() * 1000 - 60_000) * 1000
 
 
 def test_an_accepted_batch_stays_until_the_storage_confirms_it(tmp_path: Path) -> None:
@@ -74,13 +86,17 @@ def test_an_accepted_batch_stays_until_the_storage_confirms_it(tmp_path: Path) -
     with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
         seqs, _ = buf.add("d", points("d", 30), max_points=10, max_bytes=10**6)
         buf.accept(seqs, at_ms=1000)
+        buf.accept(seqs[:1], at_ms=5000)  # sent again: the first acceptance stays, the latest moves
         stats = read_stats(path)
         assert stats is not None and (stats.batches, stats.unconfirmed, stats.unconfirmed_points) == (0, 3, 30)
-        confirmed = buf.confirm_seqs([1, 3])
-        assert (confirmed.batches, confirmed.points, confirmed.newest_accepted_ms) == (2, 20, 1000)
-        assert buf.confirm_seqs([1, 3]).batches == 0  # a repeated confirmation changes nothing
-    reader = BufferReader(path)
-    assert reader.oldest_unconfirmed() is not None and reader.oldest_unconfirmed().seq == 2  # type: ignore[union-attr]
+        counts = buf.figures()
+        assert (counts.pending_batches, counts.unconfirmed_batches, counts.unconfirmed_points) == (0, 3, 30)
+        confirmed = buf.confirm_seqs([seqs[0], seqs[2]])
+        assert (confirmed.batches, confirmed.points, confirmed.newest_first_ms) == (2, 20, 1000)
+        assert buf.confirm_seqs([seqs[0], seqs[2]]).batches == 0  # a repeated confirmation changes nothing
+        assert buf.figures().unconfirmed_batches == 1
+    found = BufferReader(path).oldest_unconfirmed()
+    assert found is not None and (found[0].seq, found[1]) == (seqs[1], 1000)
 
 
 def test_full_buffer_drops_oldest_counts_them_and_keeps_the_files_within_max_bytes(tmp_path: Path) -> None:
@@ -101,7 +117,7 @@ def test_full_buffer_drops_oldest_counts_them_and_keeps_the_files_within_max_byt
     assert stats.drops == {"full": dropped}
     # The newest survive, in order, without gaps: only the oldest went.
     remaining = pending(path)
-    assert remaining == list(range(241 - len(remaining), 241))
+    assert remaining == list(range(remaining[-1] - len(remaining) + 1, remaining[-1] + 1))
     # Each drop is recorded as an event for gw/{gw}/events.
     events = [json.loads(p) for _, p in BufferReader(path).pending_events(1000)]
     assert sum(e["points"] for e in events if e["type"] == "buffer_drop") == dropped
@@ -123,7 +139,9 @@ def test_broker_mode_forgets_accepted_batches_before_dropping_any(tmp_path: Path
     assert stats.unconfirmed == 0 and stats.dropped_points == 0 and stats.batches == 3 * (round_ + 1)
 
 
-def test_storage_mode_drops_the_oldest_whether_accepted_or_not_and_says_how_many_were(tmp_path: Path) -> None:
+def test_storage_mode_releases_what_the_broker_holds_before_losing_any_reading(tmp_path: Path) -> None:
+    """Full: batches the broker accepted go first (it still holds them: "released", not counted as lost),
+    then the oldest never sent ("full": lost)."""
     path = tmp_path / "b.db"
     with Buffer(path, gateway="gw-01", max_bytes=1 * MiB) as buf:
         seqs, _ = buf.add("d", points("d", 3000), max_points=100, max_bytes=10**6)
@@ -131,7 +149,13 @@ def test_storage_mode_drops_the_oldest_whether_accepted_or_not_and_says_how_many
         drops = []
         for round_ in range(60):
             drops += buf.add("d", points("d", 300, start=round_), max_points=100, max_bytes=10**6)[1]
-    assert drops and drops[0].oldest_seq == 1 and drops[0].accepted == drops[0].batches
+    released = [d for d in drops if d.reason == "released"]
+    full = [d for d in drops if d.reason == "full"]
+    assert released and released[0].oldest_seq == seqs[0] and sum(d.batches for d in released) == len(seqs)
+    assert full and all(d.accepted == 0 for d in full)
+    stats = read_stats(path)
+    assert stats is not None and stats.dropped_points == sum(d.points for d in full)  # released: not lost
+    assert stats.drops["released"] == sum(d.points for d in released)
 
 
 WRITER = """
@@ -156,15 +180,16 @@ def test_kill_9_loses_nothing_that_was_committed(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert proc.stdout is not None
-    committed = 0
+    committed, lines = 0, 0
     deadline = time.monotonic() + 20
-    while committed < 400 and time.monotonic() < deadline:
-        committed = int(proc.stdout.readline())
+    while lines < 200 and time.monotonic() < deadline:
+        committed, lines = int(proc.stdout.readline()), lines + 1
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     seqs = pending(path)
-    assert seqs[:committed] == list(range(1, committed + 1))
+    start = seqs[0]
+    assert seqs[: committed - start + 1] == list(range(start, committed + 1))
     with Buffer(path, gateway="gw-01", max_bytes=10**9) as buf:
         assert buf.next_seq == seqs[-1] + 1
         next_seqs, _ = buf.add("d", points("d", 1), max_points=10, max_bytes=10**6)
@@ -241,7 +266,7 @@ def test_acceptance_times_in_the_future_are_brought_back_to_the_present(tmp_path
         seqs, _ = buf.add("d", points("d", 20), max_points=10, max_bytes=10**6)
         buf.accept(seqs[:1], at_ms=5_000)
         buf.accept(seqs[1:], at_ms=9_000_000_000_000)  # year 2255
-        assert buf.clamp_accepted(now_ms=6_000) == 1
+        assert buf.clamp_accepted(6_000) == 1
     reader = BufferReader(path)
     assert reader.newest_accepted_ms() == 6_000
-    assert [b.accepted_ms for b in reader.old(0, 10, below=0, accepted_before=10_000)] == [5_000, 6_000]
+    assert [b.accepted_ms for b in reader.resend(0, 10, first_before=10_000, sent_before=10_000)] == [5_000, 6_000]

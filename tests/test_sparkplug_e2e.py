@@ -380,3 +380,28 @@ def test_a_gateway_publishes_only_as_its_own_edge_node_and_reads_only_its_own_co
     assert outcome[forged.mid] == "Not authorized" and outcome[command.mid] == "Not authorized"
     assert outcome[own.mid] in ("Success", "No matching subscribers")  # allowed (0x00 or 0x10)
     assert "received" not in outcome  # no command reached gw-01, and gw-02's are not readable by gw-01
+
+
+def test_a_bridge_started_after_the_births_asks_for_them_and_stores_everything_once(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    pki_acme.client("tech-sniffer")
+    broker_acme.reload()
+    view = StoreView("sqlite", tmp_path / "store")
+    config = write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage)
+    with Plant(tmp_path / "plant") as plant, Sniffer(pki_acme, broker_acme) as sniff:
+        agent = AgentProcess(tmp_path / "agent", sparkplug_config(pki_acme, broker_acme, plant)).start()
+        try:
+            sniff.wait(lambda: len(sniff.of("DDATA")) > 10, "data before any host application")
+            with BridgeProcess(config) as bridge:
+                bridge.wait_connected()
+                sniff.wait(lambda: sniff.of("NCMD"), "the bridge asking for a rebirth")
+                sniff.wait(lambda: len(sniff.of("NBIRTH")) == 2, "the rebirth")
+                finish(plant, agent)
+        finally:
+            agent.stop()
+    request = decode(sniff.of("NCMD")[0][1])
+    assert [(m.name, m.value) for m in request.metrics] == [("Node Control/Rebirth", True)]
+    report = check_exactly_once(plant, view, pki_acme.tenant)
+    assert report["stored"] == report["served"]
+    assert view.count(pki_acme.tenant, "dead_letters") == 0  # factory-edge batches wait for the rebirth instead

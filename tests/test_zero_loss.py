@@ -378,7 +378,7 @@ def test_sigterm_writes_every_completed_reading_before_exit(
 ) -> None:
     """No bridge: nothing is confirmed, so the buffer must hold every reading the agent completed before SIGTERM.
     Only a read cut short by the stop itself (the newest value served to each unit) may be missing."""
-    from agent.buffer import BufferReader
+    from agent.bufferread import BufferReader
 
     agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, proxy.port, plant)).start()
     try:
@@ -387,7 +387,7 @@ def test_sigterm_writes_every_completed_reading_before_exit(
         assert agent.stop() == 0
     reader = BufferReader(agent.state_dir / "buffer.db")
     buffered: dict[int, list[int]] = {}
-    for batch in reader.pending(0, 10**6) + reader.old(0, 10**6, below=0, accepted_before=2**62):
+    for batch in reader.pending(0, 10**6) + reader.resend(0, 10**6, first_before=2**62, sent_before=2**62):
         doc = json.loads(batch.payload)
         buffered.setdefault(int(doc["dev"][1:]), []).extend(p["v"] for p in doc["points"] if p["tag"] == "served")
     reader.close()

@@ -39,6 +39,11 @@ class Tx(abc.ABC):
         """Record each ``(gw, seq)``; return the batches not stored before (in the given order)."""
 
     @abc.abstractmethod
+    def differing(self, batches: Sequence[DataBatch]) -> set[tuple[str, int]]:
+        """Of batches already stored, those whose stored device or point count differs: the ``(gw, seq)`` was used
+        for another batch (a gateway whose buffer started again). They are not confirmed."""
+
+    @abc.abstractmethod
     def insert_points(self, batches: Sequence[DataBatch]) -> None: ...
 
     @abc.abstractmethod

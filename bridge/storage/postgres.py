@@ -422,6 +422,24 @@ class _PostgresTx(Tx):
                 new.append(b)
         return new
 
+    def differing(self, batches: Sequence[DataBatch]) -> set[tuple[str, int]]:
+        if not batches:
+            return set()
+        rows = self.conn.execute(
+            self._sql(
+                "SELECT b.gw, b.seq FROM {s}.batches b JOIN unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[]) "
+                "AS n(gw, seq, device, points) ON b.gw = n.gw AND b.seq = n.seq "
+                "WHERE b.device <> n.device OR b.points <> n.points"
+            ),
+            (
+                [b.gw for b in batches],
+                [b.seq for b in batches],
+                [b.device for b in batches],
+                [len(b.rows) for b in batches],
+            ),
+        ).fetchall()
+        return {(gw, seq) for gw, seq in rows}
+
     def insert_points(self, batches: Sequence[DataBatch]) -> None:
         if not any(b.rows for b in batches):
             return

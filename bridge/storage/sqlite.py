@@ -349,6 +349,16 @@ class _SqliteTx(Tx):
                 new.append(b)
         return new
 
+    def differing(self, batches: Sequence[DataBatch]) -> set[tuple[str, int]]:
+        out = set()
+        for b in batches:
+            row = self.db.execute(
+                "SELECT device, points FROM batches WHERE gw = ? AND seq = ?", (b.gw, b.seq)
+            ).fetchone()
+            if row is not None and (row[0], row[1]) != (b.device, len(b.rows)):
+                out.add((b.gw, b.seq))
+        return out
+
     def insert_points(self, batches: Sequence[DataBatch]) -> None:
         executemany = self.db.executemany
         for b in batches:

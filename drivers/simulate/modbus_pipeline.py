@@ -152,6 +152,7 @@ class PipelinedTcpServer(ModbusTcpServer):
     def __init__(self, *args: Any, faults: Faults, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.faults = faults
+        self.handlers: list[_PipelinedHandler] = []
         self._unknown_units: set[int] = set()
 
     def serves_unit(self, unit: int) -> bool:
@@ -166,4 +167,17 @@ class PipelinedTcpServer(ModbusTcpServer):
             log.warning("no simulated machine with this unit id", extra=fields(unit=unit, units=units))
 
     def callback_new_connection(self) -> _PipelinedHandler:
-        return _PipelinedHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+        handler = _PipelinedHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
+        self.handlers = [h for h in self.handlers if h.transport is not None] + [handler]
+        return handler
+
+    async def shutdown(self) -> None:
+        # pymodbus can forget a client's transport without closing it (a client that leaves while an answer
+        # is being prepared); close every one still open, so no socket outlives the server.
+        for handler in self.handlers:
+            for task in list(handler._tasks):
+                task.cancel()
+            if handler.transport is not None:
+                handler.transport.close()
+        self.handlers.clear()
+        await super().shutdown()
