@@ -148,8 +148,13 @@ class Drop:
     accepted: int = 0  # of the batches, those the broker had accepted
 
     def event(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"type": "buffer_drop", "ts": now_ms(), "reason": self.reason, "points": self.points,
-                               "batches": self.batches}
+        doc: dict[str, Any] = {
+            "type": "buffer_drop",
+            "ts": now_ms(),
+            "reason": self.reason,
+            "points": self.points,
+            "batches": self.batches,
+        }
         if self.oldest_seq is not None:
             doc.update(seq_from=self.oldest_seq, seq_to=self.newest_seq)
         if self.accepted:
@@ -178,8 +183,16 @@ class Counts:
 class Buffer:
     """The agent's on-disk queue of batches, written by one thread."""
 
-    def __init__(self, path: str | Path, *, gateway: str, max_bytes: int, max_age_s: float | None = None,
-                 fsync: bool = True, confirm: Confirm = "storage") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        gateway: str,
+        max_bytes: int,
+        max_age_s: float | None = None,
+        fsync: bool = True,
+        confirm: Confirm = "storage",
+    ) -> None:
         self.path = Path(path)
         self.gateway = gateway
         self.max_bytes = max(max_bytes, MIN_MAX_BYTES)
@@ -233,7 +246,8 @@ class Buffer:
         row = self._db.execute(
             f"SELECT count(*) - count(at_ms), coalesce(sum(CASE WHEN {PENDING} THEN points END), 0), "
             f"coalesce(sum(CASE WHEN {PENDING} THEN length(payload) END), 0), count(at_ms), "
-            f"coalesce(sum(CASE WHEN {ACCEPTED} THEN points END), 0) FROM {SOURCE}").fetchone()
+            f"coalesce(sum(CASE WHEN {ACCEPTED} THEN points END), 0) FROM {SOURCE}"
+        ).fetchone()
         return Counts(*row)
 
     def figures(self) -> Counts:
@@ -312,7 +326,9 @@ class Buffer:
                 break
             cut = self._db.execute(
                 f"SELECT seq FROM (SELECT seq, sum(length(payload) + {ROW_OVERHEAD}) OVER (ORDER BY seq) AS total "
-                f"FROM {SOURCE} WHERE {condition}) WHERE total >= ? ORDER BY seq LIMIT 1", (excess,)).fetchone()
+                f"FROM {SOURCE} WHERE {condition}) WHERE total >= ? ORDER BY seq LIMIT 1",
+                (excess,),
+            ).fetchone()
             if cut is None:
                 cut = self._db.execute(f"SELECT max(seq) FROM {SOURCE} WHERE {condition}").fetchone()
             if cut is None or cut[0] is None:
@@ -325,13 +341,16 @@ class Buffer:
                     drops.append(drop)
         return drops
 
-    def _delete(self, condition: str, args: tuple[Any, ...]) -> tuple[int, int, int | None, int | None, int, int | None]:
+    def _delete(
+        self, condition: str, args: tuple[Any, ...]
+    ) -> tuple[int, int, int | None, int | None, int, int | None]:
         """Delete batches; ``(batches, points, oldest seq, newest seq, accepted ones, newest first acceptance)``."""
         row = self._db.execute(
             f"SELECT count(*), coalesce(sum(points), 0), min(seq), max(seq), count(at_ms), max(first_ms), "
             f"coalesce(sum(CASE WHEN {PENDING} THEN length(payload) END), 0), "
             f"coalesce(sum(CASE WHEN {PENDING} THEN points END), 0) FROM {SOURCE} WHERE {condition}",
-            args).fetchone()
+            args,
+        ).fetchone()
         batches, points, oldest, newest, accepted, newest_first, pending_bytes, pending_points = row
         if batches:
             self._db.execute(f"DELETE FROM batches WHERE seq IN (SELECT seq FROM {SOURCE} WHERE {condition})", args)
@@ -356,9 +375,11 @@ class Buffer:
         if drop.reason not in NOT_LOST:
             self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_points'", (drop.points,))
             self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_batches'", (drop.batches,))
-        self._db.execute("INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (reason) DO UPDATE SET "
-                         "points = points + excluded.points, batches = batches + excluded.batches",
-                         (drop.reason, drop.points, drop.batches))
+        self._db.execute(
+            "INSERT INTO drops VALUES (?, ?, ?) ON CONFLICT (reason) DO UPDATE SET "
+            "points = points + excluded.points, batches = batches + excluded.batches",
+            (drop.reason, drop.points, drop.batches),
+        )
 
     def insert_events(self, docs: Iterable[dict[str, Any]]) -> None:
         """Keep gateway events until published (the newest MAX_EVENTS at most)."""
@@ -375,10 +396,15 @@ class Buffer:
         marks = ",".join("?" * len(seqs))
         count, points, size = self._db.execute(
             f"SELECT count(*), coalesce(sum(points), 0), coalesce(sum(length(payload)), 0) FROM {SOURCE} "
-            f"WHERE seq IN ({marks}) AND {PENDING}", list(seqs)).fetchone()
+            f"WHERE seq IN ({marks}) AND {PENDING}",
+            list(seqs),
+        ).fetchone()
         # Only batches still buffered (a confirmation may have come first).
-        self._db.executemany("INSERT INTO accepted (seq, at_ms, first_ms) SELECT seq, ?, ? FROM batches WHERE seq = ? "
-                             "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms", [(at_ms, at_ms, s) for s in seqs])
+        self._db.executemany(
+            "INSERT INTO accepted (seq, at_ms, first_ms) SELECT seq, ?, ? FROM batches WHERE seq = ? "
+            "ON CONFLICT (seq) DO UPDATE SET at_ms = excluded.at_ms",
+            [(at_ms, at_ms, s) for s in seqs],
+        )
         c = self.counts
         c.pending_batches -= count
         c.pending_points -= points
@@ -405,8 +431,13 @@ class Buffer:
     def clamp_accepted(self, now: int) -> int:
         """Acceptance times in the future (the clock was set back since) become the present; returns how many."""
         with self.transaction():
-            return int(self._db.execute("UPDATE accepted SET at_ms = min(at_ms, ?), first_ms = min(first_ms, ?) "
-                                        "WHERE at_ms > ? OR first_ms > ?", (now, now, now, now)).rowcount)
+            return int(
+                self._db.execute(
+                    "UPDATE accepted SET at_ms = min(at_ms, ?), first_ms = min(first_ms, ?) "
+                    "WHERE at_ms > ? OR first_ms > ?",
+                    (now, now, now, now),
+                ).rowcount
+            )
 
     def forget_accepted(self, before_ms: int) -> int:
         """Broker mode: delete accepted batches older than the replay window; returns how many."""
@@ -418,8 +449,9 @@ class Buffer:
 
     # ------------------------------------------------------------ convenience (own transaction)
 
-    def add(self, device: str, points: Sequence[Point], *, max_points: int,
-            max_bytes: int) -> tuple[list[int], list[Drop]]:
+    def add(
+        self, device: str, points: Sequence[Point], *, max_points: int, max_bytes: int
+    ) -> tuple[list[int], list[Drop]]:
         """Buffer one device's points in one transaction: their seqs, and any drops it caused."""
         if not points:
             return [], []

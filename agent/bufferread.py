@@ -61,13 +61,17 @@ class BufferReader:
     def resend(self, after: int, limit: int, *, first_before: int, sent_before: int) -> list[Batch]:
         """Accepted batches due to be sent again: first accepted before ``first_before`` and last sent before
         ``sent_before`` (``delivery.py``), in seq order."""
-        return self._batches("seq > ? AND seq IN (SELECT seq FROM accepted WHERE first_ms < ? AND at_ms < ?)",
-                             [after, first_before, sent_before], limit)
+        return self._batches(
+            "seq > ? AND seq IN (SELECT seq FROM accepted WHERE first_ms < ? AND at_ms < ?)",
+            [after, first_before, sent_before],
+            limit,
+        )
 
     def replay(self, after: int, limit: int, *, accepted_from: int) -> list[Batch]:
         """Broker mode: accepted batches the broker may have lost in a crash (accepted from this time on)."""
-        return self._batches("seq > ? AND seq IN (SELECT seq FROM accepted WHERE at_ms >= ?)",
-                             [after, accepted_from], limit)
+        return self._batches(
+            "seq > ? AND seq IN (SELECT seq FROM accepted WHERE at_ms >= ?)", [after, accepted_from], limit
+        )
 
     def oldest_unconfirmed(self) -> tuple[Batch, int] | None:
         """The batch the broker accepted first among those unconfirmed, and when it first did."""
@@ -78,11 +82,14 @@ class BufferReader:
         return (found[0], row[1]) if found else None
 
     def newest_accepted_ms(self) -> int | None:
-        return self._db.execute("SELECT max(at_ms) FROM accepted").fetchone()[0]  # type: ignore[no-any-return]
+        newest: int | None = self._db.execute("SELECT max(at_ms) FROM accepted").fetchone()[0]
+        return newest
 
     def _batches(self, where: str, args: Sequence[Any], limit: int) -> list[Batch]:
-        rows = self._db.execute(f"SELECT seq, device, points, payload, at_ms FROM {SOURCE} WHERE {where} "
-                                f"ORDER BY seq LIMIT ?", (*args, limit))
+        rows = self._db.execute(
+            f"SELECT seq, device, points, payload, at_ms FROM {SOURCE} WHERE {where} ORDER BY seq LIMIT ?",
+            (*args, limit),
+        )
         return [Batch(*row) for row in rows]
 
     def pending_events(self, limit: int) -> list[tuple[int, bytes]]:
@@ -94,12 +101,18 @@ class BufferReader:
     def ages(self) -> tuple[int | None, int | None]:
         """When the oldest pending and the oldest unconfirmed batch were buffered (epoch ms)."""
         row = self._db.execute(f"SELECT created_ms FROM {SOURCE} WHERE {PENDING} ORDER BY seq LIMIT 1").fetchone()
-        first = self._db.execute("SELECT created_ms FROM batches WHERE seq = (SELECT min(seq) FROM accepted)"
-                                 ).fetchone()
+        first = self._db.execute(
+            "SELECT created_ms FROM batches WHERE seq = (SELECT min(seq) FROM accepted)"
+        ).fetchone()
         return (row[0] if row else None, first[0] if first else None)
 
-    def stats(self, counts: Counts | None = None, next_seq: int | None = None, *,
-              ages: tuple[int | None, int | None] | None = None) -> BufferStats:
+    def stats(
+        self,
+        counts: Counts | None = None,
+        next_seq: int | None = None,
+        *,
+        ages: tuple[int | None, int | None] | None = None,
+    ) -> BufferStats:
         """The figures; with the writer's ``counts`` no batch is counted, with ``ages`` (oldest pending, oldest
         unconfirmed) none is looked for (those can walk many accepted batches)."""
         return _stats(self._db, self.path, counts, next_seq, ages)
@@ -108,37 +121,60 @@ class BufferReader:
         self._db.close()
 
 
-def _stats(db: sqlite3.Connection, path: Path, counts: Counts | None = None, next_seq: int | None = None,
-           ages: tuple[int | None, int | None] | None = None) -> BufferStats:
+def _stats(
+    db: sqlite3.Connection,
+    path: Path,
+    counts: Counts | None = None,
+    next_seq: int | None = None,
+    ages: tuple[int | None, int | None] | None = None,
+) -> BufferStats:
     meta = dict(db.execute("SELECT key, value FROM meta"))
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    source, accepted = (SOURCE, ACCEPTED) if version >= 3 else ("batches", "acked_ms IS NOT NULL" if version == 2 else "0")
+    source, accepted = (
+        (SOURCE, ACCEPTED) if version >= 3 else ("batches", "acked_ms IS NOT NULL" if version == 2 else "0")
+    )
     if counts is None:
         pending, points, size, unconfirmed, unconfirmed_points = db.execute(
             f"SELECT count(*) - count(CASE WHEN {accepted} THEN 1 END), "
             f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE points END), 0), "
             f"coalesce(sum(CASE WHEN {accepted} THEN 0 ELSE length(payload) END), 0), "
             f"count(CASE WHEN {accepted} THEN 1 END), "
-            f"coalesce(sum(CASE WHEN {accepted} THEN points ELSE 0 END), 0) FROM {source}").fetchone()
+            f"coalesce(sum(CASE WHEN {accepted} THEN points ELSE 0 END), 0) FROM {source}"
+        ).fetchone()
     else:
         pending, points, size = counts.pending_batches, counts.pending_points, counts.pending_bytes
         unconfirmed, unconfirmed_points = counts.unconfirmed_batches, counts.unconfirmed_points
     if ages is None:
         # The oldest of each: the first by seq (seqs follow creation).
         row = db.execute(f"SELECT created_ms FROM {source} WHERE NOT ({accepted}) ORDER BY seq LIMIT 1").fetchone()
-        first = (db.execute("SELECT created_ms FROM batches WHERE seq = (SELECT min(seq) FROM accepted)").fetchone()
-                 if version >= 3 else None)
+        first = (
+            db.execute("SELECT created_ms FROM batches WHERE seq = (SELECT min(seq) FROM accepted)").fetchone()
+            if version >= 3
+            else None
+        )
         ages = (row[0] if row else None, first[0] if first else None)
     has_drops = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'drops'").fetchone()
     drops = dict(db.execute("SELECT reason, points FROM drops")) if has_drops else {}
     events = db.execute("SELECT count(*) FROM events").fetchone()[0]
     page_size = db.execute("PRAGMA page_size").fetchone()[0]
-    used = (db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0])
+    used = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
     disk = used * page_size + _size(path.with_name(path.name + "-wal"))
     lost = {reason: n for reason, n in drops.items() if reason not in NOT_LOST}
-    return BufferStats(pending, points, size, ages[0], unconfirmed, unconfirmed_points, ages[1],
-                       next_seq if next_seq is not None else meta.get("next_seq", 1),
-                       sum(lost.values()), meta.get("dropped_batches", 0), drops, events, disk)
+    return BufferStats(
+        pending,
+        points,
+        size,
+        ages[0],
+        unconfirmed,
+        unconfirmed_points,
+        ages[1],
+        next_seq if next_seq is not None else meta.get("next_seq", 1),
+        sum(lost.values()),
+        meta.get("dropped_batches", 0),
+        drops,
+        events,
+        disk,
+    )
 
 
 def read_stats(path: str | Path) -> BufferStats | None:

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 from drivers.config import ModbusDeviceBase, OpcuaDevice
+from drivers.modbus.notation import address_warnings
 from drivers.modbus.plan import Limits, plan_reads
-from factory_edge.units import format_duration
+from factory_edge.errors import ConfigError
+from factory_edge.mqtt import tls_file_problems
+from factory_edge.units import format_duration, plural
 
 from .config import AgentConfig, load_config
+from .identity import broker_from_config
 
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "check-config", help="validate a config file and print its devices, tags and read plan",
+        "check-config",
+        help="validate a config file and print its devices, tags and read plan",
         description="Validate FILE. Prints a summary (devices, tags, the Modbus requests each poll makes) "
-                    "or every error, one per line, naming the file, the path inside it and the problem (exit code 2).")
-    p.add_argument("file", metavar="FILE", help="agent config (YAML)")
+        "or every error, one per line, naming the file, the path inside it and the problem (exit code 2).",
+    )
+    p.add_argument("file", metavar="FILE", nargs="?", help="agent config (YAML)")
+    p.add_argument("--config", metavar="FILE", help="the same, as agent run and agent read take it")
     p.set_defaults(handler=run)
 
 
@@ -31,8 +40,10 @@ def summary_lines(config: AgentConfig) -> list[str]:
         if isinstance(device, ModbusDeviceBase):
             reads = plan_reads(device.tags, Limits.of(device))
             total_requests += len(reads)
-            lines.append(f"{head} unit {device.unit}  poll {format_duration(device.poll)}  "
-                         f"{len(device.tags)} tags  {len(reads)} requests per poll")
+            lines.append(
+                f"{head} unit {device.unit}  poll {format_duration(device.poll)}  "
+                f"{plural(len(device.tags), 'tag')}  {plural(len(reads), 'request')} per poll"
+            )
             lines += [f"    {r}" for r in reads]
         elif isinstance(device, OpcuaDevice):
             security = "" if device.security.policy == "None" else f"  {device.security.policy}/{device.security.mode}"
@@ -40,15 +51,52 @@ def summary_lines(config: AgentConfig) -> list[str]:
                 total_requests += 1
                 how = f"poll {format_duration(device.poll)}  1 read request per poll"
             else:
-                how = f"subscribe, sampling {format_duration(device.poll)}  {len(device.tags)} monitored items"
-            lines.append(f"{head}{security}  {len(device.tags)} tags  {how}")
+                how = (
+                    f"subscribe, sampling {format_duration(device.poll)}  {plural(len(device.tags), 'monitored item')}"
+                )
+            lines.append(f"{head}{security}  {plural(len(device.tags), 'tag')}  {how}")
     gateway = config.gateway or "(from provisioning)"
-    header = (f"OK: gateway {gateway}, {len(config.devices)} devices, {total_tags} tags, "
-              f"{total_requests} requests per poll cycle")
+    header = (
+        f"OK: gateway {gateway}, {plural(len(config.devices), 'device')}, {plural(total_tags, 'tag')}, "
+        f"{plural(total_requests, 'request')} per poll cycle"
+    )
     return [header, *lines]
 
 
+def config_file(args: argparse.Namespace) -> str:
+    """FILE or ``--config FILE``: one of them, or both naming the same file."""
+    if args.file and args.config and args.file != args.config:
+        raise ConfigError(f"two config files given: {args.file} and --config {args.config}; check one at a time")
+    path: str | None = args.file or args.config
+    if not path:
+        raise ConfigError("no config file given: agent check-config FILE (or --config FILE)")
+    return path
+
+
+def check_tls_files(config: AgentConfig, path: str) -> None:
+    """The CA, certificate and key files of the mqtt: section exist and are what their fields say."""
+    broker = broker_from_config(config, base_dir=Path(path).resolve().parent, source=path)
+    if broker is not None and broker.tls:
+        problems = tls_file_problems(broker)
+        if problems:
+            raise ConfigError("\n".join(problems))
+
+
+def check_devices(config: AgentConfig, path: str) -> None:
+    """A config that polls nothing is a mistake (an empty file, devices: at the wrong indentation)."""
+    if not config.devices:
+        raise ConfigError(
+            f"{path}: devices: none configured, so the agent would poll nothing; "
+            "list the machines under devices: (docs/config.md)"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    path = config_file(args)
+    config = load_config(path)
+    check_devices(config, path)
+    check_tls_files(config, path)
+    for warning in address_warnings(config, path):
+        print(f"Warning: {warning}", file=sys.stderr)
     print("\n".join(summary_lines(config)))
     return 0

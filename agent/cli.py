@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from factory_edge.cli import add_global_options, run_command
+from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 
 from . import checkconfig, provision, read, run, simulate, status
 
@@ -22,11 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agent",
         description="factory-edge agent: reads machines over Modbus and OPC UA and publishes to MQTT.",
     )
-    add_global_options(parser, log_level_help="default: info for long-running commands, "
-                                              "error for one-shot ones whose output already says what failed")
+    add_global_options(
+        parser,
+        log_level_help="default: info for long-running commands, "
+        "error for one-shot ones whose output already says what failed",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (run, checkconfig, read, status, simulate, provision):
         module.add_parser(commands)
+    accept_global_options_anywhere(parser)
     return parser
 
 

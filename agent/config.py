@@ -7,8 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from drivers.config import NAME_PATTERN, Device, Duration, ModbusDeviceBase, Model
+from drivers.config import Device, ModbusDeviceBase
 from factory_edge.configfile import load_model
+from factory_edge.configmodel import NAME_PATTERN, Duration, Model
+from factory_edge.errors import ConfigError
+from factory_edge.extras import install_hint, missing
 from factory_edge.units import parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -19,20 +22,27 @@ DEFAULT_STATE_DIR = "/var/lib/factory-edge/agent"
 class MqttConfig(Model):
     """Broker settings for sites with their own broker (with ``url``), or tuning of the provisioned one (without)."""
 
-    url: str | None = Field(default=None, pattern=r"^mqtts?://",
-                            description="mqtts://host:8883 (TLS) or mqtt://host:1883; without it, the provisioned broker")
+    url: str | None = Field(
+        default=None,
+        pattern=r"^mqtts?://",
+        description="mqtts://host:8883 (TLS) or mqtt://host:1883; without it, the provisioned broker",
+    )
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
     username: str | None = None
     password: str | None = None
-    connect_host: str | None = Field(default=None, description="dial this address; SNI and certificate checks use the URL's host")
+    connect_host: str | None = Field(
+        default=None, description="dial this address; SNI and certificate checks use the URL's host"
+    )
     keepalive: Duration = 30.0
-    connect_timeout: Duration = Field(default=5.0, gt=0, le=120,
-                                      description="give up a connection attempt (TCP, TLS, CONNACK) after this")
+    connect_timeout: Duration = Field(
+        default=5.0, gt=0, le=120, description="give up a connection attempt (TCP, TLS, CONNACK) after this"
+    )
     retry_initial: Duration = Field(default=0.2, gt=0, le=60, description="first delay before connecting again")
-    retry_max: Duration = Field(default=1.0, gt=0, le=3600,
-                                description="longest delay between attempts (each is jittered to 50-100%)")
+    retry_max: Duration = Field(
+        default=1.0, gt=0, le=3600, description="longest delay between attempts (each is jittered to 50-100%)"
+    )
 
     @model_validator(mode="after")
     def _pairs(self) -> MqttConfig:
@@ -41,32 +51,60 @@ class MqttConfig(Model):
         if self.password is not None and self.username is None:
             raise ValueError("password: given without username:")
         if self.url is None:
-            given = [k for k in ("ca_file", "cert_file", "key_file", "username", "connect_host")
-                     if getattr(self, k) is not None]
+            given = [
+                k
+                for k in ("ca_file", "cert_file", "key_file", "username", "connect_host")
+                if getattr(self, k) is not None
+            ]
             if given:
                 raise ValueError(f"{given[0]}: given without url: (the provisioned identity brings its own)")
+        elif self.url.startswith("mqtt://"):
+            given = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"{given[0]}: given with an mqtt:// url, which is plain TCP without TLS: "
+                    "use mqtts:// (TLS), or remove it"
+                )
         if self.retry_initial > self.retry_max:
             raise ValueError(f"retry_initial ({self.retry_initial:g}s) is longer than retry_max ({self.retry_max:g}s)")
         return self
 
 
 class BufferConfig(Model):
-    max_bytes: Size = Field(default=256 * 1024**2, ge=1024**2,
-                            description="the buffer's files on disk (database and WAL) stay below this")
+    max_bytes: Size = Field(
+        default=256 * 1024**2, ge=1024**2, description="the buffer's files on disk (database and WAL) stay below this"
+    )
     max_age: Duration | None = None
     fsync: bool = Field(default=True, description="flush every commit to the disk (survives power loss)")
     confirm: Literal["storage", "broker"] = Field(
-        default="storage", description="delete a batch when the tenant's storage confirms it (storage), "
-                                       "or on the broker's PUBACK (broker: for consumers other than the bridge)")
-    confirm_timeout: Duration = Field(default=30.0, gt=0, le=3600,
-                                      description="storage: send an accepted batch again when it is unconfirmed "
-                                                  "this long while newer ones are confirmed")
-    replay: Duration = Field(default=10.0, ge=0, description="broker: after a reconnect, send again what the "
-                                                             "broker accepted this long before the connection was lost")
-    queue_points: int = Field(default=200_000, ge=1000, le=10_000_000,
-                              description="readings waiting for the disk; past it the oldest waiting are dropped")
-    min_free: Size = Field(default=16 * 1024**2, ge=0,
-                           description="stop writing readings while the filesystem has less free space than this")
+        default="storage",
+        description="delete a batch when the tenant's storage confirms it (storage), "
+        "or on the broker's PUBACK (broker: for consumers other than the bridge)",
+    )
+    confirm_timeout: Duration = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="storage: send an accepted batch again when it is unconfirmed "
+        "this long while newer ones are confirmed",
+    )
+    replay: Duration = Field(
+        default=10.0,
+        ge=0,
+        description="broker: after a reconnect, send again what the "
+        "broker accepted this long before the connection was lost",
+    )
+    queue_points: int = Field(
+        default=200_000,
+        ge=1000,
+        le=10_000_000,
+        description="readings waiting for the disk; past it the oldest waiting are dropped",
+    )
+    min_free: Size = Field(
+        default=16 * 1024**2,
+        ge=0,
+        description="stop writing readings while the filesystem has less free space than this",
+    )
 
 
 class PublishConfig(Model):
@@ -82,12 +120,16 @@ class SparkplugConfig(Model):
     """Sparkplug B 3.0 edge node (docs/sparkplug.md): data goes to spBv1.0/<group_id>/… instead of gw/<gw>/data."""
 
     group_id: str = Field(pattern=SPARKPLUG_ID, description="the Sparkplug group of this edge node")
-    edge_node_id: str | None = Field(default=None, pattern=SPARKPLUG_ID,
-                                     description="default: the gateway id (the broker's ACL allows only that)")
-    primary_host: str | None = Field(default=None, pattern=SPARKPLUG_ID,
-                                     description="host application id: publish only while its STATE is online")
-    data_qos: Literal[0, 1] = Field(default=0, description="QoS of DDATA: 0 as the specification says; the "
-                                                           "storage confirmation makes either lossless")
+    edge_node_id: str | None = Field(
+        default=None, pattern=SPARKPLUG_ID, description="default: the gateway id (the broker's ACL allows only that)"
+    )
+    primary_host: str | None = Field(
+        default=None, pattern=SPARKPLUG_ID, description="host application id: publish only while its STATE is online"
+    )
+    data_qos: Literal[0, 1] = Field(
+        default=0,
+        description="QoS of DDATA: 0 as the specification says; the storage confirmation makes either lossless",
+    )
 
 
 class AgentConfig(Model):
@@ -114,8 +156,10 @@ class AgentConfig(Model):
                 for tag in device.tags:
                     limit = device.max_bits_per_read if tag.table.is_bits else device.max_registers_per_read
                     if tag.register_count > limit:
-                        raise ValueError(f"device {device.name!r}: tag {tag.name!r} needs {tag.register_count} registers "
-                                         f"but max_registers_per_read is {limit}")
+                        raise ValueError(
+                            f"device {device.name!r}: tag {tag.name!r} needs {tag.register_count} registers "
+                            f"but max_registers_per_read is {limit}"
+                        )
         return devices
 
     def device(self, name: str) -> Any:
@@ -127,4 +171,21 @@ class AgentConfig(Model):
 
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate an agent config file; ConfigError lists every problem, one per line."""
-    return load_model(AgentConfig, path)
+    config = load_model(AgentConfig, path)
+    require_drivers(config, str(path))
+    return config
+
+
+def require_drivers(config: AgentConfig, source: str) -> None:
+    """Every enabled device's driver is installed: an OPC UA device needs the [opcua] extra."""
+    absent = missing("opcua")
+    if not absent:
+        return
+    lines = [
+        f"{source}: devices[{device.name}]: protocol opcua needs the [opcua] extra ({', '.join(absent)} "
+        f"not installed): {install_hint('opcua')}"
+        for device in config.devices
+        if device.protocol == "opcua" and device.enabled
+    ]
+    if lines:
+        raise ConfigError("\n".join(lines))

@@ -80,8 +80,9 @@ class DeliveryPolicy:
 
     def confirmed(self, newest_first_ms: int | None) -> None:
         """The bridge confirmed batches; the latest first acceptance among them (None if not known)."""
-        if newest_first_ms is not None and (self.newest_confirmed_ms is None
-                                            or newest_first_ms > self.newest_confirmed_ms):
+        if newest_first_ms is not None and (
+            self.newest_confirmed_ms is None or newest_first_ms > self.newest_confirmed_ms
+        ):
             self.newest_confirmed_ms = newest_first_ms
         self._probe_interval_s = self.confirm_timeout_s  # the bridge is there: probe promptly again
 

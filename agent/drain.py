@@ -23,8 +23,9 @@ RESCAN_S = 2.0
 
 
 class OldStream:
-    def __init__(self, reader: BufferReader, policy: DeliveryPolicy, *, boundary: int, replay_from: int | None,
-                 limit: int) -> None:
+    def __init__(
+        self, reader: BufferReader, policy: DeliveryPolicy, *, boundary: int, replay_from: int | None, limit: int
+    ) -> None:
         self.reader = reader
         self.policy = policy
         self.boundary = boundary

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory_edge.errors import ConfigError
+from factory_edge.mqtt import BrokerSettings
 
 from .config import AgentConfig
-from .mqtt import BrokerSettings
 
 IDENTITY_FILE = "identity.json"
 
@@ -38,44 +38,73 @@ def load_identity(state_dir: Path) -> Identity | None:
         return None
     try:
         doc = json.loads(path.read_text())
-        return Identity(doc["gateway"], doc["broker_url"], *(str(state_dir / doc[k]) for k in ("ca_file", "cert_file", "key_file")))
+        return Identity(
+            doc["gateway"], doc["broker_url"], *(str(state_dir / doc[k]) for k in ("ca_file", "cert_file", "key_file"))
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable identity ({exc}); provision again with agent provision --force") from exc
 
 
-def resolve(config: AgentConfig, state_dir: Path, *, base_dir: Path | None = None) -> tuple[str, BrokerSettings]:
-    """The gateway id and broker settings this agent runs with.
+def broker_from_config(
+    config: AgentConfig, *, base_dir: Path | None = None, source: str | None = None
+) -> BrokerSettings | None:
+    """The broker of the config's ``mqtt:`` section (None without ``mqtt.url``).
 
-    Relative file names in the ``mqtt:`` section are relative to ``base_dir``
-    (the config file's directory), not to wherever the agent was started.
+    Relative file names are relative to ``base_dir`` (the config file's
+    directory), not to wherever the agent was started; errors about them
+    name ``source`` (the config file).
     """
+    m = config.mqtt
+    if m is None or m.url is None:
+        return None
 
     def local(name: str | None) -> str | None:
         if name is None or base_dir is None or Path(name).is_absolute():
             return name
         return str(base_dir / name)
 
+    return BrokerSettings.from_url(
+        m.url,
+        connect_host=m.connect_host,
+        ca_file=local(m.ca_file),
+        cert_file=local(m.cert_file),
+        key_file=local(m.key_file),
+        username=m.username,
+        password=m.password,
+        keepalive_s=m.keepalive,
+        connect_timeout_s=m.connect_timeout,
+        origin=f"{source}: mqtt." if source else "mqtt.",
+    )
+
+
+def resolve(
+    config: AgentConfig, state_dir: Path, *, base_dir: Path | None = None, source: str | None = None
+) -> tuple[str, BrokerSettings]:
+    """The gateway id and broker settings this agent runs with: the ``mqtt:`` section, else the identity."""
+    broker = broker_from_config(config, base_dir=base_dir, source=source)
+    if broker is not None:
+        if config.gateway:
+            return config.gateway, broker
+        identity = load_identity(state_dir)
+        if identity is None:
+            raise ConfigError("gateway: required when the broker comes from the mqtt: section")
+        return identity.gateway, broker
+    identity = load_identity(state_dir)
+    if identity is None:
+        raise ConfigError(
+            f"mqtt: no broker configured and {state_dir} holds no identity: "
+            "run 'agent provision --url … --key …' or add an mqtt: section"
+        )
+    if config.gateway and config.gateway != identity.gateway:
+        raise ConfigError(f"gateway: {config.gateway!r} differs from the provisioned identity {identity.gateway!r}")
     tuning = {}
     if config.mqtt is not None:
         tuning = {"keepalive_s": config.mqtt.keepalive, "connect_timeout_s": config.mqtt.connect_timeout}
-    if config.mqtt is not None and config.mqtt.url is not None:
-        if not config.gateway:
-            identity = load_identity(state_dir)
-            if identity is None:
-                raise ConfigError("gateway: required when the broker comes from the mqtt: section")
-            gateway = identity.gateway
-        else:
-            gateway = config.gateway
-        m = config.mqtt
-        return gateway, BrokerSettings.from_url(
-            m.url, connect_host=m.connect_host, ca_file=local(m.ca_file), cert_file=local(m.cert_file),
-            key_file=local(m.key_file), username=m.username, password=m.password, **tuning)
-    identity = load_identity(state_dir)
-    if identity is None:
-        raise ConfigError(f"mqtt: no broker configured and {state_dir} holds no identity: "
-                          "run 'agent provision --url … --key …' or add an mqtt: section")
-    if config.gateway and config.gateway != identity.gateway:
-        raise ConfigError(f"gateway: {config.gateway!r} differs from the provisioned identity {identity.gateway!r}")
     return identity.gateway, BrokerSettings.from_url(
-        identity.broker_url, ca_file=identity.ca_file, cert_file=identity.cert_file, key_file=identity.key_file,
-        **tuning)
+        identity.broker_url,
+        ca_file=identity.ca_file,
+        cert_file=identity.cert_file,
+        key_file=identity.key_file,
+        origin=f"{state_dir / IDENTITY_FILE}: ",
+        **tuning,
+    )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from factory_edge.errors import ConfigError
 from factory_edge.logs import fields
 
 from .buffer import age_seconds
@@ -76,8 +77,10 @@ def render(agent: Agent, buf: BufferStats) -> str:
     ]
     for name, dev in s["devices"].items():
         lines.append(f'factory_edge_device_up{{{gw},device="{_escape(name)}"}} {int(dev["state"] == "up")}')
-    lines += ["# HELP factory_edge_device_points_total Points read from the device.",
-              "# TYPE factory_edge_device_points_total counter"]
+    lines += [
+        "# HELP factory_edge_device_points_total Points read from the device.",
+        "# TYPE factory_edge_device_points_total counter",
+    ]
     for name, dev in s["devices"].items():
         lines.append(f'factory_edge_device_points_total{{{gw},device="{_escape(name)}"}} {dev["points"]}')
     return "\n".join(lines) + "\n"
@@ -94,15 +97,20 @@ async def serve_metrics(agent: Agent, port: int) -> None:
                 body, status = render(agent, await agent.buffer_stats()).encode(), b"200 OK"
             else:
                 body, status = b"see /metrics\n", b"404 Not Found"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                         b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            writer.write(
+                b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+            )
             await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    try:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+    except OSError as exc:
+        raise ConfigError(f"metrics_port: cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
     log.info("metrics listening", extra=fields(address=f"127.0.0.1:{port}"))
     async with server:
         await server.serve_forever()

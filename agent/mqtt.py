@@ -1,172 +1,29 @@
-"""One MQTT v5 connection (paho-mqtt 2.x): TLS with SNI, will message, callbacks into asyncio.
+"""The agent's MQTT v5 session (paho-mqtt 2.x): will message, in-flight window, callbacks into asyncio.
 
 ``Link.open()`` dials once and returns a connected link or raises
-PublishError with the reason in a technician's words ("broker certificate
-not trusted", "hostname mismatch", "connection refused"). The agent's
-connection manager owns reconnecting, with backoff and jitter; paho's own
-reconnect is off, so a lost connection ends its link and the buffer, not
-paho's memory, decides what is sent again.
+PublishError with the reason in a technician's words (see
+``factory_edge.mqtt``). The agent's connection manager owns reconnecting,
+with backoff and jitter; paho's own reconnect is off, so a lost connection
+ends its link and the buffer, not paho's memory, decides what is sent again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from factory_edge.errors import ConfigError, PublishError
+from factory_edge.errors import PublishError
+from factory_edge.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 
 SESSION_EXPIRY_S = 7 * 24 * 3600  # commands queued for a week of downtime, then forgotten
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """Where and how to connect, resolved from the config or the provisioned identity."""
-
-    host: str  # the URL's host: SNI name and certificate check
-    port: int
-    tls: bool
-    connect_host: str | None = None  # dial this address instead of ``host``
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: float = 30.0
-    connect_timeout_s: float = 10.0
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> BrokerSettings:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ConfigError(f"mqtt.url: expected mqtts://host:port, got {url!r}")
-        tls = parts.scheme == "mqtts"
-        return cls(host=parts.hostname, port=parts.port or (8883 if tls else 1883), tls=tls, **options)
-
-    @property
-    def dial_host(self) -> str:
-        return self.connect_host or self.host
-
-    def describe(self) -> str:
-        via = f" via {self.connect_host}" if self.connect_host else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}{via}"
-
-
-class _SniContext(ssl.SSLContext):
-    """An SSL context that presents ``sni_host`` whatever address paho dialled.
-
-    paho passes the host it connects to as ``server_hostname``; with
-    ``connect_host`` that is an IP or a proxy address, while the SNI name
-    and the certificate check must stay the broker URL's host.
-    """
-
-    sni_host: str = ""
-    last_socket: ssl.SSLSocket | None = None
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
-        kwargs["server_hostname"] = self.sni_host
-        # Kept so a failed handshake's socket can be closed: paho drops it.
-        self.last_socket = super().wrap_socket(sock, *args, **kwargs)
-        return self.last_socket
-
-
-def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
-    """TLS >= 1.2, broker certificate verified against the CA and the URL's host; client cert if given."""
-    context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.sni_host = settings.host
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
-    for key, name in (("ca_file", settings.ca_file), ("cert_file", settings.cert_file), ("key_file", settings.key_file)):
-        if name and not Path(name).is_file():
-            raise ConfigError(f"mqtt.{key}: {name}: no such file")
-    try:
-        if settings.ca_file:
-            context.load_verify_locations(cafile=settings.ca_file)
-        else:
-            context.load_default_certs()
-        if settings.cert_file and settings.key_file:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
-    except (ssl.SSLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc.strerror or exc
-        raise ConfigError(f"mqtt: cannot load TLS files ({settings.ca_file or 'system CAs'}, "
-                          f"{settings.cert_file}): {reason}") from exc
-    return context
-
-
-def explain_connect_error(exc: BaseException, settings: BrokerSettings) -> str:
-    """A one-line reason a TCP/TLS connection to the broker failed."""
-    where = f"{settings.dial_host}:{settings.port}"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        if "Hostname mismatch" in str(exc) or "IP address mismatch" in str(exc):
-            return f"TLS: the broker's certificate is not valid for {settings.host} (hostname mismatch)"
-        if "expired" in str(exc):
-            return "TLS: the broker's certificate has expired"
-        return f"TLS: broker certificate not trusted ({exc.verify_message}); check ca_file"
-    if isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(exc):
-        return (f"{where} closed the connection during the TLS handshake "
-                f"(unknown SNI name {settings.host}, or the broker refused our certificate)")
-    if isinstance(exc, ssl.SSLError):
-        text = str(exc)
-        if "CERTIFICATE_EXPIRED" in text.upper() or "certificate expired" in text:
-            return "TLS: the broker refused our certificate: it has expired"
-        if "UNKNOWN_CA" in text.upper() or "unknown ca" in text:
-            return "TLS: the broker refused our certificate: issued by a CA it does not trust"
-        if "REVOKED" in text.upper():
-            return "TLS: the broker refused our certificate: it has been revoked"
-        if "HANDSHAKE_FAILURE" in text.upper() or "CERTIFICATE_REQUIRED" in text.upper():
-            return f"TLS: handshake with {where} failed ({exc.reason}); a client certificate may be required"
-        return f"TLS: handshake with {where} failed ({exc.reason or text})"
-    if isinstance(exc, ConnectionRefusedError):
-        return f"connection refused by {where}"
-    if isinstance(exc, (TimeoutError, ssl.SSLZeroReturnError)):
-        return f"no answer from {where} (timeout)"
-    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
-        return f"{where} closed the connection during the TLS handshake (unknown SNI name {settings.host}, or the broker refused our certificate)"
-    if isinstance(exc, OSError):
-        return f"cannot reach {where}: {exc.strerror or exc}"
-    return f"cannot connect to {where}: {exc}"
-
-
-# What a broker's DISCONNECT reason means to whoever reads the log (paho's own words are terse).
-_SERVER_DISCONNECTS = {
-    "Session taken over": "session taken over by another connection with our client id",
-    "Server shutting down": "the broker is shutting down",
-    "Keep alive timeout": "the broker heard nothing from us within the keepalive",
-    "Not authorized": "the broker refused: not authorized",
-    "Packet too large": "the broker refused a message larger than its max_packet_size",
-    "Administrative action": "the broker ended our session (administrative action: revoked?)",
-    "Quota exceeded": "the broker ended our session: quota exceeded",
-    "Message rate too high": "the broker ended our session: message rate too high",
-}
-
-
-CLOSED_BY_BROKER = "the broker closed the connection"  # no DISCONNECT packet, no keepalive timeout: a bare close
-
-
-def explain_disconnect(from_server: bool, reason: Any) -> str:
-    """A lost connection in words: the broker's DISCONNECT reason, or what happened to the socket."""
-    name = getattr(reason, "getName", lambda: str(reason))() if reason is not None else ""
-    if from_server:
-        return _SERVER_DISCONNECTS.get(name, f"the broker ended our session: {name.lower() or 'no reason given'}")
-    if name == "Keep alive timeout":
-        return "no answer from the broker within the keepalive (network down?)"
-    if name == "Success":
-        return "disconnected"
-    return CLOSED_BY_BROKER
 
 
 class Link:
@@ -176,16 +33,25 @@ class Link:
     (``on_ack(mid, ok)``, ``on_message(message)``, ``on_lost(reason)``).
     """
 
-    def __init__(self, settings: BrokerSettings, *, client_id: str, will: tuple[str, bytes] | None,
-                 will_retain: bool = True,
-                 inflight: int, on_ack: Callable[[int, bool], None],
-                 on_message: Callable[[paho.MQTTMessage], None], on_lost: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        will: tuple[str, bytes] | None,
+        will_retain: bool = True,
+        inflight: int,
+        on_ack: Callable[[int, bool], None],
+        on_message: Callable[[paho.MQTTMessage], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self._connack: asyncio.Future[str | None] = self.loop.create_future()
         self.closed = asyncio.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                  reconnect_on_failure=False)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=False
+        )
         self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(0)
         self._tls: ssl.SSLContext | None = None
@@ -209,7 +75,11 @@ class Link:
         # MQTT v5: the largest packet the broker accepts (absent: no limit); a larger one ends the connection.
         self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
-        self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
+        self.loop.call_soon_threadsafe(self._connack_received, result)
+
+    def _connack_received(self, result: str | None) -> None:
+        if not self._connack.done():
+            self._connack.set_result(result)
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)
@@ -240,8 +110,9 @@ class Link:
             await self.close()
             raise PublishError(refused)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                properties: Properties | None = None) -> int | None:
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, properties: Properties | None = None
+    ) -> int | None:
         """Queue a publish on this connection; returns its mid, or None if the link is gone."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -259,77 +130,3 @@ class Link:
         if not self.closed.is_set():
             self.closed.set()
         await disconnect(self.client)
-
-
-async def disconnect(client: paho.Client) -> None:
-    """DISCONNECT, stop paho's network thread (in a worker thread: it joins) and close the client's sockets."""
-    client.disconnect()
-    await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
-    # paho closes its wake-up socket pair only when the client is garbage
-    # collected; a reconnecting process makes many clients, so close it now.
-    reset = getattr(client, "_reset_sockets", None)
-    if reset is not None:
-        reset()
-
-
-async def dial(client: paho.Client, settings: BrokerSettings, tls: ssl.SSLContext | None,
-               properties: Properties, *, timeout_s: float) -> None:
-    """Check our certificate, then TCP, TLS and CONNECT with a persistent session (blocking, so in a thread).
-
-    PublishError says why not, in a technician's words; a socket left by a
-    failed handshake is closed (paho drops it).
-    """
-    check_client_certificate(settings)
-    client.connect_timeout = timeout_s
-    try:
-        await asyncio.get_running_loop().run_in_executor(None, lambda: client.connect(
-            settings.dial_host, settings.port, keepalive=int(settings.keepalive_s), clean_start=False,
-            properties=properties))
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        failed = getattr(tls, "last_socket", None)
-        if failed is not None:
-            failed.close()
-        raise PublishError(explain_connect_error(exc, settings)) from exc
-    no_delay(client)
-
-
-def no_delay(client: paho.Client) -> None:
-    """TCP_NODELAY on the client's socket.
-
-    A batch is written as several TLS records; without it, Nagle's algorithm
-    holds the last one until the broker's delayed ACK of the first (~40 ms),
-    and small confirmations, commands and alerts wait likewise.
-    """
-    sock = client.socket()
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def wait_connack(connack: asyncio.Future[str | None], settings: BrokerSettings, *, timeout_s: float) -> str | None:
-    """None once the broker accepted our CONNECT; otherwise why not, in a technician's words."""
-    try:
-        refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
-    except asyncio.TimeoutError:
-        return f"no CONNACK from {settings.describe()} within {timeout_s:g}s"
-    if refused and settings.tls and settings.cert_file and refused == "the broker closed the connection before CONNACK":
-        # With TLS 1.3 the broker checks our certificate after the
-        # handshake, so its refusal arrives as a closed connection.
-        refused += ": it may have refused our certificate (revoked, or issued by a CA it does not trust)"
-    return refused
-
-
-def check_client_certificate(settings: BrokerSettings) -> None:
-    """Refuse to dial with a client certificate that is expired or not yet valid: say so plainly."""
-    if not (settings.tls and settings.cert_file):
-        return
-    try:
-        cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise PublishError(f"TLS: cannot read our certificate {settings.cert_file}: {exc}") from exc
-    now = datetime.now(timezone.utc)
-    if cert.not_valid_after_utc < now:
-        raise PublishError(f"TLS: our certificate {settings.cert_file} expired on "
-                           f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it (agent provision --force)")
-    if cert.not_valid_before_utc > now:
-        raise PublishError(f"TLS: our certificate {settings.cert_file} is not valid before "
-                           f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the gateway's clock")

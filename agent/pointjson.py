@@ -69,8 +69,9 @@ def point_json(point: Point, tags: dict[str, str]) -> str:
     return f'{{"tag":{tag},"ts":{point.ts},"v":{text},"q":"{quality}","err":{json.dumps(error, ensure_ascii=True)}}}'
 
 
-def bodies(device: str, points: Sequence[Point], tags: dict[str, str], *, max_points: int,
-           max_bytes: int) -> list[Body]:
+def bodies(
+    device: str, points: Sequence[Point], tags: dict[str, str], *, max_points: int, max_bytes: int
+) -> list[Body]:
     """Points as batch bodies, cut by ``max_points`` and ``max_bytes``."""
     out = []
     parts: list[str] = []

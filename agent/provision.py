@@ -25,13 +25,12 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives import serialization
 
-from factory_edge import __version__
+from factory_edge import __version__, pki
 from factory_edge.errors import ConfigError, ProvisioningError
-from provisioning import pki
+from factory_edge.mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 
 from .config import DEFAULT_STATE_DIR
 from .identity import IDENTITY_FILE, load_identity
-from .mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 from .renew import HTTP_TIMEOUT_S, ApiSettings, answer, api_context, check_issued, explain_http_error, renew_at
 
 API_CA_FILE = "api-ca.pem"
@@ -40,11 +39,13 @@ CHECK_TIMEOUT_S = 10.0
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "provision", help="get this gateway's certificate with a provisioning key (run once)",
+        "provision",
+        help="get this gateway's certificate with a provisioning key (run once)",
         description="Provision this gateway: make its key pair here (0600, never sent), send a CSR with the "
-                    "provisioning key to the HTTPS provisioning API, store the certificate, tenant CA and broker "
-                    "address in the state directory, connect once to the broker to prove it, and print a summary. "
-                    "A provisioned gateway is left alone unless --force.")
+        "provisioning key to the HTTPS provisioning API, store the certificate, tenant CA and broker "
+        "address in the state directory, connect once to the broker to prove it, and print a summary. "
+        "A provisioned gateway is left alone unless --force.",
+    )
     p.add_argument("--url", required=True, help="the provisioning API, https://host:port")
     p.add_argument("--key", required=True, help="the provisioning key (fek_…) from provisioning key create")
     p.add_argument("--name", metavar="GW", help="gateway id (default: this host's name)")
@@ -70,14 +71,19 @@ def run(args: argparse.Namespace) -> int:
         existing = load_identity(state_dir)
     except ConfigError:
         if not args.force:
-            raise ProvisioningError(f"{state_dir / IDENTITY_FILE} is unreadable; use --force to provision again")
+            raise ProvisioningError(
+                f"{state_dir / IDENTITY_FILE} is unreadable; use --force to provision again"
+            ) from None
         existing = None
     if existing is not None and not args.force:
-        raise ProvisioningError(f"already provisioned as {existing.gateway} for {existing.broker_url} "
-                                f"({state_dir / IDENTITY_FILE}); nothing changed: use --force to provision again")
+        raise ProvisioningError(
+            f"already provisioned as {existing.gateway} for {existing.broker_url} "
+            f"({state_dir / IDENTITY_FILE}); nothing changed: use --force to provision again"
+        )
     if not args.url.startswith("https://"):
-        raise ProvisioningError(f"--url {args.url!r}: the provisioning API is https://host:port (keys never go "
-                                "over plain HTTP)")
+        raise ProvisioningError(
+            f"--url {args.url!r}: the provisioning API is https://host:port (keys never go over plain HTTP)"
+        )
     name = args.name or default_name()
     pki.check_id(name, what="gateway name")
     if pki.is_reserved(name):
@@ -115,8 +121,13 @@ def run(args: argparse.Namespace) -> int:
         api_ca = state_dir / API_CA_FILE
         pki.write_pem(api_ca, pki.load_cert(args.ca_file))
     ApiSettings(args.url.rstrip("/"), str(api_ca) if api_ca else None).save(state_dir)
-    identity = {"gateway": name, "broker_url": broker_url, "ca_file": ca_file.name, "cert_file": cert_file.name,
-                "key_file": key_file.name}
+    identity = {
+        "gateway": name,
+        "broker_url": broker_url,
+        "ca_file": ca_file.name,
+        "cert_file": cert_file.name,
+        "key_file": key_file.name,
+    }
     pki.write_bytes(state_dir / IDENTITY_FILE, (json.dumps(identity, indent=2) + "\n").encode())
     if existing is not None:  # --force: the previous identity's files go, the new ones stay
         for old in (existing.cert_file, existing.key_file, existing.cert_file + ".new", existing.key_file + ".new"):
@@ -124,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
                 Path(old).unlink(missing_ok=True)
     provisioned_s = time.monotonic() - started
 
-    settings = BrokerSettings.from_url(broker_url, ca_file=str(ca_file), cert_file=str(cert_file),
-                                       key_file=str(key_file))
+    settings = BrokerSettings.from_url(
+        broker_url, ca_file=str(ca_file), cert_file=str(cert_file), key_file=str(key_file)
+    )
     try:
         publish_ms = prove(settings, name)
     except ProvisioningError as exc:
@@ -159,7 +171,7 @@ def prove(settings: BrokerSettings, gateway: str) -> float:
     client.on_disconnect = lambda *a: connected.set()
     try:
         client.connect(settings.dial_host, settings.port, keepalive=30, clean_start=True)
-    except Exception as exc:  # noqa: BLE001 - socket, ssl and paho errors, explained in one line
+    except Exception as exc:
         raise ProvisioningError(explain_connect_error(exc, settings)) from exc
     no_delay(client)
     client.loop_start()
@@ -168,8 +180,10 @@ def prove(settings: BrokerSettings, gateway: str) -> float:
             raise ProvisioningError(f"no answer from {settings.describe()} within {CHECK_TIMEOUT_S:g}s")
         reason = connack.get("reason")
         if reason is None:
-            raise ProvisioningError(f"{settings.describe()} closed the connection: the broker may have refused our "
-                                    "certificate (revoked, or issued by a CA it does not trust)")
+            raise ProvisioningError(
+                f"{settings.describe()} closed the connection: the broker may have refused our "
+                "certificate (revoked, or issued by a CA it does not trust)"
+            )
         if reason.is_failure:
             raise ProvisioningError(f"the broker refused the connection: {reason}")
         event = {"type": "provisioned", "ts": int(time.time() * 1000), "version": __version__}
@@ -184,15 +198,57 @@ def prove(settings: BrokerSettings, gateway: str) -> float:
     return (time.monotonic() - started) * 1000
 
 
-def print_summary(args: argparse.Namespace, state_dir: Path, doc: dict[str, Any], cert: Any,
-                  settings: BrokerSettings, publish_ms: float | None, elapsed_s: float) -> None:
+def print_summary(
+    args: argparse.Namespace,
+    state_dir: Path,
+    doc: dict[str, Any],
+    cert: Any,
+    settings: BrokerSettings,
+    publish_ms: float | None,
+    elapsed_s: float,
+) -> None:
     gw = pki.common_name(cert)
     check = f"connected, published gw/{gw}/events in {publish_ms:.0f} ms" if publish_ms is not None else "NOT checked"
-    own = shlex.join(["mosquitto_sub", "-h", settings.host, "-p", str(settings.port), "--cafile",
-                      str(state_dir / "ca.pem"), "--cert", str(state_dir / f"{gw}.pem"), "--key",
-                      str(state_dir / f"{gw}.key"), "-V", "mqttv5", "-v", "-t", f"gw/{gw}/cmd/#"])
-    tech = shlex.join(["mosquitto_sub", "-h", settings.host, "-p", str(settings.port), "--cafile", "ca.pem",
-                       "--cert", "tech-NAME.pem", "--key", "tech-NAME.key", "-V", "mqttv5", "-v", "-t", f"gw/{gw}/#"])
+    own = shlex.join(
+        [
+            "mosquitto_sub",
+            "-h",
+            settings.host,
+            "-p",
+            str(settings.port),
+            "--cafile",
+            str(state_dir / "ca.pem"),
+            "--cert",
+            str(state_dir / f"{gw}.pem"),
+            "--key",
+            str(state_dir / f"{gw}.key"),
+            "-V",
+            "mqttv5",
+            "-v",
+            "-t",
+            f"gw/{gw}/cmd/#",
+        ]
+    )
+    tech = shlex.join(
+        [
+            "mosquitto_sub",
+            "-h",
+            settings.host,
+            "-p",
+            str(settings.port),
+            "--cafile",
+            "ca.pem",
+            "--cert",
+            "tech-NAME.pem",
+            "--key",
+            "tech-NAME.key",
+            "-V",
+            "mqttv5",
+            "-v",
+            "-t",
+            f"gw/{gw}/#",
+        ]
+    )
     lines = [
         f"Provisioned {gw} in tenant {doc.get('tenant', '?')} ({elapsed_s:.2f} s)",
         f"  broker       {doc['broker_url']}  {check}",

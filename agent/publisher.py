@@ -36,17 +36,18 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from drivers.base import Backoff
 from factory_edge.acks import ack_topic, decode_acks
-from factory_edge.errors import PublishError
-from factory_edge.sparkplug.payload import PayloadError
+from factory_edge.backoff import Backoff
+from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
+from factory_edge.sparkplug.payload import PayloadError
 
 from .buffer import Batch
 from .bufferread import BufferReader
-from .drain import OldStream
 from .delivery import DeliveryPolicy, SteadyClock
-from .mqtt import CLOSED_BY_BROKER, BrokerSettings, Link
+from .drain import OldStream
+from .mqtt import Link
 from .sparkplug import EdgeNode
 from .writer import BufferWriter, Commit
 
@@ -109,11 +110,17 @@ class RetryLog:
         if reason != self.reason:
             self.reason = reason
             self._interval = self.FIRST_REPEAT_S
-            log.warning("cannot connect to broker", extra=fields(broker=self.broker, err=reason,
-                                                                 retry_in_s=round(retry_in_s, 2)))
+            log.warning(
+                "cannot connect to broker",
+                extra=fields(broker=self.broker, err=reason, retry_in_s=round(retry_in_s, 2)),
+            )
         elif now >= self._next_at:
-            log.warning("still cannot connect to broker", extra=fields(
-                broker=self.broker, err=reason, attempts=self.attempts, down_s=round(now - self.down_since, 1)))
+            log.warning(
+                "still cannot connect to broker",
+                extra=fields(
+                    broker=self.broker, err=reason, attempts=self.attempts, down_s=round(now - self.down_since, 1)
+                ),
+            )
             self._interval = min(self.MAX_REPEAT_S, self._interval * 2)
         else:
             return
@@ -134,11 +141,23 @@ class RetryLog:
 class Publisher:
     """Owns the MQTT connection and the drain loop."""
 
-    def __init__(self, *, settings: BrokerSettings, gateway: str, writer: BufferWriter, reader: BufferReader,
-                 policy: DeliveryPolicy, inflight: int, birth: Callable[[], dict[str, Any]],
-                 meta: Callable[[], dict[str, dict[str, Any]]], commands: CommandHandler,
-                 retry_initial_s: float = 0.2, retry_max_s: float = 1.0,
-                 on_state: Callable[[], None] | None = None, edge: EdgeNode | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: BrokerSettings,
+        gateway: str,
+        writer: BufferWriter,
+        reader: BufferReader,
+        policy: DeliveryPolicy,
+        inflight: int,
+        birth: Callable[[], dict[str, Any]],
+        meta: Callable[[], dict[str, dict[str, Any]]],
+        commands: CommandHandler,
+        retry_initial_s: float = 0.2,
+        retry_max_s: float = 1.0,
+        on_state: Callable[[], None] | None = None,
+        edge: EdgeNode | None = None,
+    ) -> None:
         self.settings = settings
         self.gateway = gateway
         self.writer = writer
@@ -231,12 +250,25 @@ class Publisher:
                 death = self.edge.connecting()  # the NDEATH carrying this connection's bdSeq
                 will, retain = (death.topic, death.payload), False
             else:
-                will, retain = (f"{self.topic_root}/status", json.dumps(dict(self.birth(), state="offline")).encode()), True
-            link = Link(self.settings, client_id=self.gateway, inflight=self.inflight_limit, will=will,
-                        will_retain=retain, on_ack=self._on_ack, on_message=self._on_message, on_lost=self._on_lost)
+                will, retain = (
+                    (f"{self.topic_root}/status", json.dumps(dict(self.birth(), state="offline")).encode()),
+                    True,
+                )
             try:
+                # A TLS file replaced by something unreadable while running (checked at start) is retried
+                # like a refused connection: the agent keeps polling and buffering, its status says why.
+                link = Link(
+                    self.settings,
+                    client_id=self.gateway,
+                    inflight=self.inflight_limit,
+                    will=will,
+                    will_retain=retain,
+                    on_ack=self._on_ack,
+                    on_message=self._on_message,
+                    on_lost=self._on_lost,
+                )
                 await link.open()
-            except PublishError as exc:
+            except (PublishError, ConfigError) as exc:
                 delay = self._backoff.next_delay()
                 self._retry_log.failed(str(exc), delay)
                 self.last_error = str(exc)
@@ -247,18 +279,26 @@ class Publisher:
                 # Mosquitto 2.0 closes a taken-over session without the DISCONNECT 0x8E reaching us: a bare
                 # close, and a new session accepted at the first attempt. A broker restarted within that
                 # moment looks the same once; a second copy of our certificate keeps doing it.
-                self._taken_over("the broker closed our session and accepted a new one at once (once alone, "
-                                 "this can also be a broker restarting within a second)")
+                self._taken_over(
+                    "the broker closed our session and accepted a new one at once (once alone, "
+                    "this can also be a broker restarting within a second)"
+                )
             self._closed_by_broker, self._attempts = False, 0
             self._backoff.reset()
             self.last_error = None
             self.state = ConnectionState.CONNECTED
             self.stats.connected_since = time.time()
             counts = self.writer.buffer.figures()
-            log.info("connected to broker", extra=fields(
-                broker=self.settings.describe(), backlog=counts.pending_batches,
-                unconfirmed=counts.unconfirmed_batches,
-                live_from_seq=self.writer.buffer.next_seq, **self._retry_log.connected()))
+            log.info(
+                "connected to broker",
+                extra=fields(
+                    broker=self.settings.describe(),
+                    backlog=counts.pending_batches,
+                    unconfirmed=counts.unconfirmed_batches,
+                    live_from_seq=self.writer.buffer.next_seq,
+                    **self._retry_log.connected(),
+                ),
+            )
             self._link = link
             try:
                 await self._session(link)
@@ -269,8 +309,11 @@ class Publisher:
                         death = self.edge.death()
                         link.publish(death.topic, death.payload, qos=death.qos)
                     else:
-                        link.publish(f"{self.topic_root}/status",
-                                     json.dumps(dict(self.birth(), state="offline")).encode(), retain=True)
+                        link.publish(
+                            f"{self.topic_root}/status",
+                            json.dumps(dict(self.birth(), state="offline")).encode(),
+                            retain=True,
+                        )
                 self._link = None
                 self._inflight.clear()
                 self._accepting.clear()
@@ -280,8 +323,9 @@ class Publisher:
             self.state = ConnectionState.DISCONNECTED
             self.stats.reconnects += 1
             self._retry_log.lost()
-            log.warning("connection to broker lost", extra=fields(broker=self.settings.describe(),
-                                                                  reason=self.last_error))
+            log.warning(
+                "connection to broker lost", extra=fields(broker=self.settings.describe(), reason=self.last_error)
+            )
             await asyncio.sleep(self._backoff.next_delay())
 
     def _on_lost(self, reason: str) -> None:
@@ -297,11 +341,17 @@ class Publisher:
         now = time.monotonic()
         self._takeovers.append(now)
         certain = "0x8E" in evidence or (len(self._takeovers) >= 2 and now - self._takeovers[-2] < 300)
-        log.log(logging.ERROR if certain else logging.WARNING,
-                "session taken over by another connection with our client id", extra=fields(
-            broker=self.settings.describe(), client_id=self.gateway, evidence=evidence,
-            hint="is this gateway's certificate in use elsewhere? If nothing here shares it, its key has leaked: "
-                 "revoke the device and provision it again"))
+        log.log(
+            logging.ERROR if certain else logging.WARNING,
+            "session taken over by another connection with our client id",
+            extra=fields(
+                broker=self.settings.describe(),
+                client_id=self.gateway,
+                evidence=evidence,
+                hint="is this gateway's certificate in use elsewhere? If nothing here shares it, its key has leaked: "
+                "revoke the device and provision it again",
+            ),
+        )
 
     def _on_ack(self, mid: int, ok: bool) -> None:
         entry = self._inflight.pop(mid, None)
@@ -339,8 +389,13 @@ class Publisher:
         policy = self.policy
         # Below: backlog; from here on: live. What the writer has committed (a write under way is live).
         boundary = self.writer.buffer.committed_next_seq
-        stream = OldStream(self.reader, policy, boundary=boundary, limit=self.inflight_limit,
-                           replay_from=policy.replay_from(self.reader.newest_accepted_ms()))
+        stream = OldStream(
+            self.reader,
+            policy,
+            boundary=boundary,
+            limit=self.inflight_limit,
+            replay_from=policy.replay_from(self.reader.newest_accepted_ms()),
+        )
         live_after = boundary - 1
         old: deque[Batch] = deque()
         live: deque[Batch] = deque()
@@ -386,7 +441,7 @@ class Publisher:
     async def _wait_wake(self) -> None:
         try:
             await asyncio.wait_for(self._wake.wait(), 1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _sparkplug_ready(self, link: Link) -> bool:
@@ -397,8 +452,12 @@ class Publisher:
             self._rebirth = False
             for message in edge.births():
                 link.publish(message.topic, message.payload, qos=message.qos)
-            log.info("Sparkplug births published", extra=fields(group=edge.group, edge_node=edge.edge_node,
-                                                               bd_seq=edge.bd_seq, devices=len(edge.devices_up)))
+            log.info(
+                "Sparkplug births published",
+                extra=fields(
+                    group=edge.group, edge_node=edge.edge_node, bd_seq=edge.bd_seq, devices=len(edge.devices_up)
+                ),
+            )
         return edge.born and edge.host_online
 
     def rebirth(self) -> None:
@@ -422,8 +481,10 @@ class Publisher:
         limit = link.max_packet_size
         if limit is not None and len(batch.payload) + 200 > limit:
             # The broker would end the connection on it, again and again: it can never be delivered.
-            log.error("batch larger than the broker accepts: dropped", extra=fields(
-                seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit))
+            log.error(
+                "batch larger than the broker accepts: dropped",
+                extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit),
+            )
             self.writer.discard(batch.seq, "too_large")
             self._accepting.add(batch.seq)  # not offered again while the writer deletes it
             return True
@@ -461,8 +522,10 @@ class Publisher:
         oldest, first_ms = found
         if self.policy.probe_due(first_ms, oldest.accepted_ms, now) and self._publish(link, oldest):
             self.policy.probed(now)
-            log.info("no storage confirmation yet: sending the oldest unconfirmed batch again", extra=fields(
-                seq=oldest.seq, accepted_s_ago=round((now - first_ms) / 1000, 1)))
+            log.info(
+                "no storage confirmation yet: sending the oldest unconfirmed batch again",
+                extra=fields(seq=oldest.seq, accepted_s_ago=round((now - first_ms) / 1000, 1)),
+            )
 
     def _flush_acks(self, now: int, replay_from: int | None) -> None:
         if self._acked:
@@ -477,8 +540,11 @@ class Publisher:
             self.writer.forget_accepted(forget)
 
     def _send_events(self, link: Link) -> None:
-        skip = ({ident for kind, ident, _ in self._inflight.values() if kind == "event"} | self._refused_events
-                | self._events_done)
+        skip = (
+            {ident for kind, ident, _ in self._inflight.values() if kind == "event"}
+            | self._refused_events
+            | self._events_done
+        )
         for event_id, payload in self.reader.pending_events(10 + len(skip)):
             if event_id in skip:
                 continue
@@ -499,7 +565,7 @@ class Publisher:
         prefix = f"{self.topic_root}/cmd/"
         if not message.topic.startswith(prefix) or self._link is None or self._commands is None:
             return
-        name = message.topic[len(prefix):]
+        name = message.topic[len(prefix) :]
         if "/" in name:  # replies and anything deeper are not commands
             return
         self._commands.create_task(self._command(self._link, name, message), name=f"cmd[{name}]")
@@ -509,14 +575,18 @@ class Publisher:
         assert edge is not None
         action, writes = edge.on_message(message.topic, bytes(message.payload))
         if action in ("rebirth", "host_online"):
-            log.info("Sparkplug births requested" if action == "rebirth" else "primary host online: births",
-                     extra=fields(primary_host=edge.primary_host))
+            log.info(
+                "Sparkplug births requested" if action == "rebirth" else "primary host online: births",
+                extra=fields(primary_host=edge.primary_host),
+            )
             self._rebirth = True
             self._wake.set()
         elif action == "host_offline" and link is not None and not link.closed.is_set():
             # Sparkplug 3.0: the edge node ends its session and waits for its host on a new one, buffering.
-            log.warning("primary host offline: ending the session until it is back",
-                        extra=fields(primary_host=edge.primary_host))
+            log.warning(
+                "primary host offline: ending the session until it is back",
+                extra=fields(primary_host=edge.primary_host),
+            )
             death = edge.death()
             link.publish(death.topic, death.payload, qos=death.qos)
             self.last_error = f"primary host {edge.primary_host} offline"
@@ -530,15 +600,25 @@ class Publisher:
     async def _dcmd(self, request: dict[str, Any]) -> None:
         """A DCMD metric: the JSON ``write`` command's path and checks; Sparkplug has no reply, the log says."""
         reply = await self.commands("write", request)
-        log.info("command", extra=fields(command="write", source="DCMD", device=request["device"],
-                                         tag=request["tag"], ok=reply.get("ok"), error=reply.get("error")))
+        log.info(
+            "command",
+            extra=fields(
+                command="write",
+                source="DCMD",
+                device=request["device"],
+                tag=request["tag"],
+                ok=reply.get("ok"),
+                error=reply.get("error"),
+            ),
+        )
 
     def _on_confirmation(self, payload: bytes) -> None:
         try:
             ranges = decode_acks(payload)
         except ValueError as exc:
-            log.warning("ignored a confirmation that does not parse", extra=fields(
-                topic=ack_topic(self.gateway), err=str(exc)))
+            log.warning(
+                "ignored a confirmation that does not parse", extra=fields(topic=ack_topic(self.gateway), err=str(exc))
+            )
             return
         if ranges:
             self.writer.confirmed(ranges)

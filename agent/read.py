@@ -10,6 +10,8 @@ import sys
 from typing import Any
 
 from drivers.base import open_driver
+from drivers.config import ModbusTag
+from drivers.modbus.notation import modicon_hint
 from drivers.points import Point, Quality
 from factory_edge.errors import ConfigError, DriverError
 from factory_edge.logs import fields
@@ -21,9 +23,11 @@ log = logging.getLogger(__name__)
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "read", help="poll the devices once and print every tag's value, quality and error",
+        "read",
+        help="poll the devices once and print every tag's value, quality and error",
         description="Poll every device (or one) once and print each tag's decoded value, unit, quality "
-                    "and error. Exit code 1 when any tag could not be read.")
+        "and error. Exit code 1 when any tag could not be read.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="agent config (YAML)")
     p.add_argument("--device", metavar="NAME", help="only this device")
     p.add_argument("--json", action="store_true", help="print JSON: one object per device with its points")
@@ -88,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         total = sum(len(p) for p in results.values())
         first_device, first = failed[0]
-        raise DriverError(f"{len(failed)} of {total} tags not good (first: {first_device}.{first.tag}: "
-                          f"{first.error or first.quality})")
+        hint = ""
+        if first.error == "illegal data address":
+            tag = next(t for t in config.device(first_device).tags if t.name == first.tag)
+            hint = f"; {modicon_hint(tag)}" if isinstance(tag, ModbusTag) and modicon_hint(tag) else ""
+        raise DriverError(
+            f"{len(failed)} of {total} tags not good (first: {first_device}.{first.tag}: "
+            f"{first.error or first.quality}{hint})"
+        )
     sys.stdout.flush()
     return 0

@@ -34,9 +34,9 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from factory_edge import pki
 from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
-from provisioning import pki
 
 from .config import AgentConfig
 from .identity import Identity, load_identity
@@ -51,6 +51,7 @@ HTTP_TIMEOUT_S = 15.0
 
 
 # -- the provisioning API, as a client --------------------------------------------
+
 
 @dataclass(frozen=True)
 class ApiSettings:
@@ -91,8 +92,10 @@ def explain_http_error(exc: httpx.HTTPError, url: str) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
         reason = getattr(cause, "verify_message", None) or "certificate verify failed"
-        return (f"TLS: the provisioning API at {url} is not trusted ({reason}); "
-                "pass --ca-file with the service's CA (provisioning data dir: api/ca.pem)")
+        return (
+            f"TLS: the provisioning API at {url} is not trusted ({reason}); "
+            "pass --ca-file with the service's CA (provisioning data dir: api/ca.pem)"
+        )
     if isinstance(exc, httpx.TimeoutException):
         return f"no answer from the provisioning API at {url} within {HTTP_TIMEOUT_S:g}s"
     if isinstance(exc, httpx.ConnectError):
@@ -131,6 +134,7 @@ def check_issued(doc: dict[str, Any], key: pki.PrivateKey, gateway: str) -> tupl
 
 
 # -- files ----------------------------------------------------------------------
+
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
@@ -173,6 +177,7 @@ def renew_at(cert: x509.Certificate) -> dt.datetime:
 
 # -- the task ---------------------------------------------------------------------
 
+
 class Renewer:
     """Task ``renew``: sleeps until the certificate's renewal time, renews, repeats."""
 
@@ -196,8 +201,10 @@ class Renewer:
             log.error("certificate will not be renewed automatically", extra=fields(err=str(exc)))
             return None
         if api is None:
-            log.warning("no provisioning API recorded: the certificate will not be renewed automatically",
-                        extra=fields(state_dir=str(state_dir)))
+            log.warning(
+                "no provisioning API recorded: the certificate will not be renewed automatically",
+                extra=fields(state_dir=str(state_dir)),
+            )
             return None
         return cls(state_dir=state_dir, identity=identity, api=api)
 
@@ -210,31 +217,39 @@ class Renewer:
             try:
                 cert = self.current()
             except ProvisioningError as exc:  # never take the agent down: it can publish without renewing
-                log.error("cannot read the certificate: renewal paused", extra=fields(err=str(exc),
-                                                                                     retry_in_s=RETRY_MAX_S))
+                log.error(
+                    "cannot read the certificate: renewal paused", extra=fields(err=str(exc), retry_in_s=RETRY_MAX_S)
+                )
                 await asyncio.sleep(RETRY_MAX_S)
                 continue
             lifetime_s = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
-            wait_s = (renew_at(cert) - dt.datetime.now(dt.timezone.utc)).total_seconds()
-            log.info("certificate renewal scheduled", extra=fields(
-                serial=f"{cert.serial_number:x}", renew_at=renew_at(cert).isoformat(timespec="seconds"),
-                not_after=cert.not_valid_after_utc.isoformat(timespec="seconds")))
+            wait_s = (renew_at(cert) - dt.datetime.now(dt.UTC)).total_seconds()
+            log.info(
+                "certificate renewal scheduled",
+                extra=fields(
+                    serial=f"{cert.serial_number:x}",
+                    renew_at=renew_at(cert).isoformat(timespec="seconds"),
+                    not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+                ),
+            )
             # Re-check at least hourly: suspend/resume and clock steps do not move a sleeping timer.
             while wait_s > 0:
                 await asyncio.sleep(min(wait_s, 3600.0))
-                wait_s = (renew_at(cert) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+                wait_s = (renew_at(cert) - dt.datetime.now(dt.UTC)).total_seconds()
             try:
                 new = await self.renew_once()
             except (FactoryEdgeError, OSError) as exc:
-                left_s = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds()
+                left_s = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds()
                 delay = min(retry_s, max(lifetime_s / 10, 1.0))
-                log.warning("certificate renewal failed", extra=fields(err=str(exc), retry_in_s=round(delay, 1),
-                                                                        expires_in_s=round(left_s)))
+                log.warning(
+                    "certificate renewal failed",
+                    extra=fields(err=str(exc), retry_in_s=round(delay, 1), expires_in_s=round(left_s)),
+                )
                 await asyncio.sleep(delay)
                 retry_s = min(retry_s * 2, RETRY_MAX_S)
                 continue
             retry_s = RETRY_FIRST_S
-            if renew_at(new) <= dt.datetime.now(dt.timezone.utc):
+            if renew_at(new) <= dt.datetime.now(dt.UTC):
                 # The new certificate is already due: the service's lifetime is
                 # shorter than our clock thinks; do not hammer the service.
                 await asyncio.sleep(min(60.0, lifetime_s / 3))
@@ -251,9 +266,13 @@ class Renewer:
             new_key = pki.new_key()
             pki.write_private_key(key_new, new_key)
         csr = pki.make_csr(new_key, identity.gateway)
-        body = {"certificate": _pem(current).decode(), "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
-                "signature": base64.b64encode(pki.sign_possession(
-                    current_key, csr.public_bytes(serialization.Encoding.DER))).decode()}
+        body = {
+            "certificate": _pem(current).decode(),
+            "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+            "signature": base64.b64encode(
+                pki.sign_possession(current_key, csr.public_bytes(serialization.Encoding.DER))
+            ).decode(),
+        }
         url = self.api.url.rstrip("/") + "/v1/renew"
         try:
             async with httpx.AsyncClient(verify=api_context(self.api.ca_file), timeout=HTTP_TIMEOUT_S) as client:
@@ -266,10 +285,25 @@ class Renewer:
         # so no connection of this agent can load one without the other.
         os.replace(key_new, identity.key_file)
         os.replace(pending_cert(identity), identity.cert_file)
-        log.info("certificate renewed", extra=fields(old=f"{current.serial_number:x}", serial=f"{cert.serial_number:x}",
-                                                     not_after=cert.not_valid_after_utc.isoformat(timespec="seconds")))
+        log.info(
+            "certificate renewed",
+            extra=fields(
+                old=f"{current.serial_number:x}",
+                serial=f"{cert.serial_number:x}",
+                not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+            ),
+        )
         return cert
 
 
-__all__ = ["PROVISIONING_FILE", "ApiSettings", "Renewer", "api_context", "answer", "check_issued",
-           "complete_pending", "explain_http_error", "renew_at"]
+__all__ = [
+    "PROVISIONING_FILE",
+    "ApiSettings",
+    "Renewer",
+    "answer",
+    "api_context",
+    "check_issued",
+    "complete_pending",
+    "explain_http_error",
+    "renew_at",
+]

@@ -32,7 +32,11 @@ class Rule:
 
 def _moved(value: object, last: object, deadband: Deadband) -> bool:
     numbers = (int, float)
-    if isinstance(value, bool) or isinstance(last, bool) or not (isinstance(value, numbers) and isinstance(last, numbers)):
+    if (
+        isinstance(value, bool)
+        or isinstance(last, bool)
+        or not (isinstance(value, numbers) and isinstance(last, numbers))
+    ):
         return value != last
     limit = abs(last) * deadband.value / 100 if deadband.percent else deadband.value
     return abs(value - last) > limit or (limit == 0 and value != last)
@@ -54,7 +58,8 @@ class ReportFilter:
                 if silence is None and tag.deadband is not None:
                     silence = DEFAULT_MAX_SILENCE_S
                 rules[(device.name, tag.name)] = Rule(  # type: ignore[attr-defined]
-                    tag.deadband, None if silence is None else int(silence * 1000))
+                    tag.deadband, None if silence is None else int(silence * 1000)
+                )
         return cls(rules)
 
     def select(self, points: Sequence[Point]) -> list[Point]:

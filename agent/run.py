@@ -8,6 +8,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from factory_edge.mqtt import tls_context
+
 from .config import load_config
 from .identity import resolve
 from .runtime import Agent
@@ -15,12 +17,14 @@ from .runtime import Agent
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "run", help="poll the devices, buffer every reading and publish to the broker until stopped",
+        "run",
+        help="poll the devices, buffer every reading and publish to the broker until stopped",
         description="Run the agent: poll every device on its schedule, commit every reported point to the "
-                    "buffer in the state directory, and publish batches over MQTT v5 (QoS 1) to the broker "
-                    "from the config's mqtt: section or the provisioned identity. SIGTERM or Ctrl-C stops "
-                    "cleanly: buffered batches get up to 3 s to reach the broker, then a retained offline status; "
-                    "anything still unacknowledged stays buffered for the next start.")
+        "buffer in the state directory, and publish batches over MQTT v5 (QoS 1) to the broker "
+        "from the config's mqtt: section or the provisioned identity. SIGTERM or Ctrl-C stops "
+        "cleanly: buffered batches get up to 3 s to reach the broker, then a retained offline status; "
+        "anything still unacknowledged stays buffered for the next start.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="agent config (YAML)")
     p.add_argument("--state-dir", metavar="DIR", help="buffer, identity and status (default: the config's state_dir)")
     p.set_defaults(handler=run, default_log_level="info")
@@ -37,7 +41,9 @@ async def serve(config_path: Path, state_dir: str | None) -> None:
     config = load_config(config_path)
     directory = Path(state_dir or config.state_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent)
+    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent, source=str(config_path))
+    if broker.tls:
+        tls_context(broker)  # a wrong TLS file is a config error now, not a retry loop
     async with Agent(config, gateway=gateway, broker=broker, state_dir=directory, config_path=config_path) as agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -33,19 +33,20 @@ from drivers.points import Point, Quality, now_ms
 from factory_edge import __version__
 from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
+from factory_edge.mqtt import BrokerSettings
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
+from factory_edge.units import plural
 
 from .buffer import Buffer
 from .bufferread import BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
-from .mqtt import BrokerSettings
 from .publisher import ConnectionState, Publisher
-from .sparkplug import EdgeNode
-from .writer import BufferWriter, Commit
 from .renew import Renewer
 from .report import ReportFilter
+from .sparkplug import EdgeNode
+from .writer import BufferWriter, Commit
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,15 @@ class DeviceStats:
 class Agent:
     """One gateway: its devices, its buffer and its broker connection."""
 
-    def __init__(self, config: AgentConfig, *, gateway: str, broker: BrokerSettings, state_dir: Path,
-                 config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        gateway: str,
+        broker: BrokerSettings,
+        state_dir: Path,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
         self.gateway = gateway
         self.broker = broker
@@ -84,8 +92,14 @@ class Agent:
         self.config_hash = config_hash(config_path, config)
         self.started = time.time()
         b = config.buffer
-        self.buffer = Buffer(state_dir / BUFFER_FILE, gateway=gateway, max_bytes=b.max_bytes, max_age_s=b.max_age,
-                             fsync=b.fsync, confirm=b.confirm)
+        self.buffer = Buffer(
+            state_dir / BUFFER_FILE,
+            gateway=gateway,
+            max_bytes=b.max_bytes,
+            max_age_s=b.max_age,
+            fsync=b.fsync,
+            confirm=b.confirm,
+        )
         self.buffer.clamp_accepted(now_ms())
         self.reader = BufferReader(self.buffer.path)  # the publisher's, on the event loop
         # The status file and the buffer's figures are written and read off the event loop too: on a busy
@@ -94,21 +108,41 @@ class Agent:
         self._status_reader = BufferReader(self.buffer.path)
         self._ages: tuple[int | None, int | None] = (None, None)
         self._ages_at = 0.0
-        self.writer = BufferWriter(self.buffer, max_points=config.publish.max_points,
-                                   max_batch_bytes=config.publish.max_bytes, queue_points=b.queue_points,
-                                   min_free_bytes=b.min_free, on_commit=self._committed)
+        self.writer = BufferWriter(
+            self.buffer,
+            max_points=config.publish.max_points,
+            max_batch_bytes=config.publish.max_bytes,
+            queue_points=b.queue_points,
+            min_free_bytes=b.min_free,
+            on_commit=self._committed,
+        )
         retry = config.mqtt
         self.edge = None
         if config.sparkplug is not None:
             sp = config.sparkplug
-            self.edge = EdgeNode(group=sp.group_id, edge_node=sp.edge_node_id or gateway, devices=config.devices,
-                                 state_dir=state_dir, version=__version__, primary_host=sp.primary_host,
-                                 data_qos=sp.data_qos)
+            self.edge = EdgeNode(
+                group=sp.group_id,
+                edge_node=sp.edge_node_id or gateway,
+                devices=config.devices,
+                state_dir=state_dir,
+                version=__version__,
+                primary_host=sp.primary_host,
+                data_qos=sp.data_qos,
+            )
         self.publisher = Publisher(
-            settings=broker, gateway=gateway, writer=self.writer, reader=self.reader,
-            policy=DeliveryPolicy(b.confirm, b.confirm_timeout, b.replay), inflight=config.publish.inflight,
-            birth=self._birth, meta=self._meta, commands=self._command, on_state=self._write_status, edge=self.edge,
-            **({"retry_initial_s": retry.retry_initial, "retry_max_s": retry.retry_max} if retry else {}))
+            settings=broker,
+            gateway=gateway,
+            writer=self.writer,
+            reader=self.reader,
+            policy=DeliveryPolicy(b.confirm, b.confirm_timeout, b.replay),
+            inflight=config.publish.inflight,
+            birth=self._birth,
+            meta=self._meta,
+            commands=self._command,
+            on_state=self._write_status,
+            edge=self.edge,
+            **({"retry_initial_s": retry.retry_initial, "retry_max_s": retry.retry_max} if retry else {}),
+        )
         self._status_warned = False
         self.drivers: dict[str, Driver] = {}
         self.device_stats: dict[str, DeviceStats] = {}
@@ -136,36 +170,55 @@ class Agent:
 
             self._tasks.append(self._group.create_task(serve_metrics(self, self.config.metrics_port), name="metrics"))
         counts = self.buffer.figures()
-        log.info("agent started", extra=fields(gateway=self.gateway, devices=len(self.drivers),
-                                               broker=self.broker.describe(), backlog=counts.pending_batches,
-                                               unconfirmed=counts.unconfirmed_batches,
-                                               confirm=self.config.buffer.confirm))
-        self.systemd.ready(f"{len(self.drivers)} devices, broker {self.broker.describe()}")
+        log.info(
+            "agent started",
+            extra=fields(
+                gateway=self.gateway,
+                devices=len(self.drivers),
+                broker=self.broker.describe(),
+                backlog=counts.pending_batches,
+                unconfirmed=counts.unconfirmed_batches,
+                confirm=self.config.buffer.confirm,
+            ),
+        )
+        self.systemd.ready(f"{plural(len(self.drivers), 'device')}, broker {self.broker.describe()}")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._group is not None
         self.systemd.stopping()
-        await self._stop_devices()
-        # Every reading taken so far goes to disk before anything else stops.
-        await asyncio.to_thread(self.writer.flush, WRITE_ON_STOP_S)
-        if exc_info[0] is None:
-            await self.publisher.flush(FLUSH_ON_STOP_S)
-        for task in self._tasks:
-            task.cancel()
         try:
-            await self._group.__aexit__(*exc_info)
+            try:
+                await self._stop_devices()
+            except asyncio.CancelledError:
+                # A task failed and the group cancelled us (or we are cancelled from outside): stop the rest
+                # all the same; the group's exit below raises what failed, or this cancellation.
+                if exc_info[0] is None:
+                    raise
+            # Every reading taken so far goes to disk before anything else stops.
+            await asyncio.to_thread(self.writer.flush, WRITE_ON_STOP_S)
+            if exc_info[0] is None:
+                await self.publisher.flush(FLUSH_ON_STOP_S)
         finally:
-            self.publisher.state = ConnectionState.STOPPED
-            await asyncio.to_thread(self.writer.close)
-            self._write_status()
-            self._status_io.shutdown(wait=True)
-            left = self._status_reader.stats(self.buffer.figures(), self.buffer.committed_next_seq, ages=(None, None))
-            self._status_reader.close()
-            self.reader.close()
-            self.buffer.close()
-            log.info("agent stopped", extra=fields(gateway=self.gateway, backlog=left.batches,
-                                                   unconfirmed=left.unconfirmed))
+            for task in self._tasks:
+                task.cancel()
+            try:
+                await self._group.__aexit__(*exc_info)
+            finally:
+                self.publisher.state = ConnectionState.STOPPED
+                await asyncio.to_thread(self.writer.close)
+                self._write_status()
+                self._status_io.shutdown(wait=True)
+                left = self._status_reader.stats(
+                    self.buffer.figures(), self.buffer.committed_next_seq, ages=(None, None)
+                )
+                self._status_reader.close()
+                self.reader.close()
+                self.buffer.close()
+                log.info(
+                    "agent stopped",
+                    extra=fields(gateway=self.gateway, backlog=left.batches, unconfirmed=left.unconfirmed),
+                )
 
     def stop(self) -> None:
         self._stopped.set()
@@ -184,18 +237,19 @@ class Agent:
             driver = open_driver(device, **options)
             self.drivers[device.name] = driver
             self.device_stats.setdefault(device.name, DeviceStats())
-            self._device_tasks[device.name] = self._group.create_task(
-                self._poll(driver), name=f"poll[{device.name}]")
+            self._device_tasks[device.name] = self._group.create_task(self._poll(driver), name=f"poll[{device.name}]")
 
     async def _stop_devices(self) -> None:
         for task in self._device_tasks.values():
             task.cancel()
-        for task in self._device_tasks.values():
-            await cancel_and_wait(task)
-        for driver in self.drivers.values():
-            await driver.close()
-        self._device_tasks.clear()
-        self.drivers.clear()
+        try:
+            for task in self._device_tasks.values():
+                await cancel_and_wait(task)
+        finally:
+            for driver in self.drivers.values():
+                await driver.close()
+            self._device_tasks.clear()
+            self.drivers.clear()
 
     async def _poll(self, driver: Driver) -> None:
         name = driver.device.name
@@ -213,8 +267,11 @@ class Agent:
             if self.edge is not None:
                 self.edge.observe(name, points)
             if driver.state is not state and driver.state in (DeviceState.UP, DeviceState.DOWN):
-                self.event("device_up" if driver.state is DeviceState.UP else "device_down",
-                           device=name, error=driver.last_error if driver.state is DeviceState.DOWN else None)
+                self.event(
+                    "device_up" if driver.state is DeviceState.UP else "device_down",
+                    device=name,
+                    error=driver.last_error if driver.state is DeviceState.DOWN else None,
+                )
                 state = driver.state
                 self.publisher.device_state(name, state is DeviceState.UP)
             self.store(name, self._filter.select(points))
@@ -258,10 +315,22 @@ class Agent:
             tags = []
             for tag in device.tags:
                 kind = getattr(tag, "data_type", None)
-                tags.append({"name": tag.name, "type": str(kind) if kind else None, "unit": tag.unit,
-                             "writable": tag.writable, **({"description": tag.description} if tag.description else {})})
-            docs[device.name] = {"device": device.name, "protocol": device.protocol, "address": device.address,
-                                 "enabled": device.enabled, "tags": tags}
+                tags.append(
+                    {
+                        "name": tag.name,
+                        "type": str(kind) if kind else None,
+                        "unit": tag.unit,
+                        "writable": tag.writable,
+                        **({"description": tag.description} if tag.description else {}),
+                    }
+                )
+            docs[device.name] = {
+                "device": device.name,
+                "protocol": device.protocol,
+                "address": device.address,
+                "enabled": device.enabled,
+                "tags": tags,
+            }
         return docs
 
     # ------------------------------------------------------------ commands
@@ -269,8 +338,14 @@ class Agent:
     async def _command(self, name: str, payload: Any) -> dict[str, Any]:
         try:
             if name == "ping":
-                return {"ok": True, "gw": self.gateway, "ts": now_ms(), "version": __version__,
-                        "uptime_s": round(time.time() - self.started, 1), "backlog": (await self.buffer_stats()).backlog}
+                return {
+                    "ok": True,
+                    "gw": self.gateway,
+                    "ts": now_ms(),
+                    "version": __version__,
+                    "uptime_s": round(time.time() - self.started, 1),
+                    "backlog": (await self.buffer_stats()).backlog,
+                }
             if name == "write":
                 return await self._write(payload)
             if name == "reload":
@@ -295,8 +370,11 @@ class Agent:
             raise ConfigError("this agent was not started from a config file")
         async with self._reload_lock:
             new = load_config(self.config_path)
-            later = [key for key in ("gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port", "sparkplug")
-                     if getattr(new, key) != getattr(self.config, key)]
+            later = [
+                key
+                for key in ("gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port", "sparkplug")
+                if getattr(new, key) != getattr(self.config, key)
+            ]
             await self._stop_devices()
             self.config = self.config.model_copy(update={"devices": new.devices})
             self.config_hash = config_hash(self.config_path, self.config)
@@ -318,27 +396,46 @@ class Agent:
     def status(self) -> dict[str, Any]:
         publisher = self.publisher
         return {
-            "gw": self.gateway, "pid": os.getpid(), "version": __version__, "updated": time.time(),
-            "started": self.started, "config_hash": self.config_hash,
-            "connection": {"state": str(publisher.state), "broker": self.broker.describe(),
-                           "last_error": publisher.last_error, "connected_since": publisher.stats.connected_since,
-                           "reconnects": publisher.stats.reconnects,
-                           "connect_attempts": publisher.stats.connect_attempts},
-            "publish": {"points_per_s": round(publisher.stats.points_per_s(), 1), "batches": publisher.stats.batches,
-                        "points": publisher.stats.points, "acked_points": publisher.stats.acked_points,
-                        "confirm": self.config.buffer.confirm, "confirmed_points": publisher.stats.confirmed_points,
-                        "confirmed_batches": publisher.stats.confirmed_batches,
-                        "last_confirmed": publisher.stats.last_confirmed,
-                        "rejected": publisher.stats.rejected, "resent": publisher.stats.resent,
-                        "replayed": publisher.stats.replayed},
+            "gw": self.gateway,
+            "pid": os.getpid(),
+            "version": __version__,
+            "updated": time.time(),
+            "started": self.started,
+            "config_hash": self.config_hash,
+            "connection": {
+                "state": str(publisher.state),
+                "broker": self.broker.describe(),
+                "last_error": publisher.last_error,
+                "connected_since": publisher.stats.connected_since,
+                "reconnects": publisher.stats.reconnects,
+                "connect_attempts": publisher.stats.connect_attempts,
+            },
+            "publish": {
+                "points_per_s": round(publisher.stats.points_per_s(), 1),
+                "batches": publisher.stats.batches,
+                "points": publisher.stats.points,
+                "acked_points": publisher.stats.acked_points,
+                "confirm": self.config.buffer.confirm,
+                "confirmed_points": publisher.stats.confirmed_points,
+                "confirmed_batches": publisher.stats.confirmed_batches,
+                "last_confirmed": publisher.stats.last_confirmed,
+                "rejected": publisher.stats.rejected,
+                "resent": publisher.stats.resent,
+                "replayed": publisher.stats.replayed,
+            },
             "writer": self.writer.figures(),
             "devices": {
-                name: {"state": str(driver.state), "protocol": driver.device.protocol,
-                       "last_good_ms": self.device_stats[name].last_good_ms,
-                       "last_error": driver.last_error or self.device_stats[name].last_error,
-                       "polls": self.device_stats[name].polls, "points": self.device_stats[name].points,
-                       "reported": self.device_stats[name].reported}
-                for name, driver in self.drivers.items()},
+                name: {
+                    "state": str(driver.state),
+                    "protocol": driver.device.protocol,
+                    "last_good_ms": self.device_stats[name].last_good_ms,
+                    "last_error": driver.last_error or self.device_stats[name].last_error,
+                    "polls": self.device_stats[name].polls,
+                    "points": self.device_stats[name].points,
+                    "reported": self.device_stats[name].reported,
+                }
+                for name, driver in self.drivers.items()
+            },
         }
 
     async def buffer_stats(self) -> BufferStats:
@@ -394,8 +491,11 @@ class Agent:
                 self._write_status()
                 conn = self.publisher.state
                 backlog = await self.buffer_stats()
-                self.systemd.status(f"{conn}, {len(self.drivers)} devices, backlog {backlog.batches} batches, "
-                                    f"{backlog.unconfirmed} unconfirmed")
+                self.systemd.status(
+                    f"{conn}, {plural(len(self.drivers), 'device')}, "
+                    f"backlog {plural(backlog.batches, 'batch', 'batches')}, "
+                    f"{backlog.unconfirmed} unconfirmed"
+                )
                 last_status = loop.time()
             await asyncio.sleep(interval)
 

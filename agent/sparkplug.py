@@ -37,7 +37,14 @@ from typing import Any
 from drivers.config import DataType as TagType
 from factory_edge.logs import fields
 from factory_edge.sparkplug.payload import (
-    BIRTH_UUID, DataType, Metric, Payload, PayloadError, batch_uuid, decode, encode,
+    BIRTH_UUID,
+    DataType,
+    Metric,
+    Payload,
+    PayloadError,
+    batch_uuid,
+    decode,
+    encode,
 )
 from factory_edge.sparkplug.topics import MessageType, Topic, parse_state, state_topic
 
@@ -46,10 +53,18 @@ log = logging.getLogger(__name__)
 BD_SEQ_FILE = "sparkplug-bdseq"
 REBIRTH = "Node Control/Rebirth"
 QUALITY = {"good": 192, "uncertain": 64, "bad": 0}
-TYPES = {TagType.BOOL: DataType.BOOLEAN, TagType.INT16: DataType.INT16, TagType.UINT16: DataType.UINT16,
-         TagType.INT32: DataType.INT32, TagType.UINT32: DataType.UINT32, TagType.INT64: DataType.INT64,
-         TagType.UINT64: DataType.UINT64, TagType.FLOAT32: DataType.FLOAT, TagType.FLOAT64: DataType.DOUBLE,
-         TagType.STRING: DataType.STRING}
+TYPES = {
+    TagType.BOOL: DataType.BOOLEAN,
+    TagType.INT16: DataType.INT16,
+    TagType.UINT16: DataType.UINT16,
+    TagType.INT32: DataType.INT32,
+    TagType.UINT32: DataType.UINT32,
+    TagType.INT64: DataType.INT64,
+    TagType.UINT64: DataType.UINT64,
+    TagType.FLOAT32: DataType.FLOAT,
+    TagType.FLOAT64: DataType.DOUBLE,
+    TagType.STRING: DataType.STRING,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +106,17 @@ def inferred_type(value: Any) -> DataType:
 class EdgeNode:
     """One gateway's Sparkplug identity and session state (owned by the publisher, on the event loop)."""
 
-    def __init__(self, *, group: str, edge_node: str, devices: Sequence[Any], state_dir: Path, version: str,
-                 primary_host: str | None = None, data_qos: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        group: str,
+        edge_node: str,
+        devices: Sequence[Any],
+        state_dir: Path,
+        version: str,
+        primary_host: str | None = None,
+        data_qos: int = 0,
+    ) -> None:
         self.group = group
         self.edge_node = edge_node
         self.state_dir = state_dir
@@ -149,10 +173,16 @@ class EdgeNode:
         """NBIRTH and a DBIRTH for every device that answers: seq restarts at 0."""
         self._seq = 0
         now = _now()
-        node = Payload(metrics=[Metric("bdSeq", DataType.INT64, self.bd_seq, timestamp=now),
-                                Metric(REBIRTH, DataType.BOOLEAN, False, timestamp=now),
-                                Metric("Properties/Version", DataType.STRING, self.version, timestamp=now)],
-                       timestamp=now, seq=self._next_seq(), uuid=BIRTH_UUID)
+        node = Payload(
+            metrics=[
+                Metric("bdSeq", DataType.INT64, self.bd_seq, timestamp=now),
+                Metric(REBIRTH, DataType.BOOLEAN, False, timestamp=now),
+                Metric("Properties/Version", DataType.STRING, self.version, timestamp=now),
+            ],
+            timestamp=now,
+            seq=self._next_seq(),
+            uuid=BIRTH_UUID,
+        )
         self.born = True
         out = [Message(self.topic(MessageType.NBIRTH), encode(node))]
         out += [self.device_birth(name) for name in self.devices if name in self.devices_up]
@@ -202,13 +232,25 @@ class EdgeNode:
                 raise PayloadError(f"tag {device}.{point['tag']} is not in the config any more")
             value = point.get("v")
             datatype = self.types.get(key) or (inferred_type(value) if value is not None else DataType.STRING)
-            metrics.append(self._metric(None, alias, datatype, value, point["ts"], point.get("q", "good"),
-                                        point.get("err"), historical))
+            metrics.append(
+                self._metric(
+                    None, alias, datatype, value, point["ts"], point.get("q", "good"), point.get("err"), historical
+                )
+            )
         payload = Payload(metrics=metrics, timestamp=_now(), seq=self._next_seq(), uuid=batch_uuid(seq))
         return Message(self.topic(MessageType.DDATA, device), encode(payload), qos=self.data_qos)
 
-    def _metric(self, name: str | None, alias: int, datatype: DataType, value: Any, ts: int, quality: str,
-                error: str | None, historical: bool) -> Metric:
+    def _metric(
+        self,
+        name: str | None,
+        alias: int,
+        datatype: DataType,
+        value: Any,
+        ts: int,
+        quality: str,
+        error: str | None,
+        historical: bool,
+    ) -> Metric:
         properties: dict[str, Any] = {}
         if quality != "good":
             properties["Quality"] = QUALITY.get(quality, 0)
@@ -216,8 +258,15 @@ class EdgeNode:
             properties["fe.error"] = error
         if datatype in (DataType.FLOAT, DataType.DOUBLE) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        return Metric(name=name, datatype=datatype, value=value, alias=alias, timestamp=ts,
-                      is_historical=historical, properties=properties)
+        return Metric(
+            name=name,
+            datatype=datatype,
+            value=value,
+            alias=alias,
+            timestamp=ts,
+            is_historical=historical,
+            properties=properties,
+        )
 
     def _next_seq(self) -> int:
         seq = self._seq

@@ -21,10 +21,12 @@ STALE_AFTER_S = 10.0
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "status", help="show connection state, buffer depth, drops and every device's last read",
+        "status",
+        help="show connection state, buffer depth, drops and every device's last read",
         description="Show the running agent's broker connection, buffer depth and oldest point age, drops, "
-                    "points/s, and every device's state, last good read and last error. Reads the state "
-                    "directory, so it works while the agent runs (and tells when it does not).")
+        "points/s, and every device's state, last good read and last error. Reads the state "
+        "directory, so it works while the agent runs (and tells when it does not).",
+    )
     p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR, help=f"default {DEFAULT_STATE_DIR}")
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
     p.set_defaults(handler=run)
@@ -65,14 +67,21 @@ def collect(state_dir: Path) -> dict[str, Any]:
         if running:  # what the running agent could not count on disk yet (no room) is in its status
             for reason, points in doc.get("writer", {}).get("dropped_unsaved", {}).items():
                 drops[reason] = drops.get(reason, 0) + points
-        doc["buffer"] = {"batches": stats.batches, "points": stats.points, "bytes": stats.bytes,
-                         "oldest_age_s": _age(stats.oldest_ms),
-                         "unconfirmed_batches": stats.unconfirmed, "unconfirmed_points": stats.unconfirmed_points,
-                         "oldest_unconfirmed_age_s": _age(stats.oldest_unconfirmed_ms),
-                         "disk_bytes": stats.disk_bytes,
-                         "dropped_points": sum(n for reason, n in drops.items() if reason not in NOT_LOST),
-                         "dropped_batches": stats.dropped_batches, "dropped_by_reason": drops,
-                         "next_seq": stats.next_seq, "events_pending": stats.events}
+        doc["buffer"] = {
+            "batches": stats.batches,
+            "points": stats.points,
+            "bytes": stats.bytes,
+            "oldest_age_s": _age(stats.oldest_ms),
+            "unconfirmed_batches": stats.unconfirmed,
+            "unconfirmed_points": stats.unconfirmed_points,
+            "oldest_unconfirmed_age_s": _age(stats.oldest_unconfirmed_ms),
+            "disk_bytes": stats.disk_bytes,
+            "dropped_points": sum(n for reason, n in drops.items() if reason not in NOT_LOST),
+            "dropped_batches": stats.dropped_batches,
+            "dropped_by_reason": drops,
+            "next_seq": stats.next_seq,
+            "events_pending": stats.events,
+        }
     if not running:
         doc.pop("writer", None)
         if "publish" in doc:
@@ -113,18 +122,34 @@ def text_lines(doc: dict[str, Any]) -> list[str]:
         + f"; {buf.get('disk_bytes', 0)} bytes on disk"
         + ("  DISK FULL: readings are dropped" if doc.get("writer", {}).get("disk_full") else ""),
         f"dropped      {buf.get('dropped_points', 0)} points"
-        + (" (" + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n and reason not in NOT_LOST)
-           + ")" if any(n for r, n in drops.items() if r not in NOT_LOST) else "")
+        + (
+            " ("
+            + ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items()) if n and reason not in NOT_LOST)
+            + ")"
+            if any(n for r, n in drops.items() if r not in NOT_LOST)
+            else ""
+        )
         + (f"; {drops['released']} released to the broker's keeping (buffer full)" if drops.get("released") else ""),
-        f"publishing   {pub.get('points_per_s', 0)} points/s, {pub.get('acked_points', 0)} accepted by the broker, "
-        f"{pub.get('confirmed_points', 0)} confirmed stored"
-        + (f", {conn.get('reconnects', 0)} reconnects" if conn else ""),
+        (
+            "publishing   "
+            + (f"{pub.get('points_per_s', 0)} points/s, " if doc["running"] else "stopped; last run: ")
+            + f"{pub.get('acked_points', 0)} accepted by the broker, {pub.get('confirmed_points', 0)} confirmed stored"
+            + (f", {_n(conn.get('reconnects', 0), 'reconnect', 'reconnects')}" if conn else "")
+        ),
     ]
     devices = doc.get("devices", {})
     if devices:
         rows = [("DEVICE", "STATE", "LAST GOOD READ", "POINTS", "LAST ERROR")]
         for name, dev in devices.items():
-            rows.append((name, dev["state"], _ago(dev.get("last_good_ms")), str(dev.get("points", 0)), dev.get("last_error") or ""))
+            rows.append(
+                (
+                    name,
+                    dev["state"],
+                    _ago(dev.get("last_good_ms")),
+                    str(dev.get("points", 0)),
+                    dev.get("last_error") or "",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines.append("")
         lines += [("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]).rstrip() for r in rows]

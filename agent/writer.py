@@ -104,8 +104,16 @@ class _Ops:
 class BufferWriter:
     """Thread ``buffer-writer``: the only writer of the buffer. Every method is safe to call from any thread."""
 
-    def __init__(self, buffer: Buffer, *, max_points: int, max_batch_bytes: int, queue_points: int,
-                 min_free_bytes: int, on_commit: Callable[[Commit], None] | None = None) -> None:
+    def __init__(
+        self,
+        buffer: Buffer,
+        *,
+        max_points: int,
+        max_batch_bytes: int,
+        queue_points: int,
+        min_free_bytes: int,
+        on_commit: Callable[[Commit], None] | None = None,
+    ) -> None:
         self.buffer = buffer
         self.max_points = max_points
         self.max_batch_bytes = max_batch_bytes
@@ -170,6 +178,7 @@ class BufferWriter:
     def forget_accepted(self, before_ms: int) -> None:
         def put(ops: _Ops) -> None:
             ops.forget_before = max(before_ms, ops.forget_before or 0)
+
         self._put(put)
 
     def _put(self, change: Callable[[_Ops], None]) -> None:
@@ -204,9 +213,14 @@ class BufferWriter:
         """The writer's figures for ``agent status`` (a consistent copy)."""
         with self._cond:
             st = self.stats
-            return {"disk_full": st.disk_full, "queued_points": st.queued_points, "written_points": st.written_points,
-                    "dropped": dict(st.dropped), "dropped_unsaved": {k: v for k, v in st.unsaved.items() if v},
-                    "last_error": st.last_error}
+            return {
+                "disk_full": st.disk_full,
+                "queued_points": st.queued_points,
+                "written_points": st.written_points,
+                "dropped": dict(st.dropped),
+                "dropped_unsaved": {k: v for k, v in st.unsaved.items() if v},
+                "last_error": st.last_error,
+            }
 
     def _count(self, reason: str, points: int) -> None:
         """Under the lock: points dropped before reaching the disk."""
@@ -244,14 +258,18 @@ class BufferWriter:
         commit = Commit()
         if ops.queue_drops[0]:
             self._hold("queue_full", *ops.queue_drops)
-            log.warning("readings dropped before reaching the disk: the write queue was full",
-                        extra=fields(points=ops.queue_drops[0], queue_points=self.queue_points))
+            log.warning(
+                "readings dropped before reaching the disk: the write queue was full",
+                extra=fields(points=ops.queue_drops[0], queue_points=self.queue_points),
+            )
         # Deletions first, on their own: they free space and must not wait for anything that cannot be written.
         if ops.deletions():
             if self._transaction(lambda: self._deletions(ops, commit), "cannot record confirmations") is None:
                 self._requeue_deletions(ops)
-        if ops.accepted and self._transaction(lambda: self._acceptances(ops, commit),
-                                              "cannot record acceptances") is None:
+        if (
+            ops.accepted
+            and self._transaction(lambda: self._acceptances(ops, commit), "cannot record acceptances") is None
+        ):
             # Only a saving lost: those batches count as never sent, and are sent once more.
             log.debug("acceptances not recorded", extra=fields(batches=len(ops.accepted)))
         buffer = self.buffer
@@ -351,16 +369,28 @@ class BufferWriter:
                 self.stats.unsaved[drop.reason] -= drop.points
         self._unsaved.clear()
         for drop in drops:
-            log.warning(DROP_MESSAGES.get(drop.reason, f"dropped points ({drop.reason})"),
-                        extra=fields(points=drop.points, batches=drop.batches, seq_from=drop.oldest_seq,
-                                     seq_to=drop.newest_seq, accepted=drop.accepted))
+            log.warning(
+                DROP_MESSAGES.get(drop.reason, f"dropped points ({drop.reason})"),
+                extra=fields(
+                    points=drop.points,
+                    batches=drop.batches,
+                    seq_from=drop.oldest_seq,
+                    seq_to=drop.newest_seq,
+                    accepted=drop.accepted,
+                ),
+            )
         if bodies:
             self._make_reserve()  # room again: set the reserve aside again
         if self.stats.disk_full and bodies:
             self.stats.disk_full = False
-            log.warning("buffer writable again", extra=fields(
-                path=str(buffer.path), dropped_points=sum(d.points for d in unsaved if d.reason != "queue_full"),
-                after_s=round(time.monotonic() - (self._full_since or time.monotonic()), 1)))
+            log.warning(
+                "buffer writable again",
+                extra=fields(
+                    path=str(buffer.path),
+                    dropped_points=sum(d.points for d in unsaved if d.reason != "queue_full"),
+                    after_s=round(time.monotonic() - (self._full_since or time.monotonic()), 1),
+                ),
+            )
             self._full_since = None
 
     def _requeue(self, chunk: list[Encoded], events: list[dict[str, Any]]) -> None:
@@ -419,8 +449,10 @@ class BufferWriter:
         if not self.stats.disk_full:
             self.stats.disk_full = True
             self._full_since = time.monotonic()
-            log.error("buffer cannot write: readings are dropped and counted until there is room", extra=fields(
-                path=str(self.buffer.path), reason=why, min_free=self.min_free_bytes))
+            log.error(
+                "buffer cannot write: readings are dropped and counted until there is room",
+                extra=fields(path=str(self.buffer.path), reason=why, min_free=self.min_free_bytes),
+            )
 
     def _make_reserve(self) -> None:
         if self.reserve.exists():
@@ -441,8 +473,10 @@ class BufferWriter:
             return False
         except OSError:
             return False
-        log.warning("disk full: released the buffer's reserve so that stored batches can be deleted",
-                    extra=fields(path=str(self.reserve), bytes=self.reserve_bytes))
+        log.warning(
+            "disk full: released the buffer's reserve so that stored batches can be deleted",
+            extra=fields(path=str(self.reserve), bytes=self.reserve_bytes),
+        )
         return True
 
     def _transaction(self, work: Callable[[], Any], what: str) -> Any:

@@ -33,17 +33,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer import Buffer  # noqa: E402
-from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
-from drivers.config import Table  # noqa: E402
-from drivers.points import Point  # noqa: E402
-from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel  # noqa: E402
-from tests.agentproc import AgentProcess  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
-from tests.infra import Haproxy, Mosquitto, TenantPki  # noqa: E402
+from agent.buffer import Buffer
+from agent.bufferread import BufferReader
+from drivers.config import Table
+from drivers.points import Point
+from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
+from factory_edge.mqtt import BrokerSettings, tls_context
+from tests.agentproc import AgentProcess
+from tests.helpers import free_port
+from tests.infra import Haproxy, Mosquitto, TenantPki
 
 GW = "gw-bench"
 SEQ = re.compile(rb'"seq":(\d+)')
@@ -78,9 +79,17 @@ class Counter:
 def sample_batches(tags: int, count: int) -> list[bytes]:
     with tempfile.TemporaryDirectory() as tmp, Buffer(Path(tmp) / "b.db", gateway=GW, max_bytes=10**10) as buf:
         for i in range(count):
-            buf.add("dev-0", [Point("dev-0", f"t{t}", 1_732_280_000_000 + i, t) for t in range(tags)],
-                    max_points=500, max_bytes=256 * 1024)
-        return [b.payload for b in buf.batches_after(0, 10**9)]
+            buf.add(
+                "dev-0",
+                [Point("dev-0", f"t{t}", 1_732_280_000_000 + i, t) for t in range(tags)],
+                max_points=500,
+                max_bytes=256 * 1024,
+            )
+        reader = BufferReader(buf.path)
+        try:
+            return [b.payload for b in reader.pending(0, 10**9)]
+        finally:
+            reader.close()
 
 
 def raw_paho(settings: BrokerSettings, payloads: list[bytes], seconds: float, inflight: int) -> float:
@@ -146,8 +155,16 @@ def models(tags: int) -> RegisterModel:
 
 
 def device(i: int, port: int, tags: int, poll: float) -> dict[str, Any]:
-    return {"name": f"dev-{i}", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port, "unit": i + 1,
-            "poll": f"{int(poll * 1000)}ms", "timeout": "2s", "tags": [{"name": f"t{t}", "address": t} for t in range(tags)]}
+    return {
+        "name": f"dev-{i}",
+        "protocol": "modbus-tcp",
+        "host": "127.0.0.1",
+        "port": port,
+        "unit": i + 1,
+        "poll": f"{int(poll * 1000)}ms",
+        "timeout": "2s",
+        "tags": [{"name": f"t{t}", "address": t} for t in range(tags)],
+    }
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -159,22 +176,48 @@ async def main(args: argparse.Namespace) -> None:
     results: dict[str, float] = {}
     try:
         with Mosquitto(work / "broker", pki) as broker, Haproxy(work / "proxy", [broker.route]) as proxy:
-            agent_mqtt = {"url": f"mqtts://{pki.host}:{proxy.port}", "connect_host": "127.0.0.1",
-                          "ca_file": str(pki.ca_file), "cert_file": str(cert), "key_file": str(key)}
-            via_proxy = BrokerSettings(host=pki.host, port=proxy.port, tls=True, connect_host="127.0.0.1",
-                                       ca_file=str(pki.ca_file), cert_file=str(cert), key_file=str(key))
+            agent_mqtt = {
+                "url": f"mqtts://{pki.host}:{proxy.port}",
+                "connect_host": "127.0.0.1",
+                "ca_file": str(pki.ca_file),
+                "cert_file": str(cert),
+                "key_file": str(key),
+            }
+            via_proxy = BrokerSettings(
+                host=pki.host,
+                port=proxy.port,
+                tls=True,
+                connect_host="127.0.0.1",
+                ca_file=str(pki.ca_file),
+                cert_file=str(cert),
+                key_file=str(key),
+            )
             bridge_cert, bridge_key = pki.bridge
-            direct = BrokerSettings(host=pki.host, port=broker.port, tls=True, connect_host="127.0.0.1",
-                                    ca_file=str(pki.ca_file), cert_file=str(bridge_cert), key_file=str(bridge_key))
+            direct = BrokerSettings(
+                host=pki.host,
+                port=broker.port,
+                tls=True,
+                connect_host="127.0.0.1",
+                ca_file=str(pki.ca_file),
+                cert_file=str(bridge_cert),
+                key_file=str(bridge_key),
+            )
             port = free_port()
             units = {i + 1: models(args.tags) for i in range(args.devices)}
             async with ModbusSimulator(units=units, port=port):
                 # 1. sustained end to end
-                print(f"[1/4] end to end: {args.devices} devices x {args.tags} tags every {args.poll}s "
-                      f"(offered {args.devices * args.tags / args.poll:,.0f} points/s) for {args.seconds}s", flush=True)
+                print(
+                    f"[1/4] end to end: {args.devices} devices x {args.tags} tags every {args.poll}s "
+                    f"(offered {args.devices * args.tags / args.poll:,.0f} points/s) for {args.seconds}s",
+                    flush=True,
+                )
                 counter = Counter(direct)
-                config = {"gateway": GW, "mqtt": agent_mqtt, "buffer": {"max_bytes": "1GiB"},
-                          "devices": [device(i, port, args.tags, args.poll) for i in range(args.devices)]}
+                config = {
+                    "gateway": GW,
+                    "mqtt": agent_mqtt,
+                    "buffer": {"max_bytes": "1GiB"},
+                    "devices": [device(i, port, args.tags, args.poll) for i in range(args.devices)],
+                }
                 agent = AgentProcess(work / "agent-live", config).start()
                 await asyncio.sleep(3)  # connect, first polls
                 start_points, started = counter.points, time.perf_counter()
@@ -203,13 +246,19 @@ async def main(args: argparse.Namespace) -> None:
                         buf.add("backlog", batch, max_points=500, max_bytes=256 * 1024)
                     backlog_last = buf.next_seq - 1
                 counter = Counter(direct)
-                config = {"gateway": GW, "mqtt": agent_mqtt, "buffer": {"max_bytes": "1GiB"},
-                          "devices": [device(0, port, 1000, 1.0)]}
+                config = {
+                    "gateway": GW,
+                    "mqtt": agent_mqtt,
+                    "buffer": {"max_bytes": "1GiB"},
+                    "devices": [device(0, port, 1000, 1.0)],
+                }
                 agent = AgentProcess(drain_dir, config)
                 started = time.perf_counter()
                 agent.start()
-                while not all(s in counter.seqs for s in range(backlog_first, backlog_last + 1, 97)) or \
-                        len([s for s in counter.seqs if s <= backlog_last]) < backlog_last - backlog_first + 1:
+                while (
+                    not all(s in counter.seqs for s in range(backlog_first, backlog_last + 1, 97))
+                    or len([s for s in counter.seqs if s <= backlog_last]) < backlog_last - backlog_first + 1
+                ):
                     await asyncio.sleep(0.05)
                     if time.perf_counter() - started > 300:
                         raise SystemExit("backlog did not drain within 300 s")

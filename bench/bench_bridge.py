@@ -37,27 +37,28 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import orjson  # noqa: E402
-import paho.mqtt.client as paho  # noqa: E402
-import psycopg  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
-from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
-from psycopg import sql  # noqa: E402
+import orjson
+import paho.mqtt.client as paho
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from psycopg import sql
 
-from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
-from bridge.config import validate_config  # noqa: E402
-from bridge.decode import decode_batch  # noqa: E402
-from bridge.service import Bridge  # noqa: E402
-from bridge.storage.base import Store  # noqa: E402
-from bridge.storage.postgres import PostgresStore  # noqa: E402
-from bridge.storage.sqlite import SqliteStore  # noqa: E402
-from tests.infra import Mosquitto, TenantPki  # noqa: E402
+from bridge.config import validate_config
+from bridge.decode import decode_batch
+from bridge.service import Bridge
+from bridge.storage.base import Store
+from bridge.storage.postgres import PostgresStore
+from bridge.storage.sqlite import SqliteStore
+from factory_edge.mqtt import BrokerSettings, tls_context
+from tests.infra import Mosquitto, TenantPki
 
 GW = "gw-bench"
 
@@ -72,8 +73,15 @@ class NoDelayMosquitto(Mosquitto):
 
 def settings(pki: TenantPki, broker: Mosquitto, name: str) -> BrokerSettings:
     cert, key = pki.bridge if name == "bridge" else pki.client(name)
-    return BrokerSettings(host=pki.host, port=broker.port, tls=True, connect_host="127.0.0.1",
-                          ca_file=str(pki.ca_file), cert_file=str(cert), key_file=str(key))
+    return BrokerSettings(
+        host=pki.host,
+        port=broker.port,
+        tls=True,
+        connect_host="127.0.0.1",
+        ca_file=str(pki.ca_file),
+        cert_file=str(cert),
+        key_file=str(key),
+    )
 
 
 def client(s: BrokerSettings, client_id: str, *, clean: bool = False) -> paho.Client:
@@ -95,9 +103,16 @@ def client(s: BrokerSettings, client_id: str, *, clean: bool = False) -> paho.Cl
 
 def batch(device: str, seq: int, points: int, value: float = 1.0) -> bytes:
     ts = int(time.time() * 1000)
-    return json.dumps({"v": 1, "gw": GW, "dev": device, "seq": seq,
-                       "points": [{"tag": f"t{i % 50}", "ts": ts + i, "v": value + i, "q": "good"}
-                                  for i in range(points)]}, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "v": 1,
+            "gw": GW,
+            "dev": device,
+            "seq": seq,
+            "points": [{"tag": f"t{i % 50}", "ts": ts + i, "v": value + i, "q": "good"} for i in range(points)],
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def publish_all(pub: paho.Client, messages: list[tuple[str, bytes]]) -> None:
@@ -151,14 +166,31 @@ class Raw:
         return elapsed
 
 
-def bridge_config(pki: TenantPki, broker: Mosquitto, storage: dict[str, Any], rules: list[dict[str, Any]] | None = None,
-                  instance: str = "bench") -> Any:
+def bridge_config(
+    pki: TenantPki,
+    broker: Mosquitto,
+    storage: dict[str, Any],
+    rules: list[dict[str, Any]] | None = None,
+    instance: str = "bench",
+) -> Any:
     cert, key = pki.bridge
-    return validate_config({
-        "instance": instance, "storage": storage,
-        "tenants": [{"name": pki.tenant, "url": f"mqtts://{pki.host}:{broker.port}", "connect_host": "127.0.0.1",
-                     "ca_file": str(pki.ca_file), "cert_file": str(cert), "key_file": str(key)}],
-        "alerts": {"rules": rules or []}})
+    return validate_config(
+        {
+            "instance": instance,
+            "storage": storage,
+            "tenants": [
+                {
+                    "name": pki.tenant,
+                    "url": f"mqtts://{pki.host}:{broker.port}",
+                    "connect_host": "127.0.0.1",
+                    "ca_file": str(pki.ca_file),
+                    "cert_file": str(cert),
+                    "key_file": str(key),
+                }
+            ],
+            "alerts": {"rules": rules or []},
+        }
+    )
 
 
 async def wait(predicate: Any, timeout_s: float, what: str) -> None:
@@ -219,7 +251,7 @@ async def alert_latency(config: Any, pki: TenantPki, broker: Mosquitto, samples:
                 key = f"{device}:{state}"
                 sent = time.perf_counter()
                 pub.publish(f"gw/{GW}/data/{device}", payload, qos=1)
-                await wait(lambda: key in arrived, 10, f"alert {key}")
+                await wait(lambda key=key: key in arrived, 10, f"alert {key}")
                 latencies.append(arrived[key] - sent)
         stop.set()
     if background:
@@ -239,8 +271,13 @@ def stream(pki: TenantPki, broker: Mosquitto, points_per_s: int, stop: threading
     while not stop.is_set():
         seq += 1
         ts = int(time.time() * 1000)
-        doc = {"v": 1, "gw": "gw-load", "dev": "line-1", "seq": seq,
-               "points": [{"tag": f"t{i}", "ts": ts, "v": float(i), "q": "good"} for i in range(per_batch)]}
+        doc = {
+            "v": 1,
+            "gw": "gw-load",
+            "dev": "line-1",
+            "seq": seq,
+            "points": [{"tag": f"t{i}", "ts": ts, "v": float(i), "q": "good"} for i in range(per_batch)],
+        }
         pub.publish("gw/gw-load/data/line-1", json.dumps(doc, separators=(",", ":")), qos=1)
         next_at += interval
         time.sleep(max(0.0, next_at - time.perf_counter()))
@@ -256,7 +293,7 @@ def store_alone(store: Store, messages: list[tuple[str, bytes]], per_commit: int
         started = time.perf_counter()
         for i in range(0, len(batches), per_commit):
             with store.transaction() as tx:
-                tx.insert_points(tx.claim_batches(batches[i:i + per_commit]))
+                tx.insert_points(tx.claim_batches(batches[i : i + per_commit]))
         return sum(len(b.rows) for b in batches) / (time.perf_counter() - started)
     finally:
         store.close()
@@ -294,54 +331,77 @@ async def main(args: argparse.Namespace) -> None:
         if pg_ok:
             await create_session(pg_config)
         pub = client(settings(pki, broker, GW), f"{GW}-pub", clean=True)
-        messages = [(f"gw/{GW}/data/press-{s % 10}", batch(f"press-{s % 10}", s, args.batch)) for s in range(1, batches + 1)]
+        messages = [
+            (f"gw/{GW}/data/press-{s % 10}", batch(f"press-{s % 10}", s, args.batch)) for s in range(1, batches + 1)
+        ]
         publish_all(pub, messages)
         pub.disconnect()
         pub.loop_stop()
         size = sum(len(p) for _, p in messages) / len(messages)
         load = os.getloadavg()
-        print(f"bridge ingest: {total:,} points in {batches:,} batches of {args.batch} (~{size / 1024:.0f} KiB), "
-              f"queued at a TLS Mosquitto, drained by each subscriber alone (loopback, {os.cpu_count()} CPUs, "
-              f"load average {load[0]:.2f})")
+        print(
+            f"bridge ingest: {total:,} points in {batches:,} batches of {args.batch} (~{size / 1024:.0f} KiB), "
+            f"queued at a TLS Mosquitto, drained by each subscriber alone (loopback, {os.cpu_count()} CPUs, "
+            f"load average {load[0]:.2f})"
+        )
         raw_pps = total / raw.drain(batches)
         print(f"  {'raw paho subscriber (no parsing)':<38} {raw_pps:>10,.0f} points/s")
         parse_pps = total / parsing.drain(batches)
         print(f"  {'raw subscriber + json.loads (baseline)':<38} {parse_pps:>10,.0f} points/s")
         fast_pps = total / fast_parsing.drain(batches)
-        print(f"  {'raw subscriber + orjson.loads':<38} {fast_pps:>10,.0f} points/s  {fast_pps / parse_pps:.2f}x baseline")
+        print(
+            f"  {'raw subscriber + orjson.loads':<38} {fast_pps:>10,.0f} points/s  {fast_pps / parse_pps:.2f}x baseline"
+        )
         per_commit = max(1, 100_000 // args.batch)
-        results = [("SQLite (WAL, fsync on)", sqlite_config, 0.3,
-                    lambda: SqliteStore(root / "alone", "alone"))]
+        results: list[tuple[str, Any, float, Callable[[], Store]]] = [
+            ("SQLite (WAL, fsync on)", sqlite_config, 0.3, lambda: SqliteStore(root / "alone", "alone"))
+        ]
         if pg_ok:
-            results.append(("PostgreSQL (binary COPY)", pg_config, 0.2,
-                            lambda: PostgresStore(args.dsn, f"{tenant}_alone")))
+            results.append(
+                ("PostgreSQL (binary COPY)", pg_config, 0.2, lambda: PostgresStore(args.dsn, f"{tenant}_alone"))
+            )
         for label, config, target, make_store in results:
             seconds, cpu = await drain(config, total)
             bridge_pps = total / seconds
             alone_pps = store_alone(make_store(), messages, per_commit)
-            print(f"  {'bridge -> ' + label:<38} {bridge_pps:>10,.0f} points/s  {bridge_pps / parse_pps:.2f}x baseline "
-                  f"(target {target:.1f}x, {target * parse_pps:,.0f} in this run); "
-                  f"bridge CPU {cpu / total * 1e6:.1f} ms per 1,000 points")
-            print(f"  {'   the store alone, decoded rows':<38} {alone_pps:>10,.0f} points/s  "
-                  f"(the bridge reaches {bridge_pps / alone_pps:.2f} of it)")
+            print(
+                f"  {'bridge -> ' + label:<38} {bridge_pps:>10,.0f} points/s  {bridge_pps / parse_pps:.2f}x baseline "
+                f"(target {target:.1f}x, {target * parse_pps:,.0f} in this run); "
+                f"bridge CPU {cpu / total * 1e6:.1f} ms per 1,000 points"
+            )
+            print(
+                f"  {'   the store alone, decoded rows':<38} {alone_pps:>10,.0f} points/s  "
+                f"(the bridge reaches {bridge_pps / alone_pps:.2f} of it)"
+            )
         rules = [{"name": "hot", "device": "cnc-*", "tag": "t0", "above": 50.0}]
-        print(f"alert latency (publish -> alert received by a subscriber), {args.samples} firing + "
-              f"{args.samples} resolved samples, SQLite:")
+        print(
+            f"alert latency (publish -> alert received by a subscriber), {args.samples} firing + "
+            f"{args.samples} resolved samples, SQLite:"
+        )
         brokers = [("broker as provisioned", broker)]
         fast = NoDelayMosquitto(root / "broker-nodelay", pki).start()
         brokers.append(("broker with set_tcp_nodelay true", fast))
         try:
-            for name, target in brokers:
-                alert_config = bridge_config(pki, target, {"backend": "sqlite", "path": str(root / f"alerts-{target.port}")},
-                                             rules, instance="alerts")
-                for label, load in (("idle", 0), (f"{args.load:,} points/s of other data", args.load)):
-                    latencies = await alert_latency(alert_config, pki, target, args.samples, load)
-                    print(f"  {name + ', ' + label:<64} p50 {pct(latencies, 0.5) * 1000:5.1f} ms   "
-                          f"p99 {pct(latencies, 0.99) * 1000:5.1f} ms   max {max(latencies) * 1000:5.1f} ms")
+            for broker_name, alert_broker in brokers:
+                alert_config = bridge_config(
+                    pki,
+                    alert_broker,
+                    {"backend": "sqlite", "path": str(root / f"alerts-{alert_broker.port}")},
+                    rules,
+                    instance="alerts",
+                )
+                for load_label, rate in (("idle", 0), (f"{args.load:,} points/s of other data", args.load)):
+                    latencies = await alert_latency(alert_config, pki, alert_broker, args.samples, rate)
+                    print(
+                        f"  {broker_name + ', ' + load_label:<64} p50 {pct(latencies, 0.5) * 1000:5.1f} ms   "
+                        f"p99 {pct(latencies, 0.99) * 1000:5.1f} ms   max {max(latencies) * 1000:5.1f} ms"
+                    )
         finally:
             fast.stop()
-        print("targets: SQLite >= 0.3x and PostgreSQL >= 0.2x the json.loads baseline (300,000 and 200,000 points/s "
-              "on a quiet 2-core machine); alert p99 < 20 ms under 10,000 points/s of other data")
+        print(
+            "targets: SQLite >= 0.3x and PostgreSQL >= 0.2x the json.loads baseline (300,000 and 200,000 points/s "
+            "on a quiet 2-core machine); alert p99 < 20 ms under 10,000 points/s of other data"
+        )
     finally:
         broker.stop()
         if pg_ok:
@@ -356,5 +416,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=500, help="points per batch message")
     parser.add_argument("--samples", type=int, default=200, help="alert latency samples per run")
     parser.add_argument("--load", type=int, default=10_000, help="background points/s in the loaded latency run")
-    parser.add_argument("--dsn", default=os.environ.get("FACTORY_EDGE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--dsn", default=os.environ.get("FACTORY_EDGE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    )
     asyncio.run(main(parser.parse_args()))

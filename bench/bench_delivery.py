@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import itertools
 
-from agent.mqtt import BrokerSettings, tls_context  # noqa: E402
-from tests.agentproc import AgentProcess  # noqa: E402
-from tests.faults import GW, Plant, agent_config  # noqa: E402
-from tests.infra import Haproxy, Mosquitto, TenantPki  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from factory_edge.mqtt import BrokerSettings, tls_context
+from tests.agentproc import AgentProcess
+from tests.faults import GW, Plant, agent_config
+from tests.infra import Haproxy, Mosquitto, TenantPki
 
 FSYNC_WRITER = """
 import os, sys, time
@@ -71,7 +72,7 @@ class Arrivals:
         self.lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}", protocol=paho.MQTTv5)
         self.client.tls_set_context(tls_context(settings))
-        self.client.reconnect_delay_set(0.05, 0.1)
+        self.client.reconnect_delay_set(0.05, 0.1)  # type: ignore[arg-type]  # paho types whole seconds; it takes floats
         self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
         self.client.on_message = self._message
         self.client.connect(settings.dial_host, settings.port, keepalive=5)
@@ -121,9 +122,13 @@ def raw_latencies(settings: BrokerSettings, arrivals: Arrivals, payload_size: in
 
 def poll_periods(arrivals: Arrivals, start_ms: int, end_ms: int) -> list[float]:
     """Periods between the agent's reads, from the timestamps it gave the readings (the agent's own schedule)."""
-    times = sorted(p["ts"] for _, doc in arrivals.since(start_ms / 1000 - 5) for p in doc.get("points", [])
-                   if p["tag"] == "served" and start_ms <= p["ts"] <= end_ms)
-    return [b - a for a, b in zip(times, times[1:])]
+    times = sorted(
+        p["ts"]
+        for _, doc in arrivals.since(start_ms / 1000 - 5)
+        for p in doc.get("points", [])
+        if p["tag"] == "served" and start_ms <= p["ts"] <= end_ms
+    )
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def raw_connect_ready(settings: BrokerSettings, since: float) -> float:
@@ -144,22 +149,41 @@ def main(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {}
     pki = TenantPki(work / "pki", "acme")
     try:
-        with Mosquitto(work / "broker", pki) as broker, Haproxy(work / "proxy", [broker.route]) as proxy, \
-                Plant(work / "plant", units=(1,), bulk=args.tags) as plant:
+        with (
+            Mosquitto(work / "broker", pki) as broker,
+            Haproxy(work / "proxy", [broker.route]) as proxy,
+            Plant(work / "plant", units=(1,), bulk=args.tags) as plant,
+        ):
             bridge_cert, bridge_key = pki.bridge
-            direct = BrokerSettings(host=pki.host, port=broker.port, tls=True, connect_host="127.0.0.1",
-                                    ca_file=str(pki.ca_file), cert_file=str(bridge_cert), key_file=str(bridge_key))
+            direct = BrokerSettings(
+                host=pki.host,
+                port=broker.port,
+                tls=True,
+                connect_host="127.0.0.1",
+                ca_file=str(pki.ca_file),
+                cert_file=str(bridge_cert),
+                key_file=str(bridge_key),
+            )
             gw_cert, gw_key = pki.client("bench-raw")
-            via_proxy = BrokerSettings(host=pki.host, port=proxy.port, tls=True, connect_host="127.0.0.1",
-                                       ca_file=str(pki.ca_file), cert_file=str(gw_cert), key_file=str(gw_key))
+            via_proxy = BrokerSettings(
+                host=pki.host,
+                port=proxy.port,
+                tls=True,
+                connect_host="127.0.0.1",
+                ca_file=str(pki.ca_file),
+                cert_file=str(gw_cert),
+                key_file=str(gw_key),
+            )
             arrivals = Arrivals(direct, "gw/#")
             config = agent_config(pki, proxy.port, plant, buffer={"confirm": "broker"})
             config["devices"] = plant.devices(poll="100ms")
             agent = AgentProcess(work / "agent", config).start()
             try:
                 # 1. latency
-                print(f"[1/3] latency: 100 ms polls, {args.tags + 1} tags, TLS via HAProxy, fsync on, "
-                      f"{args.seconds:g} s", flush=True)
+                print(
+                    f"[1/3] latency: 100 ms polls, {args.tags + 1} tags, TLS via HAProxy, fsync on, {args.seconds:g} s",
+                    flush=True,
+                )
                 time.sleep(3)
                 t0 = time.time()
                 time.sleep(args.seconds)
@@ -168,14 +192,24 @@ def main(args: argparse.Namespace) -> None:
                 results["raw_lat"] = raw_latencies(via_proxy, arrivals, size, min(args.seconds, 10))
 
                 # 3a. poll periods, quiet
-                print(f"[2/3] poll periods at 100 ms: quiet, then beside an fsync-heavy writer ({args.fsync_load_s:g} s)",
-                      flush=True)
+                print(
+                    f"[2/3] poll periods at 100 ms: quiet, then beside an fsync-heavy writer ({args.fsync_load_s:g} s)",
+                    flush=True,
+                )
                 quiet_from = int(time.time() * 1000)
                 time.sleep(args.fsync_load_s)
                 results["quiet"] = poll_periods(arrivals, quiet_from, int(time.time() * 1000))
                 loaded_from = int(time.time() * 1000)
-                subprocess.run([sys.executable, "-c", FSYNC_WRITER, str(work / "agent" / "fsync-load.bin"),
-                                str(args.fsync_load_s)], check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        FSYNC_WRITER,
+                        str(work / "agent" / "fsync-load.bin"),
+                        str(args.fsync_load_s),
+                    ],
+                    check=True,
+                )
                 time.sleep(1)  # the last batches arrive
                 results["loaded"] = poll_periods(arrivals, loaded_from, int(time.time() * 1000) - 1000)
 
@@ -189,8 +223,11 @@ def main(args: argparse.Namespace) -> None:
                 results["raw_ready"] = raw_connect_ready(via_proxy, back)
                 results["reconnect"] = float("nan")
                 while time.monotonic() - back < 60:
-                    new = [at for at, doc in arrivals.since(back_wall)
-                           if doc.get("gw") == GW and doc.get("seq", 0) > before]
+                    new = [
+                        at
+                        for at, doc in arrivals.since(back_wall)
+                        if doc.get("gw") == GW and doc.get("seq", 0) > before
+                    ]
                     if new:
                         results["reconnect"] = min(new) - back_wall
                         break
@@ -204,17 +241,23 @@ def main(args: argparse.Namespace) -> None:
     a, r = results["agent_lat"], results["raw_lat"]
     print()
     print(f"{'measure':<58} {'p50':>8} {'p99':>8} {'target':>10}")
-    print(f"{'latency, machine -> broker, agent (durable buffer), ms':<58} {pct(a, 50):>8.1f} {pct(a, 99):>8.1f} "
-          f"{'p50 <= 20':>10}")
+    print(
+        f"{'latency, machine -> broker, agent (durable buffer), ms':<58} {pct(a, 50):>8.1f} {pct(a, 99):>8.1f} "
+        f"{'p50 <= 20':>10}"
+    )
     print(f"{'latency, raw paho QoS 1 via the same HAProxy TLS, ms':<58} {pct(r, 50):>8.1f} {pct(r, 99):>8.1f}")
     for name, periods in (("quiet", results["quiet"]), ("fsync load", results["loaded"])):
         skipped = sum(1 for p in periods if p > 150)
-        print(f"{f'poll period at 100 ms, {name}, ms':<58} {pct(periods, 50):>8.1f} {pct(periods, 99):>8.1f} "
-              f"{'no skips':>10}   max {max(periods, default=float('nan')):.0f}, skipped {skipped} of {len(periods)}")
+        print(
+            f"{f'poll period at 100 ms, {name}, ms':<58} {pct(periods, 50):>8.1f} {pct(periods, 99):>8.1f} "
+            f"{'no skips':>10}   max {max(periods, default=float('nan')):.0f}, skipped {skipped} of {len(periods)}"
+        )
     print()
     print(f"agent latency / raw:  p50 {pct(a, 50) / pct(r, 50):.2f}, p99 {pct(a, 99) / pct(r, 99):.2f}")
-    print(f"reconnect after a {args.outage:g} s outage: first batch at the broker {results['reconnect']:.2f} s after its "
-          f"return (target <= 2 s); a fresh raw TLS connection succeeded after {results['raw_ready']:.2f} s")
+    print(
+        f"reconnect after a {args.outage:g} s outage: first batch at the broker {results['reconnect']:.2f} s after its "
+        f"return (target <= 2 s); a fresh raw TLS connection succeeded after {results['raw_ready']:.2f} s"
+    )
 
 
 if __name__ == "__main__":

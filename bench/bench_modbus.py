@@ -39,12 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
+from pymodbus.client import AsyncModbusTcpClient
 
-from drivers.config import ModbusTcpDevice, Table  # noqa: E402
-from drivers.modbus.driver import ModbusDriver  # noqa: E402
-from drivers.modbus.plan import Read, read_for  # noqa: E402
-from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel  # noqa: E402
+from drivers.config import ModbusTcpDevice, Table
+from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.plan import Read, read_for
+from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
 
 
 def free_port() -> int:
@@ -65,8 +65,17 @@ def tag_list(count: int, mix: bool) -> list[dict[str, object]]:
 
 
 def device(port: int, count: int, mix: bool, **extra: object) -> ModbusTcpDevice:
-    return ModbusTcpDevice.model_validate({"protocol": "modbus-tcp", "name": "bench", "host": "127.0.0.1",
-                                           "port": port, "timeout": "2s", "tags": tag_list(count, mix), **extra})
+    return ModbusTcpDevice.model_validate(
+        {
+            "protocol": "modbus-tcp",
+            "name": "bench",
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": "2s",
+            "tags": tag_list(count, mix),
+            **extra,
+        }
+    )
 
 
 # ---------------------------------------------------------------- the device, in its own process
@@ -89,7 +98,10 @@ class Device:
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, __file__, "--serve", str(self.port), str(registers), str(answer_ms)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
 
     def close(self) -> None:
@@ -184,8 +196,9 @@ async def scenario(tags: int, mix: bool, polls: int, answer_ms: float) -> dict[s
             "driver pipelined 8": await driver_poll(dev.port, tags, mix, polls, window=8),
         }
         if not answer_ms:
-            results["driver per-tag"] = await driver_poll(dev.port, tags, mix, max(3, polls // 10), window=1,
-                                                          per_tag=True)
+            results["driver per-tag"] = await driver_poll(
+                dev.port, tags, mix, max(3, polls // 10), window=1, per_tag=True
+            )
         return results
     finally:
         dev.close()
@@ -194,20 +207,28 @@ async def scenario(tags: int, mix: bool, polls: int, answer_ms: float) -> dict[s
 async def main(tags: int, polls: int, answer_times: list[float], mix: bool) -> None:
     kind = "uint16 and float32" if mix else "contiguous uint16"
     load = os.getloadavg()
-    print(f"Modbus TCP, {tags} {kind} tags on one device, {polls} polls per line; "
-          f"device in its own process on loopback; load average {load[0]:.2f} on {os.cpu_count()} CPUs")
+    print(
+        f"Modbus TCP, {tags} {kind} tags on one device, {polls} polls per line; "
+        f"device in its own process on loopback; load average {load[0]:.2f} on {os.cpu_count()} CPUs"
+    )
     for answer_ms in answer_times:
         results = await scenario(tags, mix, polls, answer_ms)
         raw = results["raw pymodbus"][1]
         print(f"\ndevice answer time {answer_ms:g} ms per request")
-        print(f"{'':<20} {'requests/poll':>13} {'median cycle':>13} {'p95 cycle':>10} "
-              f"{'client CPU/poll':>16} {'vs raw pymodbus':>16}")
+        print(
+            f"{'':<20} {'requests/poll':>13} {'median cycle':>13} {'p95 cycle':>10} "
+            f"{'client CPU/poll':>16} {'vs raw pymodbus':>16}"
+        )
         for label, (per_poll, median, p95, cpu) in results.items():
-            print(f"{label:<20} {per_poll:>13.0f} {median * 1000:>11.2f}ms {p95 * 1000:>8.2f}ms "
-                  f"{cpu * 1000:>14.2f}ms {median / raw:>15.2f}x")
+            print(
+                f"{label:<20} {per_poll:>13.0f} {median * 1000:>11.2f}ms {p95 * 1000:>8.2f}ms "
+                f"{cpu * 1000:>14.2f}ms {median / raw:>15.2f}x"
+            )
         seq, pipe = results["driver sequential"][1], results["driver pipelined 8"][1]
-        print(f"pipelined 8 / sequential: {pipe / seq:.2f}x the cycle time "
-              f"({1 / pipe:.0f} vs {1 / seq:.0f} polls/s possible)")
+        print(
+            f"pipelined 8 / sequential: {pipe / seq:.2f}x the cycle time "
+            f"({1 / pipe:.0f} vs {1 / seq:.0f} polls/s possible)"
+        )
 
 
 if __name__ == "__main__":
@@ -217,8 +238,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tags", type=int, default=1000)
     parser.add_argument("--polls", type=int, default=50)
-    parser.add_argument("--answer-ms", type=float, nargs="+", default=[0.0, 2.0],
-                        help="time the simulated device takes to answer each request")
+    parser.add_argument(
+        "--answer-ms",
+        type=float,
+        nargs="+",
+        default=[0.0, 2.0],
+        help="time the simulated device takes to answer each request",
+    )
     parser.add_argument("--mix", action="store_true", help="every 4th tag a float32 instead of all uint16")
     args = parser.parse_args()
     asyncio.run(main(args.tags, args.polls, args.answer_ms, args.mix))

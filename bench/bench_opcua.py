@@ -32,8 +32,9 @@ import socket
 import statistics
 import sys
 import time
+from typing import Any
 
-from asyncua import Client
+from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeEvent, Subscription
 
 from drivers.config import OpcuaDevice
@@ -47,8 +48,9 @@ DRAIN_S = 2.0
 """After the measuring window, wait until no notification of its rounds arrived for this long."""
 
 
-def serve(port: int, nodes: int, interval_s: float, lifetime_s: float,
-          conn: multiprocessing.connection.Connection) -> None:
+def serve(
+    port: int, nodes: int, interval_s: float, lifetime_s: float, conn: multiprocessing.connection.Connection
+) -> None:
     """Child process: run the simulator and change every extra node each interval.
 
     Commands on ``conn``: ``count`` (reply: rounds of changes so far, time),
@@ -59,8 +61,9 @@ def serve(port: int, nodes: int, interval_s: float, lifetime_s: float,
     asyncio.run(_serve(port, nodes, interval_s, lifetime_s, conn))
 
 
-async def _serve(port: int, nodes: int, interval_s: float, lifetime_s: float,
-                 conn: multiprocessing.connection.Connection) -> None:
+async def _serve(
+    port: int, nodes: int, interval_s: float, lifetime_s: float, conn: multiprocessing.connection.Connection
+) -> None:
     async with OpcuaSimulator(port=port, extra_nodes=nodes, update_interval_s=None) as sim:
         conn.send(sim.endpoint)
         loop = asyncio.get_running_loop()
@@ -91,7 +94,7 @@ class Server:
         self.conn = conn
         self.nodes = nodes
 
-    def ask(self, command: str) -> object:
+    def ask(self, command: str) -> Any:
         self.conn.send(command)
         if not self.conn.poll(30):
             raise SystemExit(f"simulator did not answer {command!r}")
@@ -99,8 +102,8 @@ class Server:
 
     def rounds(self) -> tuple[int, float]:
         """Rounds of changes completed so far, and when (the child's monotonic clock)."""
-        rounds, at = self.ask("count")  # type: ignore[misc]
-        return rounds, at
+        rounds, at = self.ask("count")
+        return int(rounds), float(at)
 
 
 class Tally:
@@ -150,8 +153,10 @@ class Result:
     """CPU seconds the measuring process spent per notification (the server runs elsewhere)."""
 
     def line(self, label: str) -> str:
-        return (f"{label:<33} {self.rate:>7,.0f} notifications/s of {self.made:,.0f} changes/s made "
-                f"({self.rate / self.made:.0%}), {self.cpu_s * 1e6:.0f} us CPU each")
+        return (
+            f"{label:<33} {self.rate:>7,.0f} notifications/s of {self.made:,.0f} changes/s made "
+            f"({self.rate / self.made:.0%}), {self.cpu_s * 1e6:.0f} us CPU each"
+        )
 
 
 def free_port() -> int:
@@ -161,9 +166,17 @@ def free_port() -> int:
 
 
 def bench_device(endpoint: str, nodes: int, interval_ms: int, mode: str) -> OpcuaDevice:
-    return OpcuaDevice.model_validate({
-        "name": "bench", "protocol": "opcua", "endpoint": endpoint, "mode": mode, "poll": f"{interval_ms}ms",
-        "timeout": "5s", "tags": [{"name": f"v{i}", "node": f"ns=2;s=Bench.Value{i}"} for i in range(nodes)]})
+    return OpcuaDevice.model_validate(
+        {
+            "name": "bench",
+            "protocol": "opcua",
+            "endpoint": endpoint,
+            "mode": mode,
+            "poll": f"{interval_ms}ms",
+            "timeout": "5s",
+            "tags": [{"name": f"v{i}", "node": f"ns=2;s=Bench.Value{i}"} for i in range(nodes)],
+        }
+    )
 
 
 async def measure_driver(server: Server, endpoint: str, interval_ms: int, seconds: float) -> Result:
@@ -201,7 +214,9 @@ async def measure_raw(server: Server, endpoint: str, interval_ms: int, seconds: 
         try:
             node_list = [client.get_node(f"ns=2;s=Bench.Value{i}") for i in range(server.nodes)]
             # The same queue size as the driver asks for, so both see the same notifications.
-            await subscription.subscribe_data_change(node_list, queuesize=QUEUE_SIZE, sampling_interval=interval_ms)
+            await subscription.subscribe_data_change(
+                node_list, queuesize=QUEUE_SIZE, sampling_interval=ua.Duration(interval_ms)
+            )
             await asyncio.wait_for(tally.initial_values.wait(), STARTUP_TIMEOUT_S)
             return await tally.measure(server, seconds)
         finally:
@@ -239,14 +254,18 @@ async def run(server: Server, endpoint: str, interval_ms: int, seconds: float) -
     print(ours.line("driver (OpcuaDriver, subscribe):"))
     raw = await measure_raw(server, endpoint, interval_ms, seconds)
     print(raw.line("raw (asyncua subscription):"))
-    print(f"ratio driver/raw: {ours.rate / raw.rate:.2f} in notifications/s, "
-          f"{(ours.rate / ours.made) / (raw.rate / raw.made):.2f} per change made, "
-          f"{raw.cpu_s / ours.cpu_s:.2f} in CPU efficiency")
+    print(
+        f"ratio driver/raw: {ours.rate / raw.rate:.2f} in notifications/s, "
+        f"{(ours.rate / ours.made) / (raw.rate / raw.made):.2f} per change made, "
+        f"{raw.cpu_s / ours.cpu_s:.2f} in CPU efficiency"
+    )
     server.ask("pause")
     our_reads, raw_reads = await measure_poll(endpoint, nodes, interval_ms)
-    print(f"poll mode, one Read of {nodes} nodes (server idle, median of {len(our_reads)}): "
-          f"driver {statistics.median(our_reads) * 1000:.1f} ms, raw asyncua read_values "
-          f"{statistics.median(raw_reads) * 1000:.1f} ms")
+    print(
+        f"poll mode, one Read of {nodes} nodes (server idle, median of {len(our_reads)}): "
+        f"driver {statistics.median(our_reads) * 1000:.1f} ms, raw asyncua read_values "
+        f"{statistics.median(raw_reads) * 1000:.1f} ms"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     lifetime_s = STARTUP_TIMEOUT_S + 2 * (args.seconds + STARTUP_TIMEOUT_S) + 60
-    process = context.Process(target=serve, name="opcua-sim", daemon=True,
-                              args=(free_port(), args.nodes, args.interval_ms / 1000, lifetime_s, theirs))
+    process = context.Process(
+        target=serve,
+        name="opcua-sim",
+        daemon=True,
+        args=(free_port(), args.nodes, args.interval_ms / 1000, lifetime_s, theirs),
+    )
     process.start()
     try:
         if not ours.poll(STARTUP_TIMEOUT_S):

@@ -26,14 +26,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.provisioning_fixtures import Deployment  # noqa: E402
+from tests.provisioning_fixtures import Deployment
 
 
 def summary(label: str, values: list[float]) -> str:
     values = sorted(values)
-    p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
-    return (f"{label:<44} median {statistics.median(values) * 1000:7.0f} ms   p90 {p90 * 1000:7.0f} ms   "
-            f"max {values[-1] * 1000:7.0f} ms")
+    p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+    return (
+        f"{label:<44} median {statistics.median(values) * 1000:7.0f} ms   p90 {p90 * 1000:7.0f} ms   "
+        f"max {values[-1] * 1000:7.0f} ms"
+    )
 
 
 def main() -> int:
@@ -54,7 +56,9 @@ def main() -> int:
                 if result.returncode != 0:
                     print(result.stderr, file=sys.stderr)
                     return 1
-                inside.append(float(re.search(r"\(([\d.]+) s\)", result.stdout.splitlines()[0]).group(1)))
+                took = re.search(r"\(([\d.]+) s\)", result.stdout.splitlines()[0])
+                assert took is not None, result.stdout
+                inside.append(float(took.group(1)))
                 started = time.monotonic()
                 pub = site.pub(site.conn(state), f"gw/gw-{i}/events", "raw")
                 raw.append(time.monotonic() - started)

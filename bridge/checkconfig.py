@@ -14,10 +14,12 @@ from .router import ingest_builtins, plan
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "check-config", help="validate a bridge config and print its tenants, subscriptions and rules",
+        "check-config",
+        help="validate a bridge config and print its tenants, subscriptions and rules",
         description="Validate FILE. Prints a summary (storage, tenants, the subscriptions each connection makes, "
-                    "mapped tables, alert rules) or every error, one per line, naming the file, the path inside "
-                    "it and the problem (exit code 2).")
+        "mapped tables, alert rules) or every error, one per line, naming the file, the path inside "
+        "it and the problem (exit code 2).",
+    )
     p.add_argument("file", metavar="FILE", help="bridge config (YAML)")
     p.set_defaults(handler=run)
 
@@ -25,9 +27,11 @@ def add_parser(commands: Any) -> None:
 def summary_lines(config: BridgeConfig) -> list[str]:
     storage = config.storage
     where = f"{storage.path}/<tenant>.db" if storage.backend == "sqlite" else "one schema per tenant"
-    lines = [f"OK: {len(config.tenants)} tenants, storage {storage.backend} ({where}), "
-             f"{len(config.mappings)} mappings, commit window {config.ingest.max_messages} messages, "
-             f"receive maximum {config.ingest.window}"]
+    lines = [
+        f"OK: {len(config.tenants)} tenants, storage {storage.backend} ({where}), "
+        f"{len(config.mappings)} mappings, commit window {config.ingest.max_messages} messages, "
+        f"receive maximum {config.ingest.window}"
+    ]
     for tenant in config.tenants:
         subscriptions = plan(config.mappings, builtins=ingest_builtins(tenant.shared_group))
         via = f" via {tenant.connect_host}" if tenant.connect_host else ""
@@ -38,10 +42,12 @@ def summary_lines(config: BridgeConfig) -> list[str]:
             condition = Rule.of(rule).condition
             extra = f" for {format_duration(rule.for_)}" if rule.for_ else ""
             notify = f" -> {', '.join(rule.notify)}" if rule.notify else ""
-            lines.append(f"    alert {rule.name}: {rule.gateway}/{rule.device}/{rule.tag or '*'} "
-                         f"{condition}{extra} [{rule.severity}]{notify}")
-    for rule in config.mappings:
-        lines.append(f"  mapping {rule.topic} -> table {rule.table} ({', '.join(rule.columns)})")
+            lines.append(
+                f"    alert {rule.name}: {rule.gateway}/{rule.device}/{rule.tag or '*'} "
+                f"{condition}{extra} [{rule.severity}]{notify}"
+            )
+    for mapping in config.mappings:
+        lines.append(f"  mapping {mapping.topic} -> table {mapping.table} ({', '.join(mapping.columns)})")
     return lines
 
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from factory_edge.cli import add_global_options, run_command
+from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 
 from . import checkconfig, query, run
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (run, query, checkconfig):
         module.add_parser(commands)
+    accept_global_options_anywhere(parser)
     return parser
 
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
-from drivers.config import Duration, Model
 from factory_edge import names
 from factory_edge.configfile import config_errors, load_yaml, validate
+from factory_edge.configmodel import Duration, Model
 from factory_edge.errors import ConfigError
 
 from .alerts.rules import AlertRule, WebhookConfig
@@ -125,8 +125,10 @@ class TenantConfig(Model):
             raise ValueError("alerts_cert_file and alerts_key_file go together")
         for instance in self.identities:
             if not names.is_id(instance) or not names.is_id(f"{names.BRIDGE_PREFIX}{instance}"):
-                raise ValueError(f"identities: instance {instance!r} is not valid: 1-57 letters, digits, '_', '.' "
-                                 "or '-', starting with a letter or digit")
+                raise ValueError(
+                    f"identities: instance {instance!r} is not valid: 1-57 letters, digits, '_', '.' "
+                    "or '-', starting with a letter or digit"
+                )
         if self.password is not None and self.username is None:
             raise ValueError("password: given without username:")
         return self
@@ -137,17 +139,22 @@ class TenantConfig(Model):
         if own is not None:
             return self.model_copy(update={"cert_file": own.cert_file, "key_file": own.key_file})
         if self.identities and self.cert_file is None:
-            raise ConfigError(f"tenant {self.name} has no bridge identity for instance {instance!r} (it has "
-                              f"{', '.join(sorted(self.identities))}): run 'provisioning bridge add {instance}' "
-                              "on the provisioning host, or start the bridge with --instance NAME")
+            raise ConfigError(
+                f"tenant {self.name} has no bridge identity for instance {instance!r} (it has "
+                f"{', '.join(sorted(self.identities))}): run 'provisioning bridge add {instance}' "
+                "on the provisioning host, or start the bridge with --instance NAME"
+            )
         return self
 
 
 class SparkplugConfig(Model):
     """The bridge as a Sparkplug B host application on every tenant broker (docs/sparkplug.md)."""
 
-    host_id: str = Field(default="factory-edge", pattern=GROUP_PATTERN,
-                         description="published as spBv1.0/STATE/<host_id>; edge nodes name it as their primary host")
+    host_id: str = Field(
+        default="factory-edge",
+        pattern=GROUP_PATTERN,
+        description="published as spBv1.0/STATE/<host_id>; edge nodes name it as their primary host",
+    )
 
 
 class BridgeConfig(Model):
@@ -179,14 +186,18 @@ class BridgeConfig(Model):
         for rule in mappings:
             other = tables.setdefault(rule.table, rule)
             if other is not rule and other.columns != rule.columns:
-                raise ValueError(f"table {rule.table!r} is mapped twice with different columns "
-                                 f"({', '.join(other.columns)} / {', '.join(rule.columns)})")
+                raise ValueError(
+                    f"table {rule.table!r} is mapped twice with different columns "
+                    f"({', '.join(other.columns)} / {', '.join(rule.columns)})"
+                )
         return mappings
 
     @model_validator(mode="after")
     def _sources(self) -> BridgeConfig:
         if not self.tenants and self.tenants_from is None:
-            raise ValueError("tenants: list at least one tenant broker (or tenants_from: the provisioning data directory)")
+            raise ValueError(
+                "tenants: list at least one tenant broker (or tenants_from: the provisioning data directory)"
+            )
         _check_notify(self.alerts, "alerts")
         for tenant in self.tenants:
             _check_notify(self.tenant_alerts(tenant), f"tenants[{tenant.name}].alerts")
@@ -205,8 +216,10 @@ class BridgeConfig(Model):
         clash = next((r.name for r in tenant.alerts.rules if r.name in names), None)
         if clash:
             raise ValueError(f"tenants[{tenant.name}]: alerts.rules: rule {clash!r} is also a top-level rule")
-        return AlertsConfig(webhooks={**self.alerts.webhooks, **tenant.alerts.webhooks},
-                            rules=[*self.alerts.rules, *tenant.alerts.rules])
+        return AlertsConfig(
+            webhooks={**self.alerts.webhooks, **tenant.alerts.webhooks},
+            rules=[*self.alerts.rules, *tenant.alerts.rules],
+        )
 
     def tenant(self, name: str) -> TenantConfig:
         for tenant in self.tenants:
@@ -219,8 +232,10 @@ def _check_notify(alerts: AlertsConfig, where: str) -> None:
     for rule in alerts.rules:
         missing = [name for name in rule.notify if name not in alerts.webhooks]
         if missing:
-            raise ValueError(f"{where}: rule {rule.name!r}: notify: no webhook named {missing[0]!r} "
-                             f"(webhooks: {', '.join(alerts.webhooks) or 'none'})")
+            raise ValueError(
+                f"{where}: rule {rule.name!r}: notify: no webhook named {missing[0]!r} "
+                f"(webhooks: {', '.join(alerts.webhooks) or 'none'})"
+            )
 
 
 TENANTS_INDEX = "tenants.json"  # written by provisioning (docs/provisioning.md, "For the bridge")
@@ -232,15 +247,17 @@ def provisioned_tenants(directory: str | Path) -> list[TenantConfig]:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"tenants_from: {path}: no such file (is {directory} the provisioning data directory, "
-                          "with a tenant created?)") from None
+        raise ConfigError(
+            f"tenants_from: {path}: no such file (is {directory} the provisioning data directory, "
+            "with a tenant created?)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"tenants_from: {path}: cannot read: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"tenants_from: {path}: not JSON: {exc}") from None
     entries = doc.get("tenants") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
-        raise ConfigError(f"tenants_from: {path}: expected {{\"tenants\": [...]}}")
+        raise ConfigError(f'tenants_from: {path}: expected {{"tenants": [...]}}')
     tenants = []
     for i, entry in enumerate(entries):
         try:
@@ -249,9 +266,9 @@ def provisioned_tenants(directory: str | Path) -> list[TenantConfig]:
             source = f"{path}: tenants[{i}]"
             lines = []
             for line in config_errors(exc, source):
-                rest = line[len(source) + 2:]  # "url: problem", or "(top level): problem"
+                rest = line[len(source) + 2 :]  # "url: problem", or "(top level): problem"
                 top = "(top level): "
-                lines.append(f"{source}: {rest[len(top):]}" if rest.startswith(top) else f"{source}.{rest}")
+                lines.append(f"{source}: {rest[len(top) :]}" if rest.startswith(top) else f"{source}.{rest}")
             raise ConfigError("\n".join(lines)) from None
     return tenants
 
@@ -291,9 +308,10 @@ def load_config(path: str | Path) -> BridgeConfig:
     data = _resolve_paths(load_yaml(path), path.resolve().parent)
     config = validate(BridgeConfig, data, str(path))
     if config.tenants_from is not None:
+        directory = Path(config.tenants_from)
         config = config.with_tenants(provisioned_tenants(config.tenants_from))
         if not config.tenants:
-            raise ConfigError(f"{path}: tenants_from: {Path(config.tenants_from) / TENANTS_INDEX} lists no tenants yet")
+            raise ConfigError(f"{path}: tenants_from: {directory / TENANTS_INDEX} lists no tenants yet")
     return config
 
 

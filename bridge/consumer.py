@@ -15,17 +15,16 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from agent.mqtt import CLOSED_BY_BROKER, BrokerSettings
-from drivers.base import Backoff
+from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
+from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
 from factory_edge.sparkplug.topics import state_payload
 
 from .messages import Received
 from .mqtt import Session
 
 log = logging.getLogger(__name__)
-
 
 
 class ConnectionState(enum.StrEnum):
@@ -37,9 +36,18 @@ class ConnectionState(enum.StrEnum):
 class Consumer:
     """Task ``mqtt[<tenant>]``: connect, subscribe, reconnect with backoff; ``next_window`` for the ingest loop."""
 
-    def __init__(self, *, tenant: str, settings: BrokerSettings, client_id: str,
-                 subscriptions: Sequence[tuple[str, int]], receive_maximum: int, session_expiry_s: float,
-                 backoff_max_s: float = 30.0, sparkplug_state: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        settings: BrokerSettings,
+        client_id: str,
+        subscriptions: Sequence[tuple[str, int]],
+        receive_maximum: int,
+        session_expiry_s: float,
+        backoff_max_s: float = 30.0,
+        sparkplug_state: str | None = None,
+    ) -> None:
         self.tenant = tenant
         # Sparkplug host application: ``spBv1.0/STATE/<host id>``, online at every connection, offline as the will.
         self.sparkplug_state = sparkplug_state
@@ -71,9 +79,16 @@ class Consumer:
             born = int(time.time() * 1000)  # a STATE will carries its birth's timestamp (Sparkplug 3.0)
             will = (self.sparkplug_state, state_payload(False, born)) if self.sparkplug_state else None
             try:
-                session = Session(self.settings, client_id=self.client_id, generation=self.generation,
-                                  receive_maximum=self.receive_maximum, session_expiry_s=self.session_expiry_s,
-                                  on_message=self._deliver, on_lost=self._lost, will=will)
+                session = Session(
+                    self.settings,
+                    client_id=self.client_id,
+                    generation=self.generation,
+                    receive_maximum=self.receive_maximum,
+                    session_expiry_s=self.session_expiry_s,
+                    on_message=self._deliver,
+                    on_lost=self._lost,
+                    will=will,
+                )
                 await session.open()
                 # Our session's queued messages arrive right after CONNACK, before the SUBACKs:
                 # they must be acknowledgeable at once.
@@ -85,8 +100,15 @@ class Consumer:
                     await session.close()
                 delay = self._backoff.next_delay()
                 if str(exc) != self.last_error:
-                    log.warning("cannot connect to tenant broker", extra=fields(
-                        tenant=self.tenant, broker=self.settings.describe(), err=str(exc), retry_in_s=round(delay, 1)))
+                    log.warning(
+                        "cannot connect to tenant broker",
+                        extra=fields(
+                            tenant=self.tenant,
+                            broker=self.settings.describe(),
+                            err=str(exc),
+                            retry_in_s=round(delay, 1),
+                        ),
+                    )
                 self.last_error = str(exc)
                 self.state = ConnectionState.DISCONNECTED
                 await asyncio.sleep(delay)
@@ -97,12 +119,17 @@ class Consumer:
                     await session.close()
                 raise
             for topic in refused:
-                log.error("broker refused a subscription (check the tenant's ACL for the bridge)",
-                          extra=fields(tenant=self.tenant, topic=topic))
+                log.error(
+                    "broker refused a subscription (check the tenant's ACL for the bridge)",
+                    extra=fields(tenant=self.tenant, topic=topic),
+                )
             if self._closed_by_broker is not None and self._attempts == 1:
-                self._taken_over(self._closed_by_broker, evidence="the broker ended a healthy session and accepted "
-                                                                  "this one again at once (once alone, this can also "
-                                                                  "be a broker restarting within a second)")
+                self._taken_over(
+                    self._closed_by_broker,
+                    evidence="the broker ended a healthy session and accepted "
+                    "this one again at once (once alone, this can also "
+                    "be a broker restarting within a second)",
+                )
             self._closed_by_broker = None
             self._attempts = 0
             self._backoff.reset()
@@ -112,9 +139,15 @@ class Consumer:
             self.connected.set()
             if self.sparkplug_state:
                 session.publish(self.sparkplug_state, state_payload(True, born), retain=True)
-            log.info("connected to tenant broker", extra=fields(
-                tenant=self.tenant, broker=self.settings.describe(), client_id=self.client_id,
-                subscriptions=" ".join(t for t, _ in self.subscriptions)))
+            log.info(
+                "connected to tenant broker",
+                extra=fields(
+                    tenant=self.tenant,
+                    broker=self.settings.describe(),
+                    client_id=self.client_id,
+                    subscriptions=" ".join(t for t, _ in self.subscriptions),
+                ),
+            )
             try:
                 await session.closed.wait()
             finally:
@@ -147,12 +180,19 @@ class Consumer:
         now = time.monotonic()
         self._takeovers.append(now)
         certain = "0x8E" in evidence or (len(self._takeovers) >= 2 and now - self._takeovers[-2] < 300)
-        log.log(logging.ERROR if certain else logging.WARNING,
-                "session taken over by another connection with our client id",
-                  extra=fields(tenant=self.tenant, client_id=self.client_id, broker=self.settings.describe(),
-                               reason=reason, evidence=evidence,
-                               hint="give every bridge process its own identity (provisioning bridge add NAME, "
-                                    "bridge run --instance NAME); if none shares it, the key has leaked"))
+        log.log(
+            logging.ERROR if certain else logging.WARNING,
+            "session taken over by another connection with our client id",
+            extra=fields(
+                tenant=self.tenant,
+                client_id=self.client_id,
+                broker=self.settings.describe(),
+                reason=reason,
+                evidence=evidence,
+                hint="give every bridge process its own identity (provisioning bridge add NAME, "
+                "bridge run --instance NAME); if none shares it, the key has leaked",
+            ),
+        )
 
     # ---------------------------------------------------------------- for the ingest loop
 

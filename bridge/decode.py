@@ -14,8 +14,18 @@ from typing import Any
 import orjson
 
 from .messages import (
-    MAX_TS_MS, QUALITIES, DataBatch, EventRow, Malformed, StatusRow, _json_type, check_json, check_scalar, check_text,
-    check_ts, parse_json,
+    MAX_TS_MS,
+    QUALITIES,
+    DataBatch,
+    EventRow,
+    Malformed,
+    StatusRow,
+    _json_type,
+    check_json,
+    check_scalar,
+    check_text,
+    check_ts,
+    parse_json,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -97,12 +107,19 @@ def _batch(gw: str, device: str, doc: Any, received_at: int, *, exact: bool) -> 
         # Anything else takes the careful check, which names what is wrong.
         try:
             tag, ts, value = point["tag"], point["ts"], point["v"]
-            fast = (tag in known and type(ts) is int and 0 <= ts <= max_ts
-                    and type(value) in numbers and len(point) == 4 and point["q"] == "good")
+            fast = (
+                tag in known
+                and type(ts) is int
+                and 0 <= ts <= max_ts
+                and type(value) in numbers
+                and len(point) == 4
+                and point["q"] == "good"
+            )
         except (KeyError, TypeError):  # missing keys, not an object, an unhashable tag
             fast = False
-        if fast and (-_INT64 < value < _INT64 if type(value) is float
-                     else type(value) is not int or -_INT64 <= value < _INT64):
+        if fast and (
+            -_INT64 < value < _INT64 if type(value) is float else type(value) is not int or -_INT64 <= value < _INT64
+        ):
             append((gw, device, tag, ts, value, "good", None, seq))
         else:
             append(_careful_row(gw, device, seq, len(rows), point, exact))

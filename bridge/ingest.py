@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from drivers.base import Backoff
 from factory_edge.acks import ack_topic, encode_acks
+from factory_edge.backoff import Backoff
 from factory_edge.errors import StorageError
 from factory_edge.logs import fields
 
@@ -82,9 +82,18 @@ class Outcome:
 class Ingest:
     """Task ``ingest[<tenant>]``. ``store_data`` off: only alerts (the alert role with shared subscriptions)."""
 
-    def __init__(self, *, tenant: str, store: Store, consumer: Consumer, router: Router,
-                 engine: AlertEngine | None, store_data: bool, max_messages: int,
-                 webhooks: dict[str, WebhookSender] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        store: Store,
+        consumer: Consumer,
+        router: Router,
+        engine: AlertEngine | None,
+        store_data: bool,
+        max_messages: int,
+        webhooks: dict[str, WebhookSender] | None = None,
+    ) -> None:
         self.tenant = tenant
         self.store = store
         self.consumer = consumer
@@ -123,8 +132,11 @@ class Ingest:
             while True:
                 timeout = tick_s if tick_s is not None else (1.0 if self.webhooks else None)
                 window = await self.consumer.next_window(self.max_messages, timeout)
-                if self.engine is not None and self.consumer.connects != self._published_for \
-                        and self.consumer.connected.is_set():
+                if (
+                    self.engine is not None
+                    and self.consumer.connects != self._published_for
+                    and self.consumer.connected.is_set()
+                ):
                     await self._republish()  # before this window's changes, which are newer
                 window, outcome = await self._commit(window)
                 self.consumer.ack(window)
@@ -132,8 +144,15 @@ class Ingest:
                 self._log_stats()
         finally:
             self._thread.shutdown(wait=True)
-            log.info("ingest stopped", extra=fields(tenant=self.tenant, store_data=self.store_data,
-                                                    evaluates_alerts=self.engine is not None, **self.stats.snapshot()))
+            log.info(
+                "ingest stopped",
+                extra=fields(
+                    tenant=self.tenant,
+                    store_data=self.store_data,
+                    evaluates_alerts=self.engine is not None,
+                    **self.stats.snapshot(),
+                ),
+            )
 
     async def _resume(self) -> None:
         """Alert states, the newest reading of every series and the webhook outbox, from the store."""
@@ -152,14 +171,18 @@ class Ingest:
                 break
             except StorageError as exc:
                 delay = backoff.next_delay()
-                log.error("cannot load the alert states", extra=fields(tenant=self.tenant, err=str(exc),
-                                                                      retry_in_s=round(delay, 1)))
+                log.error(
+                    "cannot load the alert states",
+                    extra=fields(tenant=self.tenant, err=str(exc), retry_in_s=round(delay, 1)),
+                )
                 await asyncio.sleep(delay)
         for item in outbox:
             sender = self.webhooks.get(item.webhook)
             if sender is None:
-                log.warning("webhook no longer configured: delivery dropped", extra=fields(
-                    tenant=self.tenant, webhook=item.webhook, outbox_id=item.id))
+                log.warning(
+                    "webhook no longer configured: delivery dropped",
+                    extra=fields(tenant=self.tenant, webhook=item.webhook, outbox_id=item.id),
+                )
                 self._delivered.append(item.id)
             else:
                 sender.submit(item)
@@ -180,9 +203,12 @@ class Ingest:
                 self._delivered[:0] = delivered
                 delay = backoff.next_delay()
                 if str(exc) != last_error:
-                    log.error("cannot commit to tenant storage; nothing is acknowledged until it works",
-                              extra=fields(tenant=self.tenant, err=str(exc), messages=len(window),
-                                           retry_in_s=round(delay, 1)))
+                    log.error(
+                        "cannot commit to tenant storage; nothing is acknowledged until it works",
+                        extra=fields(
+                            tenant=self.tenant, err=str(exc), messages=len(window), retry_in_s=round(delay, 1)
+                        ),
+                    )
                 last_error = str(exc)
                 await asyncio.sleep(delay)
 
@@ -190,16 +216,22 @@ class Ingest:
         """The store refused something in the window: commit message by message; the culprit is a dead letter."""
         if len(window) == 1:
             message = window[0]
-            log.warning("message refused by the store: dead letter", extra=fields(
-                tenant=self.tenant, topic=message.topic, err=str(exc)))
+            log.warning(
+                "message refused by the store: dead letter",
+                extra=fields(tenant=self.tenant, topic=message.topic, err=str(exc)),
+            )
             dead = DeadLetter(message.topic, message.payload, f"refused by the store: {exc}", message.received_at)
             backoff = Backoff(initial_s=0.5, max_s=30.0)
             while True:
                 try:
                     return await self._in_store(self._process, [], [], dead)
                 except DataRejected as again:
-                    log.error("message refused even as a dead letter: dropped", extra=fields(
-                        tenant=self.tenant, topic=message.topic, bytes=len(message.payload), err=str(again)))
+                    log.error(
+                        "message refused even as a dead letter: dropped",
+                        extra=fields(
+                            tenant=self.tenant, topic=message.topic, bytes=len(message.payload), err=str(again)
+                        ),
+                    )
                     return Outcome()
                 except StorageError as failed:
                     log.error("cannot store a dead letter", extra=fields(tenant=self.tenant, err=str(failed)))
@@ -214,8 +246,9 @@ class Ingest:
             total.replies += outcome.replies
         return total
 
-    def _process(self, window: Sequence[Received], delivered: Sequence[int],
-                 refused: DeadLetter | None = None) -> Outcome:
+    def _process(
+        self, window: Sequence[Received], delivered: Sequence[int], refused: DeadLetter | None = None
+    ) -> Outcome:
         """On the store's thread: decode, evaluate, commit, then let the engine move on."""
         decoded = self.router.decode(window) if window else Decoded()
         if refused is not None:
@@ -252,8 +285,9 @@ class Ingest:
                 queued = [(name, change.payload(i), now) for change, i in outcome.changes for name in change.notify]
                 if queued:
                     outbox_ids = tx.queue_webhooks(queued)
-                    outcome.outbox = [OutboxItem(o, name, payload, now)
-                                      for o, (name, payload, _) in zip(outbox_ids, queued)]
+                    outcome.outbox = [
+                        OutboxItem(o, name, payload, now) for o, (name, payload, _) in zip(outbox_ids, queued)
+                    ]
             if dirty:
                 tx.save_alert_states(dirty)
             if evaluation is not None and evaluation.series:
@@ -266,8 +300,11 @@ class Ingest:
             outcome.stored = _stored(decoded, outcome.conflicts)
             outcome.replies = decoded.replies
             for gw, seq in sorted(outcome.conflicts):
-                log.error("a gateway sent a batch under a seq already stored for another batch: not confirmed "
-                          "(did its buffer start again?)", extra=fields(tenant=self.tenant, gw=gw, seq=seq))
+                log.error(
+                    "a gateway sent a batch under a seq already stored for another batch: not confirmed "
+                    "(did its buffer start again?)",
+                    extra=fields(tenant=self.tenant, gw=gw, seq=seq),
+                )
         s = self.stats
         s.commits += 1
         s.messages += len(window)
@@ -306,9 +343,19 @@ class Ingest:
             self.consumer.publish(topic, payload, retain=False)
         for change, alert_id in outcome.changes:
             self.consumer.publish(change.topic, change.payload(alert_id), retain=True)
-            log.info("alert", extra=fields(tenant=self.tenant, rule=change.rule, state=str(change.state),
-                                           gw=change.gw, device=change.device, tag=change.tag, value=change.value,
-                                           severity=change.severity))
+            log.info(
+                "alert",
+                extra=fields(
+                    tenant=self.tenant,
+                    rule=change.rule,
+                    state=str(change.state),
+                    gw=change.gw,
+                    device=change.device,
+                    tag=change.tag,
+                    value=change.value,
+                    severity=change.severity,
+                ),
+            )
         for item in outcome.outbox:
             sender = self.webhooks.get(item.webhook)
             if sender is not None:
@@ -323,11 +370,32 @@ class Ingest:
             return
         self._published_for = self.consumer.connects
         for row in rows:
-            doc = {"id": row["id"], "tenant": self.tenant, **{k: row[k] for k in (
-                "rule", "state", "previous", "severity", "gw", "device", "tag", "value", "since", "ts",
-                "condition", "message")}}
-            self.consumer.publish(f"alerts/{row['gw']}/{row['device']}/{row['rule']}",
-                                  json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(), retain=True)
+            doc = {
+                "id": row["id"],
+                "tenant": self.tenant,
+                **{
+                    k: row[k]
+                    for k in (
+                        "rule",
+                        "state",
+                        "previous",
+                        "severity",
+                        "gw",
+                        "device",
+                        "tag",
+                        "value",
+                        "since",
+                        "ts",
+                        "condition",
+                        "message",
+                    )
+                },
+            }
+            self.consumer.publish(
+                f"alerts/{row['gw']}/{row['device']}/{row['rule']}",
+                json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode(),
+                retain=True,
+            )
 
     def _log_stats(self) -> None:
         if time.monotonic() - self._stats_at < STATS_EVERY_S:
@@ -337,15 +405,24 @@ class Ingest:
         delta = {k: now[k] - before[k] for k in now}
         self._logged = IngestStats(**now)
         if delta["messages"]:
-            log.info("ingest", extra=fields(tenant=self.tenant, window_s=STATS_EVERY_S, **delta,
-                                            webhook_backlog=sum(s.backlog for s in self.webhooks.values())))
+            log.info(
+                "ingest",
+                extra=fields(
+                    tenant=self.tenant,
+                    window_s=STATS_EVERY_S,
+                    **delta,
+                    webhook_backlog=sum(s.backlog for s in self.webhooks.values()),
+                ),
+            )
 
 
 def _stored(decoded: Decoded, conflicts: Collection[tuple[str, int]] = ()) -> dict[str, list[int]]:
     """Per gateway, the seqs of the window's data batches the store now holds (dead letters included)."""
     stored: dict[str, list[int]] = {}
     for batch in decoded.batches:
-        if batch.seq >= 0 and (batch.gw, batch.seq) not in conflicts:  # negative: another Sparkplug implementation's message, keyed by the bridge itself
+        if (
+            batch.seq >= 0 and (batch.gw, batch.seq) not in conflicts
+        ):  # negative: another Sparkplug implementation's message, keyed by the bridge itself
             stored.setdefault(batch.gw, []).append(batch.seq)
     for dead in decoded.dead:
         match = _DATA_TOPIC.match(dead.topic)

@@ -20,18 +20,31 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from drivers.config import Model
+from factory_edge.configmodel import Model
 
 from .messages import INT64, MAX_TS_MS, Malformed, _json_type, check_json, check_scalar, check_text, parse_json
 
 COLUMN_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-RESERVED_TABLES = frozenset({"points", "batches", "status", "events", "alerts", "alert_state", "dead_letters",
-                             "latest", "webhook_outbox", "alert_series", "schema_version"})
+RESERVED_TABLES = frozenset(
+    {
+        "points",
+        "batches",
+        "status",
+        "events",
+        "alerts",
+        "alert_state",
+        "dead_letters",
+        "latest",
+        "webhook_outbox",
+        "alert_series",
+        "schema_version",
+    }
+)
 FieldType = Literal["auto", "float", "int", "str", "bool", "json", "timestamp"]
 
 
@@ -95,7 +108,7 @@ class MappingRule(Model):
         if self.payload == "text":
             bad = [n for n, f in self.fields.items() if f.path != "$"]
             if bad:
-                raise ValueError(f"fields.{bad[0]}: a text payload has only one value: path must be \"$\"")
+                raise ValueError(f'fields.{bad[0]}: a text payload has only one value: path must be "$"')
         ts = self.fields.get("ts")
         if ts is not None and ts.type not in ("auto", "timestamp"):
             raise ValueError("fields.ts: the timestamp column must have type timestamp")
@@ -226,8 +239,12 @@ class Mapping:
                 if value is None:
                     row[name] = None
                     continue
-            row[name] = convert(value, "timestamp" if name == "ts" and spec.type == "auto" else spec.type,
-                                f"fields.{name}", unit=spec.unit)
+            row[name] = convert(
+                value,
+                "timestamp" if name == "ts" and spec.type == "auto" else spec.type,
+                f"fields.{name}",
+                unit=spec.unit,
+            )
         row.setdefault("ts", received_at)
         row["received_at"] = received_at
         return row
@@ -261,8 +278,19 @@ def convert(value: Any, kind: str, where: str, *, unit: str = "ms") -> Any:
     if kind == "str":
         if isinstance(value, (dict, list)):
             raise Malformed(f"{where}: expected text, got {_json_type(value)}")
-        text = value if isinstance(value, str) else ("true" if value is True else "false" if value is False
-                                                     else repr(value) if isinstance(value, float) else str(value))
+        text = (
+            value
+            if isinstance(value, str)
+            else (
+                "true"
+                if value is True
+                else "false"
+                if value is False
+                else repr(value)
+                if isinstance(value, float)
+                else str(value)
+            )
+        )
         return check_text(text, where)
     if kind == "bool":
         if type(value) is bool:
@@ -319,7 +347,7 @@ def _timestamp(value: Any, where: str, unit: str) -> int:
         except ValueError:
             raise Malformed(f"{where}: expected epoch {unit} or an ISO 8601 time, got {_describe(value)}") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)  # documented: times without a zone are UTC
+            moment = moment.replace(tzinfo=UTC)  # documented: times without a zone are UTC
         ms = round(moment.timestamp() * 1000)
     else:
         number = _number(value, where)

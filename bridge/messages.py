@@ -166,5 +166,6 @@ def check_ts(value: Any, where: str) -> int:
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "true/false", int: "integer", float: "number", str: "text", list: "array",
-            dict: "object"}.get(type(value), type(value).__name__)
+    return {bool: "true/false", int: "integer", float: "number", str: "text", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )

@@ -9,7 +9,7 @@ off, a session expiry): whatever the broker delivered but did not get a
 PUBACK for is delivered again on the next connection.
 
 TLS, the SNI override (``connect_host``) and the one-line connection errors
-are the agent's (``agent.mqtt``).
+are shared with the agent (``factory_edge.mqtt``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 from factory_edge.errors import PublishError
+from factory_edge.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
 
 from .messages import Received
 
@@ -35,9 +35,18 @@ from .messages import Received
 class Session:
     """One connection; dies with it. Callbacks arrive on paho's thread and are handed to the event loop."""
 
-    def __init__(self, settings: BrokerSettings, *, client_id: str, generation: int, receive_maximum: int,
-                 session_expiry_s: float, on_message: Callable[[Received], None],
-                 on_lost: Callable[[str], None], will: tuple[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        generation: int,
+        receive_maximum: int,
+        session_expiry_s: float,
+        on_message: Callable[[Received], None],
+        on_lost: Callable[[str], None],
+        will: tuple[str, bytes] | None = None,
+    ) -> None:
         self.settings = settings
         self.generation = generation
         self.receive_maximum = receive_maximum
@@ -47,8 +56,13 @@ class Session:
         self._connack: asyncio.Future[str | None] = self.loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
         self._on_message, self._on_lost = on_message, on_lost
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                  reconnect_on_failure=False, manual_ack=True)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=False,
+            manual_ack=True,
+        )
         self.client.max_inflight_messages_set(100)  # our own publishes (alerts)
         self.client.max_queued_messages_set(0)
         self._tls: ssl.SSLContext | None = None
@@ -68,7 +82,11 @@ class Session:
 
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
-        self.loop.call_soon_threadsafe(lambda: self._connack.done() or self._connack.set_result(result))
+        self.loop.call_soon_threadsafe(self._connack_received, result)
+
+    def _connack_received(self, result: str | None) -> None:
+        if not self._connack.done():
+            self._connack.set_result(result)
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)
@@ -79,6 +97,7 @@ class Session:
             future = self._subacks.pop(mid, None)
             if future is not None and not future.done():
                 future.set_result(list(reasons))
+
         self.loop.call_soon_threadsafe(done)
 
     def _paho_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
@@ -88,9 +107,15 @@ class Session:
             topic = message._topic.decode("utf-8", "replace")
         props = getattr(message, "properties", None)
         ids = getattr(props, "SubscriptionIdentifier", None) if props is not None else None
-        received = Received(topic=topic, payload=bytes(message.payload), qos=message.qos, mid=message.mid,
-                            generation=self.generation, sub_ids=tuple(ids or ()),
-                            received_at=int(time.time() * 1000))
+        received = Received(
+            topic=topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            mid=message.mid,
+            generation=self.generation,
+            sub_ids=tuple(ids or ()),
+            received_at=int(time.time() * 1000),
+        )
         self.loop.call_soon_threadsafe(self._on_message, received)
 
     def _lost(self, reason: str) -> None:
@@ -124,8 +149,9 @@ class Session:
             properties = Properties(PacketTypes.SUBSCRIBE)
             properties.SubscriptionIdentifier = sub_id
             # retainHandling=1: retained messages only for a new subscription, not at every reconnect.
-            rc, mid = self.client.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=1),
-                                            properties=properties)
+            rc, mid = self.client.subscribe(
+                topic, options=SubscribeOptions(qos=1, retainHandling=1), properties=properties
+            )
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
                 raise PublishError(f"cannot subscribe to {topic}: connection lost")
             future = self.loop.create_future()

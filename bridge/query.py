@@ -6,7 +6,7 @@ import argparse
 import base64
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from factory_edge.errors import ConfigError
@@ -21,11 +21,13 @@ _TIME_COLUMNS = {"ts", "since", "received_at", "changed_at"}
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "query", help="print a tenant's newest values, points, alerts or dead letters as a table or JSON",
+        "query",
+        help="print a tenant's newest values, points, alerts or dead letters as a table or JSON",
         description="Read a tenant's store (read-only). values: the newest reading of every series; points: "
-                    "recent readings, newest first; alerts: the alert history (every state change), or with "
-                    "--active the alerts pending or firing now; dead-letters: messages that could not be stored, "
-                    "with the reason; counts: rows per table.")
+        "recent readings, newest first; alerts: the alert history (every state change), or with "
+        "--active the alerts pending or firing now; dead-letters: messages that could not be stored, "
+        "with the reason; counts: rows per table.",
+    )
     p.add_argument("what", choices=QUERY_KINDS, help="what to show")
     p.add_argument("--config", required=True, metavar="FILE", help="bridge config (YAML): where the storage is")
     p.add_argument("--tenant", metavar="NAME", help="the tenant (optional when the config has only one)")
@@ -58,8 +60,15 @@ def run(args: argparse.Namespace) -> int:
     store = make_store(config.storage, tenant)
     store.open_read()
     try:
-        table = store.query(args.what, gw=args.gateway, device=args.device, tag=args.tag, since_ms=since_ms,
-                            limit=args.limit, active=args.active)
+        table = store.query(
+            args.what,
+            gw=args.gateway,
+            device=args.device,
+            tag=args.tag,
+            since_ms=since_ms,
+            limit=args.limit,
+            active=args.active,
+        )
     finally:
         store.close()
     if args.json:
@@ -87,7 +96,7 @@ def _cell(name: str, value: Any) -> str:
     if value is None:
         return ""
     if name in _TIME_COLUMNS and isinstance(value, int):
-        moment = datetime.fromtimestamp(value / 1000, timezone.utc)
+        moment = datetime.fromtimestamp(value / 1000, UTC)
         return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{value % 1000:03d}Z"
     if isinstance(value, (bytes, bytearray, memoryview)):
         text = bytes(value).decode("utf-8", "replace")

@@ -21,10 +21,16 @@ from .sparkplug import SparkplugHost
 
 log = logging.getLogger(__name__)
 
-BUILTINS = {"data": "gw/+/data/+", "status": "gw/+/status", "events": "gw/+/events", "sparkplug": "spBv1.0/#",
-            # With a shared subscription a birth reaches one process only, but every process must know the
-            # aliases to read data: each also reads the births itself, not shared, to learn them (not to store).
-            "spb_nbirth": "spBv1.0/+/NBIRTH/+", "spb_dbirth": "spBv1.0/+/DBIRTH/+/+"}
+BUILTINS = {
+    "data": "gw/+/data/+",
+    "status": "gw/+/status",
+    "events": "gw/+/events",
+    "sparkplug": "spBv1.0/#",
+    # With a shared subscription a birth reaches one process only, but every process must know the
+    # aliases to read data: each also reads the births itself, not shared, to learn them (not to store).
+    "spb_nbirth": "spBv1.0/+/NBIRTH/+",
+    "spb_dbirth": "spBv1.0/+/DBIRTH/+/+",
+}
 LEARN_ONLY = frozenset({"spb_nbirth", "spb_dbirth"})
 
 
@@ -45,8 +51,9 @@ def ingest_builtins(shared_group: str | None) -> tuple[str, ...]:
     return ("data", "status", "events", "sparkplug", *(("spb_nbirth", "spb_dbirth") if shared_group else ()))
 
 
-def plan(mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "events", "sparkplug")
-         ) -> list[Subscription]:
+def plan(
+    mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "events", "sparkplug")
+) -> list[Subscription]:
     """One subscription per distinct filter: the built-in ones, then the mappings'."""
     by_filter: dict[str, tuple[str | None, list[Mapping]]] = {BUILTINS[b]: (b, []) for b in builtins}
     for rule in mappings:
@@ -67,7 +74,8 @@ class Router:
         out = Decoded()
         for message in window:
             subs = [self.by_id[i] for i in message.sub_ids if i in self.by_id] or [
-                s for s in self.subscriptions if topic_matches(s.filter, message.topic)]
+                s for s in self.subscriptions if topic_matches(s.filter, message.topic)
+            ]
             for sub in subs:
                 self._one(message, sub, out)
         return out

@@ -13,17 +13,22 @@ from .service import Bridge
 
 def add_parser(commands: Any) -> None:
     p = commands.add_parser(
-        "run", help="connect to every tenant broker and store what arrives until stopped",
+        "run",
+        help="connect to every tenant broker and store what arrives until stopped",
         description="Run the bridge: connect to each tenant's broker with the bridge's certificate (MQTT v5, "
-                    "persistent session), store gateway batches, status, events and mapped topics in the "
-                    "tenant's own SQLite file or PostgreSQL schema, evaluate the alert rules, and acknowledge "
-                    "each message only once its rows are committed. SIGTERM or Ctrl-C stops cleanly; anything "
-                    "not yet acknowledged is delivered again by the broker at the next start.")
+        "persistent session), store gateway batches, status, events and mapped topics in the "
+        "tenant's own SQLite file or PostgreSQL schema, evaluate the alert rules, and acknowledge "
+        "each message only once its rows are committed. SIGTERM or Ctrl-C stops cleanly; anything "
+        "not yet acknowledged is delivered again by the broker at the next start.",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="bridge config (YAML)")
-    p.add_argument("--instance", metavar="NAME",
-                   help="this process's name, unique among the processes sharing a tenant: it picks the "
-                        "process's own certificate (identity bridge.NAME) from tenants_from or a tenant's "
-                        "identities (default: the config's instance, else main)")
+    p.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="this process's name, unique among the processes sharing a tenant: it picks the "
+        "process's own certificate (identity bridge.NAME) from tenants_from or a tenant's "
+        "identities (default: the config's instance, else main)",
+    )
     p.set_defaults(handler=run, default_log_level="info")
 
 

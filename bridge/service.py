@@ -21,8 +21,8 @@ from types import TracebackType
 import httpx
 
 from factory_edge.errors import ConfigError, FactoryEdgeError, StorageError
-from factory_edge.names import bridge_identity
 from factory_edge.logs import fields
+from factory_edge.names import bridge_identity
 from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 
@@ -60,8 +60,14 @@ class Bridge:
                 await tenant.close()
             await self.http.aclose()
             raise
-        log.info("bridge started", extra=fields(instance=self.instance, tenants=",".join(t.name for t in self.tenants),
-                                                storage=self.config.storage.backend))
+        log.info(
+            "bridge started",
+            extra=fields(
+                instance=self.instance,
+                tenants=",".join(t.name for t in self.tenants),
+                storage=self.config.storage.backend,
+            ),
+        )
         self._task = asyncio.create_task(self._run(), name="bridge")
         self.systemd.ready(f"{len(self.tenants)} tenants, storage {self.config.storage.backend}")
         return self
@@ -72,8 +78,9 @@ class Bridge:
                 for tenant in self.tenants:
                     group.create_task(tenant.run(), name=f"tenant[{tenant.name}]")
                 if self.config.tenants_from is not None:
-                    group.create_task(self._watch(group, Path(self.config.tenants_from) / TENANTS_INDEX),
-                                      name="tenants[watch]")
+                    group.create_task(
+                        self._watch(group, Path(self.config.tenants_from) / TENANTS_INDEX), name="tenants[watch]"
+                    )
                 if self.systemd.watchdog_interval_s:
                     group.create_task(self._watchdog(self.systemd.watchdog_interval_s), name="watchdog")
         finally:
@@ -99,8 +106,9 @@ class Bridge:
                 if entry.name in running:
                     continue
                 try:
-                    tenant = TenantBridge(self.config, entry.for_instance(self.instance), instance=self.instance,
-                                          http=self.http)
+                    tenant = TenantBridge(
+                        self.config, entry.for_instance(self.instance), instance=self.instance, http=self.http
+                    )
                     await tenant.open()
                 except FactoryEdgeError as exc:
                     if entry.name not in failed:
@@ -113,8 +121,10 @@ class Bridge:
                 group.create_task(tenant.run(), name=f"tenant[{tenant.name}]")
             gone = running - {t.name for t in listed} - {t.name for t in self.config.tenants}
             for name in sorted(gone):
-                log.warning("tenant no longer provisioned; it keeps running until the bridge restarts",
-                            extra=fields(tenant=name))
+                log.warning(
+                    "tenant no longer provisioned; it keeps running until the bridge restarts",
+                    extra=fields(tenant=name),
+                )
 
     async def _watchdog(self, interval_s: float) -> None:
         """Feed systemd's watchdog from the event loop: a hung loop stops feeding it."""
@@ -132,8 +142,9 @@ class Bridge:
         if self._task is not None and self._task.done() and not self._task.cancelled():
             self._task.result()  # a tenant task failed: raise it
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await cancel_and_wait(self._task)
         for tenant in self.tenants:
             await tenant.close()

@@ -43,7 +43,14 @@ from typing import Any
 
 from factory_edge.logs import fields
 from factory_edge.sparkplug.payload import (
-    BATCH_UUID, BIRTH_UUID, DataType, Metric, Payload, PayloadError, decode, encode,
+    BATCH_UUID,
+    BIRTH_UUID,
+    DataType,
+    Metric,
+    Payload,
+    PayloadError,
+    decode,
+    encode,
 )
 from factory_edge.sparkplug.topics import MessageType, Topic, TopicError, parse
 
@@ -108,9 +115,14 @@ class SparkplugHost:
             return
         key = (topic.group, topic.edge_node)
         node = self.nodes.setdefault(key, _Node())
-        handler = {MessageType.NBIRTH: self._nbirth, MessageType.DBIRTH: self._dbirth,
-                   MessageType.NDATA: self._data, MessageType.DDATA: self._data,
-                   MessageType.DDEATH: self._ddeath, MessageType.NDEATH: self._ndeath}[topic.type]
+        handler = {
+            MessageType.NBIRTH: self._nbirth,
+            MessageType.DBIRTH: self._dbirth,
+            MessageType.NDATA: self._data,
+            MessageType.DDATA: self._data,
+            MessageType.DDEATH: self._ddeath,
+            MessageType.NDEATH: self._ndeath,
+        }[topic.type]
         handler(topic, node, payload, message, out)
 
     # ---------------------------------------------------------------- births and deaths
@@ -145,13 +157,23 @@ class SparkplugHost:
     def _ndeath(self, topic: Topic, node: _Node, payload: Payload, message: Received, out: Decoded) -> None:
         bd_seq = next((m.value for m in payload.metrics if m.name == "bdSeq"), None)
         if node.bd_seq is not None and bd_seq is not None and bd_seq != node.bd_seq:
-            log.info("ignored the death of an older session", extra=fields(
-                edge_node=topic.edge_node, death_bd_seq=bd_seq, birth_bd_seq=node.bd_seq))
+            log.info(
+                "ignored the death of an older session",
+                extra=fields(edge_node=topic.edge_node, death_bd_seq=bd_seq, birth_bd_seq=node.bd_seq),
+            )
             return
         node.born = False
         node.devices.clear()
-        out.statuses.append(StatusRow(topic.edge_node, "offline", payload.timestamp or message.received_at,
-                                      "sparkplug", None, message.received_at))
+        out.statuses.append(
+            StatusRow(
+                topic.edge_node,
+                "offline",
+                payload.timestamp or message.received_at,
+                "sparkplug",
+                None,
+                message.received_at,
+            )
+        )
 
     def _learn(self, node: _Node, device: str | None, payload: Payload) -> None:
         for metric in payload.metrics:
@@ -179,8 +201,9 @@ class SparkplugHost:
             return
         self._store(topic, node, device, payload, message, out)
 
-    def _store(self, topic: Topic, node: _Node, device: str | None, payload: Payload, message: Received,
-               out: Decoded) -> None:
+    def _store(
+        self, topic: Topic, node: _Node, device: str | None, payload: Payload, message: Received, out: Decoded
+    ) -> None:
         rows: list[tuple[Any, ...]] = []
         seq = self._batch_seq(topic, payload)
         gw = topic.edge_node
@@ -196,8 +219,14 @@ class SparkplugHost:
             if name is None or name.startswith(SKIPPED):
                 continue
             if not _NAME.match(name):
-                out.dead.append(DeadLetter(str(topic), message.payload, f"metric name {name[:40]!r} is not "
-                                           "storable text", message.received_at))
+                out.dead.append(
+                    DeadLetter(
+                        str(topic),
+                        message.payload,
+                        f"metric name {name[:40]!r} is not storable text",
+                        message.received_at,
+                    )
+                )
                 return
             if datatype is DataType.UNKNOWN:
                 datatype = node.types.get((device, name), DataType.UNKNOWN)
@@ -214,8 +243,7 @@ class SparkplugHost:
         key = f"{topic}|{payload.seq}|{payload.timestamp}|{[(m.alias, m.name, m.timestamp) for m in payload.metrics]}"
         return -int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big") - 1
 
-    def _unreadable(self, topic: Topic, payload: Payload, message: Received, out: Decoded,
-                    why: str) -> None:
+    def _unreadable(self, topic: Topic, payload: Payload, message: Received, out: Decoded, why: str) -> None:
         self._ask_rebirth(topic, message, out, why)
         if BATCH_UUID.match(payload.uuid or ""):
             return  # a factory-edge batch: not stored, not confirmed; the agent sends it again after the rebirth
@@ -223,13 +251,14 @@ class SparkplugHost:
 
     def _ask_rebirth(self, topic: Topic, message: Received, out: Decoded, why: str) -> None:
         key = (topic.group, topic.edge_node)
-        if message.received_at - self._asked.get(key, -10**12) < REBIRTH_EVERY_S * 1000:
+        if message.received_at - self._asked.get(key, -(10**12)) < REBIRTH_EVERY_S * 1000:
             return
         self._asked[key] = message.received_at
         rebirth = Rebirth(topic.group, topic.edge_node)
         out.replies.append((rebirth.topic, rebirth.payload))
-        log.info("asking an edge node for its births", extra=fields(group=topic.group, edge_node=topic.edge_node,
-                                                                   reason=why))
+        log.info(
+            "asking an edge node for its births", extra=fields(group=topic.group, edge_node=topic.edge_node, reason=why)
+        )
 
 
 def _reading(metric: Metric) -> tuple[Any, str, str | None]:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import httpx
 
-from agent.mqtt import BrokerSettings, tls_context
 from factory_edge.errors import ConfigError, StorageError
 from factory_edge.logs import fields
+from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge.sparkplug.topics import state_topic
 from factory_edge.tasks import cancel_and_wait
 
@@ -62,9 +62,17 @@ class TenantBridge:
     @property
     def settings(self) -> BrokerSettings:
         t = self.tenant
-        return BrokerSettings.from_url(t.url, connect_host=t.connect_host, ca_file=t.ca_file, cert_file=t.cert_file,
-                                       key_file=t.key_file, username=t.username, password=t.password,
-                                       keepalive_s=t.keepalive)
+        return BrokerSettings.from_url(
+            t.url,
+            connect_host=t.connect_host,
+            ca_file=t.ca_file,
+            cert_file=t.cert_file,
+            key_file=t.key_file,
+            username=t.username,
+            password=t.password,
+            keepalive_s=t.keepalive,
+            origin=f"tenants[{self.name}].",
+        )
 
     @property
     def alerts_settings(self) -> BrokerSettings:
@@ -72,9 +80,15 @@ class TenantBridge:
         t = self.tenant
         if t.alerts_cert_file is None:
             return self.settings
-        return BrokerSettings.from_url(t.url, connect_host=t.connect_host, ca_file=t.ca_file,
-                                       cert_file=t.alerts_cert_file, key_file=t.alerts_key_file,
-                                       keepalive_s=t.keepalive)
+        return BrokerSettings.from_url(
+            t.url,
+            connect_host=t.connect_host,
+            ca_file=t.ca_file,
+            cert_file=t.alerts_cert_file,
+            key_file=t.alerts_key_file,
+            keepalive_s=t.keepalive,
+            origin=f"tenants[{self.name}].alerts_",
+        )
 
     @property
     def runs_alert_role(self) -> bool:
@@ -87,14 +101,13 @@ class TenantBridge:
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"tenants[{self.name}].{key}: {path}: no such file")
         if self.runs_alert_role and self.tenant.cert_file is not None and self.tenant.alerts_cert_file is None:
-            raise ConfigError(f"tenants[{self.name}]: alerts_cert_file: required with shared_group and alert rules: "
-                              "the alert session needs a certificate of its own (CN bridge-alerts; provisioning "
-                              "issues it), as the broker gives each certificate one session")
+            raise ConfigError(
+                f"tenants[{self.name}]: alerts_cert_file: required with shared_group and alert rules: "
+                "the alert session needs a certificate of its own (CN bridge-alerts; provisioning "
+                "issues it), as the broker gives each certificate one session"
+            )
         if self.settings.tls:
-            try:
-                tls_context(self.settings)
-            except ConfigError as exc:
-                raise ConfigError(f"tenants[{self.name}]: {str(exc).removeprefix('mqtt: ')}") from exc
+            tls_context(self.settings)  # a file of the wrong kind: "tenants[acme].ca_file: …: not a PEM certificate"
         await asyncio.to_thread(self.store.open, self.config.mappings)
 
     async def close(self) -> None:
@@ -106,21 +119,36 @@ class TenantBridge:
     def _consumer(self, *, client: str, topics: list[tuple[str, int]], state: bool = False) -> Consumer:
         ingest = self.config.ingest
         settings = self.alerts_settings if client == client_id(self.instance, role="alerts") else self.settings
-        consumer = Consumer(tenant=self.name, settings=settings, client_id=client, subscriptions=topics,
-                            receive_maximum=ingest.window, session_expiry_s=ingest.session_expiry,
-                            sparkplug_state=state_topic(self.config.sparkplug.host_id) if state else None)
+        consumer = Consumer(
+            tenant=self.name,
+            settings=settings,
+            client_id=client,
+            subscriptions=topics,
+            receive_maximum=ingest.window,
+            session_expiry_s=ingest.session_expiry,
+            sparkplug_state=state_topic(self.config.sparkplug.host_id) if state else None,
+        )
         self.consumers.append(consumer)
         return consumer
 
-    def _ingest(self, *, store: Store, consumer: Consumer, router: Router, engine: AlertEngine | None,
-                store_data: bool) -> tuple[Ingest, list[WebhookSender]]:
-        ingest = Ingest(tenant=self.name, store=store, consumer=consumer, router=router, engine=engine,
-                        store_data=store_data, max_messages=self.config.ingest.max_messages)
+    def _ingest(
+        self, *, store: Store, consumer: Consumer, router: Router, engine: AlertEngine | None, store_data: bool
+    ) -> tuple[Ingest, list[WebhookSender]]:
+        ingest = Ingest(
+            tenant=self.name,
+            store=store,
+            consumer=consumer,
+            router=router,
+            engine=engine,
+            store_data=store_data,
+            max_messages=self.config.ingest.max_messages,
+        )
         senders = []
         if engine is not None:
             for name, hook in self.alerts.webhooks.items():
-                sender = WebhookSender(tenant=self.name, name=name, config=hook, client=self.http,
-                                       on_done=ingest.webhook_done)
+                sender = WebhookSender(
+                    tenant=self.name, name=name, config=hook, client=self.http, on_done=ingest.webhook_done
+                )
                 ingest.webhooks[name] = sender
                 senders.append(sender)
         self.ingests.append(ingest)
@@ -134,8 +162,9 @@ class TenantBridge:
         # holder of the alert role (a singleton), see _alert_role.
         consumer = self._consumer(client=client_id(self.instance), topics=topics, state=not group_name)
         engine = None if group_name else self._engine()
-        ingest, senders = self._ingest(store=self.store, consumer=consumer, router=Router(subscriptions),
-                                       engine=engine, store_data=True)
+        ingest, senders = self._ingest(
+            store=self.store, consumer=consumer, router=Router(subscriptions), engine=engine, store_data=True
+        )
         async with asyncio.TaskGroup() as group:
             group.create_task(consumer.run(), name=f"mqtt[{self.name}]")
             group.create_task(ingest.run(), name=f"ingest[{self.name}]")
@@ -161,20 +190,32 @@ class TenantBridge:
                     await asyncio.sleep(LOCK_RETRY_S)
                     continue
                 subscriptions = plan((), builtins=("data", "status", "sparkplug"))
-                consumer = self._consumer(client=client_id(self.instance, role="alerts"),
-                                          topics=[(s.filter, s.id) for s in subscriptions], state=True)
-                ingest, senders = self._ingest(store=store, consumer=consumer, router=Router(subscriptions),
-                                               engine=self._engine(), store_data=False)
-                tasks = [asyncio.create_task(consumer.run(), name=f"mqtt[{self.name}/alerts]"),
-                         asyncio.create_task(ingest.run(), name=f"ingest[{self.name}/alerts]"),
-                         *(asyncio.create_task(s.run(), name=f"webhook[{self.name}/{s.name}]") for s in senders)]
+                consumer = self._consumer(
+                    client=client_id(self.instance, role="alerts"),
+                    topics=[(s.filter, s.id) for s in subscriptions],
+                    state=True,
+                )
+                ingest, senders = self._ingest(
+                    store=store,
+                    consumer=consumer,
+                    router=Router(subscriptions),
+                    engine=self._engine(),
+                    store_data=False,
+                )
+                tasks = [
+                    asyncio.create_task(consumer.run(), name=f"mqtt[{self.name}/alerts]"),
+                    asyncio.create_task(ingest.run(), name=f"ingest[{self.name}/alerts]"),
+                    *(asyncio.create_task(s.run(), name=f"webhook[{self.name}/{s.name}]") for s in senders),
+                ]
                 try:
                     while await asyncio.to_thread(lock.alive):
                         done = [t for t in tasks if t.done()]
                         if done:
                             await done[0]  # a failed task: raise its error
                         await asyncio.sleep(LOCK_CHECK_S)
-                    log.error("lost the tenant's alert lock; another process takes over", extra=fields(tenant=self.name))
+                    log.error(
+                        "lost the tenant's alert lock; another process takes over", extra=fields(tenant=self.name)
+                    )
                 finally:
                     for task in reversed(tasks):
                         await cancel_and_wait(task)

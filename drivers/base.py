@@ -13,10 +13,9 @@ import abc
 import asyncio
 import enum
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from factory_edge.errors import WriteRefused
 from factory_edge.logs import fields
@@ -38,25 +37,6 @@ class DeviceState(enum.StrEnum):
     CLOSED = "closed"
 
 
-class Backoff:
-    """Exponential backoff with full jitter: 0.5 s, 1 s, 2 s … capped, each scaled by a random factor."""
-
-    def __init__(self, *, initial_s: float = 0.5, max_s: float = 30.0) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.max_s, self.initial_s * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        # Jitter in [50%, 100%] of the ceiling: spreads reconnect storms
-        # after a network blip while keeping the schedule predictable.
-        return ceiling * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class Driver(abc.ABC):
     """One device. Use as ``async with open_driver(device) as driver:``."""
 
@@ -66,7 +46,7 @@ class Driver(abc.ABC):
         self.last_error: str | None = None
         self.last_good_ms: int | None = None
 
-    async def __aenter__(self) -> Driver:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -104,7 +84,7 @@ class Driver(abc.ABC):
 
     def writable_tag(self, name: str) -> Any:
         """The tag called ``name`` if it may be written; WriteRefused says why not."""
-        tag = next((t for t in self.device.tags if t.name == name), None)  # type: ignore[attr-defined]
+        tag = next((t for t in self.device.tags if t.name == name), None)
         if tag is None:
             raise WriteRefused(f"{self.device.name}: no tag named {name!r}")
         if not tag.writable:
@@ -117,7 +97,9 @@ class Driver(abc.ABC):
             if state is DeviceState.UP:
                 log.info("device up", extra=fields(device=self.device.name, address=self.device.address))
             elif state is DeviceState.DOWN:
-                log.warning("device down", extra=fields(device=self.device.name, address=self.device.address, err=error))
+                log.warning(
+                    "device down", extra=fields(device=self.device.name, address=self.device.address, err=error)
+                )
             self.state = state
         if error is not None:
             self.last_error = error

@@ -8,24 +8,14 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from factory_edge.configfile import YamlFloat
-from factory_edge.units import parse_duration
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
-"""Device and tag names become MQTT topic levels: no ``/``, ``+``, ``#`` or spaces."""
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-class Model(BaseModel):
-    """Base of config models: unknown keys are errors, instances are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +90,15 @@ class DataType(enum.StrEnum):
 
 
 REGISTERS_PER_TYPE = {
-    DataType.BOOL: 1, DataType.INT16: 1, DataType.UINT16: 1,
-    DataType.INT32: 2, DataType.UINT32: 2, DataType.FLOAT32: 2,
-    DataType.INT64: 4, DataType.UINT64: 4, DataType.FLOAT64: 4,
+    DataType.BOOL: 1,
+    DataType.INT16: 1,
+    DataType.UINT16: 1,
+    DataType.INT32: 2,
+    DataType.UINT32: 2,
+    DataType.FLOAT32: 2,
+    DataType.INT64: 4,
+    DataType.UINT64: 4,
+    DataType.FLOAT64: 4,
 }
 
 
@@ -133,7 +129,7 @@ class ModbusTag(TagBase):
     """A value in a Modbus device's register map (addresses are 0-based, as sent on the wire)."""
 
     table: Table = Table.HOLDING
-    address: Annotated[int | dict, BeforeValidator(_split_address)]
+    address: int
     bit: int | None = Field(default=None, ge=0, le=15)
     type: DataType | None = None
     order: ByteOrder = ByteOrder.ABCD
@@ -152,9 +148,12 @@ class ModbusTag(TagBase):
                 data = {**data, "address": split["register"], "bit": split["bit"]}
         return data
 
-    @field_validator("address")
+    @field_validator("address", mode="before")
     @classmethod
     def _address_range(cls, value: Any) -> int:
+        # register.bit was split off by _address_with_bit; what is left must be a register number.
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError("expected a register number, or register.bit like 40.3")
         if not 0 <= value <= 65535:
@@ -180,7 +179,9 @@ class ModbusTag(TagBase):
         if self.scale == 0:
             raise ValueError("scale cannot be 0")
         if self.writable and self.table in (Table.INPUT, Table.DISCRETE):
-            raise ValueError(f"{self.table} {'registers' if self.table is Table.INPUT else 'inputs'} are read-only: remove writable")
+            raise ValueError(
+                f"{self.table} {'registers' if self.table is Table.INPUT else 'inputs'} are read-only: remove writable"
+            )
         if self.address + self.register_count > 65536:
             raise ValueError(f"{self.name} runs past the last address 65535")
         return self
@@ -211,6 +212,13 @@ def _unique_names(items: list[Any], what: str) -> list[Any]:
 
 
 class DeviceBase(Model):
+    if TYPE_CHECKING:  # what every device has; each protocol's model declares it
+        protocol: str
+        tags: Sequence[TagBase]
+
+        @property
+        def address(self) -> str: ...
+
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
     poll: Duration = Field(default=1.0, gt=0)
     timeout: Duration = Field(default=1.0, gt=0)
@@ -225,7 +233,8 @@ class ModbusDeviceBase(DeviceBase):
     max_registers_per_read: int = Field(default=125, ge=1, le=125)
     max_bits_per_read: int = Field(default=2000, ge=1, le=2000)
     max_concurrent_requests: int = Field(
-        default=1, ge=1, le=32, description="requests outstanding at once on the device's TCP connection")
+        default=1, ge=1, le=32, description="requests outstanding at once on the device's TCP connection"
+    )
     tags: list[ModbusTag] = Field(min_length=1)
 
     @field_validator("tags")
@@ -270,7 +279,9 @@ class ModbusRtuDevice(ModbusDeviceBase):
 class OpcuaSecurity(Model):
     policy: Literal["None", "Basic256Sha256"] = "None"
     mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
-    cert_file: str | None = Field(default=None, description="client certificate (PEM or DER); generated on first use if absent")
+    cert_file: str | None = Field(
+        default=None, description="client certificate (PEM or DER); generated on first use if absent"
+    )
     key_file: str | None = None
     server_cert_file: str | None = Field(default=None, description="pin the server certificate")
 

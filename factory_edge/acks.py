@@ -60,8 +60,12 @@ def decode_acks(payload: bytes) -> list[Range]:
         raise ValueError(f"more than {MAX_RANGES} ranges")
     out: list[Range] = []
     for item in items:
-        if (not isinstance(item, list) or len(item) != 2 or any(type(v) is not int for v in item)
-                or not 0 <= item[0] <= item[1] <= MAX_SEQ):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or any(type(v) is not int for v in item)
+            or not 0 <= item[0] <= item[1] <= MAX_SEQ
+        ):
             raise ValueError(f"not a range of seqs: {json.dumps(item)[:40]}")
         out.append((item[0], item[1]))
     return out

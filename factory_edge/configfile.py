@@ -7,6 +7,7 @@ Every error names the file, the path inside it and the problem::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +52,7 @@ def load_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
@@ -60,59 +61,79 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
 
 
-def format_location(loc: tuple[Any, ...]) -> str:
-    """``('devices', 2, 'tags', 5, 'address')`` -> ``devices[2].tags[5].address``."""
+def _item_name(item: Any) -> str | None:
+    """The name an item of a list goes by in a path: its ``name:``, when that is a plain, non-numeric word."""
+    name = item.get("name") if isinstance(item, dict) else None
+    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name) and not name.isdigit():
+        return name
+    return None
+
+
+def format_location(loc: tuple[Any, ...], data: Any = None) -> str:
+    """``('devices', 2, 'tags', 5, 'address')`` -> ``devices[press-1].tags[spindle_temp].address``.
+
+    An item of a list is named by its ``name:`` when ``data`` (the parsed
+    file) gives it one, else by its 0-based index: ``devices[2]``.
+    """
     out = ""
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
+            item = data[part] if isinstance(data, list) and 0 <= part < len(data) else None
+            name = _item_name(item)
+            out += f"[{name}]" if name is not None else f"[{part}]"
+            data = item
         elif isinstance(part, str) and part.startswith(("function-", "modbus-", "opcua")):
             continue  # pydantic's union/validator branch names, not config keys
         else:
             out += ("." if out else "") + str(part)
+            data = data.get(part) if isinstance(data, dict) else None
     return out or "(top level)"
 
 
 def _describe(error: Any) -> str:
     msg = str(error["msg"])
     if msg.startswith("Input should be"):
-        msg = "must be" + msg[len("Input should be"):]
+        msg = "must be" + msg[len("Input should be") :]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+            msg = msg[len(prefix) :]
     if error["type"] == "extra_forbidden":
         return "unknown key (check its spelling and indentation)"
     if error["type"] == "missing":
         return "required key is missing"
     value = error.get("input")
-    if error["type"] not in ("model_type", "dict_type", "list_type", "union_tag_invalid") and not (
-        isinstance(value, (dict, list))
-    ) and "got" not in msg:
+    if (
+        error["type"] not in ("model_type", "dict_type", "list_type", "union_tag_invalid")
+        and not (isinstance(value, (dict, list)))
+        and "got" not in msg
+    ):
         msg += f" (got {value!r})" if not isinstance(value, YamlFloat) else f" (got {value.text})"
     return msg
 
 
 _PATTERN_HINTS = {
     r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$": "must start with a letter or digit and hold only letters, digits, "
-                                      "'_', '.' and '-' (it becomes an MQTT topic level)",
+    "'_', '.' and '-' (it becomes an MQTT topic level)",
 }
 
 
-def config_errors(exc: pydantic.ValidationError, source: str) -> list[str]:
-    """One line per problem: ``file: path: problem``."""
+def config_errors(exc: pydantic.ValidationError, source: str, data: Any = None) -> list[str]:
+    """One line per problem: ``file: path: problem`` (items named after ``data``, the parsed input)."""
     lines = []
     for error in exc.errors():
         loc = tuple(error["loc"])
         if error["type"] == "union_tag_invalid":
             ctx = error.get("ctx", {})
-            lines.append(f"{source}: {format_location(loc + (ctx.get('discriminator', 'protocol').strip(chr(39)),))}: "
-                         f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})")
+            lines.append(
+                f"{source}: {format_location((*loc, ctx.get('discriminator', 'protocol').strip(chr(39))), data)}: "
+                f"must be one of {ctx.get('expected_tags', '?')} (got {ctx.get('tag')!r})"
+            )
             continue
         if error["type"] == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")
             if pattern in _PATTERN_HINTS:
                 error = {**error, "msg": _PATTERN_HINTS[pattern]}
-        lines.append(f"{source}: {format_location(loc)}: {_describe(error)}")
+        lines.append(f"{source}: {format_location(loc, data)}: {_describe(error)}")
     return lines
 
 
@@ -125,7 +146,7 @@ def validate(model: type[M], data: Any, source: str) -> M:
     try:
         return model.model_validate(data, context={"source": source})
     except pydantic.ValidationError as exc:
-        raise ConfigError("\n".join(config_errors(exc, source))) from None
+        raise ConfigError("\n".join(config_errors(exc, source, data))) from None
 
 
 def load_model(model: type[M], path: str | Path) -> M:

@@ -39,7 +39,7 @@ class WriteRefused(DriverError):
     """A write was refused before reaching the machine (not writable, bad value)."""
 
 
-class BufferError(FactoryEdgeError):  # noqa: A001 - the field's own word
+class BufferError(FactoryEdgeError):
     """The agent's buffer could not store or hand out points."""
 
 

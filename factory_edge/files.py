@@ -25,7 +25,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.fchmod(fd, mode)  # the umask may have narrowed 0644; never widens 0600
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

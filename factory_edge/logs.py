@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
+from datetime import datetime
 from typing import Any
 
 _FIELDS = "fe_fields"
@@ -40,13 +40,13 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         parts = []
-        if self.with_time:
-            parts.append("ts=" + time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-                         + f".{int(record.msecs):03d}")
-        parts += [f"level={record.levelname.lower()}", f"logger={record.name}",
-                  f"msg={_quote(record.getMessage())}"]
+        if self.with_time:  # local time with its offset: 2026-12-03T11:26:55.747+01:00
+            stamp = datetime.fromtimestamp(record.created).astimezone()
+            parts.append("ts=" + stamp.isoformat(timespec="milliseconds"))
+        parts += [f"level={record.levelname.lower()}", f"logger={record.name}", f"msg={_quote(record.getMessage())}"]
         for key, value in getattr(record, _FIELDS, {}).items():
-            parts.append(f"{key}={_quote(value)}")
+            if value is not None:  # an absent value is left out, never "err=None"
+                parts.append(f"{key}={_quote(value)}")
         if record.exc_info and record.levelno >= logging.ERROR:
             parts.append(f"exc={_quote(self.formatException(record.exc_info))}")
         return " ".join(parts)
@@ -62,7 +62,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        doc.update(getattr(record, _FIELDS, {}))
+        doc.update((k, v) for k, v in getattr(record, _FIELDS, {}).items() if v is not None)
         if record.exc_info and record.levelno >= logging.ERROR:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)

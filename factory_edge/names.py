@@ -71,8 +71,13 @@ def check_gateway(value: str, *, what: str = "gateway name") -> str:
     """A gateway id: the id grammar, and not a reserved identity."""
     check_id(value, what=what)
     if is_reserved(value):
-        owner = ("the provisioning service" if value.lower().startswith(SERVICE_ID)
-                 else "technicians" if value.lower().startswith(TECHNICIAN_PREFIX) else "the bridge")
+        owner = (
+            "the provisioning service"
+            if value.lower().startswith(SERVICE_ID)
+            else "technicians"
+            if value.lower().startswith(TECHNICIAN_PREFIX)
+            else "the bridge"
+        )
         raise InvalidName(f"{what} {value!r} is reserved for {owner} (reserved: bridge*, provisioning*, tech-*)")
     return value
 
@@ -91,23 +96,30 @@ def check_domain(value: str, *, tenant: str | None = None, what: str = "domain")
         raise InvalidName(f"{what} {value!r} is not a lowercase DNS name: labels of {LABEL_RULE}, joined by '.'")
     host = f"mqtt.{tenant or 'x'}.{value}"
     if len(host) > MAX_HOST:
-        raise InvalidName(f"{what} {value!r} is too long: the broker's name {host[:40]}… would have {len(host)} "
-                          f"characters (at most {MAX_HOST})")
+        raise InvalidName(
+            f"{what} {value!r} is too long: the broker's name {host[:40]}… would have {len(host)} "
+            f"characters (at most {MAX_HOST})"
+        )
     return value
 
 
 def is_host(value: str) -> bool:
     """True for a lowercase DNS name of at most 253 characters (an SNI name)."""
-    return (isinstance(value, str) and 0 < len(value) <= MAX_HOST
-            and all(LABEL_RE.fullmatch(label) for label in value.split(".")))
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_HOST
+        and all(LABEL_RE.fullmatch(label) for label in value.split("."))
+    )
 
 
 def technician_identity(name: str) -> str:
     """``tech-<name>`` for ``NAME`` or ``tech-NAME``; InvalidName names the field."""
-    bare = name[len(TECHNICIAN_PREFIX):] if isinstance(name, str) and name.startswith(TECHNICIAN_PREFIX) else name
+    bare = name[len(TECHNICIAN_PREFIX) :] if isinstance(name, str) and name.startswith(TECHNICIAN_PREFIX) else name
     if not isinstance(bare, str) or _TECH_RE.fullmatch(bare) is None:
-        raise InvalidName(f"technician name {name!r} is not valid: 1-59 letters, digits, '_', '.' or '-', "
-                          "starting with a letter or digit")
+        raise InvalidName(
+            f"technician name {name!r} is not valid: 1-59 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
     return f"{TECHNICIAN_PREFIX}{bare}"
 
 
@@ -115,18 +127,40 @@ def bridge_identity(instance: str) -> str:
     """``bridge.<instance>``: the identity (certificate CN, MQTT username and client id) of one bridge process."""
     identity = f"{BRIDGE_PREFIX}{instance}"
     if not isinstance(instance, str) or not is_id(instance) or not is_id(identity):
-        raise InvalidName(f"bridge instance {instance!r} is not valid: 1-57 letters, digits, '_', '.' or '-', "
-                          "starting with a letter or digit")
+        raise InvalidName(
+            f"bridge instance {instance!r} is not valid: 1-57 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
     return identity
 
 
 def is_bridge(identity: str) -> bool:
     """True for the identities the ACL treats as the bridge: ``bridge``, ``bridge.<instance>``, ``bridge-alerts``."""
     return identity in (BRIDGE_ID, BRIDGE_ALERTS_ID) or (
-        identity.startswith(BRIDGE_PREFIX) and is_id(identity) and len(identity) > len(BRIDGE_PREFIX))
+        identity.startswith(BRIDGE_PREFIX) and is_id(identity) and len(identity) > len(BRIDGE_PREFIX)
+    )
 
 
-__all__ = ["BRIDGE_ALERTS_ID", "BRIDGE_ID", "BRIDGE_PREFIX", "DEFAULT_BRIDGE_INSTANCE", "GUARD_ID", "ID_RE", "ID_RULE",
-           "InvalidName", "LABEL_RE", "SERVICE_ID", "TECHNICIAN_PREFIX", "bridge_identity", "check_domain",
-           "check_gateway", "check_id", "check_tenant", "is_bridge", "is_host", "is_id", "is_reserved",
-           "technician_identity"]
+__all__ = [
+    "BRIDGE_ALERTS_ID",
+    "BRIDGE_ID",
+    "BRIDGE_PREFIX",
+    "DEFAULT_BRIDGE_INSTANCE",
+    "GUARD_ID",
+    "ID_RE",
+    "ID_RULE",
+    "LABEL_RE",
+    "SERVICE_ID",
+    "TECHNICIAN_PREFIX",
+    "InvalidName",
+    "bridge_identity",
+    "check_domain",
+    "check_gateway",
+    "check_id",
+    "check_tenant",
+    "is_bridge",
+    "is_host",
+    "is_id",
+    "is_reserved",
+    "technician_identity",
+]

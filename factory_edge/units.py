@@ -8,8 +8,14 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {
-    None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
-    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
 }
 
 
@@ -54,3 +60,8 @@ def format_duration(seconds: float) -> str:
     if seconds % 60 == 0:
         return f"{int(seconds // 60)}m"
     return f"{int(seconds)}s"
+
+
+def plural(count: int, one: str, many: str | None = None) -> str:
+    """``1 device``, ``2 devices``; ``many`` for irregular words (``batch``, ``batches``)."""
+    return f"{count} {one if count == 1 else (many or one + 's')}"

@@ -9,4 +9,17 @@ the generated broker (Mosquitto) and proxy (HAProxy) configuration.
   does: provision, renew), ``admin`` (keys, revocation, technicians, CRLs),
   ``brokers`` (reloading the brokers and proxy, ending a revoked session).
 - ``api`` (FastAPI app), ``ratelimit``, ``server`` (``serve``), ``cli``.
+
+Part of the ``[cloud]`` extra; a gateway's agent never imports it.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``provisioning`` command, or one line saying how to install the [cloud] extra it needs."""
+    from factory_edge.extras import guarded_main
+
+    return guarded_main("cloud", "provisioning", "provisioning.cli", argv)

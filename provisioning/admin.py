@@ -18,15 +18,26 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factory_edge import __version__
+from factory_edge import __version__, names
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from factory_edge import names
 from provisioning import brokers, dynsec, keys, pki
 from provisioning.layout import DataDir, private_dir
 from provisioning.registry import CertRecord, Device, KeyRecord, Registry, Tenant, iso, now, parse_iso
-from provisioning.tenants import (admin_link, crl_entries, crl_expires, crl_serials, get_tenant, issue_bridge_identity, load_ca,
-                                  record, render_proxy, render_tenant, wanted_dynsec, write_crl)
+from provisioning.tenants import (
+    admin_link,
+    crl_entries,
+    crl_expires,
+    crl_serials,
+    get_tenant,
+    issue_bridge_identity,
+    load_ca,
+    record,
+    render_proxy,
+    render_tenant,
+    wanted_dynsec,
+    write_crl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +47,10 @@ CRL_REFRESH_BELOW = dt.timedelta(days=4)  # a 7-day CRL is re-issued once fewer 
 
 # -- keys ----------------------------------------------------------------------
 
-def create_key(data: DataDir, tenant_name: str, *, uses: int | None, expires_s: float | None) -> tuple[keys.NewKey, KeyRecord]:
+
+def create_key(
+    data: DataDir, tenant_name: str, *, uses: int | None, expires_s: float | None
+) -> tuple[keys.NewKey, KeyRecord]:
     if uses is not None and uses < 1:
         raise ProvisioningError(f"--uses must be at least 1 (got {uses})")
     if expires_s is not None and expires_s <= 0:
@@ -47,7 +61,9 @@ def create_key(data: DataDir, tenant_name: str, *, uses: int | None, expires_s: 
         new = keys.new_key()
         expires = iso(now() + dt.timedelta(seconds=expires_s)) if expires_s is not None else None
         with registry.transaction():
-            registry.add_key(key_id=new.key_id, tenant=tenant.name, digest=new.digest, max_uses=uses, expires_at=expires)
+            registry.add_key(
+                key_id=new.key_id, tenant=tenant.name, digest=new.digest, max_uses=uses, expires_at=expires
+            )
         found = registry.key(new.key_id)
     assert found is not None
     log.info("provisioning key created", extra=fields(tenant=tenant.name, key=new.key_id, uses=uses, expires=expires))
@@ -75,6 +91,7 @@ def revoke_key(data: DataDir, key_id: str) -> KeyRecord:
 
 # -- devices -------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class DeviceView:
     device: Device
@@ -90,9 +107,16 @@ class DeviceView:
         return "expired" if expiry is not None and expiry <= now() else "active"
 
     def as_json(self) -> dict[str, object]:
-        return {"gateway": self.device.name, "state": self.state, "serial": self.serial, "not_after": self.not_after,
-                "provisioned_at": self.device.created_at, "key": self.device.key_id,
-                "revoked_at": self.device.revoked_at, "renewals": self.renewals}
+        return {
+            "gateway": self.device.name,
+            "state": self.state,
+            "serial": self.serial,
+            "not_after": self.not_after,
+            "provisioned_at": self.device.created_at,
+            "key": self.device.key_id,
+            "revoked_at": self.device.revoked_at,
+            "renewals": self.renewals,
+        }
 
 
 def list_devices(data: DataDir, tenant_name: str, gateway: str | None = None) -> list[DeviceView]:
@@ -105,8 +129,14 @@ def list_devices(data: DataDir, tenant_name: str, gateway: str | None = None) ->
                 continue
             certs = registry.certificates(tenant.name, device_id=device.id)
             current = next((c for c in reversed(certs) if c.superseded_by is None), None)
-            views.append(DeviceView(device, current.serial if current else None,
-                                    current.not_after if current else None, max(0, len(certs) - 1)))
+            views.append(
+                DeviceView(
+                    device,
+                    current.serial if current else None,
+                    current.not_after if current else None,
+                    max(0, len(certs) - 1),
+                )
+            )
         return views
 
 
@@ -134,8 +164,9 @@ def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
         if device is None:
             previous = [d for d in registry.devices(tenant.name) if d.name == gateway]
             if not previous:
-                raise ProvisioningError(f"no gateway {gateway!r} in tenant {tenant.name} "
-                                        f"(see provisioning device list {tenant.name})")
+                raise ProvisioningError(
+                    f"no gateway {gateway!r} in tenant {tenant.name} (see provisioning device list {tenant.name})"
+                )
             device, already = previous[-1], previous[-1].revoked_at
         certs = registry.certificates(tenant.name, device_id=device.id)
         with registry.transaction():
@@ -153,24 +184,29 @@ def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
         if not reloaded.pids:
             result.steps.append(f"{gateway} is refused from the broker's next start ('mosquitto -c {files.conf}')")
             with Registry(data.registry) as registry:
-                result.steps.append(dynsec.sync(files, admin_link(data, tenant), wanted_dynsec(registry, tenant),
-                                                tenant=tenant.name))
+                result.steps.append(
+                    dynsec.sync(files, admin_link(data, tenant), wanted_dynsec(registry, tenant), tenant=tenant.name)
+                )
             return result
-        offline = json.dumps({"state": "offline", "ts": int(at.timestamp() * 1000), "version": __version__,
-                              "reason": "revoked"}).encode()
+        offline = json.dumps(
+            {"state": "offline", "ts": int(at.timestamp() * 1000), "version": __version__, "reason": "revoked"}
+        ).encode()
         link = admin_link(data, tenant)
         with dynsec.locked(files):
             brokers.disconnect_gateway(link, gateway, offline=offline, role=dynsec.gateway_role(gateway))
         with Registry(data.registry) as registry:
             result.steps.append(dynsec.sync(files, link, wanted_dynsec(registry, tenant), tenant=tenant.name))
     except ProvisioningError as exc:
-        raise ProvisioningError(f"{gateway} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
-                                "run the command again once that is fixed") from exc
+        raise ProvisioningError(
+            f"{gateway} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
+            "run the command again once that is fixed"
+        ) from exc
     result.steps.append(f"{gateway}'s sessions ended; reconnecting is refused (certificate revoked)")
     return result
 
 
 # -- technicians ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TechnicianCert:
@@ -186,8 +222,9 @@ class TechnicianCert:
 def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float, out_dir: Path) -> TechnicianCert:
     """A read-only certificate for ``tech-<name>``: key, certificate and CA written to ``out_dir``."""
     if not 0 < hours <= MAX_TECHNICIAN_HOURS:
-        raise ProvisioningError(f"--hours must be in (0, {MAX_TECHNICIAN_HOURS}] (got {hours:g}): "
-                                "technician certificates are short-lived")
+        raise ProvisioningError(
+            f"--hours must be in (0, {MAX_TECHNICIAN_HOURS}] (got {hours:g}): technician certificates are short-lived"
+        )
     identity = names.technician_identity(name)
     data.require()
     with Registry(data.registry) as registry:
@@ -198,8 +235,11 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
         out_dir = out_dir.resolve()
         if not out_dir.exists():
             private_dir(out_dir)
-        cert_file, key_file, ca_file = (out_dir / f"{identity}.pem", out_dir / f"{identity}.key",
-                                        out_dir / f"{tenant.name}-ca.pem")
+        cert_file, key_file, ca_file = (
+            out_dir / f"{identity}.pem",
+            out_dir / f"{identity}.key",
+            out_dir / f"{tenant.name}-ca.pem",
+        )
         pki.write_private_key(key_file, key)
         pki.write_pem(cert_file, cert)
         pki.write_pem(ca_file, ca_cert)
@@ -214,11 +254,32 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
         reloaded = f"{signalled}; {synced}" if signalled.pids else str(signalled)
     except ProvisioningError as exc:
         reloaded = f"broker {tenant.name} NOT reloaded, the certificate works once it is: {exc}"
-    command = shlex.join(["mosquitto_sub", "-h", tenant.host, "-p", str(tenant.public_port), "--cafile", str(ca_file),
-                          "--cert", str(cert_file), "--key", str(key_file), "-V", "mqttv5",
-                          "-t", "gw/#", "-t", "alerts/#", "-v"])
-    log.info("technician certificate issued", extra=fields(tenant=tenant.name, technician=identity,
-                                                           not_after=iso(cert.not_valid_after_utc)))
+    command = shlex.join(
+        [
+            "mosquitto_sub",
+            "-h",
+            tenant.host,
+            "-p",
+            str(tenant.public_port),
+            "--cafile",
+            str(ca_file),
+            "--cert",
+            str(cert_file),
+            "--key",
+            str(key_file),
+            "-V",
+            "mqttv5",
+            "-t",
+            "gw/#",
+            "-t",
+            "alerts/#",
+            "-v",
+        ]
+    )
+    log.info(
+        "technician certificate issued",
+        extra=fields(tenant=tenant.name, technician=identity, not_after=iso(cert.not_valid_after_utc)),
+    )
     return TechnicianCert(identity, cert_file, key_file, ca_file, cert.not_valid_after_utc, command, reloaded)
 
 
@@ -238,8 +299,14 @@ class TechnicianView:
         return "expired" if expiry is not None and expiry <= now() else "active"
 
     def as_json(self) -> dict[str, object]:
-        return {"technician": self.identity, "state": self.state, "serial": self.serial,
-                "not_after": self.not_after, "issued_at": self.issued_at, "revoked_at": self.revoked_at}
+        return {
+            "technician": self.identity,
+            "state": self.state,
+            "serial": self.serial,
+            "not_after": self.not_after,
+            "issued_at": self.issued_at,
+            "revoked_at": self.revoked_at,
+        }
 
 
 def list_technicians(data: DataDir, tenant_name: str) -> list[TechnicianView]:
@@ -247,8 +314,10 @@ def list_technicians(data: DataDir, tenant_name: str) -> list[TechnicianView]:
     data.require()
     with Registry(data.registry) as registry:
         tenant = get_tenant(registry, tenant_name)
-        return [TechnicianView(c.subject, c.serial, c.not_after, c.issued_at, c.revoked_at)
-                for c in registry.certificates(tenant.name, kind="technician")]
+        return [
+            TechnicianView(c.subject, c.serial, c.not_after, c.issued_at, c.revoked_at)
+            for c in registry.certificates(tenant.name, kind="technician")
+        ]
 
 
 def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
@@ -260,8 +329,9 @@ def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
         tenant = get_tenant(registry, tenant_name)
         certs = [c for c in registry.certificates(tenant.name, kind="technician") if c.subject == identity]
         if not certs:
-            raise ProvisioningError(f"no technician {identity!r} in tenant {tenant.name} "
-                                    f"(see provisioning technician list {tenant.name})")
+            raise ProvisioningError(
+                f"no technician {identity!r} in tenant {tenant.name} (see provisioning technician list {tenant.name})"
+            )
         live = [c for c in certs if c.revoked_at is None]
         with registry.transaction():
             for cert in live:
@@ -283,12 +353,15 @@ def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
             result.steps.append(f"{identity}'s sessions ended; reconnecting is refused (certificate revoked)")
         result.steps.append(dynsec.sync(files, link, target, tenant=tenant.name))
     except ProvisioningError as exc:
-        raise ProvisioningError(f"{identity} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
-                                "run the command again once that is fixed") from exc
+        raise ProvisioningError(
+            f"{identity} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
+            "run the command again once that is fixed"
+        ) from exc
     return result
 
 
 # -- bridge identities -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class BridgeIdentity:
@@ -337,12 +410,20 @@ def enforce_subscriptions(data: DataDir, only: str | None = None) -> list[str]:
     done = []
     with Registry(data.registry) as registry:
         for tenant in [get_tenant(registry, only)] if only else registry.tenants():
-            done.append(f"{tenant.name}: " + dynsec.sync(data.tenant(tenant.name), admin_link(data, tenant),
-                                                         wanted_dynsec(registry, tenant), tenant=tenant.name))
+            done.append(
+                f"{tenant.name}: "
+                + dynsec.sync(
+                    data.tenant(tenant.name),
+                    admin_link(data, tenant),
+                    wanted_dynsec(registry, tenant),
+                    tenant=tenant.name,
+                )
+            )
     return done
 
 
 # -- CRL upkeep ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CrlStatus:
@@ -352,8 +433,9 @@ class CrlStatus:
     broker: str
 
 
-def refresh_crls(data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, force: bool = False,
-                 only: str | None = None) -> list[CrlStatus]:
+def refresh_crls(
+    data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, force: bool = False, only: str | None = None
+) -> list[CrlStatus]:
     """Re-issue each tenant's CRL that expires within ``below`` (or all with ``force``) and reload its broker.
 
     Mosquitto refuses *every* client once its CRL's next update has passed,
@@ -380,6 +462,24 @@ def refresh_crls(data: DataDir, *, below: dt.timedelta = CRL_REFRESH_BELOW, forc
     return statuses
 
 
-__all__ = ["BridgeIdentity", "CrlStatus", "DeviceView", "Revocation", "TechnicianCert", "TechnicianView", "add_bridge",
-           "admin_link", "create_key", "enforce_subscriptions", "list_bridges", "list_devices", "list_keys",
-           "list_technicians", "refresh_crls", "revoke_device", "revoke_key", "revoke_technician", "technician_cert"]
+__all__ = [
+    "BridgeIdentity",
+    "CrlStatus",
+    "DeviceView",
+    "Revocation",
+    "TechnicianCert",
+    "TechnicianView",
+    "add_bridge",
+    "admin_link",
+    "create_key",
+    "enforce_subscriptions",
+    "list_bridges",
+    "list_devices",
+    "list_keys",
+    "list_technicians",
+    "refresh_crls",
+    "revoke_device",
+    "revoke_key",
+    "revoke_technician",
+    "technician_cert",
+]

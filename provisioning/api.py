@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,10 +44,14 @@ class ProvisionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     key: str = Field(max_length=200, description="the provisioning key, as printed by `provisioning key create`")
-    csr: str = Field(max_length=16384, description="PEM certificate signing request made on the gateway "
-                                                   "(EC P-256/P-384 or RSA 2048-4096 with e=65537); its CN is the gateway id")
-    name: str | None = Field(default=None, max_length=64,
-                             description="gateway id; when given, the CSR's CN must equal it")
+    csr: str = Field(
+        max_length=16384,
+        description="PEM certificate signing request made on the gateway "
+        "(EC P-256/P-384 or RSA 2048-4096 with e=65537); its CN is the gateway id",
+    )
+    name: str | None = Field(
+        default=None, max_length=64, description="gateway id; when given, the CSR's CN must equal it"
+    )
 
 
 class RenewRequest(BaseModel):
@@ -54,8 +59,10 @@ class RenewRequest(BaseModel):
 
     certificate: str = Field(max_length=16384, description="the gateway's current certificate (PEM)")
     csr: str = Field(max_length=16384, description="PEM CSR for the new key, CN = the gateway id")
-    signature: str = Field(max_length=2048, description="base64 signature of the CSR's DER bytes by the current key "
-                                                        "(ECDSA or RSA PKCS#1 v1.5, SHA-256)")
+    signature: str = Field(
+        max_length=2048,
+        description="base64 signature of the CSR's DER bytes by the current key (ECDSA or RSA PKCS#1 v1.5, SHA-256)",
+    )
 
 
 class IssuedCertificate(BaseModel):
@@ -75,17 +82,32 @@ class Problem(BaseModel):
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    text = {401: "unknown key or certificate", 403: "key or certificate not usable", 409: "name already taken",
-            413: "request body too large", 422: "bad request, CSR or name", 429: "too many failed attempts"}
+    text = {
+        401: "unknown key or certificate",
+        403: "key or certificate not usable",
+        409: "name already taken",
+        413: "request body too large",
+        422: "bad request, CSR or name",
+        429: "too many failed attempts",
+    }
     return {code: {"model": Problem, "description": text[code]} for code in codes}
 
 
 def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
-    app = FastAPI(title="factory-edge provisioning API", version=__version__, docs_url=None, redoc_url=None,
-                  description="Provision gateways with a key and a CSR; renew their certificates.")
+    app = FastAPI(
+        title="factory-edge provisioning API",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        description="Provision gateways with a key and a CSR; renew their certificates.",
+    )
 
-    @app.post("/v1/provision", status_code=201, response_model=IssuedCertificate,
-              responses=_errors(401, 403, 409, 413, 422, 429))
+    @app.post(
+        "/v1/provision",
+        status_code=201,
+        response_model=IssuedCertificate,
+        responses=_errors(401, 403, 409, 413, 422, 429),
+    )
     def provision(body: ProvisionRequest) -> dict[str, Any]:
         """Spend one use of a provisioning key on a certificate for the gateway's CSR."""
         return service.provision(body.key, body.csr, body.name).as_json()
@@ -103,8 +125,16 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
     async def refused(request: Request, exc: Refused) -> JSONResponse:
         client = _client(request.scope)
         limiter.failed(client)
-        log.warning("request refused", extra=fields(path=request.url.path, status=exc.status, client=client,
-                                                    reason=str(exc), counted=", ".join(exc.subjects) or None))
+        log.warning(
+            "request refused",
+            extra=fields(
+                path=request.url.path,
+                status=exc.status,
+                client=client,
+                reason=str(exc),
+                counted=", ".join(exc.subjects) or None,
+            ),
+        )
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyAttempts) else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
 
@@ -121,7 +151,7 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
         log.error("request failed", extra=fields(path=request.url.path, err=str(exc)))
         return JSONResponse({"detail": f"provisioning service error: {exc}"}, status_code=500)
 
-    app.add_middleware(Guard, limiter=limiter)  # type: ignore[arg-type]
+    app.add_middleware(Guard, limiter=limiter)
     return app
 
 
@@ -136,7 +166,7 @@ def _one_line(exc: RequestValidationError) -> str:
     return "; ".join(problems) or "invalid request"
 
 
-def _client(scope: dict[str, Any]) -> str:
+def _client(scope: Mapping[str, Any]) -> str:
     client = scope.get("client")
     return str(client[0]) if client else "unknown"
 
@@ -157,8 +187,12 @@ class Guard:
         wait = self.limiter.blocked_for(client)
         if wait:
             log.warning("request refused", extra=fields(path=scope["path"], status=429, client=client))
-            await _answer(send, 429, f"too many failed attempts from {client}; retry in {wait} s",
-                          [(b"retry-after", str(wait).encode())])
+            await _answer(
+                send,
+                429,
+                f"too many failed attempts from {client}; retry in {wait} s",
+                [(b"retry-after", str(wait).encode())],
+            )
             return
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
@@ -179,9 +213,17 @@ class Guard:
 
 async def _answer(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ def find_dynsec_plugin() -> str | None:
 
 
 # -- processes ---------------------------------------------------------------
+
 
 def _processes() -> list[tuple[int, int, list[str]]]:
     """``(pid, ppid, argv)`` of every process we can see."""
@@ -103,7 +105,9 @@ class Signalled:
     pids: list[int]
 
     def __str__(self) -> str:
-        return f"{self.what} reloaded (pid {', '.join(map(str, self.pids))})" if self.pids else f"{self.what} not running"
+        return (
+            f"{self.what} reloaded (pid {', '.join(map(str, self.pids))})" if self.pids else f"{self.what} not running"
+        )
 
 
 def _signal(pids: list[int], sig: signal.Signals, what: str) -> Signalled:
@@ -113,8 +117,9 @@ def _signal(pids: list[int], sig: signal.Signals, what: str) -> Signalled:
         except ProcessLookupError:
             continue
         except PermissionError as exc:
-            raise ProvisioningError(f"cannot signal {what} (pid {pid}): permission denied; run provisioning as "
-                                    "the user the brokers run as") from exc
+            raise ProvisioningError(
+                f"cannot signal {what} (pid {pid}): permission denied; run provisioning as the user the brokers run as"
+            ) from exc
     return Signalled(what, pids)
 
 
@@ -129,19 +134,22 @@ def reload_proxy(cfg: Path) -> Signalled:
     for pid in pids:
         argv = next((a for p, _, a in _processes() if p == pid), [])
         if not any(arg in ("-W", "-Ws") for arg in argv):
-            raise ProvisioningError(f"haproxy (pid {pid}) runs without -W (master-worker), so it cannot reload "
-                                    f"seamlessly: restart it as 'haproxy -W -f {cfg}'")
+            raise ProvisioningError(
+                f"haproxy (pid {pid}) runs without -W (master-worker), so it cannot reload "
+                f"seamlessly: restart it as 'haproxy -W -f {cfg}'"
+            )
     return _signal(pids, signal.SIGUSR2, "proxy")
 
 
 # -- ending a session ------------------------------------------------------------
+
 
 class _SniContext(ssl.SSLContext):
     """Dial 127.0.0.1 while presenting (and checking) the broker's own name."""
 
     sni_host = ""
 
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["server_hostname"] = self.sni_host
         return super().wrap_socket(sock, *args, **kwargs)
 
@@ -175,8 +183,14 @@ def sni_context(link: AdminLink) -> ssl.SSLContext:
     return context
 
 
-def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s: float = 5.0,
-                  tolerate: tuple[str, ...] = (), publish: list[tuple[str, bytes, bool]] = ()) -> list[dict[str, Any]]:
+def send_commands(
+    link: AdminLink,
+    commands: list[dict[str, Any]],
+    *,
+    timeout_s: float = 5.0,
+    tolerate: tuple[str, ...] = (),
+    publish: Sequence[tuple[str, bytes, bool]] = (),
+) -> list[dict[str, Any]]:
     """Send dynamic-security commands in one message and wait for the answers; ProvisioningError says why not.
 
     An answer whose error contains one of ``tolerate`` (``ALREADY``) is not
@@ -192,8 +206,9 @@ def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s:
     subscribed = threading.Event()
     answer: dict[str, Any] = {}
     # The broker replaces the client id by the certificate's CN (use_username_as_clientid).
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"provisioning-{uuid.uuid4().hex[:12]}",
-                         protocol=paho.MQTTv5)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"provisioning-{uuid.uuid4().hex[:12]}", protocol=paho.MQTTv5
+    )
     client.tls_set_context(context)
     client.on_connect = lambda c, u, f, reason, p: None if reason.is_failure else c.subscribe(response_topic, qos=1)
     client.on_subscribe = lambda *a: subscribed.set()
@@ -217,11 +232,15 @@ def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s:
         if commands:
             client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
             if not done.wait(timeout_s):
-                raise ProvisioningError(f"broker {link.host} did not answer within {timeout_s:g}s "
-                                        "(is the dynamic-security plugin loaded?)")
+                raise ProvisioningError(
+                    f"broker {link.host} did not answer within {timeout_s:g}s (is the dynamic-security plugin loaded?)"
+                )
         responses = list(answer.get("responses", []))
-        errors = [f"{r.get('command')}: {r['error']}" for r in responses
-                  if r.get("error") and not any(t in str(r["error"]).lower() for t in tolerate)]
+        errors = [
+            f"{r.get('command')}: {r['error']}"
+            for r in responses
+            if r.get("error") and not any(t in str(r["error"]).lower() for t in tolerate)
+        ]
         if errors or "error" in answer:
             raise ProvisioningError(f"broker {link.host} refused: {'; '.join(errors) or answer.get('error')}")
         for topic, payload, retain in publish:
@@ -232,8 +251,9 @@ def send_commands(link: AdminLink, commands: list[dict[str, Any]], *, timeout_s:
     return responses
 
 
-def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0, offline: bytes | None = None,
-                       role: str | None = None) -> None:
+def disconnect_gateway(
+    link: AdminLink, gateway: str, *, timeout_s: float = 5.0, offline: bytes | None = None, role: str | None = None
+) -> None:
     """End every session of ``gateway`` (any identity) on its broker now; ProvisioningError says why not.
 
     ``disableClient`` kicks every session of the username; the client (and
@@ -243,16 +263,29 @@ def disconnect_gateway(link: AdminLink, gateway: str, *, timeout_s: float = 5.0,
     no will message).
     """
     started = time.monotonic()
-    commands: list[dict[str, Any]] = [{"command": "createClient", "username": gateway},
-                                      {"command": "disableClient", "username": gateway},
-                                      {"command": "deleteClient", "username": gateway}]
+    commands: list[dict[str, Any]] = [
+        {"command": "createClient", "username": gateway},
+        {"command": "disableClient", "username": gateway},
+        {"command": "deleteClient", "username": gateway},
+    ]
     if role is not None:
         commands.append({"command": "deleteRole", "rolename": role})
     publish = [(f"gw/{gateway}/status", offline, True)] if offline is not None else []
     send_commands(link, commands, timeout_s=timeout_s, tolerate=ALREADY, publish=publish)
-    log.info("session ended", extra=fields(broker=link.host, identity=gateway,
-                                           ms=round((time.monotonic() - started) * 1000)))
+    log.info(
+        "session ended", extra=fields(broker=link.host, identity=gateway, ms=round((time.monotonic() - started) * 1000))
+    )
 
 
-__all__ = ["ALREADY", "AdminLink", "sni_context", "Signalled", "disconnect_gateway", "find_dynsec_plugin", "find_process",
-           "reload_broker", "reload_proxy", "send_commands"]
+__all__ = [
+    "ALREADY",
+    "AdminLink",
+    "Signalled",
+    "disconnect_gateway",
+    "find_dynsec_plugin",
+    "find_process",
+    "reload_broker",
+    "reload_proxy",
+    "send_commands",
+    "sni_context",
+]

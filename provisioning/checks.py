@@ -42,8 +42,13 @@ def check_haproxy(cfg: Path) -> Checked:
     if binary is None:
         return Checked("haproxy", skipped="haproxy is not installed here")
     try:
-        result = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True,
-                                timeout=CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [binary, "-c", "-f", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=CHECK_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ProvisioningError(f"cannot run haproxy -c on {cfg}: {exc}") from exc
     if result.returncode != 0:
@@ -63,14 +68,16 @@ def check_mosquitto(conf_text: str, *, dynsec_config: Path | None = None) -> Che
         conf.write_text(text)
         log = work / "mosquitto.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=work)
+            proc = subprocess.Popen(
+                [binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=work
+            )
         try:
             deadline = time.monotonic() + CHECK_TIMEOUT_S
             while proc.poll() is None and " running" not in log.read_text(errors="replace"):
                 if time.monotonic() > deadline:
-                    raise ProvisioningError("the rendered broker config was not loaded within "
-                                            f"{CHECK_TIMEOUT_S:g}s by a trial mosquitto")
+                    raise ProvisioningError(
+                        f"the rendered broker config was not loaded within {CHECK_TIMEOUT_S:g}s by a trial mosquitto"
+                    )
                 time.sleep(0.02)
         finally:
             if proc.poll() is None:
@@ -95,8 +102,14 @@ def _trial_conf(conf_text: str, work: Path, dynsec_config: Path | None) -> str:
         key = line.split(" ", 1)[0]
         if key == "listener":
             line = f"listener {port} 127.0.0.1"
-        elif key in ("persistence", "persistence_location", "persistence_file", "autosave_interval", "pid_file",
-                     "log_dest"):
+        elif key in (
+            "persistence",
+            "persistence_location",
+            "persistence_file",
+            "autosave_interval",
+            "pid_file",
+            "log_dest",
+        ):
             continue
         elif key == "plugin_opt_config_file":
             source = dynsec_config or Path(line.split(" ", 1)[1])

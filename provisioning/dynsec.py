@@ -78,25 +78,48 @@ def _role(name: str, allowed: Iterable[tuple[str, str]]) -> dict[str, Any]:
 def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str = names.SERVICE_ID) -> dict[str, Any]:
     """The plugin's whole configuration for these identities (what ``dynsec.json`` holds)."""
     roles = [
-        _role(TECHNICIAN_ROLE, [("subscribePattern", "gw/#"), ("subscribePattern", "alerts/#"),
-                                ("subscribePattern", "spBv1.0/#")]),
+        _role(
+            TECHNICIAN_ROLE,
+            [("subscribePattern", "gw/#"), ("subscribePattern", "alerts/#"), ("subscribePattern", "spBv1.0/#")],
+        ),
         _role(SERVICE_ROLE, [("subscribeLiteral", CONTROL_RESPONSE)]),
-        _role(GUARD_ROLE, [("subscribePattern", topic) for topic in
-                           ("gw/+/status", "gw/+/meta/+", "gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply",
-                            "spBv1.0/+/+/+", "spBv1.0/+/+/+/+")]),
+        _role(
+            GUARD_ROLE,
+            [
+                ("subscribePattern", topic)
+                for topic in (
+                    "gw/+/status",
+                    "gw/+/meta/+",
+                    "gw/+/data/+",
+                    "gw/+/events",
+                    "gw/+/cmd/+/reply",
+                    "spBv1.0/+/+/+",
+                    "spBv1.0/+/+/+/+",
+                )
+            ],
+        ),
     ]
-    clients = [{"username": service, "roles": [{"rolename": SERVICE_ROLE, "priority": 0}]},
-               {"username": names.GUARD_ID, "roles": [{"rolename": GUARD_ROLE, "priority": 0}]}]
+    clients = [
+        {"username": service, "roles": [{"rolename": SERVICE_ROLE, "priority": 0}]},
+        {"username": names.GUARD_ID, "roles": [{"rolename": GUARD_ROLE, "priority": 0}]},
+    ]
     for tech in sorted(set(technicians)):
         clients.append({"username": tech, "roles": [{"rolename": TECHNICIAN_ROLE, "priority": 0}]})
     for gateway in sorted(set(gateways)):
         names.check_gateway(gateway)
-        roles.append(_role(gateway_role(gateway), [("subscribePattern", f"gw/{gateway}/cmd/#"),
-                                                   ("subscribePattern", f"gw/{gateway}/ack"),
-                                                   ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}"),
-                                                   ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}/#"),
-                                                   ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/#"),
-                                                   ("subscribePattern", "spBv1.0/STATE/+")]))
+        roles.append(
+            _role(
+                gateway_role(gateway),
+                [
+                    ("subscribePattern", f"gw/{gateway}/cmd/#"),
+                    ("subscribePattern", f"gw/{gateway}/ack"),
+                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}"),
+                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}/#"),
+                    ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/#"),
+                    ("subscribePattern", "spBv1.0/STATE/+"),
+                ],
+            )
+        )
         clients.append({"username": gateway, "roles": [{"rolename": gateway_role(gateway), "priority": 0}]})
     return {"defaultACLAccess": dict(DEFAULT_ACCESS), "clients": clients, "groups": [], "roles": roles}
 
@@ -117,8 +140,10 @@ def _roles_of(client: dict[str, Any]) -> list[str]:
 
 
 def _acls_of(role: dict[str, Any]) -> list[tuple[str, str, bool, int]]:
-    return sorted((a.get("acltype", ""), a.get("topic", ""), bool(a.get("allow")), int(a.get("priority", 0)))
-                  for a in role.get("acls", []) or [])
+    return sorted(
+        (a.get("acltype", ""), a.get("topic", ""), bool(a.get("allow")), int(a.get("priority", 0)))
+        for a in role.get("acls", []) or []
+    )
 
 
 def commands(current: dict[str, Any], target: dict[str, Any]) -> list[dict[str, Any]]:
@@ -128,14 +153,24 @@ def commands(current: dict[str, Any], target: dict[str, Any]) -> list[dict[str, 
     want_clients = {c["username"]: c for c in target["clients"]}
     want_roles = {r["rolename"]: r for r in target["roles"]}
     changed_roles = {n for n, r in want_roles.items() if n in have_roles and _acls_of(have_roles[n]) != _acls_of(r)}
-    stale_clients = {n for n, c in want_clients.items()
-                     if n in have_clients and (_roles_of(have_clients[n]) != _roles_of(c)
-                                               or have_clients[n].get("disabled")
-                                               or set(_roles_of(c)) & changed_roles)}
+    stale_clients = {
+        n
+        for n, c in want_clients.items()
+        if n in have_clients
+        and (
+            _roles_of(have_clients[n]) != _roles_of(c)
+            or have_clients[n].get("disabled")
+            or set(_roles_of(c)) & changed_roles
+        )
+    }
     out: list[dict[str, Any]] = []
     if current.get("defaultACLAccess") != target["defaultACLAccess"]:
-        out.append({"command": "setDefaultACLAccess", "acls": [
-            {"acltype": k, "allow": v} for k, v in target["defaultACLAccess"].items()]})
+        out.append(
+            {
+                "command": "setDefaultACLAccess",
+                "acls": [{"acltype": k, "allow": v} for k, v in target["defaultACLAccess"].items()],
+            }
+        )
     for name in sorted((set(have_clients) - set(want_clients)) | stale_clients):
         out.append({"command": "deleteClient", "username": name})
     for name in sorted((set(have_roles) - set(want_roles)) | changed_roles):
@@ -180,4 +215,4 @@ def sync(files: TenantFiles, link: brokers.AdminLink, target: dict[str, Any], *,
     return f"subscription rules updated on the running broker ({len(todo)} changes)"
 
 
-__all__ = ["DEFAULT_ACCESS", "gateway_role", "commands", "locked", "read", "sync", "wanted"]
+__all__ = ["DEFAULT_ACCESS", "commands", "gateway_role", "locked", "read", "sync", "wanted"]

@@ -93,16 +93,20 @@ class DataDir:
     def require(self) -> None:
         """Refuse to work on a directory that was never set up (a typo in --data-dir)."""
         if not self.exists():
-            raise ProvisioningError(f"{self.root} holds no registry: run 'provisioning init' or "
-                                    "'provisioning tenant create' first, or check --data-dir / $FE_PROVISIONING_DIR")
+            raise ProvisioningError(
+                f"{self.root} holds no registry: run 'provisioning init' or "
+                "'provisioning tenant create' first, or check --data-dir / $FE_PROVISIONING_DIR"
+            )
 
     def make(self) -> None:
         """Create the directory tree, private to its owner."""
         for directory in (self.root, self.api, self.haproxy, self.root / "tenants"):
             private_dir(directory)
         if len(str(self.haproxy_socket)) > UNIX_SOCKET_MAX - 1:
-            raise ProvisioningError(f"data directory path {self.root} is too long for HAProxy's admin socket "
-                                    f"({len(str(self.haproxy_socket))} > {UNIX_SOCKET_MAX - 1} characters)")
+            raise ProvisioningError(
+                f"data directory path {self.root} is too long for HAProxy's admin socket "
+                f"({len(str(self.haproxy_socket))} > {UNIX_SOCKET_MAX - 1} characters)"
+            )
 
 
 def private_dir(path: Path) -> None:

@@ -9,8 +9,10 @@ gateway to its own topics. The bridge (CN ``bridge``), technicians (CN
 get certificates from ``issue_client_cert``; those names are reserved and a
 gateway CSR may not claim them.
 
-Every check raises ``ProvisioningError`` with a one-line reason; the file
-helpers write atomically, private keys with mode 0600 from the first byte.
+The gateway's own side (its key, CSR, proof of possession, PEM files) is
+``factory_edge.pki``, shared with the agent; it is re-exported here so the
+service reads as one module. Every check raises ``ProvisioningError`` with a
+one-line reason.
 """
 
 from __future__ import annotations
@@ -19,22 +21,35 @@ import datetime as dt
 import ipaddress
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from factory_edge import names
 from factory_edge.errors import ProvisioningError
-from factory_edge.files import write_atomic
+from factory_edge.pki import (
+    ID_RE,
+    PrivateKey,
+    check_id,
+    cn_name,
+    common_name,
+    is_reserved,
+    issued_by,
+    load_cert,
+    load_private_key,
+    make_csr,
+    new_key,
+    read_file,
+    same_key,
+    sign_possession,
+    write_bytes,
+    write_pem,
+    write_private_key,
+)
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-PemObject = x509.Certificate | x509.CertificateRevocationList | x509.CertificateSigningRequest
-
-ID_RE = names.ID_RE  # match with fullmatch (names.is_id): re.match with '$' lets a trailing newline through
 BRIDGE_ID = names.BRIDGE_ID
 TECHNICIAN_PREFIX = names.TECHNICIAN_PREFIX
 SERVICE_ID = names.SERVICE_ID  # the provisioning service's own client: ends revoked gateways' sessions
@@ -47,15 +62,10 @@ CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384"}
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh EC P-256 private key."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA (key, certificate) whose subject CN is ``name``."""
     key = new_key()
-    subject = _name(name[:MAX_CN])
+    subject = cn_name(name[:MAX_CN])
     start = _now() - CLOCK_SKEW
     cert = (
         x509.CertificateBuilder()
@@ -74,8 +84,15 @@ def create_ca(name: str, *, days: int = 3650) -> tuple[ec.EllipticCurvePrivateKe
     return key, cert
 
 
-def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, hostname: str,
-                      *, days: int = 825, alt_names: Iterable[str] = ()) -> x509.Certificate:
+def issue_server_cert(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: object,
+    hostname: str,
+    *,
+    days: int = 825,
+    alt_names: Iterable[str] = (),
+) -> x509.Certificate:
     """A TLS server certificate for ``hostname`` (SAN DNS and CN), serverAuth only.
 
     ``alt_names``: more names for the SAN, DNS names or IP addresses.
@@ -91,13 +108,16 @@ def issue_server_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key:
             san.append(x509.DNSName(name))
     # The CN is informative only (clients check the SAN) and X.509 caps it at 64 characters.
     cn = hostname if len(hostname) <= MAX_CN else hostname.split(".", 2)[1][:MAX_CN]
-    return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.SERVER_AUTH,
-                 start, start + dt.timedelta(days=days), san=list(dict.fromkeys(san)))
-
-
-def make_csr(key: PrivateKey, common_name: str) -> x509.CertificateSigningRequest:
-    """A CSR with subject CN ``common_name``, signed by ``key`` (what a gateway sends)."""
-    return x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, hashes.SHA256())
+    return _leaf(
+        ca_key,
+        ca_cert,
+        public_key,
+        cn,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        start,
+        start + dt.timedelta(days=days),
+        san=list(dict.fromkeys(san)),
+    )
 
 
 def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
@@ -111,9 +131,17 @@ def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
         raise ProvisioningError("CSR is not a PEM or DER certificate signing request") from exc
 
 
-def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.CertificateSigningRequest | bytes | str,
-             *, common_name: str | None = None, days: int = 365, not_before: dt.datetime | None = None,
-             not_after: dt.datetime | None = None, allow_reserved: bool = False) -> x509.Certificate:
+def sign_csr(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    csr: x509.CertificateSigningRequest | bytes | str,
+    *,
+    common_name: str | None = None,
+    days: int = 365,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    allow_reserved: bool = False,
+) -> x509.Certificate:
     """Check a gateway's CSR and issue its client certificate (clientAuth, CN = gateway id).
 
     Checked, in order: the key type and size, the self-signature, one CN
@@ -151,9 +179,16 @@ def sign_csr(ca_key: PrivateKey, ca_cert: x509.Certificate, csr: x509.Certificat
     return _leaf(ca_key, ca_cert, public_key, cn, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
 
-def issue_client_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, common_name: str, *, days: int = 365,
-                      hours: float | None = None, not_before: dt.datetime | None = None,
-                      not_after: dt.datetime | None = None) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def issue_client_cert(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    *,
+    days: int = 365,
+    hours: float | None = None,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A new key and client certificate for ``common_name`` (bridge, technicians, tests).
 
     ``hours`` (short-lived technician certificates) wins over ``days``;
@@ -166,8 +201,9 @@ def issue_client_cert(ca_key: PrivateKey, ca_cert: x509.Certificate, common_name
     return key, _leaf(ca_key, ca_cert, key.public_key(), common_name, ExtendedKeyUsageOID.CLIENT_AUTH, start, end)
 
 
-def create_crl(ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tuple[int, dt.datetime]],
-               *, days: int = 7) -> x509.CertificateRevocationList:
+def create_crl(
+    ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tuple[int, dt.datetime]], *, days: int = 7
+) -> x509.CertificateRevocationList:
     """A CRL listing ``(serial, revoked_at)`` pairs, valid for ``days``.
 
     Mosquitto (OpenSSL) refuses every client once the CRL's next update has
@@ -185,7 +221,8 @@ def create_crl(ca_key: PrivateKey, ca_cert: x509.Certificate, revoked: list[tupl
     )
     for serial, when in revoked:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_aware(when)).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_aware(when)).build()
+        )
     return builder.sign(ca_key, hashes.SHA256())
 
 
@@ -211,17 +248,6 @@ def check_key(public_key: object, *, what: str = "key") -> None:
     raise ProvisioningError(f"{what} is {label}; need {ACCEPTED_KEYS}")
 
 
-def check_id(value: str, *, what: str = "id") -> None:
-    """Refuse anything but 1-64 of ``A-Z a-z 0-9 _ . -``, starting with a letter or digit (in full)."""
-    if not names.is_id(value):
-        raise ProvisioningError(f"{what} {value!r} is not a valid id: {names.ID_RULE}")
-
-
-def is_reserved(identity: str) -> bool:
-    """True for identities that are not gateways: ``bridge*``, ``provisioning``, ``tech-*`` (any case)."""
-    return names.is_reserved(identity)
-
-
 def _check_san(csr: x509.CertificateSigningRequest) -> None:
     """A SAN in a CSR is never copied, but it must not smuggle anything either: DNS names of the id grammar only."""
     try:
@@ -232,36 +258,11 @@ def _check_san(csr: x509.CertificateSigningRequest) -> None:
         raise ProvisioningError(f"CSR extensions cannot be read: {exc}") from exc
     for entry in san:
         if not isinstance(entry, x509.DNSName):
-            raise ProvisioningError(f"CSR subject alternative name {entry.value!r} is not allowed: only DNS names "
-                                    "of the gateway-id grammar (they are not copied)")
+            raise ProvisioningError(
+                f"CSR subject alternative name {entry.value!r} is not allowed: only DNS names "
+                "of the gateway-id grammar (they are not copied)"
+            )
         check_id(entry.value, what="CSR subject alternative name")
-
-
-def common_name(cert: x509.Certificate) -> str:
-    """The certificate's subject CN (the gateway id for client certificates)."""
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(cns[0].value) if cns else ""
-
-
-def same_key(a: object, b: object) -> bool:
-    """True when two public keys (or certificates, CSRs) hold the same public key."""
-    def spki(obj: object) -> bytes:
-        key = obj.public_key() if hasattr(obj, "public_key") else obj  # type: ignore[union-attr]
-        return key.public_bytes(serialization.Encoding.DER,  # type: ignore[union-attr]
-                                serialization.PublicFormat.SubjectPublicKeyInfo)
-    return spki(a) == spki(b)
-
-
-def sign_possession(key: PrivateKey, data: bytes) -> bytes:
-    """Sign ``data`` with ``key`` (ECDSA or RSA PKCS#1 v1.5, SHA-256): proof that we hold ``key``.
-
-    A gateway renewing its certificate signs its new CSR with its current
-    key, so the service knows the request comes from the holder of the
-    certificate it presents.
-    """
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
 def verify_possession(cert: x509.Certificate, data: bytes, signature: bytes) -> None:
@@ -278,90 +279,37 @@ def verify_possession(cert: x509.Certificate, data: bytes, signature: bytes) -> 
         raise ProvisioningError("signature does not match the certificate's key") from exc
 
 
-def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    """True when ``cert`` names ``ca_cert`` as issuer and carries a valid signature from it."""
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def fingerprint(cert: x509.Certificate) -> str:
     """SHA-256 of the DER certificate, lowercase hex."""
     return cert.fingerprint(hashes.SHA256()).hex()
 
 
-# -- files -----------------------------------------------------------------
-
-def write_private_key(path: str | os.PathLike[str], key: PrivateKey) -> None:
-    """Write ``key`` as unencrypted PKCS#8 PEM, mode 0600, atomically (never readable by others)."""
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    _write_atomic(Path(path), data, 0o600)
-
-
-def write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` with ``mode``, atomically (identity files, anything else that must not be half-written)."""
-    _write_atomic(Path(path), data, mode)
-
-
-def write_pem(path: str | os.PathLike[str], obj: PemObject) -> None:
-    """Write a certificate, CRL or CSR as PEM, mode 0644, atomically."""
-    _write_atomic(Path(path), obj.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
-    """Read an unencrypted PEM private key."""
-    data = _read(path, "private key")
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ProvisioningError(f"{path}: not an unencrypted PEM private key") from exc
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
-        raise ProvisioningError(f"{path}: private key is {type(key).__name__}; need RSA or EC")
-    return key
-
-
-def load_cert(path: str | os.PathLike[str]) -> x509.Certificate:
-    """Read a PEM certificate (the first one in the file)."""
-    data = _read(path, "certificate")
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
-        raise ProvisioningError(f"{path}: not a PEM certificate") from exc
-
-
 def load_crl(path: str | os.PathLike[str]) -> x509.CertificateRevocationList:
     """Read a PEM CRL."""
-    data = _read(path, "CRL")
+    data = read_file(path, "CRL")
     try:
         return x509.load_pem_x509_crl(data)
     except ValueError as exc:
         raise ProvisioningError(f"{path}: not a PEM CRL") from exc
 
 
-def _read(path: str | os.PathLike[str], what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ProvisioningError(f"cannot read {what} {path}: {exc.strerror}") from exc
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    try:
-        write_atomic(path, data, mode)
-    except OSError as exc:
-        raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
-
-
 # -- building blocks -------------------------------------------------------
 
-def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, cn: str, usage: x509.ObjectIdentifier,
-          start: dt.datetime, end: dt.datetime, *, san: list[x509.GeneralName] | None = None) -> x509.Certificate:
+
+def _leaf(
+    ca_key: PrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: object,
+    cn: str,
+    usage: x509.ObjectIdentifier,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    san: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
+        .subject_name(cn_name(cn))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)  # type: ignore[arg-type]
         .serial_number(x509.random_serial_number())
@@ -379,14 +327,22 @@ def _leaf(ca_key: PrivateKey, ca_cert: x509.Certificate, public_key: object, cn:
 
 
 def _key_usage(*, cert_sign: bool = False, rsa_key: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(digital_signature=not cert_sign, content_commitment=False,
-                         key_encipherment=rsa_key and not cert_sign, data_encipherment=False,
-                         key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-                         encipher_only=False, decipher_only=False)
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=rsa_key and not cert_sign,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
-def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
-              not_after: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+def _validity(
+    *, days: int, hours: float | None, not_before: dt.datetime | None, not_after: dt.datetime | None
+) -> tuple[dt.datetime, dt.datetime]:
     start = _aware(not_before) if not_before is not None else _now() - CLOCK_SKEW
     if not_after is not None:
         end = _aware(not_after)
@@ -395,27 +351,48 @@ def _validity(*, days: int, hours: float | None, not_before: dt.datetime | None,
     else:
         end = _now() + dt.timedelta(days=days)
     if end <= start:
-        raise ProvisioningError(f"certificate would end ({end:%Y-%m-%dT%H:%M:%SZ}) before it starts "
-                                f"({start:%Y-%m-%dT%H:%M:%SZ})")
+        raise ProvisioningError(
+            f"certificate would end ({end:%Y-%m-%dT%H:%M:%SZ}) before it starts ({start:%Y-%m-%dT%H:%M:%SZ})"
+        )
     return start, end
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
 __all__ = [
-    "ACCEPTED_KEYS", "BRIDGE_ID", "ID_RE", "SERVICE_ID", "TECHNICIAN_PREFIX", "PrivateKey",
-    "check_id", "check_key", "common_name", "create_ca", "create_crl", "fingerprint", "is_reserved", "issued_by",
-    "issue_client_cert", "issue_server_cert", "load_cert", "load_crl", "load_csr", "load_private_key",
-    "make_csr", "new_key", "same_key", "sign_csr", "sign_possession", "verify_possession", "write_bytes", "write_pem",
+    "ACCEPTED_KEYS",
+    "BRIDGE_ID",
+    "ID_RE",
+    "SERVICE_ID",
+    "TECHNICIAN_PREFIX",
+    "PrivateKey",
+    "check_id",
+    "check_key",
+    "common_name",
+    "create_ca",
+    "create_crl",
+    "fingerprint",
+    "is_reserved",
+    "issue_client_cert",
+    "issue_server_cert",
+    "issued_by",
+    "load_cert",
+    "load_crl",
+    "load_csr",
+    "load_private_key",
+    "make_csr",
+    "new_key",
+    "same_key",
+    "sign_csr",
+    "sign_possession",
+    "verify_possession",
+    "write_bytes",
+    "write_pem",
     "write_private_key",
 ]

@@ -23,8 +23,9 @@ MAX_CLIENTS = 10_000
 
 
 class FailureLimiter:
-    def __init__(self, *, max_failures: int = 10, window_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, max_failures: int = 10, window_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if max_failures < 1 or window_s <= 0:
             raise ValueError("max_failures must be >= 1 and window_s > 0")
         self.max_failures = max_failures

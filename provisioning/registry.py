@@ -33,18 +33,19 @@ REGISTRY_FILE = "registry.db"
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def iso(when: dt.datetime | None) -> str | None:
-    return None if when is None else when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if when is None else when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(text: str | None) -> dt.datetime | None:
-    return None if text is None else dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return None if text is None else dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 # -- rows --------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Tenant:
@@ -124,6 +125,7 @@ class CertRecord:
 
 # -- migrations --------------------------------------------------------------
 
+
 def _m0001_initial(db: sqlite_utils.Database) -> None:
     for sql in (
         """CREATE TABLE settings (
@@ -192,6 +194,7 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
 
 # -- the registry --------------------------------------------------------------
 
+
 class Registry:
     """One connection to the registry file; cheap to open, one per request or command."""
 
@@ -245,8 +248,10 @@ class Registry:
             self.db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
             done = {row["name"] for row in self.db.query("SELECT name FROM migrations")}
         if done - known:
-            raise ProvisioningError(f"registry {self.path} was written by a newer factory-edge "
-                                    f"(migrations {', '.join(sorted(done - known))}); upgrade this one")
+            raise ProvisioningError(
+                f"registry {self.path} was written by a newer factory-edge "
+                f"(migrations {', '.join(sorted(done - known))}); upgrade this one"
+            )
         for name, migrate in MIGRATIONS:
             if name in done:
                 continue
@@ -267,8 +272,10 @@ class Registry:
         return rows[0]["value"] if rows else None
 
     def set_setting(self, key: str, value: str) -> None:
-        self.db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", [key, value])
+        self.db.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )
 
     # tenants ----------------------------------------------------------------
 
@@ -280,14 +287,19 @@ class Registry:
         return [Tenant(**row) for row in self._rows("SELECT * FROM tenants ORDER BY name")]
 
     def add_tenant(self, tenant: Tenant) -> None:
-        self.db.execute("INSERT INTO tenants (name, domain, broker_port, public_port, created_at) VALUES (?, ?, ?, ?, ?)",
-                        [tenant.name, tenant.domain, tenant.broker_port, tenant.public_port, tenant.created_at])
+        self.db.execute(
+            "INSERT INTO tenants (name, domain, broker_port, public_port, created_at) VALUES (?, ?, ?, ?, ?)",
+            [tenant.name, tenant.domain, tenant.broker_port, tenant.public_port, tenant.created_at],
+        )
 
     # provisioning keys ----------------------------------------------------------
 
     def add_key(self, *, key_id: str, tenant: str, digest: str, max_uses: int | None, expires_at: str | None) -> None:
-        self.db.execute("INSERT INTO provisioning_keys (id, tenant, digest, max_uses, expires_at, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", [key_id, tenant, digest, max_uses, expires_at, iso(now())])
+        self.db.execute(
+            "INSERT INTO provisioning_keys (id, tenant, digest, max_uses, expires_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [key_id, tenant, digest, max_uses, expires_at, iso(now())],
+        )
 
     def key_by_digest(self, digest: str) -> KeyRecord | None:
         rows = self._rows("SELECT * FROM provisioning_keys WHERE digest = ?", [digest])
@@ -300,20 +312,24 @@ class Registry:
     def keys(self, tenant: str | None = None) -> list[KeyRecord]:
         if tenant is None:
             return [_key(r) for r in self._rows("SELECT * FROM provisioning_keys ORDER BY created_at, id")]
-        return [_key(r) for r in self._rows("SELECT * FROM provisioning_keys WHERE tenant = ? ORDER BY created_at, id",
-                                            [tenant])]
+        return [
+            _key(r)
+            for r in self._rows("SELECT * FROM provisioning_keys WHERE tenant = ? ORDER BY created_at, id", [tenant])
+        ]
 
     def use_key(self, key_id: str, at: dt.datetime) -> bool:
         """Count one use, only if the key is still usable; False if it is not (checked and counted at once)."""
         cursor = self.db.execute(
             "UPDATE provisioning_keys SET uses = uses + 1, last_used_at = ? WHERE id = ? AND revoked_at IS NULL "
             "AND (max_uses IS NULL OR uses < max_uses) AND (expires_at IS NULL OR expires_at > ?)",
-            [iso(at), key_id, iso(at)])
+            [iso(at), key_id, iso(at)],
+        )
         return cursor.rowcount == 1
 
     def revoke_key(self, key_id: str, at: dt.datetime) -> None:
-        self.db.execute("UPDATE provisioning_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                        [iso(at), key_id])
+        self.db.execute(
+            "UPDATE provisioning_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", [iso(at), key_id]
+        )
 
     # devices ------------------------------------------------------------------
 
@@ -329,8 +345,10 @@ class Registry:
         return [Device(**r) for r in self._rows("SELECT * FROM devices WHERE tenant = ? ORDER BY name, id", [tenant])]
 
     def add_device(self, *, tenant: str, name: str, key_id: str | None, at: dt.datetime) -> int:
-        cursor = self.db.execute("INSERT INTO devices (tenant, name, key_id, created_at) VALUES (?, ?, ?, ?)",
-                                 [tenant, name, key_id, iso(at)])
+        cursor = self.db.execute(
+            "INSERT INTO devices (tenant, name, key_id, created_at) VALUES (?, ?, ?, ?)",
+            [tenant, name, key_id, iso(at)],
+        )
         return int(cursor.lastrowid or 0)
 
     def revoke_device(self, device_id: int, at: dt.datetime) -> None:
@@ -342,40 +360,59 @@ class Registry:
         self.db.execute(
             "INSERT INTO certificates (serial, tenant, subject, kind, device_id, not_before, not_after, fingerprint, "
             "issued_at, revoked_at, superseded_by, pem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [cert.serial, cert.tenant, cert.subject, cert.kind, cert.device_id, cert.not_before, cert.not_after,
-             cert.fingerprint, cert.issued_at, cert.revoked_at, cert.superseded_by, cert.pem])
+            [
+                cert.serial,
+                cert.tenant,
+                cert.subject,
+                cert.kind,
+                cert.device_id,
+                cert.not_before,
+                cert.not_after,
+                cert.fingerprint,
+                cert.issued_at,
+                cert.revoked_at,
+                cert.superseded_by,
+                cert.pem,
+            ],
+        )
 
     def certificate(self, serial: str) -> CertRecord | None:
         rows = self._rows("SELECT * FROM certificates WHERE serial = ?", [serial])
         return CertRecord(**rows[0]) if rows else None
 
     def certificates(self, tenant: str, *, device_id: int | None = None, kind: str | None = None) -> list[CertRecord]:
-        sql, params = "SELECT * FROM certificates WHERE tenant = ?", [tenant]
+        sql, params = "SELECT * FROM certificates WHERE tenant = ?", list[object]([tenant])
         if device_id is not None:
-            sql, params = sql + " AND device_id = ?", params + [device_id]
+            sql, params = sql + " AND device_id = ?", [*params, device_id]
         if kind is not None:
-            sql, params = sql + " AND kind = ?", params + [kind]
+            sql, params = sql + " AND kind = ?", [*params, kind]
         return [CertRecord(**r) for r in self._rows(sql + " ORDER BY issued_at, serial", params)]
 
     def supersede(self, serial: str, by: str, at: dt.datetime | None = None) -> None:
-        self.db.execute("UPDATE certificates SET superseded_by = ?, superseded_at = ? WHERE serial = ?",
-                        [by, iso(at or now()), serial])
+        self.db.execute(
+            "UPDATE certificates SET superseded_by = ?, superseded_at = ? WHERE serial = ?",
+            [by, iso(at or now()), serial],
+        )
 
     def revoke_certificate(self, serial: str, at: dt.datetime) -> None:
-        self.db.execute("UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL",
-                        [iso(at), serial])
+        self.db.execute(
+            "UPDATE certificates SET revoked_at = ? WHERE serial = ? AND revoked_at IS NULL", [iso(at), serial]
+        )
 
-    def revoked(self, tenant: str, at: dt.datetime, *,
-                overlap: dt.timedelta = dt.timedelta(0)) -> list[tuple[int, dt.datetime]]:
+    def revoked(
+        self, tenant: str, at: dt.datetime, *, overlap: dt.timedelta = dt.timedelta(0)
+    ) -> list[tuple[int, dt.datetime]]:
         """``(serial, revoked_at)`` of revoked certificates not yet expired: what the CRL lists.
 
         A certificate superseded by a renewal counts as revoked once ``overlap``
         has passed since the renewal (the gateway may still be using it until
         it reconnects with the new one).
         """
-        rows = self._rows("SELECT serial, revoked_at, superseded_at FROM certificates WHERE tenant = ? "
-                          "AND not_after > ? AND (revoked_at IS NOT NULL OR superseded_at <= ?) ORDER BY serial",
-                          [tenant, iso(at), iso(at - overlap)])
+        rows = self._rows(
+            "SELECT serial, revoked_at, superseded_at FROM certificates WHERE tenant = ? "
+            "AND not_after > ? AND (revoked_at IS NOT NULL OR superseded_at <= ?) ORDER BY serial",
+            [tenant, iso(at), iso(at - overlap)],
+        )
         found = []
         for r in rows:
             superseded = parse_iso(r["superseded_at"])
@@ -385,16 +422,21 @@ class Registry:
 
     def technicians(self, tenant: str, at: dt.datetime) -> list[str]:
         """Technician identities holding a certificate that is neither expired nor revoked."""
-        rows = self._rows("SELECT DISTINCT subject FROM certificates WHERE tenant = ? AND kind = 'technician' "
-                          "AND revoked_at IS NULL AND not_after > ? ORDER BY subject", [tenant, iso(at)])
+        rows = self._rows(
+            "SELECT DISTINCT subject FROM certificates WHERE tenant = ? AND kind = 'technician' "
+            "AND revoked_at IS NULL AND not_after > ? ORDER BY subject",
+            [tenant, iso(at)],
+        )
         return [r["subject"] for r in rows]
 
-    def active_certificates(self, tenant: str, kind: str, at: dt.datetime, subject: str | None = None) -> list[CertRecord]:
+    def active_certificates(
+        self, tenant: str, kind: str, at: dt.datetime, subject: str | None = None
+    ) -> list[CertRecord]:
         """Certificates of ``kind`` neither expired nor revoked (``subject``: of that identity only)."""
-        sql = ("SELECT * FROM certificates WHERE tenant = ? AND kind = ? AND revoked_at IS NULL AND not_after > ?")
+        sql = "SELECT * FROM certificates WHERE tenant = ? AND kind = ? AND revoked_at IS NULL AND not_after > ?"
         params: list[Any] = [tenant, kind, iso(at)]
         if subject is not None:
-            sql, params = sql + " AND subject = ?", params + [subject]
+            sql, params = sql + " AND subject = ?", [*params, subject]
         return [CertRecord(**r) for r in self._rows(sql + " ORDER BY subject, issued_at", params)]
 
     # bridge instances -----------------------------------------------------------
@@ -410,5 +452,15 @@ def _key(row: dict[str, Any]) -> KeyRecord:
     return KeyRecord(**{k: v for k, v in row.items() if k != "digest"})
 
 
-__all__ = ["MIGRATIONS", "REGISTRY_FILE", "CertRecord", "Device", "KeyRecord", "Registry", "Tenant",
-           "iso", "now", "parse_iso"]
+__all__ = [
+    "MIGRATIONS",
+    "REGISTRY_FILE",
+    "CertRecord",
+    "Device",
+    "KeyRecord",
+    "Registry",
+    "Tenant",
+    "iso",
+    "now",
+    "parse_iso",
+]

@@ -50,14 +50,27 @@ PROXY_HELLO_TIMEOUT = "5s"
 PROXY_IDLE_TIMEOUT = "2m"
 
 
-def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile: str, keyfile: str,
-                   crlfile: str, aclfile: str, persistence_dir: str, log_file: str | None = None,
-                   pid_file: str | None = None, user: str | None = None,
-                   max_queued_bytes: int = MAX_QUEUED_BYTES, max_queued_messages: int = MAX_QUEUED_MESSAGES,
-                   max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
-                   max_packet_size: int = MAX_PACKET_SIZE,
-                   autosave_interval_s: int = AUTOSAVE_INTERVAL_S, dynsec_plugin: str | None = None,
-                   dynsec_config: str | None = None) -> str:
+def mosquitto_conf(
+    *,
+    port: int,
+    bind: str = "127.0.0.1",
+    cafile: str,
+    certfile: str,
+    keyfile: str,
+    crlfile: str,
+    aclfile: str,
+    persistence_dir: str,
+    log_file: str | None = None,
+    pid_file: str | None = None,
+    user: str | None = None,
+    max_queued_bytes: int = MAX_QUEUED_BYTES,
+    max_queued_messages: int = MAX_QUEUED_MESSAGES,
+    max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
+    max_packet_size: int = MAX_PACKET_SIZE,
+    autosave_interval_s: int = AUTOSAVE_INTERVAL_S,
+    dynsec_plugin: str | None = None,
+    dynsec_config: str | None = None,
+) -> str:
     """``mosquitto.conf`` for one tenant: a single TLS listener that requires client certificates.
 
     ``user``: the account Mosquitto keeps when started as root (it otherwise
@@ -76,10 +89,20 @@ def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile:
     """
     if not 0 < port < 65536:
         raise ProvisioningError(f"broker port {port} is not in 1..65535")
-    for name, value in (("cafile", cafile), ("certfile", certfile), ("keyfile", keyfile), ("crlfile", crlfile),
-                        ("aclfile", aclfile), ("persistence_dir", persistence_dir), ("log_file", log_file),
-                        ("pid_file", pid_file), ("bind", bind), ("user", user), ("dynsec_plugin", dynsec_plugin),
-                        ("dynsec_config", dynsec_config)):
+    for name, value in (
+        ("cafile", cafile),
+        ("certfile", certfile),
+        ("keyfile", keyfile),
+        ("crlfile", crlfile),
+        ("aclfile", aclfile),
+        ("persistence_dir", persistence_dir),
+        ("log_file", log_file),
+        ("pid_file", pid_file),
+        ("bind", bind),
+        ("user", user),
+        ("dynsec_plugin", dynsec_plugin),
+        ("dynsec_config", dynsec_config),
+    ):
         _check_value(name, value)
     if (dynsec_plugin is None) != (dynsec_config is None):
         raise ProvisioningError("dynsec_plugin and dynsec_config go together")
@@ -120,29 +143,39 @@ def mosquitto_conf(*, port: int, bind: str = "127.0.0.1", cafile: str, certfile:
         lines.append(f"user {user}")
     if pid_file:
         lines.append(f"pid_file {pid_file}")
-    lines += [f"log_dest file {log_file}" if log_file else "log_dest stderr",
-              "log_type error", "log_type warning", "log_type notice", "log_type information",
-              "connection_messages true",
-              "log_timestamp true",
-              "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-              "",
-              "# TLS only, client certificate required; the certificate CN is the MQTT username, and the",
+    lines += [
+        f"log_dest file {log_file}" if log_file else "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "log_timestamp true",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "",
+        "# TLS only, client certificate required; the certificate CN is the MQTT username, and the",
         "# client id too: no identity can take over another's session by claiming its client id.",
-              f"listener {port} {bind}",
-              "tls_version tlsv1.2",
-              f"cafile {cafile}",
-              f"certfile {certfile}",
-              f"keyfile {keyfile}",
-              f"crlfile {crlfile}",
-              "require_certificate true",
-              "use_identity_as_username true",
-              "use_username_as_clientid true",
-              ""]
+        f"listener {port} {bind}",
+        "tls_version tlsv1.2",
+        f"cafile {cafile}",
+        f"certfile {certfile}",
+        f"keyfile {keyfile}",
+        f"crlfile {crlfile}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (BRIDGE_ID,),
-                  service: str | None = None, guard: str | None = None) -> str:
+def mosquitto_acl(
+    *,
+    technicians: Iterable[str] = (),
+    bridges: Iterable[str] = (BRIDGE_ID,),
+    service: str | None = None,
+    guard: str | None = None,
+) -> str:
     """The tenant ACL: gateways by pattern, each bridge identity and each technician by name.
 
     Mosquitto's ``pattern`` lines apply to *every* identity, and a ``user``
@@ -184,11 +217,13 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
     bridge_ids = sorted(set(bridges))
     for bridge in bridge_ids:
         if not names.is_bridge(bridge):
-            raise ProvisioningError(f"bridge identity {bridge!r} is not 'bridge', 'bridge.<instance>' or "
-                                    f"'{names.BRIDGE_ALERTS_ID}'")
+            raise ProvisioningError(
+                f"bridge identity {bridge!r} is not 'bridge', 'bridge.<instance>' or '{names.BRIDGE_ALERTS_ID}'"
+            )
     for what, value in (("service", service), ("guard", guard)):
-        if value is not None and (not names.is_id(value) or names.is_bridge(value)
-                                  or value.startswith(TECHNICIAN_PREFIX)):
+        if value is not None and (
+            not names.is_id(value) or names.is_bridge(value) or value.startswith(TECHNICIAN_PREFIX)
+        ):
             raise ProvisioningError(f"{what} identity {value!r} is not a valid id")
     lines = [
         "# factory-edge tenant ACL. Generated by provisioning; edits are overwritten.",
@@ -213,10 +248,19 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
         "# acknowledgements, owns the alert topics; a Sparkplug host application (STATE, NCMD, DCMD).",
     ]
     for bridge in bridge_ids:
-        lines += [f"user {bridge}", *_not_a_gateway(bridge), "topic read gw/#", "topic write gw/+/cmd/+",
-                  "topic write gw/+/ack", "topic readwrite alerts/#", "topic read spBv1.0/#",
-                  "topic write spBv1.0/+/NCMD/+", "topic write spBv1.0/+/DCMD/+/+", "topic write spBv1.0/STATE/+",
-                  ""]
+        lines += [
+            f"user {bridge}",
+            *_not_a_gateway(bridge),
+            "topic read gw/#",
+            "topic write gw/+/cmd/+",
+            "topic write gw/+/ack",
+            "topic readwrite alerts/#",
+            "topic read spBv1.0/#",
+            "topic write spBv1.0/+/NCMD/+",
+            "topic write spBv1.0/+/DCMD/+/+",
+            "topic write spBv1.0/STATE/+",
+            "",
+        ]
     if service is not None:
         lines += [
             "# The provisioning service: ends revoked sessions, refuses subscriptions (dynamic security),",
@@ -245,8 +289,14 @@ def mosquitto_acl(*, technicians: Iterable[str] = (), bridges: Iterable[str] = (
     if techs:
         lines += ["# Technicians: read-only (short-lived certificates).", ""]
     for name in techs:
-        lines += [f"user {name}", *_not_a_gateway(name), "topic read gw/#", "topic read alerts/#",
-                  "topic read spBv1.0/#", ""]
+        lines += [
+            f"user {name}",
+            *_not_a_gateway(name),
+            "topic read gw/#",
+            "topic read alerts/#",
+            "topic read spBv1.0/#",
+            "",
+        ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -256,6 +306,7 @@ def _not_a_gateway(name: str) -> list[str]:
 
 
 # -- HAProxy ---------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TenantRoute:
@@ -272,15 +323,26 @@ class TenantRoute:
     @classmethod
     def of(cls, tenant: TenantRoute | Mapping[str, Any]) -> TenantRoute:
         """Accept a TenantRoute or a ``{name, sni_host, backend_addr}`` mapping, and check it."""
-        route = tenant if isinstance(tenant, TenantRoute) else cls(
-            name=str(tenant["name"]), sni_host=str(tenant["sni_host"]), backend_addr=str(tenant["backend_addr"]))
+        route = (
+            tenant
+            if isinstance(tenant, TenantRoute)
+            else cls(
+                name=str(tenant["name"]), sni_host=str(tenant["sni_host"]), backend_addr=str(tenant["backend_addr"])
+            )
+        )
         if not names.is_id(route.name):
             raise ProvisioningError(f"tenant name {route.name!r} is not a valid id")
         if not names.is_host(route.sni_host):
             raise ProvisioningError(f"tenant {route.name}: SNI name {route.sni_host!r} is not a lowercase DNS name")
         host, sep, port = route.backend_addr.rpartition(":")
-        if (not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536
-                or any(c.isspace() for c in host)):
+        if (
+            not sep
+            or not host
+            or not port.isascii()
+            or not port.isdigit()
+            or not 0 < int(port) < 65536
+            or any(c.isspace() for c in host)
+        ):
             raise ProvisioningError(f"tenant {route.name}: backend address {route.backend_addr!r} is not host:port")
         return route
 
@@ -350,8 +412,15 @@ class ProxyLimits:
 _DURATION_RE = re.compile(r"[1-9][0-9]{0,6}(ms|s|m|h)")
 
 
-def haproxy_cfg(*, bind: str, port: int, map_file: str, tenants: Iterable[TenantRoute | Mapping[str, Any]],
-                stats_socket: str | None = None, limits: ProxyLimits | None = None) -> str:
+def haproxy_cfg(
+    *,
+    bind: str,
+    port: int,
+    map_file: str,
+    tenants: Iterable[TenantRoute | Mapping[str, Any]],
+    stats_socket: str | None = None,
+    limits: ProxyLimits | None = None,
+) -> str:
     """``haproxy.cfg``: TLS passthrough routed by SNI through ``map_file``; unknown names are rejected.
 
     Every tenant gets a backend here; which SNI name reaches which backend
@@ -422,4 +491,12 @@ def _check_value(name: str, value: str | None) -> None:
         raise ProvisioningError(f"{name} {value!r} is empty or contains whitespace")
 
 
-__all__ = ["ProxyLimits", "TenantRoute", "haproxy_cfg", "haproxy_map", "haproxy_routes", "mosquitto_acl", "mosquitto_conf"]
+__all__ = [
+    "ProxyLimits",
+    "TenantRoute",
+    "haproxy_cfg",
+    "haproxy_map",
+    "haproxy_routes",
+    "mosquitto_acl",
+    "mosquitto_conf",
+]

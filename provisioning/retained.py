@@ -46,8 +46,15 @@ log = logging.getLogger(__name__)
 
 MAX_RETAINED_BYTES = 64 * 1024
 MAX_META_DEVICES = 256
-WATCHED = ("gw/+/data/+", "gw/+/events", "gw/+/cmd/+/reply", "gw/+/status", "gw/+/meta/+",
-           "spBv1.0/+/+/+", "spBv1.0/+/+/+/+")  # Sparkplug edge node and device topics (STATE is the bridge's)
+WATCHED = (
+    "gw/+/data/+",
+    "gw/+/events",
+    "gw/+/cmd/+/reply",
+    "gw/+/status",
+    "gw/+/meta/+",
+    "spBv1.0/+/+/+",
+    "spBv1.0/+/+/+/+",
+)  # Sparkplug edge node and device topics (STATE is the bridge's)
 RETRY_S = 5.0
 
 
@@ -83,13 +90,19 @@ async def guard(tenant: str, link: AdminLink) -> None:
         meta_seen: dict[str, set[str]] = defaultdict(set)
         try:
             context = sni_context(link)
-            async with aiomqtt.Client(link.dial, link.port, identifier=names.GUARD_ID, tls_context=context,
-                                      protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=30) as client:
+            async with aiomqtt.Client(
+                link.dial,
+                link.port,
+                identifier=names.GUARD_ID,
+                tls_context=context,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=True,
+                keepalive=30,
+            ) as client:
                 for topic in WATCHED:
                     # retainAsPublished: live publishes keep their retain flag, so a flood is seen as it happens;
                     # noLocal: not our own clearing messages.
-                    await client.subscribe(topic, options=SubscribeOptions(qos=0, retainAsPublished=True,
-                                                                           noLocal=True))
+                    await client.subscribe(topic, options=SubscribeOptions(qos=0, retainAsPublished=True, noLocal=True))
                 log.info("retained-message guard watching", extra=fields(tenant=tenant))
                 async for message in client.messages:
                     payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
@@ -99,11 +112,15 @@ async def guard(tenant: str, link: AdminLink) -> None:
                     if reason is None:
                         continue
                     await client.publish(str(message.topic), b"", qos=1, retain=True)
-                    log.warning("retained message cleared", extra=fields(tenant=tenant, topic=str(message.topic),
-                                                                         bytes=len(payload), reason=reason))
+                    log.warning(
+                        "retained message cleared",
+                        extra=fields(tenant=tenant, topic=str(message.topic), bytes=len(payload), reason=reason),
+                    )
         except (aiomqtt.MqttError, OSError, ssl.SSLError) as exc:
-            log.warning("retained-message guard disconnected; retrying",
-                        extra=fields(tenant=tenant, err=str(exc), retry_in_s=RETRY_S))
+            log.warning(
+                "retained-message guard disconnected; retrying",
+                extra=fields(tenant=tenant, err=str(exc), retry_in_s=RETRY_S),
+            )
         await asyncio.sleep(RETRY_S)
 
 

@@ -70,15 +70,16 @@ def ensure_api_tls(data: DataDir, names: list[str]) -> tuple[Path, Path, Path]:
     ca_file, ca_key_file = data.api / "ca.pem", data.api / "ca.key"
     cert_file, key_file = data.api / "server.pem", data.api / "server.key"
     if not ca_file.exists():
-        ca_key, ca_cert = pki.create_ca("factory-edge provisioning API CA")
-        pki.write_private_key(ca_key_file, ca_key)
-        pki.write_pem(ca_file, ca_cert)
+        new_ca_key, new_ca_cert = pki.create_ca("factory-edge provisioning API CA")
+        pki.write_private_key(ca_key_file, new_ca_key)
+        pki.write_pem(ca_file, new_ca_cert)
     ca_key, ca_cert = pki.load_private_key(ca_key_file), pki.load_cert(ca_file)
     if not cert_file.exists() or not key_file.exists() or _stale(pki.load_cert(cert_file), names):
         dns = [n for n in names if not _is_ip(n)]
         key = pki.new_key()
-        cert = pki.issue_server_cert(ca_key, ca_cert, key.public_key(), dns[0] if dns else "localhost",
-                                     days=397, alt_names=names)
+        cert = pki.issue_server_cert(
+            ca_key, ca_cert, key.public_key(), dns[0] if dns else "localhost", days=397, alt_names=names
+        )
         pki.write_private_key(key_file, key)
         pki.write_pem(cert_file, cert)
         log.info("API certificate issued", extra=fields(names=",".join(names), ca=str(ca_file)))
@@ -115,16 +116,21 @@ async def crl_upkeep(data: DataDir, interval_s: float) -> None:
         try:
             for status in await asyncio.to_thread(refresh_crls, data):
                 if status.reissued:
-                    log.info("CRL refreshed", extra=fields(tenant=status.tenant, broker=status.broker,
-                                                           next_update=status.next_update.isoformat()))
+                    log.info(
+                        "CRL refreshed",
+                        extra=fields(
+                            tenant=status.tenant, broker=status.broker, next_update=status.next_update.isoformat()
+                        ),
+                    )
             await asyncio.to_thread(enforce_subscriptions, data)
         except FactoryEdgeError as exc:
             log.error("CRL refresh failed", extra=fields(err=str(exc), retry_in_s=interval_s))
         await asyncio.sleep(interval_s)
 
 
-async def guards(data: DataDir, group: asyncio.TaskGroup, tasks: list[asyncio.Task[None]],
-                 every_s: float = 5.0) -> None:
+async def guards(
+    data: DataDir, group: asyncio.TaskGroup, tasks: list[asyncio.Task[None]], every_s: float = 5.0
+) -> None:
     """Task ``retained``: a retained-message guard for every tenant, including ones created while serving."""
     started: set[str] = set()
     while True:
@@ -137,8 +143,12 @@ async def guards(data: DataDir, group: asyncio.TaskGroup, tasks: list[asyncio.Ta
         for tenant in found:
             if tenant.name not in started and data.tenant(tenant.name).guard[0].exists():
                 started.add(tenant.name)
-                tasks.append(group.create_task(retained.guard(tenant.name, admin_link(data, tenant, guard=True)),
-                                               name=f"retained[{tenant.name}]"))
+                tasks.append(
+                    group.create_task(
+                        retained.guard(tenant.name, admin_link(data, tenant, guard=True)),
+                        name=f"retained[{tenant.name}]",
+                    )
+                )
         await asyncio.sleep(every_s)
 
 
@@ -164,16 +174,32 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
         raise ProvisioningError(f"cannot use {cert_file} and {key_file} for TLS: {exc}") from exc
     listener = _listen(options.host, options.port)
     window = options.failure_window_s
-    service = Service(data, cert_lifetime_s=options.cert_lifetime_s,
-                      per_key=FailureLimiter(max_failures=options.max_key_failures, window_s=window),
-                      per_tenant=FailureLimiter(max_failures=options.max_tenant_failures, window_s=window))
+    service = Service(
+        data,
+        cert_lifetime_s=options.cert_lifetime_s,
+        per_key=FailureLimiter(max_failures=options.max_key_failures, window_s=window),
+        per_tenant=FailureLimiter(max_failures=options.max_tenant_failures, window_s=window),
+    )
     limiter = FailureLimiter(max_failures=options.max_failures, window_s=window)
-    config = uvicorn.Config(create_app(service, limiter), host=options.host, port=options.port,
-                            ssl_certfile=str(cert_file), ssl_keyfile=str(key_file), log_config=None,
-                            proxy_headers=False, server_header=False, lifespan="off", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(service, limiter),
+        host=options.host,
+        port=options.port,
+        ssl_certfile=str(cert_file),
+        ssl_keyfile=str(key_file),
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
     server = uvicorn.Server(config)
-    log.info("provisioning API starting", extra=fields(
-        url=f"https://{options.host}:{options.port}", ca_file=str(ca_hint or cert_file), data_dir=str(data.root)))
+    log.info(
+        "provisioning API starting",
+        extra=fields(
+            url=f"https://{options.host}:{options.port}", ca_file=str(ca_hint or cert_file), data_dir=str(data.root)
+        ),
+    )
     async with asyncio.TaskGroup() as group:
         upkeep = group.create_task(crl_upkeep(data, options.crl_check_s), name="crl-refresh")
         api = group.create_task(_run(server, listener), name="api")

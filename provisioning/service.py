@@ -73,8 +73,14 @@ class Issued:
 class Service:
     """The provisioning operations over one data directory (a registry connection per call)."""
 
-    def __init__(self, data: DataDir, *, cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S,
-                 per_key: FailureLimiter | None = None, per_tenant: FailureLimiter | None = None) -> None:
+    def __init__(
+        self,
+        data: DataDir,
+        *,
+        cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S,
+        per_key: FailureLimiter | None = None,
+        per_tenant: FailureLimiter | None = None,
+    ) -> None:
         if cert_lifetime_s <= 0:
             raise ProvisioningError("certificate lifetime must be positive")
         self.data = data
@@ -89,8 +95,11 @@ class Service:
         The address limit (the API's Guard) stops one client; these stop many
         addresses working on one leaked key, or on one tenant.
         """
-        pairs = [(limiter, subject) for limiter, subject in ((self.per_key, key), (self.per_tenant, f"tenant {tenant}"))
-                 if limiter]
+        pairs = [
+            (limiter, subject)
+            for limiter, subject in ((self.per_key, key), (self.per_tenant, f"tenant {tenant}"))
+            if limiter
+        ]
         for limiter, subject in pairs:
             wait = limiter.blocked_for(subject)
             if wait:
@@ -138,15 +147,21 @@ class Service:
         with registry.transaction():
             taken = registry.active_device(tenant.name, gateway)
             if taken is not None:
-                raise Conflict(f"gateway name {gateway!r} is already taken in tenant {tenant.name} by a device "
-                               f"provisioned at {taken.created_at}; revoke it first "
-                               f"(provisioning device revoke {tenant.name} {gateway}) or choose another name")
+                raise Conflict(
+                    f"gateway name {gateway!r} is already taken in tenant {tenant.name} by a device "
+                    f"provisioned at {taken.created_at}; revoke it first "
+                    f"(provisioning device revoke {tenant.name} {gateway}) or choose another name"
+                )
             if not registry.use_key(found.id, at):
                 raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
             device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
             registry.add_certificate(record(tenant.name, cert, "gateway", device_id=device_id))
-        log.info("gateway provisioned", extra=fields(tenant=tenant.name, gateway=gateway, key=found.id,
-                                                     serial=f"{cert.serial_number:x}", not_after=iso(end)))
+        log.info(
+            "gateway provisioned",
+            extra=fields(
+                tenant=tenant.name, gateway=gateway, key=found.id, serial=f"{cert.serial_number:x}", not_after=iso(end)
+            ),
+        )
         return Issued(tenant, cert, ca_cert)
 
     def _register(self, registry: Registry, tenant: Tenant, gateway: str) -> None:
@@ -175,8 +190,16 @@ class Service:
             with self._counted(key=f"certificate {issued.serial}", tenant=tenant.name):
                 return self._renew(registry, tenant, issued, current, request, proof, at)
 
-    def _renew(self, registry: Registry, tenant: Tenant, issued: Any, current: x509.Certificate,
-               request: x509.CertificateSigningRequest, proof: bytes, at: dt.datetime) -> Issued:
+    def _renew(
+        self,
+        registry: Registry,
+        tenant: Tenant,
+        issued: Any,
+        current: x509.Certificate,
+        request: x509.CertificateSigningRequest,
+        proof: bytes,
+        at: dt.datetime,
+    ) -> Issued:
         ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
         if not pki.issued_by(current, ca_cert):
             raise Unauthorized(f"certificate is not signed by tenant {tenant.name}'s CA")
@@ -189,30 +212,50 @@ class Service:
         if revoked_at:
             raise Forbidden(f"certificate of {issued.subject} was revoked at {revoked_at}")
         if current.not_valid_after_utc <= at:
-            raise Forbidden(f"certificate of {issued.subject} expired at {iso(current.not_valid_after_utc)}; "
-                            "provision the gateway again with a new key")
+            raise Forbidden(
+                f"certificate of {issued.subject} expired at {iso(current.not_valid_after_utc)}; "
+                "provision the gateway again with a new key"
+            )
         if issued.superseded_by:
             overlap = renew_overlap(registry)
             superseded = parse_iso(issued.superseded_at)
             if superseded is not None and superseded + overlap <= at:
-                raise Forbidden(f"certificate of {issued.subject} was superseded at {issued.superseded_at} and is "
-                                f"revoked since the renewal overlap ({overlap}) ended; renew with the newest one")
+                raise Forbidden(
+                    f"certificate of {issued.subject} was superseded at {issued.superseded_at} and is "
+                    f"revoked since the renewal overlap ({overlap}) ended; renew with the newest one"
+                )
             return self._retried(registry, tenant, ca_cert, issued.subject, issued.superseded_by, request)
         start, end = self._validity(at)
-        cert = _invalid(pki.sign_csr, ca_key, ca_cert, request, common_name=issued.subject,
-                        not_before=start, not_after=end)
+        cert = _invalid(
+            pki.sign_csr, ca_key, ca_cert, request, common_name=issued.subject, not_before=start, not_after=end
+        )
         with registry.transaction():
             again = registry.certificate(issued.serial)
             if again is None or again.superseded_by or again.revoked_at:
                 raise Forbidden(f"certificate of {issued.subject} changed meanwhile; retry")
             registry.add_certificate(record(tenant.name, cert, "gateway", device_id=issued.device_id))
             registry.supersede(issued.serial, f"{cert.serial_number:x}", at)
-        log.info("certificate renewed", extra=fields(tenant=tenant.name, gateway=issued.subject, old=issued.serial,
-                                                     serial=f"{cert.serial_number:x}", not_after=iso(end)))
+        log.info(
+            "certificate renewed",
+            extra=fields(
+                tenant=tenant.name,
+                gateway=issued.subject,
+                old=issued.serial,
+                serial=f"{cert.serial_number:x}",
+                not_after=iso(end),
+            ),
+        )
         return Issued(tenant, cert, ca_cert)
 
-    def _retried(self, registry: Registry, tenant: Tenant, ca_cert: x509.Certificate, gateway: str, newer: str,
-                 request: x509.CertificateSigningRequest) -> Issued:
+    def _retried(
+        self,
+        registry: Registry,
+        tenant: Tenant,
+        ca_cert: x509.Certificate,
+        gateway: str,
+        newer: str,
+        request: x509.CertificateSigningRequest,
+    ) -> Issued:
         successor = registry.certificate(newer)
         if successor is not None and successor.revoked_at is None and successor.superseded_by is None:
             cert = x509.load_pem_x509_certificate(successor.pem.encode())

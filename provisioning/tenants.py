@@ -20,13 +20,14 @@ broker; they too try a new config before it replaces the old one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 import pwd
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +46,18 @@ CRL_DAYS = 7
 IDENTITY_DAYS = 825  # bridge and service certificates
 RENEW_OVERLAP_S = 3600  # a certificate superseded by a renewal is revoked this long after (init --renew-overlap)
 
-DEFAULTS = {"proxy_bind": "0.0.0.0", "proxy_port": "8883", "public_port": "8883", "first_broker_port": "18831",
-            "proxy_maxconn": str(render.PROXY_MAXCONN), "proxy_per_source": str(render.PROXY_PER_SOURCE),
-            "proxy_per_tenant": str(render.PROXY_PER_TENANT), "proxy_hello_timeout": render.PROXY_HELLO_TIMEOUT,
-            "proxy_idle_timeout": render.PROXY_IDLE_TIMEOUT, "renew_overlap_s": str(RENEW_OVERLAP_S)}
+DEFAULTS = {
+    "proxy_bind": "0.0.0.0",
+    "proxy_port": "8883",
+    "public_port": "8883",
+    "first_broker_port": "18831",
+    "proxy_maxconn": str(render.PROXY_MAXCONN),
+    "proxy_per_source": str(render.PROXY_PER_SOURCE),
+    "proxy_per_tenant": str(render.PROXY_PER_TENANT),
+    "proxy_hello_timeout": render.PROXY_HELLO_TIMEOUT,
+    "proxy_idle_timeout": render.PROXY_IDLE_TIMEOUT,
+    "renew_overlap_s": str(RENEW_OVERLAP_S),
+}
 FIXED = ("proxy_bind", "proxy_port", "public_port", "first_broker_port")  # in every tenant's URL or port
 
 
@@ -60,17 +69,25 @@ class Settings:
     proxy_port: int
     public_port: int
     first_broker_port: int
-    limits: render.ProxyLimits = render.ProxyLimits()
+    limits: render.ProxyLimits = dataclasses.field(default_factory=render.ProxyLimits)
 
     @classmethod
     def load(cls, registry: Registry) -> Settings:
         value = {k: registry.setting(k) or v for k, v in DEFAULTS.items()}
-        limits = render.ProxyLimits(maxconn=int(value["proxy_maxconn"]), per_source=int(value["proxy_per_source"]),
-                                    per_tenant=int(value["proxy_per_tenant"]),
-                                    hello_timeout=value["proxy_hello_timeout"],
-                                    idle_timeout=value["proxy_idle_timeout"])
-        return cls(value["proxy_bind"], int(value["proxy_port"]), int(value["public_port"]),
-                   int(value["first_broker_port"]), limits)
+        limits = render.ProxyLimits(
+            maxconn=int(value["proxy_maxconn"]),
+            per_source=int(value["proxy_per_source"]),
+            per_tenant=int(value["proxy_per_tenant"]),
+            hello_timeout=value["proxy_hello_timeout"],
+            idle_timeout=value["proxy_idle_timeout"],
+        )
+        return cls(
+            value["proxy_bind"],
+            int(value["proxy_port"]),
+            int(value["public_port"]),
+            int(value["first_broker_port"]),
+            limits,
+        )
 
 
 def check_tenant_name(name: str) -> None:
@@ -82,31 +99,48 @@ def check_domain(domain: str, tenant: str | None = None) -> None:
     names.check_domain(domain, tenant=tenant)
 
 
-def init(data: DataDir, *, proxy_bind: str | None = None, proxy_port: int | None = None,
-         public_port: int | None = None, first_broker_port: int | None = None,
-         limits: dict[str, str | int] | None = None, renew_overlap_s: float | None = None) -> tuple[Settings, bool]:
+def init(
+    data: DataDir,
+    *,
+    proxy_bind: str | None = None,
+    proxy_port: int | None = None,
+    public_port: int | None = None,
+    first_broker_port: int | None = None,
+    limits: dict[str, str | int] | None = None,
+    renew_overlap_s: float | None = None,
+) -> tuple[Settings, bool]:
     """Create the data directory and registry with these settings; returns ``(settings, created)``.
 
     The addresses and ports are fixed once tenants exist (their URLs carry
     the public port); the proxy's limits (``limits``: ProxyLimits field ->
     value) may change at any time and take effect when the proxy reloads.
     """
-    for what, port in (("proxy port", proxy_port), ("public port", public_port),
-                       ("first broker port", first_broker_port)):
+    for what, port in (
+        ("proxy port", proxy_port),
+        ("public port", public_port),
+        ("first broker port", first_broker_port),
+    ):
         if port is not None and not 0 < port < 65536:
             raise ProvisioningError(f"{what} {port} is not in 1..65535")
     if proxy_bind is not None and (not proxy_bind or any(c.isspace() for c in proxy_bind)):
         raise ProvisioningError(f"proxy bind address {proxy_bind!r} is empty or contains whitespace")
-    given: dict[str, str] = {k: str(v) for k, v in {
-        "proxy_bind": proxy_bind, "proxy_port": proxy_port, "first_broker_port": first_broker_port,
-        "public_port": public_port if public_port is not None else proxy_port}.items() if v is not None}
+    given: dict[str, str] = {
+        k: str(v)
+        for k, v in {
+            "proxy_bind": proxy_bind,
+            "proxy_port": proxy_port,
+            "first_broker_port": first_broker_port,
+            "public_port": public_port if public_port is not None else proxy_port,
+        }.items()
+        if v is not None
+    }
     for field, value in (limits or {}).items():
         given[f"proxy_{field}"] = str(value)
     if renew_overlap_s is not None:
         if not 0 <= renew_overlap_s <= 30 * 86400:
             raise ProvisioningError(f"--renew-overlap {renew_overlap_s:g}s is not within 0..30d")
         given["renew_overlap_s"] = str(renew_overlap_s)
-    render.ProxyLimits(**{**vars(render.ProxyLimits()), **(limits or {})}).check()  # type: ignore[arg-type]
+    render.ProxyLimits(**{**vars(render.ProxyLimits()), **(limits or {})}).check()
     created = not data.exists()
     data.make()
     with Registry(data.registry) as registry:
@@ -135,26 +169,40 @@ def create_tenant(data: DataDir, name: str, domain: str, *, broker_port: int | N
     with Registry(data.registry) as registry:
         existing = registry.tenant(name)
         if existing is not None:
-            raise ProvisioningError(f"tenant {name} already exists (created {existing.created_at}, "
-                                    f"broker {existing.url})")
+            raise ProvisioningError(
+                f"tenant {name} already exists (created {existing.created_at}, broker {existing.url})"
+            )
         if files.dir.exists():
-            raise ProvisioningError(f"{files.dir} exists but the registry has no tenant {name}: "
-                                    "remove the directory or restore the registry")
+            raise ProvisioningError(
+                f"{files.dir} exists but the registry has no tenant {name}: "
+                "remove the directory or restore the registry"
+            )
         settings = Settings.load(registry)
         used = {t.broker_port: t.name for t in registry.tenants()}
         if broker_port is None:
             broker_port = next(p for p in range(settings.first_broker_port, 65536) if p not in used)
         elif broker_port in used:
             raise ProvisioningError(f"broker port {broker_port} is already used by tenant {used[broker_port]}")
-        tenant = Tenant(name=name, domain=domain, broker_port=broker_port, public_port=settings.public_port,
-                        created_at=iso(now()) or "")
+        tenant = Tenant(
+            name=name,
+            domain=domain,
+            broker_port=broker_port,
+            public_port=settings.public_port,
+            created_at=iso(now()) or "",
+        )
         staging = TenantFiles(files.dir.with_name(f".{name}.new"))
         shutil.rmtree(staging.dir, ignore_errors=True)
         try:
             records = _make_pki(staging, tenant, registry.bridge_instances())
             bridges = sorted(r.subject for r in records if r.kind == "bridge")
-            _write_broker_files(staging, tenant, final=files, bridges=bridges, technicians=[],
-                                target=dynsec.wanted(gateways=[], technicians=[]))
+            _write_broker_files(
+                staging,
+                tenant,
+                final=files,
+                bridges=bridges,
+                technicians=[],
+                target=dynsec.wanted(gateways=[], technicians=[]),
+            )
             with registry.transaction():
                 registry.add_tenant(tenant)
                 for cert in records:
@@ -186,11 +234,15 @@ def _make_pki(files: TenantFiles, tenant: Tenant, instances: list[str]) -> list[
     pki.write_private_key(files.broker_key, broker_key)
     pki.write_pem(files.broker_cert, broker_cert)
     records = [record(tenant.name, broker_cert, "broker")]
-    identities = [(pki.BRIDGE_ID, files.bridge_cert, files.bridge_key, "bridge"),
-                  (pki.SERVICE_ID, files.service_cert, files.service_key, "service"),
-                  (names.GUARD_ID, *files.guard, "service")]
-    for identity in (names.BRIDGE_ALERTS_ID,
-                     *(names.bridge_identity(i) for i in sorted({names.DEFAULT_BRIDGE_INSTANCE, *instances}))):
+    identities = [
+        (pki.BRIDGE_ID, files.bridge_cert, files.bridge_key, "bridge"),
+        (pki.SERVICE_ID, files.service_cert, files.service_key, "service"),
+        (names.GUARD_ID, *files.guard, "service"),
+    ]
+    for identity in (
+        names.BRIDGE_ALERTS_ID,
+        *(names.bridge_identity(i) for i in sorted({names.DEFAULT_BRIDGE_INSTANCE, *instances})),
+    ):
         identities.append((identity, *files.identity(identity), "bridge"))
     for identity, cert_file, key_file, kind in identities:
         key, cert = pki.issue_client_cert(ca_key, ca_cert, identity, days=IDENTITY_DAYS)
@@ -214,10 +266,18 @@ def issue_bridge_identity(data: DataDir, registry: Registry, tenant: Tenant, ide
 
 def record(tenant: str, cert: x509.Certificate, kind: str, *, device_id: int | None = None) -> CertRecord:
     """The registry row of an issued certificate."""
-    return CertRecord(serial=f"{cert.serial_number:x}", tenant=tenant, subject=pki.common_name(cert), kind=kind,
-                      device_id=device_id, not_before=iso(cert.not_valid_before_utc) or "",
-                      not_after=iso(cert.not_valid_after_utc) or "", fingerprint=pki.fingerprint(cert),
-                      issued_at=iso(now()) or "", pem=cert.public_bytes(serialization.Encoding.PEM).decode())
+    return CertRecord(
+        serial=f"{cert.serial_number:x}",
+        tenant=tenant,
+        subject=pki.common_name(cert),
+        kind=kind,
+        device_id=device_id,
+        not_before=iso(cert.not_valid_before_utc) or "",
+        not_after=iso(cert.not_valid_after_utc) or "",
+        fingerprint=pki.fingerprint(cert),
+        issued_at=iso(now()) or "",
+        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+    )
 
 
 def load_ca(files: TenantFiles) -> tuple[pki.PrivateKey, x509.Certificate]:
@@ -228,17 +288,34 @@ def broker_conf(files: TenantFiles, tenant: Tenant, *, acl: Path | None = None) 
     """The tenant's ``mosquitto.conf`` naming the files of ``files`` (``acl``: another ACL file)."""
     plugin = find_dynsec_plugin()
     return render.mosquitto_conf(
-        port=tenant.broker_port, bind="127.0.0.1", cafile=str(files.ca_cert), certfile=str(files.broker_cert),
-        keyfile=str(files.broker_key), crlfile=str(files.crl), aclfile=str(acl or files.acl),
-        persistence_dir=str(files.persistence), user=pwd.getpwuid(os.geteuid()).pw_name,
-        dynsec_plugin=plugin, dynsec_config=str(files.dynsec) if plugin else None)
+        port=tenant.broker_port,
+        bind="127.0.0.1",
+        cafile=str(files.ca_cert),
+        certfile=str(files.broker_cert),
+        keyfile=str(files.broker_key),
+        crlfile=str(files.crl),
+        aclfile=str(acl or files.acl),
+        persistence_dir=str(files.persistence),
+        user=pwd.getpwuid(os.geteuid()).pw_name,
+        dynsec_plugin=plugin,
+        dynsec_config=str(files.dynsec) if plugin else None,
+    )
 
 
-def _write_broker_files(staging: TenantFiles, tenant: Tenant, *, final: TenantFiles, bridges: list[str],
-                        technicians: list[str], target: dict[str, object]) -> None:
+def _write_broker_files(
+    staging: TenantFiles,
+    tenant: Tenant,
+    *,
+    final: TenantFiles,
+    bridges: list[str],
+    technicians: list[str],
+    target: dict[str, object],
+) -> None:
     """A new tenant's conf, ACL and dynamic-security state in ``staging``, tried by a real Mosquitto there."""
-    write_text(staging.acl, render.mosquitto_acl(technicians=technicians, bridges=bridges, service=pki.SERVICE_ID,
-                                                 guard=names.GUARD_ID))
+    write_text(
+        staging.acl,
+        render.mosquitto_acl(technicians=technicians, bridges=bridges, service=pki.SERVICE_ID, guard=names.GUARD_ID),
+    )
     write_text(staging.dynsec, json.dumps(target, indent=2) + "\n", 0o600)
     checks.check_mosquitto(broker_conf(staging, tenant))
     write_text(staging.conf, broker_conf(final, tenant))
@@ -248,9 +325,12 @@ def render_tenant(data: DataDir, registry: Registry, tenant: Tenant) -> None:
     """Re-render the tenant's mosquitto.conf and ACL (current bridges, technicians) and CRL; checked before use."""
     files = data.tenant(tenant.name)
     at = now()
-    acl = render.mosquitto_acl(technicians=registry.technicians(tenant.name, at),
-                               bridges=bridge_identities(registry, tenant), service=pki.SERVICE_ID,
-                               guard=names.GUARD_ID)
+    acl = render.mosquitto_acl(
+        technicians=registry.technicians(tenant.name, at),
+        bridges=bridge_identities(registry, tenant),
+        service=pki.SERVICE_ID,
+        guard=names.GUARD_ID,
+    )
     candidate = files.dir / ".acl.new"
     try:
         write_text(candidate, acl)
@@ -266,8 +346,9 @@ def render_tenant(data: DataDir, registry: Registry, tenant: Tenant) -> None:
 
 def bridge_identities(registry: Registry, tenant: Tenant) -> list[str]:
     """Every bridge identity of the tenant holding a valid certificate (the ACL's user blocks)."""
-    return sorted({c.subject for c in registry.active_certificates(tenant.name, "bridge", now())
-                   if names.is_bridge(c.subject)})
+    return sorted(
+        {c.subject for c in registry.active_certificates(tenant.name, "bridge", now()) if names.is_bridge(c.subject)}
+    )
 
 
 def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, object]:
@@ -310,17 +391,24 @@ def render_proxy(data: DataDir, registry: Registry) -> None:
 
 
 @contextmanager
-def _proxy_files(data: DataDir, registry: Registry) -> Iterator[object]:
+def _proxy_files(data: DataDir, registry: Registry) -> Iterator[Callable[[], None]]:
     """Render and check the proxy files; yields ``install()``, which writes all three or none."""
     settings = Settings.load(registry)
     tenants = registry.tenants()
-    routes = [render.TenantRoute(name=t.name, sni_host=t.host, backend_addr=f"127.0.0.1:{t.broker_port}")
-              for t in tenants]
+    routes = [
+        render.TenantRoute(name=t.name, sni_host=t.host, backend_addr=f"127.0.0.1:{t.broker_port}") for t in tenants
+    ]
     map_text = render.haproxy_map(render.haproxy_routes(routes))
 
     def cfg(map_file: Path, socket: Path | None) -> str:
-        return render.haproxy_cfg(bind=settings.proxy_bind, port=settings.proxy_port, map_file=str(map_file),
-                                  tenants=routes, stats_socket=str(socket) if socket else None, limits=settings.limits)
+        return render.haproxy_cfg(
+            bind=settings.proxy_bind,
+            port=settings.proxy_port,
+            map_file=str(map_file),
+            tenants=routes,
+            stats_socket=str(socket) if socket else None,
+            limits=settings.limits,
+        )
 
     with tempfile.TemporaryDirectory(prefix=".check-", dir=data.haproxy) as tmp:
         trial_map, trial_cfg = Path(tmp) / "tenants.map", Path(tmp) / "haproxy.cfg"
@@ -328,8 +416,11 @@ def _proxy_files(data: DataDir, registry: Registry) -> Iterator[object]:
         trial_cfg.write_text(cfg(trial_map, None))  # the admin socket's path may be too long in a temp dir
         checks.check_haproxy(trial_cfg)
     index = {"tenants": [_index_entry(data, registry, t) for t in tenants]}
-    wanted_files = {data.haproxy_map: map_text, data.haproxy_cfg: cfg(data.haproxy_map, data.haproxy_socket),
-                    data.tenants_index: json.dumps(index, indent=2) + "\n"}
+    wanted_files = {
+        data.haproxy_map: map_text,
+        data.haproxy_cfg: cfg(data.haproxy_map, data.haproxy_socket),
+        data.tenants_index: json.dumps(index, indent=2) + "\n",
+    }
 
     def install() -> None:
         before = {path: path.read_bytes() if path.exists() else None for path in wanted_files}
@@ -353,11 +444,17 @@ def _index_entry(data: DataDir, registry: Registry, tenant: Tenant) -> dict[str,
     for identity in bridge_identities(registry, tenant):
         if identity.startswith(names.BRIDGE_PREFIX):
             cert, key = files.identity(identity)
-            identities[identity[len(names.BRIDGE_PREFIX):]] = {"cert_file": str(cert), "key_file": str(key)}
+            identities[identity[len(names.BRIDGE_PREFIX) :]] = {"cert_file": str(cert), "key_file": str(key)}
     alerts_cert, alerts_key = files.identity(names.BRIDGE_ALERTS_ID)
-    return {"name": tenant.name, "url": f"mqtts://{tenant.host}:{tenant.broker_port}", "connect_host": "127.0.0.1",
-            "ca_file": str(files.ca_cert), "identities": identities,
-            "alerts_cert_file": str(alerts_cert), "alerts_key_file": str(alerts_key)}
+    return {
+        "name": tenant.name,
+        "url": f"mqtts://{tenant.host}:{tenant.broker_port}",
+        "connect_host": "127.0.0.1",
+        "ca_file": str(files.ca_cert),
+        "identities": identities,
+        "alerts_cert_file": str(alerts_cert),
+        "alerts_key_file": str(alerts_key),
+    }
 
 
 def apply_proxy(data: DataDir) -> str:
@@ -384,7 +481,28 @@ def get_tenant(registry: Registry, name: str) -> Tenant:
     return tenant
 
 
-__all__ = ["CRL_DAYS", "RENEW_OVERLAP_S", "Settings", "admin_link", "apply_proxy", "bridge_identities", "broker_conf", "check_domain",
-           "check_tenant_name", "create_tenant", "crl_entries", "crl_expires", "crl_serials", "get_tenant", "init",
-           "issue_bridge_identity", "load_ca", "record", "render_proxy", "render_tenant", "renew_overlap", "wanted_dynsec",
-           "write_crl"]
+__all__ = [
+    "CRL_DAYS",
+    "RENEW_OVERLAP_S",
+    "Settings",
+    "admin_link",
+    "apply_proxy",
+    "bridge_identities",
+    "broker_conf",
+    "check_domain",
+    "check_tenant_name",
+    "create_tenant",
+    "crl_entries",
+    "crl_expires",
+    "crl_serials",
+    "get_tenant",
+    "init",
+    "issue_bridge_identity",
+    "load_ca",
+    "record",
+    "render_proxy",
+    "render_tenant",
+    "renew_overlap",
+    "wanted_dynsec",
+    "write_crl",
+]

@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import BrokerSettings, tls_context
+from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.helpers import ROOT, ServiceProcess
 
 
@@ -52,8 +52,13 @@ class AgentProcess(ServiceProcess):
         return ["agent.cli", "--log-format", "json", "run", "--config", str(self.config_path)]
 
     def status(self) -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--json", "--state-dir", str(self.state_dir)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--json", "--state-dir", str(self.state_dir)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if out.returncode != 0:
             return {}
         return json.loads(out.stdout)
@@ -88,13 +93,14 @@ class Collector:
 
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append((message.topic, message.payload, getattr(message, "properties", None)))
+            self.messages.append((message.topic, bytes(message.payload), getattr(message, "properties", None)))
 
     def start(self) -> Collector:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = 3600
-        self.client.connect(self.settings.dial_host, self.settings.port, keepalive=10, clean_start=False,
-                            properties=properties)
+        self.client.connect(
+            self.settings.dial_host, self.settings.port, keepalive=10, clean_start=False, properties=properties
+        )
         self.client.loop_start()
         if not self.connected.wait(10):
             raise AssertionError("collector could not connect")

@@ -19,13 +19,13 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import psycopg
-from psycopg import sql
 import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
+from psycopg import sql
 
-from agent.mqtt import BrokerSettings, tls_context
 from factory_edge import names
+from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.helpers import ServiceProcess
 from tests.infra import Mosquitto, TenantPki
 
@@ -35,14 +35,26 @@ PG_DSN = os.environ.get("FACTORY_EDGE_PG_DSN", "postgresql://postgres@127.0.0.1:
 # ---------------------------------------------------------------- payloads
 
 
-def batch(gw: str, device: str, seq: int, points: list[tuple[str, int, Any]] | int, *, ts0: int | None = None,
-          quality: str = "good") -> bytes:
+def batch(
+    gw: str,
+    device: str,
+    seq: int,
+    points: list[tuple[str, int, Any]] | int,
+    *,
+    ts0: int | None = None,
+    quality: str = "good",
+) -> bytes:
     """A data batch as the agent publishes it; ``points`` as ``(tag, ts, value)`` or a count of generated ones."""
     if isinstance(points, int):
         base = ts0 if ts0 is not None else 1_700_000_000_000 + seq * 1000
         points = [(f"t{i % 10}", base + i, float(seq * 1000 + i)) for i in range(points)]
-    doc = {"v": 1, "gw": gw, "dev": device, "seq": seq,
-           "points": [{"tag": t, "ts": ts, "v": v, "q": quality} for t, ts, v in points]}
+    doc = {
+        "v": 1,
+        "gw": gw,
+        "dev": device,
+        "seq": seq,
+        "points": [{"tag": t, "ts": ts, "v": v, "q": quality} for t, ts, v in points],
+    }
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -55,8 +67,15 @@ def now_ms() -> int:
 
 def settings_for(pki: TenantPki, broker: Mosquitto, name: str) -> BrokerSettings:
     cert, key = pki.bridge if name == "bridge" else pki.client(name)
-    return BrokerSettings(host=pki.host, port=broker.port, tls=True, connect_host="127.0.0.1",
-                          ca_file=str(pki.ca_file), cert_file=str(cert), key_file=str(key))
+    return BrokerSettings(
+        host=pki.host,
+        port=broker.port,
+        tls=True,
+        connect_host="127.0.0.1",
+        ca_file=str(pki.ca_file),
+        cert_file=str(cert),
+        key_file=str(key),
+    )
 
 
 class Gateway:
@@ -65,8 +84,9 @@ class Gateway:
     def __init__(self, pki: TenantPki, broker: Mosquitto, name: str = "gw-01", *, inflight: int = 100) -> None:
         self.name = name
         self.settings = settings_for(pki, broker, name)
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{secrets.token_hex(3)}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"{name}-{secrets.token_hex(3)}", protocol=paho.MQTTv5
+        )
         self.client.tls_set_context(tls_context(self.settings))
         self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(0)
@@ -90,16 +110,18 @@ class Gateway:
             info.wait_for_publish(10)
         return info
 
-    def batches(self, device: str, seqs: range, points: int, *, pace_s: float = 0.0,
-                stop: Callable[[], bool] | None = None) -> int:
+    def batches(
+        self, device: str, seqs: range, points: int, *, pace_s: float = 0.0, stop: Callable[[], bool] | None = None
+    ) -> int:
         """Publish one batch per seq (waiting for every PUBACK at the end); returns the points sent."""
         infos = []
         sent = 0
         for seq in seqs:
             if stop is not None and stop():
                 break
-            infos.append(self.client.publish(f"gw/{self.name}/data/{device}", batch(self.name, device, seq, points),
-                                             qos=1))
+            infos.append(
+                self.client.publish(f"gw/{self.name}/data/{device}", batch(self.name, device, seq, points), qos=1)
+            )
             sent += points
             if pace_s:
                 time.sleep(pace_s)
@@ -116,17 +138,22 @@ class Watcher:
         self.topics = topics
         self.messages: list[tuple[str, bytes, float, bool]] = []
         self.lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{secrets.token_hex(3)}",
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"{name}-{secrets.token_hex(3)}", protocol=paho.MQTTv5
+        )
         self.client.tls_set_context(tls_context(self.settings))
         self._subscribed = threading.Event()
-        self.client.on_connect = lambda c, *a: [c.subscribe(t, qos=1) for t in self.topics]
+        self.client.on_connect = self._subscribe
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
 
+    def _subscribe(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        for topic in self.topics:
+            client.subscribe(topic, qos=1)
+
     def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
         with self.lock:
-            self.messages.append((message.topic, message.payload, time.monotonic(), bool(message.retain)))
+            self.messages.append((message.topic, bytes(message.payload), time.monotonic(), bool(message.retain)))
 
     def __enter__(self) -> Watcher:
         self.client.connect(self.settings.dial_host, self.settings.port, keepalive=30)
@@ -150,9 +177,16 @@ class Watcher:
 def tenant_entry(pki: TenantPki, broker: Mosquitto, **extra: Any) -> dict[str, Any]:
     """A ``tenants:`` entry: every pre-issued ``bridge.<instance>`` identity, and ``bridge-alerts`` for the alert role."""
     alerts_cert, alerts_key = pki.paths(names.BRIDGE_ALERTS_ID)
-    return {"name": pki.tenant, "url": f"mqtts://{pki.host}:{broker.port}", "connect_host": "127.0.0.1",
-            "ca_file": str(pki.ca_file), "identities": pki.bridge_identities(),
-            "alerts_cert_file": str(alerts_cert), "alerts_key_file": str(alerts_key), **extra}
+    return {
+        "name": pki.tenant,
+        "url": f"mqtts://{pki.host}:{broker.port}",
+        "connect_host": "127.0.0.1",
+        "ca_file": str(pki.ca_file),
+        "identities": pki.bridge_identities(),
+        "alerts_cert_file": str(alerts_cert),
+        "alerts_key_file": str(alerts_key),
+        **extra,
+    }
 
 
 def write_config(path: Path, *, tenants: list[dict[str, Any]], storage: dict[str, Any], **extra: Any) -> Path:
@@ -190,8 +224,9 @@ class BridgeProcess(ServiceProcess):
         self.stop()
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout_s: float = 20.0, what: str = "condition",
-               interval_s: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout_s: float = 20.0, what: str = "condition", interval_s: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         result = predicate()
@@ -277,8 +312,20 @@ class StoreView:
         return {"backend": "sqlite", "path": str(self.directory)}
 
     def rows(self, tenant: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        tables = ("points", "batches", "status", "events", "alerts", "alert_state", "dead_letters", "latest",
-                  "webhook_outbox", "alert_series", "temps", "counters")
+        tables = (
+            "points",
+            "batches",
+            "status",
+            "events",
+            "alerts",
+            "alert_state",
+            "dead_letters",
+            "latest",
+            "webhook_outbox",
+            "alert_series",
+            "temps",
+            "counters",
+        )
         if self.backend == "postgres":
             assert self.dsn is not None
             text = query.format(**{t: f'"{tenant}".{t}' for t in tables}).replace("?", "%s")
@@ -297,8 +344,9 @@ class MappingBroker(Mosquitto):
     def render(self) -> None:
         super().render()
         readers = "".join(f"user {name}\ntopic read plant/#\n\n" for name in self.pki.bridges)
-        self.acl_file.write_text(self.acl_file.read_text() + "\n# third-party machines\n" + readers
-                                 + "user plc-7\ntopic write plant/#\n")
+        self.acl_file.write_text(
+            self.acl_file.read_text() + "\n# third-party machines\n" + readers + "user plc-7\ntopic write plant/#\n"
+        )
 
 
 # ---------------------------------------------------------------- webhook endpoints
@@ -316,7 +364,7 @@ class WebhookServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 server.requests.append(({k: v for k, v in self.headers.items()}, body))
                 self.send_response(server.first.pop(0) if server.first else server.status)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,24 @@ class Plant:
     def start(self) -> Plant:
         with open(self.workdir / "plant.err", "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.groundtruth", "--port", str(self.port), "--log", str(self.log),
-                 "--units", *map(str, self.units), "--bulk", str(self.bulk)],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.groundtruth",
+                    "--port",
+                    str(self.port),
+                    "--log",
+                    str(self.log),
+                    "--units",
+                    *map(str, self.units),
+                    "--bulk",
+                    str(self.bulk),
+                ],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "serving":
             raise AssertionError(f"ground-truth machine did not start:\n{(self.workdir / 'plant.err').read_text()}")
@@ -84,11 +100,22 @@ class Plant:
 
     def devices(self, *, poll: str = "50ms", timeout: str = "5s") -> list[dict[str, Any]]:
         """The agent's config for the machine: device ``m<unit>``, tag ``served`` (the counter), ``b<i>`` (bulk)."""
-        return [{"name": f"m{unit}", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": self.port, "unit": unit,
-                 "poll": poll, "timeout": timeout,
-                 "tags": [{"name": "served", "address": 0, "type": "uint64"},
-                          *({"name": f"b{i}", "address": 4 + i} for i in range(self.bulk))]}
-                for unit in self.units]
+        return [
+            {
+                "name": f"m{unit}",
+                "protocol": "modbus-tcp",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "unit": unit,
+                "poll": poll,
+                "timeout": timeout,
+                "tags": [
+                    {"name": "served", "address": 0, "type": "uint64"},
+                    *({"name": f"b{i}", "address": 4 + i} for i in range(self.bulk)),
+                ],
+            }
+            for unit in self.units
+        ]
 
     def __enter__(self) -> Plant:
         return self.start()
@@ -102,8 +129,13 @@ def agent_config(pki: TenantPki, port: int, plant: Plant, **extra: Any) -> dict[
     cert, key = pki.client(GW)
     config: dict[str, Any] = {
         "gateway": GW,
-        "mqtt": {"url": f"mqtts://{pki.host}:{port}", "connect_host": "127.0.0.1", "ca_file": str(pki.ca_file),
-                 "cert_file": str(cert), "key_file": str(key)},
+        "mqtt": {
+            "url": f"mqtts://{pki.host}:{port}",
+            "connect_host": "127.0.0.1",
+            "ca_file": str(pki.ca_file),
+            "cert_file": str(cert),
+            "key_file": str(key),
+        },
         "buffer": {"confirm_timeout": "3s"},
         "devices": plant.devices(),
     }
@@ -128,8 +160,12 @@ def drained(agent: AgentProcess) -> bool:
 
 
 def wait_drained(agent: AgentProcess, timeout_s: float = 60.0) -> None:
-    wait_until(lambda: drained(agent), timeout_s=timeout_s, interval_s=0.3,
-               what=f"the agent's buffer to drain (last status: {agent.status().get('buffer')})")
+    wait_until(
+        lambda: drained(agent),
+        timeout_s=timeout_s,
+        interval_s=0.3,
+        what=f"the agent's buffer to drain (last status: {agent.status().get('buffer')})",
+    )
 
 
 def finish(plant: Plant, agent: AgentProcess, *, timeout_s: float = 60.0) -> None:
@@ -140,7 +176,7 @@ def finish(plant: Plant, agent: AgentProcess, *, timeout_s: float = 60.0) -> Non
     assert agent.stop() == 0
 
 
-def check_exactly_once(plant: Plant, view: StoreView, tenant: str, *, kills: list[float] = ()) -> dict[str, int]:
+def check_exactly_once(plant: Plant, view: StoreView, tenant: str, *, kills: Sequence[float] = ()) -> dict[str, int]:
     """Every reading served is stored exactly once (but those in the moment before an agent kill -9)."""
     served = [s for s in plant.served() if s.value is not None]
     stored = stored_counters(view, tenant)
@@ -152,11 +188,13 @@ def check_exactly_once(plant: Plant, view: StoreView, tenant: str, *, kills: lis
         truth = {s.value: s.at_ms for s in served if s.unit == unit}
         invented = sorted(set(counts) - set(truth))
         assert not invented, f"unit {unit}: values stored that were never served: {invented[:20]}"
-        missing = sorted(set(truth) - set(counts))
-        unexplained = [v for v in missing
-                       if not any(k * 1000 - KILL_WINDOW_S * 1000 <= truth[v] <= k * 1000 + 200 for k in kills)]
-        assert not unexplained, (f"unit {unit}: {len(unexplained)} of {len(truth)} served readings never stored: "
-                                 f"{unexplained[:20]}")
+        missing = sorted(set(truth) - set(counts), key=str)
+        unexplained = [
+            v for v in missing if not any(k * 1000 - KILL_WINDOW_S * 1000 <= truth[v] <= k * 1000 + 200 for k in kills)
+        ]
+        assert not unexplained, (
+            f"unit {unit}: {len(unexplained)} of {len(truth)} served readings never stored: {unexplained[:20]}"
+        )
         report["lost_at_kills"] += len(missing)
     return report
 

@@ -42,10 +42,11 @@ class CountingUnit(RegisterModel):
         self.define(Table.HOLDING, 0, COUNTER_REGISTERS + bulk)
         self.set_registers(Table.HOLDING, COUNTER_REGISTERS, [(unit * 1000 + i) & 0xFFFF for i in range(bulk)])
 
-    async def _sync(self, fc: int, start: int, address: int, count: int, registers: list[int],
-                    values: Any) -> ExcCodes | None:
+    async def _sync(
+        self, fc: int, start: int, address: int, count: int, registers: list[int], values: Any
+    ) -> ExcCodes | None:
         if fc != 3 or values:
-            return await super()._sync(fc, start, address, count, registers, values)  # type: ignore[func-returns-value]
+            return await super()._sync(fc, start, address, count, registers, values)
         if self.state["frozen"]:
             return ExcCodes.DEVICE_FAILURE
         value = "-"

@@ -40,8 +40,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], *, timeout_s: float = 10.0,
-                   interval_s: float = 0.05, what: str = "condition") -> None:
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout_s: float = 10.0,
+    interval_s: float = 0.05,
+    what: str = "condition",
+) -> None:
     """Poll ``predicate`` until it is true; fail the test with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -72,8 +77,9 @@ class ServiceProcess:
 
     def start(self) -> Self:
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", *self.command()], cwd=ROOT, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", *self.command()], cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
         return self
 
     def stop(self, timeout_s: float = 10.0) -> int | None:

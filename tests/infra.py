@@ -32,10 +32,10 @@ from typing import Any, Self
 from cryptography import x509
 
 from factory_edge import names
+from factory_edge.demo.processes import terminate
 from provisioning import pki as pkilib
 from provisioning import render
 from provisioning.render import TenantRoute
-from factory_edge.demo.processes import terminate
 from tests.helpers import free_port
 
 _LIVE: dict[int, subprocess.Popen[Any]] = {}  # pid -> process, for the exit-time safety net
@@ -61,8 +61,10 @@ class TenantPki:
         self.broker_cert_file = self.root / "broker.pem"
         self.broker_key_file = self.root / "broker.key"
         pkilib.write_private_key(self.broker_key_file, broker_key)
-        pkilib.write_pem(self.broker_cert_file,
-                      pkilib.issue_server_cert(self.ca_key, self.ca_cert, broker_key.public_key(), self.host))
+        pkilib.write_pem(
+            self.broker_cert_file,
+            pkilib.issue_server_cert(self.ca_key, self.ca_cert, broker_key.public_key(), self.host),
+        )
         self.crl_file = self.root / "crl.pem"
         self.revoked: dict[int, dt.datetime] = {}
         self.certs: dict[str, x509.Certificate] = {}
@@ -111,7 +113,7 @@ class TenantPki:
     def revoke(self, name: str) -> int:
         """Add ``name``'s current certificate to the CRL file (reload the broker to apply); returns the serial."""
         serial = self.certs[name].serial_number
-        self.revoked[serial] = dt.datetime.now(dt.timezone.utc)
+        self.revoked[serial] = dt.datetime.now(dt.UTC)
         self._write_crl()
         return serial
 
@@ -149,8 +151,9 @@ class _Process:
         if self.running:
             raise RuntimeError(f"{self.name} already running (pid {self.pid})")
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=self.dir)
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
+            )
         _LIVE[self.proc.pid] = self.proc
 
     def _wait_ready(self, ready: Callable[[], bool], timeout_s: float, log_offset: int) -> None:
@@ -188,8 +191,9 @@ class _Process:
         self.start()  # type: ignore[attr-defined]
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -218,10 +222,18 @@ class Mosquitto(_Process):
 
     def render(self) -> None:
         """Write the config and the ACL (listing the PKI's technicians so far)."""
-        self.conf_file.write_text(render.mosquitto_conf(
-            port=self.port, cafile=str(self.pki.ca_file), certfile=str(self.pki.broker_cert_file),
-            keyfile=str(self.pki.broker_key_file), crlfile=str(self.pki.crl_file), aclfile=str(self.acl_file),
-            persistence_dir=str(self.data_dir), user=pwd.getpwuid(os.geteuid()).pw_name))
+        self.conf_file.write_text(
+            render.mosquitto_conf(
+                port=self.port,
+                cafile=str(self.pki.ca_file),
+                certfile=str(self.pki.broker_cert_file),
+                keyfile=str(self.pki.broker_key_file),
+                crlfile=str(self.pki.crl_file),
+                aclfile=str(self.acl_file),
+                persistence_dir=str(self.data_dir),
+                user=pwd.getpwuid(os.geteuid()).pw_name,
+            )
+        )
         self.acl_file.write_text(render.mosquitto_acl(technicians=self.pki.technicians, bridges=self.pki.bridges))
 
     def start(self, timeout_s: float = 10.0) -> Mosquitto:
@@ -249,8 +261,9 @@ class Haproxy(_Process):
 
     name = "haproxy"
 
-    def __init__(self, conf_dir: Path, routes: Iterable[TenantRoute | Mapping[str, Any]],
-                 port: int | None = None) -> None:
+    def __init__(
+        self, conf_dir: Path, routes: Iterable[TenantRoute | Mapping[str, Any]], port: int | None = None
+    ) -> None:
         super().__init__(conf_dir)
         self.routes = [TenantRoute.of(r) for r in routes]
         self.port = port or free_port()
@@ -262,8 +275,15 @@ class Haproxy(_Process):
 
     def render(self) -> None:
         self.map_file.write_text(render.haproxy_map(render.haproxy_routes(self.routes)))
-        self.cfg_file.write_text(render.haproxy_cfg(bind="127.0.0.1", port=self.port, map_file=str(self.map_file),
-                                                    tenants=self.routes, stats_socket=str(self.stats_socket)))
+        self.cfg_file.write_text(
+            render.haproxy_cfg(
+                bind="127.0.0.1",
+                port=self.port,
+                map_file=str(self.map_file),
+                tenants=self.routes,
+                stats_socket=str(self.stats_socket),
+            )
+        )
 
     def start(self, timeout_s: float = 10.0) -> Haproxy:
         """Render and run ``haproxy -f cfg -db``; return once it answers on its runtime socket."""
@@ -309,8 +329,9 @@ class Haproxy(_Process):
         self.stop()
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -350,8 +371,9 @@ def resolve_in_namespace(hosts: Mapping[str, str], argv: list[str], **kwargs: An
     return proc
 
 
-def run_in_namespace(hosts: Mapping[str, str], argv: list[str], *, timeout: float = 10.0,
-                     **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def run_in_namespace(
+    hosts: Mapping[str, str], argv: list[str], *, timeout: float = 10.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     """Run a one-shot command (e.g. ``mosquitto_pub``) as ``resolve_in_namespace`` does; output is captured text."""
     full, path = _namespace_argv(hosts, argv)
     kwargs.setdefault("capture_output", True)
@@ -372,12 +394,32 @@ def _unlink(path: str) -> None:
 
 # -- MQTT command-line clients ---------------------------------------------
 
-def tls_args(host: str, port: int, ca_file: Path, cert_key: tuple[Path, Path], *, client_id: str | None = None,
-             mqtt_version: str = "mqttv5") -> list[str]:
+
+def tls_args(
+    host: str,
+    port: int,
+    ca_file: Path,
+    cert_key: tuple[Path, Path],
+    *,
+    client_id: str | None = None,
+    mqtt_version: str = "mqttv5",
+) -> list[str]:
     """Connection options for ``mosquitto_pub``/``mosquitto_sub``: ``-h host`` is the SNI name and checked name."""
     cert, key = cert_key
-    args = ["-h", host, "-p", str(port), "--cafile", str(ca_file), "--cert", str(cert), "--key", str(key),
-            "-V", mqtt_version]
+    args = [
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "--cafile",
+        str(ca_file),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "-V",
+        mqtt_version,
+    ]
     if client_id:
         args += ["-i", client_id]
     return args
@@ -395,8 +437,15 @@ class Subscriber:
         argv = ["stdbuf", "-oL", "mosquitto_sub", *conn, "-q", str(qos), "-d", "-F", "MSG %t %p"]
         for topic in topics:
             argv += ["-t", topic]
-        self.proc = resolve_in_namespace(hosts, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, text=True, bufsize=1)
+        self.proc = resolve_in_namespace(
+            hosts,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="mosquitto_sub reader", daemon=True)
@@ -426,14 +475,16 @@ class Subscriber:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._pump(remaining):
                 state = "timed out" if self.proc.poll() is None else f"exited {self.proc.returncode}"
-                raise AssertionError(f"mosquitto_sub ({state}): no {what} within {timeout_s}s; output:\n"
-                                     + "\n".join(self.output))
+                raise AssertionError(
+                    f"mosquitto_sub ({state}): no {what} within {timeout_s}s; output:\n" + "\n".join(self.output)
+                )
         return result
 
     def wait_subscribed(self, timeout_s: float = 10.0) -> list[int]:
         """The SUBACK codes (granted QoS, or >= 128 for refused) once the broker has answered."""
-        line = self._wait(lambda: next((x for x in self.output if x.startswith("Subscribed (mid:")), None),
-                          timeout_s, "SUBACK")
+        line = self._wait(
+            lambda: next((x for x in self.output if x.startswith("Subscribed (mid:")), None), timeout_s, "SUBACK"
+        )
         return [int(code) for code in line.split(":", 2)[2].replace(",", " ").split()]
 
     @property
@@ -450,8 +501,9 @@ class Subscriber:
 
     def wait_message(self, topic: str, timeout_s: float = 10.0) -> str:
         """The payload of the first message on ``topic``."""
-        return self._wait(lambda: next((p for t, p in self.messages if t == topic), None), timeout_s,
-                          f"message on {topic}")
+        return self._wait(
+            lambda: next((p for t, p in self.messages if t == topic), None), timeout_s, f"message on {topic}"
+        )
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -463,8 +515,9 @@ class Subscriber:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 

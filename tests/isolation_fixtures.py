@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import BrokerSettings, tls_context
+from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.bridge_fixtures import BridgeProcess, batch, sqlite_rows
 from tests.provisioning_fixtures import Deployment
 
@@ -45,15 +45,33 @@ def files_of(state: Path) -> tuple[str, str, str, str]:
 class Client:
     """An MQTT v5 client with some certificate of the tenant, through the SNI proxy; records what happens to it."""
 
-    def __init__(self, site: Deployment, *, host: str, ca: str, cert: str, key: str, client_id: str,
-                 clean_start: bool = True, session_expiry_s: int = 0) -> None:
-        settings = BrokerSettings(host=host, port=site.proxy_port, tls=True, connect_host="127.0.0.1",
-                                  ca_file=ca, cert_file=cert, key_file=key)
+    def __init__(
+        self,
+        site: Deployment,
+        *,
+        host: str,
+        ca: str,
+        cert: str,
+        key: str,
+        client_id: str,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
+    ) -> None:
+        settings = BrokerSettings(
+            host=host,
+            port=site.proxy_port,
+            tls=True,
+            connect_host="127.0.0.1",
+            ca_file=ca,
+            cert_file=cert,
+            key_file=key,
+        )
         self.settings = settings
         self.clean_start = clean_start
         self.session_expiry_s = session_expiry_s
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
-                                  reconnect_on_failure=False)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=False
+        )
         self.client.tls_set_context(tls_context(settings))
         self.connected = threading.Event()
         self.disconnects: list[str] = []
@@ -77,8 +95,9 @@ class Client:
     def connect(self, timeout_s: float = 10.0) -> Client:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
-        self.client.connect(self.settings.dial_host, self.settings.port, keepalive=30,
-                            clean_start=self.clean_start, properties=props)
+        self.client.connect(
+            self.settings.dial_host, self.settings.port, keepalive=30, clean_start=self.clean_start, properties=props
+        )
         self.client.loop_start()
         if not self.connected.wait(timeout_s):
             raise AssertionError(f"{self.client._client_id!r} could not connect")
@@ -134,8 +153,10 @@ def start_bridge(config: Path, instance: str = "main") -> BridgeProcess:
 
 
 def stored_seqs(tmp: Path, tenant: str, gateway: str) -> set[int]:
-    return {row[0] for row in sqlite_rows(tmp / "store" / f"{tenant}.db", "SELECT seq FROM batches WHERE gw = ?",
-                                          (gateway,))}
+    return {
+        row[0]
+        for row in sqlite_rows(tmp / "store" / f"{tenant}.db", "SELECT seq FROM batches WHERE gw = ?", (gateway,))
+    }
 
 
 def data_batch(gateway: str, seq: int) -> bytes:
@@ -171,7 +192,7 @@ def closed_within(sock: socket.socket, timeout_s: float) -> float | None:
     while time.monotonic() - started < timeout_s:
         try:
             data = sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return time.monotonic() - started
@@ -195,5 +216,16 @@ def closed_now(socks: list[socket.socket]) -> list[socket.socket]:
     return gone
 
 
-__all__ = ["Client", "closed_now", "bridge_config", "client_hello", "closed_within", "data_batch", "files_of", "provision",
-           "stalled", "start_bridge", "stored_seqs"]
+__all__ = [
+    "Client",
+    "bridge_config",
+    "client_hello",
+    "closed_now",
+    "closed_within",
+    "data_batch",
+    "files_of",
+    "provision",
+    "stalled",
+    "start_bridge",
+    "stored_seqs",
+]

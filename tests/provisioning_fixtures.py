@@ -126,8 +126,21 @@ class ApiServer(_Process):
 
     def start(self, timeout_s: float = 20.0) -> ApiServer:
         offset = len(self.log())
-        self._spawn([PY, "-m", "provisioning.cli", "--log-format", "json", "serve", "--port", str(self.port),
-                     "--data-dir", str(self.data), *self.options])
+        self._spawn(
+            [
+                PY,
+                "-m",
+                "provisioning.cli",
+                "--log-format",
+                "json",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data),
+                *self.options,
+            ]
+        )
         self._wait_ready(self._answers, timeout_s, offset)
         return self
 
@@ -150,8 +163,15 @@ class Watcher:
     """A running command (e.g. a printed ``mosquitto_sub``) whose output lines are collected by a thread."""
 
     def __init__(self, hosts: dict[str, str], argv: list[str]) -> None:
-        self.proc = resolve_in_namespace(hosts, ["stdbuf", "-oL", *argv], stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1)
+        self.proc = resolve_in_namespace(
+            hosts,
+            ["stdbuf", "-oL", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, daemon=True, name="watcher")
@@ -203,8 +223,9 @@ class Deployment:
         return self
 
     def add_tenant(self, tenant: str, *, start: bool = True) -> subprocess.CompletedProcess[str]:
-        result = provisioning(self.data, "tenant", "create", tenant, "--domain", self.domain,
-                              "--broker-port", str(free_port()))
+        result = provisioning(
+            self.data, "tenant", "create", tenant, "--domain", self.domain, "--broker-port", str(free_port())
+        )
         self.hosts[f"mqtt.{tenant}.{self.domain}"] = "127.0.0.1"
         self.brokers[tenant] = RenderedMosquitto(self.data, tenant)
         if start:
@@ -218,8 +239,9 @@ class Deployment:
     def key(self, tenant: str, *options: str) -> str:
         return provisioning(self.data, "key", "create", tenant, *options).stdout.strip()
 
-    def agent_provision(self, *args: str, url: str | None = None, ca: bool = True,
-                        timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def agent_provision(
+        self, *args: str, url: str | None = None, ca: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         """``agent provision`` where ``mqtt.<tenant>.test`` resolves to this machine."""
         argv = [PY, "-m", "agent.cli", "provision", "--url", url or self.api.url, *args]
         if ca:
@@ -233,9 +255,20 @@ class Deployment:
         """mosquitto_pub/sub options for a provisioned gateway's identity, through the proxy."""
         ident = self.identity(state_dir)
         broker = ident["broker_url"].split("://", 1)[1].rsplit(":", 1)[0]
-        return ["-h", host or broker, "-p", str(self.proxy_port), "--cafile", str(state_dir / ident["ca_file"]),
-                "--cert", str(state_dir / ident["cert_file"]), "--key", str(state_dir / ident["key_file"]),
-                "-V", "mqttv5"]
+        return [
+            "-h",
+            host or broker,
+            "-p",
+            str(self.proxy_port),
+            "--cafile",
+            str(state_dir / ident["ca_file"]),
+            "--cert",
+            str(state_dir / ident["cert_file"]),
+            "--key",
+            str(state_dir / ident["key_file"]),
+            "-V",
+            "mqttv5",
+        ]
 
     def pub(self, conn: list[str], topic: str, payload: str, *extra: str) -> subprocess.CompletedProcess[str]:
         return run_in_namespace(self.hosts, ["mosquitto_pub", *conn, "-q", "1", "-t", topic, "-m", payload, *extra])
@@ -246,8 +279,20 @@ class Deployment:
 
     def bridge_conn(self, tenant: str) -> list[str]:
         files = self.data / "tenants" / tenant
-        return ["-h", f"mqtt.{tenant}.{self.domain}", "-p", str(self.proxy_port), "--cafile", str(files / "ca.pem"),
-                "--cert", str(files / "bridge.pem"), "--key", str(files / "bridge.key"), "-V", "mqttv5"]
+        return [
+            "-h",
+            f"mqtt.{tenant}.{self.domain}",
+            "-p",
+            str(self.proxy_port),
+            "--cafile",
+            str(files / "ca.pem"),
+            "--cert",
+            str(files / "bridge.pem"),
+            "--key",
+            str(files / "bridge.key"),
+            "-V",
+            "mqttv5",
+        ]
 
 
 def key_files(*roots: Path) -> list[Path]:

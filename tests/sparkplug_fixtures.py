@@ -33,8 +33,12 @@ def install_tahu() -> Path:
     if stamp.exists() and stamp.read_text() == " ".join(TAHU_PACKAGES):
         return modules
     prefix.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(prefix),
-                             *TAHU_PACKAGES], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(prefix), *TAHU_PACKAGES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"npm install {' '.join(TAHU_PACKAGES)} failed:\n{result.stderr}")
     stamp.write_text(" ".join(TAHU_PACKAGES))
@@ -50,8 +54,13 @@ class CodecPeer:
     """Tahu's ``sparkplug-payload`` in a Node.js process: ``decode(bytes) -> dict``, ``encode(dict) -> bytes``."""
 
     def __init__(self, modules: Path) -> None:
-        self.proc = subprocess.Popen(["node", str(HERE / "codec_peer.js")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "NODE_PATH": str(modules)})
+        self.proc = subprocess.Popen(
+            ["node", str(HERE / "codec_peer.js")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NODE_PATH": str(modules)},
+        )
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -63,7 +72,8 @@ class CodecPeer:
         return answer
 
     def decode(self, data: bytes) -> dict[str, Any]:
-        return self._ask({"decode": base64.b64encode(data).decode()})["payload"]  # type: ignore[no-any-return]
+        payload: dict[str, Any] = self._ask({"decode": base64.b64encode(data).decode()})["payload"]
+        return payload
 
     def encode(self, payload: dict[str, Any]) -> bytes:
         return base64.b64decode(self._ask({"encode": payload})["bytes"])

@@ -7,17 +7,26 @@ behaviour a user is owed; the long scenarios carry the ``fault`` marker.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 from tests.agentproc import AgentProcess, Collector
 from tests.bridge_fixtures import (
-    BridgeProcess, StoreView, pg_dsn, pg_schemas, settings_for, tenant_entry, unique_tenant, wait_until, write_config,
+    BridgeProcess,
+    StoreView,
+    pg_dsn,
+    pg_schemas,
+    settings_for,
+    tenant_entry,
+    unique_tenant,
+    wait_until,
+    write_config,
 )
 from tests.faults import GW, Plant, agent_config, check_exactly_once, finish
 from tests.infra import Mosquitto, TenantPki
@@ -34,15 +43,20 @@ def plant(tmp_path: Path) -> Iterator[Plant]:
 
 
 def bridge_config(tmp_path: Path, pki: TenantPki, broker: Mosquitto, view: StoreView, **tenant: Any) -> Path:
-    return write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki, broker, **tenant)], storage=view.storage,
-                        ingest={"max_messages": 50})
+    return write_config(
+        tmp_path / "bridge.yaml",
+        tenants=[tenant_entry(pki, broker, **tenant)],
+        storage=view.storage,
+        ingest={"max_messages": 50},
+    )
 
 
 # ---------------------------------------------------------------- a gateway whose buffer starts again
 
 
 def test_a_replacement_box_with_a_fresh_buffer_has_its_readings_stored(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """The documented replacement of a gateway (revoke, provision the same name on a new box), or a buffer
     lost with its SD card: the new buffer numbers its batches afresh. The store already holds the old box's
     ``(gw-01, seq)``; the new box's readings must still be stored, not taken for repeats, confirmed and
@@ -82,8 +96,8 @@ def test_a_replacement_box_with_a_fresh_buffer_has_its_readings_stored(
 @pytest.mark.fault
 @pytest.mark.parametrize("confirm_timeout,away_s", [("2s", 40), ("30s", 100)])
 def test_bridge_back_after_a_long_absence_does_not_make_the_agent_resend_its_whole_backlog(
-        confirm_timeout: str, away_s: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto,
-        plant: Plant) -> None:
+    confirm_timeout: str, away_s: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """The bridge is stopped for a while (its session keeps the queue in the broker); the agent probes now and
     then. When the bridge comes back, the broker hands it the queued batches in order; nothing was lost, so the
     agent should send again at most a handful (the probes), not the backlog a second time."""
@@ -92,8 +106,10 @@ def test_bridge_back_after_a_long_absence_does_not_make_the_agent_resend_its_who
     with BridgeProcess(config) as bridge:
         bridge.wait_connected()  # its persistent session and subscription exist from now on
     with Collector(settings_for(pki_acme, broker_acme, "bridge"), [f"gw/{GW}/data/#"], client_id="wire") as wire:
-        agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
-                                                              buffer={"confirm_timeout": confirm_timeout}))
+        agent = AgentProcess(
+            tmp_path / "agent",
+            agent_config(pki_acme, broker_acme.port, plant, buffer={"confirm_timeout": confirm_timeout}),
+        )
         first = agent.create_buffer()
         agent.start()
         try:
@@ -113,11 +129,14 @@ def test_bridge_back_after_a_long_absence_does_not_make_the_agent_resend_its_who
     report = check_exactly_once(plant, view, pki_acme.tenant)
     repeats = len(seqs) - len(set(seqs))
     resent = status["publish"]["resent"]
-    print(f"bridge away {away_s} s (confirm_timeout {confirm_timeout}): {batches} batches buffered meanwhile, resent={resent}, repeats on the wire={repeats}, "
-          f"{report}")
+    print(
+        f"bridge away {away_s} s (confirm_timeout {confirm_timeout}): {batches} batches buffered meanwhile, resent={resent}, repeats on the wire={repeats}, "
+        f"{report}"
+    )
     assert resent <= 10 and repeats <= 10, (
         f"{resent} batches sent again ({repeats} repeats on the wire) for a backlog of {batches} that the broker "
-        f"still held: nothing was lost")
+        f"still held: nothing was lost"
+    )
 
 
 # ---------------------------------------------------------------- a full disk, and a stop meanwhile
@@ -130,8 +149,9 @@ def small_state_dir(tmp_path: Path) -> Iterator[Path]:
 
     mount = tmp_path / "state"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
     try:
@@ -142,21 +162,27 @@ def small_state_dir(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.fault
 def test_readings_dropped_on_a_full_disk_stay_counted_when_the_agent_is_stopped(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path
+) -> None:
     """Broker down, disk full: readings are dropped and counted. A clean stop (SIGTERM: an update, a reboot)
     while the disk is still full must not forget the count: every reading served is either in the buffer or
     counted as dropped, before and after the stop."""
     broker_acme.stop()  # down throughout: nothing leaves the buffer
     with Plant(tmp_path / "plant", units=(1,), bulk=400) as plant:
-        config = agent_config(pki_acme, broker_acme.port, plant, state_dir=str(small_state_dir),
-                              buffer={"min_free": "2MiB"})
+        config = agent_config(
+            pki_acme, broker_acme.port, plant, state_dir=str(small_state_dir), buffer={"min_free": "2MiB"}
+        )
         config["devices"] = plant.devices(poll="20ms")
         agent = AgentProcess(tmp_path / "agent", config)
         agent.state_dir = small_state_dir
         agent.start()
         try:
-            wait_until(lambda: agent.status().get("writer", {}).get("disk_full"), timeout_s=120, interval_s=0.5,
-                       what="the disk to fill")
+            wait_until(
+                lambda: agent.status().get("writer", {}).get("disk_full"),
+                timeout_s=120,
+                interval_s=0.5,
+                what="the disk to fill",
+            )
             time.sleep(3)
             running = agent.status()["buffer"]
             assert agent.stop() == 0
@@ -165,10 +191,13 @@ def test_readings_dropped_on_a_full_disk_stay_counted_when_the_agent_is_stopped(
         served = plant.points_served()
     stopped = agent.status()["buffer"]
     per_poll = 1 + plant.bulk
-    print(f"served={served} running: buffered={running['points']} dropped={running['dropped_by_reason']}; "
-          f"stopped: buffered={stopped['points']} dropped={stopped['dropped_by_reason']}")
+    print(
+        f"served={served} running: buffered={running['points']} dropped={running['dropped_by_reason']}; "
+        f"stopped: buffered={stopped['points']} dropped={stopped['dropped_by_reason']}"
+    )
     assert stopped["dropped_by_reason"].get("disk_full", 0) >= running["dropped_by_reason"].get("disk_full", 0), (
-        "a clean stop on a full disk forgot readings it had counted as dropped")
+        "a clean stop on a full disk forgot readings it had counted as dropped"
+    )
     assert served - per_poll <= stopped["points"] + stopped["dropped_points"] <= served
 
 
@@ -185,28 +214,32 @@ def prebuilt_backlog(state_dir: Path, batches: int, *, spread_s: float = 3600.0)
     state_dir.mkdir(parents=True, exist_ok=True)
     now = int(time.time() * 1000)
     with Buffer(state_dir / "buffer.db", gateway=GW, max_bytes=256 * 1024**2, fsync=False) as buf:
-        bodies = buf.encode("old", [Point("old", f"t{i}", now, float(i)) for i in range(5)], max_points=500,
-                            max_bytes=256 * 1024)
+        bodies = buf.encode(
+            "old", [Point("old", f"t{i}", now, float(i)) for i in range(5)], max_points=500, max_bytes=256 * 1024
+        )
         start = now - int(spread_s * 1000)
         step = spread_s * 1000 / batches
         first = buf.next_seq
         with buf.transaction():
             for k in range(batches):
                 buf.insert(bodies, start + int(k * step))
-            buf._db.executemany("INSERT INTO accepted VALUES (?, ?, ?)",
-                                ((first + k, start + int(k * step), start + int(k * step)) for k in range(batches)))
+            buf._db.executemany(
+                "INSERT INTO accepted VALUES (?, ?, ?)",
+                ((first + k, start + int(k * step), start + int(k * step)) for k in range(batches)),
+            )
         return buf.next_seq
 
 
 def poll_gaps_ms(plant: Plant, unit: int, since_ms: int) -> list[int]:
     """Time between consecutive reads of ``unit``'s counter, from the machine's own record."""
     times = [s.at_ms for s in plant.served() if s.unit == unit and s.value is not None and s.at_ms >= since_ms]
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 @pytest.mark.fault
 def test_polls_stay_on_schedule_while_the_bridge_drains_a_big_backlog(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """The bridge was away for an hour; the agent's buffer holds 600,000 small batches the broker accepted
     (an hour of 20 devices polled at 100 ms, within the default 256 MiB). The bridge is back and works through
     the broker's queue in order, confirming as it commits (here: its confirmations, in order, at the pace of
@@ -214,8 +247,9 @@ def test_polls_stay_on_schedule_while_the_bridge_drains_a_big_backlog(
     from factory_edge.acks import encode_acks
     from tests.bridge_fixtures import Gateway
 
-    agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
-                                                          buffer={"confirm_timeout": "1h"}))
+    agent = AgentProcess(
+        tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant, buffer={"confirm_timeout": "1h"})
+    )
     agent.config["devices"] = plant.devices(poll="100ms")
     agent.write_config({k: v for k, v in agent.config.items() if k != "state_dir"})
     total = 600_000
@@ -237,18 +271,23 @@ def test_polls_stay_on_schedule_while_the_bridge_drains_a_big_backlog(
     finally:
         agent.stop()
     late = [g for g in gaps if g >= 190]  # a skipped 100 ms slot
-    print(f"confirmed {first - 1} of {total}; agent confirmed_batches={status['publish']['confirmed_batches']} "
-          f"resent={status['publish']['resent']} "
-          f"polls={len(gaps) + 1} in 20 s, max gap={max(gaps)} ms, gaps >= 190 ms: {len(late)}")
-    assert len(late) == 0, (f"{len(late)} of {len(gaps)} poll intervals skipped a slot while the backlog drained "
-                            f"(worst {sorted(late)[-5:]} ms at a 100 ms poll)")
+    print(
+        f"confirmed {first - 1} of {total}; agent confirmed_batches={status['publish']['confirmed_batches']} "
+        f"resent={status['publish']['resent']} "
+        f"polls={len(gaps) + 1} in 20 s, max gap={max(gaps)} ms, gaps >= 190 ms: {len(late)}"
+    )
+    assert len(late) == 0, (
+        f"{len(late)} of {len(gaps)} poll intervals skipped a slot while the backlog drained "
+        f"(worst {sorted(late)[-5:]} ms at a 100 ms poll)"
+    )
 
 
 # ---------------------------------------------------------------- a reading larger than the broker takes
 
 
 async def test_one_reading_larger_than_the_brokers_packet_limit_does_not_stall_the_gateway(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """An OPC UA string (a recipe, a JSON document, an array as text) of 1.2 MB: one point, so one batch,
     above the tenant broker's ``max_packet_size`` (1 MiB). The broker ends the connection at such a packet.
     The gateway must not flap its connection forever re-sending it while its other readings wait: the
@@ -262,9 +301,17 @@ async def test_one_reading_larger_than_the_brokers_packet_limit_does_not_stall_t
     async with OpcuaSimulator(port=free_port(), update_interval_s=None) as oven:
         await oven.set("Oven.Recipe", "R" * 1_200_000)
         config = agent_config(pki_acme, broker_acme.port, plant)
-        config["devices"] = plant.devices(poll="100ms") + [
-            {"name": "oven-1", "protocol": "opcua", "endpoint": oven.endpoint, "mode": "poll", "poll": "5s",
-             "tags": [{"name": "recipe", "node": "ns=2;s=Oven.Recipe"}]}]
+        config["devices"] = [
+            *plant.devices(poll="100ms"),
+            {
+                "name": "oven-1",
+                "protocol": "opcua",
+                "endpoint": oven.endpoint,
+                "mode": "poll",
+                "poll": "5s",
+                "tags": [{"name": "recipe", "node": "ns=2;s=Oven.Recipe"}],
+            },
+        ]
         with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
             bridge.wait_connected()
             agent = AgentProcess(tmp_path / "agent", config).start()
@@ -275,17 +322,21 @@ async def test_one_reading_larger_than_the_brokers_packet_limit_does_not_stall_t
                 agent.stop()
     lost = [e for e in agent.logs() if e.get("msg") == "connection to broker lost"]
     buffered = status["buffer"]["batches"] + status["buffer"]["unconfirmed_batches"]
-    print(f"15 s: reconnects={status['connection']['reconnects']} last_error={status['connection']['last_error']!r} "
-          f"still buffered={buffered} confirmed={status['publish']['confirmed_batches']} "
-          f"reasons={sorted({e.get('reason') for e in lost})}")
+    print(
+        f"15 s: reconnects={status['connection']['reconnects']} last_error={status['connection']['last_error']!r} "
+        f"still buffered={buffered} confirmed={status['publish']['confirmed_batches']} "
+        f"reasons={sorted({str(e.get('reason')) for e in lost})}"
+    )
     assert status["connection"]["reconnects"] <= 1, (
         f"the connection was lost {status['connection']['reconnects']} times in 15 s "
-        f"({lost[-1].get('reason') if lost else ''})")
+        f"({lost[-1].get('reason') if lost else ''})"
+    )
     assert buffered < 20, f"{buffered} batches still waiting after 15 s"
 
 
 async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_readings_out_of_the_store(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """OPC UA strings may hold NUL characters (fixed-size char arrays of a PLC). The bridge refuses text with
     NUL and dead-letters the whole batch, then confirms it: the agent deletes it. The device's other readings
     of that poll (its temperatures) must still reach the ``points`` table."""
@@ -300,9 +351,18 @@ async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_rea
         await oven.set("Oven.Zone1.Temp", 180.5)
         config = agent_config(pki_acme, broker_acme.port, plant)
         config["devices"] = [
-            {"name": "oven-1", "protocol": "opcua", "endpoint": oven.endpoint, "mode": "poll", "poll": "200ms",
-             "tags": [{"name": "recipe", "node": "ns=2;s=Oven.Recipe"},
-                      {"name": "zone1_temp", "node": "ns=2;s=Oven.Zone1.Temp"}]}]
+            {
+                "name": "oven-1",
+                "protocol": "opcua",
+                "endpoint": oven.endpoint,
+                "mode": "poll",
+                "poll": "200ms",
+                "tags": [
+                    {"name": "recipe", "node": "ns=2;s=Oven.Recipe"},
+                    {"name": "zone1_temp", "node": "ns=2;s=Oven.Zone1.Temp"},
+                ],
+            }
+        ]
         with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
             bridge.wait_connected()
             agent = AgentProcess(tmp_path / "agent", config).start()
@@ -313,8 +373,10 @@ async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_rea
                 agent.stop()
     temps = view.count(pki_acme.tenant, "points", "WHERE device = 'oven-1' AND tag = 'zone1_temp'")
     dead = view.rows(pki_acme.tenant, "SELECT reason FROM {dead_letters}")
-    print(f"confirmed batches={status['publish']['confirmed_batches']} zone1_temp rows={temps} "
-          f"dead letters={len(dead)} {dead[:1]}")
+    print(
+        f"confirmed batches={status['publish']['confirmed_batches']} zone1_temp rows={temps} "
+        f"dead letters={len(dead)} {dead[:1]}"
+    )
     assert temps > 0, f"no zone1_temp reading stored; {len(dead)} batches dead-lettered ({dead[:1]}) and confirmed"
 
 
@@ -322,7 +384,8 @@ async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_rea
 
 
 def test_only_a_bridge_can_confirm_a_gateways_batches(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """No bridge runs: the agent's batches stay accepted and unconfirmed. Another gateway, a technician and the
     gateway's own identity publishing confirmations for every seq must change nothing; garbage from a bridge
     is ignored without harm."""
@@ -343,8 +406,15 @@ def test_only_a_bridge_can_confirm_a_gateways_batches(
                         info.wait_for_publish(5)
             # A bridge sending garbage: not JSON, deep nesting, wrong shapes.
             with Gateway(pki_acme, broker_acme, "bridge") as bridge:
-                for junk in (b"\xff\xfe", b"[" * 100_000, b'{"v":1,"seqs":"all"}', b'{"v":1,"seqs":[[5,1]]}',
-                             b'{"v":1,"seqs":[[1.5,2]]}', b"", b"null"):
+                for junk in (
+                    b"\xff\xfe",
+                    b"[" * 100_000,
+                    b'{"v":1,"seqs":"all"}',
+                    b'{"v":1,"seqs":[[5,1]]}',
+                    b'{"v":1,"seqs":[[1.5,2]]}',
+                    b"",
+                    b"null",
+                ):
                     bridge.publish(f"gw/{GW}/ack", junk)
             time.sleep(2)
             delivered = [t for t, *_ in seen.messages]
@@ -354,11 +424,13 @@ def test_only_a_bridge_can_confirm_a_gateways_batches(
         agent.stop()
     logs = agent.logs()
     text = (tmp_path / "agent" / "agent.log").read_text()
-    print(f"acks seen by a bridge subscriber: {len(delivered)}; confirmed by the agent: "
-          f"{status['publish']['confirmed_batches']}; unconfirmed: {status['buffer']['unconfirmed_batches']}")
+    print(
+        f"acks seen by a bridge subscriber: {len(delivered)}; confirmed by the agent: "
+        f"{status['publish']['confirmed_batches']}; unconfirmed: {status['buffer']['unconfirmed_batches']}"
+    )
     assert status["publish"]["confirmed_batches"] == 0
     assert len(delivered) == 7  # only the bridge's own (garbage) messages reached the topic
-    assert "Traceback" not in text, text[text.index("Traceback"):][:1500]
+    assert "Traceback" not in text, text[text.index("Traceback") :][:1500]
     assert sum(1 for e in logs if e.get("msg") == "ignored a confirmation that does not parse") >= 6
 
 
@@ -367,7 +439,8 @@ def test_only_a_bridge_can_confirm_a_gateways_batches(
 
 @pytest.mark.fault
 def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_batch(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """``buffer.confirm: broker``: a third-party consumer with a persistent session is away; the broker is
     killed -9 three times while the agent publishes (each crash loses what it acknowledged since its last
     autosave, 5 s). The replay window (10 s, measured from the lost connection) must cover it: when the
@@ -378,8 +451,9 @@ def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_bat
     consumer = Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two").start()
     consumer.stop()  # away; its session and subscription stay
     time.sleep(6)  # the session reaches the broker's disk
-    agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
-                                                          buffer={"confirm": "broker"}))
+    agent = AgentProcess(
+        tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant, buffer={"confirm": "broker"})
+    )
     first = agent.create_buffer()
     agent.start()
     try:
@@ -398,8 +472,10 @@ def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_bat
         back.wait(lambda: len(set(back.seqs(GW))) >= written, 20, "the queued batches")
         seqs = set(back.seqs(GW))
     missing = sorted(set(range(first, first + written)) - seqs)
-    print(f"broker mode: written={written} received={len(seqs)} replayed={status['publish']['replayed']} "
-          f"missing={len(missing)} {missing[:10]}")
+    print(
+        f"broker mode: written={written} received={len(seqs)} replayed={status['publish']['replayed']} "
+        f"missing={len(missing)} {missing[:10]}"
+    )
     assert not missing
 
 
@@ -408,7 +484,8 @@ def test_broker_mode_three_broker_crashes_while_the_consumer_is_away_lose_no_bat
 
 @pytest.mark.fault
 def test_agent_bridge_and_broker_killed_9_in_turn_lose_and_duplicate_nothing(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """kill -9 of the agent, the bridge and the broker, in a seeded random order at random moments (0.2 to
     1.5 s apart), so that some land between a PUBACK and its record, between a commit and its confirmation,
     between a confirmation and its deletion. Exactly once, except what an agent kill took before the disk."""
@@ -453,14 +530,17 @@ class SmallQueueBroker(Mosquitto):
     def render(self) -> None:
         super().render()
         text = self.conf_file.read_text()
-        lines = [("max_queued_messages 200" if line.startswith("max_queued_messages ") else line)
-                 for line in text.splitlines()]
+        lines = [
+            ("max_queued_messages 200" if line.startswith("max_queued_messages ") else line)
+            for line in text.splitlines()
+        ]
         self.conf_file.write_text("\n".join(lines) + "\n")
 
 
 @pytest.mark.fault
 def test_what_the_broker_dropped_from_a_full_queue_is_sent_again_and_stored_once(
-        tmp_path: Path, pki_acme: TenantPki, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, plant: Plant
+) -> None:
     """The bridge is away long enough for its session queue to overflow (the broker accepts every batch and
     drops what does not fit). When the bridge is back, the agent must find out and send the dropped batches
     again: every reading stored exactly once, within a minute or so of the bridge's return."""
@@ -488,8 +568,10 @@ def test_what_the_broker_dropped_from_a_full_queue_is_sent_again_and_stored_once
     finally:
         broker.stop()
     report = check_exactly_once(plant, view, pki_acme.tenant)
-    print(f"queue overflow: unconfirmed while away={away['unconfirmed_batches']}, drained {took:.1f} s after the "
-          f"bridge's return, resent={status['publish']['resent']}, {report}")
+    print(
+        f"queue overflow: unconfirmed while away={away['unconfirmed_batches']}, drained {took:.1f} s after the "
+        f"bridge's return, resent={status['publish']['resent']}, {report}"
+    )
     assert took < 60
 
 
@@ -498,7 +580,8 @@ def test_what_the_broker_dropped_from_a_full_queue_is_sent_again_and_stored_once
 
 @pytest.mark.fault
 def test_two_bridges_on_a_shared_subscription_one_stalled_lose_and_duplicate_nothing(
-        tmp_path: Path, make_broker: Any, plant: Plant, pg_dsn: str, pg_schemas: list[str]) -> None:
+    tmp_path: Path, make_broker: Any, plant: Plant, pg_dsn: str, pg_schemas: list[str]
+) -> None:
     """Two bridges share the subscription; one freezes (SIGSTOP: a GC pause, a swapped-out VM, a hung database)
     for 15 s, twice, with its connection open: what the broker handed it waits there. Resends may be
     false (the other bridge stores them); nothing may be lost or stored twice."""
@@ -541,7 +624,8 @@ def cpu_seconds(pid: int) -> float:
 
 @pytest.mark.fault
 def test_an_agent_waiting_with_a_full_buffer_is_nearly_idle(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
+) -> None:
     """Broker unreachable for hours, buffer full (256 MiB of small batches): the agent has nothing to do
     but poll one slow device. It must not burn a core re-reading its whole buffer (on a gateway's ARM CPU the
     same work is several times slower)."""
@@ -565,17 +649,21 @@ def test_an_agent_waiting_with_a_full_buffer_is_nearly_idle(
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("units,bulk,poll_ms", [(2, 0, 50), (4, 100, 20)], ids=["40-small-batches-a-s",
-                                                                              "200-batches-of-5kB-a-s"])
+@pytest.mark.parametrize(
+    "units,bulk,poll_ms", [(2, 0, 50), (4, 100, 20)], ids=["40-small-batches-a-s", "200-batches-of-5kB-a-s"]
+)
 def test_broker_mode_replays_only_the_window_before_the_lost_connection(
-        units: int, bulk: int, poll_ms: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    units: int, bulk: int, poll_ms: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     """``confirm: broker``: the consumer is not our bridge and stores every message it gets. After one clean
     broker restart (nothing lost) the agent may send again what the broker accepted in the ``replay`` window
     (10 s) before the connection was lost, once. Batches first sent on the new connection must not be sent a
     second time, and accepted batches must not pile up in the buffer."""
     settings = settings_for(pki_acme, broker_acme, "bridge.two")
-    with Plant(tmp_path / "plant", units=tuple(range(1, units + 1)), bulk=bulk) as plant, \
-            Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two") as consumer:
+    with (
+        Plant(tmp_path / "plant", units=tuple(range(1, units + 1)), bulk=bulk) as plant,
+        Collector(settings, [f"gw/{GW}/data/#"], client_id="bridge.two") as consumer,
+    ):
         config = agent_config(pki_acme, broker_acme.port, plant, buffer={"confirm": "broker"})
         config["devices"] = plant.devices(poll=f"{poll_ms}ms")
         agent = AgentProcess(tmp_path / "agent", config).start()
@@ -593,11 +681,14 @@ def test_broker_mode_replays_only_the_window_before_the_lost_connection(
         seqs = consumer.seqs(GW)
     per_s = units * 1000 / poll_ms  # batches a second
     repeats = len(seqs) - len(set(seqs))
-    print(f"broker mode, one clean restart, {per_s:.0f} batches/s: {len(set(seqs))} batches, {repeats} received "
-          f"twice, replayed={status['publish']['replayed']}, accepted kept={status['buffer']['unconfirmed_batches']}, "
-          f"unsent={status['buffer']['batches']}")
+    print(
+        f"broker mode, one clean restart, {per_s:.0f} batches/s: {len(set(seqs))} batches, {repeats} received "
+        f"twice, replayed={status['publish']['replayed']}, accepted kept={status['buffer']['unconfirmed_batches']}, "
+        f"unsent={status['buffer']['batches']}"
+    )
     assert repeats <= 1.1 * 10 * per_s + 40, (
-        f"{repeats} batches delivered twice after one restart (window: {10 * per_s:.0f})")
+        f"{repeats} batches delivered twice after one restart (window: {10 * per_s:.0f})"
+    )
     assert status["buffer"]["unconfirmed_batches"] <= 12 * per_s + 40
 
 
@@ -613,8 +704,7 @@ class FakeLink:
         self._mid = 0
         self.max_packet_size: int | None = None
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
-                properties: Any = None) -> int:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, properties: Any = None) -> int:
         import asyncio
 
         self._mid += 1
@@ -632,7 +722,9 @@ class FakeLink:
 
 
 @pytest.mark.parametrize("confirm", ["storage", "broker"])
-async def test_batches_committed_just_after_a_connection_came_up_are_sent_on_it(confirm: str, tmp_path: Path) -> None:
+async def test_batches_committed_just_after_a_connection_came_up_are_sent_on_it(
+    confirm: Literal["storage", "broker"], tmp_path: Path
+) -> None:
     """The connection comes up while the buffer's writer is inside a transaction (on a slow SD card it nearly
     always is): the live stream starts after that write's seqs, which the backlog pass cannot see yet. Once
     the write commits, its batches must go out on this connection, not wait for the next reconnect."""
@@ -647,14 +739,28 @@ async def test_batches_committed_just_after_a_connection_came_up_are_sent_on_it(
     from agent.writer import BufferWriter
     from drivers.points import Point
 
-    buffer = Buffer(tmp_path / "buffer.db", gateway=GW, max_bytes=64 * 1024**2, confirm=confirm)  # type: ignore[arg-type]
+    buffer = Buffer(tmp_path / "buffer.db", gateway=GW, max_bytes=64 * 1024**2, confirm=confirm)
     reader = BufferReader(buffer.path)
     holder: dict[str, Any] = {}
-    writer = BufferWriter(buffer, max_points=500, max_batch_bytes=256 * 1024, queue_points=100_000,
-                          min_free_bytes=1024**2, on_commit=lambda c: holder["pub"].committed(c))
-    pub = Publisher(settings=BrokerSettings(host="broker.test", port=1883, tls=False), gateway=GW, writer=writer,
-                    reader=reader, policy=DeliveryPolicy(confirm, 30.0, 10.0), inflight=20,  # type: ignore[arg-type]
-                    birth=lambda: {"state": "online"}, meta=lambda: {}, commands=None)  # type: ignore[arg-type]
+    writer = BufferWriter(
+        buffer,
+        max_points=500,
+        max_batch_bytes=256 * 1024,
+        queue_points=100_000,
+        min_free_bytes=1024**2,
+        on_commit=lambda c: holder["pub"].committed(c),
+    )
+    pub = Publisher(
+        settings=BrokerSettings(host="broker.test", port=1883, tls=False),
+        gateway=GW,
+        writer=writer,
+        reader=reader,
+        policy=DeliveryPolicy(confirm, 30.0, 10.0),
+        inflight=20,
+        birth=lambda: {"state": "online"},
+        meta=lambda: {},
+        commands=None,  # type: ignore[arg-type]  # no command arrives in this test
+    )
     holder["pub"] = pub
     points = [Point("m1", "served", int(time.time() * 1000), 1)]
     for _ in range(5):
@@ -704,18 +810,34 @@ class SlowDiskAgent(AgentProcess):
 
     delay_us = 400_000
 
-    def start(self) -> SlowDiskAgent:  # type: ignore[override]
+    def start(self) -> SlowDiskAgent:
         import subprocess
         import sys
 
         from tests.helpers import ROOT
 
-        inject = [arg for call in ("fsync", "fdatasync")
-                  for arg in ("-e", f"inject={call}:delay_exit={self.delay_us}")]
+        inject = [arg for call in ("fsync", "fdatasync") for arg in ("-e", f"inject={call}:delay_exit={self.delay_us}")]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                ["strace", "-f", "--seccomp-bpf", "-qq", "-o", "/dev/null", "-e", "trace=fsync,fdatasync", *inject,
-                 sys.executable, "-m", *self.command()], cwd=ROOT, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+                [
+                    "strace",
+                    "-f",
+                    "--seccomp-bpf",
+                    "-qq",
+                    "-o",
+                    "/dev/null",
+                    "-e",
+                    "trace=fsync,fdatasync",
+                    *inject,
+                    sys.executable,
+                    "-m",
+                    *self.command(),
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
         return self
 
 
@@ -738,7 +860,8 @@ def buffered_counters(state_dir: Path) -> dict[int, set[int]]:
 
 @pytest.mark.fault
 def test_on_a_slow_disk_polls_keep_time_and_a_stop_writes_every_reading_taken(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     """Every fsync takes 400 ms. Polling at 50 ms keeps its schedule (the writer makes fewer, larger commits);
     SIGTERM while readings wait for the disk writes them all before the process exits."""
     import os
@@ -762,15 +885,17 @@ def test_on_a_slow_disk_polls_keep_time_and_a_stop_writes_every_reading_taken(
             code = agent.proc.wait(60)
         finally:
             agent.stop()
-        served = {}
+        served: dict[int, dict[int, int]] = {}
         for s in plant.served():
             if s.value is not None:
                 served.setdefault(s.unit, {})[s.value] = s.at_ms
     held = buffered_counters(agent.state_dir)
     missing = {u: sorted(set(v) - held.get(u, set())) for u, v in served.items()}
     late = [g for g in gaps if g >= 95]
-    print(f"slow disk: commits={running.get('writer', {})}, poll gaps >= 95 ms: {len(late)} of {len(gaps)}, "
-          f"exit={code}, missing after stop: { {u: (len(m), m[:5]) for u, m in missing.items()} }")
+    print(
+        f"slow disk: commits={running.get('writer', {})}, poll gaps >= 95 ms: {len(late)} of {len(gaps)}, "
+        f"exit={code}, missing after stop: { {u: (len(m), m[:5]) for u, m in missing.items()} }"
+    )
     assert code == 0
     assert all(len(m) <= 1 for m in missing.values()), missing  # at most the poll under way at the signal
     assert len(late) <= len(gaps) // 100
@@ -781,7 +906,8 @@ def test_on_a_slow_disk_polls_keep_time_and_a_stop_writes_every_reading_taken(
 
 @pytest.mark.fault
 def test_readings_counted_as_dropped_are_not_also_stored(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     """The bridge is away and the buffer (``max_bytes: 1MiB``) fills: the oldest batches are dropped and
     counted as lost. Those the broker had already accepted still sit in the bridge's queue and are stored when
     it comes back. A reading must be either stored or counted as dropped, not both: otherwise the counters
@@ -791,12 +917,17 @@ def test_readings_counted_as_dropped_are_not_also_stored(
         config = bridge_config(tmp_path, pki_acme, broker_acme, view)
         with BridgeProcess(config) as bridge:
             bridge.wait_connected()
-        agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, broker_acme.port, plant,
-                                                              buffer={"confirm_timeout": "3s", "max_bytes": "1MiB"}))
+        agent = AgentProcess(
+            tmp_path / "agent",
+            agent_config(pki_acme, broker_acme.port, plant, buffer={"confirm_timeout": "3s", "max_bytes": "1MiB"}),
+        )
         agent.start()
         try:
-            wait_until(lambda: sum(agent.status().get("buffer", {}).get("dropped_by_reason", {}).values()) > 0,
-                       timeout_s=60, what="the buffer to give batches up")
+            wait_until(
+                lambda: sum(agent.status().get("buffer", {}).get("dropped_by_reason", {}).values()) > 0,
+                timeout_s=60,
+                what="the buffer to give batches up",
+            )
             time.sleep(5)
             bridge = BridgeProcess(config, log=tmp_path / "bridge-back.log").start()
             try:
@@ -810,8 +941,10 @@ def test_readings_counted_as_dropped_are_not_also_stored(
     stored = view.count(pki_acme.tenant, "points", "WHERE quality = 'good'")
     dropped = status["buffer"]["dropped_points"]
     events = view.rows(pki_acme.tenant, "SELECT payload FROM {events} WHERE type = 'buffer_drop'")
-    print(f"served={served} stored={stored} dropped={dropped} (stored + dropped = {stored + dropped}); "
-          f"buffer_drop events: {[e[0] for e in events][:2]}")
+    print(
+        f"served={served} stored={stored} dropped={dropped} (stored + dropped = {stored + dropped}); "
+        f"buffer_drop events: {[e[0] for e in events][:2]}"
+    )
     assert stored + dropped <= served, f"{stored + dropped - served} readings both stored and counted as dropped"
 
 
@@ -825,21 +958,23 @@ def test_with_max_age_a_write_does_not_scan_the_whole_backlog(tmp_path: Path) ->
     prebuilt_backlog(tmp_path, 600_000)
     timings = {}
     for max_age in (None, 7 * 86400.0):
-        with Buffer(tmp_path / "buffer.db", gateway=GW, max_bytes=256 * 1024**2, max_age_s=max_age,
-                    fsync=False) as buf:
+        with Buffer(tmp_path / "buffer.db", gateway=GW, max_bytes=256 * 1024**2, max_age_s=max_age, fsync=False) as buf:
             points = [Point("m1", "served", int(time.time() * 1000), 1)]
             start = time.perf_counter()
             for _ in range(10):
                 buf.add("m1", points, max_points=500, max_bytes=256 * 1024)
             timings[max_age] = (time.perf_counter() - start) / 10 * 1000
-    print(f"one write with a 600,000-batch backlog: {timings[None]:.1f} ms without max_age, "
-          f"{timings[7 * 86400.0]:.1f} ms with max_age")
+    print(
+        f"one write with a 600,000-batch backlog: {timings[None]:.1f} ms without max_age, "
+        f"{timings[7 * 86400.0]:.1f} ms with max_age"
+    )
     assert timings[7 * 86400.0] < 10, f"{timings[7 * 86400.0]:.0f} ms per write with max_age set"
 
 
 @pytest.mark.fault
 def test_a_disk_filled_to_the_last_byte_by_another_program_still_lets_confirmations_make_room(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path
+) -> None:
     """The buffer stopped at ``min_free``; then another program (a log, a core dump) takes the last bytes of
     the filesystem. When the broker and the bridge are back, the agent publishes what it holds, the bridge
     stores it, and the confirmations must still delete it from the buffer: that is how room comes back."""
@@ -847,8 +982,13 @@ def test_a_disk_filled_to_the_last_byte_by_another_program_still_lets_confirmati
 
     view = StoreView("sqlite", tmp_path / "store")
     with Plant(tmp_path / "plant", units=(1,), bulk=400) as plant:
-        config = agent_config(pki_acme, broker_acme.port, plant, state_dir=str(small_state_dir),
-                              buffer={"confirm_timeout": "3s", "min_free": "2MiB"})
+        config = agent_config(
+            pki_acme,
+            broker_acme.port,
+            plant,
+            state_dir=str(small_state_dir),
+            buffer={"confirm_timeout": "3s", "min_free": "2MiB"},
+        )
         config["devices"] = plant.devices(poll="20ms")
         with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
             bridge.wait_connected()
@@ -857,24 +997,37 @@ def test_a_disk_filled_to_the_last_byte_by_another_program_still_lets_confirmati
             agent.state_dir = small_state_dir
             agent.start()
             try:
-                wait_until(lambda: agent.status().get("writer", {}).get("disk_full"), timeout_s=120,
-                           interval_s=0.5, what="the disk to fill")
-                subprocess.run(["dd", "if=/dev/zero", f"of={small_state_dir / 'core.dump'}", "bs=4k"],
-                               capture_output=True)
+                wait_until(
+                    lambda: agent.status().get("writer", {}).get("disk_full"),
+                    timeout_s=120,
+                    interval_s=0.5,
+                    what="the disk to fill",
+                )
+                subprocess.run(
+                    ["dd", "if=/dev/zero", f"of={small_state_dir / 'core.dump'}", "bs=4k"], capture_output=True
+                )
                 before = agent.status()["buffer"]
                 broker_acme.start()
                 try:
-                    wait_until(lambda: agent.status().get("publish", {}).get("confirmed_batches", 0) > 0
-                               and agent.status()["buffer"]["unconfirmed_batches"] + agent.status()["buffer"]["batches"]
-                               < before["batches"] // 2, timeout_s=60, interval_s=1,
-                               what="confirmations to delete stored batches")
+                    wait_until(
+                        lambda: (
+                            agent.status().get("publish", {}).get("confirmed_batches", 0) > 0
+                            and agent.status()["buffer"]["unconfirmed_batches"] + agent.status()["buffer"]["batches"]
+                            < before["batches"] // 2
+                        ),
+                        timeout_s=60,
+                        interval_s=1,
+                        what="confirmations to delete stored batches",
+                    )
                 finally:
                     status = agent.status()
                     stored = view.count(pki_acme.tenant, "points", "WHERE quality = 'good'")
-                    print(f"buffered before={before['batches']} now: pending={status['buffer']['batches']} "
-                          f"unconfirmed={status['buffer']['unconfirmed_batches']} confirmed_batches="
-                          f"{status['publish']['confirmed_batches']} stored points={stored} "
-                          f"writer={status.get('writer')}")
+                    print(
+                        f"buffered before={before['batches']} now: pending={status['buffer']['batches']} "
+                        f"unconfirmed={status['buffer']['unconfirmed_batches']} confirmed_batches="
+                        f"{status['publish']['confirmed_batches']} stored points={stored} "
+                        f"writer={status.get('writer')}"
+                    )
                 assert agent.alive
             finally:
                 agent.stop()
@@ -882,7 +1035,8 @@ def test_a_disk_filled_to_the_last_byte_by_another_program_still_lets_confirmati
 
 @pytest.mark.fault
 def test_agent_status_on_a_full_filesystem_says_the_agent_runs_and_what_it_dropped(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, small_state_dir: Path
+) -> None:
     """The filesystem under the state directory is full (another program took the last byte). ``agent status``
     is what a technician runs then: it must say the agent is running, connected, and dropping readings."""
     import subprocess
@@ -894,15 +1048,16 @@ def test_agent_status_on_a_full_filesystem_says_the_agent_runs_and_what_it_dropp
         agent.start()
         try:
             wait_until(lambda: agent.status().get("connection", {}).get("state") == "connected", timeout_s=20)
-            subprocess.run(["dd", "if=/dev/zero", f"of={small_state_dir / 'core.dump'}", "bs=4k"],
-                           capture_output=True)
+            subprocess.run(["dd", "if=/dev/zero", f"of={small_state_dir / 'core.dump'}", "bs=4k"], capture_output=True)
             time.sleep(15)
             status = agent.status()
             assert agent.alive
         finally:
             agent.stop()
-    print(f"agent status on a full filesystem: running={status.get('running')} "
-          f"connection={status.get('connection', {}).get('state')} writer={status.get('writer')} "
-          f"dropped={status.get('buffer', {}).get('dropped_by_reason')}")
+    print(
+        f"agent status on a full filesystem: running={status.get('running')} "
+        f"connection={status.get('connection', {}).get('state')} writer={status.get('writer')} "
+        f"dropped={status.get('buffer', {}).get('dropped_by_reason')}"
+    )
     assert status["running"] and status["connection"]["state"] == "connected"
     assert status["writer"]["disk_full"] and status["buffer"]["dropped_points"] > 0

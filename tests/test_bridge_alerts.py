@@ -12,7 +12,16 @@ import pytest
 
 from bridge.alerts.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from tests.bridge_fixtures import (
-    BlackHole, BridgeProcess, Gateway, StoreView, Watcher, WebhookServer, batch, now_ms, tenant_entry, wait_until,
+    BlackHole,
+    BridgeProcess,
+    Gateway,
+    StoreView,
+    Watcher,
+    WebhookServer,
+    batch,
+    now_ms,
+    tenant_entry,
+    wait_until,
     write_config,
 )
 from tests.infra import Mosquitto, TenantPki
@@ -31,8 +40,9 @@ def start(tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, view: Sto
     started: list[BridgeProcess] = []
 
     def start(alerts: dict[str, Any]) -> BridgeProcess:
-        path = write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)],
-                            storage=view.storage, alerts=alerts)
+        path = write_config(
+            tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage, alerts=alerts
+        )
         bridge = BridgeProcess(path).start()
         started.append(bridge)
         bridge.wait_connected()
@@ -48,13 +58,31 @@ def states(view: StoreView, rule: str) -> list[str]:
 
 
 def test_threshold_with_for_fires_once_after_the_duration_and_resolves_on_the_clear_condition(
-        start: Any, pki_acme: TenantPki, broker_acme: Mosquitto, view: StoreView) -> None:
-    with WebhookServer() as hook, Watcher(pki_acme, broker_acme, ["alerts/#"]) as watcher, \
-            Gateway(pki_acme, broker_acme, GW) as gw:
-        start({"webhooks": {"ops": {"url": hook.url, "secret": SECRET}},
-               "rules": [{"name": "spindle-overtemp", "device": "cnc-*", "tag": "spindle_temp", "above": 85,
-                          "for": "1s", "clear_below": 80, "severity": "critical", "notify": ["ops"],
-                          "message": "{device} spindle at {value:.1f} degC (limit {threshold})"}]})
+    start: Any, pki_acme: TenantPki, broker_acme: Mosquitto, view: StoreView
+) -> None:
+    with (
+        WebhookServer() as hook,
+        Watcher(pki_acme, broker_acme, ["alerts/#"]) as watcher,
+        Gateway(pki_acme, broker_acme, GW) as gw,
+    ):
+        start(
+            {
+                "webhooks": {"ops": {"url": hook.url, "secret": SECRET}},
+                "rules": [
+                    {
+                        "name": "spindle-overtemp",
+                        "device": "cnc-*",
+                        "tag": "spindle_temp",
+                        "above": 85,
+                        "for": "1s",
+                        "clear_below": 80,
+                        "severity": "critical",
+                        "notify": ["ops"],
+                        "message": "{device} spindle at {value:.1f} degC (limit {threshold})",
+                    }
+                ],
+            }
+        )
 
         def send(seq: int, value: float) -> None:
             ts = max(now_ms(), last[0] + 1)  # one reading per millisecond at most, as a gateway reads
@@ -91,7 +119,9 @@ def test_threshold_with_for_fires_once_after_the_duration_and_resolves_on_the_cl
         assert not verify("wrong secret", headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
         bodies.append(json.loads(body))
     assert [(b["state"], b["rule"], b["device"], b["tenant"]) for b in bodies] == [
-        ("firing", "spindle-overtemp", "cnc-1", "acme"), ("resolved", "spindle-overtemp", "cnc-1", "acme")]
+        ("firing", "spindle-overtemp", "cnc-1", "acme"),
+        ("resolved", "spindle-overtemp", "cnc-1", "acme"),
+    ]
     assert view.count("acme", "webhook_outbox") == 0
     retained = [m for m in watcher.messages if m[3]]
     assert retained == []  # live messages; the retained copy is for later subscribers:
@@ -101,9 +131,16 @@ def test_threshold_with_for_fires_once_after_the_duration_and_resolves_on_the_cl
 
 
 def test_stale_fires_when_data_stops_and_resolves_when_it_returns(
-        start: Any, pki_acme: TenantPki, broker_acme: Mosquitto, view: StoreView) -> None:
-    start({"rules": [{"name": "silent", "device": "*", "stale": "1s", "severity": "warning"},
-                     {"name": "gw-down", "offline": True}]})
+    start: Any, pki_acme: TenantPki, broker_acme: Mosquitto, view: StoreView
+) -> None:
+    start(
+        {
+            "rules": [
+                {"name": "silent", "device": "*", "stale": "1s", "severity": "warning"},
+                {"name": "gw-down", "offline": True},
+            ]
+        }
+    )
     with Gateway(pki_acme, broker_acme, GW) as gw:
         gw.publish(f"gw/{GW}/status", json.dumps({"state": "online", "ts": now_ms()}), retain=True)
         for seq in range(1, 6):
@@ -118,18 +155,27 @@ def test_stale_fires_when_data_stops_and_resolves_when_it_returns(
         gw.publish(f"gw/{GW}/status", json.dumps({"state": "offline", "ts": now_ms()}), retain=True)
         wait_until(lambda: states(view, "gw-down") == ["firing"], what="gateway offline")
     assert view.rows("acme", "SELECT device, severity, message FROM {alerts} WHERE rule = 'silent' ORDER BY id")[0] == (
-        "press-1", "warning", "press-1: no data for 1s")
+        "press-1",
+        "warning",
+        "press-1: no data for 1s",
+    )
     assert view.rows("acme", "SELECT device, message FROM {alerts} WHERE rule = 'gw-down'") == [
-        ("_gateway", "gateway gw-01 is offline")]
+        ("_gateway", "gateway gw-01 is offline")
+    ]
 
 
 @pytest.mark.timeout(90)
-def test_a_dead_webhook_does_not_slow_ingestion(start: Any, pki_acme: TenantPki, broker_acme: Mosquitto,
-                                                view: StoreView) -> None:
+def test_a_dead_webhook_does_not_slow_ingestion(
+    start: Any, pki_acme: TenantPki, broker_acme: Mosquitto, view: StoreView
+) -> None:
     devices = [f"press-{i}" for i in range(20)]
     with BlackHole() as dead:
-        bridge = start({"webhooks": {"ops": {"url": dead.url, "secret": SECRET, "timeout": "20s", "max_attempts": 3}},
-                        "rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 0, "notify": ["ops"]}]})
+        bridge = start(
+            {
+                "webhooks": {"ops": {"url": dead.url, "secret": SECRET, "timeout": "20s", "max_attempts": 3}},
+                "rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 0, "notify": ["ops"]}],
+            }
+        )
         began = time.monotonic()
         with Gateway(pki_acme, broker_acme, GW) as gw:
             for i, device in enumerate(devices):  # every device fires: 20 webhook deliveries queued

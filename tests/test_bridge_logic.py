@@ -28,11 +28,18 @@ GW, DEV = "gw-01", "press-1"
 
 
 def payload(**overrides: Any) -> bytes:
-    doc = {"v": 1, "gw": GW, "dev": DEV, "seq": 7,
-           "points": [{"tag": "temp", "ts": 1_700_000_000_000, "v": 71.5, "q": "good"},
-                      {"tag": "recipe", "ts": 1_700_000_000_001, "v": "PN-7", "q": "good"},
-                      {"tag": "door", "ts": 1_700_000_000_002, "v": True, "q": "good"},
-                      {"tag": "flow", "ts": 1_700_000_000_003, "v": None, "q": "bad", "err": "timeout"}]}
+    doc = {
+        "v": 1,
+        "gw": GW,
+        "dev": DEV,
+        "seq": 7,
+        "points": [
+            {"tag": "temp", "ts": 1_700_000_000_000, "v": 71.5, "q": "good"},
+            {"tag": "recipe", "ts": 1_700_000_000_001, "v": "PN-7", "q": "good"},
+            {"tag": "door", "ts": 1_700_000_000_002, "v": True, "q": "good"},
+            {"tag": "flow", "ts": 1_700_000_000_003, "v": None, "q": "bad", "err": "timeout"},
+        ],
+    }
     doc.update(overrides)
     return json.dumps(doc).encode()
 
@@ -53,50 +60,82 @@ def test_a_batch_decodes_into_rows_with_gateway_and_device_from_the_topic() -> N
 
 def test_numbers_read_exactly_whichever_parser_reads_them() -> None:
     """A float beyond 2**63 stays a float; a byte order mark is accepted as before."""
-    batch = decode_batch(GW, DEV, payload(points=[{"tag": "t", "ts": 1, "v": 1e19, "q": "good"},
-                                                  {"tag": "u", "ts": 2, "v": -2**63, "q": "good"}]), 0)
-    assert [r[4] for r in batch.rows] == [1e19, -2**63] and type(batch.rows[1][4]) is int
+    batch = decode_batch(
+        GW,
+        DEV,
+        payload(
+            points=[{"tag": "t", "ts": 1, "v": 1e19, "q": "good"}, {"tag": "u", "ts": 2, "v": -(2**63), "q": "good"}]
+        ),
+        0,
+    )
+    assert [r[4] for r in batch.rows] == [1e19, -(2**63)] and type(batch.rows[1][4]) is int
     assert decode_batch(GW, DEV, b"\xef\xbb\xbf" + payload(), 0).rows == decode_batch(GW, DEV, payload(), 0).rows
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"{not json", "invalid JSON: Expecting property name enclosed in double quotes at byte 1"),
-    (b"[1, 2]", "payload must be a JSON object, got array"),
-    (b'\xff\xfe{"v":1}', "invalid JSON"),
-    (payload(v=2), "v: unsupported batch format 2 (this bridge reads v=1)"),
-    (payload(gw="gw-02"), "gw: payload says 'gw-02' but the topic's gateway is 'gw-01'"),
-    (payload(dev="press-2"), "dev: payload says 'press-2' but the topic's device is 'press-1'"),
-    (payload(seq=-1), "seq: must be a non-negative 64-bit integer, got -1"),
-    (payload(seq=2**63), "seq: must be a non-negative 64-bit integer"),
-    (payload(seq="7"), "seq: must be a non-negative 64-bit integer, got '7'"),
-    (payload(points={"tag": "x"}), "points: must be an array, got object"),
-    (payload(points=[{"tag": "a b", "ts": 1, "v": 1}]), "points[0].tag: 'a b' is not a valid tag name"),
-    (payload(points=[{"tag": "température", "ts": 1, "v": 1}]), "points[0].tag: 'température' is not a valid tag name"),
-    (payload(points=[{"tag": "t", "ts": 1.5, "v": 1}]), "points[0].ts: must be an integer (epoch milliseconds), got number"),
-    (payload(points=[{"tag": "t", "ts": 10**16, "v": 1}]), "points[0].ts: 10000000000000000 is not an epoch time in milliseconds"),
-    (payload(points=[{"tag": "t", "ts": 1}]), "points[0].v: missing (use null for no value)"),
-    (payload(points=[{"tag": "t", "ts": 1, "v": [1]}]), "points[0].v: must be a number, text, true/false or null (got array)"),
-    (payload(points=[{"tag": "t", "ts": 10**25, "v": 1}]), "points[0].ts: 10000000000000000000000000 is not an epoch"),
-    (payload(seq=10**25), "seq: must be a non-negative 64-bit integer, got 10000000000000000000000000"),
-    (payload(points=[{"tag": "t", "ts": 1, "v": 1, "q": "fine"}]), "points[0].q: must be good, bad or uncertain, got 'fine'"),
-    (payload(points=[{"tag": "t", "ts": 1, "v": 1, "err": 5}]), "points[0].err: must be text, got integer"),
-    (b'{"v":1,"gw":"gw-01","dev":"press-1","seq":1,"points":[{"tag":"t","ts":1,"v":NaN}]}',
-     "invalid JSON: NaN is not a JSON number"),
-    (b"[" * 100_000, "invalid JSON: nested too deeply"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{not json", "invalid JSON: Expecting property name enclosed in double quotes at byte 1"),
+        (b"[1, 2]", "payload must be a JSON object, got array"),
+        (b'\xff\xfe{"v":1}', "invalid JSON"),
+        (payload(v=2), "v: unsupported batch format 2 (this bridge reads v=1)"),
+        (payload(gw="gw-02"), "gw: payload says 'gw-02' but the topic's gateway is 'gw-01'"),
+        (payload(dev="press-2"), "dev: payload says 'press-2' but the topic's device is 'press-1'"),
+        (payload(seq=-1), "seq: must be a non-negative 64-bit integer, got -1"),
+        (payload(seq=2**63), "seq: must be a non-negative 64-bit integer"),
+        (payload(seq="7"), "seq: must be a non-negative 64-bit integer, got '7'"),
+        (payload(points={"tag": "x"}), "points: must be an array, got object"),
+        (payload(points=[{"tag": "a b", "ts": 1, "v": 1}]), "points[0].tag: 'a b' is not a valid tag name"),
+        (
+            payload(points=[{"tag": "température", "ts": 1, "v": 1}]),
+            "points[0].tag: 'température' is not a valid tag name",
+        ),
+        (
+            payload(points=[{"tag": "t", "ts": 1.5, "v": 1}]),
+            "points[0].ts: must be an integer (epoch milliseconds), got number",
+        ),
+        (
+            payload(points=[{"tag": "t", "ts": 10**16, "v": 1}]),
+            "points[0].ts: 10000000000000000 is not an epoch time in milliseconds",
+        ),
+        (payload(points=[{"tag": "t", "ts": 1}]), "points[0].v: missing (use null for no value)"),
+        (
+            payload(points=[{"tag": "t", "ts": 1, "v": [1]}]),
+            "points[0].v: must be a number, text, true/false or null (got array)",
+        ),
+        (
+            payload(points=[{"tag": "t", "ts": 10**25, "v": 1}]),
+            "points[0].ts: 10000000000000000000000000 is not an epoch",
+        ),
+        (payload(seq=10**25), "seq: must be a non-negative 64-bit integer, got 10000000000000000000000000"),
+        (
+            payload(points=[{"tag": "t", "ts": 1, "v": 1, "q": "fine"}]),
+            "points[0].q: must be good, bad or uncertain, got 'fine'",
+        ),
+        (payload(points=[{"tag": "t", "ts": 1, "v": 1, "err": 5}]), "points[0].err: must be text, got integer"),
+        (
+            b'{"v":1,"gw":"gw-01","dev":"press-1","seq":1,"points":[{"tag":"t","ts":1,"v":NaN}]}',
+            "invalid JSON: NaN is not a JSON number",
+        ),
+        (b"[" * 100_000, "invalid JSON: nested too deeply"),
+    ],
+)
 def test_a_malformed_batch_is_refused_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(Malformed) as caught:
         decode_batch(GW, DEV, data, 0)
     assert caught.value.reason.startswith(reason)
 
 
-@pytest.mark.parametrize(("point", "reason"), [
-    ({"tag": "t", "ts": 1, "v": 2**64}, "points[1].v: integer out of the 64-bit range"),
-    ({"tag": "t", "ts": 1, "v": 10**25}, "points[1].v: integer out of the 64-bit range"),
-    ({"tag": "t", "ts": 1, "v": "a\u0000b"}, "points[1].v: contains a NUL character"),
-    ({"tag": "t", "ts": 1, "v": 1e400}, "points[1].v: inf is not a finite number"),
-    ({"tag": "t", "ts": 1, "v": "\ud800"}, "points[1].v: not valid Unicode text (lone surrogate)"),
-])
+@pytest.mark.parametrize(
+    ("point", "reason"),
+    [
+        ({"tag": "t", "ts": 1, "v": 2**64}, "points[1].v: integer out of the 64-bit range"),
+        ({"tag": "t", "ts": 1, "v": 10**25}, "points[1].v: integer out of the 64-bit range"),
+        ({"tag": "t", "ts": 1, "v": "a\u0000b"}, "points[1].v: contains a NUL character"),
+        ({"tag": "t", "ts": 1, "v": 1e400}, "points[1].v: inf is not a finite number"),
+        ({"tag": "t", "ts": 1, "v": "\ud800"}, "points[1].v: not valid Unicode text (lone surrogate)"),
+    ],
+)
 def test_a_value_no_store_can_hold_makes_its_reading_bad_not_the_batch(point: dict[str, object], reason: str) -> None:
     data = payload(points=[{"tag": "ok", "ts": 1, "v": 7.5, "q": "good"}, point])
     if point["v"] == 1e400:
@@ -116,13 +155,21 @@ def test_status_and_events_decode() -> None:
     assert event.digest == decode_event(GW, b'{"type": "device_down", "ts": 5, "device": "press-1"}', 10).digest
 
 
-points_strategy = st.lists(st.fixed_dictionaries({
-    "tag": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,20}", fullmatch=True),
-    "ts": st.integers(0, 253_402_300_799_999),
-    "v": st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
-    "q": st.sampled_from(["good", "bad", "uncertain"]),
-}), max_size=20)
+points_strategy = st.lists(
+    st.fixed_dictionaries(
+        {
+            "tag": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,20}", fullmatch=True),
+            "ts": st.integers(0, 253_402_300_799_999),
+            "v": st.none()
+            | st.booleans()
+            | st.integers(-(2**63), 2**63 - 1)
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x00")),
+            "q": st.sampled_from(["good", "bad", "uncertain"]),
+        }
+    ),
+    max_size=20,
+)
 
 
 @given(points=points_strategy, seq=st.integers(0, 2**63 - 1))
@@ -132,13 +179,21 @@ def test_every_valid_batch_decodes_exactly(points: list[dict[str, Any]], seq: in
     assert [(r[2], r[3], r[4], r[5]) for r in batch.rows] == [(p["tag"], p["ts"], p["v"], p["q"]) for p in points]
 
 
-@given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode)
-       | st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
-                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
-                      max_leaves=20).map(lambda d: json.dumps(d).encode()))
+@given(
+    data=st.binary(max_size=300)
+    | st.text(max_size=300).map(str.encode)
+    | st.recursive(
+        st.none() | st.booleans() | st.floats() | st.integers() | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+        max_leaves=20,
+    ).map(lambda d: json.dumps(d).encode())
+)
 def test_anything_either_decodes_or_is_malformed(data: bytes) -> None:
-    for decode in (lambda: decode_batch(GW, DEV, data, 0), lambda: decode_status(GW, data, 0),
-                   lambda: decode_event(GW, data, 0)):
+    for decode in (
+        lambda: decode_batch(GW, DEV, data, 0),
+        lambda: decode_status(GW, data, 0),
+        lambda: decode_event(GW, data, 0),
+    ):
         try:
             decode()
         except Malformed as exc:
@@ -153,13 +208,30 @@ def mapping(**rule: Any) -> Mapping:
 
 
 def test_a_mapping_extracts_wildcards_fields_types_and_the_timestamp() -> None:
-    m = mapping(topic="plant/{line}/{machine}/temp", table="temps",
-                fields={"value": {"path": "$.value", "type": "float"}, "unit": "$.meta.unit",
-                        "ok": {"path": "$.flags[1]", "type": "bool"}, "ts": "$.time"})
-    row = m.row("plant/l2/m7/temp", b'{"value": "71.25", "meta": {"unit": "degC"}, "flags": [0, "on"], '
-                b'"time": "2024-11-22T12:00:00Z"}', 99)
-    assert row == {"line": "l2", "machine": "m7", "value": 71.25, "unit": "degC", "ok": True,
-                   "ts": 1732276800000, "received_at": 99}
+    m = mapping(
+        topic="plant/{line}/{machine}/temp",
+        table="temps",
+        fields={
+            "value": {"path": "$.value", "type": "float"},
+            "unit": "$.meta.unit",
+            "ok": {"path": "$.flags[1]", "type": "bool"},
+            "ts": "$.time",
+        },
+    )
+    row = m.row(
+        "plant/l2/m7/temp",
+        b'{"value": "71.25", "meta": {"unit": "degC"}, "flags": [0, "on"], "time": "2024-11-22T12:00:00Z"}',
+        99,
+    )
+    assert row == {
+        "line": "l2",
+        "machine": "m7",
+        "value": 71.25,
+        "unit": "degC",
+        "ok": True,
+        "ts": 1732276800000,
+        "received_at": 99,
+    }
     assert m.rule.columns == ("line", "machine", "value", "unit", "ok", "ts", "received_at")
 
 
@@ -170,31 +242,38 @@ def test_a_mapping_without_ts_uses_the_arrival_time_and_text_payloads_work() -> 
         m.row("plant/x/counter", b"many", 5)
 
 
-@pytest.mark.parametrize(("data", "reason"), [
-    (b"{}", "fields.value: $.value not found in the payload"),
-    (b'{"value": "hot"}', "fields.value: expected a number, got 'hot'"),
-    (b'{"value": 1e400}', "fields.value: inf is not a finite number"),
-    (b'{"value": 1, "ts": "yesterday"}', "fields.ts: expected epoch ms or an ISO 8601 time, got 'yesterday'"),
-    (b"not json", "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"{}", "fields.value: $.value not found in the payload"),
+        (b'{"value": "hot"}', "fields.value: expected a number, got 'hot'"),
+        (b'{"value": 1e400}', "fields.value: inf is not a finite number"),
+        (b'{"value": 1, "ts": "yesterday"}', "fields.ts: expected epoch ms or an ISO 8601 time, got 'yesterday'"),
+        (b"not json", "invalid JSON"),
+    ],
+)
 def test_a_payload_that_does_not_fit_the_mapping_is_malformed(data: bytes, reason: str) -> None:
-    m = mapping(topic="plant/{line}/temp", table="temps", fields={"value": {"path": "$.value", "type": "float"},
-                                                                  "ts": "$.ts"})
+    m = mapping(
+        topic="plant/{line}/temp", table="temps", fields={"value": {"path": "$.value", "type": "float"}, "ts": "$.ts"}
+    )
     with pytest.raises(Malformed) as caught:
         m.row("plant/l1/temp", data, 0)
     assert caught.value.reason.startswith(reason)
 
 
-@pytest.mark.parametrize(("rule", "error"), [
-    ({"topic": "plant/{line}/{line}", "table": "t"}, "the name is used twice"),
-    ({"topic": "plant/#/x", "table": "t"}, "'#' must be the last level"),
-    ({"topic": "plant/a{b}", "table": "t"}, "use {name}, + or # as a whole level"),
-    ({"topic": "plant/x", "table": "points"}, "'points' is one of the bridge's own tables"),
-    ({"topic": "plant/x", "table": "Temps"}, "must be a lowercase SQL name"),
-    ({"topic": "plant/x", "table": "t", "fields": {"v": "value"}}, "a path starts with $"),
-    ({"topic": "plant/x", "table": "t", "fields": {"v": {"path": "$.a", "type": "decimal"}}}, "fields.v.type"),
-    ({"topic": "plant/x", "table": "t", "key": ["nope"]}, "key: 'nope' is not a column"),
-])
+@pytest.mark.parametrize(
+    ("rule", "error"),
+    [
+        ({"topic": "plant/{line}/{line}", "table": "t"}, "the name is used twice"),
+        ({"topic": "plant/#/x", "table": "t"}, "'#' must be the last level"),
+        ({"topic": "plant/a{b}", "table": "t"}, "use {name}, + or # as a whole level"),
+        ({"topic": "plant/x", "table": "points"}, "'points' is one of the bridge's own tables"),
+        ({"topic": "plant/x", "table": "Temps"}, "must be a lowercase SQL name"),
+        ({"topic": "plant/x", "table": "t", "fields": {"v": "value"}}, "a path starts with $"),
+        ({"topic": "plant/x", "table": "t", "fields": {"v": {"path": "$.a", "type": "decimal"}}}, "fields.v.type"),
+        ({"topic": "plant/x", "table": "t", "key": ["nope"]}, "key: 'nope' is not a column"),
+    ],
+)
 def test_mapping_config_errors_name_the_problem(rule: dict[str, Any], error: str) -> None:
     with pytest.raises(ConfigError) as caught:
         validate(BridgeConfig, {"tenants": [{"name": "a", "url": "mqtts://h"}], "mappings": [rule]}, "bridge.yaml")
@@ -213,9 +292,11 @@ def test_the_router_decodes_by_subscription_identifier() -> None:
     subscriptions = plan([MappingRule(topic="gw/{gw}/meta/{device}", table="meta", fields={"unit": "$.unit"})])
     router = Router(subscriptions)
     meta_id = next(s.id for s in subscriptions if s.filter == "gw/+/meta/+")
-    window = [Received("gw/gw-01/data/press-1", payload(), 1, 1, 1, (1,), 0),
-              Received("gw/gw-01/meta/press-1", b'{"unit":"degC"}', 1, 2, 1, (meta_id,), 0),
-              Received("gw/gw-01/data/press-1", b"oops", 1, 3, 1, (), 0)]
+    window = [
+        Received("gw/gw-01/data/press-1", payload(), 1, 1, 1, (1,), 0),
+        Received("gw/gw-01/meta/press-1", b'{"unit":"degC"}', 1, 2, 1, (meta_id,), 0),
+        Received("gw/gw-01/data/press-1", b"oops", 1, 3, 1, (), 0),
+    ]
     decoded = router.decode(window)
     assert [b.seq for b in decoded.batches] == [7]
     assert decoded.mapped["meta"][0]["unit"] == "degC"
@@ -225,30 +306,42 @@ def test_the_router_decodes_by_subscription_identifier() -> None:
 # ---------------------------------------------------------------- alert rules
 
 
-@pytest.mark.parametrize(("rule", "error"), [
-    ({"name": "r", "tag": "t"}, "give exactly one condition"),
-    ({"name": "r", "tag": "t", "above": 1, "below": 0}, "give exactly one condition"),
-    ({"name": "r", "above": 1}, "above needs tag:"),
-    ({"name": "r", "tag": "t", "above": 85, "clear_below": 90}, "clear_below 90 must not be above above 85"),
-    ({"name": "r", "tag": "t", "below": 5, "clear_below": 1}, "clear_below does not go with below (use clear_above)"),
-    ({"name": "r", "tag": "t", "outside": [10, 0]}, "low end 10 is above its high end 0"),
-    ({"name": "r", "stale": "1m", "for": "10s"}, "stale is a duration already"),
-    ({"name": "r", "tag": "t", "above": 1, "for": "soon"}, "expected a duration like 500ms, 1s or 5m"),
-    ({"name": "r", "tag": "t", "above": 1, "message": "{value.__class__}"}, "unknown field {value.__class__}"),
-    ({"name": "r", "tag": "t", "above": 1, "severity": "fatal"}, "severity: must be 'info', 'warning' or 'critical'"),
-    ({"name": "r", "tag": "t", "above": 1, "notify": ["ops"]}, "notify: no webhook named 'ops' (webhooks: none)"),
-])
+@pytest.mark.parametrize(
+    ("rule", "error"),
+    [
+        ({"name": "r", "tag": "t"}, "give exactly one condition"),
+        ({"name": "r", "tag": "t", "above": 1, "below": 0}, "give exactly one condition"),
+        ({"name": "r", "above": 1}, "above needs tag:"),
+        ({"name": "r", "tag": "t", "above": 85, "clear_below": 90}, "clear_below 90 must not be above above 85"),
+        (
+            {"name": "r", "tag": "t", "below": 5, "clear_below": 1},
+            "clear_below does not go with below (use clear_above)",
+        ),
+        ({"name": "r", "tag": "t", "outside": [10, 0]}, "low end 10 is above its high end 0"),
+        ({"name": "r", "stale": "1m", "for": "10s"}, "stale is a duration already"),
+        ({"name": "r", "tag": "t", "above": 1, "for": "soon"}, "expected a duration like 500ms, 1s or 5m"),
+        ({"name": "r", "tag": "t", "above": 1, "message": "{value.__class__}"}, "unknown field {value.__class__}"),
+        (
+            {"name": "r", "tag": "t", "above": 1, "severity": "fatal"},
+            "severity: must be 'info', 'warning' or 'critical'",
+        ),
+        ({"name": "r", "tag": "t", "above": 1, "notify": ["ops"]}, "notify: no webhook named 'ops' (webhooks: none)"),
+    ],
+)
 def test_alert_rule_errors_name_the_problem(rule: dict[str, Any], error: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        validate(BridgeConfig, {"tenants": [{"name": "a", "url": "mqtts://h"}], "alerts": {"rules": [rule]}},
-                 "bridge.yaml")
+        validate(
+            BridgeConfig, {"tenants": [{"name": "a", "url": "mqtts://h"}], "alerts": {"rules": [rule]}}, "bridge.yaml"
+        )
     assert error in str(caught.value)
     assert len(str(caught.value).splitlines()) == 1
 
 
 def test_message_templates_fill_known_fields_and_survive_bad_specs() -> None:
-    assert render("{device} at {value:.1f} (limit {threshold})", {"device": "cnc-1", "value": 86.123,
-                                                                   "threshold": 85}) == "cnc-1 at 86.1 (limit 85)"
+    assert (
+        render("{device} at {value:.1f} (limit {threshold})", {"device": "cnc-1", "value": 86.123, "threshold": 85})
+        == "cnc-1 at 86.1 (limit 85)"
+    )
     assert render("{value:.1f}", {"value": "n/a"}) == "n/a"
 
 
@@ -263,8 +356,16 @@ class Clock:
         self.engine.load([], [], now_ms=0)
         self.changes: list[tuple[str, str, str]] = []
 
-    def point(self, ts: int, value: Any, *, tag: str = "temp", device: str = "cnc-1", quality: str = "good",
-              now: int | None = None) -> None:
+    def point(
+        self,
+        ts: int,
+        value: Any,
+        *,
+        tag: str = "temp",
+        device: str = "cnc-1",
+        quality: str = "good",
+        now: int | None = None,
+    ) -> None:
         ev = self.engine.evaluation(now if now is not None else ts)
         ev.point(GW, device, tag, ts, value, quality, now if now is not None else ts)
         self._apply(ev)
@@ -322,10 +423,12 @@ def test_readings_older_than_the_newest_do_not_move_alerts() -> None:
 
 
 def test_rate_outside_and_equals_conditions() -> None:
-    c = Clock({"name": "jump", "tag": "temp", "rate_above": 2},
-              {"name": "band", "tag": "pressure", "outside": [1, 5], "clear_inside": [1.5, 4.5]},
-              {"name": "door", "tag": "door", "equals": True},
-              {"name": "stopped", "tag": "speed", "equals": 0})
+    c = Clock(
+        {"name": "jump", "tag": "temp", "rate_above": 2},
+        {"name": "band", "tag": "pressure", "outside": [1, 5], "clear_inside": [1.5, 4.5]},
+        {"name": "door", "tag": "door", "equals": True},
+        {"name": "stopped", "tag": "speed", "equals": 0},
+    )
     c.point(0, 10)
     c.point(1_000, 11)  # +1/s
     c.point(2_000, 15)  # +4/s
@@ -335,8 +438,13 @@ def test_rate_outside_and_equals_conditions() -> None:
     c.point(0, False, tag="door")
     c.point(1_000, True, tag="door")
     c.point(0, 0, tag="speed")
-    assert c.changes == [("cnc-1", "jump", "firing"), ("cnc-1", "band", "firing"), ("cnc-1", "band", "resolved"),
-                         ("cnc-1", "door", "firing"), ("cnc-1", "stopped", "firing")]
+    assert c.changes == [
+        ("cnc-1", "jump", "firing"),
+        ("cnc-1", "band", "firing"),
+        ("cnc-1", "band", "resolved"),
+        ("cnc-1", "door", "firing"),
+        ("cnc-1", "stopped", "firing"),
+    ]
 
 
 def test_one_alert_per_device_when_the_tag_glob_matches_several_tags() -> None:
@@ -368,8 +476,11 @@ def test_gateway_offline_from_the_status_topic_with_for() -> None:
     c.status("offline", 0)
     c.tick(61_000)
     c.status("online", 62_000)
-    assert c.changes == [(GATEWAY_DEVICE, "gw-down", "pending"), (GATEWAY_DEVICE, "gw-down", "firing"),
-                         (GATEWAY_DEVICE, "gw-down", "resolved")]
+    assert c.changes == [
+        (GATEWAY_DEVICE, "gw-down", "pending"),
+        (GATEWAY_DEVICE, "gw-down", "firing"),
+        (GATEWAY_DEVICE, "gw-down", "resolved"),
+    ]
 
 
 def test_a_restarted_engine_continues_from_stored_state_without_refiring() -> None:

@@ -15,8 +15,18 @@ from pathlib import Path
 import pytest
 
 from tests.bridge_fixtures import (
-    BridgeProcess, Gateway, StoreView, Watcher, batch, now_ms, pg_dsn, pg_schemas, tenant_entry, unique_tenant,
-    wait_until, write_config,
+    BridgeProcess,
+    Gateway,
+    StoreView,
+    Watcher,
+    batch,
+    now_ms,
+    pg_dsn,
+    pg_schemas,
+    tenant_entry,
+    unique_tenant,
+    wait_until,
+    write_config,
 )
 from tests.infra import Mosquitto, TenantPki
 
@@ -27,7 +37,8 @@ GW = "gw-01"
 
 def exactly_once(view: StoreView, tenant: str, *, batches: int, points: int) -> None:
     assert view.rows(tenant, "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM {batches}") == [
-        (batches, batches, 1, batches)]
+        (batches, batches, 1, batches)
+    ]
     assert view.count(tenant, "points") == points
     distinct = view.rows(tenant, "SELECT count(*) FROM (SELECT DISTINCT gw, device, tag, ts, seq FROM {points}) d")
     assert distinct == [(points,)]
@@ -36,7 +47,8 @@ def exactly_once(view: StoreView, tenant: str, *, batches: int, points: int) -> 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("store", ["sqlite", "postgres"])
 def test_kill_9_during_a_stream_of_100000_points_then_restart_stores_each_point_once(
-        store: str, tmp_path: Path, make_broker: Callable[..., Mosquitto], request: pytest.FixtureRequest) -> None:
+    store: str, tmp_path: Path, make_broker: Callable[..., Mosquitto], request: pytest.FixtureRequest
+) -> None:
     tenant = unique_tenant("acme")
     if store == "postgres":
         view = StoreView("postgres", tmp_path, request.getfixturevalue("pg_dsn"))
@@ -46,18 +58,22 @@ def test_kill_9_during_a_stream_of_100000_points_then_restart_stores_each_point_
     pki = TenantPki(tmp_path / "pki", tenant)
     broker = make_broker(pki)
     # A small commit window: many commits in flight when the process dies.
-    config = write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki, broker)], storage=view.storage,
-                          ingest={"max_messages": 20})
+    config = write_config(
+        tmp_path / "bridge.yaml", tenants=[tenant_entry(pki, broker)], storage=view.storage, ingest={"max_messages": 20}
+    )
     batches, per_batch = 400, 250
     bridge = BridgeProcess(config).start()
     bridge.wait_connected()
     sent = []
     with Gateway(pki, broker, GW) as gw:
-        stream = threading.Thread(target=lambda: sent.append(gw.batches("press-1", range(1, batches + 1), per_batch,
-                                                                        pace_s=0.006)), name="stream")
+        stream = threading.Thread(
+            target=lambda: sent.append(gw.batches("press-1", range(1, batches + 1), per_batch, pace_s=0.006)),
+            name="stream",
+        )
         stream.start()
-        at_kill = wait_until(lambda: (n := view.count(tenant, "points")) >= 20_000 and n, timeout_s=30,
-                             what="20,000 points stored")
+        at_kill = wait_until(
+            lambda: (n := view.count(tenant, "points")) >= 20_000 and n, timeout_s=30, what="20,000 points stored"
+        )
         bridge.kill()
         assert stream.is_alive(), "the stream ended before the kill; make it slower"
         stream.join(60)
@@ -70,27 +86,33 @@ def test_kill_9_during_a_stream_of_100000_points_then_restart_stores_each_point_
         exactly_once(view, tenant, batches=batches, points=batches * per_batch)
     finally:
         bridge.stop()
-    stopped = [e for e in bridge.logs() if e.get("msg") == "ingest stopped"][0]
+    stopped = next(e for e in bridge.logs() if e.get("msg") == "ingest stopped")
     assert stopped["batches"] + stopped["duplicates"] >= batches - at_kill // per_batch - 1
 
 
 @pytest.mark.timeout(120)
 def test_two_bridges_on_a_shared_subscription_store_every_point_once_and_alert_once(
-        tmp_path: Path, make_broker: Callable[..., Mosquitto], pg_dsn: str, pg_schemas: list[str]) -> None:
+    tmp_path: Path, make_broker: Callable[..., Mosquitto], pg_dsn: str, pg_schemas: list[str]
+) -> None:
     tenant = unique_tenant("acme")
     pg_schemas.append(tenant)
     view = StoreView("postgres", tmp_path, pg_dsn)
     pki = TenantPki(tmp_path / "pki", tenant)
     broker = make_broker(pki)
     config = write_config(
-        tmp_path / "bridge.yaml", tenants=[tenant_entry(pki, broker, shared_group="bridge")], storage=view.storage,
-        alerts={"rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 150_000.0}]})
+        tmp_path / "bridge.yaml",
+        tenants=[tenant_entry(pki, broker, shared_group="bridge")],
+        storage=view.storage,
+        alerts={"rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 150_000.0}]},
+    )
     one, two = BridgeProcess(config, instance="one").start(), BridgeProcess(config, instance="two").start()
     try:
         one.wait_connected()
         two.wait_connected()
-        wait_until(lambda: sum(1 for b in (one, two) for e in b.logs() if e.get("msg") == "connected to tenant broker")
-                   == 3, what="both shared sessions and the alert session")
+        wait_until(
+            lambda: sum(1 for b in (one, two) for e in b.logs() if e.get("msg") == "connected to tenant broker") == 3,
+            what="both shared sessions and the alert session",
+        )
         with Gateway(pki, broker, GW) as gw:
             gw.batches("press-1", range(1, 201), 250)
         wait_until(lambda: view.count(tenant, "points") >= 50_000, timeout_s=60, what="50,000 points")
@@ -119,11 +141,15 @@ def is_leader(bridge: BridgeProcess) -> bool:
 
 
 def test_a_restarted_bridge_neither_refires_nor_forgets_an_alert(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     view = StoreView("sqlite", tmp_path / "data")
     config = write_config(
-        tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage,
-        alerts={"rules": [{"name": "hot", "tag": "temp", "above": 80, "for": "1500ms", "clear_below": 70}]})
+        tmp_path / "bridge.yaml",
+        tenants=[tenant_entry(pki_acme, broker_acme)],
+        storage=view.storage,
+        alerts={"rules": [{"name": "hot", "tag": "temp", "above": 80, "for": "1500ms", "clear_below": 70}]},
+    )
     with Gateway(pki_acme, broker_acme, GW) as gw:
         with BridgeProcess(config) as bridge:
             bridge.wait_connected()
@@ -138,15 +164,24 @@ def test_a_restarted_bridge_neither_refires_nor_forgets_an_alert(
             gw.publish(f"gw/{GW}/data/cnc-1", batch(GW, "cnc-1", 2, [("temp", t0 + 2000, 95.0)]))
             gw.publish(f"gw/{GW}/data/cnc-1", batch(GW, "cnc-1", 2, [("temp", t0 + 2000, 95.0)]))
             time.sleep(0.5)
-        with BridgeProcess(config, log=tmp_path / "third.log") as bridge, \
-                Watcher(pki_acme, broker_acme, ["alerts/#"]) as watcher:
+        with (
+            BridgeProcess(config, log=tmp_path / "third.log") as bridge,
+            Watcher(pki_acme, broker_acme, ["alerts/#"]) as watcher,
+        ):
             bridge.wait_connected()
             gw.publish(f"gw/{GW}/data/cnc-1", batch(GW, "cnc-1", 3, [("temp", t0 + 3000, 65.0)]))
             wait_until(lambda: view.count("acme", "alerts") == 3, what="resolved")
             wait_until(lambda: any(d["state"] == "resolved" for d in watcher.docs()), what="resolved published")
     assert view.rows("acme", "SELECT state, previous FROM {alerts} ORDER BY id") == [
-        ("pending", "ok"), ("firing", "pending"), ("resolved", "firing")]
+        ("pending", "ok"),
+        ("firing", "pending"),
+        ("resolved", "firing"),
+    ]
     assert view.rows("acme", "SELECT state FROM {alert_state}") == [("resolved",)]
     published = watcher.docs("alerts/gw-01/cnc-1/hot")
     assert published[0]["state"] == "firing"  # retained, republished by the restarted bridge on connect
-    assert (published[-1]["state"], published[-1]["previous"], published[-1]["since"]) == ("resolved", "firing", t0 + 3000)
+    assert (published[-1]["state"], published[-1]["previous"], published[-1]["since"]) == (
+        "resolved",
+        "firing",
+        t0 + 3000,
+    )

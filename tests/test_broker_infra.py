@@ -35,14 +35,16 @@ class Site:
     proxy: Haproxy
     hosts: dict[str, str]
 
-    def conn(self, name: str, *, host: str | None = None, pki: TenantPki | None = None,
-             trust: TenantPki | None = None) -> list[str]:
+    def conn(
+        self, name: str, *, host: str | None = None, pki: TenantPki | None = None, trust: TenantPki | None = None
+    ) -> list[str]:
         """Client ``name`` of ``pki`` (default: this tenant) trusting ``trust``'s CA (default: ``pki``'s)."""
         pki = pki or self.pki
         return tls_args(host or self.pki.host, self.proxy.port, (trust or pki).ca_file, pki.paths(name))
 
-    def pub(self, name: str, topic: str, payload: str, *, retain: bool = False, debug: bool = False,
-            **conn: object) -> subprocess.CompletedProcess[str]:
+    def pub(
+        self, name: str, topic: str, payload: str, *, retain: bool = False, debug: bool = False, **conn: object
+    ) -> subprocess.CompletedProcess[str]:
         """``mosquitto_pub`` at QoS 1; ``debug`` (-d) prints the TLS alert a refused client gets."""
         argv = ["mosquitto_pub", *self.conn(name, **conn), "-q", "1", "-t", topic, "-m", payload]  # type: ignore[arg-type]
         return run_in_namespace(self.hosts, argv + (["-r"] if retain else []) + (["-d"] if debug else []))
@@ -77,9 +79,16 @@ def eventually(predicate: Callable[[], bool], timeout_s: float = 3.0) -> bool:
 
 
 def batch(seq: int) -> str:
-    return json.dumps({"v": 1, "gw": "gw-01", "dev": "press-1", "seq": seq,
-                       "points": [{"tag": "spindle_temp", "ts": 1732280000123, "v": 71.2, "q": "good"}]},
-                      separators=(",", ":"))
+    return json.dumps(
+        {
+            "v": 1,
+            "gw": "gw-01",
+            "dev": "press-1",
+            "seq": seq,
+            "points": [{"tag": "spindle_temp", "ts": 1732280000123, "v": 71.2, "q": "good"}],
+        },
+        separators=(",", ":"),
+    )
 
 
 def test_gateway_data_reaches_a_technician_through_the_proxy(site: Site) -> None:
@@ -92,15 +101,25 @@ def test_gateway_data_reaches_a_technician_through_the_proxy(site: Site) -> None
 
 def test_gateway_writes_only_its_own_topics(site: Site) -> None:
     with site.sub("tech-1", "gw/#", "alerts/#") as tech:
-        for topic in ("gw/gw-02/data/press-1", "gw/gw-02/status", "gw/gw-02/cmd/write",
-                      "gw/gw-01/cmd/write", "gw/gw-01/other", "alerts/gw-01/press-1/overtemp"):
+        for topic in (
+            "gw/gw-02/data/press-1",
+            "gw/gw-02/status",
+            "gw/gw-02/cmd/write",
+            "gw/gw-01/cmd/write",
+            "gw/gw-01/other",
+            "alerts/gw-01/press-1/overtemp",
+        ):
             result = site.pub("gw-01", topic, "forged")
             assert (topic, result.stderr) == (topic, NOT_AUTHORIZED)
         for topic in ("gw/gw-01/meta/press-1", "gw/gw-01/events", "gw/gw-01/cmd/ping/reply", "gw/gw-01/status"):
             assert site.pub("gw-01", topic, "ok").stderr == ""
         tech.wait_message("gw/gw-01/status")
-        assert tech.messages == [("gw/gw-01/meta/press-1", "ok"), ("gw/gw-01/events", "ok"),
-                                 ("gw/gw-01/cmd/ping/reply", "ok"), ("gw/gw-01/status", "ok")]
+        assert tech.messages == [
+            ("gw/gw-01/meta/press-1", "ok"),
+            ("gw/gw-01/events", "ok"),
+            ("gw/gw-01/cmd/ping/reply", "ok"),
+            ("gw/gw-01/status", "ok"),
+        ]
 
 
 def test_gateway_reads_only_its_own_commands(site: Site) -> None:
@@ -116,8 +135,12 @@ def test_gateway_reads_only_its_own_commands(site: Site) -> None:
 
 def test_technician_cannot_publish(site: Site) -> None:
     with site.sub("bridge", "gw/#", "alerts/#") as bridge:
-        for topic in ("gw/gw-01/cmd/write", "gw/gw-01/data/press-1", "gw/tech-1/data/press-1",
-                      "alerts/gw-01/press-1/overtemp"):
+        for topic in (
+            "gw/gw-01/cmd/write",
+            "gw/gw-01/data/press-1",
+            "gw/tech-1/data/press-1",
+            "alerts/gw-01/press-1/overtemp",
+        ):
             assert (topic, site.pub("tech-1", topic, "forged").stderr) == (topic, NOT_AUTHORIZED)
         assert site.pub("gw-01", "gw/gw-01/events", "after").stderr == ""
         bridge.wait_message("gw/gw-01/events")
@@ -149,8 +172,9 @@ def test_certificate_from_another_tenant_gets_no_session(site: Site, broker_glob
     globex = broker_globex.pki
     globex.client("gw-01")
     # Same gateway id, globex's CA: acme's broker refuses it during the handshake.
-    result = site.pub("gw-01", "gw/gw-01/events", "intruder", pki=globex, trust=site.pki,
-                      host="mqtt.acme.test", debug=True)
+    result = site.pub(
+        "gw-01", "gw/gw-01/events", "intruder", pki=globex, trust=site.pki, host="mqtt.acme.test", debug=True
+    )
     assert result.returncode != 0 and "alert unknown ca" in result.stdout
     assert eventually(lambda: "OpenSSL Error" in site.broker.log())
     assert "u'gw-01'" not in site.broker.log()  # no MQTT session was ever created
@@ -173,7 +197,7 @@ def test_revoked_certificate_is_refused_at_handshake(site: Site) -> None:
 
 
 def test_expired_certificate_is_refused(site: Site) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     site.pki.client("gw-old", not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
     result = site.pub("gw-old", "gw/gw-old/events", "x", debug=True)
     assert result.returncode != 0 and "alert certificate expired" in result.stdout
@@ -211,5 +235,9 @@ def test_acl_lists_only_valid_technicians() -> None:
     with pytest.raises(ProvisioningError, match=r"^technician identity 'gw-01' must be 'tech-<name>'"):
         render.mosquitto_acl(technicians=["gw-01"])
     with pytest.raises(ProvisioningError, match=r"^tenant acme: SNI name 'MQTT acme' is not a lowercase DNS name$"):
-        render.haproxy_cfg(bind="127.0.0.1", port=8883, map_file="/x.map",
-                           tenants=[{"name": "acme", "sni_host": "MQTT acme", "backend_addr": "127.0.0.1:1"}])
+        render.haproxy_cfg(
+            bind="127.0.0.1",
+            port=8883,
+            map_file="/x.map",
+            tenants=[{"name": "acme", "sni_host": "MQTT acme", "backend_addr": "127.0.0.1:1"}],
+        )

@@ -47,10 +47,17 @@ def test_batches_are_cut_by_points_and_bytes_and_payload_is_the_contract(tmp_pat
 
 def test_bad_points_and_non_finite_numbers(tmp_path: Path) -> None:
     with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8) as buf:
-        buf.add("d", [Point.bad("d", "a", "timeout", ts=5), Point("d", "b", 6, float("nan"))], max_points=10, max_bytes=10**6)
+        buf.add(
+            "d",
+            [Point.bad("d", "a", "timeout", ts=5), Point("d", "b", 6, float("nan"))],
+            max_points=10,
+            max_bytes=10**6,
+        )
     doc = json.loads(BufferReader(tmp_path / "b.db").pending(0, 1)[0].payload)
-    assert doc["points"] == [{"tag": "a", "ts": 5, "v": None, "q": "bad", "err": "timeout"},
-                             {"tag": "b", "ts": 6, "v": None, "q": "bad", "err": "not a finite number (nan)"}]
+    assert doc["points"] == [
+        {"tag": "a", "ts": 5, "v": None, "q": "bad", "err": "timeout"},
+        {"tag": "b", "ts": 6, "v": None, "q": "bad", "err": "not a finite number (nan)"},
+    ]
 
 
 def test_seq_keeps_increasing_across_restarts_and_confirmations(tmp_path: Path) -> None:
@@ -128,6 +135,7 @@ def test_broker_mode_forgets_accepted_batches_before_dropping_any(tmp_path: Path
             assert stats is not None
             if stats.unconfirmed == 0:
                 break
+    assert stats is not None
     assert stats.unconfirmed == 0 and stats.dropped_points == 0 and stats.batches == 3 * (round_ + 1)
 
 
@@ -165,8 +173,12 @@ while True:
 
 def test_kill_9_loses_nothing_that_was_committed(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.stdout is not None
     committed, lines = 0, 0
     deadline = time.monotonic() + 20
@@ -206,20 +218,32 @@ def test_a_buffer_from_the_previous_version_is_migrated_with_its_drop_count(tmp_
 
 
 def test_report_by_exception() -> None:
-    f = ReportFilter({("d", "temp"): Rule(Deadband(0.5), 60_000), ("d", "pct"): Rule(Deadband(10, percent=True), None),
-                      ("d", "raw"): Rule(None, None), ("d", "quiet"): Rule(None, 10_000)})
+    f = ReportFilter(
+        {
+            ("d", "temp"): Rule(Deadband(0.5), 60_000),
+            ("d", "pct"): Rule(Deadband(10, percent=True), None),
+            ("d", "raw"): Rule(None, None),
+            ("d", "quiet"): Rule(None, 10_000),
+        }
+    )
 
-    def sel(tag: str, ts: int, value: object, quality: Quality = Quality.GOOD, err: str | None = None) -> bool:
+    def sel(
+        tag: str,
+        ts: int,
+        value: bool | int | float | str | None,
+        quality: Quality = Quality.GOOD,
+        err: str | None = None,
+    ) -> bool:
         return bool(f.select([Point("d", tag, ts, value, quality, err)]))
 
     assert sel("temp", 0, 70.0)
-    assert not sel("temp", 1000, 70.4)           # within the deadband
-    assert sel("temp", 2000, 70.6)               # moved by more than 0.5 from the last reported 70.0
+    assert not sel("temp", 1000, 70.4)  # within the deadband
+    assert sel("temp", 2000, 70.6)  # moved by more than 0.5 from the last reported 70.0
     assert not sel("temp", 3000, 70.9)
     assert sel("temp", 4000, None, Quality.BAD, "timeout")  # quality change: always
     assert not sel("temp", 5000, None, Quality.BAD, "timeout")
     assert sel("temp", 6000, 70.9)
-    assert sel("temp", 66_000, 70.9)             # max_silence
+    assert sel("temp", 66_000, 70.9)  # max_silence
     assert sel("pct", 0, 200.0) and not sel("pct", 1, 219.0) and sel("pct", 2, 221.0)
     assert sel("raw", 0, 1) and sel("raw", 1, 1)  # no deadband: every reading
     assert sel("quiet", 0, 1) and not sel("quiet", 1, 1) and sel("quiet", 2, 2) and sel("quiet", 10_002, 2)

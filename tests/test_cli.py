@@ -34,7 +34,9 @@ def test_check_config_summarises_the_demo_plant(capsys: pytest.CaptureFixture[st
 
 
 def test_check_config_names_file_path_and_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
 devices:
   - name: press-1
     protocol: modbus-tcp
@@ -52,38 +54,54 @@ devices:
     tags: [{name: t, node: "ns=2;s=X"}]
   - name: x
     protocol: profibus
-""")
+""",
+    )
     assert main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"Error: {path}: devices[0].tags[1].address: must be between 0 and 65535 (0-based protocol address) (got 70000)",
-        f"Error: {path}: devices[0].tags[2]: a register bit (bit: 10) is read as bool, not int16",
-        f"Error: {path}: devices[0].tags[3]: a string tag needs length: (number of registers, 2 characters each)",
-        f"Error: {path}: devices[0].tags[4].tpye: unknown key (check its spelling and indentation)",
-        f"Error: {path}: devices[1].poll: expected a duration like 500ms, 1s or 5m, got '5 parsecs'",
-        f"Error: {path}: devices[2].protocol: must be one of 'modbus-tcp', 'modbus-rtu', 'opcua' (got 'profibus')",
+        f"Error: {path}: devices[press-1].tags[far].address: must be between 0 and 65535 (0-based protocol address) (got 70000)",
+        f"Error: {path}: devices[press-1].tags[word]: a register bit (bit: 10) is read as bool, not int16",
+        f"Error: {path}: devices[press-1].tags[recipe]: a string tag needs length: (number of registers, 2 characters each)",
+        f"Error: {path}: devices[press-1].tags[typo].tpye: unknown key (check its spelling and indentation)",
+        f"Error: {path}: devices[oven].poll: expected a duration like 500ms, 1s or 5m, got '5 parsecs'",
+        f"Error: {path}: devices[x].protocol: must be one of 'modbus-tcp', 'modbus-rtu', 'opcua' (got 'profibus')",
     ]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("devices: [\n", "line 2 column 1: invalid YAML: expected the node content, but found '<stream end>'"),
-    ("- just\n- a list\n", "the top level must be a mapping of keys, got list"),
-    ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, tags: [{name: t, address: 1}, {name: t, address: 2}]}\n",
-     "devices[0].tags: tag name 't' is used twice"),
-    ("devices:\n  - {name: a/b, protocol: opcua, endpoint: 'opc.tcp://h', tags: [{name: t, node: 'i=1'}]}\n",
-     "devices[0].name: must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
-     "(it becomes an MQTT topic level) (got 'a/b')"),
-    ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_registers_per_read: 2, "
-     "tags: [{name: t, address: 1, type: float64}]}\n",
-     "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2"),
-    ("devices:\n  - {name: a, protocol: modbus-rtu, serial: /dev/ttyUSB0, max_concurrent_requests: 4, "
-     "tags: [{name: t, address: 1}]}\n",
-     "devices[0].max_concurrent_requests: a serial line carries one request at a time: "
-     "only 1 is possible for modbus-rtu (got 4)"),
-    ("devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_concurrent_requests: 64, tags: [{name: t, address: 1}]}\n",
-     "devices[0].max_concurrent_requests: must be less than or equal to 32 (got 64)"),
-])
-def test_config_errors_are_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("devices: [\n", "line 2 column 1: invalid YAML: expected the node content, but found '<stream end>'"),
+        ("- just\n- a list\n", "the top level must be a mapping of keys, got list"),
+        (
+            "devices:\n  - {name: a, protocol: modbus-tcp, host: h, tags: [{name: t, address: 1}, {name: t, address: 2}]}\n",
+            "devices[a].tags: tag name 't' is used twice",
+        ),
+        (
+            "devices:\n  - {name: a/b, protocol: opcua, endpoint: 'opc.tcp://h', tags: [{name: t, node: 'i=1'}]}\n",
+            "devices[0].name: must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
+            "(it becomes an MQTT topic level) (got 'a/b')",
+        ),
+        (
+            "devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_registers_per_read: 2, "
+            "tags: [{name: t, address: 1, type: float64}]}\n",
+            "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2",
+        ),
+        (
+            "devices:\n  - {name: a, protocol: modbus-rtu, serial: /dev/ttyUSB0, max_concurrent_requests: 4, "
+            "tags: [{name: t, address: 1}]}\n",
+            "devices[a].max_concurrent_requests: a serial line carries one request at a time: "
+            "only 1 is possible for modbus-rtu (got 4)",
+        ),
+        (
+            "devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_concurrent_requests: 64, tags: [{name: t, address: 1}]}\n",
+            "devices[a].max_concurrent_requests: must be less than or equal to 32 (got 64)",
+        ),
+    ],
+)
+def test_config_errors_are_one_line_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
     path = write(tmp_path, text)
     assert main(["check-config", str(path)]) == 2
     assert capsys.readouterr().err == f"Error: {path}: {message}\n"
@@ -101,13 +119,20 @@ def test_demo_config_matches_the_simulated_register_map() -> None:
         assert device.unit == machine.unit
         ignore = {"deadband", "max_silence", "description"}
         assert {t.name: t.model_dump(exclude=ignore) for t in device.tags} == {
-            f.name: f.tag().model_dump(exclude=ignore) for f in machine.fields}
+            f.name: f.tag().model_dump(exclude=ignore) for f in machine.fields
+        }
 
 
 async def run_agent(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", *args, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "agent.cli",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -137,10 +162,15 @@ async def test_agent_read_prints_a_table_and_json(tmp_path: Path) -> None:
 
 async def test_agent_read_reports_an_unreachable_device(tmp_path: Path) -> None:
     port = free_port()
-    config = write(tmp_path, f"devices:\n  - {{name: gone, protocol: modbus-tcp, host: 127.0.0.1, port: {port}, "
-                             f"tags: [{{name: a, address: 0}}, {{name: b, address: 1}}]}}\n")
+    config = write(
+        tmp_path,
+        f"devices:\n  - {{name: gone, protocol: modbus-tcp, host: 127.0.0.1, port: {port}, "
+        f"tags: [{{name: a, address: 0}}, {{name: b, address: 1}}]}}\n",
+    )
     code, out, err = await run_agent("read", "--config", str(config), "--json")
     assert code == 1
     assert err == "Error: 2 of 2 tags not good (first: gone.a: connection refused)\n"
     assert [(p["tag"], p["q"], p["err"]) for p in json.loads(out)[0]["points"]] == [
-        ("a", "bad", "connection refused"), ("b", "bad", "connection refused")]
+        ("a", "bad", "connection refused"),
+        ("b", "bad", "connection refused"),
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -35,7 +36,7 @@ def test_probe_only_when_nothing_newer_was_confirmed_and_backing_off_while_nothi
             now += S
         times.append(now)
         policy.probed(now)
-    gaps = [(b - a) / S for a, b in zip(times, times[1:])]
+    gaps = [(b - a) / S for a, b in itertools.pairwise(times)]
     assert gaps[0] == 60 and gaps[1] == 120 and max(gaps) == MAX_PROBE_INTERVAL_S  # doubling, capped
     policy.confirmed(50 * S)  # the bridge answers: probing becomes prompt again
     policy.probed(now)
@@ -73,8 +74,13 @@ def test_confirmation_payload_round_trip_and_refusals() -> None:
     payload = encode_acks([1, 2, 3, 5])
     assert json.loads(payload) == {"v": 1, "seqs": [[1, 3], [5, 5]]}
     assert decode_acks(payload) == [(1, 3), (5, 5)]
-    for bad, why in [(b"{", "not JSON"), (b'{"v":2,"seqs":[]}', "expected"), (b'{"v":1,"seqs":[[3,1]]}', "range"),
-                     (b'{"v":1,"seqs":[[1,"2"]]}', "range"), (b'{"v":1,"seqs":[[-1,2]]}', "range"),
-                     (b'{"v":1,"seqs":[[1,2,3]]}', "range")]:
+    for bad, why in [
+        (b"{", "not JSON"),
+        (b'{"v":2,"seqs":[]}', "expected"),
+        (b'{"v":1,"seqs":[[3,1]]}', "range"),
+        (b'{"v":1,"seqs":[[1,"2"]]}', "range"),
+        (b'{"v":1,"seqs":[[-1,2]]}', "range"),
+        (b'{"v":1,"seqs":[[1,2,3]]}', "range"),
+    ]:
         with pytest.raises(ValueError, match=why):
             decode_acks(bad)

@@ -8,6 +8,7 @@ the test reads that scratch file to see them come and go. The
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,10 +48,29 @@ class Demo:
         self.hosts_file.write_text("127.0.0.1 localhost\n::1 localhost\n")
         self.dir = demo_dir or root / "demo"
         unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
-        argv = [*unshare, "sh", "-c", _IN_NAMESPACE, "sh", str(self.hosts_file), str(ROOT / "scripts" / "demo"),
-                "--dir", str(self.dir), "--port-offset", str(offset), *args]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1, cwd=ROOT)
+        argv = [
+            *unshare,
+            "sh",
+            "-c",
+            _IN_NAMESPACE,
+            "sh",
+            str(self.hosts_file),
+            str(ROOT / "scripts" / "demo"),
+            "--dir",
+            str(self.dir),
+            "--port-offset",
+            str(offset),
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            cwd=ROOT,
+        )
         _LIVE[self.proc.pid] = self.proc
         self.lines: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True, name="demo output")
@@ -93,6 +114,10 @@ class Demo:
         self._thread.join(5)
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+def _grew(watcher: Watcher, lines: int) -> bool:
+    return len(watcher.output()) > lines
 
 
 def _free_offset() -> int:
@@ -146,8 +171,11 @@ def test_demo_once_fires_the_alert_and_the_printed_mosquitto_sub_shows_live_data
         assert batch["gw"] == GATEWAY and batch["seq"] >= 1 and batch["points"]
         assert all(p["q"] == "good" for p in batch["points"]), batch
         assert time.time() * 1000 - max(p["ts"] for p in batch["points"]) < 10_000  # live, not old
-        firing = watcher.wait_line(lambda x: x.startswith(f"alerts/{GATEWAY}/cnc-1/spindle-overtemp ")
-                                   and '"firing"' in x, 150, "the alert firing in mosquitto_sub")
+        firing = watcher.wait_line(
+            lambda x: x.startswith(f"alerts/{GATEWAY}/cnc-1/spindle-overtemp ") and '"firing"' in x,
+            150,
+            "the alert firing in mosquitto_sub",
+        )
         alert = json.loads(firing.split(" ", 1)[1])
         assert (alert["tenant"], alert["tag"], alert["severity"]) == ("acme", "spindle_temp", "critical")
         assert alert["value"] > 80
@@ -191,7 +219,7 @@ def test_demo_runs_twice_and_ctrl_c_stops_everything(short_root: Path) -> None:
                 assert "Error: " in second.output and f"the demo with pid {demo.proc.pid} runs there" in second.output
                 assert (demo.dir / "agent" / "identity.json").exists()
                 count = len(watcher.output())
-                eventually(lambda: len(watcher.output()) > count + 3, 10, "the first demo's data still flowing")
+                eventually(functools.partial(_grew, watcher, count + 3), 10, "the first demo's data still flowing")
             demo.proc.send_signal(signal.SIGINT)  # Ctrl-C
             assert demo.wait(30) == 0, demo.output
         finally:
@@ -211,10 +239,64 @@ def test_hosts_block_replaces_a_stale_one_and_leaves_every_other_line(tmp_path: 
 
     hosts = tmp_path / "hosts"
     original = "127.0.0.1 localhost\n10.0.0.5 plc-5  # the press\n"
-    hosts.write_text(original + f"{hostsfile.BEGIN}\n127.0.0.1 mqtt.old.demo.localhost\n{hostsfile.END}\n")
+    begin, end = f"{BEGIN} /srv/demo (removed when that demo stops)", f"{hostsfile.END} /srv/demo"
+    hosts.write_text(original + f"{begin}\n127.0.0.1 mqtt.old.demo.localhost\n{end}\n")
     inode = hosts.stat().st_ino
-    hostsfile.edit("add", "127.0.0.1", ["mqtt.acme.demo.localhost"], path=hosts)  # after a killed demo
-    assert hosts.read_text() == original + f"{hostsfile.BEGIN}\n127.0.0.1 mqtt.acme.demo.localhost\n{hostsfile.END}\n"
-    hostsfile.edit("remove", path=hosts)
+    hostsfile.edit(
+        "add", "127.0.0.1", ["mqtt.acme.demo.localhost"], owner="/srv/demo", path=hosts
+    )  # after a killed demo
+    assert hosts.read_text() == original + f"{begin}\n127.0.0.1 mqtt.acme.demo.localhost\n{end}\n"
+    hostsfile.edit("remove", owner="/srv/demo", path=hosts)
     assert hosts.read_text() == original
     assert hosts.stat().st_ino == inode  # edited in place: a bind-mounted /etc/hosts stays mounted
+
+
+_TWO_DEMOS = """
+import socket, sys
+from pathlib import Path
+from factory_edge.demo.stack import Ports, Stack
+
+def resolves(name):
+    try:
+        return socket.getaddrinfo(name, None)[0][4][0]
+    except OSError as exc:
+        return f"Lookup error: {exc}"
+
+first, second = (Stack(Path(d), Ports.with_offset(0)) for d in sys.argv[1:3])
+first.resolve_names()
+second.resolve_names()          # the names resolve already, through the first demo's block
+first.down()                    # the first demo stops and takes its block out
+print(resolves("mqtt.acme.demo.localhost"), resolves("mqtt.globex.demo.localhost"))
+second.down()
+print(resolves("mqtt.acme.demo.localhost").split(":")[0])
+"""
+
+
+def test_two_demos_keep_their_own_hosts_block(tmp_path: Path) -> None:
+    """Issue 12 item 3: a demo that found the names resolving through another demo's block lost them when that one stopped."""
+    hosts = tmp_path / "hosts"
+    original = "127.0.0.1 localhost\n::1 localhost\n"
+    hosts.write_text(original)
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
+    result = subprocess.run(
+        [
+            *unshare,
+            "sh",
+            "-c",
+            _IN_NAMESPACE,
+            "sh",
+            str(hosts),
+            sys.executable,
+            "-c",
+            _TWO_DEMOS,
+            str(tmp_path / "demo-1"),
+            str(tmp_path / "demo-2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["127.0.0.1 127.0.0.1", "Lookup error"]
+    assert hosts.read_text() == original

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from agent.cli import build_parser
@@ -29,8 +30,12 @@ def test_every_agent_command_has_help_and_a_docs_section() -> None:
             assert action.help, f"agent {name}: option {action.dest} has no help text"
 
 
-@pytest.mark.parametrize(("models", "keys"), documented_models(DOCS / "config.md"), ids=lambda v: getattr(v, "__name__", "") if isinstance(v, type) else None)
-def test_config_doc_and_models_agree(models: list[type], keys: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("models", "keys"),
+    documented_models(DOCS / "config.md"),
+    ids=lambda v: getattr(v, "__name__", "") if isinstance(v, type) else None,
+)
+def test_config_doc_and_models_agree(models: list[type[pydantic.BaseModel]], keys: set[str]) -> None:
     fields = set().union(*(m.model_fields for m in models))
     assert keys - fields == set(), f"documented but not in {models}: {keys - fields}"
     assert fields - keys == set(), f"in {models} but not documented: {fields - keys}"

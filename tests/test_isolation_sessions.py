@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.isolation_fixtures import (Client, bridge_config, data_batch, files_of, provision, start_bridge,
-                                      stored_seqs)
+from tests.isolation_fixtures import Client, bridge_config, data_batch, files_of, provision, start_bridge, stored_seqs
 from tests.provisioning_fixtures import Deployment, eventually, provisioning
 
 pytestmark = pytest.mark.timeout(180)
@@ -64,7 +63,8 @@ def take_over_loop(site: Deployment, state: Path, client_ids: list[str], seconds
 
 @pytest.mark.parametrize("seconds", [6.0, pytest.param(20.0, marks=pytest.mark.fault)], ids=["6s", "20s"])
 def test_a_stolen_gateway_certificate_cannot_take_over_the_bridge_or_another_gateway(
-        site: Deployment, tmp_path: Path, seconds: float) -> None:
+    site: Deployment, tmp_path: Path, seconds: float
+) -> None:
     victim_state = provision(site, tmp_path, "acme", f"gw-victim-{int(seconds)}")
     thief_state = provision(site, tmp_path, "acme", f"gw-thief-{int(seconds)}")
     victim_id = victim_state.name
@@ -74,8 +74,9 @@ def test_a_stolen_gateway_certificate_cannot_take_over_the_bridge_or_another_gat
     commands.close()
     host, ca, _, _ = files_of(victim_state)
     files = site.data / "tenants" / "acme"
-    sender = Client(site, host=host, ca=ca, cert=str(files / "bridge.pem"), key=str(files / "bridge.key"),
-                    client_id="operator").connect()
+    sender = Client(
+        site, host=host, ca=ca, cert=str(files / "bridge.pem"), key=str(files / "bridge.key"), client_id="operator"
+    ).connect()
     for n in range(3):
         assert sender.publish(f"gw/{victim_id}/cmd/ping", f"queued {n}") == 0
     sender.close()
@@ -87,8 +88,9 @@ def test_a_stolen_gateway_certificate_cannot_take_over_the_bridge_or_another_gat
     victim = Client.gateway(site, victim_state, clean_start=False, session_expiry_s=3600).connect()
     stop = threading.Event()
     acked: list[int] = []
-    publisher = threading.Thread(target=lambda: acked.extend(publish_during(victim, victim_id, range(1, 100_000),
-                                                                            stop, 0.02)))
+    publisher = threading.Thread(
+        target=lambda: acked.extend(publish_during(victim, victim_id, range(1, 100_000), stop, 0.02))
+    )
     try:
         eventually(lambda: len(victim.received()) == 3, 10, "the three queued commands")
         assert [p for _, p in victim.received()] == [b"queued 0", b"queued 1", b"queued 2"]
@@ -107,8 +109,9 @@ def test_a_stolen_gateway_certificate_cannot_take_over_the_bridge_or_another_gat
     assert not [e for e in bridge.logs() if "taken over" in e.get("msg", "")]
     assert [e for e in bridge.logs() if e.get("msg") == "connection to tenant broker lost"] == []
     # Every thief's connection is its own session: the broker names each session after its certificate.
-    sessions = re.findall(r"New client connected from \S+ as (\S+) \(p5, c\d, k\d+, u'([^']+)'\)",
-                          site.brokers["acme"].log())
+    sessions = re.findall(
+        r"New client connected from \S+ as (\S+) \(p5, c\d, k\d+, u'([^']+)'\)", site.brokers["acme"].log()
+    )
     assert (thief_state.name, thief_state.name) in sessions
     assert all(client_id == username for client_id, username in sessions)
 
@@ -119,15 +122,17 @@ def test_a_copy_of_the_bridges_own_certificate_is_logged_as_a_takeover(site: Dep
     files = site.data / "tenants" / "acme"
     cert, key = files / "bridges" / "bridge.main.pem", files / "bridges" / "bridge.main.key"
     try:
-        copy = Client(site, host="mqtt.acme.test", ca=str(files / "ca.pem"), cert=str(cert), key=str(key),
-                      client_id="anything").connect()
+        copy = Client(
+            site, host="mqtt.acme.test", ca=str(files / "ca.pem"), cert=str(cert), key=str(key), client_id="anything"
+        ).connect()
         copy.close()
         bridge.wait_log("session taken over by another connection with our client id")
     finally:
         bridge.stop()
     assert "Client bridge.main already connected, closing old connection." in site.brokers["acme"].log()
-    logged = next(e for e in bridge.logs() if e.get("msg") == "session taken over by another connection with our "
-                                                                "client id")
+    logged = next(
+        e for e in bridge.logs() if e.get("msg") == "session taken over by another connection with our client id"
+    )
     assert logged["tenant"] == "acme" and logged["client_id"] == "bridge.main"
 
 
@@ -141,8 +146,9 @@ def test_a_gateway_cannot_join_the_bridges_shared_subscription(site: Deployment,
         assert thief.subscribe("$share/bridge/gw/+/data/+") == NOT_AUTHORIZED  # refused at SUBSCRIBE
         for seq in range(1, 31):
             assert victim.publish("gw/gw-share-victim/data/press-1", data_batch("gw-share-victim", seq)) == 0
-        eventually(lambda: stored_seqs(tmp_path, "acme", "gw-share-victim") == set(range(1, 31)), 20,
-                   "all 30 batches stored")
+        eventually(
+            lambda: stored_seqs(tmp_path, "acme", "gw-share-victim") == set(range(1, 31)), 20, "all 30 batches stored"
+        )
         assert thief.received() == []
     finally:
         thief.close()
@@ -155,18 +161,36 @@ def test_subscriptions_beyond_an_identitys_rights_are_refused_at_subscribe(site:
     other = provision(site, tmp_path, "acme", "gw-subs-other")
     gateway = Client.gateway(site, state).connect()
     try:
-        refused = ["#", "gw/+/data/+", "gw/gw-subs-other/data/x", "gw/gw-subs-other/cmd/#", "gw/gw-subs-other/ack",
-                   "$share/bridge/gw/+/data/+", "$share/x/gw/gw-subs/cmd/#", "alerts/#", "$SYS/#", "+/gw-subs/ack"]
+        refused = [
+            "#",
+            "gw/+/data/+",
+            "gw/gw-subs-other/data/x",
+            "gw/gw-subs-other/cmd/#",
+            "gw/gw-subs-other/ack",
+            "$share/bridge/gw/+/data/+",
+            "$share/x/gw/gw-subs/cmd/#",
+            "alerts/#",
+            "$SYS/#",
+            "+/gw-subs/ack",
+        ]
         assert {t: gateway.subscribe(t) for t in refused} == {t: NOT_AUTHORIZED for t in refused}
         assert {t: gateway.subscribe(t) for t in ("gw/gw-subs/cmd/#", "gw/gw-subs/ack")} == {
-            "gw/gw-subs/cmd/#": 1, "gw/gw-subs/ack": 1}
+            "gw/gw-subs/cmd/#": 1,
+            "gw/gw-subs/ack": 1,
+        }
     finally:
         gateway.close()
     out = provisioning(site.data, "technician-cert", "acme", "subs", "--hours", "1", "--out", str(tmp_path / "t"))
     assert "subscription rules updated" in out.stdout
     host, ca, _, _ = files_of(other)
-    tech = Client(site, host=host, ca=ca, cert=str(tmp_path / "t" / "tech-subs.pem"),
-                  key=str(tmp_path / "t" / "tech-subs.key"), client_id="tech").connect()
+    tech = Client(
+        site,
+        host=host,
+        ca=ca,
+        cert=str(tmp_path / "t" / "tech-subs.pem"),
+        key=str(tmp_path / "t" / "tech-subs.key"),
+        client_id="tech",
+    ).connect()
     try:
         assert [tech.subscribe(t) for t in ("$share/bridge/gw/+/data/+", "#", "$SYS/#")] == [NOT_AUTHORIZED] * 3
         assert [tech.subscribe(t) for t in ("gw/#", "alerts/#", "gw/+/data/+")] == [1, 1, 1]
@@ -182,8 +206,14 @@ def test_only_bridge_identities_write_acks_and_a_gateway_reads_only_its_own(site
     neighbour = Client.gateway(site, theirs).connect()
     files = site.data / "tenants" / "acme"
     host, ca, _, _ = files_of(mine)
-    bridge = Client(site, host=host, ca=ca, cert=str(files / "bridges" / "bridge-alerts.pem"),
-                    key=str(files / "bridges" / "bridge-alerts.key"), client_id="acks").connect()
+    bridge = Client(
+        site,
+        host=host,
+        ca=ca,
+        cert=str(files / "bridges" / "bridge-alerts.pem"),
+        key=str(files / "bridges" / "bridge-alerts.key"),
+        client_id="acks",
+    ).connect()
     try:
         assert gateway.subscribe("gw/gw-ack/ack") == 1
         assert neighbour.subscribe("gw/gw-ack/ack") == NOT_AUTHORIZED

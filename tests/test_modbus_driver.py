@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from typing import Self
 
 import pytest
 
-from drivers.config import ModbusTcpDevice, ModbusTag, Table
+from drivers.config import ModbusTag, ModbusTcpDevice, Table
 from drivers.modbus.driver import ModbusDriver
 from drivers.points import Point, Quality
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
@@ -21,8 +22,17 @@ ORDERS = ["ABCD", "CDAB", "BADC", "DCBA"]
 
 def device(port: int, tags: list[dict], **extra) -> ModbusTcpDevice:
     return ModbusTcpDevice.model_validate(
-        {"protocol": "modbus-tcp", "name": extra.pop("name", "dev"), "host": "127.0.0.1", "port": port,
-         "timeout": "300ms", "retries": 0, "tags": tags, **extra})
+        {
+            "protocol": "modbus-tcp",
+            "name": extra.pop("name", "dev"),
+            "host": "127.0.0.1",
+            "port": port,
+            "timeout": "300ms",
+            "retries": 0,
+            "tags": tags,
+            **extra,
+        }
+    )
 
 
 def by_tag(points: list[Point]) -> dict[str, Point]:
@@ -52,19 +62,32 @@ async def test_every_type_and_byte_order_read_exactly() -> None:
     tags += [
         {"name": "recipe", "address": 100, "type": "string", "length": 5},
         {"name": "recipe_swapped", "address": 110, "type": "string", "length": 2, "order": "BADC"},
-        {"name": "bit0", "address": "120.0"}, {"name": "bit1", "address": 120, "bit": 1},
+        {"name": "bit0", "address": "120.0"},
+        {"name": "bit1", "address": 120, "bit": 1},
         {"name": "bit15", "address": "120.15"},
         {"name": "temp", "address": 121, "type": "int16", "scale": 0.1, "offset": 1.5},
         {"name": "input_neg", "table": "input", "address": 0, "type": "int16"},
-        {"name": "coil0", "table": "coil", "address": 0}, {"name": "coil1", "table": "coil", "address": 1},
-        {"name": "coil2", "table": "coil", "address": 2}, {"name": "door", "table": "discrete", "address": 5},
+        {"name": "coil0", "table": "coil", "address": 0},
+        {"name": "coil1", "table": "coil", "address": 1},
+        {"name": "coil2", "table": "coil", "address": 2},
+        {"name": "door", "table": "discrete", "address": 5},
     ]
-    expected |= {"recipe": "RECIPE-7", "recipe_swapped": "RECI", "bit0": True, "bit1": False, "bit15": True,
-                 "temp": 72.8, "input_neg": -200, "coil0": True, "coil1": False, "coil2": True, "door": True}
+    expected |= {
+        "recipe": "RECIPE-7",
+        "recipe_swapped": "RECI",
+        "bit0": True,
+        "bit1": False,
+        "bit15": True,
+        "temp": 72.8,
+        "input_neg": -200,
+        "coil0": True,
+        "coil1": False,
+        "coil2": True,
+        "door": True,
+    }
     port = free_port()
-    async with ModbusSimulator(units={1: model}, port=port):
-        async with ModbusDriver(device(port, tags, max_gap=0)) as driver:
-            points = await driver.read()
+    async with ModbusSimulator(units={1: model}, port=port), ModbusDriver(device(port, tags, max_gap=0)) as driver:
+        points = await driver.read()
     assert {p.tag: p.value for p in points} == expected
     assert all(p.quality is Quality.GOOD and p.error is None for p in points)
 
@@ -74,11 +97,10 @@ async def test_thousand_contiguous_tags_take_eight_requests() -> None:
     model.set_registers(Table.HOLDING, 0, range(1000))
     tags = [{"name": f"r{i}", "address": i} for i in range(1000)]
     port = free_port()
-    async with ModbusSimulator(units={1: model}, port=port) as sim:
-        async with ModbusDriver(device(port, tags)) as driver:
-            before = sim.count()
-            points = await driver.read()
-            assert sim.count() - before == 8
+    async with ModbusSimulator(units={1: model}, port=port) as sim, ModbusDriver(device(port, tags)) as driver:
+        before = sim.count()
+        points = await driver.read()
+        assert sim.count() - before == 8
     assert [p.value for p in points] == list(range(1000))
 
 
@@ -101,18 +123,17 @@ async def test_a_hole_in_the_map_fails_only_its_own_tag_and_the_split_is_remembe
     tags += [{"name": "in_hole", "address": 22}]
     tags += [{"name": f"b{i}", "address": 25 + i} for i in range(15)]
     port = free_port()
-    async with ModbusSimulator(units={1: model}, port=port) as sim:
-        async with ModbusDriver(device(port, tags)) as driver:
-            first = by_tag(await driver.read())
-            assert first["in_hole"].quality is Quality.BAD
-            assert first["in_hole"].error == "illegal data address"
-            assert all(first[f"a{i}"].value == 100 + i for i in range(20))
-            assert all(first[f"b{i}"].value == 200 + i for i in range(15))
-            before = sim.count()
-            second = by_tag(await driver.read())
-            # The second poll uses the learned plan: one request per read, no retries of the merged read.
-            assert sim.count() - before == len(driver.plan) == 3
-            assert second["a3"].value == 103 and second["in_hole"].error == "illegal data address"
+    async with ModbusSimulator(units={1: model}, port=port) as sim, ModbusDriver(device(port, tags)) as driver:
+        first = by_tag(await driver.read())
+        assert first["in_hole"].quality is Quality.BAD
+        assert first["in_hole"].error == "illegal data address"
+        assert all(first[f"a{i}"].value == 100 + i for i in range(20))
+        assert all(first[f"b{i}"].value == 200 + i for i in range(15))
+        before = sim.count()
+        second = by_tag(await driver.read())
+        # The second poll uses the learned plan: one request per read, no retries of the merged read.
+        assert sim.count() - before == len(driver.plan) == 3
+        assert second["a3"].value == 103 and second["in_hole"].error == "illegal data address"
 
 
 class SilentDevice:
@@ -127,7 +148,7 @@ class SilentDevice:
         while await reader.read(1024):
             pass
 
-    async def __aenter__(self) -> SilentDevice:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
         return self
 
@@ -147,11 +168,14 @@ async def test_a_dead_device_never_delays_a_live_one() -> None:
     def sink(name: str):
         async def emit(points: list[Point]) -> None:
             polls[name].append(points)
+
         return emit
 
     drivers = {
         "live": ModbusDriver(device(live_port, [{"name": "x", "address": 0}], name="live", poll="100ms")),
-        "hung": ModbusDriver(device(hung_port, [{"name": "x", "address": 0}], name="hung", poll="100ms", timeout="500ms", retries=1)),
+        "hung": ModbusDriver(
+            device(hung_port, [{"name": "x", "address": 0}], name="hung", poll="100ms", timeout="500ms", retries=1)
+        ),
         "closed": ModbusDriver(device(closed_port, [{"name": "x", "address": 0}], name="closed", poll="100ms")),
     }
     async with ModbusSimulator(units={1: model}, port=live_port), SilentDevice(hung_port):
@@ -212,23 +236,29 @@ async def test_writes_encode_type_and_order() -> None:
         {"name": "locked", "address": 12},
     ]
     port = free_port()
-    async with ModbusSimulator(units={1: model}, port=port):
-        async with ModbusDriver(device(port, tags)) as driver:
-            await driver.write("setpoint", 71.5)
-            await driver.write("speed", -12.3)
-            await driver.write("recipe", "AB-7")
-            await driver.write("total", 4_000_000_000)
-            await driver.write("flag", True)
-            await driver.write("run", "on")
-            values = {p.tag: p.value for p in await driver.read()}
-            with pytest.raises(WriteRefused, match="dev.locked is not writable"):
-                await driver.write("locked", 1)
-            with pytest.raises(WriteRefused, match="no tag named 'nope'"):
-                await driver.write("nope", 1)
-            with pytest.raises(WriteRefused, match="out of range for int16"):
-                await driver.write("speed", 5000)
-    assert values == {"setpoint": 71.5, "speed": -12.3, "recipe": "AB-7", "total": 4_000_000_000,
-                      "flag": True, "run": True, "locked": 0}
+    async with ModbusSimulator(units={1: model}, port=port), ModbusDriver(device(port, tags)) as driver:
+        await driver.write("setpoint", 71.5)
+        await driver.write("speed", -12.3)
+        await driver.write("recipe", "AB-7")
+        await driver.write("total", 4_000_000_000)
+        await driver.write("flag", True)
+        await driver.write("run", "on")
+        values = {p.tag: p.value for p in await driver.read()}
+        with pytest.raises(WriteRefused, match="dev.locked is not writable"):
+            await driver.write("locked", 1)
+        with pytest.raises(WriteRefused, match="no tag named 'nope'"):
+            await driver.write("nope", 1)
+        with pytest.raises(WriteRefused, match="out of range for int16"):
+            await driver.write("speed", 5000)
+    assert values == {
+        "setpoint": 71.5,
+        "speed": -12.3,
+        "recipe": "AB-7",
+        "total": 4_000_000_000,
+        "flag": True,
+        "run": True,
+        "locked": 0,
+    }
     # Exactly these registers reached the device: CDAB float, and bit 1 set without touching bits 0 and 2.
     assert model.get_registers(Table.HOLDING, 0, 2) == wire("f", 71.5, "CDAB")
     assert model.get_registers(Table.HOLDING, 8, 2) == wire("I", 4_000_000_000, "DCBA")

@@ -27,7 +27,8 @@ async def serial_pair(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
     agent_end, device_end = tmp_path / "ttyAGENT", tmp_path / "ttyDEVICE"
     proc = subprocess.Popen(
         ["socat", f"pty,raw,echo=0,link={agent_end}", f"pty,raw,echo=0,link={device_end}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         await wait_for(lambda: agent_end.exists() and device_end.exists(), timeout_s=5, what="socat ptys")
@@ -39,9 +40,20 @@ async def serial_pair(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
 
 def rtu_device(name: str, port: str, unit: int, tags: list[dict]) -> ModbusRtuDevice:
     # Linux pseudo-terminals refuse parity settings (EINVAL), so the line runs 8N1 here.
-    return ModbusRtuDevice.model_validate({
-        "protocol": "modbus-rtu", "name": name, "serial": port, "baudrate": 19200, "parity": "N",
-        "stopbits": 1, "unit": unit, "timeout": "500ms", "retries": 1, "tags": tags})
+    return ModbusRtuDevice.model_validate(
+        {
+            "protocol": "modbus-rtu",
+            "name": name,
+            "serial": port,
+            "baudrate": 19200,
+            "parity": "N",
+            "stopbits": 1,
+            "unit": unit,
+            "timeout": "500ms",
+            "retries": 1,
+            "tags": tags,
+        }
+    )
 
 
 async def test_rtu_reads_two_units_on_one_line_and_writes(serial_pair: tuple[str, str]) -> None:
@@ -52,14 +64,28 @@ async def test_rtu_reads_two_units_on_one_line_and_writes(serial_pair: tuple[str
     drive.set_registers(Table.HOLDING, 0, [1480, 0])
     drive.define(Table.COIL, 0, 8)
     async with ModbusSimulator(units={3: flow_meter, 4: drive}, serial=device_end, baudrate=19200) as sim:
-        meter_driver = ModbusDriver(rtu_device("flow-3", agent_end, 3, [
-            {"name": "flow", "table": "input", "address": 0, "type": "uint32", "order": "CDAB"},
-            {"name": "level", "table": "input", "address": 2, "type": "float32"},
-        ]))
-        drive_driver = ModbusDriver(rtu_device("drive-4", agent_end, 4, [
-            {"name": "speed", "address": 0, "writable": True},
-            {"name": "enable", "table": "coil", "address": 1, "writable": True},
-        ]))
+        meter_driver = ModbusDriver(
+            rtu_device(
+                "flow-3",
+                agent_end,
+                3,
+                [
+                    {"name": "flow", "table": "input", "address": 0, "type": "uint32", "order": "CDAB"},
+                    {"name": "level", "table": "input", "address": 2, "type": "float32"},
+                ],
+            )
+        )
+        drive_driver = ModbusDriver(
+            rtu_device(
+                "drive-4",
+                agent_end,
+                4,
+                [
+                    {"name": "speed", "address": 0, "writable": True},
+                    {"name": "enable", "table": "coil", "address": 1, "writable": True},
+                ],
+            )
+        )
         async with meter_driver, drive_driver:
             # Both devices poll at once; they share the port and take turns on the line.
             meter, drv = await asyncio.gather(meter_driver.read(), drive_driver.read())
@@ -77,8 +103,10 @@ async def test_rtu_unknown_unit_is_bad_and_its_neighbour_good(serial_pair: tuple
     model = RegisterModel()
     model.set_registers(Table.HOLDING, 0, [5])
     async with ModbusSimulator(units={1: model}, serial=device_end):
-        async with ModbusDriver(rtu_device("ghost", agent_end, 9, [{"name": "x", "address": 0}])) as ghost, \
-                ModbusDriver(rtu_device("real", agent_end, 1, [{"name": "x", "address": 0}])) as real:
+        async with (
+            ModbusDriver(rtu_device("ghost", agent_end, 9, [{"name": "x", "address": 0}])) as ghost,
+            ModbusDriver(rtu_device("real", agent_end, 1, [{"name": "x", "address": 0}])) as real,
+        ):
             bad = (await ghost.read())[0]
             good = (await real.read())[0]
     # Real hardware stays silent (timeout); pymodbus's simulator answers "device failure".

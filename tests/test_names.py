@@ -35,8 +35,11 @@ LONG_DOMAIN = ("d" * 59 + ".") * 3 + "d" * 60  # 240 characters, with a 63-chara
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` and its SHA-256: 'nothing on disk changed' is an equality of two of these."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(capsys: pytest.CaptureFixture[str], data: Path, *args: str) -> tuple[int, str, str]:
@@ -54,39 +57,58 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DataDir]:
 
 def csr(cn: str) -> str:
     from cryptography.hazmat.primitives import serialization
+
     return pki.make_csr(pki.new_key(), cn).public_bytes(serialization.Encoding.PEM).decode()
 
 
-@pytest.mark.parametrize(("args", "error"), [
-    (("tenant", "create", "nl\n", "--domain", "example.com"),
-     "Error: tenant name 'nl\\n' is not a DNS label: 1-63 lowercase letters, digits or '-', not starting or ending "
-     "with '-'"),
-    (("tenant", "create", "nl", "--domain", "example.com\nevil.com"),
-     "Error: domain 'example.com\\nevil.com' is not a lowercase DNS name: labels of 1-63 lowercase letters, digits "
-     "or '-', not starting or ending with '-', joined by '.'"),
-    (("tenant", "create", "t" * 63, "--domain", LONG_DOMAIN),
-     f"Error: domain '{LONG_DOMAIN}' is too long: the broker's name mqtt.{'t' * 35}… would have 309 characters "
-     "(at most 253)"),
-    (("technician-cert", "acme", "x\n"),
-     "Error: technician name 'x\\n' is not valid: 1-59 letters, digits, '_', '.' or '-', starting with a letter or "
-     "digit"),
-    (("technician", "revoke", "acme", "x\n"),
-     "Error: technician name 'x\\n' is not valid: 1-59 letters, digits, '_', '.' or '-', starting with a letter or "
-     "digit"),
-    (("bridge", "add", "main\n"),
-     "Error: bridge instance 'main\\n' is not valid: 1-57 letters, digits, '_', '.' or '-', starting with a letter or "
-     "digit"),
-], ids=["tenant-newline", "domain-newline", "too-long", "technician-newline", "revoke-newline", "bridge-newline"])
-def test_a_bad_name_is_one_line_and_changes_nothing(data: DataDir, capsys: pytest.CaptureFixture[str],
-                                                   args: tuple[str, ...], error: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ("tenant", "create", "nl\n", "--domain", "example.com"),
+            "Error: tenant name 'nl\\n' is not a DNS label: 1-63 lowercase letters, digits or '-', not starting or ending "
+            "with '-'",
+        ),
+        (
+            ("tenant", "create", "nl", "--domain", "example.com\nevil.com"),
+            "Error: domain 'example.com\\nevil.com' is not a lowercase DNS name: labels of 1-63 lowercase letters, digits "
+            "or '-', not starting or ending with '-', joined by '.'",
+        ),
+        (
+            ("tenant", "create", "t" * 63, "--domain", LONG_DOMAIN),
+            f"Error: domain '{LONG_DOMAIN}' is too long: the broker's name mqtt.{'t' * 35}… would have 309 characters "
+            "(at most 253)",
+        ),
+        (
+            ("technician-cert", "acme", "x\n"),
+            "Error: technician name 'x\\n' is not valid: 1-59 letters, digits, '_', '.' or '-', starting with a letter or "
+            "digit",
+        ),
+        (
+            ("technician", "revoke", "acme", "x\n"),
+            "Error: technician name 'x\\n' is not valid: 1-59 letters, digits, '_', '.' or '-', starting with a letter or "
+            "digit",
+        ),
+        (
+            ("bridge", "add", "main\n"),
+            "Error: bridge instance 'main\\n' is not valid: 1-57 letters, digits, '_', '.' or '-', starting with a letter or "
+            "digit",
+        ),
+    ],
+    ids=["tenant-newline", "domain-newline", "too-long", "technician-newline", "revoke-newline", "bridge-newline"],
+)
+def test_a_bad_name_is_one_line_and_changes_nothing(
+    data: DataDir, capsys: pytest.CaptureFixture[str], args: tuple[str, ...], error: str
+) -> None:
     before = snapshot(data.root)
     code, out, err = cli(capsys, data.root, *args)
     assert (code, out, err) == (1, "", error + "\n")
     assert snapshot(data.root) == before
 
 
-def test_after_a_refused_tenant_the_next_tenant_and_init_still_work(data: DataDir,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_after_a_refused_tenant_the_next_tenant_and_init_still_work(
+    data: DataDir, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli(capsys, data.root, "tenant", "create", "nl\n", "--domain", "example.com")[0] == 1
     assert cli(capsys, data.root, "tenant", "create", "nl", "--domain", "example.com")[0] == 0
     assert cli(capsys, data.root, "init")[0] == 0
@@ -109,17 +131,23 @@ def test_a_san_other_than_an_id_is_refused() -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
+
     key = pki.new_key()
-    request = (x509.CertificateSigningRequestBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-01")]))
-               .add_extension(x509.SubjectAlternativeName([x509.DNSName("gw-01\nuser bridge")]), critical=False)
-               .sign(key, hashes.SHA256()))
-    with pytest.raises(FactoryEdgeError, match="CSR subject alternative name 'gw-01\\\\nuser bridge' is not a valid id"):
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-01")]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("gw-01\nuser bridge")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(
+        FactoryEdgeError, match="CSR subject alternative name 'gw-01\\\\nuser bridge' is not a valid id"
+    ):
         pki.sign_csr(*pki.create_ca("t"), request)
 
 
-def test_a_config_mosquitto_refuses_never_replaces_the_running_one(data: DataDir, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_config_mosquitto_refuses_never_replaces_the_running_one(
+    data: DataDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Rendered configs are tried by a real Mosquitto before they replace the ones the broker runs on."""
     real = render.mosquitto_acl
     monkeypatch.setattr(render, "mosquitto_acl", lambda **kw: real(**kw) + "topic sideways gw/#\n")
@@ -134,8 +162,12 @@ def test_a_config_mosquitto_refuses_never_replaces_the_running_one(data: DataDir
 
 # -- the property: any string, for every name -----------------------------------------------------------------
 
-NAMES = st.one_of(st.text(max_size=80), st.from_regex(names.LABEL_RE, fullmatch=True),
-                  st.from_regex(names.ID_RE, fullmatch=True), st.sampled_from(["a\n", "bridge", "x y", "é", ""]))
+NAMES = st.one_of(
+    st.text(max_size=80),
+    st.from_regex(names.LABEL_RE, fullmatch=True),
+    st.from_regex(names.ID_RE, fullmatch=True),
+    st.sampled_from(["a\n", "bridge", "x y", "é", ""]),
+)
 
 
 def refused_cleanly(data: DataDir, field: str | tuple[str, ...], action: object) -> bool:
@@ -163,17 +195,20 @@ def configs_load(data: DataDir, tenant: str) -> None:
 def test_any_tenant_and_domain_either_load_or_are_refused_cleanly(data: DataDir, name: str, domain: str) -> None:
     with Registry(data.registry) as registry:
         exists = registry.tenant(name) is not None
-    if exists or refused_cleanly(data, "tenant" if not names.LABEL_RE.fullmatch(name or "-") else "domain",
-                                 lambda: tenants.create_tenant(data, name, domain)):
+    if exists or refused_cleanly(
+        data,
+        "tenant" if not names.LABEL_RE.fullmatch(name or "-") else "domain",
+        lambda: tenants.create_tenant(data, name, domain),
+    ):
         return
     configs_load(data, name)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(name=NAMES)
-def test_any_gateway_technician_or_bridge_name_either_loads_or_is_refused_cleanly(data: DataDir, tmp_path_factory:
-                                                                                  pytest.TempPathFactory,
-                                                                                  name: str) -> None:
+def test_any_gateway_technician_or_bridge_name_either_loads_or_is_refused_cleanly(
+    data: DataDir, tmp_path_factory: pytest.TempPathFactory, name: str
+) -> None:
     key = admin.create_key(data, "acme", uses=None, expires_s=None)[0].text
     service = Service(data)
     try:
@@ -184,12 +219,14 @@ def test_any_gateway_technician_or_bridge_name_either_loads_or_is_refused_cleanl
         assert names.is_id(name) and not names.is_reserved(name)
         admin.revoke_device(data, "acme", name)
     # A valid name that is not the CSR's CN is refused too, for that mismatch.
-    if not refused_cleanly(data, ("gateway name", "does not match the expected"),
-                           lambda: service.provision(key, csr("gw-prop"), name=name)):
+    if not refused_cleanly(
+        data, ("gateway name", "does not match the expected"), lambda: service.provision(key, csr("gw-prop"), name=name)
+    ):
         raise AssertionError(f"gateway name {name!r} accepted though the CSR says gw-prop")
     out = tmp_path_factory.mktemp("tech")
-    if not refused_cleanly(data, "technician name", lambda: admin.technician_cert(data, "acme", name, hours=1,
-                                                                                   out_dir=out)):
+    if not refused_cleanly(
+        data, "technician name", lambda: admin.technician_cert(data, "acme", name, hours=1, out_dir=out)
+    ):
         configs_load(data, "acme")
     if not refused_cleanly(data, "bridge instance", lambda: admin.add_bridge(data, name)):
         configs_load(data, "acme")

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -38,8 +39,18 @@ async def oven() -> AsyncIterator[OpcuaSimulator]:
 
 def device(endpoint: str, tags: list[dict], **extra: object) -> OpcuaDevice:
     return OpcuaDevice.model_validate(
-        {"protocol": "opcua", "name": extra.pop("name", "oven"), "endpoint": endpoint, "mode": "poll",
-         "poll": "100ms", "timeout": "1s", "backoff_max": "1s", "tags": tags, **extra})
+        {
+            "protocol": "opcua",
+            "name": extra.pop("name", "oven"),
+            "endpoint": endpoint,
+            "mode": "poll",
+            "poll": "100ms",
+            "timeout": "1s",
+            "backoff_max": "1s",
+            "tags": tags,
+            **extra,
+        }
+    )
 
 
 def by_tag(points: list[Point]) -> dict[str, Point]:
@@ -65,8 +76,11 @@ class Collector:
 
 def asyncua_client_tasks() -> list[asyncio.Task[object]]:
     """Tasks asyncua clients start (watchdog, publish loop, channel renewal); a closed driver leaves none."""
-    return [task for task in asyncio.all_tasks()
-            if getattr(task.get_coro(), "__qualname__", "").startswith(("Client.", "UaSession."))]
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "").startswith(("Client.", "UaSession."))
+    ]
 
 
 @contextlib.asynccontextmanager
@@ -83,15 +97,21 @@ async def running(driver: OpcuaDriver, emit: Collector) -> AsyncIterator[asyncio
 
 
 async def test_poll_reads_every_type_with_quality_and_source_timestamp(oven: OpcuaSimulator) -> None:
-    started = dt.datetime(2024, 3, 1, 6, 30, 15, 250000, tzinfo=dt.timezone.utc)
+    started = dt.datetime(2024, 3, 1, 6, 30, 15, 250000, tzinfo=dt.UTC)
     await oven.set("Oven.Zone1.Temp", 71.5, source_ts_ms=SOURCE_TS)
     await oven.set("Oven.Heater.Power", 42.7, source_ts_ms=SOURCE_TS + 1)
     await oven.set("Oven.Door.Open", True, source_ts_ms=SOURCE_TS + 2)
     await oven.set("Oven.Recipe", "Rye-180", source_ts_ms=SOURCE_TS + 3)
     await oven.set("Oven.BatchCount", 4_000_000_000, source_ts_ms=SOURCE_TS + 4)
     await oven.set("Oven.BatchStart", started, source_ts_ms=SOURCE_TS + 5)
-    nodes = {"zone1": "Oven.Zone1.Temp", "power": "Oven.Heater.Power", "door": "Oven.Door.Open",
-             "recipe": "Oven.Recipe", "batches": "Oven.BatchCount", "started": "Oven.BatchStart"}
+    nodes = {
+        "zone1": "Oven.Zone1.Temp",
+        "power": "Oven.Heater.Power",
+        "door": "Oven.Door.Open",
+        "recipe": "Oven.Recipe",
+        "batches": "Oven.BatchCount",
+        "started": "Oven.BatchStart",
+    }
     tags = [{"name": name, "node": f"ns=2;s={node}"} for name, node in nodes.items()]
     async with OpcuaDriver(device(oven.endpoint, tags)) as driver:
         points = await driver.read()
@@ -121,26 +141,33 @@ async def test_status_codes_become_quality(oven: OpcuaSimulator) -> None:
 async def test_unknown_node_and_path_are_bad_for_that_tag_only(oven: OpcuaSimulator) -> None:
     await oven.set("Oven.Zone1.Temp", 180.25, source_ts_ms=SOURCE_TS)
     await oven.set("Oven.Door.Open", False, source_ts_ms=SOURCE_TS)
-    tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
-            {"name": "ghost", "node": "ns=2;s=Oven.Zone9.Temp"},
-            {"name": "door", "path": "2:Oven/2:Door/2:Open"},
-            {"name": "lost", "path": "2:Oven/2:Zone9/2:Temp"}]
+    tags = [
+        {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
+        {"name": "ghost", "node": "ns=2;s=Oven.Zone9.Temp"},
+        {"name": "door", "path": "2:Oven/2:Door/2:Open"},
+        {"name": "lost", "path": "2:Oven/2:Zone9/2:Temp"},
+    ]
     async with OpcuaDriver(device(oven.endpoint, tags)) as driver:
         points = by_tag(await driver.read())
         assert driver.state is DeviceState.UP
     assert points["zone1"] == Point("oven", "zone1", SOURCE_TS, 180.25)
     assert points["door"] == Point("oven", "door", SOURCE_TS, False)
     assert (points["ghost"].quality, points["ghost"].value, points["ghost"].error) == (
-        Quality.BAD, None, "BadNodeIdUnknown")
+        Quality.BAD,
+        None,
+        "BadNodeIdUnknown",
+    )
     assert (points["lost"].quality, points["lost"].value, points["lost"].error) == (Quality.BAD, None, "BadNoMatch")
 
 
 async def test_subscription_reports_changes_beyond_the_deadband(oven: OpcuaSimulator) -> None:
     await oven.set("Oven.Zone1.Temp", 50.0)
     await oven.set("Oven.Door.Open", False)
-    tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp", "deadband": 0.5},
-            {"name": "door", "path": "2:Oven/2:Door/2:Open"},
-            {"name": "ghost", "node": "ns=2;s=Nope"}]
+    tags: list[dict[str, Any]] = [
+        {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp", "deadband": 0.5},
+        {"name": "door", "path": "2:Oven/2:Door/2:Open"},
+        {"name": "ghost", "node": "ns=2;s=Nope"},
+    ]
     driver = OpcuaDriver(device(oven.endpoint, tags, mode="subscribe"))
     got = Collector()
     task = asyncio.create_task(driver.run(got), name="run[oven]")
@@ -164,8 +191,10 @@ async def test_subscription_reports_changes_beyond_the_deadband(oven: OpcuaSimul
 
 async def test_write_converts_to_the_node_type_and_refuses_other_tags(oven: OpcuaSimulator) -> None:
     await oven.set("Oven.Setpoint", 200.0)
-    tags = [{"name": "setpoint", "node": "ns=2;s=Oven.Setpoint", "writable": True},
-            {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}]
+    tags: list[dict[str, Any]] = [
+        {"name": "setpoint", "node": "ns=2;s=Oven.Setpoint", "writable": True},
+        {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
+    ]
     async with OpcuaDriver(device(oven.endpoint, tags)) as driver:
         await driver.write("setpoint", 185)
         assert oven.get("Oven.Setpoint") == 185.0
@@ -183,14 +212,19 @@ async def test_write_converts_to_the_node_type_and_refuses_other_tags(oven: Opcu
 
 async def test_unreachable_server_gives_bad_points_not_errors() -> None:
     port = free_port()  # nothing listens there
-    tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}, {"name": "door", "path": "2:Oven/2:Door/2:Open"}]
+    tags: list[dict[str, Any]] = [
+        {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
+        {"name": "door", "path": "2:Oven/2:Door/2:Open"},
+    ]
     async with OpcuaDriver(device(f"opc.tcp://127.0.0.1:{port}/factory-edge/", tags)) as driver:
         points = await driver.read()
         again = await driver.read()  # within the backoff: no new attempt, same reason
         assert driver.state is DeviceState.DOWN
         assert driver.sessions_opened == 0
     assert [(p.tag, p.quality, p.value, p.error) for p in points + again] == [
-        ("zone1", Quality.BAD, None, "connection refused"), ("door", Quality.BAD, None, "connection refused")] * 2
+        ("zone1", Quality.BAD, None, "connection refused"),
+        ("door", Quality.BAD, None, "connection refused"),
+    ] * 2
 
 
 @pytest.mark.slow
@@ -200,29 +234,45 @@ async def test_server_restart_is_survived_by_both_modes() -> None:
     await sim.start()
     try:
         await sim.set("Oven.Zone1.Temp", 70.0)
-        tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}, {"name": "door", "path": "2:Oven/2:Door/2:Open"}]
+        tags: list[dict[str, Any]] = [
+            {"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"},
+            {"name": "door", "path": "2:Oven/2:Door/2:Open"},
+        ]
         subscriber = OpcuaDriver(device(sim.endpoint, tags, name="sub", mode="subscribe"))
         poller = OpcuaDriver(device(sim.endpoint, tags, name="poll", poll="200ms"))
         sub_points, poll_points = Collector(), Collector()
         async with running(subscriber, sub_points), running(poller, poll_points):
-            await wait_for(lambda: sub_points.values("zone1") == [70.0] and 70.0 in poll_points.values("zone1"),
-                           what="first values")
+            await wait_for(
+                lambda: sub_points.values("zone1") == [70.0] and 70.0 in poll_points.values("zone1"),
+                what="first values",
+            )
             assert sim.session_count == 2
 
             await sim.stop()
-            await wait_for(lambda: subscriber.state is DeviceState.DOWN and poller.state is DeviceState.DOWN,
-                           what="both devices down")
+            await wait_for(
+                lambda: subscriber.state is DeviceState.DOWN and poller.state is DeviceState.DOWN,
+                what="both devices down",
+            )
             await wait_for(lambda: any(p.quality is Quality.BAD for p in poll_points.points), what="bad poll points")
             await asyncio.sleep(1.5)  # several failed reconnect attempts while the server is away
             outage = [batch for batch in sub_points.batches if batch[0].quality is Quality.BAD]
-            assert outage == [[Point("sub", "zone1", outage[0][0].ts, None, Quality.BAD, "connection lost"),
-                               Point("sub", "door", outage[0][0].ts, None, Quality.BAD, "connection lost")]]
+            assert outage == [
+                [
+                    Point("sub", "zone1", outage[0][0].ts, None, Quality.BAD, "connection lost"),
+                    Point("sub", "door", outage[0][0].ts, None, Quality.BAD, "connection lost"),
+                ]
+            ]
             assert {p.error for p in poll_points.points if p.quality is Quality.BAD} <= {
-                "connection lost", "connection refused"}
+                "connection lost",
+                "connection refused",
+            }
 
             await sim.start()
-            await wait_for(lambda: subscriber.state is DeviceState.UP and poller.state is DeviceState.UP,
-                           timeout_s=20, what="both devices up again")
+            await wait_for(
+                lambda: subscriber.state is DeviceState.UP and poller.state is DeviceState.UP,
+                timeout_s=20,
+                what="both devices up again",
+            )
             await sim.set("Oven.Zone1.Temp", 88.5)
             await wait_for(lambda: sub_points.values("zone1")[-1:] == [88.5], what="new value by subscription")
             await wait_for(lambda: poll_points.values("zone1")[-1:] == [88.5], what="new value by polling")
@@ -239,8 +289,13 @@ async def test_secure_endpoints_with_a_certificate_generated_on_first_use(tmp_pa
     state_dir = tmp_path / "agent"
     tags = [{"name": "zone1", "node": "ns=2;s=Oven.Zone1.Temp"}]
     login = {"username": "operator", "password": "secret"}
-    async with OpcuaSimulator(port=free_port(), update_interval_s=None, security=True,
-                              users={"operator": "secret"}, state_dir=tmp_path / "sim") as sim:
+    async with OpcuaSimulator(
+        port=free_port(),
+        update_interval_s=None,
+        security=True,
+        users={"operator": "secret"},
+        state_dir=tmp_path / "sim",
+    ) as sim:
         await sim.set("Oven.Zone1.Temp", 123.5, source_ts_ms=SOURCE_TS)
         expected = [Point("oven", "zone1", SOURCE_TS, 123.5)]
         cert_file, key_file = state_dir / "opcua-client-cert.pem", state_dir / "opcua-client-key.pem"
@@ -258,8 +313,13 @@ async def test_secure_endpoints_with_a_certificate_generated_on_first_use(tmp_pa
             assert await driver.read() == expected
         assert cert_file.read_bytes() == first  # reused, not regenerated
 
-        wrong = device(sim.endpoint, tags, security={"policy": "Basic256Sha256", "mode": "SignAndEncrypt"},
-                       username="operator", password="guess")
+        wrong = device(
+            sim.endpoint,
+            tags,
+            security={"policy": "Basic256Sha256", "mode": "SignAndEncrypt"},
+            username="operator",
+            password="guess",
+        )
         async with OpcuaDriver(wrong, state_dir=state_dir) as driver:
             points = await driver.read()
             assert (driver.state, driver.last_error) == (DeviceState.DOWN, "BadUserAccessDenied")

@@ -29,13 +29,18 @@ async def test_documented_nodes_exist_and_the_oven_heats() -> None:
         assert sim.endpoint == f"opc.tcp://127.0.0.1:{sim.port}/factory-edge/"
         async with Client(sim.endpoint, timeout=2) as client:
             assert await client.get_namespace_index(NAMESPACE_URI) == 2
-            types = [await client.get_node(node_id).read_data_type_as_variant_type()
-                     for node_id in sim.node_ids + sim.extra_node_ids]
+            types = [
+                await client.get_node(node_id).read_data_type_as_variant_type()
+                for node_id in sim.node_ids + sim.extra_node_ids
+            ]
             assert [t.name for t in types] == [kind for _, kind, _ in node_table()] + ["Double"] * 3
             paths = await client.translate_browsepaths(
-                ua.NodeId(ua.ObjectIds.ObjectsFolder), ["2:Oven/2:Zone1/2:Temp", "2:Bench/2:Value2"])
-            assert [r.Targets[0].TargetId.to_string() for r in paths] == ["ns=2;s=Oven.Zone1.Temp",
-                                                                         "ns=2;s=Bench.Value2"]
+                ua.NodeId(ua.Int32(ua.ObjectIds.ObjectsFolder)), ["2:Oven/2:Zone1/2:Temp", "2:Bench/2:Value2"]
+            )
+            assert [r.Targets[0].TargetId.to_string() for r in paths] == [
+                "ns=2;s=Oven.Zone1.Temp",
+                "ns=2;s=Bench.Value2",
+            ]
             zone1 = client.get_node("ns=2;s=Oven.Zone1.Temp")
             first = await zone1.read_value()
 

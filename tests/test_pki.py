@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from factory_edge.errors import ProvisioningError
 from provisioning import pki
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_server_cert_names_the_broker_host(ca: tuple[pki.PrivateKey, x509.Certif
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["mqtt.acme.test"]
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-        ExtendedKeyUsageOID.SERVER_AUTH]
+        ExtendedKeyUsageOID.SERVER_AUTH
+    ]
     cert.verify_directly_issued_by(ca[1])
 
 
@@ -60,15 +61,17 @@ def test_signed_csr_is_a_client_cert_for_the_gateway(ca: tuple[pki.PrivateKey, x
     assert pki.common_name(cert) == "gw-01"
     assert cert.public_key() == key.public_key()
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
-        ExtendedKeyUsageOID.CLIENT_AUTH]
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     assert dt.timedelta(days=29) < cert.not_valid_after_utc - dt.datetime.now(UTC) <= dt.timedelta(days=30)
     cert.verify_directly_issued_by(ca[1])
     assert len(pki.fingerprint(cert)) == 64 and pki.fingerprint(cert) == cert.fingerprint(hashes.SHA256()).hex()
 
 
-@pytest.mark.parametrize("key", [rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1())],
-                         ids=["rsa-2048", "ec-p384"])
+@pytest.mark.parametrize(
+    "key", [rsa.generate_private_key(65537, 2048), ec.generate_private_key(ec.SECP384R1())], ids=["rsa-2048", "ec-p384"]
+)
 def test_accepted_key_types(ca: tuple[pki.PrivateKey, x509.Certificate], key: pki.PrivateKey) -> None:
     assert pki.common_name(pki.sign_csr(*ca, pki.make_csr(key, "gw-07"))) == "gw-07"
 
@@ -81,8 +84,11 @@ def test_csr_with_rsa_1024_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate
 def test_csr_with_other_curves_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate]) -> None:
     csr = pki.make_csr(ec.generate_private_key(ec.SECP256K1()), "gw-01")
     assert refused(ca, csr) == "CSR key is EC secp256k1; need RSA 2048-4096 with e=65537 or EC P-256/P-384"
-    ed = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-01")])).sign(ed25519.Ed25519PrivateKey.generate(), None)
+    ed = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-01")]))
+        .sign(ed25519.Ed25519PrivateKey.generate(), None)
+    )
     assert refused(ca, ed) == "CSR key is Ed25519; need RSA 2048-4096 with e=65537 or EC P-256/P-384"
 
 
@@ -95,8 +101,10 @@ def test_csr_for_another_gateway_is_refused(ca: tuple[pki.PrivateKey, x509.Certi
 def test_csr_with_invalid_id_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate], cn: str) -> None:
     if cn:
         csr = pki.make_csr(pki.new_key(), cn)
-        assert refused(ca, csr) == (f"CSR common name {cn!r} is not a valid id: 1-64 letters, digits, '_', '.'"
-                                    " or '-', starting with a letter or digit")
+        assert refused(ca, csr) == (
+            f"CSR common name {cn!r} is not a valid id: 1-64 letters, digits, '_', '.'"
+            " or '-', starting with a letter or digit"
+        )
     else:
         csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(pki.new_key(), hashes.SHA256())
         assert refused(ca, csr) == "CSR has 0 common names; need exactly one, the gateway id"
@@ -118,17 +126,30 @@ def test_csr_with_bad_signature_is_refused(ca: tuple[pki.PrivateKey, x509.Certif
 def test_csr_whose_key_was_swapped_is_refused(ca: tuple[pki.PrivateKey, x509.Certificate]) -> None:
     # Same CN and signature, another public key: what an attacker replaying a CSR would send.
     good = pki.make_csr(pki.new_key(), "gw-01").public_bytes(serialization.Encoding.DER)
-    other = pki.new_key().public_key().public_bytes(serialization.Encoding.DER,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
-    original = pki.load_csr(good).public_key().public_bytes(serialization.Encoding.DER,
-                                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    other = (
+        pki.new_key()
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    original = (
+        pki.load_csr(good)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     swapped = good.replace(original, other)
     assert swapped != good
     assert refused(ca, swapped) == "CSR signature is invalid: the request was altered or not signed by its key"
 
 
-@pytest.mark.parametrize("garbage", [b"", b"hello", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE "
-                                     "REQUEST-----\n", b"\x30\x03\x02\x01\x00"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"",
+        b"hello",
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        b"\x30\x03\x02\x01\x00",
+    ],
+)
 def test_garbage_is_not_a_csr(ca: tuple[pki.PrivateKey, x509.Certificate], garbage: bytes | str) -> None:
     assert refused(ca, garbage) == "CSR is not a PEM or DER certificate signing request"
 
@@ -138,8 +159,9 @@ def test_client_cert_validity_can_be_hours_or_already_over(ca: tuple[pki.Private
     left = tech.not_valid_after_utc - dt.datetime.now(UTC)
     assert dt.timedelta(hours=7, minutes=59) < left <= dt.timedelta(hours=8)
     now = dt.datetime.now(UTC)
-    _, old = pki.issue_client_cert(*ca, "gw-01", not_before=now - dt.timedelta(days=2),
-                                   not_after=now - dt.timedelta(days=1))
+    _, old = pki.issue_client_cert(
+        *ca, "gw-01", not_before=now - dt.timedelta(days=2), not_after=now - dt.timedelta(days=1)
+    )
     assert old.not_valid_after_utc < now
     with pytest.raises(ProvisioningError, match=r"^certificate would end \(.*\) before it starts"):
         pki.issue_client_cert(*ca, "gw-01", not_before=now, not_after=now - dt.timedelta(seconds=1))
@@ -154,6 +176,7 @@ def test_crl_lists_revoked_serials(ca: tuple[pki.PrivateKey, x509.Certificate], 
     entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
     assert entry is not None and entry.revocation_date_utc == when
     assert len(crl) == 1
+    assert crl.next_update_utc is not None
     assert dt.timedelta(days=6, hours=23) < crl.next_update_utc - dt.datetime.now(UTC) <= dt.timedelta(days=7)
 
 
@@ -217,9 +240,13 @@ def test_loading_errors_name_the_file(tmp_path: Path) -> None:
         pki.load_cert(tmp_path / "missing.pem")
 
 
-@pytest.mark.parametrize(("exponent", "bits", "problem"), [
-    (3, 2048, "RSA with public exponent 3"), (65537, 4160, "RSA 4160 bits")], ids=["e=3", "4160-bit"])
-def test_rsa_keys_need_2048_to_4096_bits_and_exponent_65537(ca: tuple[pki.PrivateKey, x509.Certificate],
-                                                          exponent: int, bits: int, problem: str) -> None:
+@pytest.mark.parametrize(
+    ("exponent", "bits", "problem"),
+    [(3, 2048, "RSA with public exponent 3"), (65537, 4160, "RSA 4160 bits")],
+    ids=["e=3", "4160-bit"],
+)
+def test_rsa_keys_need_2048_to_4096_bits_and_exponent_65537(
+    ca: tuple[pki.PrivateKey, x509.Certificate], exponent: int, bits: int, problem: str
+) -> None:
     csr = pki.make_csr(rsa.generate_private_key(exponent, bits), "gw-01")
     assert refused(ca, csr) == f"CSR key is {problem}; need RSA 2048-4096 with e=65537 or EC P-256/P-384"

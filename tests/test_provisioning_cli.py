@@ -13,8 +13,8 @@ import pytest
 from cryptography import x509
 
 from agent.identity import Identity
-from factory_edge.errors import ProvisioningError
 from agent.renew import complete_pending, pending_cert, pending_key, renew_at
+from factory_edge.errors import ProvisioningError
 from provisioning import keys, pki, render
 from provisioning.cli import build_parser, main
 from provisioning.ratelimit import FailureLimiter
@@ -39,16 +39,26 @@ def data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
 @pytest.mark.parametrize("name", ["Acme", "acme-", "a_b", "a" * 64, "ac.me", ""])
 def test_tenant_names_are_dns_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
     assert run(capsys, tmp_path / "d", "tenant", "create", name, "--domain", "example.com") == (
-        1, "", f"Error: tenant name {name!r} is not a DNS label: 1-63 lowercase letters, digits or '-', not starting "
-               "or ending with '-'\n")
+        1,
+        "",
+        f"Error: tenant name {name!r} is not a DNS label: 1-63 lowercase letters, digits or '-', not starting "
+        "or ending with '-'\n",
+    )
 
 
-def test_tenant_create_prints_what_to_run_and_refuses_a_second_time(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_tenant_create_prints_what_to_run_and_refuses_a_second_time(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, data, "tenant", "create", "acme", "--domain", "example.com")
     created_at = json.loads(run(capsys, data, "tenant", "list", "--json")[1])[0]["created_at"]
-    assert (code, out, err) == (1, "", f"Error: tenant acme already exists (created {created_at}, broker "
-                                       "mqtts://mqtt.acme.example.com:8883)\n")
-    code, out, err = run(capsys, data, "tenant", "create", "globex", "--domain", "example.com", "--broker-port", "18999")
+    assert (code, out, err) == (
+        1,
+        "",
+        f"Error: tenant acme already exists (created {created_at}, broker mqtts://mqtt.acme.example.com:8883)\n",
+    )
+    code, out, err = run(
+        capsys, data, "tenant", "create", "globex", "--domain", "example.com", "--broker-port", "18999"
+    )
     assert (code, err) == (1, "Error: broker port 18999 is already used by tenant acme\n")
     code, out, _ = run(capsys, data, "tenant", "create", "globex", "--domain", "Example.com")
     assert code == 1
@@ -68,22 +78,33 @@ def test_tenant_create_prints_what_to_run_and_refuses_a_second_time(data: Path, 
         "next:              provisioning key create globex --uses 1 --expires 7d",
     ]
     index = json.loads((data / "tenants.json").read_text())
-    assert [t["url"] for t in index["tenants"]] == ["mqtts://mqtt.acme.example.com:18999",
-                                                    "mqtts://mqtt.globex.example.com:18831"]
+    assert [t["url"] for t in index["tenants"]] == [
+        "mqtts://mqtt.acme.example.com:18999",
+        "mqtts://mqtt.globex.example.com:18831",
+    ]
     assert "mqtt.globex.example.com tenant_globex" in (data / "haproxy" / "tenants.map").read_text()
 
 
 def test_rendered_broker_config_and_acl(data: Path) -> None:
     conf = (data / "tenants" / "acme" / "mosquitto.conf").read_text()
-    for line in ("require_certificate true", "use_identity_as_username true", "tls_version tlsv1.2",
-                 f"crlfile {data}/tenants/acme/crl.pem", "listener 18999 127.0.0.1", "autosave_interval 5",
-                 "max_queued_messages 1000000", f"plugin_opt_config_file {data}/tenants/acme/dynsec.json"):
+    for line in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "tls_version tlsv1.2",
+        f"crlfile {data}/tenants/acme/crl.pem",
+        "listener 18999 127.0.0.1",
+        "autosave_interval 5",
+        "max_queued_messages 1000000",
+        f"plugin_opt_config_file {data}/tenants/acme/dynsec.json",
+    ):
         assert f"\n{line}\n" in conf, line
     acl = (data / "tenants" / "acme" / "acl").read_text()
     assert "pattern write gw/%u/data/+\n" in acl and "pattern read gw/%u/cmd/#\n" in acl
-    assert ("user provisioning\ntopic deny gw/provisioning/#\ntopic deny spBv1.0/+/+/provisioning\n"
-            "topic deny spBv1.0/+/+/provisioning/+\ntopic write $CONTROL/dynamic-security/v1\n"
-            "topic read $CONTROL/dynamic-security/v1/response\ntopic write gw/+/status\n") in acl
+    assert (
+        "user provisioning\ntopic deny gw/provisioning/#\ntopic deny spBv1.0/+/+/provisioning\n"
+        "topic deny spBv1.0/+/+/provisioning/+\ntopic write $CONTROL/dynamic-security/v1\n"
+        "topic read $CONTROL/dynamic-security/v1/response\ntopic write gw/+/status\n"
+    ) in acl
     assert "pattern write spBv1.0/+/DDATA/%u/+\n" in acl and "pattern read spBv1.0/+/NCMD/%u\n" in acl
 
 
@@ -100,7 +121,8 @@ def test_key_is_printed_once_and_stored_hashed(data: Path, capsys: pytest.Captur
     assert run(capsys, data, "key", "revoke", key)[1].startswith(f"key {key_id} of tenant acme revoked at ")
     assert json.loads(run(capsys, data, "key", "list", "acme", "--json")[1])[0]["state"] == "revoked"
     assert run(capsys, data, "key", "revoke", "0000000000")[2] == (
-        "Error: no provisioning key '0000000000' (see provisioning key list)\n")
+        "Error: no provisioning key '0000000000' (see provisioning key list)\n"
+    )
     assert run(capsys, data, "key", "create", "acme", "--uses", "0")[2] == "Error: --uses must be at least 1 (got 0)\n"
     assert run(capsys, data, "key", "create", "nope")[2] == "Error: no tenant 'nope' (tenants: acme)\n"
 
@@ -108,15 +130,23 @@ def test_key_is_printed_once_and_stored_hashed(data: Path, capsys: pytest.Captur
 def test_errors_are_one_line(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "elsewhere"
     assert run(capsys, missing, "key", "create", "acme") == (
-        1, "", f"Error: {missing} holds no registry: run 'provisioning init' or 'provisioning tenant create' first, "
-               "or check --data-dir / $FE_PROVISIONING_DIR\n")
+        1,
+        "",
+        f"Error: {missing} holds no registry: run 'provisioning init' or 'provisioning tenant create' first, "
+        "or check --data-dir / $FE_PROVISIONING_DIR\n",
+    )
     assert run(capsys, data, "device", "revoke", "acme", "gw-9") == (
-        1, "", "Error: no gateway 'gw-9' in tenant acme (see provisioning device list acme)\n")
+        1,
+        "",
+        "Error: no gateway 'gw-9' in tenant acme (see provisioning device list acme)\n",
+    )
     assert run(capsys, data, "technician-cert", "acme", "anna", "--hours", "200")[2] == (
-        "Error: --hours must be in (0, 168] (got 200): technician certificates are short-lived\n")
+        "Error: --hours must be in (0, 168] (got 200): technician certificates are short-lived\n"
+    )
     assert run(capsys, data, "technician-cert", "acme", "an na")[2] == (
         "Error: technician name 'an na' is not valid: 1-59 letters, digits, '_', '.' or '-', starting "
-        "with a letter or digit\n")
+        "with a letter or digit\n"
+    )
     with pytest.raises(SystemExit) as exited:
         main(["key", "create", "acme", "--expires", "soon", "--data-dir", str(data)])
     assert exited.value.code == 2
@@ -130,11 +160,13 @@ def test_technician_cert_files_and_command(data: Path, tmp_path: Path, capsys: p
     assert lines[0].startswith("tech-anna: read-only on tenant acme until ")
     assert lines[0].endswith("(broker acme not running)")
     t = tmp_path / "t"
-    assert lines[-1] == (f"  mosquitto_sub -h mqtt.acme.example.com -p 8883 --cafile {t}/acme-ca.pem --cert "
-                         f"{t}/tech-anna.pem --key {t}/tech-anna.key -V mqttv5 -t 'gw/#' -t 'alerts/#' -v")
+    assert lines[-1] == (
+        f"  mosquitto_sub -h mqtt.acme.example.com -p 8883 --cafile {t}/acme-ca.pem --cert "
+        f"{t}/tech-anna.pem --key {t}/tech-anna.key -V mqttv5 -t 'gw/#' -t 'alerts/#' -v"
+    )
     assert stat.S_IMODE((t / "tech-anna.key").stat().st_mode) == 0o600
     cert = pki.load_cert(t / "tech-anna.pem")
-    hours = (cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc)).total_seconds() / 3600
+    hours = (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds() / 3600
     assert pki.common_name(cert) == "tech-anna" and 0.9 < hours <= 1.0
     assert "\nuser tech-anna\n" in (data / "tenants" / "acme" / "acl").read_text()
 
@@ -144,8 +176,10 @@ def test_crl_refresh_force(data: Path, capsys: pytest.CaptureFixture[str]) -> No
     code, out, _ = run(capsys, data, "crl", "refresh", "--force")
     assert code == 0 and out.startswith("acme: re-issued, valid until ") and out.endswith("(broker acme not running)\n")
     after = pki.load_crl(data / "tenants" / "acme" / "crl.pem")
-    assert after.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number >= \
-        before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert (
+        after.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        >= before.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    )
 
 
 def test_registry_migrations_are_recorded_and_a_newer_registry_refused(data: Path) -> None:
@@ -155,7 +189,9 @@ def test_registry_migrations_are_recorded_and_a_newer_registry_refused(data: Pat
     conn.execute("INSERT INTO migrations VALUES ('9999_future', '2099-01-01T00:00:00Z')")
     conn.commit()
     conn.close()
-    with pytest.raises(ProvisioningError, match=r"written by a newer factory-edge \(migrations 9999_future\); upgrade this one"):
+    with pytest.raises(
+        ProvisioningError, match=r"written by a newer factory-edge \(migrations 9999_future\); upgrade this one"
+    ):
         Registry(data / "registry.db")
 
 
@@ -182,12 +218,14 @@ def test_keys_are_random_and_hashed() -> None:
 def _identity(tmp_path: Path, key: pki.PrivateKey, cert: x509.Certificate) -> Identity:
     pki.write_private_key(tmp_path / "gw.key", key)
     pki.write_pem(tmp_path / "gw.pem", cert)
-    return Identity("gw", "mqtts://x:8883", str(tmp_path / "ca.pem"), str(tmp_path / "gw.pem"), str(tmp_path / "gw.key"))
+    return Identity(
+        "gw", "mqtts://x:8883", str(tmp_path / "ca.pem"), str(tmp_path / "gw.pem"), str(tmp_path / "gw.key")
+    )
 
 
 def test_renewal_schedule_and_crash_recovery(tmp_path: Path) -> None:
     ca = pki.create_ca("t")
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     old_key, new_key = pki.new_key(), pki.new_key()
     old = pki.sign_csr(*ca, pki.make_csr(old_key, "gw"), not_before=start, not_after=start + dt.timedelta(days=90))
     assert renew_at(old) == start + dt.timedelta(days=60)

@@ -21,9 +21,17 @@ import pytest
 import yaml
 from cryptography import x509
 
-from tests.provisioning_fixtures import (NOT_AUTHORIZED, PY, ROOT, ApiServer, Deployment, eventually, key_files,
-                                         provisioning)
 from tests.infra import _LIVE, resolve_in_namespace, run_in_namespace
+from tests.provisioning_fixtures import (
+    NOT_AUTHORIZED,
+    PY,
+    ROOT,
+    ApiServer,
+    Deployment,
+    eventually,
+    key_files,
+    provisioning,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,22 +60,28 @@ def technician(site: Deployment, tmp_path_factory: pytest.TempPathFactory) -> st
 
 def provision(site: Deployment, tmp: Path, tenant: str, name: str) -> Path:
     state = tmp / name
-    result = site.agent_provision("--key", site.key(tenant, "--uses", "1"), "--name", name,
-                                  "--state-dir", str(state))
+    result = site.agent_provision("--key", site.key(tenant, "--uses", "1"), "--name", name, "--state-dir", str(state))
     assert result.returncode == 0, result.stderr
     return state
 
 
-def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, technician: str,
-                                                            tmp_path: Path) -> None:
-    assert re.fullmatch(rf"mosquitto_sub -h mqtt\.acme\.test -p {site.proxy_port} --cafile \S+/acme-ca\.pem "
-                        r"--cert \S+/tech-anna\.pem --key \S+/tech-anna\.key -V mqttv5 -t 'gw/#' -t 'alerts/#' -v",
-                        technician)
+def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, technician: str, tmp_path: Path) -> None:
+    assert re.fullmatch(
+        rf"mosquitto_sub -h mqtt\.acme\.test -p {site.proxy_port} --cafile \S+/acme-ca\.pem "
+        r"--cert \S+/tech-anna\.pem --key \S+/tech-anna\.key -V mqttv5 -t 'gw/#' -t 'alerts/#' -v",
+        technician,
+    )
     tech = site.watch(technician)  # exactly as printed
     try:
         # The technician's session is up once it sees a message; the bridge's commands are harmless.
-        eventually(lambda: site.pub(site.bridge_conn("acme"), "gw/warmup/cmd/ping", "{}").returncode == 0
-                   and any(line.startswith("gw/warmup/cmd/ping") for line in tech.output()), 10, "technician session")
+        eventually(
+            lambda: (
+                site.pub(site.bridge_conn("acme"), "gw/warmup/cmd/ping", "{}").returncode == 0
+                and any(line.startswith("gw/warmup/cmd/ping") for line in tech.output())
+            ),
+            10,
+            "technician session",
+        )
 
         key = site.key("acme", "--uses", "1", "--expires", "1h")
         started = time.monotonic()
@@ -89,8 +103,14 @@ def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, te
         assert own.startswith("mosquitto_sub -h mqtt.acme.test -p ") and own.endswith(" -t 'gw/gw-a1/cmd/#'")
         watcher = site.watch(own)
         try:
-            eventually(lambda: site.pub(site.bridge_conn("acme"), "gw/gw-a1/cmd/ping", "{}").returncode == 0
-                       and "gw/gw-a1/cmd/ping {}" in watcher.output(), 10, "the printed command to see a command")
+            eventually(
+                lambda: (
+                    site.pub(site.bridge_conn("acme"), "gw/gw-a1/cmd/ping", "{}").returncode == 0
+                    and "gw/gw-a1/cmd/ping {}" in watcher.output()
+                ),
+                10,
+                "the printed command to see a command",
+            )
         finally:
             watcher.stop()
 
@@ -104,9 +124,10 @@ def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, te
         # Technicians read only: every publish is refused. (Another technician: one certificate holds one
         # session, since the broker makes its CN the client id.)
         other = provisioning(site.data, "technician-cert", "acme", "ben", "--hours", "1", "--out", str(tmp_path / "b"))
-        tech_args = next(line.strip() for line in other.stdout.splitlines()
-                         if line.strip().startswith("mosquitto_sub ")).split()
-        tech_conn = tech_args[1:tech_args.index("-t")]
+        tech_args = next(
+            line.strip() for line in other.stdout.splitlines() if line.strip().startswith("mosquitto_sub ")
+        ).split()
+        tech_conn = tech_args[1 : tech_args.index("-t")]
         for topic in ("gw/gw-a1/cmd/write", "gw/gw-a1/data/press-1", "alerts/gw-a1/press-1/hot"):
             assert site.pub(tech_conn, topic, "forged").stderr.strip() == NOT_AUTHORIZED
         assert site.pub(gw_a1, "gw/gw-a1/events", "after").stderr == ""
@@ -133,9 +154,15 @@ def test_isolation_between_tenants_and_gateways(site: Deployment, tmp_path: Path
     sub = site.watch(" ".join(["mosquitto_sub", *site.conn(a2), "-v", "-t", "gw/gw-a3/cmd/#", "-t", "gw/gw-a2/cmd/#"]))
     try:
         bridge = site.bridge_conn("acme")
-        eventually(lambda: site.pub(bridge, "gw/gw-a3/cmd/ping", "for a3").returncode == 0
-                   and site.pub(bridge, "gw/gw-a2/cmd/ping", "for a2").returncode == 0
-                   and "gw/gw-a2/cmd/ping for a2" in sub.output(), 10, "own command")
+        eventually(
+            lambda: (
+                site.pub(bridge, "gw/gw-a3/cmd/ping", "for a3").returncode == 0
+                and site.pub(bridge, "gw/gw-a2/cmd/ping", "for a2").returncode == 0
+                and "gw/gw-a2/cmd/ping for a2" in sub.output()
+            ),
+            10,
+            "own command",
+        )
         assert not any("for a3" in line for line in sub.output())
     finally:
         sub.stop()
@@ -145,8 +172,14 @@ def test_revoked_gateway_is_cut_off_within_10s_and_refused_after(site: Deploymen
     state = provision(site, tmp_path, "acme", "gw-rv")
     connected = site.watch(" ".join(["mosquitto_sub", *site.conn(state), "-v", "-t", "gw/gw-rv/cmd/#"]))
     try:
-        eventually(lambda: site.pub(site.bridge_conn("acme"), "gw/gw-rv/cmd/ping", "hello").returncode == 0
-                   and "gw/gw-rv/cmd/ping hello" in connected.output(), 10, "connected gateway")
+        eventually(
+            lambda: (
+                site.pub(site.bridge_conn("acme"), "gw/gw-rv/cmd/ping", "hello").returncode == 0
+                and "gw/gw-rv/cmd/ping hello" in connected.output()
+            ),
+            10,
+            "connected gateway",
+        )
         started = time.monotonic()
         result = provisioning(site.data, "device", "revoke", "acme", "gw-rv")
         eventually(lambda: connected.proc.poll() is not None, 10, "the revoked session to end")
@@ -159,8 +192,9 @@ def test_revoked_gateway_is_cut_off_within_10s_and_refused_after(site: Deploymen
         connected.stop()
     refused = site.pub(site.conn(state), "gw/gw-rv/events", "again", "-d")
     assert refused.returncode != 0 and "alert certificate revoked" in refused.stdout
-    status = run_in_namespace(site.hosts, ["mosquitto_sub", *site.bridge_conn("acme"), "-t", "gw/gw-rv/status",
-                                           "-C", "1", "-W", "5"])
+    status = run_in_namespace(
+        site.hosts, ["mosquitto_sub", *site.bridge_conn("acme"), "-t", "gw/gw-rv/status", "-C", "1", "-W", "5"]
+    )
     assert json.loads(status.stdout)["state"] == "offline" and json.loads(status.stdout)["reason"] == "revoked"
     devices = json.loads(provisioning(site.data, "device", "list", "acme", "gw-rv", "--json").stdout)
     assert [(d["gateway"], d["state"]) for d in devices] == [("gw-rv", "revoked")]
@@ -173,8 +207,14 @@ def test_new_tenant_joins_without_dropping_other_tenants(site: Deployment, techn
     tech = site.watch(technician)
     try:
         gw = provision(site, tmp_path, "acme", "gw-a9")
-        eventually(lambda: site.pub(site.conn(gw), "gw/gw-a9/events", "before").returncode == 0
-                   and "gw/gw-a9/events before" in tech.output(), 10, "technician session")
+        eventually(
+            lambda: (
+                site.pub(site.conn(gw), "gw/gw-a9/events", "before").returncode == 0
+                and "gw/gw-a9/events before" in tech.output()
+            ),
+            10,
+            "technician session",
+        )
         created = site.add_tenant("initech")
         assert re.search(r"proxy +\S+haproxy\.cfg: proxy reloaded \(pid \d+\)", created.stdout), created.stdout
         initech = provision(site, tmp_path, "initech", "gw-i1")
@@ -192,8 +232,10 @@ def test_agent_provision_twice_says_so_and_force_replaces(site: Deployment, tmp_
     key = site.key("acme", "--uses", "1")
     again = site.agent_provision("--key", key, "--name", "gw-twice2", "--state-dir", str(state))
     assert again.returncode == 1
-    assert again.stderr == (f"Error: already provisioned as gw-twice for mqtts://mqtt.acme.test:{site.proxy_port} "
-                            f"({state}/identity.json); nothing changed: use --force to provision again\n")
+    assert again.stderr == (
+        f"Error: already provisioned as gw-twice for mqtts://mqtt.acme.test:{site.proxy_port} "
+        f"({state}/identity.json); nothing changed: use --force to provision again\n"
+    )
     assert {p.name: p.read_bytes() for p in state.iterdir()} == before
     keys = json.loads(provisioning(site.data, "key", "list", "acme", "--json").stdout)
     assert next(k for k in keys if key.startswith(f"fek_{k['id']}_"))["uses"] == 0  # the key was not spent
@@ -207,8 +249,14 @@ def test_agent_provision_twice_says_so_and_force_replaces(site: Deployment, tmp_
 def test_private_keys_are_0600_and_data_dir_private(site: Deployment, tmp_path: Path) -> None:
     state = provision(site, tmp_path, "globex", "gw-perm")
     keys = key_files(site.data, state)
-    assert {p.name for p in keys} >= {"ca.key", "broker.key", "bridge.key", "provisioning.key", "server.key",
-                                      "gw-perm.key"}
+    assert {p.name for p in keys} >= {
+        "ca.key",
+        "broker.key",
+        "bridge.key",
+        "provisioning.key",
+        "server.key",
+        "gw-perm.key",
+    }
     for path in keys:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for directory in (site.data, site.data / "tenants" / "acme", state):
@@ -224,22 +272,31 @@ def test_running_agent_renews_its_certificate_at_two_thirds(site: Deployment, tm
     site.servers.append(short)
     short.start()
     state = tmp_path / "gw-renew"
-    result = site.agent_provision("--key", site.key("acme", "--uses", "1"), "--name", "gw-renew",
-                                  "--state-dir", str(state), url=short.url)
+    result = site.agent_provision(
+        "--key", site.key("acme", "--uses", "1"), "--name", "gw-renew", "--state-dir", str(state), url=short.url
+    )
     assert result.returncode == 0, result.stderr
     first = x509.load_pem_x509_certificate((state / "gw-renew.pem").read_bytes())
     lifetime = first.not_valid_after_utc - first.not_valid_before_utc
     due = (first.not_valid_before_utc + lifetime * 2 / 3).timestamp()
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump({"state_dir": str(state)}))
-    log = open(tmp_path / "agent.log", "wb")  # noqa: SIM115 - handed to the child
-    agent = resolve_in_namespace(site.hosts, [PY, "-m", "agent.cli", "run", "--config", str(config)],
-                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
+    log = open(tmp_path / "agent.log", "wb")
+    agent = resolve_in_namespace(
+        site.hosts,
+        [PY, "-m", "agent.cli", "run", "--config", str(config)],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     log.close()
     try:
+
         def renewed() -> x509.Certificate | None:
             cert = x509.load_pem_x509_certificate((state / "gw-renew.pem").read_bytes())
             return cert if cert.serial_number != first.serial_number else None
+
         second = eventually(renewed, 15, "the agent to renew its certificate", interval_s=0.1)
         seen = time.time()
         assert seen >= due - 0.5, "renewed before two thirds of the lifetime"
@@ -265,11 +322,14 @@ def test_crl_is_reissued_before_it_expires(site: Deployment) -> None:
     assert re.fullmatch(r"acme: fresh, valid until \S+ \S+ UTC \(unchanged\)\n", fresh)
     # A CRL with one day left (as if the service had been down for six days) is re-issued.
     from provisioning import pki
+
     files = site.data / "tenants" / "acme"
     ca_key, ca_cert = pki.load_private_key(files / "ca.key"), pki.load_cert(files / "ca.pem")
     revoked = list(pki.load_crl(files / "crl.pem"))
-    pki.write_pem(files / "crl.pem", pki.create_crl(ca_key, ca_cert, [(r.serial_number, r.revocation_date_utc)
-                                                                        for r in revoked], days=1))
+    pki.write_pem(
+        files / "crl.pem",
+        pki.create_crl(ca_key, ca_cert, [(r.serial_number, r.revocation_date_utc) for r in revoked], days=1),
+    )
     out = provisioning(site.data, "crl", "refresh").stdout
     assert re.search(r"^acme: re-issued, valid until \S+ \S+ UTC \(broker acme reloaded \(pid \d+\)\)$", out, re.M)
     crl = pki.load_crl(files / "crl.pem")

@@ -30,8 +30,19 @@ pytestmark = pytest.mark.timeout(180)
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     deployment = Deployment(tmp_path_factory.mktemp("revoke"))
     provisioning(deployment.data, "init", "--renew-overlap", "2s")
-    deployment.api = ApiServer(deployment.data, "--max-failures", "1000", "--max-key-failures", "3",
-                               "--max-tenant-failures", "5", "--crl-check", "1s", "--cert-lifetime", "1h")
+    deployment.api = ApiServer(
+        deployment.data,
+        "--max-failures",
+        "1000",
+        "--max-key-failures",
+        "3",
+        "--max-tenant-failures",
+        "5",
+        "--crl-check",
+        "1s",
+        "--cert-lifetime",
+        "1h",
+    )
     deployment.servers = [deployment.proxy, deployment.api]
     try:
         yield deployment.start()
@@ -43,8 +54,14 @@ def test_a_revoked_technician_is_cut_off_at_once_and_refused_after(site: Deploym
     out = provisioning(site.data, "technician-cert", "acme", "rita", "--hours", "1", "--out", str(tmp_path))
     assert "subscription rules updated" in out.stdout
     host, ca = "mqtt.acme.test", str(site.data / "tenants" / "acme" / "ca.pem")
-    tech = Client(site, host=host, ca=ca, cert=str(tmp_path / "tech-rita.pem"), key=str(tmp_path / "tech-rita.key"),
-                  client_id="rita").connect()
+    tech = Client(
+        site,
+        host=host,
+        ca=ca,
+        cert=str(tmp_path / "tech-rita.pem"),
+        key=str(tmp_path / "tech-rita.key"),
+        client_id="rita",
+    ).connect()
     try:
         assert tech.subscribe("gw/#") == 1
         started = time.monotonic()
@@ -56,8 +73,14 @@ def test_a_revoked_technician_is_cut_off_at_once_and_refused_after(site: Deploym
     assert result.stdout.splitlines()[0] == "tech-rita revoked in tenant acme"
     assert "tech-rita's sessions ended; reconnecting is refused (certificate revoked)" in result.stdout
     assert "user tech-rita" not in (site.data / "tenants" / "acme" / "acl").read_text()
-    again = Client(site, host=host, ca=ca, cert=str(tmp_path / "tech-rita.pem"), key=str(tmp_path / "tech-rita.key"),
-                   client_id="rita")
+    again = Client(
+        site,
+        host=host,
+        ca=ca,
+        cert=str(tmp_path / "tech-rita.pem"),
+        key=str(tmp_path / "tech-rita.key"),
+        client_id="rita",
+    )
     with pytest.raises(Exception, match="revoked|could not connect"):
         again.connect(timeout_s=3)
     again.client.loop_stop()
@@ -72,9 +95,14 @@ def renew(site: Deployment, state: Path) -> tuple[x509.Certificate, x509.Certifi
     key = pki.new_key()
     request = pki.make_csr(key, pki.common_name(old))
     signature = pki.sign_possession(pki.load_private_key(key_file), request.public_bytes(serialization.Encoding.DER))
-    answer = site.api.post("/v1/renew", {"certificate": old.public_bytes(serialization.Encoding.PEM).decode(),
-                                         "csr": request.public_bytes(serialization.Encoding.PEM).decode(),
-                                         "signature": base64.b64encode(signature).decode()})
+    answer = site.api.post(
+        "/v1/renew",
+        {
+            "certificate": old.public_bytes(serialization.Encoding.PEM).decode(),
+            "csr": request.public_bytes(serialization.Encoding.PEM).decode(),
+            "signature": base64.b64encode(signature).decode(),
+        },
+    )
     assert answer.status_code == 200, answer.text
     new = x509.load_pem_x509_certificate(answer.json()["certificate"].encode())
     pki.write_private_key(state / "new.key", key)
@@ -89,13 +117,17 @@ def test_renewal_revokes_the_superseded_certificate_after_the_overlap(site: Depl
     # Within the overlap the old certificate still works (a gateway that lost the answer can retry).
     Client(site, host=host, ca=ca, cert=cert, key=key, client_id="old").connect().close()
     crl = site.data / "tenants" / "acme" / "crl.pem"
-    eventually(lambda: old.serial_number in {r.serial_number for r in pki.load_crl(crl)}, 15,
-               "the superseded certificate in the CRL")
+    eventually(
+        lambda: old.serial_number in {r.serial_number for r in pki.load_crl(crl)},
+        15,
+        "the superseded certificate in the CRL",
+    )
     time.sleep(0.5)  # the broker re-reads the CRL on its reload
     with pytest.raises(AssertionError, match="could not connect"):
         Client(site, host=host, ca=ca, cert=cert, key=key, client_id="old").connect(timeout_s=3)
-    Client(site, host=host, ca=ca, cert=str(state / "new.pem"), key=str(state / "new.key"),
-           client_id="new").connect().close()
+    Client(
+        site, host=host, ca=ca, cert=str(state / "new.pem"), key=str(state / "new.key"), client_id="new"
+    ).connect().close()
     assert new.serial_number not in {r.serial_number for r in pki.load_crl(crl)}
 
 
@@ -112,8 +144,11 @@ def test_failures_are_limited_per_key_and_per_tenant_from_any_address(site: Depl
     before = registry_dump(site.data)
     codes = [site.api.post("/v1/provision", {"key": used, "csr": bad}).status_code for _ in range(3)]
     assert codes == [422, 422, 429]  # the tenant's fifth failure came from another key
-    assert site.api.post("/v1/provision", {"key": used, "csr": bad}).json()["detail"].startswith(
-        "too many failed attempts for tenant globex; retry in ")
+    assert (
+        site.api.post("/v1/provision", {"key": used, "csr": bad})
+        .json()["detail"]
+        .startswith("too many failed attempts for tenant globex; retry in ")
+    )
     assert registry_dump(site.data) == before
 
 
@@ -138,9 +173,14 @@ def test_retained_messages_only_where_the_design_has_them(site: Deployment, tmp_
     assert grown < 200_000  # 9.8 MB without the guard
     out = provisioning(site.data, "technician-cert", "acme", "late", "--hours", "1", "--out", str(tmp_path / "t"))
     assert out.returncode == 0
-    tech = Client(site, host="mqtt.acme.test", ca=str(site.data / "tenants" / "acme" / "ca.pem"),
-                  cert=str(tmp_path / "t" / "tech-late.pem"), key=str(tmp_path / "t" / "tech-late.key"),
-                  client_id="late").connect()
+    tech = Client(
+        site,
+        host="mqtt.acme.test",
+        ca=str(site.data / "tenants" / "acme" / "ca.pem"),
+        cert=str(tmp_path / "t" / "tech-late.pem"),
+        key=str(tmp_path / "t" / "tech-late.key"),
+        client_id="late",
+    ).connect()
     try:
         assert tech.subscribe("gw/gw-retainer/#") == 1
         time.sleep(1.0)
@@ -160,6 +200,7 @@ def test_stores_and_state_directories_are_private_whatever_the_umask(site: Deplo
         os.chmod(existing, 0o755)
         provision(site, tmp_path, "acme", "gw-umask")
         from bridge.storage.sqlite import SqliteStore
+
         store = SqliteStore(tmp_path / "store", "acme")
         store.open()
         store.close()

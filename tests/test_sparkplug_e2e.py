@@ -8,7 +8,6 @@ edge node whose data the bridge must store.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
@@ -75,13 +74,17 @@ def sparkplug_config(pki: TenantPki, broker: Mosquitto, plant: Plant, **sparkplu
 
 
 def test_births_data_and_death_are_read_by_tahu_and_stored_once_by_the_bridge(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_codec: CodecPeer) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_codec: CodecPeer
+) -> None:
     pki_acme.client("tech-sniffer")
     broker_acme.reload()
     view = StoreView("sqlite", tmp_path / "store")
     config = write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage)
-    with Plant(tmp_path / "plant", units=(1, 2)) as plant, Sniffer(pki_acme, broker_acme) as sniff, \
-            BridgeProcess(config) as bridge:
+    with (
+        Plant(tmp_path / "plant", units=(1, 2)) as plant,
+        Sniffer(pki_acme, broker_acme) as sniff,
+        BridgeProcess(config) as bridge,
+    ):
         bridge.wait_connected()
         agent = AgentProcess(tmp_path / "agent", sparkplug_config(pki_acme, broker_acme, plant)).start()
         try:
@@ -114,7 +117,8 @@ def test_births_data_and_death_are_read_by_tahu_and_stored_once_by_the_bridge(
 
 
 def test_kill_9_of_the_agent_delivers_its_ndeath_with_the_birth_bdseq(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_codec: CodecPeer) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_codec: CodecPeer
+) -> None:
     pki_acme.client("tech-sniffer")
     broker_acme.reload()
     with Plant(tmp_path / "plant") as plant, Sniffer(pki_acme, broker_acme) as sniff:
@@ -149,7 +153,8 @@ def ncmd(pki: TenantPki, broker: Mosquitto, topic: str, payload: bytes) -> None:
 
 
 def test_rebirth_on_ncmd_and_a_dcmd_write_reaches_the_machine(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     from drivers.config import Table
     from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
     from tests.helpers import free_port
@@ -163,12 +168,21 @@ def test_rebirth_on_ncmd_and_a_dcmd_write_reaches_the_machine(
 
     async def scenario() -> None:
         async with ModbusSimulator(units={1: model}, port=port):
-            config = {**agent_config(pki_acme, broker_acme.port, Plant(tmp_path / "unused")),
-                      "sparkplug": {"group_id": GROUP},
-                      "devices": [{"name": "press-1", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": port,
-                                   "unit": 1, "poll": "100ms",
-                                   "tags": [{"name": "setpoint", "address": 0, "writable": True},
-                                            {"name": "count", "address": 1}]}]}
+            config = {
+                **agent_config(pki_acme, broker_acme.port, Plant(tmp_path / "unused")),
+                "sparkplug": {"group_id": GROUP},
+                "devices": [
+                    {
+                        "name": "press-1",
+                        "protocol": "modbus-tcp",
+                        "host": "127.0.0.1",
+                        "port": port,
+                        "unit": 1,
+                        "poll": "100ms",
+                        "tags": [{"name": "setpoint", "address": 0, "writable": True}, {"name": "count", "address": 1}],
+                    }
+                ],
+            }
             with Sniffer(pki_acme, broker_acme) as sniff:
                 agent = AgentProcess(tmp_path / "agent", config).start()
                 try:
@@ -199,48 +213,77 @@ def test_rebirth_on_ncmd_and_a_dcmd_write_reaches_the_machine(
 
 
 def test_a_third_party_edge_node_is_stored_and_its_death_fires_the_offline_alert(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_modules: Path) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_modules: Path
+) -> None:
     import os
 
     from tests.sparkplug_fixtures import HERE
 
     view = StoreView("sqlite", tmp_path / "store")
-    config = write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)],
-                          storage=view.storage, alerts={"rules": [{"name": "gone", "offline": True}]})
+    config = write_config(
+        tmp_path / "bridge.yaml",
+        tenants=[tenant_entry(pki_acme, broker_acme)],
+        storage=view.storage,
+        alerts={"rules": [{"name": "gone", "offline": True}]},
+    )
     cert, key = pki_acme.client("tahu-1")
     with BridgeProcess(config) as bridge:
         bridge.wait_connected()
         node = subprocess.run(
-            ["node", str(HERE / "edge_node.js"), f"mqtts://127.0.0.1:{broker_acme.port}", str(pki_acme.ca_file),
-             str(cert), str(key), pki_acme.host, GROUP, "tahu-1", "25"],
-            capture_output=True, text=True, timeout=60, env={**os.environ, "NODE_PATH": str(tahu_modules)})
+            [
+                "node",
+                str(HERE / "edge_node.js"),
+                f"mqtts://127.0.0.1:{broker_acme.port}",
+                str(pki_acme.ca_file),
+                str(cert),
+                str(key),
+                pki_acme.host,
+                GROUP,
+                "tahu-1",
+                "25",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "NODE_PATH": str(tahu_modules)},
+        )
         assert "sent 25" in node.stdout, node.stderr
-        wait_until(lambda: view.count(pki_acme.tenant, "points", "WHERE gw = 'tahu-1' AND tag = 'flow'") >= 26,
-                   what="the Tahu node's data")
-        wait_until(lambda: view.count(pki_acme.tenant, "alerts", "WHERE gw = 'tahu-1' AND state = 'firing'"),
-                   what="the offline alert")
-    flows = view.rows(pki_acme.tenant, "SELECT value FROM {points} WHERE gw = 'tahu-1' AND device = 'pump-1' "
-                                       "AND tag = 'flow' ORDER BY ts")
+        wait_until(
+            lambda: view.count(pki_acme.tenant, "points", "WHERE gw = 'tahu-1' AND tag = 'flow'") >= 26,
+            what="the Tahu node's data",
+        )
+        wait_until(
+            lambda: view.count(pki_acme.tenant, "alerts", "WHERE gw = 'tahu-1' AND state = 'firing'"),
+            what="the offline alert",
+        )
+    flows = view.rows(
+        pki_acme.tenant,
+        "SELECT value FROM {points} WHERE gw = 'tahu-1' AND device = 'pump-1' AND tag = 'flow' ORDER BY ts",
+    )
     assert [v for (v,) in flows] == [0.0] + [i * 1.5 for i in range(1, 26)]  # the birth's value, then by alias
     starts = view.rows(pki_acme.tenant, "SELECT value FROM {points} WHERE gw = 'tahu-1' AND tag = 'starts' ORDER BY ts")
     assert [int(v) for (v,) in starts] == list(range(7, 33))
     voltage = view.rows(pki_acme.tenant, "SELECT device, value FROM {points} WHERE tag = 'Supply Voltage'")
     assert voltage == [("tahu-1", 24.5)]  # a node metric: the device is the edge node
     assert view.rows(pki_acme.tenant, "SELECT state FROM {status} WHERE gw = 'tahu-1' ORDER BY received_at") == [
-        ("online",), ("offline",)]
+        ("online",),
+        ("offline",),
+    ]
     assert view.count(pki_acme.tenant, "dead_letters") == 0
 
 
 def test_primary_host_offline_buffers_and_the_backlog_arrives_as_history_in_order(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     pki_acme.client("tech-sniffer")
     broker_acme.reload()
     view = StoreView("sqlite", tmp_path / "store")
     config = write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage)
     with Plant(tmp_path / "plant") as plant, Sniffer(pki_acme, broker_acme) as sniff:
         bridge = BridgeProcess(config).start()
-        agent = AgentProcess(tmp_path / "agent", sparkplug_config(pki_acme, broker_acme, plant,
-                                                                  primary_host="factory-edge")).start()
+        agent = AgentProcess(
+            tmp_path / "agent", sparkplug_config(pki_acme, broker_acme, plant, primary_host="factory-edge")
+        ).start()
         try:
             sniff.wait(lambda: len(sniff.of("DDATA")) > 5, "data while the host is online")
             bridge.stop()  # a clean stop publishes STATE offline: the edge node ends its session and waits
@@ -259,13 +302,14 @@ def test_primary_host_offline_buffers_and_the_backlog_arrives_as_history_in_orde
     report = check_exactly_once(plant, view, pki_acme.tenant)
     assert report["stored"] == report["served"]
     after = [decode(p) for _, p in sniff.of("DDATA")[quiet:]]
-    history = [int(d.uuid[3:]) for d in after if d.metrics and all(m.is_historical for m in d.metrics)]
+    history = [int(d.uuid[3:]) for d in after if d.uuid and d.metrics and all(m.is_historical for m in d.metrics)]
     assert len(history) > 20 and history == sorted(history)  # the backlog, as history, in seq order
 
 
 @pytest.mark.fault
 def test_broker_crashes_and_agent_kill_9_in_sparkplug_mode_lose_nothing_and_store_nothing_twice(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     from tests.faults import restart_broker_hard
 
     view = StoreView("sqlite", tmp_path / "store")
@@ -303,10 +347,11 @@ def test_only_state_may_stay_retained_in_the_sparkplug_namespace() -> None:
 
 
 def test_a_gateway_publishes_only_as_its_own_edge_node_and_reads_only_its_own_commands(
-        pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     pki_acme.client("tech-sniffer")
     broker_acme.reload()
-    outcome: dict[str, Any] = {}
+    outcome: dict[int | str, Any] = {}  # PUBACK reasons by mid, and "received": the topics that came in
 
     def client(name: str) -> paho.Client:
         settings = settings_for(pki_acme, broker_acme, name)
@@ -338,7 +383,8 @@ def test_a_gateway_publishes_only_as_its_own_edge_node_and_reads_only_its_own_co
 
 
 def test_a_bridge_started_after_the_births_asks_for_them_and_stores_everything_once(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
     pki_acme.client("tech-sniffer")
     broker_acme.reload()
     view = StoreView("sqlite", tmp_path / "store")

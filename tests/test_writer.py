@@ -105,8 +105,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 6 MiB tmpfs mounted for the test (root only), unmounted in teardown."""
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
     try:
@@ -116,7 +117,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_is_a_state_dropped_readings_are_counted_and_writing_resumes_when_there_is_room(
-        small_disk: Path) -> None:
+    small_disk: Path,
+) -> None:
     path = small_disk / "buffer.db"
     with Buffer(path, gateway="gw-01", max_bytes=256 * MiB) as buffer:  # the filesystem, not max_bytes, is the limit
         writer = writer_for(buffer, min_free_bytes=256 * KiB)

@@ -22,10 +22,23 @@ import pytest
 
 from tests.agentproc import AgentProcess
 from tests.bridge_fixtures import (
-    BridgeProcess, StoreView, pg_dsn, pg_schemas, tenant_entry, unique_tenant, wait_until, write_config,
+    BridgeProcess,
+    StoreView,
+    pg_dsn,
+    pg_schemas,
+    tenant_entry,
+    unique_tenant,
+    wait_until,
+    write_config,
 )
 from tests.faults import (
-    GW, Plant, agent_config, check_exactly_once, drained, finish, restart_broker_hard, wait_drained,
+    GW,
+    Plant,
+    agent_config,
+    check_exactly_once,
+    finish,
+    restart_broker_hard,
+    wait_drained,
 )
 from tests.infra import Haproxy, Mosquitto, TenantPki
 
@@ -49,12 +62,17 @@ def plant(tmp_path: Path) -> Iterator[Plant]:
 
 
 def bridge_config(tmp_path: Path, pki: TenantPki, broker: Mosquitto, view: StoreView, **tenant: Any) -> Path:
-    return write_config(tmp_path / "bridge.yaml", tenants=[tenant_entry(pki, broker, **tenant)], storage=view.storage,
-                        ingest={"max_messages": 50})
+    return write_config(
+        tmp_path / "bridge.yaml",
+        tenants=[tenant_entry(pki, broker, **tenant)],
+        storage=view.storage,
+        ingest={"max_messages": 50},
+    )
 
 
-def broker_away_scenario(tmp_path: Path, pki: TenantPki, broker: Mosquitto, proxy: Haproxy, plant: Plant,
-                         crashes: int) -> None:
+def broker_away_scenario(
+    tmp_path: Path, pki: TenantPki, broker: Mosquitto, proxy: Haproxy, plant: Plant, crashes: int
+) -> None:
     view = StoreView("sqlite", tmp_path / "store")
     config = bridge_config(tmp_path, pki, broker, view)
     # The bridge subscribes once, and its session reaches the broker's disk; then it goes away.
@@ -83,20 +101,23 @@ def broker_away_scenario(tmp_path: Path, pki: TenantPki, broker: Mosquitto, prox
 
 
 def test_broker_crash_while_the_bridge_is_away_loses_nothing(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy, plant: Plant
+) -> None:
     broker_away_scenario(tmp_path, pki_acme, broker_acme, proxy, plant, crashes=1)
 
 
 @pytest.mark.fault
 def test_three_broker_crashes_while_the_bridge_is_away_lose_nothing(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy, plant: Plant) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy, plant: Plant
+) -> None:
     broker_away_scenario(tmp_path, pki_acme, broker_acme, proxy, plant, crashes=3)
 
 
 @pytest.mark.fault
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_agent_kill_9_ten_times(backend: str, tmp_path: Path, make_broker: Callable[..., Mosquitto],
-                                plant: Plant, request: pytest.FixtureRequest) -> None:
+def test_agent_kill_9_ten_times(
+    backend: str, tmp_path: Path, make_broker: Callable[..., Mosquitto], plant: Plant, request: pytest.FixtureRequest
+) -> None:
     tenant = unique_tenant("acme")
     pki = TenantPki(tmp_path / "pki", tenant)
     broker = make_broker(pki)
@@ -121,8 +142,9 @@ def test_agent_kill_9_ten_times(backend: str, tmp_path: Path, make_broker: Calla
 
 @pytest.mark.fault
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_bridge_kill_9_ten_times(backend: str, tmp_path: Path, make_broker: Callable[..., Mosquitto],
-                                 plant: Plant, request: pytest.FixtureRequest) -> None:
+def test_bridge_kill_9_ten_times(
+    backend: str, tmp_path: Path, make_broker: Callable[..., Mosquitto], plant: Plant, request: pytest.FixtureRequest
+) -> None:
     tenant = unique_tenant("acme")
     pki = TenantPki(tmp_path / "pki", tenant)
     broker = make_broker(pki)
@@ -146,8 +168,8 @@ def test_bridge_kill_9_ten_times(backend: str, tmp_path: Path, make_broker: Call
 
 @pytest.mark.fault
 def test_two_bridges_on_a_shared_subscription_one_killed_repeatedly(
-        tmp_path: Path, make_broker: Callable[..., Mosquitto], plant: Plant, pg_dsn: str,
-        pg_schemas: list[str]) -> None:
+    tmp_path: Path, make_broker: Callable[..., Mosquitto], plant: Plant, pg_dsn: str, pg_schemas: list[str]
+) -> None:
     tenant = unique_tenant("acme")
     pg_schemas.append(tenant)
     pki = TenantPki(tmp_path / "pki", tenant)
@@ -180,8 +202,9 @@ def small_state_dir(tmp_path: Path) -> Iterator[Path]:
     """A 12 MiB tmpfs for the agent's state directory, mounted by the test (root) and unmounted in teardown."""
     mount = tmp_path / "state"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
     try:
@@ -192,12 +215,17 @@ def small_state_dir(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.fault
 def test_a_full_disk_is_survived_every_reading_is_stored_or_counted_and_the_backlog_delivered(
-        tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy,
-        small_state_dir: Path) -> None:
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy, small_state_dir: Path
+) -> None:
     view = StoreView("sqlite", tmp_path / "store")
     with Plant(tmp_path / "plant", units=(1,), bulk=400) as plant:
-        config = agent_config(pki_acme, proxy.port, plant, state_dir=str(small_state_dir),
-                              buffer={"confirm_timeout": "3s", "min_free": "2MiB"})
+        config = agent_config(
+            pki_acme,
+            proxy.port,
+            plant,
+            state_dir=str(small_state_dir),
+            buffer={"confirm_timeout": "3s", "min_free": "2MiB"},
+        )
         config["devices"] = plant.devices(poll="20ms")
         per_poll = 1 + plant.bulk
         with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
@@ -207,16 +235,26 @@ def test_a_full_disk_is_survived_every_reading_is_stored_or_counted_and_the_back
             agent.state_dir = small_state_dir
             agent.start()
             try:
-                wait_until(lambda: agent.status().get("writer", {}).get("disk_full"), timeout_s=120,
-                           interval_s=0.5, what="the disk to fill")
+                wait_until(
+                    lambda: agent.status().get("writer", {}).get("disk_full"),
+                    timeout_s=120,
+                    interval_s=0.5,
+                    what="the disk to fill",
+                )
                 time.sleep(3)  # a while on a full disk: polling goes on, readings are counted
                 full = agent.status()
                 assert agent.alive and full["connection"]["state"] != "connected"
                 assert full["buffer"]["dropped_by_reason"].get("disk_full", 0) > 0
                 broker_acme.start()
-                wait_until(lambda: agent.status().get("buffer", {}).get("unconfirmed_batches", 1) == 0
-                           and agent.status().get("buffer", {}).get("batches", 1) < 10, timeout_s=120,
-                           interval_s=0.5, what="the backlog to drain")
+                wait_until(
+                    lambda: (
+                        agent.status().get("buffer", {}).get("unconfirmed_batches", 1) == 0
+                        and agent.status().get("buffer", {}).get("batches", 1) < 10
+                    ),
+                    timeout_s=120,
+                    interval_s=0.5,
+                    what="the backlog to drain",
+                )
                 assert agent.alive
                 assert agent.stop() == 0  # the poll under way when stopping may be lost: at most one
                 served = plant.points_served()
@@ -253,13 +291,13 @@ class FirstBatch:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
+        from factory_edge.mqtt import tls_context
         from tests.bridge_fixtures import settings_for
-        from agent.mqtt import tls_context
 
         self.settings = settings_for(pki, broker, "bridge")
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="first-batch", protocol=paho.MQTTv5)
         self.client.tls_set_context(tls_context(self.settings))
-        self.client.reconnect_delay_set(0.05, 0.1)
+        self.client.reconnect_delay_set(0.05, 0.1)  # type: ignore[arg-type]  # paho types whole seconds; it takes floats
         self.client.on_connect = lambda c, *a: c.subscribe(f"gw/{GW}/data/#", qos=1)
         self.client.on_message = self._message
         self.max_seq = 0
@@ -293,16 +331,23 @@ async def outage_reconnect_s(watch: FirstBatch, broker: Mosquitto, outage_s: flo
     watch.arm()
     await asyncio.to_thread(broker.start)
     back = time.monotonic()
-    await asyncio.to_thread(wait_until, lambda: watch.arrived is not None, timeout_s=30, interval_s=0.01,
-                            what="a batch from the agent after the broker's return")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: watch.arrived is not None,
+        timeout_s=30,
+        interval_s=0.01,
+        what="a batch from the agent after the broker's return",
+    )
     assert watch.arrived is not None
     return watch.arrived - back
 
 
-@pytest.mark.parametrize("outage_s", [5, pytest.param(30, marks=pytest.mark.fault),
-                                      pytest.param(120, marks=pytest.mark.fault)])
+@pytest.mark.parametrize(
+    "outage_s", [5, pytest.param(30, marks=pytest.mark.fault), pytest.param(120, marks=pytest.mark.fault)]
+)
 async def test_back_on_the_broker_within_2_s_of_its_return(
-        outage_s: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy) -> None:
+    outage_s: int, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy
+) -> None:
     with Plant(tmp_path / "plant") as plant:
         watch = FirstBatch(pki_acme, broker_acme).start()
         agent = AgentProcess(tmp_path / "agent", agent_config(pki_acme, proxy.port, plant)).start()
@@ -313,8 +358,11 @@ async def test_back_on_the_broker_within_2_s_of_its_return(
             agent.stop()
             watch.stop()
     assert after < 2.0, f"reconnected {after:.2f} s after the broker came back ({outage_s} s outage)"
-    reasons = [e for e in agent.logs() if e.get("msg") in ("cannot connect to broker", "still cannot connect to broker",
-                                                            "connection to broker lost")]
+    reasons = [
+        e
+        for e in agent.logs()
+        if e.get("msg") in ("cannot connect to broker", "still cannot connect to broker", "connection to broker lost")
+    ]
     lost = next(e for e in reasons if e["msg"] == "connection to broker lost")
     assert lost["reason"] == "the broker closed the connection"
     # The journal gets the reason in words, and not every attempt: a handful of lines for the whole outage.
@@ -325,9 +373,9 @@ async def test_back_on_the_broker_within_2_s_of_its_return(
     print(f"outage {outage_s} s: first batch at the broker {after:.2f} s after its return")
 
 
-def test_sigterm_writes_every_completed_reading_before_exit(tmp_path: Path, pki_acme: TenantPki,
-                                                            broker_acme: Mosquitto, proxy: Haproxy,
-                                                            plant: Plant) -> None:
+def test_sigterm_writes_every_completed_reading_before_exit(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, proxy: Haproxy, plant: Plant
+) -> None:
     """No bridge: nothing is confirmed, so the buffer must hold every reading the agent completed before SIGTERM.
     Only a read cut short by the stop itself (the newest value served to each unit) may be missing."""
     from agent.bufferread import BufferReader

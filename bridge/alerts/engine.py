@@ -234,8 +234,9 @@ class Evaluation:
         if state is State.OK or state is State.RESOLVED:
             if triggering:
                 inst.fired = False
-                self._change(rule, inst, State.FIRING if rule.for_ms == 0 else State.PENDING,
-                             since=ts, value=value, tag=tag)
+                self._change(
+                    rule, inst, State.FIRING if rule.for_ms == 0 else State.PENDING, since=ts, value=value, tag=tag
+                )
             else:
                 tags.clear()
         elif state is State.PENDING:
@@ -249,8 +250,9 @@ class Evaluation:
         elif state is State.FIRING and not tags:
             self._change(rule, inst, State.RESOLVED, since=ts, value=value, tag=tag)
 
-    def _change(self, rule: Rule, inst: Instance, state: State, *, since: int | None, value: Any,
-                tag: str | None) -> None:
+    def _change(
+        self, rule: Rule, inst: Instance, state: State, *, since: int | None, value: Any, tag: str | None
+    ) -> None:
         previous = inst.state
         notify: tuple[str, ...] = ()
         if state is State.FIRING:
@@ -261,10 +263,34 @@ class Evaluation:
                 notify = tuple(rule.config.notify)  # the end of an alert that was sent
             inst.fired = False
         inst.state, inst.since, inst.value, inst.tag, inst.changed_at = state, since, value, tag, self.now
-        fields = {"rule": rule.name, "state": str(state), "severity": rule.config.severity,
-                  "tenant": self.engine.tenant, "gw": inst.gw, "device": inst.device, "tag": tag, "value": value,
-                  "condition": rule.condition, "threshold": rule.threshold, "since": since}
-        self.changes.append(Change(
-            tenant=self.engine.tenant, gw=inst.gw, device=inst.device, rule=rule.name, state=state,
-            previous=previous, severity=rule.config.severity, since=since, ts=self.now, value=value, tag=tag,
-            condition=rule.condition, message=render(rule.template, fields), notify=notify))
+        fields = {
+            "rule": rule.name,
+            "state": str(state),
+            "severity": rule.config.severity,
+            "tenant": self.engine.tenant,
+            "gw": inst.gw,
+            "device": inst.device,
+            "tag": tag,
+            "value": value,
+            "condition": rule.condition,
+            "threshold": rule.threshold,
+            "since": since,
+        }
+        self.changes.append(
+            Change(
+                tenant=self.engine.tenant,
+                gw=inst.gw,
+                device=inst.device,
+                rule=rule.name,
+                state=state,
+                previous=previous,
+                severity=rule.config.severity,
+                since=since,
+                ts=self.now,
+                value=value,
+                tag=tag,
+                condition=rule.condition,
+                message=render(rule.template, fields),
+                notify=notify,
+            )
+        )

@@ -39,8 +39,18 @@ class Instance:
         return (self.gw, self.device, self.rule)
 
     def copy(self) -> Instance:
-        return Instance(self.gw, self.device, self.rule, self.state, self.since, self.value, self.tag,
-                        dict(self.tags), self.fired, self.changed_at)
+        return Instance(
+            self.gw,
+            self.device,
+            self.rule,
+            self.state,
+            self.since,
+            self.value,
+            self.tag,
+            dict(self.tags),
+            self.fired,
+            self.changed_at,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,20 @@ class Change:
 
     def document(self, alert_id: int | None) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "id": alert_id, "tenant": self.tenant, "rule": self.rule, "state": str(self.state),
-            "previous": str(self.previous), "severity": self.severity, "gw": self.gw, "device": self.device,
-            "tag": self.tag, "value": self.value, "since": self.since, "ts": self.ts,
-            "condition": self.condition, "message": self.message,
+            "id": alert_id,
+            "tenant": self.tenant,
+            "rule": self.rule,
+            "state": str(self.state),
+            "previous": str(self.previous),
+            "severity": self.severity,
+            "gw": self.gw,
+            "device": self.device,
+            "tag": self.tag,
+            "value": self.value,
+            "since": self.since,
+            "ts": self.ts,
+            "condition": self.condition,
+            "message": self.message,
         }
         return doc
 

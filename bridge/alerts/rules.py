@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from drivers.config import NAME_PATTERN, Duration, Model
+from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.units import format_duration
 
 from .template import DEFAULTS, check_template
@@ -83,8 +83,10 @@ class AlertRule(Model):
     def _one_condition(self) -> AlertRule:
         given = [c for c in CONDITIONS if self._has(c)]
         if len(given) != 1:
-            raise ValueError(f"rule {self.name!r}: give exactly one condition of {', '.join(CONDITIONS)} "
-                             f"(got {', '.join(given) or 'none'})")
+            raise ValueError(
+                f"rule {self.name!r}: give exactly one condition of {', '.join(CONDITIONS)} "
+                f"(got {', '.join(given) or 'none'})"
+            )
         kind = given[0]
         if kind in ("above", "below", "outside", "equals", "rate_above", "rate_below") and self.tag is None:
             raise ValueError(f"rule {self.name!r}: {kind} needs tag: (a tag name or a glob)")
@@ -92,21 +94,35 @@ class AlertRule(Model):
             raise ValueError(f"rule {self.name!r}: offline is about gateways: no device: or tag:")
         if kind == "stale" and self.for_:
             raise ValueError(f"rule {self.name!r}: stale is a duration already; for: does not apply")
-        allowed = {"above": {"clear_below"}, "rate_above": {"clear_below"}, "below": {"clear_above"},
-                   "rate_below": {"clear_above"}, "outside": {"clear_inside"}}.get(kind, set())
+        allowed = {
+            "above": {"clear_below"},
+            "rate_above": {"clear_below"},
+            "below": {"clear_above"},
+            "rate_below": {"clear_above"},
+            "outside": {"clear_inside"},
+        }.get(kind, set())
         for clear in ("clear_below", "clear_above", "clear_inside"):
             if getattr(self, clear) is not None and clear not in allowed:
-                raise ValueError(f"rule {self.name!r}: {clear} does not go with {kind}"
-                                 + (f" (use {', '.join(sorted(allowed))})" if allowed else ""))
+                raise ValueError(
+                    f"rule {self.name!r}: {clear} does not go with {kind}"
+                    + (f" (use {', '.join(sorted(allowed))})" if allowed else "")
+                )
         limit = getattr(self, kind)
         if self.clear_below is not None and self.clear_below > limit:
-            raise ValueError(f"rule {self.name!r}: clear_below {self.clear_below:g} must not be above "
-                             f"{kind} {limit:g} (it is the lower end of the hysteresis)")
+            raise ValueError(
+                f"rule {self.name!r}: clear_below {self.clear_below:g} must not be above "
+                f"{kind} {limit:g} (it is the lower end of the hysteresis)"
+            )
         if self.clear_above is not None and self.clear_above < limit:
-            raise ValueError(f"rule {self.name!r}: clear_above {self.clear_above:g} must not be below "
-                             f"{kind} {limit:g} (it is the upper end of the hysteresis)")
-        if self.clear_inside is not None and self.outside is not None and not (
-                self.outside[0] <= self.clear_inside[0] <= self.clear_inside[1] <= self.outside[1]):
+            raise ValueError(
+                f"rule {self.name!r}: clear_above {self.clear_above:g} must not be below "
+                f"{kind} {limit:g} (it is the upper end of the hysteresis)"
+            )
+        if (
+            self.clear_inside is not None
+            and self.outside is not None
+            and not (self.outside[0] <= self.clear_inside[0] <= self.clear_inside[1] <= self.outside[1])
+        ):
             raise ValueError(f"rule {self.name!r}: clear_inside must lie within outside")
         return self
 
@@ -149,19 +165,20 @@ class Rule:
     def of(cls, config: AlertRule) -> Rule:
         kind = config.kind
         family = {"rate_above": "rate", "rate_below": "rate", "stale": "stale", "offline": "offline"}.get(kind, "value")
+        threshold: Any  # a number for value and rate rules (alert payloads carry it as one), else text
         if kind == "outside":
             lo, hi = config.outside  # type: ignore[misc]
             condition, threshold = f"outside {lo:g}..{hi:g}", f"{lo:g}..{hi:g}"
         elif kind == "equals":
             value = config.equals
-            shown = ("true" if value else "false") if isinstance(value, bool) else value
+            shown = ("true" if value else "false") if isinstance(value, bool) else str(value)
             condition, threshold = f"equals {shown}", shown
         elif kind in ("above", "below"):
-            threshold = _plain(getattr(config, kind))
-            condition = f"{kind} {threshold:g}"
+            number = _plain(getattr(config, kind))
+            condition, threshold = f"{kind} {number:g}", number
         elif kind in ("rate_above", "rate_below"):
-            threshold = _plain(getattr(config, kind))
-            condition = f"rate {kind[5:]} {threshold:g}/s"
+            number = _plain(getattr(config, kind))
+            condition, threshold = f"rate {kind[5:]} {number:g}/s", number
         elif kind == "stale":
             threshold = format_duration(config.stale or 0)
             condition = f"no data for {threshold}"
@@ -179,8 +196,11 @@ class Rule:
 
     def matches(self, gw: str, device: str, tag: str | None) -> bool:
         c = self.config
-        return (fnmatchcase(gw, c.gateway) and (self.kind == "offline" or fnmatchcase(device, c.device))
-                and (c.tag is None or (tag is not None and fnmatchcase(tag, c.tag))))
+        return (
+            fnmatchcase(gw, c.gateway)
+            and (self.kind == "offline" or fnmatchcase(device, c.device))
+            and (c.tag is None or (tag is not None and fnmatchcase(tag, c.tag)))
+        )
 
     def judge(self, value: Any, rate: float | None) -> Verdict | None:
         """What a reading (or, for rate rules, its rate of change per second) means; None: not applicable."""
@@ -197,12 +217,12 @@ class Rule:
             return None
         if c.above is not None or c.rate_above is not None:
             limit = c.above if c.above is not None else c.rate_above
-            if value > limit:  # type: ignore[operator]
+            if value > limit:
                 return Verdict.TRIGGER
             return Verdict.HOLD if c.clear_below is not None and value >= c.clear_below else Verdict.CLEAR
         if c.below is not None or c.rate_below is not None:
             limit = c.below if c.below is not None else c.rate_below
-            if value < limit:  # type: ignore[operator]
+            if value < limit:
                 return Verdict.TRIGGER
             return Verdict.HOLD if c.clear_above is not None and value <= c.clear_above else Verdict.CLEAR
         if c.outside is not None:

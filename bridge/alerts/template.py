@@ -8,7 +8,7 @@ never reach into the bridge's objects.
 from __future__ import annotations
 
 import string
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 FIELDS = ("rule", "state", "severity", "tenant", "gw", "device", "tag", "value", "condition", "threshold", "since")
@@ -48,7 +48,7 @@ def render(text: str, values: dict[str, Any]) -> str:
             continue
         value = values.get(name)
         if name == "since" and isinstance(value, int):
-            value = datetime.fromtimestamp(value / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            value = datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         try:
             out.append(format(value, spec or ""))
         except (ValueError, TypeError):

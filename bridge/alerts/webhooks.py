@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import httpx
 
-from drivers.base import Backoff
 from factory_edge import __version__
+from factory_edge.backoff import Backoff
 from factory_edge.logs import fields
 
 from .model import OutboxItem
@@ -57,8 +57,15 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, *, max_age_
 class WebhookSender:
     """Delivers one tenant's outbox items for one endpoint, oldest first."""
 
-    def __init__(self, *, tenant: str, name: str, config: WebhookConfig, client: httpx.AsyncClient,
-                 on_done: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        *,
+        tenant: str,
+        name: str,
+        config: WebhookConfig,
+        client: httpx.AsyncClient,
+        on_done: Callable[[int], None],
+    ) -> None:
         self.tenant = tenant
         self.name = name
         self.config = config
@@ -97,25 +104,39 @@ class WebhookSender:
             final = error.startswith("refused") or attempt == self.config.max_attempts
             if final:
                 self.failed += 1
-                log.error("webhook delivery given up", extra=fields(
-                    tenant=self.tenant, webhook=self.name, url=self.config.url, attempts=attempt, err=error))
+                log.error(
+                    "webhook delivery given up",
+                    extra=fields(
+                        tenant=self.tenant, webhook=self.name, url=self.config.url, attempts=attempt, err=error
+                    ),
+                )
                 return
             delay = backoff.next_delay()
-            log.warning("webhook delivery failed", extra=fields(
-                tenant=self.tenant, webhook=self.name, attempt=attempt, err=error, retry_in_s=round(delay, 1)))
+            log.warning(
+                "webhook delivery failed",
+                extra=fields(
+                    tenant=self.tenant, webhook=self.name, attempt=attempt, err=error, retry_in_s=round(delay, 1)
+                ),
+            )
             await asyncio.sleep(delay)
 
     async def _post(self, item: OutboxItem) -> str | None:
         """None when delivered, else why not (``refused: …`` means do not retry)."""
         timestamp = int(time.time())
-        headers = {**self.config.headers, "Content-Type": "application/json",
-                   "User-Agent": f"factory-edge-bridge/{__version__}", TIMESTAMP_HEADER: str(timestamp),
-                   "X-Factory-Edge-Tenant": self.tenant, "X-Factory-Edge-Delivery": str(item.id)}
+        headers = {
+            **self.config.headers,
+            "Content-Type": "application/json",
+            "User-Agent": f"factory-edge-bridge/{__version__}",
+            TIMESTAMP_HEADER: str(timestamp),
+            "X-Factory-Edge-Tenant": self.tenant,
+            "X-Factory-Edge-Delivery": str(item.id),
+        }
         if self.config.secret:
             headers[SIGNATURE_HEADER] = sign(self.config.secret, timestamp, item.payload)
         try:
-            response = await self.client.post(self.config.url, content=item.payload, headers=headers,
-                                              timeout=self.config.timeout)
+            response = await self.client.post(
+                self.config.url, content=item.payload, headers=headers, timeout=self.config.timeout
+            )
         except httpx.TimeoutException:
             return f"no answer within {self.config.timeout:g}s"
         except httpx.HTTPError as exc:

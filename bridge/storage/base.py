@@ -127,8 +127,17 @@ class Store(abc.ABC):
     # ---------------------------------------------------------------- reading, for `bridge query` and tests
 
     @abc.abstractmethod
-    def query(self, what: str, *, gw: str | None = None, device: str | None = None, tag: str | None = None,
-              since_ms: int | None = None, limit: int = 100, active: bool = False) -> Table:
+    def query(
+        self,
+        what: str,
+        *,
+        gw: str | None = None,
+        device: str | None = None,
+        tag: str | None = None,
+        since_ms: int | None = None,
+        limit: int = 100,
+        active: bool = False,
+    ) -> Table:
         """``values`` (newest per series), ``points``, ``alerts`` (history, or current with ``active``),
         ``dead-letters`` or ``counts``: newest first."""
 

@@ -73,8 +73,15 @@ _MIGRATIONS = {
             received_at bigint NOT NULL);
     """,
 }
-_PG_TYPES = {"auto": "jsonb", "float": "double precision", "int": "bigint", "str": "text", "bool": "boolean",
-             "json": "jsonb", "timestamp": "bigint"}
+_PG_TYPES = {
+    "auto": "jsonb",
+    "float": "double precision",
+    "int": "bigint",
+    "str": "text",
+    "bool": "boolean",
+    "json": "jsonb",
+    "timestamp": "bigint",
+}
 _EXACT = 2**53
 
 
@@ -125,8 +132,12 @@ class PostgresStore(Store):
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                   application_name=f"factory-edge bridge {self.tenant}"[:63])
+            return psycopg.connect(
+                self.dsn,
+                autocommit=True,
+                connect_timeout=10,
+                application_name=f"factory-edge bridge {self.tenant}"[:63],
+            )
         except psycopg.Error as exc:
             raise StorageError(f"{describe_dsn(self.dsn)}: cannot connect: {_first_line(exc)}") from exc
 
@@ -146,7 +157,9 @@ class PostgresStore(Store):
         found = self._conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.tenant,)).fetchone()
         if not found:
             self.close()
-            raise StorageError(f"tenant {self.tenant}: no data yet (no schema {self.tenant} in {describe_dsn(self.dsn)})")
+            raise StorageError(
+                f"tenant {self.tenant}: no data yet (no schema {self.tenant} in {describe_dsn(self.dsn)})"
+            )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -160,36 +173,47 @@ class PostgresStore(Store):
             # Two processes opening the same tenant at once: one creates, the other waits and sees it.
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"factory-edge bridge schema {self.tenant}",))
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self.schema))
-            conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {}.schema_version (version integer NOT NULL)")
-                         .format(self.schema))
+            conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {}.schema_version (version integer NOT NULL)").format(self.schema)
+            )
             row = conn.execute(sql.SQL("SELECT max(version) FROM {}.schema_version").format(self.schema)).fetchone()
             version = (row[0] if row else None) or 0
             if version > SCHEMA_VERSION:
-                raise StorageError(f"{self.where}: schema version {version} is newer than this bridge ({SCHEMA_VERSION})")
+                raise StorageError(
+                    f"{self.where}: schema version {version} is newer than this bridge ({SCHEMA_VERSION})"
+                )
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[target].split(";"):
                     if statement.strip():
-                        conn.execute(sql.SQL(statement.replace("{s}", "{}")).format(
-                            *[self.schema] * statement.count("{s}")))
+                        conn.execute(
+                            sql.SQL(statement.replace("{s}", "{}")).format(*[self.schema] * statement.count("{s}"))
+                        )
                 conn.execute(sql.SQL("INSERT INTO {}.schema_version VALUES (%s)").format(self.schema), (target,))
                 if target == 1:
                     self._hypertable(conn)
-        self.hypertable = bool(conn.execute(
-            "SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()) and self._is_hypertable(conn)
+        self.hypertable = bool(
+            conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+        ) and self._is_hypertable(conn)
 
     def _hypertable(self, conn: psycopg.Connection[Any]) -> None:
         """Make ``points`` a hypertable when TimescaleDB is installed in this database."""
         if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
             return
-        conn.execute("SELECT create_hypertable(%s::regclass, 'ts', chunk_time_interval => %s::bigint, "
-                     "if_not_exists => TRUE)", (sql.Identifier(self.tenant, "points").as_string(conn), 86_400_000))
+        conn.execute(
+            "SELECT create_hypertable(%s::regclass, 'ts', chunk_time_interval => %s::bigint, if_not_exists => TRUE)",
+            (sql.Identifier(self.tenant, "points").as_string(conn), 86_400_000),
+        )
         log.info("points is a TimescaleDB hypertable", extra=fields(tenant=self.tenant))
 
     def _is_hypertable(self, conn: psycopg.Connection[Any]) -> bool:
         try:
-            return bool(conn.execute(
-                "SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_schema = %s "
-                "AND hypertable_name = 'points'", (self.tenant,)).fetchone())
+            return bool(
+                conn.execute(
+                    "SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_schema = %s "
+                    "AND hypertable_name = 'points'",
+                    (self.tenant,),
+                ).fetchone()
+            )
         except psycopg.Error:
             return False
 
@@ -199,17 +223,27 @@ class PostgresStore(Store):
         table = sql.Identifier(self.tenant, rule.table)
         types = rule.column_types()
         columns = sql.SQL(", ").join(
-            sql.SQL("{} {}{}").format(sql.Identifier(name), sql.SQL(_PG_TYPES[kind]),
-                                      sql.SQL(" NOT NULL" if name in ("ts", "received_at") else ""))
-            for name, kind in types.items())
+            sql.SQL("{} {}{}").format(
+                sql.Identifier(name),
+                sql.SQL(_PG_TYPES[kind]),
+                sql.SQL(" NOT NULL" if name in ("ts", "received_at") else ""),
+            )
+            for name, kind in types.items()
+        )
         with conn.transaction():
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, columns))
             for name, kind in types.items():
-                conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                    table, sql.Identifier(name), sql.SQL(_PG_TYPES[kind])))
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                        table, sql.Identifier(name), sql.SQL(_PG_TYPES[kind])
+                    )
+                )
             if rule.key:
-                conn.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                    sql.Identifier(f"{rule.table}_key"), table, sql.SQL(", ").join(map(sql.Identifier, rule.key))))
+                conn.execute(
+                    sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({})").format(
+                        sql.Identifier(f"{rule.table}_key"), table, sql.SQL(", ").join(map(sql.Identifier, rule.key))
+                    )
+                )
 
     # ---------------------------------------------------------------- writing
 
@@ -237,58 +271,85 @@ class PostgresStore(Store):
             raise StorageError(f"{self.where}: {_first_line(exc)}") from exc
 
     def load_alert_states(self) -> list[Instance]:
-        rows = self._rows("SELECT gw, device, rule, state, since, value, tag, tags, fired, changed_at FROM {s}.alert_state")
-        return [Instance(gw, device, rule, State(state), since, value, tag, dict(tags), fired, changed)
-                for gw, device, rule, state, since, value, tag, tags, fired, changed in rows]
+        rows = self._rows(
+            "SELECT gw, device, rule, state, since, value, tag, tags, fired, changed_at FROM {s}.alert_state"
+        )
+        return [
+            Instance(gw, device, rule, State(state), since, value, tag, dict(tags), fired, changed)
+            for gw, device, rule, state, since, value, tag, tags, fired, changed in rows
+        ]
 
     def load_alert_series(self) -> Iterator[SeriesLast]:
         for row in self._rows("SELECT gw, device, tag, ts, value, quality, seen_at FROM {s}.alert_series"):
             yield SeriesLast(*row)
 
     def load_outbox(self) -> list[OutboxItem]:
-        return [OutboxItem(i, w, bytes(p), c) for i, w, p, c in self._rows(
-            "SELECT id, webhook, payload, created_at FROM {s}.webhook_outbox ORDER BY id")]
+        return [
+            OutboxItem(i, w, bytes(p), c)
+            for i, w, p, c in self._rows("SELECT id, webhook, payload, created_at FROM {s}.webhook_outbox ORDER BY id")
+        ]
 
     def last_alerts(self) -> list[dict[str, Any]]:
         assert self._conn is not None
         try:
             with self._conn.cursor(row_factory=psycopg.rows.dict_row) as cursor:
-                cursor.execute(sql.SQL(
-                    "SELECT * FROM {s}.alerts WHERE id IN (SELECT max(id) FROM {s}.alerts GROUP BY gw, device, rule) "
-                    "ORDER BY id").format(s=self.schema))
+                cursor.execute(
+                    sql.SQL(
+                        "SELECT * FROM {s}.alerts WHERE id IN (SELECT max(id) FROM {s}.alerts GROUP BY gw, device, rule) "
+                        "ORDER BY id"
+                    ).format(s=self.schema)
+                )
                 return list(cursor.fetchall())
         except psycopg.Error as exc:
             raise StorageError(f"{self.where}: {_first_line(exc)}") from exc
 
     # ---------------------------------------------------------------- reading
 
-    def query(self, what: str, *, gw: str | None = None, device: str | None = None, tag: str | None = None,
-              since_ms: int | None = None, limit: int = 100, active: bool = False) -> Table:
-        where, params = [], []
+    def query(
+        self,
+        what: str,
+        *,
+        gw: str | None = None,
+        device: str | None = None,
+        tag: str | None = None,
+        since_ms: int | None = None,
+        limit: int = 100,
+        active: bool = False,
+    ) -> Table:
+        where: list[str] = []
+        params: list[object] = []
         for column, value in (("gw", gw), ("device", device), ("tag", tag)):
             if value is not None:
                 where.append(f"{column} = %s")
                 params.append(value)
         # One JSON value per row: numbers as numbers, text as text, big integers exactly.
-        value = ("CASE WHEN value_text IS NULL THEN to_jsonb(value) WHEN value IS NOT NULL "
-                 "THEN to_jsonb(value_text::numeric) ELSE to_jsonb(value_text) END AS value")
+        value = (
+            "CASE WHEN value_text IS NULL THEN to_jsonb(value) WHEN value IS NOT NULL "
+            "THEN to_jsonb(value_text::numeric) ELSE to_jsonb(value_text) END AS value"
+        )
         if what == "values":
             query = f"SELECT gw, device, tag, ts, {value}, quality, error FROM {{s}}.latest{{w}} ORDER BY gw, device, tag LIMIT %s"
         elif what == "points":
             if since_ms is not None:
                 where.append("ts >= %s")
                 params.append(since_ms)
-            query = f"SELECT gw, device, tag, ts, {value}, quality, error FROM {{s}}.points{{w}} ORDER BY ts DESC LIMIT %s"
+            query = (
+                f"SELECT gw, device, tag, ts, {value}, quality, error FROM {{s}}.points{{w}} ORDER BY ts DESC LIMIT %s"
+            )
         elif what == "alerts" and active:
             where.append("state IN ('pending', 'firing')")
-            query = ("SELECT changed_at AS ts, gw, device, rule, state, since, tag, value FROM {s}.alert_state{w} "
-                     "ORDER BY since DESC LIMIT %s")
+            query = (
+                "SELECT changed_at AS ts, gw, device, rule, state, since, tag, value FROM {s}.alert_state{w} "
+                "ORDER BY since DESC LIMIT %s"
+            )
         elif what == "alerts":
             if since_ms is not None:
                 where.append("ts >= %s")
                 params.append(since_ms)
-            query = ("SELECT id, ts, gw, device, rule, state, severity, tag, value, message FROM {s}.alerts{w} "
-                     "ORDER BY id DESC LIMIT %s")
+            query = (
+                "SELECT id, ts, gw, device, rule, state, severity, tag, value, message FROM {s}.alerts{w} "
+                "ORDER BY id DESC LIMIT %s"
+            )
         elif what == "dead-letters":
             where, params = [], []
             if since_ms is not None:
@@ -310,9 +371,13 @@ class PostgresStore(Store):
             raise StorageError(f"{self.where}: {_first_line(exc)}") from exc
 
     def _counts(self) -> Table:
-        names = [r[0] for r in self._rows(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY table_name",
-            (self.tenant,))]
+        names = [
+            r[0]
+            for r in self._rows(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY table_name",
+                (self.tenant,),
+            )
+        ]
         rows = []
         for name in names:
             (count,) = self._rows(f"SELECT count(*) FROM {{s}}.{sql.Identifier(name).as_string(self._conn)}")[0]
@@ -334,12 +399,20 @@ class _PostgresTx(Tx):
             return []
         unique = {(b.gw, b.seq): b for b in reversed(batches)}  # the first of duplicates wins
         keys = sorted(unique)  # one lock order for every process: no deadlocks between bridges
-        cursor = self.conn.execute(self._sql(
-            "INSERT INTO {s}.batches (gw, seq, device, points, received_at) "
-            "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], %s::bigint[]) "
-            "ON CONFLICT DO NOTHING RETURNING gw, seq"),
-            ([k[0] for k in keys], [k[1] for k in keys], [unique[k].device for k in keys],
-             [len(unique[k].rows) for k in keys], [unique[k].received_at for k in keys]))
+        cursor = self.conn.execute(
+            self._sql(
+                "INSERT INTO {s}.batches (gw, seq, device, points, received_at) "
+                "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], %s::bigint[]) "
+                "ON CONFLICT DO NOTHING RETURNING gw, seq"
+            ),
+            (
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [unique[k].device for k in keys],
+                [len(unique[k].rows) for k in keys],
+                [unique[k].received_at for k in keys],
+            ),
+        )
         claimed = set(cursor.fetchall())
         new, seen = [], set()
         for b in batches:
@@ -352,20 +425,31 @@ class _PostgresTx(Tx):
     def differing(self, batches: Sequence[DataBatch]) -> set[tuple[str, int]]:
         if not batches:
             return set()
-        rows = self.conn.execute(self._sql(
-            "SELECT b.gw, b.seq FROM {s}.batches b JOIN unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[]) "
-            "AS n(gw, seq, device, points) ON b.gw = n.gw AND b.seq = n.seq "
-            "WHERE b.device <> n.device OR b.points <> n.points"),
-            ([b.gw for b in batches], [b.seq for b in batches], [b.device for b in batches],
-             [len(b.rows) for b in batches])).fetchall()
+        rows = self.conn.execute(
+            self._sql(
+                "SELECT b.gw, b.seq FROM {s}.batches b JOIN unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[]) "
+                "AS n(gw, seq, device, points) ON b.gw = n.gw AND b.seq = n.seq "
+                "WHERE b.device <> n.device OR b.points <> n.points"
+            ),
+            (
+                [b.gw for b in batches],
+                [b.seq for b in batches],
+                [b.device for b in batches],
+                [len(b.rows) for b in batches],
+            ),
+        ).fetchall()
         return {(gw, seq) for gw, seq in rows}
 
     def insert_points(self, batches: Sequence[DataBatch]) -> None:
         if not any(b.rows for b in batches):
             return
         with self.conn.cursor() as cursor:
-            with cursor.copy(self._sql("COPY {s}.points (gw, device, tag, ts, value, value_text, quality, error, seq) "
-                                       "FROM STDIN (FORMAT BINARY)")) as copy:
+            with cursor.copy(
+                self._sql(
+                    "COPY {s}.points (gw, device, tag, ts, value, value_text, quality, error, seq) "
+                    "FROM STDIN (FORMAT BINARY)"
+                )
+            ) as copy:
                 copy.set_types(["text", "text", "text", "int8", "float8", "text", "text", "text", "int8"])
                 write = copy.write_row
                 for b in batches:
@@ -379,16 +463,21 @@ class _PostgresTx(Tx):
     def insert_status(self, rows: Sequence[StatusRow]) -> None:
         if rows:
             with self.conn.cursor() as cursor:
-                cursor.executemany(self._sql("INSERT INTO {s}.status VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"),
-                                   [(r.gw, r.state, r.ts, r.version, r.config_hash, r.received_at) for r in rows])
+                cursor.executemany(
+                    self._sql("INSERT INTO {s}.status VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"),
+                    [(r.gw, r.state, r.ts, r.version, r.config_hash, r.received_at) for r in rows],
+                )
 
     def insert_events(self, rows: Sequence[EventRow]) -> None:
         if rows:
             with self.conn.cursor() as cursor:
-                cursor.executemany(self._sql(
-                    "INSERT INTO {s}.events (gw, type, ts, payload, digest, received_at) "
-                    "VALUES (%s, %s, %s, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING"),
-                    [(r.gw, r.type, r.ts, r.payload, r.digest, r.received_at) for r in rows])
+                cursor.executemany(
+                    self._sql(
+                        "INSERT INTO {s}.events (gw, type, ts, payload, digest, received_at) "
+                        "VALUES (%s, %s, %s, %s::jsonb, %s, %s) ON CONFLICT DO NOTHING"
+                    ),
+                    [(r.gw, r.type, r.ts, r.payload, r.digest, r.received_at) for r in rows],
+                )
 
     def insert_mapped(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
@@ -397,21 +486,28 @@ class _PostgresTx(Tx):
         types = rule.column_types()
         columns = list(types)
         statement = sql.SQL("INSERT INTO {} ({}) VALUES ({}){}").format(
-            sql.Identifier(self.store.tenant, table), sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.Identifier(self.store.tenant, table),
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
             sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-            sql.SQL(" ON CONFLICT DO NOTHING" if rule.key else ""))
+            sql.SQL(" ON CONFLICT DO NOTHING" if rule.key else ""),
+        )
         wrap = [types[c] in ("auto", "json") for c in columns]
-        values = [tuple(Jsonb(row.get(c)) if w and row.get(c) is not None else row.get(c)
-                        for c, w in zip(columns, wrap)) for row in rows]
+        values = [
+            tuple(Jsonb(row.get(c)) if w and row.get(c) is not None else row.get(c) for c, w in zip(columns, wrap))
+            for row in rows
+        ]
         with self.conn.cursor() as cursor:
             cursor.executemany(statement, values)
 
     def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:
         if rows:
             with self.conn.cursor() as cursor:
-                cursor.executemany(self._sql(
-                    "INSERT INTO {s}.dead_letters (topic, payload, reason, received_at) VALUES (%s, %s, %s, %s)"),
-                    [(r.topic, r.payload, r.reason, r.received_at) for r in rows])
+                cursor.executemany(
+                    self._sql(
+                        "INSERT INTO {s}.dead_letters (topic, payload, reason, received_at) VALUES (%s, %s, %s, %s)"
+                    ),
+                    [(r.topic, r.payload, r.reason, r.received_at) for r in rows],
+                )
 
     def upsert_latest(self, rows: Sequence[LatestRow]) -> None:
         if not rows:
@@ -421,21 +517,40 @@ class _PostgresTx(Tx):
             number, text = split_value(value)
             values.append((gw, device, tag, ts, number, text, quality, error, received, seen))
         with self.conn.cursor() as cursor:
-            cursor.executemany(self._sql(
-                "INSERT INTO {s}.latest AS l VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (gw, device, tag) DO UPDATE SET ts = excluded.ts, value = excluded.value, "
-                "value_text = excluded.value_text, quality = excluded.quality, error = excluded.error, "
-                "received_at = excluded.received_at, seen_at = coalesce(excluded.seen_at, l.seen_at) "
-                "WHERE excluded.ts > l.ts"), values)
+            cursor.executemany(
+                self._sql(
+                    "INSERT INTO {s}.latest AS l VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (gw, device, tag) DO UPDATE SET ts = excluded.ts, value = excluded.value, "
+                    "value_text = excluded.value_text, quality = excluded.quality, error = excluded.error, "
+                    "received_at = excluded.received_at, seen_at = coalesce(excluded.seen_at, l.seen_at) "
+                    "WHERE excluded.ts > l.ts"
+                ),
+                values,
+            )
 
     def record_alerts(self, changes: Sequence[Change]) -> list[int]:
         ids = []
         for c in changes:
-            row = self.conn.execute(self._sql(
-                "INSERT INTO {s}.alerts (ts, gw, device, rule, state, previous, severity, tag, value, since, "
-                "condition, message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"),
-                (c.ts, c.gw, c.device, c.rule, str(c.state), str(c.previous), c.severity, c.tag, Jsonb(c.value),
-                 c.since, c.condition, c.message)).fetchone()
+            row = self.conn.execute(
+                self._sql(
+                    "INSERT INTO {s}.alerts (ts, gw, device, rule, state, previous, severity, tag, value, since, "
+                    "condition, message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+                ),
+                (
+                    c.ts,
+                    c.gw,
+                    c.device,
+                    c.rule,
+                    str(c.state),
+                    str(c.previous),
+                    c.severity,
+                    c.tag,
+                    Jsonb(c.value),
+                    c.since,
+                    c.condition,
+                    c.message,
+                ),
+            ).fetchone()
             ids.append(int(row[0]) if row else 0)
         return ids
 
@@ -443,36 +558,58 @@ class _PostgresTx(Tx):
         if not states:
             return
         with self.conn.cursor() as cursor:
-            cursor.executemany(self._sql(
-                "INSERT INTO {s}.alert_state VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (gw, device, rule) DO UPDATE SET state = excluded.state, since = excluded.since, "
-                "value = excluded.value, tag = excluded.tag, tags = excluded.tags, fired = excluded.fired, "
-                "changed_at = excluded.changed_at"),
-                [(s.gw, s.device, s.rule, str(s.state), s.since, Jsonb(s.value), s.tag, Jsonb(s.tags), s.fired,
-                  s.changed_at) for s in sorted(states, key=lambda s: s.key)])
+            cursor.executemany(
+                self._sql(
+                    "INSERT INTO {s}.alert_state VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (gw, device, rule) DO UPDATE SET state = excluded.state, since = excluded.since, "
+                    "value = excluded.value, tag = excluded.tag, tags = excluded.tags, fired = excluded.fired, "
+                    "changed_at = excluded.changed_at"
+                ),
+                [
+                    (
+                        s.gw,
+                        s.device,
+                        s.rule,
+                        str(s.state),
+                        s.since,
+                        Jsonb(s.value),
+                        s.tag,
+                        Jsonb(s.tags),
+                        s.fired,
+                        s.changed_at,
+                    )
+                    for s in sorted(states, key=lambda s: s.key)
+                ],
+            )
 
     def save_alert_series(self, rows: Sequence[SeriesLast]) -> None:
         if not rows:
             return
         with self.conn.cursor() as cursor:
-            cursor.executemany(self._sql(
-                "INSERT INTO {s}.alert_series AS a VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (gw, device, tag) DO UPDATE SET ts = excluded.ts, value = excluded.value, "
-                "quality = excluded.quality, seen_at = excluded.seen_at WHERE excluded.ts > a.ts"),
-                [(r.gw, r.device, r.tag, r.ts, Jsonb(r.value), r.quality, r.seen_at)
-                 for r in sorted(rows, key=lambda r: (r.gw, r.device, r.tag))])
+            cursor.executemany(
+                self._sql(
+                    "INSERT INTO {s}.alert_series AS a VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT (gw, device, tag) DO UPDATE SET ts = excluded.ts, value = excluded.value, "
+                    "quality = excluded.quality, seen_at = excluded.seen_at WHERE excluded.ts > a.ts"
+                ),
+                [
+                    (r.gw, r.device, r.tag, r.ts, Jsonb(r.value), r.quality, r.seen_at)
+                    for r in sorted(rows, key=lambda r: (r.gw, r.device, r.tag))
+                ],
+            )
 
     def queue_webhooks(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
         ids = []
         for webhook, payload, created in items:
-            row = self.conn.execute(self._sql(
-                "INSERT INTO {s}.webhook_outbox (webhook, payload, created_at) VALUES (%s, %s, %s) RETURNING id"),
-                (webhook, payload, created)).fetchone()
+            row = self.conn.execute(
+                self._sql(
+                    "INSERT INTO {s}.webhook_outbox (webhook, payload, created_at) VALUES (%s, %s, %s) RETURNING id"
+                ),
+                (webhook, payload, created),
+            ).fetchone()
             ids.append(int(row[0]) if row else 0)
         return ids
 
     def delete_outbox(self, ids: Sequence[int]) -> None:
         if ids:
             self.conn.execute(self._sql("DELETE FROM {s}.webhook_outbox WHERE id = ANY(%s)"), (list(ids),))
-
-

@@ -68,8 +68,15 @@ _MIGRATIONS = {
             received_at INTEGER NOT NULL) STRICT;
     """,
 }
-_SQLITE_TYPES = {"auto": "ANY", "float": "REAL", "int": "INTEGER", "str": "TEXT", "bool": "INTEGER",
-                 "json": "TEXT", "timestamp": "INTEGER"}
+_SQLITE_TYPES = {
+    "auto": "ANY",
+    "float": "REAL",
+    "int": "INTEGER",
+    "str": "TEXT",
+    "bool": "INTEGER",
+    "json": "TEXT",
+    "timestamp": "INTEGER",
+}
 
 
 def db_path(directory: str | Path, tenant: str) -> Path:
@@ -108,8 +115,7 @@ class SqliteStore(Store):
         except OSError as exc:
             raise StorageError(f"{directory}: cannot create the storage directory: {exc.strerror or exc}") from exc
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                 timeout=self.busy_timeout_s)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout_s)
             self._db = db
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
@@ -131,8 +137,9 @@ class SqliteStore(Store):
         if not self.path.exists():
             raise StorageError(f"tenant {self.tenant}: no data yet ({self.path} does not exist)")
         try:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                       timeout=self.busy_timeout_s)
+            self._db = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, check_same_thread=False, timeout=self.busy_timeout_s
+            )
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise StorageError(f"{self.path}: cannot read: {exc}") from exc
@@ -195,8 +202,13 @@ class SqliteStore(Store):
                 self._rollback()
                 raise
             db.execute("COMMIT")
-        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError,
-                UnicodeEncodeError) as exc:
+        except (
+            sqlite3.IntegrityError,
+            sqlite3.DataError,
+            sqlite3.InterfaceError,
+            OverflowError,
+            UnicodeEncodeError,
+        ) as exc:
             self._rollback()
             raise DataRejected(f"{self.path}: {exc}") from exc
         except sqlite3.Error as exc:
@@ -215,9 +227,12 @@ class SqliteStore(Store):
     def load_alert_states(self) -> list[Instance]:
         assert self._db is not None
         rows = self._db.execute(
-            "SELECT gw, device, rule, state, since, value, tag, tags, fired, changed_at FROM alert_state")
-        return [Instance(gw, device, rule, State(state), since, value, tag, json.loads(tags), bool(fired), changed)
-                for gw, device, rule, state, since, value, tag, tags, fired, changed in rows]
+            "SELECT gw, device, rule, state, since, value, tag, tags, fired, changed_at FROM alert_state"
+        )
+        return [
+            Instance(gw, device, rule, State(state), since, value, tag, json.loads(tags), bool(fired), changed)
+            for gw, device, rule, state, since, value, tag, tags, fired, changed in rows
+        ]
 
     def load_alert_series(self) -> Iterator[SeriesLast]:
         assert self._db is not None
@@ -226,32 +241,48 @@ class SqliteStore(Store):
 
     def load_outbox(self) -> list[OutboxItem]:
         assert self._db is not None
-        return [OutboxItem(*row) for row in self._db.execute(
-            "SELECT id, webhook, payload, created_at FROM webhook_outbox ORDER BY id")]
+        return [
+            OutboxItem(*row)
+            for row in self._db.execute("SELECT id, webhook, payload, created_at FROM webhook_outbox ORDER BY id")
+        ]
 
     def last_alerts(self) -> list[dict[str, Any]]:
         assert self._utils is not None
-        return list(self._utils.query(
-            "SELECT * FROM alerts WHERE id IN (SELECT max(id) FROM alerts GROUP BY gw, device, rule) ORDER BY id"))
+        return list(
+            self._utils.query(
+                "SELECT * FROM alerts WHERE id IN (SELECT max(id) FROM alerts GROUP BY gw, device, rule) ORDER BY id"
+            )
+        )
 
     # ---------------------------------------------------------------- reading
 
-    def query(self, what: str, *, gw: str | None = None, device: str | None = None, tag: str | None = None,
-              since_ms: int | None = None, limit: int = 100, active: bool = False) -> Table:
+    def query(
+        self,
+        what: str,
+        *,
+        gw: str | None = None,
+        device: str | None = None,
+        tag: str | None = None,
+        since_ms: int | None = None,
+        limit: int = 100,
+        active: bool = False,
+    ) -> Table:
         assert self._utils is not None
-        where, params = [], []
+        where: list[str] = []
+        params: list[object] = []
         for column, value in (("gw", gw), ("device", device), ("tag", tag)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
         if what == "values":
-            sql = ("SELECT gw, device, tag, ts, value, quality, error FROM latest{w} "
-                   "ORDER BY gw, device, tag LIMIT ?")
+            sql = "SELECT gw, device, tag, ts, value, quality, error FROM latest{w} ORDER BY gw, device, tag LIMIT ?"
         elif what == "points":
             if since_ms is not None:
                 where.append("ts >= ?")
                 params.append(since_ms)
-            sql = "SELECT gw, device, tag, ts, value, quality, error FROM points{w} ORDER BY ts DESC, rowid DESC LIMIT ?"
+            sql = (
+                "SELECT gw, device, tag, ts, value, quality, error FROM points{w} ORDER BY ts DESC, rowid DESC LIMIT ?"
+            )
         elif what == "alerts" and active:
             where.append("state IN ('pending', 'firing')")
             sql = "SELECT changed_at AS ts, gw, device, rule, state, since, tag, value FROM alert_state{w} ORDER BY since DESC LIMIT ?"
@@ -259,8 +290,10 @@ class SqliteStore(Store):
             if since_ms is not None:
                 where.append("ts >= ?")
                 params.append(since_ms)
-            sql = ("SELECT id, ts, gw, device, rule, state, severity, tag, value, message FROM alerts{w} "
-                   "ORDER BY id DESC LIMIT ?")
+            sql = (
+                "SELECT id, ts, gw, device, rule, state, severity, tag, value, message FROM alerts{w} "
+                "ORDER BY id DESC LIMIT ?"
+            )
         elif what == "dead-letters":
             where = []
             params = []
@@ -308,8 +341,10 @@ class _SqliteTx(Tx):
         new = []
         execute = self.db.execute
         for b in batches:
-            cursor = execute("INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?)",
-                             (b.gw, b.seq, b.device, len(b.rows), b.received_at))
+            cursor = execute(
+                "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?)",
+                (b.gw, b.seq, b.device, len(b.rows), b.received_at),
+            )
             if cursor.rowcount == 1:
                 new.append(b)
         return new
@@ -317,7 +352,9 @@ class _SqliteTx(Tx):
     def differing(self, batches: Sequence[DataBatch]) -> set[tuple[str, int]]:
         out = set()
         for b in batches:
-            row = self.db.execute("SELECT device, points FROM batches WHERE gw = ? AND seq = ?", (b.gw, b.seq)).fetchone()
+            row = self.db.execute(
+                "SELECT device, points FROM batches WHERE gw = ? AND seq = ?", (b.gw, b.seq)
+            ).fetchone()
             if row is not None and (row[0], row[1]) != (b.device, len(b.rows)):
                 out.add((b.gw, b.seq))
         return out
@@ -329,13 +366,16 @@ class _SqliteTx(Tx):
                 executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)", b.rows)
 
     def insert_status(self, rows: Sequence[StatusRow]) -> None:
-        self.db.executemany("INSERT OR IGNORE INTO status VALUES (?, ?, ?, ?, ?, ?)",
-                            [(r.gw, r.state, r.ts, r.version, r.config_hash, r.received_at) for r in rows])
+        self.db.executemany(
+            "INSERT OR IGNORE INTO status VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.gw, r.state, r.ts, r.version, r.config_hash, r.received_at) for r in rows],
+        )
 
     def insert_events(self, rows: Sequence[EventRow]) -> None:
         self.db.executemany(
             "INSERT OR IGNORE INTO events (gw, type, ts, payload, digest, received_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [(r.gw, r.type, r.ts, r.payload, r.digest, r.received_at) for r in rows])
+            [(r.gw, r.type, r.ts, r.payload, r.digest, r.received_at) for r in rows],
+        )
 
     def insert_mapped(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
         assert self.store._utils is not None
@@ -344,15 +384,19 @@ class _SqliteTx(Tx):
         self.store._utils.table(table).insert_all(rows, ignore=bool(self.store._mapped_keys.get(table)))
 
     def insert_dead_letters(self, rows: Sequence[DeadLetter]) -> None:
-        self.db.executemany("INSERT INTO dead_letters (topic, payload, reason, received_at) VALUES (?, ?, ?, ?)",
-                            [(r.topic, r.payload, r.reason, r.received_at) for r in rows])
+        self.db.executemany(
+            "INSERT INTO dead_letters (topic, payload, reason, received_at) VALUES (?, ?, ?, ?)",
+            [(r.topic, r.payload, r.reason, r.received_at) for r in rows],
+        )
 
     def upsert_latest(self, rows: Sequence[LatestRow]) -> None:
         self.db.executemany(
             "INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, tag) DO UPDATE SET "
             "ts = excluded.ts, value = excluded.value, quality = excluded.quality, error = excluded.error, "
             "received_at = excluded.received_at, seen_at = coalesce(excluded.seen_at, latest.seen_at) "
-            "WHERE excluded.ts > latest.ts", rows)
+            "WHERE excluded.ts > latest.ts",
+            rows,
+        )
 
     def record_alerts(self, changes: Sequence[Change]) -> list[int]:
         ids = []
@@ -360,29 +404,59 @@ class _SqliteTx(Tx):
             cursor = self.db.execute(
                 "INSERT INTO alerts (ts, gw, device, rule, state, previous, severity, tag, value, since, condition, "
                 "message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (c.ts, c.gw, c.device, c.rule, str(c.state), str(c.previous), c.severity, c.tag, c.value, c.since,
-                 c.condition, c.message))
+                (
+                    c.ts,
+                    c.gw,
+                    c.device,
+                    c.rule,
+                    str(c.state),
+                    str(c.previous),
+                    c.severity,
+                    c.tag,
+                    c.value,
+                    c.since,
+                    c.condition,
+                    c.message,
+                ),
+            )
             ids.append(int(cursor.lastrowid or 0))
         return ids
 
     def save_alert_states(self, states: Sequence[Instance]) -> None:
         self.db.executemany(
             "INSERT OR REPLACE INTO alert_state VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(s.gw, s.device, s.rule, str(s.state), s.since, s.value, s.tag, json.dumps(s.tags), int(s.fired),
-              s.changed_at) for s in states])
+            [
+                (
+                    s.gw,
+                    s.device,
+                    s.rule,
+                    str(s.state),
+                    s.since,
+                    s.value,
+                    s.tag,
+                    json.dumps(s.tags),
+                    int(s.fired),
+                    s.changed_at,
+                )
+                for s in states
+            ],
+        )
 
     def save_alert_series(self, rows: Sequence[SeriesLast]) -> None:
         self.db.executemany(
             "INSERT INTO alert_series VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw, device, tag) DO UPDATE SET "
             "ts = excluded.ts, value = excluded.value, quality = excluded.quality, seen_at = excluded.seen_at "
             "WHERE excluded.ts > alert_series.ts",
-            [(r.gw, r.device, r.tag, r.ts, r.value, r.quality, r.seen_at) for r in rows])
+            [(r.gw, r.device, r.tag, r.ts, r.value, r.quality, r.seen_at) for r in rows],
+        )
 
     def queue_webhooks(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
         ids = []
         for webhook, payload, created in items:
-            cursor = self.db.execute("INSERT INTO webhook_outbox (webhook, payload, created_at) VALUES (?, ?, ?)",
-                                     (webhook, payload, created))
+            cursor = self.db.execute(
+                "INSERT INTO webhook_outbox (webhook, payload, created_at) VALUES (?, ?, ?)",
+                (webhook, payload, created),
+            )
             ids.append(int(cursor.lastrowid or 0))
         return ids
 

@@ -18,15 +18,22 @@ from factory_edge.errors import WriteRefused
 from ..config import ByteOrder, DataType, ModbusTag
 
 _STRUCT = {
-    DataType.INT16: "h", DataType.UINT16: "H",
-    DataType.INT32: "i", DataType.UINT32: "I",
-    DataType.INT64: "q", DataType.UINT64: "Q",
-    DataType.FLOAT32: "f", DataType.FLOAT64: "d",
+    DataType.INT16: "h",
+    DataType.UINT16: "H",
+    DataType.INT32: "i",
+    DataType.UINT32: "I",
+    DataType.INT64: "q",
+    DataType.UINT64: "Q",
+    DataType.FLOAT32: "f",
+    DataType.FLOAT64: "d",
 }
 _INT_RANGE = {
-    DataType.INT16: (-(2**15), 2**15 - 1), DataType.UINT16: (0, 2**16 - 1),
-    DataType.INT32: (-(2**31), 2**31 - 1), DataType.UINT32: (0, 2**32 - 1),
-    DataType.INT64: (-(2**63), 2**63 - 1), DataType.UINT64: (0, 2**64 - 1),
+    DataType.INT16: (-(2**15), 2**15 - 1),
+    DataType.UINT16: (0, 2**16 - 1),
+    DataType.INT32: (-(2**31), 2**31 - 1),
+    DataType.UINT32: (0, 2**32 - 1),
+    DataType.INT64: (-(2**63), 2**63 - 1),
+    DataType.UINT64: (0, 2**64 - 1),
 }
 
 
@@ -38,7 +45,7 @@ def _swaps(order: ByteOrder) -> tuple[bool, bool]:
 def bytes_to_registers(data: bytes, order: ByteOrder) -> list[int]:
     """Big-endian value bytes to the registers that carry them on the wire in ``order``."""
     swap_words, swap_bytes = _swaps(order)
-    words = [int.from_bytes(data[i:i + 2], "little" if swap_bytes else "big") for i in range(0, len(data), 2)]
+    words = [int.from_bytes(data[i : i + 2], "little" if swap_bytes else "big") for i in range(0, len(data), 2)]
     return list(reversed(words)) if swap_words else words
 
 
@@ -71,9 +78,11 @@ def make_decoder(tag: ModbusTag) -> Decoder:
         return lambda registers: registers[0] != 0
     word_format = ("<" if swap_bytes else ">") + f"{tag.register_count}H"
     if kind is DataType.STRING:
+
         def decode_string(registers: Sequence[int]) -> str:
             data = struct.pack(word_format, *registers)
             return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace").rstrip(" ")
+
         return decode_string
     value_struct = struct.Struct(">" + _STRUCT[kind])
     scaled = tag.scale != 1.0 or tag.offset != 0.0
@@ -98,8 +107,7 @@ def make_decoder(tag: ModbusTag) -> Decoder:
 
 def is_plain_word(tag: ModbusTag) -> bool:
     """True when the register as it arrives is the value: a uint16 with no byte swap, scale or offset."""
-    return (tag.data_type is DataType.UINT16 and not _swaps(tag.order)[1]
-            and tag.scale == 1.0 and tag.offset == 0.0)
+    return tag.data_type is DataType.UINT16 and not _swaps(tag.order)[1] and tag.scale == 1.0 and tag.offset == 0.0
 
 
 def decode(tag: ModbusTag, registers: Sequence[int]) -> bool | int | float | str:
@@ -150,7 +158,7 @@ def encode(tag: ModbusTag, value: Any) -> list[int]:
             raise WriteRefused(f"{tag.name}: {len(data)} bytes do not fit in {tag.length} registers ({size} bytes)")
         data = data.ljust(size, b"\x00")
         _, swap_bytes = _swaps(tag.order)
-        return [int.from_bytes(data[i:i + 2], "little" if swap_bytes else "big") for i in range(0, size, 2)]
+        return [int.from_bytes(data[i : i + 2], "little" if swap_bytes else "big") for i in range(0, size, 2)]
     raw: float = (float(value) - tag.offset) / tag.scale if (tag.scale != 1.0 or tag.offset != 0.0) else value
     if kind in _INT_RANGE:
         if isinstance(raw, float):

@@ -28,17 +28,19 @@ from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from factory_edge.backoff import Backoff
 from factory_edge.errors import DriverError
 from factory_edge.logs import fields
 
-from ..base import Backoff, DeviceState, Driver
+from ..base import DeviceState, Driver
 from ..config import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevice, Table
 from ..points import Point, now_ms
-from . import codec
+from . import codec, noise
 from .plan import Hole, Limits, Read, plan_reads, split
 from .transport import TcpClient, TransactionTimeout
 
 log = logging.getLogger(__name__)
+noise.install()
 
 EXCEPTION_NAMES = {
     1: "illegal function",
@@ -95,15 +97,27 @@ _serial_links: dict[str, _Link] = {}
 
 def _new_client(device: ModbusDeviceBase) -> TcpClient | AsyncModbusSerialClient:
     if isinstance(device, ModbusTcpDevice):
-        return TcpClient(device.host, device.port, timeout_s=device.timeout, retries=device.retries,
-                         window=device.max_concurrent_requests, name=device.name)
+        return TcpClient(
+            device.host,
+            device.port,
+            timeout_s=device.timeout,
+            retries=device.retries,
+            window=device.max_concurrent_requests,
+            name=device.name,
+        )
     assert isinstance(device, ModbusRtuDevice)
     # reconnect_delay=0: pymodbus must not reconnect on its own; the driver
     # owns reconnects so it can back off and report state.
     return AsyncModbusSerialClient(
-        device.serial, baudrate=device.baudrate, parity=device.parity, stopbits=device.stopbits,
-        bytesize=device.bytesize, timeout=device.timeout, retries=device.retries,
-        reconnect_delay=0, name=device.name,
+        device.serial,
+        baudrate=device.baudrate,
+        parity=device.parity,
+        stopbits=device.stopbits,
+        bytesize=device.bytesize,
+        timeout=device.timeout,
+        retries=device.retries,
+        reconnect_delay=0,
+        name=device.name,
     )
 
 
@@ -130,8 +144,10 @@ class ModbusDriver(Driver):
         self.requests = 0
         self._tags = {t.name: t for t in device.tags}
         # Per tag: (name, registers, decoder), the decoder None when the register is the value.
-        self._decoders = {t.name: (t.name, t.register_count, None if codec.is_plain_word(t) else codec.make_decoder(t))
-                          for t in device.tags}
+        self._decoders = {
+            t.name: (t.name, t.register_count, None if codec.is_plain_word(t) else codec.make_decoder(t))
+            for t in device.tags
+        }
         self._programs: dict[int, tuple[Read, list[tuple[str, int, int, codec.Decoder | None]]]] = {}
         self._backoff = Backoff(initial_s=min(1.0, device.poll), max_s=device.backoff_max)
         self._retry_at = 0.0
@@ -201,7 +217,9 @@ class ModbusDriver(Driver):
         response = await self._call(call(read.start, count=read.count, device_id=self.device.unit), link)
         values = list(response.bits[: read.count]) if read.table.is_bits else list(response.registers)
         if len(values) < read.count:
-            raise _Fault(f"short response: {len(values)} of {read.count} {'bits' if read.table.is_bits else 'registers'}")
+            raise _Fault(
+                f"short response: {len(values)} of {read.count} {'bits' if read.table.is_bits else 'registers'}"
+            )
         return values
 
     async def _call(self, request: Awaitable[ModbusPDU], link: _Link) -> Any:
@@ -228,7 +246,7 @@ class ModbusDriver(Driver):
             raise _Fault(f"modbus error: {exc}", lost=True) from exc
         self.requests += 1
         if response.isError():
-            code = getattr(response, "exception_code", None)
+            code = int(getattr(response, "exception_code", 0))
             raise _Fault(EXCEPTION_NAMES.get(code, f"exception {code}"), code=code)
         return response
 
@@ -272,13 +290,20 @@ class ModbusDriver(Driver):
                 outcomes = [(read, _Fault(poll.lost or "connection lost", lost=True))]
             for part, outcome in outcomes:
                 kept.append(part)
-                points += self._bad(part, outcome.reason) if isinstance(outcome, _Fault) else self._decode(part, outcome)
+                points += (
+                    self._bad(part, outcome.reason) if isinstance(outcome, _Fault) else self._decode(part, outcome)
+                )
         if poll.holes:
             self.holes.extend(poll.holes)
             self.plan = plan_reads(self.device.tags, Limits.of(self.device), self.holes)
-            log.info("read plan adjusted around holes", extra=fields(
-                device=self.device.name, holes=" ".join(f"{t} {s}..{e - 1}" for t, s, e in self.holes),
-                requests=len(self.plan)))
+            log.info(
+                "read plan adjusted around holes",
+                extra=fields(
+                    device=self.device.name,
+                    holes=" ".join(f"{t} {s}..{e - 1}" for t, s, e in self.holes),
+                    requests=len(self.plan),
+                ),
+            )
         else:
             self.plan = kept
         if poll.lost is not None:
@@ -310,8 +335,10 @@ class ModbusDriver(Driver):
             if len(parts) == 1:
                 poll.holes.append((read.table, read.start, read.end))
                 return [(read, fault)], False
-        log.info("splitting refused read", extra=fields(
-            device=self.device.name, read=str(read), into=" + ".join(map(str, parts))))
+        log.info(
+            "splitting refused read",
+            extra=fields(device=self.device.name, read=str(read), into=" + ".join(map(str, parts))),
+        )
         left, right = parts
         if isinstance(link.client, TcpClient):
             async with asyncio.TaskGroup() as group:
@@ -337,8 +364,11 @@ class ModbusDriver(Driver):
             return cached[1]
         if len(self._programs) > 2 * len(self.plan) + 16:
             self._programs.clear()  # reads of an older plan
-        program = [(name, tag.address - read.start, count, decode)
-                   for tag in read.tags for name, count, decode in (self._decoders[tag.name],)]
+        program = [
+            (name, tag.address - read.start, count, decode)
+            for tag in read.tags
+            for name, count, decode in (self._decoders[tag.name],)
+        ]
         self._programs[id(read)] = (read, program)
         return program
 
@@ -348,8 +378,10 @@ class ModbusDriver(Driver):
         program = self._program(read)
         if read.table.is_bits:
             return [Point(device, name, ts, bool(values[offset])) for name, offset, _, _ in program]
-        return [Point(device, name, ts, values[offset] if decode is None else decode(values[offset:offset + count]))
-                for name, offset, count, decode in program]
+        return [
+            Point(device, name, ts, values[offset] if decode is None else decode(values[offset : offset + count]))
+            for name, offset, count, decode in program
+        ]
 
     # ------------------------------------------------------------ writing
 
@@ -368,7 +400,9 @@ class ModbusDriver(Driver):
                 if spec.table is Table.COIL:
                     await self._call(client.write_coil(spec.address, bool(value), device_id=unit), link)
                 elif spec.bit is not None:
-                    current = await self._call(client.read_holding_registers(spec.address, count=1, device_id=unit), link)
+                    current = await self._call(
+                        client.read_holding_registers(spec.address, count=1, device_id=unit), link
+                    )
                     word = codec.set_bit(current.registers[0], spec.bit, bool(value))
                     await self._call(client.write_register(spec.address, word, device_id=unit), link)
                 else:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from factory_edge.units import plural
+
 from ..config import ModbusDeviceBase, ModbusTag, Table
 
 TABLE_ORDER = (Table.COIL, Table.DISCRETE, Table.HOLDING, Table.INPUT)
@@ -34,7 +36,10 @@ class Read:
         return self.start + self.count
 
     def __str__(self) -> str:
-        return f"{self.table} {self.start}..{self.end - 1} ({self.count} {'bits' if self.table.is_bits else 'registers'}, {len(self.tags)} tags)"
+        unit = "bit" if self.table.is_bits else "register"
+        return (
+            f"{self.table} {self.start}..{self.end - 1} ({plural(self.count, unit)}, {plural(len(self.tags), 'tag')})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +76,9 @@ def _hits(holes: Sequence[tuple[int, int]], start: int, end: int) -> bool:
     return any(h_start < end and h_end > start for h_start, h_end in holes)
 
 
-def plan_table(table: Table, tags: Iterable[ModbusTag], limits: Limits,
-               holes: Sequence[tuple[int, int]] = ()) -> list[Read]:
+def plan_table(
+    table: Table, tags: Iterable[ModbusTag], limits: Limits, holes: Sequence[tuple[int, int]] = ()
+) -> list[Read]:
     """Greedy coalescing of one table's tags (optimal for sorted intervals under a size cap).
 
     A read never spans a known hole; a tag inside a hole is read on its own
@@ -92,8 +98,12 @@ def plan_table(table: Table, tags: Iterable[ModbusTag], limits: Limits,
             group = []
             continue
         new_end = max(end, tag_end)
-        if (group and tag.address - end <= limits.max_gap and new_end - start <= size
-                and not _hits(holes, start, new_end)):
+        if (
+            group
+            and tag.address - end <= limits.max_gap
+            and new_end - start <= size
+            and not _hits(holes, start, new_end)
+        ):
             group.append(tag)
             end = new_end
             continue
@@ -113,8 +123,11 @@ def plan_reads(tags: Iterable[ModbusTag], limits: Limits, holes: Iterable[Hole] 
     holes_of: dict[Table, list[tuple[int, int]]] = {}
     for table, start, end in holes:
         holes_of.setdefault(table, []).append((start, end))
-    return [read for table in TABLE_ORDER
-            for read in plan_table(table, by_table.get(table, []), limits, holes_of.get(table, []))]
+    return [
+        read
+        for table in TABLE_ORDER
+        for read in plan_table(table, by_table.get(table, []), limits, holes_of.get(table, []))
+    ]
 
 
 def split(read: Read) -> list[Read]:

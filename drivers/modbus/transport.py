@@ -95,7 +95,7 @@ class TransactionTimeout(ModbusIOException):
 
 
 class _Transaction:
-    __slots__ = ("request", "answer", "on_wire", "shared", "answers_before")
+    __slots__ = ("answer", "answers_before", "on_wire", "request", "shared")
 
     def __init__(self, request: ModbusPDU, answer: asyncio.Future[ModbusPDU]) -> None:
         self.request = request

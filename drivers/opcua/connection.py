@@ -54,8 +54,9 @@ def describe(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, ua.UaStatusCodeError):
         return ua.StatusCode(exc.code).name
-    if isinstance(exc, ua.UaError) and isinstance(getattr(exc, "code", None), int):
-        return ua.StatusCode(exc.code).name  # asyncua's ServiceError
+    code = getattr(exc, "code", None)
+    if isinstance(exc, ua.UaError) and isinstance(code, int):
+        return ua.StatusCode(ua.UInt32(code)).name  # asyncua's ServiceError
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -117,7 +118,8 @@ class Session:
         """Write a tag's Value; returns the node's status for the write."""
         with converted():
             results = await self.client.uaclient.write_attributes(
-                [self.nodes[tag]], [ua.DataValue(variant)], ua.AttributeIds.Value)
+                [self.nodes[tag]], [ua.DataValue(variant)], ua.AttributeIds.Value
+            )
         return results[0]
 
     async def variant_type(self, tag: str) -> ua.VariantType | None:
@@ -125,7 +127,12 @@ class Session:
         params = self.read_parameters([tag])
         params.TimestampsToReturn = ua.TimestampsToReturn.Neither
         (value,) = await self.read(params)
-        if not value.StatusCode.is_good() or value.Value is None or value.Value.VariantType is ua.VariantType.Null:
+        if (
+            value.StatusCode is None
+            or not value.StatusCode.is_good()
+            or value.Value is None
+            or value.Value.VariantType is ua.VariantType.Null
+        ):
             return None
         return value.Value.VariantType
 
@@ -148,8 +155,9 @@ def client_certificate(device: OpcuaDevice, state_dir: Path) -> CertificateFiles
     if security.cert_file and security.key_file:
         uri = certificate_application_uri(security.cert_file) or application_uri()
         return CertificateFiles(Path(security.cert_file), Path(security.key_file), uri)
-    return ensure_certificate(state_dir, application_uri=application_uri(),
-                              common_name=f"factory-edge agent@{socket.gethostname()}")
+    return ensure_certificate(
+        state_dir, application_uri=application_uri(), common_name=f"factory-edge agent@{socket.gethostname()}"
+    )
 
 
 async def open_session(device: OpcuaDevice, certificate: CertificateFiles | None) -> Session:
@@ -218,8 +226,9 @@ async def _set_security(client: Client, device: OpcuaDevice, certificate: Certif
             raise DriverError(f"server offers no {security.policy} {security.mode} endpoint") from exc
         raise
     except (ValueError, TypeError) as exc:  # cryptography: not a certificate, or an encrypted key
-        raise DriverError(f"cannot load client certificate {certificate.cert_file} "
-                          f"with key {certificate.key_file}: {exc}") from exc
+        raise DriverError(
+            f"cannot load client certificate {certificate.cert_file} with key {certificate.key_file}: {exc}"
+        ) from exc
 
 
 async def _resolve_tags(session: Session, device: OpcuaDevice) -> None:
@@ -239,7 +248,8 @@ async def _resolve_tags(session: Session, device: OpcuaDevice) -> None:
     if paths:
         with converted():
             results = await session.client.translate_browsepaths(
-                ua.NodeId(ua.ObjectIds.ObjectsFolder), [path for _, path in paths])
+                ua.NodeId(ua.Int32(ua.ObjectIds.ObjectsFolder)), [path for _, path in paths]
+            )
         for (name, _), result in zip(paths, results, strict=True):
             if result.StatusCode.is_good() and result.Targets:
                 target = result.Targets[0].TargetId

@@ -24,10 +24,11 @@ from typing import Any
 
 from asyncua import ua
 
+from factory_edge.backoff import Backoff
 from factory_edge.errors import DriverError, WriteRefused
 from factory_edge.logs import fields
 
-from ..base import Backoff, DeviceState, Driver, Emit
+from ..base import DeviceState, Driver, Emit
 from ..config import OpcuaDevice
 from ..points import Point, now_ms
 from .connection import Session, client_certificate, close_session, open_session
@@ -38,11 +39,21 @@ from .values import coerce_for_write, point_from_datavalue
 log = logging.getLogger(__name__)
 
 CONNECTION_LOST = "connection lost"
-_SESSION_GONE = frozenset({
-    CONNECTION_LOST, "BadSessionIdInvalid", "BadSessionClosed", "BadSessionNotActivated",
-    "BadSecureChannelIdInvalid", "BadSecureChannelClosed", "BadConnectionClosed", "BadNotConnected",
-    "BadServerHalted", "BadShutdown", "BadCommunicationError",
-})
+_SESSION_GONE = frozenset(
+    {
+        CONNECTION_LOST,
+        "BadSessionIdInvalid",
+        "BadSessionClosed",
+        "BadSessionNotActivated",
+        "BadSecureChannelIdInvalid",
+        "BadSecureChannelClosed",
+        "BadConnectionClosed",
+        "BadNotConnected",
+        "BadServerHalted",
+        "BadShutdown",
+        "BadCommunicationError",
+    }
+)
 """Failures after which the session cannot be used again, even if the socket still looks open."""
 
 
@@ -203,9 +214,15 @@ class OpcuaDriver(Driver):
                 raise DriverError("driver closed")
             self._session = session
             self.sessions_opened += 1
-        log.info("session opened", extra=fields(device=self.device.name, endpoint=self.device.endpoint,
-                                                security=self.device.security.mode,
-                                                unresolved=len(session.unresolved)))
+        log.info(
+            "session opened",
+            extra=fields(
+                device=self.device.name,
+                endpoint=self.device.endpoint,
+                security=self.device.security.mode,
+                unresolved=len(session.unresolved),
+            ),
+        )
         return session
 
     async def _drop_if_gone(self, session: Session, reason: str) -> bool:

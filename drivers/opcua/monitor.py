@@ -134,8 +134,9 @@ class Monitor:
             self._inbox.put_nowait(item)
 
     @staticmethod
-    def _item_request(handle: int, node: ua.NodeId, deadband: Deadband | None,
-                      interval_ms: float) -> ua.MonitoredItemCreateRequest:
+    def _item_request(
+        handle: int, node: ua.NodeId, deadband: Deadband | None, interval_ms: float
+    ) -> ua.MonitoredItemCreateRequest:
         request = ua.MonitoredItemCreateRequest()
         request.ItemToMonitor = ua.ReadValueId()
         request.ItemToMonitor.NodeId = node

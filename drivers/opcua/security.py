@@ -50,13 +50,18 @@ class CertificateFiles:
     application_uri: str
 
 
-def generate_certificate(*, application_uri: str, common_name: str, hostnames: list[str],
-                         server: bool = False, days: int = VALIDITY_DAYS) -> tuple[bytes, bytes]:
+def generate_certificate(
+    *, application_uri: str, common_name: str, hostnames: list[str], server: bool = False, days: int = VALIDITY_DAYS
+) -> tuple[bytes, bytes]:
     """A self-signed RSA-2048 / SHA-256 application certificate: ``(cert_pem, key_pem)``."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "factory-edge")])
-    now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "factory-edge"),
+        ]
+    )
+    now = dt.datetime.now(dt.UTC)
     alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
     alt_names += [x509.DNSName(host) for host in dict.fromkeys(hostnames)]
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
@@ -71,20 +76,33 @@ def generate_certificate(*, application_uri: str, common_name: str, hostnames: l
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=True,
-                                     data_encipherment=True, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def ensure_certificate(directory: Path, *, application_uri: str, common_name: str,
-                       stem: str = "opcua-client", server: bool = False) -> CertificateFiles:
+def ensure_certificate(
+    directory: Path, *, application_uri: str, common_name: str, stem: str = "opcua-client", server: bool = False
+) -> CertificateFiles:
     """The certificate under ``directory``, generated on first use and reused while it stays valid.
 
     Files are ``<stem>-cert.pem`` and ``<stem>-key.pem`` (mode 0600). A pair
@@ -96,8 +114,12 @@ def ensure_certificate(directory: Path, *, application_uri: str, common_name: st
         if _reusable(files):
             _restrict(files.key_file)
             return files
-        cert_pem, key_pem = generate_certificate(application_uri=application_uri, common_name=common_name,
-                                                 hostnames=[socket.gethostname(), "localhost"], server=server)
+        cert_pem, key_pem = generate_certificate(
+            application_uri=application_uri,
+            common_name=common_name,
+            hostnames=[socket.gethostname(), "localhost"],
+            server=server,
+        )
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(files.key_file, key_pem, 0o600)
         write_atomic(files.cert_file, cert_pem, 0o644)
@@ -128,7 +150,7 @@ def _reusable(files: CertificateFiles) -> bool:
         key = serialization.load_pem_private_key(files.key_file.read_bytes(), password=None)
     except ValueError:
         return False
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (
         cert.not_valid_after_utc - RENEW_BEFORE > now
         and files.application_uri in _san_uris(cert)

@@ -30,7 +30,7 @@ _INTEGER_RANGES: dict[ua.VariantType, tuple[int, int]] = {
     ua.VariantType.UInt64: (0, 2**64 - 1),
 }
 _FLOAT32_MAX = 3.4028234663852886e38
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MILLISECOND = dt.timedelta(milliseconds=1)
 _TRUE_WORDS = {"true", "1", "on", "yes"}
 _FALSE_WORDS = {"false", "0", "off", "no"}
@@ -50,8 +50,8 @@ def timestamp_ms(value: ua.DataValue, *, default_ms: int | None = None) -> int:
     for stamp in (value.SourceTimestamp, value.ServerTimestamp):
         if stamp is not None and stamp.year > 1601:  # 1601-01-01 is OPC UA's "no timestamp"
             if stamp.tzinfo is None:
-                stamp = stamp.replace(tzinfo=dt.timezone.utc)
-            return (stamp - _EPOCH) // _MILLISECOND
+                stamp = stamp.replace(tzinfo=dt.UTC)
+            return (dt.datetime.fromisoformat(stamp.isoformat()) - _EPOCH) // _MILLISECOND
     return now_ms() if default_ms is None else default_ms
 
 
@@ -81,7 +81,7 @@ def json_value(value: Any, variant_type: ua.VariantType | None = None) -> Value:
         return float32(value) if variant_type is ua.VariantType.Float else value
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return value.isoformat()
     if isinstance(value, bytes | bytearray):
         return bytes(value).hex()
@@ -114,8 +114,11 @@ def point_from_datavalue(device: str, tag: str, value: ua.DataValue, *, default_
         return Point(device, tag, ts, None, quality, error)
     raw = variant.Value
     # Doubles are the bulk of plant data: skip the general conversion for them.
-    converted = raw if type(raw) is float and variant.VariantType is ua.VariantType.Double else json_value(
-        raw, variant.VariantType)
+    converted = (
+        raw
+        if type(raw) is float and variant.VariantType is ua.VariantType.Double
+        else json_value(raw, variant.VariantType)
+    )
     if isinstance(converted, float) and not math.isfinite(converted):
         return Point(device, tag, ts, None, Quality.BAD, f"non-finite value {converted}")
     return Point(device, tag, ts, converted, quality, error)
@@ -132,10 +135,10 @@ def coerce_for_write(value: Any, variant_type: ua.VariantType) -> Any:
             raise ValueError(f"{number} is out of range for {variant_type.name} ({low}..{high})")
         return number
     if variant_type in (ua.VariantType.Float, ua.VariantType.Double):
-        number = _to_float(value)
-        if variant_type is ua.VariantType.Float and math.isfinite(number) and abs(number) > _FLOAT32_MAX:
-            raise ValueError(f"{number} is out of range for Float")
-        return number
+        real = _to_float(value)
+        if variant_type is ua.VariantType.Float and math.isfinite(real) and abs(real) > _FLOAT32_MAX:
+            raise ValueError(f"{real} is out of range for Float")
+        return real
     if variant_type is ua.VariantType.String:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError(f"expected text, got {value!r}")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ..config import ByteOrder, DataType, ModbusTag, Table
 
@@ -36,10 +37,16 @@ class Field:
     def tag(self) -> ModbusTag:
         """The agent-config tag that reads this field."""
         return ModbusTag(
-            name=self.name, table=self.table, address=self.address,
+            name=self.name,
+            table=self.table,
+            address=self.address,
             type=None if self.bit is not None else self.type,
-            order=self.order, scale=self.scale, unit=self.unit or None,
-            writable=self.writable, length=self.length, bit=self.bit,
+            order=self.order,
+            scale=self.scale,
+            unit=self.unit or None,
+            writable=self.writable,
+            length=self.length,
+            bit=self.bit,
         )
 
 
@@ -101,7 +108,9 @@ def _press_step(v: dict[str, Any], t: float, dt: float) -> dict[str, Any]:
 
 
 def _compressor_step(v: dict[str, Any], t: float, dt: float) -> dict[str, Any]:
-    loaded = v["pressure"] < v["pressure_setpoint"] - 0.3 or (v["loaded"] and v["pressure"] < v["pressure_setpoint"] + 0.3)
+    loaded = v["pressure"] < v["pressure_setpoint"] - 0.3 or (
+        v["loaded"] and v["pressure"] < v["pressure_setpoint"] + 0.3
+    )
     demand = 0.6 + 0.3 * math.sin(t / 60)
     pressure = v["pressure"] + ((1.2 if loaded else 0.0) - demand) * dt * 0.2 + random.gauss(0, 0.005)
     current = 85.0 if loaded else 32.0
@@ -116,41 +125,165 @@ def _compressor_step(v: dict[str, Any], t: float, dt: float) -> dict[str, Any]:
 
 def demo_machines() -> list[Machine]:
     """The machines ``agent simulate`` plays, one Modbus unit id each."""
-    H, I, C, D = Table.HOLDING, Table.INPUT, Table.COIL, Table.DISCRETE
+    H, IN, C, D = Table.HOLDING, Table.INPUT, Table.COIL, Table.DISCRETE
     return [
-        Machine("cnc-1", "CNC milling machine", 1, [
-            Field("spindle_speed", H, 0, DataType.UINT16, unit="rpm", description="spindle speed"),
-            Field("spindle_temp", H, 1, DataType.FLOAT32, ByteOrder.ABCD, unit="degC", description="spindle bearing temperature; alarm above 85"),
-            Field("alarm_word", H, 3, DataType.UINT16, description="alarm bits: bit 0 spindle overtemp"),
-            Field("overtemp_alarm", H, 3, DataType.BOOL, bit=0, description="bit 0 of alarm_word"),
-            Field("part_count", H, 10, DataType.UINT32, ByteOrder.CDAB, description="parts made (word-swapped)"),
-            Field("program", H, 20, DataType.STRING, length=8, description="active NC program, 16 characters"),
-            Field("feed_override", H, 30, DataType.INT16, unit="%", writable=True, description="feed override 0..150 (writable)"),
-            Field("running", C, 0, DataType.BOOL, writable=True, description="cycle running (writable)"),
-            Field("coolant", C, 1, DataType.BOOL, writable=True, description="coolant pump on (writable); off makes the spindle overheat"),
-        ], {"spindle_speed": 0, "spindle_temp": 38.0, "alarm_word": 0, "overtemp_alarm": False,
-            "part_count": 1042, "program": "O1234-BRACKET", "feed_override": 100,
-            "running": True, "coolant": True}, _cnc_step),
-        Machine("press-1", "Hydraulic stamping press", 2, [
-            Field("cycle_count", H, 0, DataType.UINT32, ByteOrder.ABCD, description="strokes since commissioning"),
-            Field("tonnage", H, 2, DataType.INT16, scale=0.1, unit="kN", description="ram force, 0.1 kN per count"),
-            Field("stroke_rate", H, 3, DataType.UINT16, unit="1/min", description="actual strokes per minute"),
-            Field("stroke_setpoint", H, 10, DataType.UINT16, unit="1/min", writable=True, description="stroke rate setpoint (writable)"),
-            Field("hydraulic_temp", I, 0, DataType.INT16, scale=0.1, unit="degC", description="hydraulic oil temperature"),
-            Field("door_open", D, 0, DataType.BOOL, description="safety guard open"),
-            Field("running", C, 0, DataType.BOOL, writable=True, description="press enabled (writable)"),
-        ], {"cycle_count": 250_000, "_stroke_acc": 0.0, "tonnage": 0.0, "stroke_rate": 0, "stroke_setpoint": 30,
-            "hydraulic_temp": 45.0, "door_open": False, "running": True}, _press_step),
-        Machine("compressor-1", "Screw air compressor", 3, [
-            Field("pressure", I, 0, DataType.FLOAT32, ByteOrder.CDAB, unit="bar", description="discharge pressure (word-swapped float)"),
-            Field("flow", I, 2, DataType.UINT32, ByteOrder.ABCD, unit="l/min", description="free air delivery"),
-            Field("motor_current", I, 4, DataType.UINT16, scale=0.01, unit="A", description="motor current, 0.01 A per count"),
-            Field("energy_kwh", I, 10, DataType.FLOAT64, ByteOrder.DCBA, unit="kWh", description="energy meter (little endian double)"),
-            Field("pressure_setpoint", H, 0, DataType.UINT16, scale=0.1, unit="bar", writable=True, description="pressure setpoint, 0.1 bar per count (writable)"),
-            Field("serial_number", H, 1, DataType.STRING, ByteOrder.BADC, length=4, description="serial number, byte-swapped string"),
-            Field("loaded", C, 0, DataType.BOOL, description="compressor loaded"),
-        ], {"pressure": 7.0, "flow": 600, "motor_current": 32.0, "energy_kwh": 18250.5,
-            "pressure_setpoint": 7.5, "serial_number": "SC7-0042", "loaded": False}, _compressor_step),
+        Machine(
+            "cnc-1",
+            "CNC milling machine",
+            1,
+            [
+                Field("spindle_speed", H, 0, DataType.UINT16, unit="rpm", description="spindle speed"),
+                Field(
+                    "spindle_temp",
+                    H,
+                    1,
+                    DataType.FLOAT32,
+                    ByteOrder.ABCD,
+                    unit="degC",
+                    description="spindle bearing temperature; alarm above 85",
+                ),
+                Field("alarm_word", H, 3, DataType.UINT16, description="alarm bits: bit 0 spindle overtemp"),
+                Field("overtemp_alarm", H, 3, DataType.BOOL, bit=0, description="bit 0 of alarm_word"),
+                Field("part_count", H, 10, DataType.UINT32, ByteOrder.CDAB, description="parts made (word-swapped)"),
+                Field("program", H, 20, DataType.STRING, length=8, description="active NC program, 16 characters"),
+                Field(
+                    "feed_override",
+                    H,
+                    30,
+                    DataType.INT16,
+                    unit="%",
+                    writable=True,
+                    description="feed override 0..150 (writable)",
+                ),
+                Field("running", C, 0, DataType.BOOL, writable=True, description="cycle running (writable)"),
+                Field(
+                    "coolant",
+                    C,
+                    1,
+                    DataType.BOOL,
+                    writable=True,
+                    description="coolant pump on (writable); off makes the spindle overheat",
+                ),
+            ],
+            {
+                "spindle_speed": 0,
+                "spindle_temp": 38.0,
+                "alarm_word": 0,
+                "overtemp_alarm": False,
+                "part_count": 1042,
+                "program": "O1234-BRACKET",
+                "feed_override": 100,
+                "running": True,
+                "coolant": True,
+            },
+            _cnc_step,
+        ),
+        Machine(
+            "press-1",
+            "Hydraulic stamping press",
+            2,
+            [
+                Field("cycle_count", H, 0, DataType.UINT32, ByteOrder.ABCD, description="strokes since commissioning"),
+                Field("tonnage", H, 2, DataType.INT16, scale=0.1, unit="kN", description="ram force, 0.1 kN per count"),
+                Field("stroke_rate", H, 3, DataType.UINT16, unit="1/min", description="actual strokes per minute"),
+                Field(
+                    "stroke_setpoint",
+                    H,
+                    10,
+                    DataType.UINT16,
+                    unit="1/min",
+                    writable=True,
+                    description="stroke rate setpoint (writable)",
+                ),
+                Field(
+                    "hydraulic_temp",
+                    IN,
+                    0,
+                    DataType.INT16,
+                    scale=0.1,
+                    unit="degC",
+                    description="hydraulic oil temperature",
+                ),
+                Field("door_open", D, 0, DataType.BOOL, description="safety guard open"),
+                Field("running", C, 0, DataType.BOOL, writable=True, description="press enabled (writable)"),
+            ],
+            {
+                "cycle_count": 250_000,
+                "_stroke_acc": 0.0,
+                "tonnage": 0.0,
+                "stroke_rate": 0,
+                "stroke_setpoint": 30,
+                "hydraulic_temp": 45.0,
+                "door_open": False,
+                "running": True,
+            },
+            _press_step,
+        ),
+        Machine(
+            "compressor-1",
+            "Screw air compressor",
+            3,
+            [
+                Field(
+                    "pressure",
+                    IN,
+                    0,
+                    DataType.FLOAT32,
+                    ByteOrder.CDAB,
+                    unit="bar",
+                    description="discharge pressure (word-swapped float)",
+                ),
+                Field("flow", IN, 2, DataType.UINT32, ByteOrder.ABCD, unit="l/min", description="free air delivery"),
+                Field(
+                    "motor_current",
+                    IN,
+                    4,
+                    DataType.UINT16,
+                    scale=0.01,
+                    unit="A",
+                    description="motor current, 0.01 A per count",
+                ),
+                Field(
+                    "energy_kwh",
+                    IN,
+                    10,
+                    DataType.FLOAT64,
+                    ByteOrder.DCBA,
+                    unit="kWh",
+                    description="energy meter (little endian double)",
+                ),
+                Field(
+                    "pressure_setpoint",
+                    H,
+                    0,
+                    DataType.UINT16,
+                    scale=0.1,
+                    unit="bar",
+                    writable=True,
+                    description="pressure setpoint, 0.1 bar per count (writable)",
+                ),
+                Field(
+                    "serial_number",
+                    H,
+                    1,
+                    DataType.STRING,
+                    ByteOrder.BADC,
+                    length=4,
+                    description="serial number, byte-swapped string",
+                ),
+                Field("loaded", C, 0, DataType.BOOL, description="compressor loaded"),
+            ],
+            {
+                "pressure": 7.0,
+                "flow": 600,
+                "motor_current": 32.0,
+                "energy_kwh": 18250.5,
+                "pressure_setpoint": 7.5,
+                "serial_number": "SC7-0042",
+                "loaded": False,
+            },
+            _compressor_step,
+        ),
     ]
 
 
@@ -161,7 +294,11 @@ def register_map_lines(machines: list[Machine]) -> list[str]:
         lines.append(f"unit {m.unit}  {m.name}  ({m.kind})")
         for f in m.fields:
             where = f"{f.table} {f.address}" + (f".{f.bit}" if f.bit is not None else "")
-            kind = f"{f.type}" + (f"[{f.length}]" if f.length else "") + (f" {f.order}" if f.order is not ByteOrder.ABCD else "")
+            kind = (
+                f"{f.type}"
+                + (f"[{f.length}]" if f.length else "")
+                + (f" {f.order}" if f.order is not ByteOrder.ABCD else "")
+            )
             extra = (f" x{f.scale:g}" if f.scale != 1 else "") + (f" {f.unit}" if f.unit else "")
             lines.append(f"  {f.name:<18} {where:<14} {kind:<16}{extra:<14} {f.description}")
     return lines

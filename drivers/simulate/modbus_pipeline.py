@@ -27,6 +27,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.transaction import TransactionManager
 
+from factory_edge.logs import fields
+
 from ..config import Table
 
 log = logging.getLogger(__name__)
@@ -103,6 +105,14 @@ class _PipelinedHandler(ServerRequestHandler):
             wait = faults.delay_for(pdu)
             if wait is None:
                 return  # a request this device never answers
+            if not server.serves_unit(pdu.dev_id):
+                # What a Modbus TCP gateway answers for a unit id behind it that does not respond
+                # (pymodbus' SimCore would fail with a KeyError instead).
+                server.unknown_unit(pdu.dev_id)
+                self.server_send(
+                    _answer_with(pdu, ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)), addr
+                )
+                return
             self._serving += 1
             try:
                 if wait:
@@ -112,7 +122,7 @@ class _PipelinedHandler(ServerRequestHandler):
                 if server.ignore_missing_devices:
                     return
                 response = ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)
-            except Exception:  # noqa: BLE001 - what pymodbus' own handler does: the device reports a failure
+            except Exception:
                 log.exception("simulated device failed a request")
                 response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
             finally:
@@ -130,6 +140,12 @@ class _PipelinedHandler(ServerRequestHandler):
         self.transport.write(self.trace_packet(True, packet))  # type: ignore[attr-defined]
 
 
+def _answer_with(request: ModbusPDU, response: ModbusPDU) -> ModbusPDU:
+    response.transaction_id = request.transaction_id
+    response.dev_id = request.dev_id
+    return response
+
+
 class PipelinedTcpServer(ModbusTcpServer):
     """pymodbus' TCP server with a handler that answers several outstanding requests."""
 
@@ -137,6 +153,18 @@ class PipelinedTcpServer(ModbusTcpServer):
         super().__init__(*args, **kwargs)
         self.faults = faults
         self.handlers: list[_PipelinedHandler] = []
+        self._unknown_units: set[int] = set()
+
+    def serves_unit(self, unit: int) -> bool:
+        devices = getattr(self.context, "devices", None)  # SimCore: unit id -> simulated device
+        return devices is None or unit in devices or 0 in devices
+
+    def unknown_unit(self, unit: int) -> None:
+        """Say once per unit id that no simulated machine has it (the client reads "gateway target failed to respond")."""
+        if unit not in self._unknown_units:
+            self._unknown_units.add(unit)
+            units = ", ".join(str(u) for u in sorted(getattr(self.context, "devices", {})))
+            log.warning("no simulated machine with this unit id", extra=fields(unit=unit, units=units))
 
     def callback_new_connection(self) -> _PipelinedHandler:
         handler = _PipelinedHandler(self, self.trace_packet, self.trace_pdu, self.trace_connect)

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
@@ -34,6 +35,7 @@ from .modbus_pipeline import TABLE_OF_FC as _TABLE_OF_FC
 from .modbus_pipeline import Faults, PipelinedTcpServer
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class RegisterModel:
@@ -93,8 +95,9 @@ class RegisterModel:
                 blocks.append([SimData(0, count=1, datatype=SimType.INVALID)])
         return SimDevice(id=unit, simdata=tuple(blocks), action=self._sync)  # type: ignore[arg-type]
 
-    async def _sync(self, fc: int, start: int, address: int, count: int,
-                    registers: list[int], values: list[int] | list[bool] | None) -> None:
+    async def _sync(
+        self, fc: int, start: int, address: int, count: int, registers: list[int], values: list[int] | list[bool] | None
+    ) -> ExcCodes | None:
         """pymodbus hook on every valid request: writes go into the model, reads come from it."""
         table = _TABLE_OF_FC[fc]
         if values:
@@ -111,6 +114,7 @@ class RegisterModel:
         else:
             for a in range(address, address + count):
                 registers[a - start] = self.tables[table].get(a, 0)
+        return None  # no exception: the request is answered from ``registers``
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +135,20 @@ class ModbusSimulator:
     give ``machines`` to have their values move with time.
     """
 
-    def __init__(self, *, units: dict[int, RegisterModel] | None = None, machines: list[Machine] | None = None,
-                 host: str = "127.0.0.1", port: int = 5020, serial: str | None = None, baudrate: int = 19200,
-                 parity: str = "N", stopbits: int = 1, update_interval_s: float = 0.5,
-                 pipelining: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        units: dict[int, RegisterModel] | None = None,
+        machines: list[Machine] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 5020,
+        serial: str | None = None,
+        baudrate: int = 19200,
+        parity: str = "N",
+        stopbits: int = 1,
+        update_interval_s: float = 0.5,
+        pipelining: bool = True,
+    ) -> None:
         self.machines = machines or []
         self.units: dict[int, RegisterModel] = dict(units or {})
         for machine in self.machines:
@@ -156,19 +170,26 @@ class ModbusSimulator:
         if sending:
             self.answers.append(pdu.transaction_id)
         else:
-            self.requests.append(Request(pdu.dev_id, pdu.function_code, getattr(pdu, "address", 0),
-                                         getattr(pdu, "count", 0), pdu.transaction_id))
+            self.requests.append(
+                Request(
+                    pdu.dev_id,
+                    pdu.function_code,
+                    getattr(pdu, "address", 0),
+                    getattr(pdu, "count", 0),
+                    pdu.transaction_id,
+                )
+            )
         return pdu
 
     async def start(self) -> None:
         """Start serving (again, after ``stop``, on the same port)."""
         devices = [model.sim_device(unit) for unit, model in sorted(self.units.items())]
         if self.serial:
-            self._server = ModbusSerialServer(devices, port=self.serial, trace_pdu=self._trace,
-                                              **self.serial_options)  # type: ignore[arg-type]
+            self._server = ModbusSerialServer(devices, port=self.serial, trace_pdu=self._trace, **self.serial_options)  # type: ignore[arg-type]
         elif self.pipelining:
-            self._server = PipelinedTcpServer(devices, address=(self.host, self.port), trace_pdu=self._trace,
-                                              faults=self.faults)
+            self._server = PipelinedTcpServer(
+                devices, address=(self.host, self.port), trace_pdu=self._trace, faults=self.faults
+            )
         else:
             self._server = ModbusTcpServer(devices, address=(self.host, self.port), trace_pdu=self._trace)
         await self._server.serve_forever(background=True)
@@ -208,5 +229,8 @@ class ModbusSimulator:
 
     def count(self, *, unit: int | None = None, function_code: int | None = None) -> int:
         """Requests received so far, optionally of one unit / function code."""
-        return sum(1 for r in self.requests
-                   if (unit is None or r.unit == unit) and (function_code is None or r.function_code == function_code))
+        return sum(
+            1
+            for r in self.requests
+            if (unit is None or r.unit == unit) and (function_code is None or r.function_code == function_code)
+        )

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
@@ -48,6 +48,12 @@ from ..opcua.values import coerce_for_write
 
 log = logging.getLogger(__name__)
 
+
+def _node(name: str) -> ua.NodeId:
+    """The simulator's nodes: string ids in namespace 2."""
+    return ua.NodeId(ua.String(name), ua.Int16(2))
+
+
 NAMESPACE_URI = "urn:factory-edge:simulator"
 APPLICATION_URI = "urn:factory-edge:simulator:oven"
 """Distinct from the namespace: a server's own URI takes namespace index 1, ours must be 2."""
@@ -57,9 +63,12 @@ UNLOAD_S = 5.0
 RECIPES = {"Bread-200": 200.0, "Croissant-190": 190.0, "Pizza-250": 250.0}
 """Recipe name -> its baking temperature, loaded into the setpoint when a batch starts."""
 _ZERO: dict[ua.VariantType, Any] = {
-    ua.VariantType.String: "", ua.VariantType.Double: 0.0, ua.VariantType.Float: 0.0,
-    ua.VariantType.Boolean: False, ua.VariantType.UInt32: 0,
-    ua.VariantType.DateTime: dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc),
+    ua.VariantType.String: "",
+    ua.VariantType.Double: 0.0,
+    ua.VariantType.Float: 0.0,
+    ua.VariantType.Boolean: False,
+    ua.VariantType.UInt32: 0,
+    ua.VariantType.DateTime: dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
 }
 
 
@@ -101,8 +110,9 @@ class _PasswordUsers(UserManager):
     def __init__(self, users: dict[str, str]) -> None:
         self._users = dict(users)
 
-    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
-                 certificate: Any = None) -> User | None:
+    def get_user(
+        self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
+    ) -> User | None:
         expected = self._users.get(username or "")
         if expected is None or password is None or not hmac.compare_digest(expected, password):
             return None
@@ -121,9 +131,17 @@ class OpcuaSimulator:
     ``update_interval_s=None`` freezes the simulation.
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 4840, extra_nodes: int = 0,
-                 users: dict[str, str] | None = None, security: bool = False,
-                 state_dir: Path | None = None, update_interval_s: float | None = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        extra_nodes: int = 0,
+        users: dict[str, str] | None = None,
+        security: bool = False,
+        state_dir: Path | None = None,
+        update_interval_s: float | None = 0.5,
+    ) -> None:
         self.host = host
         self.port = port
         self.extra_nodes = extra_nodes
@@ -132,15 +150,25 @@ class OpcuaSimulator:
         self.state_dir = state_dir
         self.update_interval_s = update_interval_s
         self._specs = {spec.name: spec for spec in NODES}
-        self._specs.update({name: NodeSpec(name, ua.VariantType.Double, "benchmark value")
-                            for name in self._extra_names()})
-        started = dt.datetime.now(dt.timezone.utc)
-        self._values: dict[str, ua.DataValue] = {name: self._datavalue(name, value, None, None) for name, value in {
-            "Oven.State": "Heating", "Oven.Recipe": "Bread-200", "Oven.Setpoint": RECIPES["Bread-200"],
-            "Oven.Zone1.Temp": AMBIENT_C, "Oven.Zone2.Temp": AMBIENT_C, "Oven.Heater.Power": 0.0,
-            "Oven.Door.Open": False, "Oven.BatchCount": 0, "Oven.BatchStart": started,
-            **{name: 0.0 for name in self._extra_names()},
-        }.items()}
+        self._specs.update(
+            {name: NodeSpec(name, ua.VariantType.Double, "benchmark value") for name in self._extra_names()}
+        )
+        started = dt.datetime.now(dt.UTC)
+        self._values: dict[str, ua.DataValue] = {
+            name: self._datavalue(name, value, None, None)
+            for name, value in {
+                "Oven.State": "Heating",
+                "Oven.Recipe": "Bread-200",
+                "Oven.Setpoint": RECIPES["Bread-200"],
+                "Oven.Zone1.Temp": AMBIENT_C,
+                "Oven.Zone2.Temp": AMBIENT_C,
+                "Oven.Heater.Power": 0.0,
+                "Oven.Door.Open": False,
+                "Oven.BatchCount": 0,
+                "Oven.BatchStart": started,
+                **{name: 0.0 for name in self._extra_names()},
+            }.items()
+        }
         self._held: set[str] = set()
         self._phase_since = 0.0
         self._tick = 0
@@ -152,8 +180,9 @@ class OpcuaSimulator:
         await self.start()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.stop()
 
     @property
@@ -225,7 +254,7 @@ class OpcuaSimulator:
         server, self._server = self._server, None
         if server is not None:
             for name in self._specs:  # what clients wrote survives the restart too
-                self._values[name] = server.read_attribute_value(ua.NodeId(name, 2))
+                self._values[name] = server.read_attribute_value(_node(name))
             await server.stop()
             # asyncua keeps sessions (and their subscriptions) that lost their connection
             # alive for a later reconnect, even past stop(); a rebooted machine would not.
@@ -251,7 +280,7 @@ class OpcuaSimulator:
         if self._server is None:
             value = self._values[name].Value
         else:
-            value = self._server.read_attribute_value(ua.NodeId(name, 2)).Value
+            value = self._server.read_attribute_value(_node(name)).Value
         return value.Value if value is not None else None
 
     async def tick_extra(self) -> int:
@@ -281,8 +310,8 @@ class OpcuaSimulator:
         spec = self._spec(name)
         if status is not None and not hasattr(ua.StatusCodes, status):
             raise ValueError(f"unknown OPC UA status code {status!r}")
-        now = dt.datetime.now(dt.timezone.utc)
-        source = now if source_ts_ms is None else dt.datetime.fromtimestamp(source_ts_ms / 1000, dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
+        source = now if source_ts_ms is None else dt.datetime.fromtimestamp(source_ts_ms / 1000, dt.UTC)
         code = ua.StatusCode(getattr(ua.StatusCodes, status)) if status else ua.StatusCode()
         if value is None or code.is_bad():
             variant = ua.Variant(None, ua.VariantType.Null)
@@ -292,12 +321,15 @@ class OpcuaSimulator:
             variant = ua.Variant(value, spec.variant_type)
         else:
             variant = ua.Variant(coerce_for_write(value, spec.variant_type), spec.variant_type)
-        return ua.DataValue(variant, StatusCode=code, SourceTimestamp=source, ServerTimestamp=now)
+        # asyncua types timestamps as its own datetime subclass, and takes any datetime.
+        return ua.DataValue(
+            variant, StatusCode=code, SourceTimestamp=cast(ua.DateTime, source), ServerTimestamp=cast(ua.DateTime, now)
+        )
 
     async def _write(self, name: str, datavalue: ua.DataValue) -> None:
         self._values[name] = datavalue
         if self._server is not None:
-            await self._server.write_attribute_value(ua.NodeId(name, 2), datavalue)
+            await self._server.write_attribute_value(_node(name), datavalue)
 
     async def _build_address_space(self, server: Server) -> None:
         folders: dict[str, Any] = {}
@@ -306,17 +338,18 @@ class OpcuaSimulator:
             if path not in folders:
                 parent_path, _, leaf = path.rpartition(".")
                 parent = await folder(parent_path) if parent_path else server.nodes.objects
-                folders[path] = await parent.add_object(ua.NodeId(path, 2), ua.QualifiedName(leaf, 2))
+                folders[path] = await parent.add_object(_node(path), ua.QualifiedName(leaf, 2))
             return folders[path]
 
         for name, spec in self._specs.items():
             parent_path, _, leaf = name.rpartition(".")
             parent = await folder(parent_path)
             initial = ua.Variant(_ZERO[spec.variant_type], spec.variant_type)
-            node = await parent.add_variable(ua.NodeId(name, 2), ua.QualifiedName(leaf, 2), initial)
+            node = await parent.add_variable(_node(name), ua.QualifiedName(leaf, 2), initial)
             if spec.description and not name.startswith("Bench."):
-                await node.write_attribute(ua.AttributeIds.Description,
-                                           ua.DataValue(ua.Variant(ua.LocalizedText(spec.description))))
+                await node.write_attribute(
+                    ua.AttributeIds.Description, ua.DataValue(ua.Variant(ua.LocalizedText(spec.description)))
+                )
             if spec.writable:
                 await node.set_writable()
             await server.write_attribute_value(node.nodeid, self._values[name])
@@ -324,8 +357,12 @@ class OpcuaSimulator:
     async def _server_certificate(self) -> tuple[bytes, bytes]:
         if self._certificate is None:
             self._certificate = await asyncio.to_thread(
-                generate_certificate, application_uri=APPLICATION_URI, common_name="factory-edge oven simulator",
-                hostnames=[self.host, "localhost"], server=True)
+                generate_certificate,
+                application_uri=APPLICATION_URI,
+                common_name="factory-edge oven simulator",
+                hostnames=[self.host, "localhost"],
+                server=True,
+            )
             if self.state_dir is not None:
                 self.state_dir.mkdir(parents=True, exist_ok=True)
                 (self.state_dir / "simulator-cert.pem").write_bytes(self._certificate[0])
@@ -360,8 +397,11 @@ class OpcuaSimulator:
         zone1 += (target - zone1) * (1 - math.exp(-dt_s / 12.0)) + random.gauss(0, 0.05)
         zone2 += (zone1 - 2.0 - zone2) * (1 - math.exp(-dt_s / 18.0)) + random.gauss(0, 0.05)
         power = max(0.0, min(100.0, (setpoint - zone1) * 4.0 + 15.0 + random.gauss(0, 0.5)))
-        updates: dict[str, Any] = {"Oven.Zone1.Temp": round(zone1, 2), "Oven.Zone2.Temp": round(zone2, 2),
-                                   "Oven.Heater.Power": round(power, 1)}
+        updates: dict[str, Any] = {
+            "Oven.Zone1.Temp": round(zone1, 2),
+            "Oven.Zone2.Temp": round(zone2, 2),
+            "Oven.Heater.Power": round(power, 1),
+        }
         if state == "Heating" and abs(setpoint - zone1) < 2.0:
             updates["Oven.State"] = "Baking"
         elif state == "Baking" and elapsed >= BAKE_S:
@@ -371,9 +411,16 @@ class OpcuaSimulator:
             names = list(RECIPES)
             recipe = value["Oven.Recipe"]
             following = names[(names.index(recipe) + 1) % len(names)] if recipe in RECIPES else names[0]
-            updates.update({"Oven.State": "Heating", "Oven.Door.Open": False, "Oven.BatchCount": count + 1,
-                            "Oven.Recipe": following, "Oven.Setpoint": RECIPES[following],
-                            "Oven.BatchStart": dt.datetime.now(dt.timezone.utc)})
+            updates.update(
+                {
+                    "Oven.State": "Heating",
+                    "Oven.Door.Open": False,
+                    "Oven.BatchCount": count + 1,
+                    "Oven.Recipe": following,
+                    "Oven.Setpoint": RECIPES[following],
+                    "Oven.BatchStart": dt.datetime.now(dt.UTC),
+                }
+            )
         if updates.get("Oven.State", state) != state:
             self._phase_since = now
         for name, new in updates.items():
@@ -381,5 +428,6 @@ class OpcuaSimulator:
                 await self._write(name, self._datavalue(name, new, None, None))
         if self._server is not None:
             await self._server.write_attribute_value(
-                ua.NodeId(ua.ObjectIds.Server_ServerStatus_CurrentTime),
-                ua.DataValue(ua.Variant(dt.datetime.now(dt.timezone.utc), ua.VariantType.DateTime)))
+                ua.NodeId(ua.Int32(ua.ObjectIds.Server_ServerStatus_CurrentTime)),
+                ua.DataValue(ua.Variant(dt.datetime.now(dt.UTC), ua.VariantType.DateTime)),
+            )

@@ -11,27 +11,41 @@ from types import FrameType
 
 from factory_edge.errors import FactoryEdgeError
 
-from .stack import Ports, Stack, say, shown
-from .story import Story, stored, where
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/demo",
         description="The whole story on this machine, on 127.0.0.1: simulated machines, two tenants with their "
-                    "own Mosquitto behind one SNI-routing HAProxy, the provisioning API, a gateway provisioned "
-                    "with a key, the agent, and the bridge storing into SQLite and alerting when the CNC "
-                    "overheats. Runs until Ctrl-C, which stops everything.")
-    parser.add_argument("--dir", type=Path, default=Path("state/demo"),
-                        help="where the demo keeps its files and logs (default state/demo; emptied at start)")
-    parser.add_argument("--once", action="store_true",
-                        help="stop once the alert has fired and resolved (exit 0), or exit 1 if that takes "
-                             "longer than --timeout: for scripts and tests")
-    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                        help="how long the CNC may take to overheat and cool down (default 120)")
-    parser.add_argument("--port-offset", type=int, default=0, metavar="N",
-                        help="add N to every port (5020, 4840, 8883, 8443, 18831, 18832) to run beside "
-                             "something that uses them")
+        "own Mosquitto behind one SNI-routing HAProxy, the provisioning API, a gateway provisioned "
+        "with a key, the agent, and the bridge storing into SQLite and alerting when the CNC "
+        "overheats. Runs until Ctrl-C, which stops everything.",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("state/demo"),
+        help="where the demo keeps its files and logs (default state/demo; emptied at start)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="stop once the alert has fired and resolved (exit 0), or exit 1 if that takes "
+        "longer than --timeout: for scripts and tests",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long the CNC may take to overheat and cool down (default 120)",
+    )
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N to every port (5020, 4840, 8883, 8443, 18831, 18832) to run beside something that uses them",
+    )
     return parser
 
 
@@ -41,6 +55,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Imported once the arguments are parsed: --help works with a bare python3 (scripts/demo --help).
+    from .stack import Ports, Stack, say, shown
+    from .story import Story, stored, where
+
     ports = Ports.with_offset(args.port_offset)
     if min(ports.modbus, ports.opcua) < 1024 or max(ports.brokers) > 65535:
         print(f"Error: --port-offset {args.port_offset}: ports must stay within 1024..65535", file=sys.stderr)
@@ -59,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         where(stack)
         if not story.overheat(args.timeout):
             if args.once:
-                raise FactoryEdgeError(f"the alert did not fire and resolve within {args.timeout:g}s; "
-                                       f"see {shown(stack.logs)}/bridge.log and agent.log")
+                raise FactoryEdgeError(
+                    f"the alert did not fire and resolve within {args.timeout:g}s; "
+                    f"see {shown(stack.logs)}/bridge.log and agent.log"
+                )
             say(f"  (no alert within {args.timeout:g} s; see {shown(stack.logs)}/bridge.log)")
         say()
         stored(stack)

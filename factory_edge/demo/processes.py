@@ -99,8 +99,9 @@ class ReadySocket:
 class Child:
     """One long-running process of the demo."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, *, notify: bool = False,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, *, notify: bool = False, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_file = log_dir / f"{name}.log"
@@ -115,8 +116,15 @@ class Child:
 
     def start(self) -> Child:
         self._log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         return self
 
     def wait_ready(self, ready: Callable[[], bool] | None = None, *, timeout_s: float = 30.0) -> None:

@@ -10,6 +10,7 @@ tenants by SNI; ``agent provision`` with a key, then ``agent run``; and
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
@@ -50,13 +51,22 @@ class Ports:
 
     @classmethod
     def with_offset(cls, offset: int) -> Ports:
-        return cls(5020 + offset, 4840 + offset, 8883 + offset, 8443 + offset,
-                   tuple(18831 + i + offset for i in range(len(TENANTS))))
+        return cls(
+            5020 + offset,
+            4840 + offset,
+            8883 + offset,
+            8443 + offset,
+            tuple(18831 + i + offset for i in range(len(TENANTS))),
+        )
 
     def named(self) -> list[tuple[str, int]]:
-        return [("the Modbus simulator", self.modbus), ("the OPC UA simulator", self.opcua),
-                ("HAProxy (MQTT over TLS)", self.proxy), ("the provisioning API", self.api),
-                *((f"tenant {t}'s Mosquitto", p) for t, p in zip(TENANTS, self.brokers))]
+        return [
+            ("the Modbus simulator", self.modbus),
+            ("the OPC UA simulator", self.opcua),
+            ("HAProxy (MQTT over TLS)", self.proxy),
+            ("the provisioning API", self.api),
+            *((f"tenant {t}'s Mosquitto", p) for t, p in zip(TENANTS, self.brokers)),
+        ]
 
 
 def say(text: str = "") -> None:
@@ -128,11 +138,26 @@ class Stack:
     def up(self) -> None:
         self.prepare()
         with self.step("simulated plant: agent simulate"):
-            self.start(Child("simulator", [tool("agent"), "simulate", "--modbus-port", str(self.ports.modbus),
-                                           "--opcua-port", str(self.ports.opcua), "--quiet"], self.logs),
-                       lambda: port_open(self.ports.modbus) and port_open(self.ports.opcua))
-        self.detail(f"Modbus TCP 127.0.0.1:{self.ports.modbus} (cnc-1, press-1, compressor-1), "
-                    f"OPC UA opc.tcp://127.0.0.1:{self.ports.opcua}/factory-edge/ (oven-1)")
+            self.start(
+                Child(
+                    "simulator",
+                    [
+                        tool("agent"),
+                        "simulate",
+                        "--modbus-port",
+                        str(self.ports.modbus),
+                        "--opcua-port",
+                        str(self.ports.opcua),
+                        "--quiet",
+                    ],
+                    self.logs,
+                ),
+                lambda: port_open(self.ports.modbus) and port_open(self.ports.opcua),
+            )
+        self.detail(
+            f"Modbus TCP 127.0.0.1:{self.ports.modbus} (cnc-1, press-1, compressor-1), "
+            f"OPC UA opc.tcp://127.0.0.1:{self.ports.opcua}/factory-edge/ (oven-1)"
+        )
         with self.step(f"provisioning: data directory, tenants {' and '.join(TENANTS)}"):
             self.provisioning("init", "--proxy-bind", "127.0.0.1", "--proxy-port", str(self.ports.proxy))
             for tenant, port in zip(TENANTS, self.ports.brokers):
@@ -145,19 +170,34 @@ class Stack:
         with self.step(f"tenant brokers: one Mosquitto each, {' and '.join(TENANTS)}"):
             for tenant, port in zip(TENANTS, self.ports.brokers):
                 conf = self.data / "tenants" / tenant / "mosquitto.conf"
-                self.start(Child(f"mosquitto-{tenant}", [tool("mosquitto"), "-c", str(conf)], self.logs),
-                           lambda port=port: port_open(port))
+                self.start(
+                    Child(f"mosquitto-{tenant}", [tool("mosquitto"), "-c", str(conf)], self.logs),
+                    functools.partial(port_open, port),
+                )
         with self.step(f"SNI proxy: HAProxy on 127.0.0.1:{self.ports.proxy}"):
-            self.start(Child("haproxy", [tool("haproxy"), "-W", "-db", "-f", str(self.data / "haproxy" / "haproxy.cfg")],
-                             self.logs), lambda: port_open(self.ports.proxy))
+            self.start(
+                Child(
+                    "haproxy",
+                    [tool("haproxy"), "-W", "-db", "-f", str(self.data / "haproxy" / "haproxy.cfg")],
+                    self.logs,
+                ),
+                lambda: port_open(self.ports.proxy),
+            )
         with self.step(f"provisioning API: https://127.0.0.1:{self.ports.api}"):
-            self.start(Child("provisioning", [tool("provisioning"), "serve", "--port", str(self.ports.api),
-                                              "--data-dir", str(self.data)], self.logs, notify=True))
+            self.start(
+                Child(
+                    "provisioning",
+                    [tool("provisioning"), "serve", "--port", str(self.ports.api), "--data-dir", str(self.data)],
+                    self.logs,
+                    notify=True,
+                )
+            )
         with self.step(f"bridge run: every tenant's broker into SQLite, alert rule {ALERT_RULE}"):
             self.provisioning("bridge", "add", "demo")  # the process's own identity, bridge.demo, on every tenant
             self.write_bridge_config()
-            bridge = self.start(Child("bridge", [tool("bridge"), "run", "--config", str(self.bridge_config)],
-                                      self.logs, notify=True))
+            bridge = self.start(
+                Child("bridge", [tool("bridge"), "run", "--config", str(self.bridge_config)], self.logs, notify=True)
+            )
             # Subscribed before any gateway exists, so its session holds everything from the first message.
             bridge.wait_ready(lambda: bridge.log_text().count("connected to tenant broker") >= len(TENANTS))
         with self.step(f"gateway {GATEWAY}: agent provision with a one-use key"):
@@ -166,15 +206,18 @@ class Stack:
             self.detail(line)
         with self.step("agent run: polling the machines, buffering, publishing"):
             self.write_agent_config()
-            self.start(Child("agent", [tool("agent"), "run", "--config", str(self.agent_config)], self.logs,
-                             notify=True))
+            self.start(
+                Child("agent", [tool("agent"), "run", "--config", str(self.agent_config)], self.logs, notify=True)
+            )
         with self.step("technician certificate: read-only, 8 hours"):
             commands = []
             for name in ("demo", "demo-story"):
-                out = self.provisioning("technician-cert", TENANT, name, "--hours", "8", "--out",
-                                        str(self.technician_dir))
-                commands.append(next(
-                    (line.strip() for line in out.splitlines() if line.strip().startswith("mosquitto_sub ")), ""))
+                out = self.provisioning(
+                    "technician-cert", TENANT, name, "--hours", "8", "--out", str(self.technician_dir)
+                )
+                commands.append(
+                    next((line.strip() for line in out.splitlines() if line.strip().startswith("mosquitto_sub ")), "")
+                )
             self.technician_command, self.watch_command = commands
             if not all(commands):
                 raise DemoError(f"provisioning technician-cert printed no mosquitto_sub command; see {self.logs}")
@@ -183,11 +226,15 @@ class Stack:
         """Check the ports, then start from an empty directory (a previous run's files are replaced)."""
         other = _running_demo(self.root / PID_FILE)
         if other is not None:
-            raise DemoError(f"{self.root}: the demo with pid {other} runs there; stop it (Ctrl-C) or choose another --dir")
+            raise DemoError(
+                f"{self.root}: the demo with pid {other} runs there; stop it (Ctrl-C) or choose another --dir"
+            )
         busy = [f"{port} ({what})" for what, port in self.ports.named() if not port_free(port)]
         if busy:
-            raise DemoError(f"127.0.0.1 port {', '.join(busy)} in use: is the demo already running? "
-                            "Stop it, or move every port with --port-offset N")
+            raise DemoError(
+                f"127.0.0.1 port {', '.join(busy)} in use: is the demo already running? "
+                "Stop it, or move every port with --port-offset N"
+            )
         if self.root.exists():
             if any(self.root.iterdir()) and not (self.root / MARKER).exists():
                 raise DemoError(f"{self.root}: exists and is not a demo directory; choose another --dir")
@@ -203,24 +250,46 @@ class Stack:
         return child
 
     def provisioning(self, *args: str) -> str:
-        return run_tool([tool("provisioning"), *args, "--data-dir", str(self.data)], self.logs,
-                        what=f"provisioning {' '.join(args[:2])}")
+        return run_tool(
+            [tool("provisioning"), *args, "--data-dir", str(self.data)],
+            self.logs,
+            what=f"provisioning {' '.join(args[:2])}",
+        )
 
     def resolve_names(self) -> None:
+        """Names that do not resolve, or resolve only through another demo's block, go into a block of our own."""
         missing = [host for host in self.hosts if not hostsfile.resolves_to_loopback(host)]
+        missing += [host for host in hostsfile.borrowed(self.hosts) if host not in missing]
         if missing:
-            hostsfile.edit("add", "127.0.0.1", missing)
+            hostsfile.edit("add", "127.0.0.1", missing, owner=str(self.root))
             self.hosts_names = missing
             still = [host for host in missing if not hostsfile.resolves_to_loopback(host)]
             if still:
-                raise DemoError(f"{', '.join(still)} still does not resolve after adding it to {hostsfile.HOSTS}: "
-                                "check 'hosts: files' in /etc/nsswitch.conf")
+                raise DemoError(
+                    f"{', '.join(still)} still does not resolve after adding it to {hostsfile.HOSTS}: "
+                    "check 'hosts: files' in /etc/nsswitch.conf"
+                )
 
     def provision_gateway(self) -> list[str]:
         key = self.provisioning("key", "create", TENANT, "--uses", "1", "--expires", "1h").split()[0]
-        out = run_tool([tool("agent"), "provision", "--url", f"https://127.0.0.1:{self.ports.api}", "--key", key,
-                        "--name", GATEWAY, "--ca-file", str(self.data / "api" / "ca.pem"),
-                        "--state-dir", str(self.agent_state)], self.logs, what="agent provision")
+        out = run_tool(
+            [
+                tool("agent"),
+                "provision",
+                "--url",
+                f"https://127.0.0.1:{self.ports.api}",
+                "--key",
+                key,
+                "--name",
+                GATEWAY,
+                "--ca-file",
+                str(self.data / "api" / "ca.pem"),
+                "--state-dir",
+                str(self.agent_state),
+            ],
+            self.logs,
+            what="agent provision",
+        )
         summary = []
         for line in out.splitlines():  # the command's own summary, down to its first blank line
             if not line.strip():
@@ -248,12 +317,21 @@ class Stack:
             "instance": "demo",
             "tenants_from": str(self.data),
             "storage": {"backend": "sqlite", "path": str(self.store.parent)},
-            "alerts": {"rules": [
-                {"name": ALERT_RULE, "device": "cnc-*", "tag": "spindle_temp", "above": ALERT_ABOVE, "for": ALERT_FOR,
-                 "clear_below": ALERT_CLEAR_BELOW, "severity": "critical",
-                 "message": "{device} spindle at {value:.1f} degC (limit {threshold})"},
-                {"name": "gateway-offline", "offline": True, "for": "10s", "severity": "warning"},
-            ]},
+            "alerts": {
+                "rules": [
+                    {
+                        "name": ALERT_RULE,
+                        "device": "cnc-*",
+                        "tag": "spindle_temp",
+                        "above": ALERT_ABOVE,
+                        "for": ALERT_FOR,
+                        "clear_below": ALERT_CLEAR_BELOW,
+                        "severity": "critical",
+                        "message": "{device} spindle at {value:.1f} degC (limit {threshold})",
+                    },
+                    {"name": "gateway-offline", "offline": True, "for": "10s", "severity": "warning"},
+                ]
+            },
         }
         self.bridge_config.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -269,7 +347,7 @@ class Stack:
         self.children.clear()
         if self.hosts_names:
             try:
-                hostsfile.edit("remove")
+                hostsfile.edit("remove", owner=str(self.root))
             except (OSError, FactoryEdgeError) as exc:
                 say(f"        could not remove the demo's names from {hostsfile.HOSTS}: {exc}")
             self.hosts_names = []
@@ -292,5 +370,19 @@ def hosts_note(stack: Stack) -> str:
     return "the broker names already resolve to this machine"
 
 
-__all__ = ["ALERT_ABOVE", "ALERT_CLEAR_BELOW", "ALERT_FOR", "ALERT_RULE", "DOMAIN", "GATEWAY", "Ports", "Stack", "TENANT",
-           "TENANTS", "hosts_note", "say", "shown", "tool"]
+__all__ = [
+    "ALERT_ABOVE",
+    "ALERT_CLEAR_BELOW",
+    "ALERT_FOR",
+    "ALERT_RULE",
+    "DOMAIN",
+    "GATEWAY",
+    "TENANT",
+    "TENANTS",
+    "Ports",
+    "Stack",
+    "hosts_note",
+    "say",
+    "shown",
+    "tool",
+]

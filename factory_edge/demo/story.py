@@ -23,7 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from .processes import DemoError, die_with_parent, run_tool, terminate
-from .stack import ALERT_ABOVE, ALERT_CLEAR_BELOW, ALERT_FOR, ALERT_RULE, GATEWAY, TENANT, Stack, hosts_note, say, shown, tool
+from .stack import (
+    ALERT_ABOVE,
+    ALERT_CLEAR_BELOW,
+    ALERT_FOR,
+    ALERT_RULE,
+    GATEWAY,
+    TENANT,
+    Stack,
+    hosts_note,
+    say,
+    shown,
+    tool,
+)
 
 DATA_TIMEOUT_S = 30.0
 TEMP_EVERY_S = 3.0
@@ -35,8 +47,16 @@ class Watch:
     def __init__(self, command: str, log_file: Path) -> None:
         argv = ["stdbuf", "-oL", *shlex.split(command)]  # line-buffered into the pipe
         self.log = open(log_file, "a", encoding="utf-8")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1, start_new_session=True, preexec_fn=die_with_parent)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.thread = threading.Thread(target=self._read, name="technician mosquitto_sub", daemon=True)
         self.thread.start()
@@ -56,8 +76,9 @@ class Watch:
         except queue.Empty:
             return None
         if line is None:
-            raise DemoError(f"the technician's mosquitto_sub exited with code {self.proc.wait()}; "
-                            f"see {shown(self.log.name)}")
+            raise DemoError(
+                f"the technician's mosquitto_sub exited with code {self.proc.wait()}; see {shown(self.log.name)}"
+            )
         topic, _, payload = line.partition(" ")
         return topic, payload
 
@@ -93,11 +114,32 @@ class Story:
     def command(self, payload: dict[str, Any]) -> None:
         """A write command to the gateway, sent as the cloud side does (the bridge's certificate)."""
         files = self.stack.data / "tenants" / TENANT
-        run_tool([tool("mosquitto_pub"), "-h", self.stack.hosts[0], "-p", str(self.stack.ports.proxy),
-                  "--cafile", str(files / "ca.pem"), "--cert", str(files / "bridge.pem"),
-                  "--key", str(files / "bridge.key"), "-V", "mqttv5", "-q", "1",
-                  "-t", f"gw/{GATEWAY}/cmd/write", "-m", json.dumps(payload)],
-                 self.stack.logs, what="mosquitto_pub of a write command", timeout_s=15)
+        run_tool(
+            [
+                tool("mosquitto_pub"),
+                "-h",
+                self.stack.hosts[0],
+                "-p",
+                str(self.stack.ports.proxy),
+                "--cafile",
+                str(files / "ca.pem"),
+                "--cert",
+                str(files / "bridge.pem"),
+                "--key",
+                str(files / "bridge.key"),
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-t",
+                f"gw/{GATEWAY}/cmd/write",
+                "-m",
+                json.dumps(payload),
+            ],
+            self.stack.logs,
+            what="mosquitto_pub of a write command",
+            timeout_s=15,
+        )
         say(f"  {_clock()}  cloud → gateway  gw/{GATEWAY}/cmd/write {json.dumps(payload)}")
 
     def first_data(self) -> None:
@@ -106,8 +148,10 @@ class Story:
             message = self.watch.next(remaining)
             if message and message[0].startswith(f"gw/{GATEWAY}/data/"):
                 batch = _json(message[1]) or {}
-                say(f"  {_clock()}  live data: the technician's mosquitto_sub received {message[0]} "
-                    f"(seq {batch.get('seq')}, {len(batch.get('points', []))} points)")
+                say(
+                    f"  {_clock()}  live data: the technician's mosquitto_sub received {message[0]} "
+                    f"(seq {batch.get('seq')}, {len(batch.get('points', []))} points)"
+                )
                 return
         raise DemoError(f"no data from {GATEWAY} within {DATA_TIMEOUT_S:g}s; see {shown(self.stack.logs)}/agent.log")
 
@@ -117,7 +161,7 @@ class Story:
             return
         if topic == f"gw/{GATEWAY}/data/cnc-1":
             temp = next((p for p in doc.get("points", []) if p.get("tag") == "spindle_temp"), None)
-            if temp and (time.monotonic() - self.last_temp_at >= TEMP_EVERY_S or self.fired and not self.resolved):
+            if temp and (time.monotonic() - self.last_temp_at >= TEMP_EVERY_S or (self.fired and not self.resolved)):
                 self.last_temp_at = time.monotonic()
                 say(f"  {_clock(temp.get('ts'))}  cnc-1 spindle_temp {temp.get('v')} degC")
         elif topic == f"gw/{GATEWAY}/cmd/write/reply":
@@ -126,19 +170,27 @@ class Story:
             state = doc.get("state")
             if state == "firing" and not self.fired:
                 self.fired = True
-                say(f"  {_clock(doc.get('ts'))}  ALERT FIRED  {ALERT_RULE} [{doc.get('severity')}] tenant "
-                    f"{doc.get('tenant')}, {doc.get('gw')}/{doc.get('device')}: {doc.get('message')}")
-                say(f"            (the bridge's rule: spindle_temp above {ALERT_ABOVE:g} for {ALERT_FOR}; "
-                    f"it published this retained on {topic})")
+                say(
+                    f"  {_clock(doc.get('ts'))}  ALERT FIRED  {ALERT_RULE} [{doc.get('severity')}] tenant "
+                    f"{doc.get('tenant')}, {doc.get('gw')}/{doc.get('device')}: {doc.get('message')}"
+                )
+                say(
+                    f"            (the bridge's rule: spindle_temp above {ALERT_ABOVE:g} for {ALERT_FOR}; "
+                    f"it published this retained on {topic})"
+                )
                 say("  Switching the coolant back on:")
                 self.command({"device": "cnc-1", "tag": "coolant", "value": True})
             elif state == "resolved" and self.fired and not self.resolved:
                 self.resolved = True
-                say(f"  {_clock(doc.get('ts'))}  alert resolved  {ALERT_RULE}: spindle_temp {doc.get('value')} degC "
-                    f"(below {ALERT_CLEAR_BELOW:g})")
+                say(
+                    f"  {_clock(doc.get('ts'))}  alert resolved  {ALERT_RULE}: spindle_temp {doc.get('value')} degC "
+                    f"(below {ALERT_CLEAR_BELOW:g})"
+                )
             elif state == "pending":
-                say(f"  {_clock(doc.get('ts'))}  alert pending  {ALERT_RULE}: spindle_temp {doc.get('value')} degC "
-                    f"above {ALERT_ABOVE:g}, must hold {ALERT_FOR}")
+                say(
+                    f"  {_clock(doc.get('ts'))}  alert pending  {ALERT_RULE}: spindle_temp {doc.get('value')} degC "
+                    f"above {ALERT_ABOVE:g}, must hold {ALERT_FOR}"
+                )
 
     def overheat(self, timeout_s: float) -> bool:
         """Coolant off, until the alert fired and resolved again; False when that took longer than ``timeout_s``."""
@@ -171,8 +223,10 @@ def where(stack: Stack) -> None:
     say(f"  gateway       {GATEWAY} of tenant {TENANT}:  {agent} status --state-dir {shown(stack.agent_state)}")
     say(f"  brokers       {brokers} (HAProxy routes by SNI; {hosts_note(stack)})")
     say(f"  provisioning  https://127.0.0.1:{p.api}  (CA {shown(stack.data / 'api' / 'ca.pem')})")
-    say(f"  data          {shown(stack.store)}:  {bridge} query values --config {shown(stack.bridge_config)} "
-        f"--tenant {TENANT}")
+    say(
+        f"  data          {shown(stack.store)}:  {bridge} query values --config {shown(stack.bridge_config)} "
+        f"--tenant {TENANT}"
+    )
     say(f"  logs          {shown(stack.logs)}/")
     say()
     say("Watch the gateway as a technician (read-only certificate, valid 8 hours); paste in another terminal:")

@@ -91,15 +91,27 @@ class DataType(enum.IntEnum):
 
 
 _INT_RANGES = {
-    DataType.INT8: (-(2**7), 2**7 - 1), DataType.INT16: (-(2**15), 2**15 - 1),
-    DataType.INT32: (-(2**31), 2**31 - 1), DataType.INT64: (-(2**63), 2**63 - 1),
-    DataType.UINT8: (0, 2**8 - 1), DataType.UINT16: (0, 2**16 - 1), DataType.UINT32: (0, 2**32 - 1),
-    DataType.UINT64: (0, 2**64 - 1), DataType.DATETIME: (0, 2**64 - 1),
+    DataType.INT8: (-(2**7), 2**7 - 1),
+    DataType.INT16: (-(2**15), 2**15 - 1),
+    DataType.INT32: (-(2**31), 2**31 - 1),
+    DataType.INT64: (-(2**63), 2**63 - 1),
+    DataType.UINT8: (0, 2**8 - 1),
+    DataType.UINT16: (0, 2**16 - 1),
+    DataType.UINT32: (0, 2**32 - 1),
+    DataType.UINT64: (0, 2**64 - 1),
+    DataType.DATETIME: (0, 2**64 - 1),
 }
 _ARRAYS = {  # element struct format, little endian
-    DataType.INT8_ARRAY: "b", DataType.INT16_ARRAY: "h", DataType.INT32_ARRAY: "i", DataType.INT64_ARRAY: "q",
-    DataType.UINT8_ARRAY: "B", DataType.UINT16_ARRAY: "H", DataType.UINT32_ARRAY: "I",
-    DataType.UINT64_ARRAY: "Q", DataType.FLOAT_ARRAY: "f", DataType.DOUBLE_ARRAY: "d",
+    DataType.INT8_ARRAY: "b",
+    DataType.INT16_ARRAY: "h",
+    DataType.INT32_ARRAY: "i",
+    DataType.INT64_ARRAY: "q",
+    DataType.UINT8_ARRAY: "B",
+    DataType.UINT16_ARRAY: "H",
+    DataType.UINT32_ARRAY: "I",
+    DataType.UINT64_ARRAY: "Q",
+    DataType.FLOAT_ARRAY: "f",
+    DataType.DOUBLE_ARRAY: "d",
     DataType.DATETIME_ARRAY: "q",
 }
 _TEXT = (DataType.STRING, DataType.TEXT, DataType.UUID)
@@ -168,8 +180,9 @@ def _encode_metric(metric: Metric, out: Any) -> None:
     try:
         _set_value(out, metric.datatype, metric.value)
     except (TypeError, ValueError, OverflowError, struct.error) as exc:
-        raise PayloadError(f"metric {metric.name or metric.alias}: {metric.value!r} is not a "
-                           f"{metric.datatype.name}: {exc}") from None
+        raise PayloadError(
+            f"metric {metric.name or metric.alias}: {metric.value!r} is not a {metric.datatype.name}: {exc}"
+        ) from None
 
 
 def _set_value(out: Any, datatype: DataType, value: Value) -> None:
@@ -231,11 +244,13 @@ def decode(data: bytes) -> Payload:
     except (DecodeError, RuntimeError) as exc:
         raise PayloadError(f"not a Sparkplug B payload: {exc or 'protobuf refused it'}") from None
     metrics = [_decode_metric(m, i) for i, m in enumerate(message.metrics)]
-    return Payload(metrics=metrics,
-                   timestamp=message.timestamp if message.HasField("timestamp") else None,
-                   seq=message.seq if message.HasField("seq") else None,
-                   uuid=message.uuid if message.HasField("uuid") else None,
-                   body=message.body if message.HasField("body") else None)
+    return Payload(
+        metrics=metrics,
+        timestamp=message.timestamp if message.HasField("timestamp") else None,
+        seq=message.seq if message.HasField("seq") else None,
+        uuid=message.uuid if message.HasField("uuid") else None,
+        body=message.body if message.HasField("body") else None,
+    )
 
 
 def _decode_metric(m: Any, index: int) -> Metric:
@@ -257,9 +272,16 @@ def _decode_metric(m: Any, index: int) -> Metric:
             raise PayloadError(f"{where}: {len(keys)} property names for {len(values)} values")
         for key, pv in zip(keys, values):
             properties[key] = _property(pv)
-    return Metric(name=name, datatype=datatype, value=value, alias=m.alias if m.HasField("alias") else None,
-                  timestamp=m.timestamp if m.HasField("timestamp") else None, is_historical=m.is_historical,
-                  is_transient=m.is_transient, properties=properties)
+    return Metric(
+        name=name,
+        datatype=datatype,
+        value=value,
+        alias=m.alias if m.HasField("alias") else None,
+        timestamp=m.timestamp if m.HasField("timestamp") else None,
+        is_historical=m.is_historical,
+        is_transient=m.is_transient,
+        properties=properties,
+    )
 
 
 def _value(m: Any, datatype: DataType, where: str) -> Value:
@@ -276,10 +298,17 @@ def _value(m: Any, datatype: DataType, where: str) -> Value:
         if not low <= value <= high:
             raise PayloadError(f"{where}: {value} does not fit {datatype.name}")
         return int(value)
-    expected = {DataType.FLOAT: "float_value", DataType.DOUBLE: "double_value", DataType.BOOLEAN: "boolean_value",
-                DataType.BYTES: "bytes_value", DataType.FILE: "bytes_value",
-                **{t: "string_value" for t in _TEXT}, **{t: "bytes_value" for t in _ARRAYS},
-                DataType.BOOLEAN_ARRAY: "bytes_value", DataType.STRING_ARRAY: "bytes_value"}.get(datatype)
+    expected = {
+        DataType.FLOAT: "float_value",
+        DataType.DOUBLE: "double_value",
+        DataType.BOOLEAN: "boolean_value",
+        DataType.BYTES: "bytes_value",
+        DataType.FILE: "bytes_value",
+        **{t: "string_value" for t in _TEXT},
+        **{t: "bytes_value" for t in _ARRAYS},
+        DataType.BOOLEAN_ARRAY: "bytes_value",
+        DataType.STRING_ARRAY: "bytes_value",
+    }.get(datatype)
     if expected is None:
         raise PayloadError(f"{where}: {datatype.name} values are not supported")
     if kind != expected:
@@ -308,7 +337,7 @@ def _value(m: Any, datatype: DataType, where: str) -> Value:
             raise PayloadError(f"{where}: StringArray is not UTF-8") from None
     if datatype is DataType.FLOAT and not math.isfinite(raw):
         return float(raw)  # kept as it is; the consumer decides what a NaN reading means
-    return raw  # type: ignore[no-any-return]
+    return raw
 
 
 def _property(pv: Any) -> Value:
@@ -325,7 +354,7 @@ def _property(pv: Any) -> Value:
     if kind in ("int_value", "long_value") and datatype in _INT_RANGES and _INT_RANGES[datatype][0] < 0:
         bits = 32 if kind == "int_value" else 64
         return int(raw - (1 << bits) if raw >= 1 << (bits - 1) else raw)
-    return raw  # type: ignore[no-any-return]
+    return raw
 
 
 def metrics_named(payload: Payload, names: Iterable[str]) -> dict[str, Metric]:

@@ -50,8 +50,9 @@ def parse(topic: str) -> Topic:
     except ValueError:
         raise TopicError(f"{topic!r}: unknown message type {parts[2]!r}") from None
     if kind.of_device != (len(parts) == 5) or len(parts) > 5 or not all(parts[1:]):
-        raise TopicError(f"{topic!r}: a {kind} topic is {NAMESPACE}/group/{kind}/edge_node"
-                         + ("/device" if kind.of_device else ""))
+        raise TopicError(
+            f"{topic!r}: a {kind} topic is {NAMESPACE}/group/{kind}/edge_node" + ("/device" if kind.of_device else "")
+        )
     return Topic(parts[1], kind, parts[3], parts[4] if len(parts) == 5 else None)
 
 

@@ -1,0 +1,374 @@
+"""MQTT v5 pieces the agent and the bridge share (paho-mqtt 2.x).
+
+``BrokerSettings`` says where and how to connect; ``tls_context`` builds
+the TLS context that presents the URL's host as SNI name whatever address
+is dialled (``connect_host``); ``dial`` checks our certificate, connects and
+turns every failure into a PublishError in a technician's words ("broker
+certificate not trusted", "hostname mismatch", "is this a TLS port?");
+``wait_connack`` and ``explain_disconnect`` do the same for the broker's
+answer and for a lost connection. Each side owns its own session on top:
+the agent's ``agent.mqtt.Link``, the bridge's ``bridge.mqtt.Session``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from paho.mqtt.properties import Properties
+
+from .errors import ConfigError, PublishError
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where and how to connect, resolved from the config or the provisioned identity."""
+
+    host: str  # the URL's host: SNI name and certificate check
+    port: int
+    tls: bool
+    connect_host: str | None = None  # dial this address instead of ``host``
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    origin: str = "mqtt."  # where the file names came from, for errors: "plant.yaml: mqtt.", ".../identity.json: "
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> BrokerSettings:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"mqtt.url: expected mqtts://host:port, got {url!r}")
+        tls = parts.scheme == "mqtts"
+        return cls(host=parts.hostname, port=parts.port or (8883 if tls else 1883), tls=tls, **options)
+
+    @property
+    def dial_host(self) -> str:
+        return self.connect_host or self.host
+
+    def describe(self) -> str:
+        via = f" via {self.connect_host}" if self.connect_host else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}{via}"
+
+
+class _SniContext(ssl.SSLContext):
+    """An SSL context that presents ``sni_host`` whatever address paho dialled.
+
+    paho passes the host it connects to as ``server_hostname``; with
+    ``connect_host`` that is an IP or a proxy address, while the SNI name
+    and the certificate check must stay the broker URL's host.
+    """
+
+    sni_host: str = ""
+    last_socket: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self.sni_host
+        # Kept so a failed handshake's socket can be closed: paho drops it.
+        self.last_socket = super().wrap_socket(sock, *args, **kwargs)
+        return self.last_socket
+
+
+def tls_file_problems(settings: BrokerSettings) -> list[str]:
+    """What is wrong with the CA, certificate and key files, one line each, naming the field and the file.
+
+    Checked before dialling (and by ``agent check-config``), so a wrong path
+    or a file of the wrong kind is a config error, not a failed connection.
+    """
+    problems: list[str] = []
+
+    def read(key: str, name: str) -> bytes | None:
+        try:
+            return Path(name).read_bytes()
+        except FileNotFoundError:
+            problems.append(f"{settings.origin}{key}: {name}: no such file")
+        except IsADirectoryError:
+            problems.append(f"{settings.origin}{key}: {name}: is a directory, not a file")
+        except OSError as exc:
+            problems.append(f"{settings.origin}{key}: {name}: cannot read: {exc.strerror}")
+        return None
+
+    if settings.ca_file and (data := read("ca_file", settings.ca_file)) is not None:
+        try:
+            x509.load_pem_x509_certificates(data)
+        except ValueError:
+            problems.append(
+                f"{settings.origin}ca_file: {settings.ca_file}: not a PEM certificate "
+                "(expected -----BEGIN CERTIFICATE-----)"
+            )
+    cert = key = None
+    if settings.cert_file and (data := read("cert_file", settings.cert_file)) is not None:
+        try:
+            cert = x509.load_pem_x509_certificate(data)
+        except ValueError:
+            problems.append(
+                f"{settings.origin}cert_file: {settings.cert_file}: not a PEM certificate "
+                "(expected -----BEGIN CERTIFICATE-----)"
+            )
+    if settings.key_file and (data := read("key_file", settings.key_file)) is not None:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            problems.append(
+                f"{settings.origin}key_file: {settings.key_file}: the key is encrypted; "
+                "the agent needs an unencrypted key (mode 0600)"
+            )
+        except (ValueError, UnsupportedAlgorithm):
+            problems.append(
+                f"{settings.origin}key_file: {settings.key_file}: not a PEM private key "
+                "(expected -----BEGIN PRIVATE KEY-----)"
+            )
+    if cert is not None and key is not None and not _same_public_key(cert, key):
+        problems.append(
+            f"{settings.origin}key_file: {settings.key_file}: not the key of the certificate {settings.cert_file}"
+        )
+    return problems
+
+
+def _same_public_key(cert: x509.Certificate, key: Any) -> bool:
+    def spki(public: Any) -> bytes:
+        return bytes(public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    return spki(cert.public_key()) == spki(key.public_key())
+
+
+def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
+    """TLS >= 1.2, broker certificate verified against the CA and the URL's host; client cert if given.
+
+    ConfigError, one line per problem, when a file is missing or not what its field says.
+    """
+    problems = tls_file_problems(settings)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.sni_host = settings.host
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        if settings.ca_file:
+            context.load_verify_locations(cafile=settings.ca_file)
+        else:
+            context.load_default_certs()
+        if settings.cert_file and settings.key_file:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise ConfigError(
+            f"{settings.origin.rstrip('.: ') or 'mqtt'}: cannot load TLS files "
+            f"({settings.ca_file or 'system CAs'}, {settings.cert_file}): {reason}"
+        ) from exc
+    return context
+
+
+def handshake_cut(exc: BaseException) -> bool:
+    """True when the peer ended or garbled the TLS handshake: a plain listener, an SNI proxy without a route, or a refusal."""
+    return (
+        isinstance(exc, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError | EOFError)
+        or "UNEXPECTED_EOF" in str(exc)
+        or "WRONG_VERSION_NUMBER" in str(exc)
+    )
+
+
+# MQTT 3.1.1 CONNECT, clean session, empty client id: any MQTT broker answers it with a CONNACK (0x20).
+_PLAIN_CONNECT = bytes.fromhex("100c00044d5154540402003c0000")
+
+
+def answers_plain_mqtt(host: str, port: int, *, timeout_s: float = 2.0) -> bool:
+    """True when ``host:port`` speaks MQTT without TLS (blocking: run it in a thread)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(_PLAIN_CONNECT)
+            return sock.recv(1)[:1] == b"\x20"
+    except OSError:
+        return False
+
+
+def explain_connect_error(exc: BaseException, settings: BrokerSettings, *, plain_mqtt: bool = False) -> str:
+    """A one-line reason a TCP/TLS connection to the broker failed.
+
+    ``plain_mqtt``: the port answered a plain MQTT CONNECT after the TLS handshake failed.
+    """
+    where = f"{settings.dial_host}:{settings.port}"
+    if plain_mqtt:
+        return (
+            f"{where} is not a TLS port: it answered in plain MQTT; use the broker's TLS port "
+            f"(usually 8883), or an mqtt:// URL for a plain listener"
+        )
+    if settings.tls and "WRONG_VERSION_NUMBER" in str(exc):
+        return f"{where} did not answer in TLS: is it a TLS port? (mqtts:// needs a TLS listener, usually 8883)"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if "Hostname mismatch" in str(exc) or "IP address mismatch" in str(exc):
+            return f"TLS: the broker's certificate is not valid for {settings.host} (hostname mismatch)"
+        if "expired" in str(exc):
+            return "TLS: the broker's certificate has expired"
+        return f"TLS: broker certificate not trusted ({exc.verify_message}); check ca_file"
+    if isinstance(exc, ssl.SSLEOFError) or "UNEXPECTED_EOF" in str(exc):
+        return _closed_in_handshake(where, settings)
+    if isinstance(exc, ssl.SSLError):
+        text = str(exc)
+        if "CERTIFICATE_EXPIRED" in text.upper() or "certificate expired" in text:
+            return "TLS: the broker refused our certificate: it has expired"
+        if "UNKNOWN_CA" in text.upper() or "unknown ca" in text:
+            return "TLS: the broker refused our certificate: issued by a CA it does not trust"
+        if "REVOKED" in text.upper():
+            return "TLS: the broker refused our certificate: it has been revoked"
+        if "HANDSHAKE_FAILURE" in text.upper() or "CERTIFICATE_REQUIRED" in text.upper():
+            return f"TLS: handshake with {where} failed ({exc.reason}); a client certificate may be required"
+        return f"TLS: handshake with {where} failed ({exc.reason or text})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}"
+    if isinstance(exc, (TimeoutError, ssl.SSLZeroReturnError)):
+        return f"no answer from {where} (timeout)"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | EOFError):
+        return _closed_in_handshake(where, settings)
+    if isinstance(exc, OSError):
+        return f"cannot reach {where}: {exc.strerror or exc}"
+    return f"cannot connect to {where}: {exc}"
+
+
+def _closed_in_handshake(where: str, settings: BrokerSettings) -> str:
+    return (
+        f"{where} closed the connection during the TLS handshake (is it a TLS port? behind the SNI proxy: "
+        f"unknown SNI name {settings.host}, or the broker refused our certificate)"
+    )
+
+
+# What a broker's DISCONNECT reason means to whoever reads the log (paho's own words are terse).
+_SERVER_DISCONNECTS = {
+    "Session taken over": "session taken over by another connection with our client id",
+    "Server shutting down": "the broker is shutting down",
+    "Keep alive timeout": "the broker heard nothing from us within the keepalive",
+    "Not authorized": "the broker refused: not authorized",
+    "Packet too large": "the broker refused a message larger than its max_packet_size",
+    "Administrative action": "the broker ended our session (administrative action: revoked?)",
+    "Quota exceeded": "the broker ended our session: quota exceeded",
+    "Message rate too high": "the broker ended our session: message rate too high",
+}
+
+
+CLOSED_BY_BROKER = "the broker closed the connection"  # no DISCONNECT packet, no keepalive timeout: a bare close
+
+
+def explain_disconnect(from_server: bool, reason: Any) -> str:
+    """A lost connection in words: the broker's DISCONNECT reason, or what happened to the socket."""
+    name = getattr(reason, "getName", lambda: str(reason))() if reason is not None else ""
+    if from_server:
+        return _SERVER_DISCONNECTS.get(name, f"the broker ended our session: {name.lower() or 'no reason given'}")
+    if name == "Keep alive timeout":
+        return "no answer from the broker within the keepalive (network down?)"
+    if name == "Success":
+        return "disconnected"
+    return CLOSED_BY_BROKER
+
+
+async def disconnect(client: paho.Client) -> None:
+    """DISCONNECT, stop paho's network thread (in a worker thread: it joins) and close the client's sockets."""
+    client.disconnect()
+    await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+    # paho closes its wake-up socket pair only when the client is garbage
+    # collected; a reconnecting process makes many clients, so close it now.
+    reset = getattr(client, "_reset_sockets", None)
+    if reset is not None:
+        reset()
+
+
+async def dial(
+    client: paho.Client,
+    settings: BrokerSettings,
+    tls: ssl.SSLContext | None,
+    properties: Properties,
+    *,
+    timeout_s: float,
+) -> None:
+    """Check our certificate, then TCP, TLS and CONNECT with a persistent session (blocking, so in a thread).
+
+    PublishError says why not, in a technician's words; a socket left by a
+    failed handshake is closed (paho drops it).
+    """
+    check_client_certificate(settings)
+    client.connect_timeout = timeout_s
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: client.connect(
+                settings.dial_host,
+                settings.port,
+                keepalive=int(settings.keepalive_s),
+                clean_start=False,
+                properties=properties,
+            ),
+        )
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        failed = getattr(tls, "last_socket", None)
+        if failed is not None:
+            failed.close()
+        plain = False
+        if settings.tls and handshake_cut(exc):
+            # A plain listener reads our ClientHello as a bad packet and hangs up: ask it in plain MQTT.
+            plain = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: answers_plain_mqtt(settings.dial_host, settings.port, timeout_s=min(2.0, timeout_s))
+            )
+        raise PublishError(explain_connect_error(exc, settings, plain_mqtt=plain)) from exc
+    no_delay(client)
+
+
+def no_delay(client: paho.Client) -> None:
+    """TCP_NODELAY on the client's socket.
+
+    A batch is written as several TLS records; without it, Nagle's algorithm
+    holds the last one until the broker's delayed ACK of the first (~40 ms),
+    and small confirmations, commands and alerts wait likewise.
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # an ssl.SSLSocket too
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def wait_connack(
+    connack: asyncio.Future[str | None], settings: BrokerSettings, *, timeout_s: float
+) -> str | None:
+    """None once the broker accepted our CONNECT; otherwise why not, in a technician's words."""
+    try:
+        refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
+    except TimeoutError:
+        return f"no CONNACK from {settings.describe()} within {timeout_s:g}s"
+    if refused and settings.tls and settings.cert_file and refused == "the broker closed the connection before CONNACK":
+        # With TLS 1.3 the broker checks our certificate after the
+        # handshake, so its refusal arrives as a closed connection.
+        refused += ": it may have refused our certificate (revoked, or issued by a CA it does not trust)"
+    return refused
+
+
+def check_client_certificate(settings: BrokerSettings) -> None:
+    """Refuse to dial with a client certificate that is expired or not yet valid: say so plainly."""
+    if not (settings.tls and settings.cert_file):
+        return
+    try:
+        cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PublishError(f"TLS: cannot read our certificate {settings.cert_file}: {exc}") from exc
+    now = datetime.now(UTC)
+    if cert.not_valid_after_utc < now:
+        raise PublishError(
+            f"TLS: our certificate {settings.cert_file} expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it (agent provision --force)"
+        )
+    if cert.not_valid_before_utc > now:
+        raise PublishError(
+            f"TLS: our certificate {settings.cert_file} is not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the gateway's clock"
+        )

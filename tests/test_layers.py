@@ -1,0 +1,62 @@
+"""The packages depend on each other one way only: what ships to a gateway never pulls in the cloud.
+
+    factory_edge   the foundation: imports none of the others
+    drivers        factory_edge
+    agent          factory_edge, drivers            (never provisioning, bridge)
+    provisioning   factory_edge                     (never agent, drivers, bridge)
+    bridge         factory_edge                     (never agent, drivers, provisioning)
+
+Read from the source with ``ast``: every ``import`` and ``from … import``,
+at the top of a module or inside a function (a lazy import is still a
+dependency of the installed package). ``factory_edge.demo`` runs the whole
+story with every command, but only as child processes, so it imports none.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("factory_edge", "drivers", "agent", "provisioning", "bridge")
+ALLOWED = {
+    "factory_edge": set(),
+    "drivers": {"factory_edge"},
+    "agent": {"factory_edge", "drivers"},
+    "provisioning": {"factory_edge"},
+    "bridge": {"factory_edge"},
+}
+
+
+def imported_packages(path: Path) -> list[tuple[int, str]]:
+    """(line, top-level package) of every absolute import of one of ours in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [(node.lineno, name.split(".")[0]) for name in names if name.split(".")[0] in PACKAGES]
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_follow_the_layers(package: str) -> None:
+    wrong = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for line, imported in imported_packages(path):
+            if imported != package and imported not in ALLOWED[package]:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+    assert not wrong, f"{package} may import only {sorted(ALLOWED[package]) or 'nothing of ours'}:\n" + "\n".join(wrong)
+
+
+def test_the_rule_sees_lazy_imports(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import os\nfrom agent.mqtt import Link\n\ndef f():\n    import bridge.cli\n    from . import x\n"
+    )
+    assert imported_packages(source) == [(2, "agent"), (5, "bridge")]
