@@ -489,7 +489,7 @@ class Publisher:
             self._accepting.add(batch.seq)  # not offered again while the writer deletes it
             return True
         topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1
-        if self.edge is not None:
+        if self.edge is not None and self.edge.alive(batch.device):
             try:
                 message = self.edge.data(batch.seq, batch.payload, historical=old or again)
                 topic, payload, qos = message.topic, message.payload, message.qos

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,21 @@ def add_parser(commands: Any) -> None:
     p.set_defaults(handler=run, default_log_level="info")
 
 
-def dump_stacks_on_sigusr2() -> None:
-    """``kill -USR2 <pid>`` writes every thread's stack to stderr (the journal): what a hung agent is doing."""
+def dump_stacks_on_sigusr2(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """``kill -USR2 <pid>`` writes every thread's stack to stderr (the journal), and, once the event loop gets
+    to it, every task's: what a hung agent is doing."""
     import faulthandler
 
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    if loop is not None:
+        loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=loop is not None)
+
+
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        print(f"Task {task.get_name()}:", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 async def serve(config_path: Path, state_dir: str | None) -> None:
@@ -48,6 +59,7 @@ async def serve(config_path: Path, state_dir: str | None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
+        dump_stacks_on_sigusr2(loop)
         await agent.wait_stopped()
 
 

@@ -12,7 +12,10 @@ what to send instead::
                   batches sent again are ``is_historical``; the payload's
                   ``uuid`` is ``fe:<buffer seq>``, so the bridge stores it
                   once and confirms it on gw/{gw}/ack as for JSON
-    device down   DDEATH; device back: DBIRTH
+    device down   DDEATH; device back: DBIRTH. Meanwhile its batches (the
+                  read failures, a backlog from before the death) are sent
+                  as JSON on gw/{gw}/data/{device}: the store keeps them,
+                  and the Sparkplug namespace has no DDATA of a dead device
     NCMD          Node Control/Rebirth: births again
     DCMD          a write of each metric to its tag (writable tags only)
 
@@ -212,6 +215,12 @@ class EdgeNode:
         if not (changed and self.born):
             return None
         return self.device_birth(device) if up else self.device_death(device)
+
+    def alive(self, device: str) -> bool:
+        """Whether DDATA of the device may be published: born in this session and not dead since. The readings
+        of a dead device (its read failures, a backlog from before its death) go to the store as JSON batches:
+        after a DDEATH, the Sparkplug namespace has nothing of the device until its next DBIRTH."""
+        return self.born and device in self.devices_up
 
     # ---------------------------------------------------------------- data
 

@@ -141,6 +141,63 @@ def test_kill_9_of_the_agent_delivers_its_ndeath_with_the_birth_bdseq(
     assert bd_seq(births[1]) == (bd_seq(births[0]) + 1) % 256
 
 
+def test_a_device_that_stops_answering_gets_its_ddeath_and_a_dbirth_when_it_is_back(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, tahu_codec: CodecPeer
+) -> None:
+    pki_acme.client("tech-sniffer")
+    broker_acme.reload()
+    press = Plant(tmp_path / "press", units=(7,))
+    view = StoreView("sqlite", tmp_path / "store")
+    bridge_yaml = write_config(
+        tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage
+    )
+    with (
+        Plant(tmp_path / "plant") as plant,
+        Sniffer(pki_acme, broker_acme) as sniff,
+        BridgeProcess(bridge_yaml) as bridge,
+    ):
+        bridge.wait_connected()
+        config = sparkplug_config(pki_acme, broker_acme, plant)
+        config["devices"] += press.devices(timeout="500ms")
+        press.start()
+        agent = AgentProcess(tmp_path / "agent", config).start()
+        try:
+            m7 = f"spBv1.0/{GROUP}/%s/{GW}/m7"
+            sniff.wait(lambda: (m7 % "DDATA") in {t for t, _ in sniff.of("DDATA")}, "DDATA of m7")
+            press.stop()  # m7 stops answering; m1 goes on
+            sniff.wait(lambda: sniff.of("DDEATH"), "the DDEATH of m7")
+            press.start()
+            sniff.wait(lambda: [t for t, _ in sniff.of("DBIRTH")].count(m7 % "DBIRTH") == 2, "m7's birth when back")
+            sniff.wait(lambda: sniff.messages[-1][0] == m7 % "DDATA", "m7's data again")
+            press.freeze()
+            finish(plant, agent)
+        finally:
+            agent.stop()
+            press.stop()
+        # Everything m1 served is stored once; m7's read failures while it was dead reached the store too.
+        assert check_exactly_once(plant, view, pki_acme.tenant)["served"] > 0
+        failures = view.rows(
+            pki_acme.tenant, "SELECT count(*), min(error) FROM {points} WHERE device = 'm7' AND quality = 'bad'"
+        )
+        assert failures[0][0] > 0 and failures[0][1], failures
+    with sniff.lock:
+        m7_life = [(t.split("/")[2], p) for t, p in sniff.messages if t.endswith("/m7")]
+    kinds = [kind for kind, _ in m7_life]
+    assert [t for t, _ in sniff.of("DDEATH")] == [m7 % "DDEATH"]  # m1 never died
+    death = kinds.index("DDEATH")
+    assert kinds[0] == "DBIRTH" and "DDATA" in kinds[:death]
+    # After the death, nothing of m7 until its new birth; then its data again.
+    assert kinds[death + 1] == "DBIRTH", kinds[death : death + 5]
+    assert "DDATA" in kinds[death + 2 :]
+    ddeath = tahu_codec.decode(m7_life[death][1])
+    rebirth = tahu_codec.decode(m7_life[death + 1][1])
+    assert ddeath["metrics"] == [] and int(ddeath["timestamp"]) > 0
+    assert "served" in {m["name"] for m in rebirth["metrics"]}
+    # The node's seq runs on through the death and the rebirth, 0-255.
+    seqs = [int(tahu_codec.decode(p)["seq"]) for _, p in m7_life[death : death + 2]]
+    assert seqs[1] == (seqs[0] + 1) % 256 or seqs[1] > seqs[0]
+
+
 def ncmd(pki: TenantPki, broker: Mosquitto, topic: str, payload: bytes) -> None:
     settings = settings_for(pki, broker, "bridge")
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bridge", protocol=paho.MQTTv5)
