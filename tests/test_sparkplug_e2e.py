@@ -262,7 +262,7 @@ def test_rebirth_on_ncmd_and_a_dcmd_write_reaches_the_machine(
                     await asyncio.sleep(1)
                     assert model.get_registers(Table.HOLDING, 1, 1) != [1]  # not writable: refused
                 finally:
-                    agent.stop()
+                    await asyncio.to_thread(agent.stop)  # the simulator shares this loop
             logs = [e for e in agent.logs() if e.get("msg") == "command"]
             assert any(e.get("ok") is False and "not writable" in (e.get("error") or "") for e in logs)
 
