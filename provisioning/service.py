@@ -141,9 +141,23 @@ class Service:
         start, end = self._validity(at)
         cert = _invalid(pki.sign_csr, ca_key, ca_cert, csr, common_name=name, not_before=start, not_after=end)
         gateway = pki.common_name(cert)
-        if registry.active_device(tenant.name, gateway) is None:
-            # Before the certificate exists for anyone: the broker refuses its subscriptions beyond its own.
-            self._register(registry, tenant, gateway)
+        # Held from the broker's rules to the device row: another writer of the rules sees both or neither.
+        with dynsec.locked(self.data.tenant(tenant.name)):
+            if registry.active_device(tenant.name, gateway) is None:
+                # Before the certificate exists for anyone: the broker refuses its subscriptions beyond its own.
+                self._register(registry, tenant, gateway)
+            self._record(registry, tenant, found, gateway, cert, at)
+        log.info(
+            "gateway provisioned",
+            extra=fields(
+                tenant=tenant.name, gateway=gateway, key=found.id, serial=f"{cert.serial_number:x}", not_after=iso(end)
+            ),
+        )
+        return Issued(tenant, cert, ca_cert)
+
+    def _record(
+        self, registry: Registry, tenant: Tenant, found: Any, gateway: str, cert: x509.Certificate, at: dt.datetime
+    ) -> None:
         with registry.transaction():
             taken = registry.active_device(tenant.name, gateway)
             if taken is not None:
@@ -156,19 +170,17 @@ class Service:
                 raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
             device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
             registry.add_certificate(record(tenant.name, cert, "gateway", device_id=device_id))
-        log.info(
-            "gateway provisioned",
-            extra=fields(
-                tenant=tenant.name, gateway=gateway, key=found.id, serial=f"{cert.serial_number:x}", not_after=iso(end)
-            ),
-        )
-        return Issued(tenant, cert, ca_cert)
 
     def _register(self, registry: Registry, tenant: Tenant, gateway: str) -> None:
-        """Make the tenant broker refuse the gateway's subscriptions beyond its own topics (dynsec)."""
-        gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
-        target = dynsec.wanted(gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()))
-        dynsec.sync(self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name)
+        """Make the tenant broker refuse the gateway's subscriptions beyond its own topics (dynsec), add-only."""
+
+        def target() -> dict[str, Any]:
+            gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
+            return dynsec.wanted(gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()))
+
+        dynsec.sync(
+            self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name, prune=False
+        )
 
     def renew(self, certificate: str, csr: str, signature: str) -> Issued:
         """A new certificate for a gateway that proves it holds its current, valid one."""

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -351,7 +352,7 @@ def bridge_identities(registry: Registry, tenant: Tenant) -> list[str]:
     )
 
 
-def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, object]:
+def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, Any]:
     """The dynamic-security state the registry calls for: every active gateway and technician."""
     gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
     return dynsec.wanted(gateways=gateways, technicians=registry.technicians(tenant.name, now()))
