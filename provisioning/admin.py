@@ -117,6 +117,8 @@ class DeviceView:
             "key": self.device.key_id,
             "revoked_at": self.device.revoked_at,
             "renewals": self.renewals,
+            "possibly_cloned": self.device.cloned_at is not None,
+            "cloned_at": self.device.cloned_at,
         }
 
 

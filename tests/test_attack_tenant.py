@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from provisioning import pki
+from agent.config import AgentConfig
+from agent.identity import sparkplug_group
+from factory_edge.errors import ConfigError
+from provisioning import pki, retained
 from tests.isolation_fixtures import Client, files_of, provision
 from tests.provisioning_fixtures import Deployment, provisioning
 
@@ -62,6 +65,7 @@ def test_wildcard_filters_overlapping_other_topics_are_refused_at_subscribe(site
             "spBv1.0/+/+/gw-wild-other",
             "spBv1.0/acme/NCMD/gw-wild-other",
             "spBv1.0/STATE/#",
+            "spBv1.0/globex/NCMD/gw-wild",
         ]
         got = {t: gateway.subscribe(t) for t in refused}
         assert {t: c for t, c in got.items() if c != NOT_AUTHORIZED} == {}
@@ -159,3 +163,94 @@ def test_a_revoked_gateways_session_is_not_picked_up_by_the_next_holder_of_its_n
             box.close()
     finally:
         operator.close()
+
+
+def test_a_gateway_speaks_sparkplug_only_as_its_own_edge_node_in_its_tenants_group(
+    site: Deployment, tmp_path: Path
+) -> None:
+    """The group is the tenant: no births, deaths or STATE as another node, another group or the host application."""
+    state = provision(site, tmp_path, "acme", "gw-sp")
+    provision(site, tmp_path, "acme", "gw-sp-other")
+    gateway = Client.gateway(site, state).connect()
+    try:
+        refused = [
+            "spBv1.0/STATE/factory-edge",
+            "spBv1.0/acme/NBIRTH/gw-sp-other",
+            "spBv1.0/acme/DBIRTH/gw-sp-other/press-1",
+            "spBv1.0/acme/NCMD/gw-sp",
+            "spBv1.0/other/NBIRTH/gw-sp",
+            "spBv1.0/globex/NDEATH/gw-sp",
+            "spBv1.0/STATE/NBIRTH/gw-sp",
+            "spBv1.0/other/DDATA/gw-sp/press-1",
+        ]
+        got = {t: gateway.publish(t, b"x") for t in refused}
+        assert {t: c for t, c in got.items() if c != NOT_AUTHORIZED} == {}
+        own = ["spBv1.0/acme/NBIRTH/gw-sp", "spBv1.0/acme/DDATA/gw-sp/press-1", "spBv1.0/acme/NDEATH/gw-sp"]
+        assert all(gateway.publish(t, b"x") in (0, 16) for t in own)  # 16: accepted, nobody subscribed
+        assert [gateway.subscribe(t) for t in ("spBv1.0/other/NCMD/gw-sp", "spBv1.0/globex/DCMD/gw-sp/+")] == [
+            NOT_AUTHORIZED
+        ] * 2
+    finally:
+        gateway.close()
+    # The agent's default group is the tenant it was provisioned into: exactly what the ACL allows.
+    config = AgentConfig.model_validate({"sparkplug": {}, "devices": []})
+    assert sparkplug_group(config, state) == "acme"
+    with pytest.raises(ConfigError, match="sparkplug.group_id: required"):
+        sparkplug_group(config, tmp_path / "not-provisioned")
+
+
+def broker_rss(site: Deployment) -> int:
+    status = Path(f"/proc/{site.brokers['acme'].pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+def retained_under(site: Deployment, state: Path, topic: str, settle_s: float = 1.5) -> tuple[int, int]:
+    """``(messages, bytes)`` the broker holds retained under ``topic``, as a new subscriber (the bridge) sees them."""
+    files = site.data / "tenants" / "acme"
+    host, ca, _, _ = files_of(state)
+    reader = Client(
+        site, host=host, ca=ca, cert=str(files / "bridge.pem"), key=str(files / "bridge.key"), client_id="count"
+    ).connect()
+    try:
+        reader.subscribe(topic)
+        time.sleep(settle_s)
+        got = reader.received()
+        return len(got), sum(len(p) for _, p in got)
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("seconds", [3.0, pytest.param(15.0, marks=pytest.mark.fault)], ids=["3s", "15s"])
+def test_a_retained_flood_at_full_speed_stays_bounded(site: Deployment, tmp_path: Path, seconds: float) -> None:
+    """Retained messages as fast as one connection can send them, on ever new topics: the broker keeps a bounded set."""
+    name = f"gw-flood-{int(seconds)}"
+    state = provision(site, tmp_path, "acme", name)
+    flood = Client.gateway(site, state).connect()
+    rss_before = broker_rss(site)
+    body = b"x" * 200_000
+    sent = 0
+    started = time.monotonic()
+    try:
+        n = 0
+        while time.monotonic() - started < seconds:
+            kind = ("data", "meta", "events")[n % 3]
+            topic = f"gw/{name}/{kind}/f{n}" if kind != "events" else f"gw/{name}/events"
+            info = flood.client.publish(topic, body if kind != "meta" else body[:60_000], qos=0, retain=True)
+            if info.rc == 0:
+                sent += len(body) if kind != "meta" else 60_000
+            n += 1
+            if n % 20 == 0:
+                info.wait_for_publish(10)  # QoS 0: written to the socket
+    finally:
+        elapsed = time.monotonic() - started
+        flood.close()
+    time.sleep(1.0)
+    count, size = retained_under(site, state, f"gw/{name}/#")
+    rate = sent / elapsed / 1e6
+    print(
+        f"\nretained flood: {sent / 1e6:.0f} MB in {elapsed:.1f} s ({rate:.0f} MB/s); {count} kept, {size / 1e6:.1f} MB;"
+        f" broker RSS {rss_before / 1e6:.0f} -> {broker_rss(site) / 1e6:.0f} MB"
+    )
+    assert rate >= 10  # tens of MB/s, or the test proves nothing
+    # Only meta may stay: at most MAX_META_DEVICES topics of at most MAX_RETAINED_BYTES each.
+    assert size <= retained.MAX_META_DEVICES * retained.MAX_RETAINED_BYTES

@@ -42,6 +42,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         "1s",
         "--cert-lifetime",
         "1h",
+        "--renew-from",
+        "0",
     )
     deployment.servers = [deployment.proxy, deployment.api]
     try:
