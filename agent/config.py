@@ -119,7 +119,11 @@ SPARKPLUG_ID = r"^[^/+#\s]{1,64}$"  # a Sparkplug topic level: no '/', '+', '#',
 class SparkplugConfig(Model):
     """Sparkplug B 3.0 edge node (docs/sparkplug.md): data goes to spBv1.0/<group_id>/… instead of gw/<gw>/data."""
 
-    group_id: str = Field(pattern=SPARKPLUG_ID, description="the Sparkplug group of this edge node")
+    group_id: str | None = Field(
+        default=None,
+        pattern=SPARKPLUG_ID,
+        description="the Sparkplug group; default: the provisioned tenant's name (the broker's ACL allows only that)",
+    )
     edge_node_id: str | None = Field(
         default=None, pattern=SPARKPLUG_ID, description="default: the gateway id (the broker's ACL allows only that)"
     )

@@ -2,7 +2,7 @@
 
 ``agent provision`` writes ``identity.json`` in the state directory::
 
-    {"gateway": "gw-01", "broker_url": "mqtts://mqtt.acme.example.com:8883",
+    {"gateway": "gw-01", "tenant": "acme", "broker_url": "mqtts://mqtt.acme.example.com:8883",
      "ca_file": "ca.pem", "cert_file": "gw-01.pem", "key_file": "gw-01.key"}
 
 (file names relative to the state directory). A config's ``mqtt:`` section,
@@ -30,6 +30,7 @@ class Identity:
     ca_file: str
     cert_file: str
     key_file: str
+    tenant: str | None = None  # identities written before 0.1 have none
 
 
 def load_identity(state_dir: Path) -> Identity | None:
@@ -39,7 +40,12 @@ def load_identity(state_dir: Path) -> Identity | None:
     try:
         doc = json.loads(path.read_text())
         return Identity(
-            doc["gateway"], doc["broker_url"], *(str(state_dir / doc[k]) for k in ("ca_file", "cert_file", "key_file"))
+            gateway=doc["gateway"],
+            broker_url=doc["broker_url"],
+            ca_file=str(state_dir / doc["ca_file"]),
+            cert_file=str(state_dir / doc["cert_file"]),
+            key_file=str(state_dir / doc["key_file"]),
+            tenant=str(doc["tenant"]) if doc.get("tenant") else None,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: unreadable identity ({exc}); provision again with agent provision --force") from exc
@@ -75,6 +81,18 @@ def broker_from_config(
         connect_timeout_s=m.connect_timeout,
         origin=f"{source}: mqtt." if source else "mqtt.",
     )
+
+
+def sparkplug_group(config: AgentConfig, state_dir: Path) -> str:
+    """The Sparkplug group: ``sparkplug.group_id``, else the provisioned tenant's name (what the broker's ACL allows)."""
+    if config.sparkplug is not None and config.sparkplug.group_id:
+        return config.sparkplug.group_id
+    identity = load_identity(state_dir)
+    if identity is None or identity.tenant is None:
+        raise ConfigError(
+            "sparkplug.group_id: required unless the gateway was provisioned (its tenant is the default group)"
+        )
+    return identity.tenant
 
 
 def resolve(

@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     ApiSettings(args.url.rstrip("/"), str(api_ca) if api_ca else None).save(state_dir)
     identity = {
         "gateway": name,
+        "tenant": doc.get("tenant"),
         "broker_url": broker_url,
         "ca_file": ca_file.name,
         "cert_file": cert_file.name,

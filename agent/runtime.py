@@ -42,6 +42,7 @@ from .buffer import Buffer
 from .bufferread import BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
+from .identity import sparkplug_group
 from .publisher import ConnectionState, Publisher
 from .renew import Renewer
 from .report import ReportFilter
@@ -122,7 +123,7 @@ class Agent:
         if config.sparkplug is not None:
             sp = config.sparkplug
             self.edge = EdgeNode(
-                group=sp.group_id,
+                group=sparkplug_group(config, state_dir),
                 edge_node=sp.edge_node_id or gateway,
                 devices=config.devices,
                 state_dir=state_dir,

@@ -16,6 +16,7 @@ import json
 import logging
 import shlex
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from factory_edge import __version__, names
@@ -116,6 +117,8 @@ class DeviceView:
             "key": self.device.key_id,
             "revoked_at": self.device.revoked_at,
             "renewals": self.renewals,
+            "possibly_cloned": self.device.cloned_at is not None,
+            "cloned_at": self.device.cloned_at,
         }
 
 
@@ -185,17 +188,19 @@ def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
             result.steps.append(f"{gateway} is refused from the broker's next start ('mosquitto -c {files.conf}')")
             with Registry(data.registry) as registry:
                 result.steps.append(
-                    dynsec.sync(files, admin_link(data, tenant), wanted_dynsec(registry, tenant), tenant=tenant.name)
+                    dynsec.sync(
+                        files, admin_link(data, tenant), partial(wanted_dynsec, registry, tenant), tenant=tenant.name
+                    )
                 )
             return result
         offline = json.dumps(
             {"state": "offline", "ts": int(at.timestamp() * 1000), "version": __version__, "reason": "revoked"}
         ).encode()
         link = admin_link(data, tenant)
-        with dynsec.locked(files):
+        with dynsec.locked(files), Registry(data.registry) as registry:
             brokers.disconnect_gateway(link, gateway, offline=offline, role=dynsec.gateway_role(gateway))
-        with Registry(data.registry) as registry:
-            result.steps.append(dynsec.sync(files, link, wanted_dynsec(registry, tenant), tenant=tenant.name))
+            brokers.end_session(link, gateway, *load_ca(files))  # its queued commands go nowhere else
+            result.steps.append(dynsec.sync(files, link, partial(wanted_dynsec, registry, tenant), tenant=tenant.name))
     except ProvisioningError as exc:
         raise ProvisioningError(
             f"{gateway} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
@@ -247,10 +252,12 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
         with registry.transaction():
             registry.add_certificate(record(tenant.name, cert, "technician"))
             render_tenant(data, registry, tenant)  # checked first: a refused config rolls the certificate back
-        target = wanted_dynsec(registry, tenant)
     try:
         signalled = brokers.reload_broker(files.conf, tenant.name)
-        synced = dynsec.sync(files, admin_link(data, tenant), target, tenant=tenant.name)
+        with Registry(data.registry) as registry:
+            synced = dynsec.sync(
+                files, admin_link(data, tenant), partial(wanted_dynsec, registry, tenant), tenant=tenant.name
+            )
         reloaded = f"{signalled}; {synced}" if signalled.pids else str(signalled)
     except ProvisioningError as exc:
         reloaded = f"broker {tenant.name} NOT reloaded, the certificate works once it is: {exc}"
@@ -337,7 +344,6 @@ def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
             for cert in live:
                 registry.revoke_certificate(cert.serial, at)
             render_tenant(data, registry, tenant)  # without its user block; checked before it replaces the ACL
-        target = wanted_dynsec(registry, tenant)
     already = None if live else certs[-1].revoked_at
     result = Revocation(tenant, identity, [c.serial for c in certs], already)
     files = data.tenant(tenant.name)
@@ -347,11 +353,12 @@ def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
         reloaded = brokers.reload_broker(files.conf, tenant.name)
         result.steps.append(str(reloaded))
         link = admin_link(data, tenant)
-        if reloaded.pids:
-            with dynsec.locked(files):
+        with dynsec.locked(files), Registry(data.registry) as registry:
+            if reloaded.pids:
                 brokers.disconnect_gateway(link, identity)
-            result.steps.append(f"{identity}'s sessions ended; reconnecting is refused (certificate revoked)")
-        result.steps.append(dynsec.sync(files, link, target, tenant=tenant.name))
+                brokers.end_session(link, identity, *load_ca(files))
+                result.steps.append(f"{identity}'s sessions ended; reconnecting is refused (certificate revoked)")
+            result.steps.append(dynsec.sync(files, link, partial(wanted_dynsec, registry, tenant), tenant=tenant.name))
     except ProvisioningError as exc:
         raise ProvisioningError(
             f"{identity} is revoked and the CRL re-issued, but not yet enforced: {exc}; "
@@ -415,7 +422,7 @@ def enforce_subscriptions(data: DataDir, only: str | None = None) -> list[str]:
                 + dynsec.sync(
                     data.tenant(tenant.name),
                     admin_link(data, tenant),
-                    wanted_dynsec(registry, tenant),
+                    partial(wanted_dynsec, registry, tenant),
                     tenant=tenant.name,
                 )
             )
@@ -451,15 +458,54 @@ def refresh_crls(
         for tenant in tenants:
             files = data.tenant(tenant.name)
             expires = crl_expires(files)
-            changed = {serial for serial, _ in crl_entries(registry, tenant)} != crl_serials(files)
+            listed = crl_serials(files)
+            added = {serial for serial, _ in crl_entries(registry, tenant)} - listed
+            changed = bool(added) or {serial for serial, _ in crl_entries(registry, tenant)} != listed
             if force or changed or expires - now() < below:
                 expires = write_crl(data, registry, tenant).next_update_utc or expires
-                reloaded = str(brokers.reload_broker(files.conf, tenant.name))
+                signalled = brokers.reload_broker(files.conf, tenant.name)
+                reloaded = str(signalled)
+                if signalled.pids:
+                    _end_superseded_sessions(data, registry, tenant, added)
                 statuses.append(CrlStatus(tenant.name, expires, True, reloaded))
                 log.info("CRL re-issued", extra=fields(tenant=tenant.name, next_update=iso(expires)))
             else:
                 statuses.append(CrlStatus(tenant.name, expires, False, "unchanged"))
     return statuses
+
+
+def _end_superseded_sessions(data: DataDir, registry: Registry, tenant: Tenant, serials: set[int]) -> None:
+    """Kick the live sessions of gateways whose superseded certificate the CRL lists from now on.
+
+    The broker checks the CRL only at handshakes, so a session opened with
+    the old certificate during the overlap (a thief's) would go on. The
+    broker cannot tell which certificate a session used, so every session
+    of the name ends (``disableClient`` then ``enableClient``: the rules
+    stay); the real gateway reconnects at once with its new certificate.
+    """
+    gateways = sorted(
+        {
+            cert.subject
+            for cert in (registry.certificate(f"{serial:x}") for serial in serials)
+            if cert is not None and cert.kind == "gateway" and cert.revoked_at is None and cert.superseded_by
+        }
+    )
+    if not gateways:
+        return
+    files = data.tenant(tenant.name)
+    commands = [
+        {"command": verb, "username": gateway} for gateway in gateways for verb in ("disableClient", "enableClient")
+    ]
+    try:
+        with dynsec.locked(files):
+            brokers.send_commands(admin_link(data, tenant), commands, tolerate=brokers.ALREADY)
+    except ProvisioningError as exc:
+        log.warning(
+            "sessions of superseded certificates not ended",
+            extra=fields(tenant=tenant.name, gateways=",".join(gateways), err=str(exc)),
+        )
+        return
+    log.info("sessions of superseded certificates ended", extra=fields(tenant=tenant.name, gateways=",".join(gateways)))
 
 
 __all__ = [

@@ -192,6 +192,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime of gateway certificates (default 365d); gateways renew at two thirds",
     )
     p.add_argument(
+        "--api-per-source",
+        type=int,
+        default=20,
+        metavar="N",
+        help="open API connections one client address may hold; more are closed at once (default 20)",
+    )
+    p.add_argument(
+        "--api-max-connections",
+        type=int,
+        default=512,
+        metavar="N",
+        help="open API connections in all (default 512; keep it under half the file-descriptor limit)",
+    )
+    p.add_argument(
+        "--api-handshake-timeout",
+        type=_duration,
+        default=5.0,
+        metavar="DURATION",
+        help="a client must finish its TLS handshake within this (default 5s)",
+    )
+    p.add_argument(
+        "--api-request-timeout",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="a client must send a whole request within this of connecting or of the previous answer (default 10s)",
+    )
+    p.add_argument(
+        "--renew-from",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="refuse renewing a certificate before this fraction of its lifetime has passed (default 0.5)",
+    )
+    p.add_argument(
         "--max-failures",
         type=int,
         default=10,
@@ -499,6 +534,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ("--max-failures", args.max_failures),
         ("--max-key-failures", args.max_key_failures),
         ("--max-tenant-failures", args.max_tenant_failures),
+        ("--api-per-source", args.api_per_source),
+        ("--api-max-connections", args.api_max_connections),
     ):
         if value < 1:
             raise ProvisioningError(f"{flag} must be at least 1")
@@ -509,6 +546,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_names=tuple(args.tls_name),
         cert_lifetime_s=args.cert_lifetime,
+        renew_from=args.renew_from,
+        api_per_source=args.api_per_source,
+        api_max_connections=args.api_max_connections,
+        api_handshake_timeout_s=args.api_handshake_timeout,
+        api_request_timeout_s=args.api_request_timeout,
         max_failures=args.max_failures,
         max_key_failures=args.max_key_failures,
         max_tenant_failures=args.max_tenant_failures,
@@ -531,7 +573,7 @@ def cmd_device_list(args: argparse.Namespace) -> int:
         + [
             (
                 v.device.name,
-                v.state,
+                f"{v.state}, possibly cloned" if v.device.cloned_at else v.state,
                 v.serial or "-",
                 v.not_after or "-",
                 str(v.renewals),

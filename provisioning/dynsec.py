@@ -31,10 +31,24 @@ So the wanted state is rendered from the registry, and applied: through
 ``$CONTROL/dynamic-security/v1`` while the broker runs (the plugin then
 saves the file itself), or straight into ``dynsec.json`` while it does
 not. ``sync`` compares the file (the plugin's saved state) with the wanted
-state and sends only the difference, under a per-tenant file lock so the
-API and the command line never interleave. It runs before a new gateway's
+state and sends only the difference. It runs before a new gateway's
 certificate is handed out, after a revocation, when a technician is
 added, and in ``serve``'s hourly upkeep.
+
+Concurrent writers (two enrolments at the same moment through the API, a
+revocation on the command line meanwhile) must not undo each other's
+changes, which a diff against a wanted state read *before* another writer
+committed would do (a gateway's rules deleted: its subscriptions fall
+back to ``acl_file``, which grants all). Hence:
+
+- one writer per tenant at a time: ``locked`` is a file lock (between
+  processes) that is re-entrant within a thread, and the wanted state is
+  read from the registry *inside* it (``sync`` takes a function);
+- an enrolment holds the lock from registering the gateway until its
+  device row is committed, so every other writer sees both or neither;
+- an enrolment's update is add-only (``prune=False``): it never deletes a
+  client or role, whatever it read; only revocations and the hourly
+  upkeep delete, and they do it under the lock from the committed registry.
 """
 
 from __future__ import annotations
@@ -42,7 +56,8 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,8 +90,14 @@ def _role(name: str, allowed: Iterable[tuple[str, str]]) -> dict[str, Any]:
     return {"rolename": name, "acls": [*acls, _acl("subscribePattern", "#", False, 0)]}
 
 
-def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str = names.SERVICE_ID) -> dict[str, Any]:
-    """The plugin's whole configuration for these identities (what ``dynsec.json`` holds)."""
+def wanted(
+    *, gateways: Iterable[str], technicians: Iterable[str], group: str = "+", service: str = names.SERVICE_ID
+) -> dict[str, Any]:
+    """The plugin's whole configuration for these identities (what ``dynsec.json`` holds).
+
+    ``group``: the Sparkplug group a gateway may read its commands in (the
+    tenant's name; ``+`` any).
+    """
     roles = [
         _role(
             TECHNICIAN_ROLE,
@@ -113,9 +134,8 @@ def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str 
                 [
                     ("subscribePattern", f"gw/{gateway}/cmd/#"),
                     ("subscribePattern", f"gw/{gateway}/ack"),
-                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}"),
-                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}/#"),
-                    ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/#"),
+                    ("subscribePattern", f"spBv1.0/{group}/NCMD/{gateway}"),
+                    ("subscribePattern", f"spBv1.0/{group}/DCMD/{gateway}/#"),
                     ("subscribePattern", "spBv1.0/STATE/+"),
                 ],
             )
@@ -146,8 +166,12 @@ def _acls_of(role: dict[str, Any]) -> list[tuple[str, str, bool, int]]:
     )
 
 
-def commands(current: dict[str, Any], target: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``$CONTROL`` commands that turn ``current`` into ``target`` (clients and roles by name)."""
+def commands(current: dict[str, Any], target: dict[str, Any], *, prune: bool = True) -> list[dict[str, Any]]:
+    """The ``$CONTROL`` commands that turn ``current`` into ``target`` (clients and roles by name).
+
+    ``prune=False``: add and update only; clients and roles that ``target``
+    does not name are left alone (an enrolment must never delete another's).
+    """
     have_clients = {c.get("username"): c for c in current.get("clients", []) or []}
     have_roles = {r.get("rolename"): r for r in current.get("roles", []) or []}
     want_clients = {c["username"]: c for c in target["clients"]}
@@ -171,9 +195,11 @@ def commands(current: dict[str, Any], target: dict[str, Any]) -> list[dict[str, 
                 "acls": [{"acltype": k, "allow": v} for k, v in target["defaultACLAccess"].items()],
             }
         )
-    for name in sorted((set(have_clients) - set(want_clients)) | stale_clients):
+    gone_clients = set(have_clients) - set(want_clients) if prune else set()
+    gone_roles = set(have_roles) - set(want_roles) if prune else set()
+    for name in sorted(gone_clients | stale_clients):
         out.append({"command": "deleteClient", "username": name})
-    for name in sorted((set(have_roles) - set(want_roles)) | changed_roles):
+    for name in sorted(gone_roles | changed_roles):
         out.append({"command": "deleteRole", "rolename": name})
     for name in sorted((set(want_roles) - set(have_roles)) | changed_roles):
         role = want_roles[name]
@@ -183,36 +209,73 @@ def commands(current: dict[str, Any], target: dict[str, Any]) -> list[dict[str, 
     return out
 
 
+_held = threading.local()
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
 @contextmanager
 def locked(files: TenantFiles) -> Iterator[None]:
-    """One writer of a tenant's dynamic-security state at a time (the API and the command line)."""
-    with open(files.dir / ".dynsec.lock", "a") as handle:
+    """One writer of a tenant's dynamic-security state at a time (API threads, the command line, ``serve``).
+
+    A file lock between processes and a lock between threads; re-entrant
+    within one thread, so an enrolment can hold it across ``sync`` and its
+    registry commit.
+    """
+    path = str(files.dir / ".dynsec.lock")
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(path, threading.Lock())
+    with thread_lock, open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        held.add(path)
         try:
             yield
         finally:
+            held.discard(path)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def sync(files: TenantFiles, link: brokers.AdminLink, target: dict[str, Any], *, tenant: str) -> str:
-    """Bring the tenant broker's plugin to ``target``; returns what was done, in words.
+def sync(
+    files: TenantFiles,
+    link: brokers.AdminLink,
+    target: Callable[[], dict[str, Any]],
+    *,
+    tenant: str,
+    prune: bool = True,
+) -> str:
+    """Bring the tenant broker's plugin to ``target()``, read under the lock; returns what was done, in words.
 
     A broker that runs gets the difference as ``$CONTROL`` commands (it
     saves its file itself); a broker that does not gets the file written, to
-    be loaded at its start.
+    be loaded at its start (merged with what it holds when ``prune`` is off).
     """
     with locked(files):
         running = brokers.find_process("mosquitto", ("-c", "--config-file"), files.conf)
         current = read(files.dynsec)
-        todo = commands(current, target)
+        wanted_now = target()
+        todo = commands(current, wanted_now, prune=prune)
         if not todo:
             return "subscription rules up to date"
         if not running:
-            write_text(files.dynsec, json.dumps(target, indent=2) + "\n", 0o600)
+            merged = wanted_now if prune else _merged(current, wanted_now)
+            write_text(files.dynsec, json.dumps(merged, indent=2) + "\n", 0o600)
             return f"subscription rules written to {files.dynsec} (loaded at the broker's start)"
         brokers.send_commands(link, todo, tolerate=brokers.ALREADY)
     log.info("subscription rules updated", extra=fields(tenant=tenant, commands=len(todo)))
     return f"subscription rules updated on the running broker ({len(todo)} changes)"
+
+
+def _merged(current: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """``target`` plus the clients and roles of ``current`` it does not name (an add-only update of the file)."""
+    clients = {c.get("username"): c for c in current.get("clients", []) or []}
+    clients.update({c["username"]: c for c in target["clients"]})
+    roles = {r.get("rolename"): r for r in current.get("roles", []) or []}
+    roles.update({r["rolename"]: r for r in target["roles"]})
+    return {**target, "clients": list(clients.values()), "roles": list(roles.values())}
 
 
 __all__ = ["DEFAULT_ACCESS", "commands", "gateway_role", "locked", "read", "sync", "wanted"]

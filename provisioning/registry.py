@@ -104,6 +104,7 @@ class Device:
     key_id: str | None
     created_at: str
     revoked_at: str | None
+    cloned_at: str | None = None  # when two keys renewed this gateway: a copy of its key is in use
 
 
 @dataclass(frozen=True)
@@ -186,9 +187,15 @@ def _m0002_isolation(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+def _m0003_clones(db: sqlite_utils.Database) -> None:
+    # A renewal by a certificate that was already renewed, for another key: two holders of one identity.
+    db.execute("ALTER TABLE devices ADD COLUMN cloned_at TEXT")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m0001_initial),
     ("0002_isolation", _m0002_isolation),
+    ("0003_clones", _m0003_clones),
 ]
 
 
@@ -350,6 +357,10 @@ class Registry:
             [tenant, name, key_id, iso(at)],
         )
         return int(cursor.lastrowid or 0)
+
+    def flag_cloned(self, device_id: int, at: dt.datetime) -> None:
+        """Mark the device possibly cloned (the first time is kept)."""
+        self.db.execute("UPDATE devices SET cloned_at = ? WHERE id = ? AND cloned_at IS NULL", [iso(at), device_id])
 
     def revoke_device(self, device_id: int, at: dt.datetime) -> None:
         self.db.execute("UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", [iso(at), device_id])

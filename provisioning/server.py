@@ -51,11 +51,16 @@ class ServeOptions:
     tls_key: Path | None = None
     tls_names: tuple[str, ...] = ()
     cert_lifetime_s: float = 365 * 86400
+    renew_from: float = 0.5
     max_failures: int = 10
     max_key_failures: int = 10
     max_tenant_failures: int = 100
     failure_window_s: float = 600.0
     crl_check_s: float = 3600.0
+    api_per_source: int = 20
+    api_max_connections: int = 512
+    api_handshake_timeout_s: float = 5.0
+    api_request_timeout_s: float = 10.0
 
 
 def default_names(host: str) -> list[str]:
@@ -156,6 +161,7 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
     import uvicorn
 
     from provisioning.api import create_app
+    from provisioning.gate import ApiLimits, GatedServer
     from provisioning.service import Service
 
     data.require()
@@ -177,6 +183,7 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
     service = Service(
         data,
         cert_lifetime_s=options.cert_lifetime_s,
+        renew_from=options.renew_from,
         per_key=FailureLimiter(max_failures=options.max_key_failures, window_s=window),
         per_tenant=FailureLimiter(max_failures=options.max_tenant_failures, window_s=window),
     )
@@ -192,8 +199,15 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
         server_header=False,
         lifespan="off",
         timeout_graceful_shutdown=5,
+        http="h11",  # the gate's request deadline reads h11's state
     )
-    server = uvicorn.Server(config)
+    limits = ApiLimits(
+        per_source=options.api_per_source,
+        max_connections=options.api_max_connections,
+        handshake_timeout_s=options.api_handshake_timeout_s,
+        request_timeout_s=options.api_request_timeout_s,
+    )
+    server = GatedServer(config, listener, limits)
     log.info(
         "provisioning API starting",
         extra=fields(
@@ -240,7 +254,7 @@ async def _notify_systemd(server: Any, options: ServeOptions) -> None:
 
 async def _run(server: Any, listener: socket.socket) -> None:
     try:
-        await server.serve(sockets=[listener])
+        await server.serve()  # GatedServer accepts on the listener itself
     except SystemExit as exc:  # uvicorn's way of saying it could not start
         raise ProvisioningError(f"the API could not start (exit {exc.code}); see the log above") from None
     finally:

@@ -12,6 +12,15 @@ signature, by its current key, over the new CSR (``pki.sign_possession``).
 Replaying a captured renewal gains nothing: the certificate it yields is
 for a key the replayer does not hold. A retried renewal (same new key,
 answer lost on the way) gets the same certificate again.
+
+A stolen certificate must not be a fountain of fresh ones: renewal is
+refused before ``renew_from`` of the current certificate's lifetime has
+passed (half by default; the agent renews at two thirds), every refusal
+counts against the gateway (not just the certificate, so a chain of
+renewals shares one count), and a renewal by a certificate that was
+already renewed, for a different key, means two holders of one identity:
+it is refused and the gateway is flagged "possibly cloned" (``device
+list``), for an operator to revoke it and re-provision the real box.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from provisioning.tenants import admin_link, get_tenant, load_ca, record, renew_
 log = logging.getLogger(__name__)
 
 DEFAULT_CERT_LIFETIME_S = 365 * 86400
+DEFAULT_RENEW_FROM = 0.5  # of a certificate's lifetime, before which renewal is refused
 
 
 @dataclass(frozen=True)
@@ -80,11 +90,15 @@ class Service:
         cert_lifetime_s: float = DEFAULT_CERT_LIFETIME_S,
         per_key: FailureLimiter | None = None,
         per_tenant: FailureLimiter | None = None,
+        renew_from: float = DEFAULT_RENEW_FROM,
     ) -> None:
         if cert_lifetime_s <= 0:
             raise ProvisioningError("certificate lifetime must be positive")
+        if not 0 <= renew_from < 1:
+            raise ProvisioningError(f"renew-from {renew_from!r} is not a fraction in [0, 1)")
         self.data = data
         self.cert_lifetime_s = cert_lifetime_s
+        self.renew_from = renew_from
         self.per_key = per_key
         self.per_tenant = per_tenant
 
@@ -141,9 +155,23 @@ class Service:
         start, end = self._validity(at)
         cert = _invalid(pki.sign_csr, ca_key, ca_cert, csr, common_name=name, not_before=start, not_after=end)
         gateway = pki.common_name(cert)
-        if registry.active_device(tenant.name, gateway) is None:
-            # Before the certificate exists for anyone: the broker refuses its subscriptions beyond its own.
-            self._register(registry, tenant, gateway)
+        # Held from the broker's rules to the device row: another writer of the rules sees both or neither.
+        with dynsec.locked(self.data.tenant(tenant.name)):
+            if registry.active_device(tenant.name, gateway) is None:
+                # Before the certificate exists for anyone: the broker refuses its subscriptions beyond its own.
+                self._register(registry, tenant, gateway)
+            self._record(registry, tenant, found, gateway, cert, at)
+        log.info(
+            "gateway provisioned",
+            extra=fields(
+                tenant=tenant.name, gateway=gateway, key=found.id, serial=f"{cert.serial_number:x}", not_after=iso(end)
+            ),
+        )
+        return Issued(tenant, cert, ca_cert)
+
+    def _record(
+        self, registry: Registry, tenant: Tenant, found: Any, gateway: str, cert: x509.Certificate, at: dt.datetime
+    ) -> None:
         with registry.transaction():
             taken = registry.active_device(tenant.name, gateway)
             if taken is not None:
@@ -156,19 +184,19 @@ class Service:
                 raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
             device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
             registry.add_certificate(record(tenant.name, cert, "gateway", device_id=device_id))
-        log.info(
-            "gateway provisioned",
-            extra=fields(
-                tenant=tenant.name, gateway=gateway, key=found.id, serial=f"{cert.serial_number:x}", not_after=iso(end)
-            ),
-        )
-        return Issued(tenant, cert, ca_cert)
 
     def _register(self, registry: Registry, tenant: Tenant, gateway: str) -> None:
-        """Make the tenant broker refuse the gateway's subscriptions beyond its own topics (dynsec)."""
-        gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
-        target = dynsec.wanted(gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()))
-        dynsec.sync(self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name)
+        """Make the tenant broker refuse the gateway's subscriptions beyond its own topics (dynsec), add-only."""
+
+        def target() -> dict[str, Any]:
+            gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
+            return dynsec.wanted(
+                gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()), group=tenant.name
+            )
+
+        dynsec.sync(
+            self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name, prune=False
+        )
 
     def renew(self, certificate: str, csr: str, signature: str) -> Issued:
         """A new certificate for a gateway that proves it holds its current, valid one."""
@@ -187,7 +215,7 @@ class Service:
             if issued is None or issued.kind != "gateway" or issued.fingerprint != pki.fingerprint(current):
                 raise Unauthorized("certificate was not issued to a gateway by this service")
             tenant = get_tenant(registry, issued.tenant)
-            with self._counted(key=f"certificate {issued.serial}", tenant=tenant.name):
+            with self._counted(key=f"gateway {tenant.name}/{issued.subject}", tenant=tenant.name):
                 return self._renew(registry, tenant, issued, current, request, proof, at)
 
     def _renew(
@@ -224,7 +252,14 @@ class Service:
                     f"certificate of {issued.subject} was superseded at {issued.superseded_at} and is "
                     f"revoked since the renewal overlap ({overlap}) ended; renew with the newest one"
                 )
-            return self._retried(registry, tenant, ca_cert, issued.subject, issued.superseded_by, request)
+            return self._retried(registry, tenant, ca_cert, issued, request, at)
+        lifetime = current.not_valid_after_utc - current.not_valid_before_utc
+        earliest = current.not_valid_before_utc + lifetime * self.renew_from
+        if at < earliest:
+            raise Forbidden(
+                f"renewal of {issued.subject} too early: its certificate can be renewed from {iso(earliest)} "
+                f"(after {self.renew_from:.0%} of its lifetime)"
+            )
         start, end = self._validity(at)
         cert = _invalid(
             pki.sign_csr, ca_key, ca_cert, request, common_name=issued.subject, not_before=start, not_after=end
@@ -252,17 +287,28 @@ class Service:
         registry: Registry,
         tenant: Tenant,
         ca_cert: x509.Certificate,
-        gateway: str,
-        newer: str,
+        issued: Any,
         request: x509.CertificateSigningRequest,
+        at: dt.datetime,
     ) -> Issued:
+        gateway, newer = issued.subject, issued.superseded_by
         successor = registry.certificate(newer)
         if successor is not None and successor.revoked_at is None and successor.superseded_by is None:
             cert = x509.load_pem_x509_certificate(successor.pem.encode())
             if pki.same_key(cert, request):
                 log.info("renewal answered again", extra=fields(tenant=tenant.name, gateway=gateway, serial=newer))
                 return Issued(tenant, cert, ca_cert)
-        raise Forbidden(f"certificate of {gateway} was already renewed (serial {newer}); renew with the newest one")
+        # The same certificate renewed for two different keys: two holders of one identity.
+        if issued.device_id is not None:
+            registry.flag_cloned(issued.device_id, at)
+        log.warning(
+            "gateway possibly cloned: a superseded certificate asked to renew for another key",
+            extra=fields(tenant=tenant.name, gateway=gateway, serial=issued.serial, newer=newer),
+        )
+        raise Forbidden(
+            f"certificate of {gateway} was already renewed (serial {newer}) for another key; the gateway is flagged "
+            "possibly cloned"
+        )
 
 
 def _invalid(check: Any, *args: Any, **kwargs: Any) -> Any:
@@ -273,4 +319,4 @@ def _invalid(check: Any, *args: Any, **kwargs: Any) -> Any:
         raise Invalid(str(exc)) from exc
 
 
-__all__ = ["DEFAULT_CERT_LIFETIME_S", "Issued", "Service"]
+__all__ = ["DEFAULT_CERT_LIFETIME_S", "DEFAULT_RENEW_FROM", "Issued", "Service"]

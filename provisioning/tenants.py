@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -314,7 +315,13 @@ def _write_broker_files(
     """A new tenant's conf, ACL and dynamic-security state in ``staging``, tried by a real Mosquitto there."""
     write_text(
         staging.acl,
-        render.mosquitto_acl(technicians=technicians, bridges=bridges, service=pki.SERVICE_ID, guard=names.GUARD_ID),
+        render.mosquitto_acl(
+            technicians=technicians,
+            bridges=bridges,
+            service=pki.SERVICE_ID,
+            guard=names.GUARD_ID,
+            sparkplug_group=tenant.name,
+        ),
     )
     write_text(staging.dynsec, json.dumps(target, indent=2) + "\n", 0o600)
     checks.check_mosquitto(broker_conf(staging, tenant))
@@ -330,6 +337,7 @@ def render_tenant(data: DataDir, registry: Registry, tenant: Tenant) -> None:
         bridges=bridge_identities(registry, tenant),
         service=pki.SERVICE_ID,
         guard=names.GUARD_ID,
+        sparkplug_group=tenant.name,
     )
     candidate = files.dir / ".acl.new"
     try:
@@ -351,10 +359,10 @@ def bridge_identities(registry: Registry, tenant: Tenant) -> list[str]:
     )
 
 
-def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, object]:
+def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, Any]:
     """The dynamic-security state the registry calls for: every active gateway and technician."""
     gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
-    return dynsec.wanted(gateways=gateways, technicians=registry.technicians(tenant.name, now()))
+    return dynsec.wanted(gateways=gateways, technicians=registry.technicians(tenant.name, now()), group=tenant.name)
 
 
 def write_crl(data: DataDir, registry: Registry, tenant: Tenant) -> x509.CertificateRevocationList:

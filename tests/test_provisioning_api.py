@@ -63,7 +63,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     data = tmp_path_factory.mktemp("api") / "data"
     provisioning(data, "tenant", "create", "acme", "--domain", "example.com")
     provisioning(data, "tenant", "create", "globex", "--domain", "example.com")
-    server = ApiServer(data, "--max-failures", "1000").start()
+    server = ApiServer(data, "--max-failures", "1000", "--renew-from", "0").start()
     try:
         yield Api(data, server)
     finally:
@@ -308,24 +308,26 @@ def test_renewal(api: Api) -> None:
     assert new.serial_number != old.serial_number
     # The answer was lost and the gateway asks again: the same certificate.
     assert api.server.post("/v1/renew", body).json()["certificate"] == renewed.json()["certificate"]
-    # The old certificate cannot renew again, for another key.
+    # The old certificate cannot renew again, for another key: two holders of one identity, flagged.
     other = csr_for("gw-renew")
-    api.refused(
-        403,
-        f"certificate of gw-renew was already renewed (serial {new.serial_number:x}); renew with the newest one",
-        lambda: api.server.post(
-            "/v1/renew",
-            {
-                **body,
-                "csr": pem(other),
-                "signature": (
-                    base64.b64encode(
-                        pki.sign_possession(old_key, other.public_bytes(serialization.Encoding.DER))
-                    ).decode()
-                ),
-            },
-        ),
+    cloned = api.server.post(
+        "/v1/renew",
+        {
+            **body,
+            "csr": pem(other),
+            "signature": base64.b64encode(
+                pki.sign_possession(old_key, other.public_bytes(serialization.Encoding.DER))
+            ).decode(),
+        },
     )
+    assert (cloned.status_code, cloned.json()) == (
+        403,
+        {
+            "detail": f"certificate of gw-renew was already renewed (serial {new.serial_number:x}) for another key; "
+            "the gateway is flagged possibly cloned"
+        },
+    )
+    assert _device(api, "gw-renew")["possibly_cloned"] is True
     assert _device(api, "gw-renew")["renewals"] == 1
 
     provisioning(api.data, "device", "revoke", "acme", "gw-renew")

@@ -105,7 +105,9 @@ def test_rendered_broker_config_and_acl(data: Path) -> None:
         "topic deny spBv1.0/+/+/provisioning/+\ntopic write $CONTROL/dynamic-security/v1\n"
         "topic read $CONTROL/dynamic-security/v1/response\ntopic write gw/+/status\n"
     ) in acl
-    assert "pattern write spBv1.0/+/DDATA/%u/+\n" in acl and "pattern read spBv1.0/+/NCMD/%u\n" in acl
+    # Sparkplug: only in the tenant's own group, the agent's default.
+    assert "pattern write spBv1.0/acme/DDATA/%u/+\n" in acl and "pattern read spBv1.0/acme/NCMD/%u\n" in acl
+    assert "spBv1.0/+/DDATA/%u" not in acl
 
 
 def test_key_is_printed_once_and_stored_hashed(data: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,6 +42,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         "1s",
         "--cert-lifetime",
         "1h",
+        "--renew-from",
+        "0",
     )
     deployment.servers = [deployment.proxy, deployment.api]
     try:
@@ -129,6 +131,22 @@ def test_renewal_revokes_the_superseded_certificate_after_the_overlap(site: Depl
         site, host=host, ca=ca, cert=str(state / "new.pem"), key=str(state / "new.key"), client_id="new"
     ).connect().close()
     assert new.serial_number not in {r.serial_number for r in pki.load_crl(crl)}
+
+
+def test_a_session_of_the_superseded_certificate_ends_when_the_overlap_does(site: Deployment, tmp_path: Path) -> None:
+    """A stolen superseded certificate connected during the overlap is cut off once it is revoked, not kept on."""
+    state = provision(site, tmp_path, "acme", "gw-overlap")
+    old, _ = renew(site, state)
+    host, ca, cert, key = files_of(state)
+    thief = Client(site, host=host, ca=ca, cert=cert, key=key, client_id="gw-overlap").connect()
+    try:
+        crl = site.data / "tenants" / "acme" / "crl.pem"
+        eventually(
+            lambda: old.serial_number in {r.serial_number for r in pki.load_crl(crl)}, 15, "the old cert in the CRL"
+        )
+        eventually(lambda: thief.disconnects, 10, "the superseded certificate's session to end")
+    finally:
+        thief.close()
 
 
 def test_failures_are_limited_per_key_and_per_tenant_from_any_address(site: Deployment) -> None:
