@@ -16,6 +16,7 @@ told), and the log. ``remote.py`` has the files and why they are safe.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
+
+
+def same_broker(a: BrokerSettings, b: BrokerSettings) -> bool:
+    """The same connection, whichever file named it (``origin`` only words errors)."""
+    return dataclasses.replace(a, origin="") == dataclasses.replace(b, origin="")
 
 
 class Applier:
@@ -115,10 +121,11 @@ class Applier:
         await asyncio.to_thread(self.store.begin, push, local_hash)
         healthy = sorted(name for name, driver in agent.drivers.items() if driver.state is DeviceState.UP)
         switched_at = time.time()
-        since_ms = now_ms()
         running = Running(source="pushed", hash=push.hash, version=push.version, yaml=push.yaml)
-        await agent.swap(push.config, broker, running)
-        reason = await self._watch(healthy, broker if broker != before[1] else None, switched_at, since_ms, rc)
+        changed = not same_broker(broker, before[1])
+        await agent.swap(push.config, broker if changed else before[1], running)
+        since_ms = now_ms()  # after the old polls stopped: a reading the old configuration took does not count
+        reason = await self._watch(healthy, broker if changed else None, switched_at, since_ms, rc)
         if reason is None:
             await asyncio.to_thread(self.store.commit, push, local_hash)
             self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))

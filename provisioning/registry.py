@@ -186,9 +186,26 @@ def _m0002_isolation(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+def _m0003_gateway_configs(db: sqlite_utils.Database) -> None:
+    # Each gateway's desired agent configuration, every version kept (provisioning/fleet.py).
+    db.execute(
+        """CREATE TABLE gateway_configs (
+            tenant TEXT NOT NULL REFERENCES tenants(name),
+            gateway TEXT NOT NULL,
+            version INTEGER NOT NULL,             -- 1, 2, …: what the agent reports as config_version
+            hash TEXT NOT NULL,                   -- sha256 of yaml, 12 hex digits: the agent's config_hash
+            yaml TEXT NOT NULL,
+            note TEXT,
+            created_at TEXT NOT NULL,
+            pushed_at TEXT,                       -- last published on gw/<gateway>/cmd/config
+            PRIMARY KEY (tenant, gateway, version))"""
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m0001_initial),
     ("0002_isolation", _m0002_isolation),
+    ("0003_gateway_configs", _m0003_gateway_configs),
 ]
 
 

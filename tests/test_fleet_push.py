@@ -134,6 +134,7 @@ def all_delivered(agent: AgentProcess, seen: Cloud) -> list[int]:
     return seqs
 
 
+@pytest.mark.fault
 async def test_a_valid_push_is_applied_in_place_and_nothing_is_lost(
     tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
 ) -> None:
