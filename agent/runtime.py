@@ -427,6 +427,7 @@ class Agent:
         """
         async with self._reload_lock:
             await self._stop_devices()
+            removed = tuple(sorted({d.name for d in self.config.devices} - {d.name for d in config.devices}))
             self.config = config.model_copy(update={"state_dir": self.config.state_dir})
             self.running = running
             self.config_hash = running.hash
@@ -440,6 +441,7 @@ class Agent:
                 self.publisher.switch_broker(broker, why=f"configuration {running.version or 'local'}")
             if not self._stopped.is_set():  # stopping: __aexit__ has stopped the devices, none start again
                 self._start_devices()
+            self.publisher.publish_status(meta=True, removed=removed)  # a new connection sends them anyway
         log.info(
             "configuration switched",
             extra=fields(
