@@ -54,13 +54,18 @@ class Applier:
         self.outcome = outcome
         self.task: asyncio.Task[None] | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A pushed configuration is being applied (switched, or under watch)."""
+        return self.task is not None and not self.task.done()
+
     def command(self, payload: Any) -> dict[str, Any]:
         """``cmd/config``: check it now, apply it in the background, answer at once."""
         agent = self.agent
         version = payload.get("version") if isinstance(payload, dict) else None
         if not agent.config.remote_config.enabled:
             return self._rejected(version, None, ["remote configuration is off here (remote_config.enabled: false)"])
-        if self.task is not None and not self.task.done():
+        if self.busy:
             busy = self.outcome.version if self.outcome else "?"
             return self._rejected(version, None, [f"version {busy} is being applied; push again when it is done"])
         try:

@@ -157,6 +157,10 @@ class ConfigStore:
     def abort(self) -> None:
         (self.dir / CANDIDATE).unlink(missing_ok=True)
 
+    def forget(self) -> None:
+        """The local file is in force again (``reload``): a restart must not bring the pushed one back."""
+        (self.dir / RUNNING).unlink(missing_ok=True)
+
     def record(self, outcome: Outcome) -> None:
         try:
             self._write(OUTCOME, outcome.doc())

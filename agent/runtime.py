@@ -372,6 +372,8 @@ class Agent:
             if name == "write":
                 return await self._write(payload)
             if name == "reload":
+                if self.remote.busy:
+                    return {"ok": False, "error": "a pushed configuration is being applied; reload when it is done"}
                 return await self.reload()
             if name == "config":
                 return self.remote.command(payload)
@@ -404,6 +406,7 @@ class Agent:
             self.config = self.config.model_copy(update={"devices": new.devices})
             self.local_hash = config_hash(self.config_path, self.config)
             self.running = Running(source="local", hash=self.local_hash)
+            await asyncio.to_thread(self.remote.store.forget)
             self.config_hash = self.running.hash
             self._filter = ReportFilter.for_devices(self.config.devices)
             if self.edge is not None:  # new aliases and datatypes: new births, devices as they come up

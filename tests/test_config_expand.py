@@ -17,7 +17,10 @@ from drivers.config import ModbusDeviceBase, Table
 from drivers.modbus.plan import Limits, plan_reads
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
 from factory_edge.errors import ConfigError
+from factory_edge.mqtt import BrokerSettings
+from tests.agentproc import AgentProcess, Collector
 from tests.helpers import ROOT, free_port
+from tests.infra import Mosquitto, TenantPki
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -283,3 +286,50 @@ def test_expansion_does_not_change_what_it_was_given() -> None:
     assert json.dumps(data, sort_keys=True) == before
     with pytest.raises(ConfigError, match=r"profiles\.p\.name: not allowed in a profile"):
         parse_config({"profiles": {"p": {"name": "x"}}, "devices": []}, "x.yaml")
+
+
+@pytest.mark.fault
+async def test_profile_and_ranges_publish_the_same_points_as_the_hand_written_config(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """Two real agents, one per file, polling the same machines: the broker sees the same points and meta."""
+    port = free_port()
+
+    def with_broker(config: dict[str, Any], gateway: str) -> dict[str, Any]:
+        cert, key = pki_acme.client(gateway)
+        mqtt = {"url": f"mqtts://{pki_acme.host}:{broker_acme.port}", "connect_host": "127.0.0.1",
+                "ca_file": str(pki_acme.ca_file), "cert_file": str(cert), "key_file": str(key)}  # fmt: skip
+        return {**config, "gateway": gateway, "mqtt": mqtt, "buffer": {"confirm": "broker"}}
+
+    cert, key = pki_acme.bridge
+    seen = Collector(
+        BrokerSettings(host=pki_acme.host, port=broker_acme.port, tls=True, connect_host="127.0.0.1",
+                       ca_file=str(pki_acme.ca_file), cert_file=str(cert), key_file=str(key)),
+        ["gw/#"],
+        client_id="bridge",
+    )  # fmt: skip
+
+    def points(gw: str) -> dict[tuple[str, str], Any]:
+        return {(d["dev"], p["tag"]): (p["v"], p["q"]) for d in seen.docs(f"gw/{gw}/data/") for p in d["points"]}
+
+    def meta(gw: str) -> dict[str, Any]:
+        return {d["device"]: d["tags"] for d in seen.docs(f"gw/{gw}/meta/")}
+
+    async with ModbusSimulator(units={u: plant_model(u) for u in (1, 2, 3)}, port=port):
+        with (
+            seen,
+            AgentProcess(tmp_path / "short", with_broker(short_config(port), "gw-short")) as short,
+            AgentProcess(tmp_path / "long", with_broker(long_config(port), "gw-long")) as long,
+        ):
+            short.start()
+            long.start()
+            await asyncio.to_thread(
+                seen.wait,
+                lambda: len(points("gw-short")) == 3030 and len(points("gw-long")) == 3030,
+                30,
+                "every tag of both agents",
+            )
+    assert points("gw-short") == points("gw-long")
+    assert meta("gw-short") == meta("gw-long")
+    temp = next(t for t in meta("gw-short")["press-1"] if t["name"] == "r999")
+    assert temp == {"name": "r999", "type": "uint16", "unit": "count", "writable": False, "description": "raw 1000"}
