@@ -19,7 +19,7 @@ from typing import Any
 from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 from factory_edge.errors import ProvisioningError
 from factory_edge.units import parse_duration
-from provisioning import admin, fleet, tenants
+from provisioning import admin, fleet, operators, tenants
 from provisioning.layout import DATA_DIR_ENV, DEFAULT_DATA_DIR, DataDir
 from provisioning.registry import Registry, now
 
@@ -391,6 +391,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gateway", metavar="GW", nargs="?", help="only this gateway")
     p.add_argument("--json", action="store_true", help="one JSON document for scripts")
     p.set_defaults(handler=cmd_config_status)
+
+    token = commands.add_parser(
+        "operator-token",
+        help="tokens for the API's configuration endpoints",
+        description="Operator tokens: what a script or the console sends (Authorization: Bearer) to the API's "
+        "configuration endpoints (docs/fleet.md).",
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = token.add_parser(
+        "create",
+        parents=[common],
+        help="make a token and print it once",
+        description="Make an operator token and print it (stdout, once: only its SHA-256 is stored).",
+    )
+    p.add_argument("name", metavar="NAME", help="who or what uses it (console, ci, …)")
+    p.add_argument("--tenant", metavar="TENANT", help="reach only this tenant's gateways (default: every tenant)")
+    p.set_defaults(handler=cmd_token_create)
+    p = token.add_parser(
+        "list", parents=[common], help="list tokens (never the tokens)", description="List operator tokens."
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p.set_defaults(handler=cmd_token_list)
+    p = token.add_parser(
+        "revoke", parents=[common], help="revoke a token", description="Revoke an operator token at once."
+    )
+    p.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (operator-token list), or the token itself")
+    p.set_defaults(handler=cmd_token_revoke)
     accept_global_options_anywhere(parser)
     return parser
 
@@ -634,6 +660,36 @@ def cmd_config_status(args: argparse.Namespace) -> int:
         for row in rows:
             print(fleet.drift_line(row))
     return 3 if any(r["state"] == "drift" for r in rows) else 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    text, token = operators.create(_data(args), args.name, tenant=args.tenant)
+    print(text)
+    print(
+        f"operator token {token.id} ({token.name}) for {'tenant ' + token.tenant if token.tenant else 'every tenant'}. "
+        "It is shown only now; the registry keeps only its hash.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    found = operators.listed(_data(args))
+    if args.json:
+        print(json.dumps([t.as_json() for t in found]))
+        return 0
+    rows = [("ID", "NAME", "TENANT", "STATE", "CREATED", "LAST USED")]
+    for t in found:
+        doc = t.as_json()
+        rows.append((t.id, t.name, t.tenant or "*", doc["state"], t.created_at, t.last_used_at or "-"))
+    _table(rows)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    token = operators.revoke(_data(args), args.token_id)
+    print(f"operator token {token.id} ({token.name}) revoked at {token.revoked_at}")
+    return 0
 
 
 def cmd_device_list(args: argparse.Namespace) -> int:

@@ -30,8 +30,9 @@ from typing import Any
 import yaml
 
 from factory_edge import names
-from factory_edge.errors import ProvisioningError
+from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from provisioning.brokers import AdminLink, sni_context
+from provisioning.errors import Invalid, NotFound
 from provisioning.layout import DataDir
 from provisioning.registry import Registry, Tenant, iso, now
 from provisioning.tenants import get_tenant
@@ -74,19 +75,19 @@ class StoredConfig:
 def check_config_text(text: str, source: str) -> None:
     """What the cloud side can check without the gateway's drivers: size, YAML, a mapping with devices."""
     if len(text.encode()) > MAX_CONFIG_BYTES:
-        raise ProvisioningError(f"{source}: larger than the {MAX_CONFIG_BYTES} bytes an agent takes")
+        raise Invalid(f"{source}: larger than the {MAX_CONFIG_BYTES} bytes an agent takes")
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        raise ProvisioningError(f"{source}: {where}invalid YAML: {exc.problem}") from None
+        raise Invalid(f"{source}: {where}invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ProvisioningError(f"{source}: invalid YAML: {exc}") from None
+        raise Invalid(f"{source}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ProvisioningError(f"{source}: an agent config is a mapping of keys (docs/config.md)")
+        raise Invalid(f"{source}: an agent config is a mapping of keys (docs/config.md)")
     if not data.get("devices"):
-        raise ProvisioningError(f"{source}: devices: none configured, so the agent would poll nothing")
+        raise Invalid(f"{source}: devices: none configured, so the agent would poll nothing")
 
 
 def _row(row: dict[str, Any]) -> StoredConfig:
@@ -97,7 +98,10 @@ def store(
     data: DataDir, tenant_name: str, gateway: str, text: str, *, source: str, note: str | None = None
 ) -> StoredConfig:
     """A new version of the gateway's desired configuration (or the newest, if it is the same text)."""
-    names.check_gateway(gateway)
+    try:
+        names.check_gateway(gateway)
+    except FactoryEdgeError as exc:
+        raise Invalid(str(exc)) from None
     check_config_text(text, source)
     digest = config_hash(text)
     with Registry(data.registry) as registry, registry.transaction():
@@ -143,7 +147,7 @@ def show(data: DataDir, tenant_name: str, gateway: str, version: int | None = No
         found = get(registry, tenant_name, gateway, version)
     if found is None:
         which = f"version {version}" if version is not None else "configuration"
-        raise ProvisioningError(f"no {which} stored for gateway {gateway!r} of tenant {tenant_name!r}")
+        raise NotFound(f"no {which} stored for gateway {gateway!r} of tenant {tenant_name!r}")
     return found
 
 
@@ -232,7 +236,7 @@ def push(
         tenant = get_tenant(registry, tenant_name)
         stored = get(registry, tenant_name, gateway, version)
     if stored is None:
-        raise ProvisioningError(
+        raise NotFound(
             f"no {'version ' + str(version) if version else 'configuration'} stored for gateway {gateway!r}: "
             f"provisioning config set {tenant_name} {gateway} FILE"
         )

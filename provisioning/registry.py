@@ -186,7 +186,7 @@ def _m0002_isolation(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-def _m0003_gateway_configs(db: sqlite_utils.Database) -> None:
+def _m0003_fleet_configs(db: sqlite_utils.Database) -> None:
     # Each gateway's desired agent configuration, every version kept (provisioning/fleet.py).
     db.execute(
         """CREATE TABLE gateway_configs (
@@ -200,12 +200,23 @@ def _m0003_gateway_configs(db: sqlite_utils.Database) -> None:
             pushed_at TEXT,                       -- last published on gw/<gateway>/cmd/config
             PRIMARY KEY (tenant, gateway, version))"""
     )
+    # Who may use the API's configuration endpoints (provisioning/operators.py); only the SHA-256 is kept.
+    db.execute(
+        """CREATE TABLE operator_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            tenant TEXT REFERENCES tenants(name),  -- NULL: every tenant
+            digest TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT,
+            last_used_at TEXT)"""
+    )
 
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m0001_initial),
     ("0002_isolation", _m0002_isolation),
-    ("0003_gateway_configs", _m0003_gateway_configs),
+    ("0003_fleet_configs", _m0003_fleet_configs),
 ]
 
 

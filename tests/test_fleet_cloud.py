@@ -173,3 +173,57 @@ def test_config_set_refuses_what_is_not_an_agent_config(tmp_path: Path) -> None:
     assert provisioning(data, "config", "show", "acme", GW, check=False).stderr == (
         f"Error: no configuration stored for gateway '{GW}' of tenant 'acme'\n"
     )
+
+
+def test_the_api_stores_shows_and_compares_configurations_for_operators_only(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.provisioning_fixtures import ApiServer
+
+    data = tmp_path / "data"
+    broker_port = free_port()
+    provisioning(data, "init", "--proxy-bind", "127.0.0.1", "--proxy-port", str(free_port()))
+    provisioning(data, "tenant", "create", "acme", "--domain", "test", "--broker-port", str(broker_port))
+    everyone = provisioning(data, "operator-token", "create", "console").stdout.strip()
+    other = provisioning(data, "operator-token", "create", "globex-ci", "--tenant", "acme").stdout.strip()
+    with ApiServer(data, "--max-failures", "1000") as api, RenderedMosquitto(data, "acme"):
+
+        def call(method: str, path: str, token: str | None = everyone, **kwargs: Any) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return httpx.request(
+                method, f"{api.url}{path}", headers=headers, verify=api.context(), timeout=15.0, **kwargs
+            )
+
+        path = f"/v1/tenants/acme/gateways/{GW}/config"
+        text = "devices:\n  - {name: d, protocol: modbus-tcp, host: 10.0.0.5, tags: [{name: r, address: 0}]}\n"
+        assert call("PUT", path, None, json={"yaml": text}).json() == {
+            "detail": "an operator token is required: Authorization: Bearer feo_…"
+        }
+        assert call("PUT", path, None, json={"yaml": text}).status_code == 401
+        assert call("GET", "/v1/tenants/acme/configs", "feo_0123456789_" + "a" * 43).status_code == 401
+        stored = call("PUT", path, json={"yaml": text, "note": "first"})
+        assert stored.status_code == 200, stored.text
+        assert stored.json()["version"] == 1 and stored.json()["hash"] == fleet_hash(text)
+        assert call("GET", path, other).json()["yaml"] == text  # a token for this tenant
+        assert call("GET", path + "?version=2").status_code == 404
+        bad = call("PUT", path, json={"yaml": "devices: [oops"})
+        assert bad.status_code == 422
+        assert (
+            bad.json()["detail"] == "yaml: line 1 column 15: invalid YAML: expected ',' or ']', but got '<stream end>'"
+        )
+        rows = call("GET", "/v1/tenants/acme/configs")
+        assert rows.status_code == 200, rows.text
+        assert [(r["gateway"], r["state"], r["desired_version"]) for r in rows.json()] == [(GW, "no status", 1)]
+        assert call("GET", "/v1/tenants/nope/configs").status_code == 404
+        token_id = other.split("_")[1]
+        provisioning(data, "operator-token", "revoke", token_id)
+        refused = call("GET", path, other)
+        assert refused.status_code == 403 and refused.json()["detail"].startswith(
+            f"operator token {token_id} was revoked"
+        )
+
+
+def fleet_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
