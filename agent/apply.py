@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.base import DeviceState
 from drivers.points import now_ms
-from factory_edge.errors import ConfigError
+from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
 from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge.units import format_duration
@@ -123,20 +123,34 @@ class Applier:
         before = (agent.config, agent.broker, agent.running)
         rc = agent.config.remote_config  # the running configuration's rules judge the new one
         local_hash = agent.local_hash
-        await asyncio.to_thread(self.store.begin, push, local_hash)
+        try:
+            await asyncio.to_thread(self.store.begin, push, local_hash)
+        except OSError as exc:  # a full or read-only disk: nothing was switched
+            self._report(Outcome("rejected", push.version, push.hash, f"cannot write the candidate: {exc}", now_ms()))
+            return
         healthy = sorted(name for name, driver in agent.drivers.items() if driver.state is DeviceState.UP)
         switched_at = time.time()
         running = Running(source="pushed", hash=push.hash, version=push.version, yaml=push.yaml)
         changed = not same_broker(broker, before[1])
-        await agent.swap(push.config, broker if changed else before[1], running)
-        since_ms = now_ms()  # after the old polls stopped: a reading the old configuration took does not count
-        reason = await self._watch(healthy, broker if changed else None, switched_at, since_ms, rc)
-        if reason is None:
-            await asyncio.to_thread(self.store.commit, push, local_hash)
-            self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
-            return
+        try:
+            await agent.swap(push.config, broker if changed else before[1], running)
+            since_ms = now_ms()  # after the old polls stopped: a reading the old configuration took does not count
+            reason = await self._watch(healthy, broker if changed else None, switched_at, since_ms, rc)
+            if agent.stopping:
+                reason = f"the agent stopped while applying version {push.version}"
+            if reason is None:
+                await asyncio.to_thread(self.store.commit, push, local_hash)
+                self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
+                return
+        except (FactoryEdgeError, OSError) as exc:
+            # A driver that cannot start, a disk that refuses the commit: back to what ran, never half of each.
+            log.error("applying a configuration failed", exc_info=True, extra=fields(version=push.version))
+            reason = f"applying failed: {exc}"
         await agent.swap(*before)
-        await asyncio.to_thread(self.store.abort)
+        try:
+            await asyncio.to_thread(self.store.abort)
+        except OSError as exc:  # at the next start the candidate is recognised and discarded all the same
+            log.warning("cannot remove the candidate", extra=fields(err=str(exc)))
         self._report(Outcome("rolled_back", push.version, push.hash, reason, now_ms()))
 
     async def _watch(
