@@ -335,3 +335,27 @@ def test_a_gateway_cannot_push_configuration_to_another(pki_acme: TenantPki, bro
     assert results["tech-anna"] == not_authorized
     assert results[GW] == not_authorized  # not even its own command topic: commands come from the cloud
     assert results["bridge"].value in (0, 0x10)  # accepted (no subscribers matched: 0x10)
+
+
+@pytest.mark.fault
+async def test_failing_devices_within_the_allowed_share_keep_the_new_configuration(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    port = free_port()
+    async with ModbusSimulator(units={1: model(), 2: model()}, port=port):
+        config = agent_config(pki_acme, broker_acme, port)
+        second = {**config["devices"][0], "name": "line-2", "unit": 2}
+        config["devices"].append(second)
+        with AgentProcess(tmp_path / "agent", config) as agent, cloud(pki_acme, broker_acme, "cloud-6") as seen:
+            agent.start()
+            await asyncio.to_thread(
+                wait, lambda: online(seen) and len(seen.docs(f"gw/{GW}/data/line-2")) > 0, 15, "both"
+            )
+            half = json.loads(json.dumps(config))
+            half["devices"][1]["port"] = free_port()  # line-2 now reads a dead port: 1 of 2, not more than 0.5
+            started = time.monotonic()
+            seen.push(1, half)
+            await asyncio.to_thread(wait, lambda: seen.events("applied") or seen.events("rolled_back"), 20, "outcome")
+            assert seen.events("applied") and not seen.events("rolled_back")
+            assert time.monotonic() - started >= 3  # it waited the deadline for line-2 before deciding
+            assert agent.status()["config"]["version"] == 1
