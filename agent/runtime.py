@@ -35,7 +35,7 @@ from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
 from factory_edge.mqtt import BrokerSettings
 from factory_edge.systemd import Notifier
-from factory_edge.tasks import cancel_and_wait
+from factory_edge.tasks import cancel_all, cancel_and_wait
 from factory_edge.units import plural
 
 from .apply import Applier
@@ -194,6 +194,7 @@ class Agent:
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._group is not None
         self.systemd.stopping()
+        log.info("agent stopping", extra=fields(gateway=self.gateway))
         try:
             try:
                 await self._stop_devices()
@@ -207,10 +208,12 @@ class Agent:
             if exc_info[0] is None:
                 await self.publisher.flush(FLUSH_ON_STOP_S)
         finally:
-            for task in self._tasks:
-                task.cancel()
             try:
-                await self._group.__aexit__(*exc_info)
+                # Insists on a task that carries on after its cancellation; the group's exit collects failures.
+                try:
+                    await cancel_all([*self._tasks, *self._device_tasks.values()])
+                finally:
+                    await self._group.__aexit__(*exc_info)
             finally:
                 self.publisher.state = ConnectionState.STOPPED
                 await asyncio.to_thread(self.writer.close)
