@@ -311,7 +311,9 @@ async def test_profile_and_ranges_publish_the_same_points_as_the_hand_written_co
     )  # fmt: skip
 
     def points(gw: str) -> dict[tuple[str, str], Any]:
-        return {(d["dev"], p["tag"]): (p["v"], p["q"]) for d in seen.docs(f"gw/{gw}/data/") for p in d["points"]}
+        """Good readings by tag (two agents on one simulator in the test's loop may time out a request)."""
+        docs = seen.docs(f"gw/{gw}/data/")
+        return {(d["dev"], p["tag"]): p["v"] for d in docs for p in d["points"] if p["q"] == "good"}
 
     def meta(gw: str) -> dict[str, Any]:
         return {d["device"]: d["tags"] for d in seen.docs(f"gw/{gw}/meta/")}
@@ -330,6 +332,8 @@ async def test_profile_and_ranges_publish_the_same_points_as_the_hand_written_co
                 30,
                 "every tag of both agents",
             )
+            for agent in (short, long):  # a request cancelled while it waited for a slot once broke the poll
+                assert [line for line in agent.logs() if line.get("msg") == "driver failed"] == []
     assert points("gw-short") == points("gw-long")
     assert meta("gw-short") == meta("gw-long")
     temp = next(t for t in meta("gw-short")["press-1"] if t["name"] == "r999")

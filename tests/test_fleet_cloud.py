@@ -134,7 +134,7 @@ async def test_store_push_and_drift_through_the_rendered_broker(tmp_path: Path) 
             ]
 
             # A local edit on the gateway wins over the pushed configuration, and shows as drift.
-            assert agent.stop() == 0
+            assert await asyncio.to_thread(agent.stop) == 0
             agent.write_config(gateway_config(site, broker_port, modbus_port, 3))
             agent.start()
             await asyncio.to_thread(

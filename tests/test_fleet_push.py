@@ -123,12 +123,14 @@ def online(seen: Cloud) -> bool:
     return any(s.get("state") == "online" for s in seen.statuses())
 
 
-def all_delivered(agent: AgentProcess, seen: Cloud) -> list[int]:
-    """Stop the agent cleanly; every seq it numbered reached the broker (none lost across the switch)."""
-    assert agent.stop() == 0
+async def all_delivered(agent: AgentProcess, seen: Cloud) -> list[int]:
+    """Stop the agent cleanly; every seq it numbered reached the broker (none lost across the switch).
+
+    Waits in threads: the simulators share this event loop."""
+    assert await asyncio.to_thread(agent.stop) == 0
     last = read_stats(agent.state_dir / "buffer.db")
     assert last is not None
-    wait(lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20, "every batch")
+    await asyncio.to_thread(wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20, "every batch")
     seqs = sorted(set(seen.seqs(GW)))
     assert seqs == list(range(seqs[0], last.next_seq)), "a batch is missing"
     return seqs
@@ -146,11 +148,11 @@ async def test_a_valid_push_is_applied_in_place_and_nothing_is_lost(
             await asyncio.to_thread(wait, lambda: seen.tags() >= {"r0", "r2"}, 15, "first points")
             pid = agent.proc.pid if agent.proc else None
             # A backlog: the broker goes away for a while, the agent buffers; the push comes with its return.
-            broker_acme.stop()
+            await asyncio.to_thread(broker_acme.stop)
             await asyncio.sleep(1.5)
             backlog_until = read_stats(agent.state_dir / "buffer.db")
             assert backlog_until is not None and backlog_until.batches > 5
-            broker_acme.start()
+            await asyncio.to_thread(broker_acme.start)
             await asyncio.to_thread(seen.wait, seen.connected.is_set, 10, "cloud reconnect")
             new = agent_config(pki_acme, broker_acme, port, tags=8)
             new["devices"][0]["tags"].append({"name": "total", "address": 10, "type": "uint32", "unit": "pcs"})
@@ -174,7 +176,7 @@ async def test_a_valid_push_is_applied_in_place_and_nothing_is_lost(
             meta = seen.docs(f"gw/{GW}/meta/line-1")[-1]
             assert {"name": "total", "type": "uint32", "unit": "pcs", "writable": False} in meta["tags"]
             assert agent.proc is not None and agent.proc.pid == pid, "applied without a restart"
-            seqs = all_delivered(agent, seen)
+            seqs = await all_delivered(agent, seen)
             assert backlog_until.next_seq - backlog_until.batches in seqs and backlog_until.next_seq - 1 in seqs
             # The pushed configuration is the last good one: it survives a restart.
             agent.start()
@@ -218,9 +220,13 @@ async def test_an_invalid_push_is_rejected_with_its_reasons_and_the_old_config_k
             mark = len(seen.messages)
             await asyncio.to_thread(wait, lambda: seen.tags(mark) >= {"r0", "r2"}, 10, "the old tags still flowing")
             assert [e["state"] for e in seen.events()] == ["rejected"] * 3
-            status = agent.status()
-            assert status["config_hash"] == before and status["config"]["source"] == "local"
-            assert status["config"]["last"]["state"] == "rejected" and status["config"]["last"]["version"] == 5
+            retained = seen.statuses()[-1]  # republished at each outcome
+            assert retained["config_hash"] == before and retained["config"]["source"] == "local"
+            assert retained["config"]["last"]["state"] == "rejected" and retained["config"]["last"]["version"] == 5
+            await asyncio.to_thread(  # agent status: the status file, written every second
+                wait, lambda: agent.status().get("config", {}).get("last", {}).get("version") == 5, 10, "agent status"
+            )
+            assert agent.status()["config_hash"] == before
 
 
 @pytest.mark.fault
@@ -252,7 +258,7 @@ async def test_a_push_to_an_unreachable_broker_rolls_back_by_itself(
                 wait, lambda: seen.tags(after_ms=back) >= {"r0", "r2"}, 10, "the old config polling"
             )
             assert "r4" in seen.tags() and "r4" not in seen.tags(after_ms=back + 200)
-            all_delivered(agent, seen)
+            await all_delivered(agent, seen)
 
 
 @pytest.mark.fault
@@ -275,7 +281,7 @@ async def test_a_push_whose_devices_all_fail_rolls_back_by_itself(
             ), reason
             mark = len(seen.messages)
             await asyncio.to_thread(wait, lambda: seen.tags(mark) >= {"r0", "r2"}, 10, "good points again")
-            all_delivered(agent, seen)
+            await all_delivered(agent, seen)
 
 
 @pytest.mark.fault
@@ -295,10 +301,10 @@ async def test_kill_9_while_applying_comes_back_on_the_old_config_and_says_so(
             candidate = agent.state_dir / "config" / "candidate.json"
             await asyncio.to_thread(wait, candidate.exists, 10, "the candidate on disk")
             await asyncio.to_thread(wait, lambda: seen.events("applying"), 10, "applying")
-            agent.kill()
+            await asyncio.to_thread(agent.kill)
             agent.start()
             await asyncio.to_thread(wait, lambda: agent.status().get("config", {}).get("last"), 15, "status")
-            last = agent.status()["config"]
+            last = (await asyncio.to_thread(agent.status))["config"]
             assert last["source"] == "local" and last["version"] is None
             assert last["last"]["state"] == "rolled_back" and last["last"]["version"] == 7
             assert last["last"]["reason"] == "the agent stopped while applying version 7; running the local file"
@@ -358,4 +364,4 @@ async def test_failing_devices_within_the_allowed_share_keep_the_new_configurati
             await asyncio.to_thread(wait, lambda: seen.events("applied") or seen.events("rolled_back"), 20, "outcome")
             assert seen.events("applied") and not seen.events("rolled_back")
             assert time.monotonic() - started >= 3  # it waited the deadline for line-2 before deciding
-            assert agent.status()["config"]["version"] == 1
+            assert (await asyncio.to_thread(agent.status))["config"]["version"] == 1
