@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ def add_parser(commands: Any) -> None:
     )
     p.add_argument("file", metavar="FILE", nargs="?", help="agent config (YAML)")
     p.add_argument("--config", metavar="FILE", help="the same, as agent run and agent read take it")
+    p.add_argument(
+        "--expand",
+        action="store_true",
+        help="also print every device with its profile applied and its ranges expanded, one tag a line, "
+        "with 0-based protocol addresses",
+    )
     p.set_defaults(handler=run)
 
 
@@ -37,6 +44,8 @@ def summary_lines(config: AgentConfig) -> list[str]:
     for device in config.devices:
         total_tags += len(device.tags)
         head = f"  {device.name}  {device.protocol} {device.address}"
+        if device.profile:
+            head += f"  profile {device.profile}"
         if isinstance(device, ModbusDeviceBase):
             reads = plan_reads(device.tags, Limits.of(device))
             total_requests += len(reads)
@@ -44,6 +53,7 @@ def summary_lines(config: AgentConfig) -> list[str]:
                 f"{head} unit {device.unit}  poll {format_duration(device.poll)}  "
                 f"{plural(len(device.tags), 'tag')}  {plural(len(reads), 'request')} per poll"
             )
+            lines.append(f"    addresses: {NOTATION[device.addressing]}")
             lines += [f"    {r}" for r in reads]
         elif isinstance(device, OpcuaDevice):
             security = "" if device.security.policy == "None" else f"  {device.security.policy}/{device.security.mode}"
@@ -61,6 +71,40 @@ def summary_lines(config: AgentConfig) -> list[str]:
         f"{plural(total_requests, 'request')} per poll cycle"
     )
     return [header, *lines]
+
+
+NOTATION = {
+    "protocol": "0-based protocol addresses, as sent on the wire (holding register 40001 of a manual is address 0)",
+    "modicon": "Modicon notation, 1-based, table from the first digit (40001 and 400001: holding register 0), "
+    "converted to protocol addresses below",
+}
+
+
+def expanded_lines(config: AgentConfig) -> list[str]:
+    """``--expand``: each device as the agent runs it, one tag per line (protocol addresses)."""
+    lines: list[str] = []
+    for device in config.devices:
+        keys = device.model_dump(mode="json", exclude={"tags", "name", "protocol", "addressing"}, exclude_defaults=True)
+        for key in ("poll", "timeout", "backoff_max"):
+            if key in keys:
+                keys[key] = format_duration(keys[key])
+        if isinstance(device, ModbusDeviceBase):
+            keys = {"unit": device.unit, **keys}
+        lines.append(f"{device.name}: {device.protocol} {_flow(keys)}".rstrip())
+        for tag in device.tags:
+            tag_keys = tag.model_dump(mode="json", exclude={"name"}, exclude_defaults=True)
+            if isinstance(device, ModbusDeviceBase):
+                tag_keys = {"table": str(tag.table), "address": tag.address, **tag_keys}  # type: ignore[union-attr]  # Modbus tags have both
+            if tag.deadband is not None:
+                tag_keys["deadband"] = str(tag.deadband)
+            lines.append(f"  {tag.name}: {_flow(tag_keys)}")
+    return lines
+
+
+def _flow(keys: dict[str, Any]) -> str:
+    if not keys:
+        return ""
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in keys.items()) + "}"
 
 
 def config_file(args: argparse.Namespace) -> str:
@@ -98,5 +142,7 @@ def run(args: argparse.Namespace) -> int:
     check_tls_files(config, path)
     for warning in address_warnings(config, path):
         print(f"Warning: {warning}", file=sys.stderr)
+    if args.expand:
+        print("\n".join(expanded_lines(config)))
     print("\n".join(summary_lines(config)))
     return 0

@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from drivers.config import Device, ModbusDeviceBase
-from factory_edge.configfile import load_model
+from factory_edge.configfile import YamlLoader, load_yaml, validate
 from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.errors import ConfigError
 from factory_edge.extras import install_hint, missing
 from factory_edge.units import parse_size
+
+from .expand import expand
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 
@@ -136,6 +139,24 @@ class SparkplugConfig(Model):
     )
 
 
+class RemoteConfig(Model):
+    """Configuration pushed from the cloud on ``gw/{gw}/cmd/config`` (docs/fleet.md)."""
+
+    enabled: bool = Field(default=True, description="accept configurations pushed on gw/{gw}/cmd/config")
+    deadline: Duration = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="after applying, the broker must be reached and the devices read within this, or roll back",
+    )
+    max_failed_share: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="roll back when more than this share of the devices that read fine before now fail",
+    )
+
+
 class AgentConfig(Model):
     """The whole agent config file."""
 
@@ -146,6 +167,10 @@ class AgentConfig(Model):
     publish: PublishConfig = PublishConfig()
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     sparkplug: SparkplugConfig | None = None
+    remote_config: RemoteConfig = RemoteConfig()
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="device keys and tags shared by devices with profile: NAME"
+    )
     devices: list[Device] = Field(default_factory=list)
 
     @field_validator("devices")
@@ -175,8 +200,27 @@ class AgentConfig(Model):
 
 def load_config(path: str | Path) -> AgentConfig:
     """Read and validate an agent config file; ConfigError lists every problem, one per line."""
-    config = load_model(AgentConfig, path)
-    require_drivers(config, str(path))
+    return parse_config(load_yaml(path), str(path))
+
+
+def parse_config_text(text: str, source: str) -> AgentConfig:
+    """A config given as YAML text (a pushed configuration), validated as a file is."""
+    try:
+        data = yaml.load(text, Loader=YamlLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
+        raise ConfigError(f"{source}: {where}: invalid YAML: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    return parse_config(data, source)
+
+
+def parse_config(data: Any, source: str) -> AgentConfig:
+    """Parsed YAML → profiles and ranges expanded (``expand.py``) → validated model."""
+    expanded = expand(data, source)
+    config = validate(AgentConfig, expanded, source)
+    require_drivers(config, source)
     return config
 
 

@@ -461,6 +461,34 @@ class Publisher:
             )
         return edge.born and edge.host_online
 
+    def publish_status(self, *, meta: bool = False, removed: tuple[str, ...] = ()) -> None:
+        """The retained status again, on the live connection (the configuration's state changed).
+
+        ``meta``: every device's retained meta too (the devices changed); a
+        device in ``removed`` gets its retained meta cleared.
+        """
+        link = self._link
+        if link is None or link.closed.is_set():
+            return
+        if self.edge is None:
+            link.publish(f"{self.topic_root}/status", json.dumps(self.birth()).encode(), retain=True)
+        if meta:
+            for device in removed:
+                link.publish(f"{self.topic_root}/meta/{device}", b"", retain=True)
+            for device, doc in self.meta().items():
+                link.publish(f"{self.topic_root}/meta/{device}", json.dumps(doc).encode(), retain=True)
+
+    def switch_broker(self, settings: BrokerSettings, *, why: str) -> None:
+        """Connect to another broker: the current connection ends (cleanly), the next one dials ``settings``."""
+        self.settings = settings
+        self._retry_log = RetryLog(settings.describe())
+        self._backoff.reset()
+        link = self._link
+        if link is not None and not link.closed.is_set():
+            self.last_error = f"switching to {settings.describe()} ({why})"
+            link.closed.set()
+        self._wake.set()
+
     def rebirth(self) -> None:
         """Sparkplug mode: send the births again on this connection (a reload changed the tags)."""
         self._rebirth = True

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         hint = ""
         if first.error == "illegal data address":
             tag = next(t for t in config.device(first_device).tags if t.name == first.tag)
-            hint = f"; {modicon_hint(tag)}" if isinstance(tag, ModbusTag) and modicon_hint(tag) else ""
+            protocol = getattr(config.device(first_device), "addressing", "protocol") == "protocol"
+            hint = f"; {modicon_hint(tag)}" if protocol and isinstance(tag, ModbusTag) and modicon_hint(tag) else ""
         raise DriverError(
             f"{len(failed)} of {total} tags not good (first: {first_device}.{first.tag}: "
             f"{first.error or first.quality}{hint})"

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from factory_edge.logs import fields
 from factory_edge.mqtt import tls_context
 
 from .config import load_config
 from .identity import resolve
+from .remote import startup
 from .runtime import Agent
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(commands: Any) -> None:
@@ -50,13 +55,30 @@ def _dump_tasks() -> None:
 
 
 async def serve(config_path: Path, state_dir: str | None) -> None:
-    config = load_config(config_path)
-    directory = Path(state_dir or config.state_dir)
+    local = load_config(config_path)
+    directory = Path(state_dir or local.state_dir)  # the local file's: a pushed config cannot move the state
     directory.mkdir(parents=True, exist_ok=True)
-    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent, source=str(config_path))
+    start = startup(config_path, directory)  # the local file, or the configuration pushed over it (remote.py)
+    for note in start.notes:
+        log.warning("configuration", extra=fields(note=note))
+    config = start.config
+    source = str(config_path) if start.running.source == "local" else f"pushed config version {start.running.version}"
+    gateway, broker = resolve(config, directory, base_dir=config_path.resolve().parent, source=source)
     if broker.tls:
         tls_context(broker)  # a wrong TLS file is a config error now, not a retry loop
-    async with Agent(config, gateway=gateway, broker=broker, state_dir=directory, config_path=config_path) as agent:
+    log.info(
+        "configuration",
+        extra=fields(source=start.running.source, version=start.running.version, config_hash=start.running.hash),
+    )
+    async with Agent(
+        config,
+        gateway=gateway,
+        broker=broker,
+        state_dir=directory,
+        config_path=config_path,
+        running=start.running,
+        outcome=start.outcome,
+    ) as agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)

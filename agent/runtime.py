@@ -38,12 +38,14 @@ from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_all
 from factory_edge.units import plural
 
+from .apply import Applier
 from .buffer import Buffer
 from .bufferread import BufferReader, BufferStats
 from .config import AgentConfig, load_config
 from .delivery import DeliveryPolicy
 from .identity import sparkplug_group
 from .publisher import ConnectionState, Publisher
+from .remote import ConfigStore, Outcome, Running
 from .renew import Renewer
 from .report import ReportFilter
 from .sparkplug import EdgeNode
@@ -85,13 +87,17 @@ class Agent:
         broker: BrokerSettings,
         state_dir: Path,
         config_path: Path | None = None,
+        running: Running | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
         self.config = config
         self.gateway = gateway
         self.broker = broker
         self.state_dir = state_dir
         self.config_path = config_path
-        self.config_hash = config_hash(config_path, config)
+        self.local_hash = config_hash(config_path, config)  # of the local file, even when a pushed config runs
+        self.running = running or Running(source="local", hash=self.local_hash)
+        self.config_hash = self.running.hash
         self.started = time.time()
         b = config.buffer
         self.buffer = Buffer(
@@ -155,6 +161,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.systemd = Notifier()
+        self.remote = Applier(self, ConfigStore(state_dir), outcome)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -227,6 +234,15 @@ class Agent:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
+    @property
+    def task_group(self) -> asyncio.TaskGroup:
+        assert self._group is not None, "the agent is not running"
+        return self._group
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -320,7 +336,14 @@ class Agent:
     # ------------------------------------------------------------ what the broker sees
 
     def _birth(self) -> dict[str, Any]:
-        return {"state": "online", "ts": now_ms(), "version": __version__, "config_hash": self.config_hash}
+        return {
+            "state": "online",
+            "ts": now_ms(),
+            "version": __version__,
+            "config_hash": self.config_hash,
+            "config_version": self.running.version,
+            "config": self.remote.doc(),
+        }
 
     def _meta(self) -> dict[str, dict[str, Any]]:
         docs = {}
@@ -362,8 +385,12 @@ class Agent:
             if name == "write":
                 return await self._write(payload)
             if name == "reload":
+                if self.remote.busy:
+                    return {"ok": False, "error": "a pushed configuration is being applied; reload when it is done"}
                 return await self.reload()
-            return {"ok": False, "error": f"unknown command {name!r} (commands: ping, write, reload)"}
+            if name == "config":
+                return self.remote.command(payload)
+            return {"ok": False, "error": f"unknown command {name!r} (commands: ping, write, reload, config)"}
         except FactoryEdgeError as exc:
             return {"ok": False, "error": str(exc)}
 
@@ -390,7 +417,10 @@ class Agent:
             ]
             await self._stop_devices()
             self.config = self.config.model_copy(update={"devices": new.devices})
-            self.config_hash = config_hash(self.config_path, self.config)
+            self.local_hash = config_hash(self.config_path, self.config)
+            self.running = Running(source="local", hash=self.local_hash)
+            await asyncio.to_thread(self.remote.store.forget)
+            self.config_hash = self.running.hash
             self._filter = ReportFilter.for_devices(self.config.devices)
             if self.edge is not None:  # new aliases and datatypes: new births, devices as they come up
                 self.edge.configure(self.config.devices)
@@ -404,6 +434,37 @@ class Agent:
             reply["restart_needed_for"] = later
         return reply
 
+    async def swap(self, config: AgentConfig, broker: BrokerSettings, running: Running) -> None:
+        """Another configuration in place (``apply.py``): new devices, and the broker when it changed.
+
+        The buffer, its writer and the readings already taken stay; only the
+        polls are restarted. Keys that would need a restart were refused
+        before (``remote.FIXED_KEYS``).
+        """
+        async with self._reload_lock:
+            await self._stop_devices()
+            removed = tuple(sorted({d.name for d in self.config.devices} - {d.name for d in config.devices}))
+            self.config = config.model_copy(update={"state_dir": self.config.state_dir})
+            self.running = running
+            self.config_hash = running.hash
+            self._filter = ReportFilter.for_devices(self.config.devices)
+            if self.edge is not None:
+                self.edge.configure(self.config.devices)
+                self.edge.devices_up.clear()
+                self.publisher.rebirth()
+            if broker != self.broker:
+                self.broker = broker
+                self.publisher.switch_broker(broker, why=f"configuration {running.version or 'local'}")
+            if not self._stopped.is_set():  # stopping: __aexit__ has stopped the devices, none start again
+                self._start_devices()
+            self.publisher.publish_status(meta=True, removed=removed)  # a new connection sends them anyway
+        log.info(
+            "configuration switched",
+            extra=fields(
+                version=running.version, config_hash=running.hash, devices=len(self.drivers), broker=broker.describe()
+            ),
+        )
+
     # ------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
@@ -415,6 +476,7 @@ class Agent:
             "updated": time.time(),
             "started": self.started,
             "config_hash": self.config_hash,
+            "config": self.remote.doc(),
             "connection": {
                 "state": str(publisher.state),
                 "broker": self.broker.describe(),

@@ -137,6 +137,15 @@ def text_lines(doc: dict[str, Any]) -> list[str]:
             + (f", {_n(conn.get('reconnects', 0), 'reconnect', 'reconnects')}" if conn else "")
         ),
     ]
+    config = doc.get("config")
+    if config:
+        what = f"pushed version {config.get('version')}" if config.get("source") == "pushed" else "local file"
+        line = f"config       {what}, hash {config.get('hash')}"
+        last = config.get("last")
+        if last:
+            line += f"; last push: version {last.get('version')} {str(last.get('state', '')).replace('_', ' ')}"
+            line += f" ({last['reason']})" if last.get("reason") else ""
+        lines.append(line)
     devices = doc.get("devices", {})
     if devices:
         rows = [("DEVICE", "STATE", "LAST GOOD READ", "POINTS", "LAST ERROR")]

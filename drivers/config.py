@@ -220,6 +220,7 @@ class DeviceBase(Model):
         def address(self) -> str: ...
 
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
+    profile: str | None = Field(default=None, description="the profile this device starts from (agent/expand.py)")
     poll: Duration = Field(default=1.0, gt=0)
     timeout: Duration = Field(default=1.0, gt=0)
     enabled: bool = True
@@ -228,6 +229,11 @@ class DeviceBase(Model):
 
 class ModbusDeviceBase(DeviceBase):
     unit: int = Field(default=1, ge=0, le=255)
+    addressing: Literal["protocol", "modicon"] = Field(
+        default="protocol",
+        description="how the file wrote the addresses: protocol (0-based, as sent) or modicon (40001, 400001); "
+        "the tags below hold protocol addresses either way",
+    )
     retries: int = Field(default=1, ge=0, le=10)
     max_gap: int = Field(default=16, ge=0, le=124, description="unused registers a merged read may span")
     max_registers_per_read: int = Field(default=125, ge=1, le=125)

@@ -40,6 +40,8 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
 
 
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+YamlLoader = _Loader
+"""The loader config files are read with (floats keep their text)."""
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -1,15 +1,22 @@
 """The HTTPS provisioning API (FastAPI): ``POST /v1/provision``, ``POST /v1/renew``, ``GET /v1/health``.
 
+And, for operators with a token (``Authorization: Bearer feo_…``,
+``operators.py``), the gateways' configurations (``fleet.py``):
+``GET /v1/tenants/{tenant}/configs`` (drift), ``GET`` and ``PUT
+/v1/tenants/{tenant}/gateways/{gw}/config``, ``POST …/config/push``.
+
 Every error is ``{"detail": "<one line>"}`` with a precise status:
 
 | status | when |
 |---|---|
-| 401 | unknown provisioning key; renewal certificate unknown, or the signature does not match its key |
-| 403 | key expired, used up or revoked; certificate revoked, expired or already renewed |
+| 401 | unknown provisioning key; renewal certificate unknown, or the signature does not match its key; no or unknown operator token |
+| 403 | key expired, used up or revoked; certificate revoked, expired or already renewed; operator token revoked or for another tenant |
+| 404 | no such tenant, stored configuration or version |
 | 409 | the gateway name is taken by another (active) device |
 | 413 | request body over 64 KiB |
 | 422 | bad request body, CSR (not a CSR, key type or size, signature, CN not allowed) or name |
 | 429 | too many failed attempts from this client, for this key or certificate, or for this tenant (``Retry-After``) |
+| 504 | the tenant's broker or the gateway did not answer (configuration endpoints) |
 
 The OpenAPI document is served at ``/openapi.json``; the interactive pages
 are off (they load scripts from a CDN).
@@ -19,10 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,13 +38,16 @@ from factory_edge import __version__
 from factory_edge.configfile import format_location
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning.errors import Refused, TooManyAttempts
+from provisioning import fleet, operators
+from provisioning.errors import NotFound, Refused, TooManyAttempts
 from provisioning.ratelimit import FailureLimiter
+from provisioning.registry import Registry
 from provisioning.service import Service
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
 class ProvisionRequest(BaseModel):
@@ -83,12 +93,14 @@ class Problem(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
-        401: "unknown key or certificate",
-        403: "key or certificate not usable",
+        401: "unknown key, certificate or operator token",
+        403: "key, certificate or operator token not usable",
+        404: "no such tenant, configuration or version",
         409: "name already taken",
         413: "request body too large",
         422: "bad request, CSR or name",
         429: "too many failed attempts",
+        504: "the tenant's broker or the gateway did not answer",
     }
     return {code: {"model": Problem, "description": text[code]} for code in codes}
 
@@ -116,6 +128,47 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
     def renew(body: RenewRequest) -> dict[str, Any]:
         """Renew a gateway's certificate, proven by its current certificate and key."""
         return service.renew(body.certificate, body.csr, body.signature).as_json()
+
+    def operator(authorization: str | None, tenant: str) -> None:
+        """401/403 without a token for this tenant; 404 for a tenant that does not exist."""
+        operators.authorize(service.data, authorization, tenant)
+        with Registry(service.data.registry) as registry:
+            if registry.tenant(tenant) is None:
+                raise NotFound(f"no tenant {tenant!r}")
+
+    @app.get("/v1/tenants/{tenant}/configs", responses=_errors(401, 403, 404, 429, 504))
+    def config_status(tenant: str, authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
+        """Every gateway's desired configuration against the one it reports running (drift)."""
+        operator(authorization, tenant)
+        return _reaching_broker(lambda: fleet.drift(service.data, tenant))
+
+    @app.get("/v1/tenants/{tenant}/gateways/{gateway}/config", responses=_errors(401, 403, 404, 429))
+    def config_get(
+        tenant: str, gateway: str, version: int | None = None, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        """A stored configuration (the newest, or ``?version=N``), with its YAML."""
+        operator(authorization, tenant)
+        return fleet.show(service.data, tenant, gateway, version).as_json(with_yaml=True)
+
+    @app.put("/v1/tenants/{tenant}/gateways/{gateway}/config", responses=_errors(401, 403, 404, 413, 422, 429, 504))
+    def config_put(
+        tenant: str, gateway: str, body: ConfigRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        """Store the gateway's next configuration version; with ``push``, push it and include the answer."""
+        operator(authorization, tenant)
+        stored = fleet.store(service.data, tenant, gateway, body.yaml, source="yaml", note=body.note)
+        doc = stored.as_json()
+        if body.push:
+            doc["answer"] = _reaching_broker(lambda: fleet.push(service.data, tenant, gateway))
+        return doc
+
+    @app.post("/v1/tenants/{tenant}/gateways/{gateway}/config/push", responses=_errors(401, 403, 404, 422, 429, 504))
+    def config_push(
+        tenant: str, gateway: str, body: PushRequest, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        """Push a stored version (default the newest) and return the gateway's answer."""
+        operator(authorization, tenant)
+        return _reaching_broker(lambda: fleet.push(service.data, tenant, gateway, version=body.version))
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -146,6 +199,11 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
         log.warning("request refused", extra=fields(path=request.url.path, status=422, client=client, reason=detail))
         return JSONResponse({"detail": detail}, status_code=422)
 
+    @app.exception_handler(Unreachable)
+    async def unreachable(request: Request, exc: Unreachable) -> JSONResponse:
+        log.warning("request not answered", extra=fields(path=request.url.path, err=str(exc)))
+        return JSONResponse({"detail": str(exc)}, status_code=504)
+
     @app.exception_handler(ProvisioningError)
     async def broken(request: Request, exc: ProvisioningError) -> JSONResponse:
         log.error("request failed", extra=fields(path=request.url.path, err=str(exc)))
@@ -153,6 +211,32 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
 
     app.add_middleware(Guard, limiter=limiter)
     return app
+
+
+class ConfigRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    yaml: str = Field(description="the whole agent configuration, YAML (docs/config.md)")
+    note: str | None = Field(default=None, max_length=500)
+    push: bool = Field(default=False, description="push it at once and include the gateway's answer")
+
+
+class PushRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int | None = Field(default=None, ge=1, description="default: the newest stored version")
+
+
+def _reaching_broker(call: Callable[[], T]) -> T:
+    """The tenant's broker or gateway did not answer: 504 with the reason, not a service error."""
+    try:
+        return call()
+    except Refused:
+        raise
+    except ProvisioningError as exc:
+        raise Unreachable(str(exc)) from None
+
+
+class Unreachable(ProvisioningError):
+    """The tenant's broker or the gateway did not answer (504)."""
 
 
 def _one_line(exc: RequestValidationError) -> str:

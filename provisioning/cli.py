@@ -19,7 +19,7 @@ from typing import Any
 from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 from factory_edge.errors import ProvisioningError
 from factory_edge.units import parse_duration
-from provisioning import admin, tenants
+from provisioning import admin, fleet, operators, tenants
 from provisioning.layout import DATA_DIR_ENV, DEFAULT_DATA_DIR, DataDir
 from provisioning.registry import Registry, now
 
@@ -369,6 +369,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant", metavar="TENANT", nargs="?", help="only this tenant")
     p.add_argument("--force", action="store_true", help="re-issue even if still fresh")
     p.set_defaults(handler=cmd_crl_refresh)
+
+    config = commands.add_parser(
+        "config",
+        help="gateways' configurations: store versions, push, compare with what runs",
+        description="Each gateway's desired agent configuration, versioned in the registry, pushed over MQTT "
+        "on gw/GW/cmd/config, and compared with what each agent reports running (docs/fleet.md).",
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = config.add_parser(
+        "set",
+        parents=[common],
+        help="store a new version of a gateway's configuration",
+        description="Store FILE (an agent config, docs/config.md) as the gateway's next version; the same "
+        "text as the newest version stores nothing. The gateway checks it fully when it is pushed.",
+    )
+    p.add_argument("tenant", metavar="TENANT", help="the tenant")
+    p.add_argument("gateway", metavar="GW", help="the gateway id")
+    p.add_argument("file", metavar="FILE", help="agent config (YAML)")
+    p.add_argument("--note", help="why this version (shown by config show)")
+    p.add_argument("--push", action="store_true", help="push it at once (as config push)")
+    p.add_argument("--timeout", type=_duration, default=10.0, metavar="DURATION", help="wait for the answer (10s)")
+    p.set_defaults(handler=cmd_config_set)
+    p = config.add_parser(
+        "push",
+        parents=[common],
+        help="push a stored version to its gateway",
+        description="Publish the newest (or --version N) stored configuration on gw/GW/cmd/config as the "
+        "operators' identity and print the gateway's answer: applying, or rejected with every reason. "
+        "Exit code 1 when rejected.",
+    )
+    p.add_argument("tenant", metavar="TENANT", help="the tenant")
+    p.add_argument("gateway", metavar="GW", help="the gateway id")
+    p.add_argument("--version", type=int, metavar="N", help="this stored version (default: the newest)")
+    p.add_argument("--timeout", type=_duration, default=10.0, metavar="DURATION", help="wait for the answer (10s)")
+    p.set_defaults(handler=cmd_config_push)
+    p = config.add_parser(
+        "show",
+        parents=[common],
+        help="print a stored configuration",
+        description="Print the newest (or --version N) stored configuration of the gateway, as stored.",
+    )
+    p.add_argument("tenant", metavar="TENANT", help="the tenant")
+    p.add_argument("gateway", metavar="GW", help="the gateway id")
+    p.add_argument("--version", type=int, metavar="N", help="this stored version (default: the newest)")
+    p.add_argument("--json", action="store_true", help="one JSON document (with the YAML) for scripts")
+    p.set_defaults(handler=cmd_config_show)
+    p = config.add_parser(
+        "status",
+        parents=[common],
+        help="desired against running configuration, per gateway (drift)",
+        description="Read every gateway's retained status from the tenant's broker and compare the "
+        "configuration it runs with the newest stored one: in sync, drift (a different version, a "
+        "rollback, or a local edit), not pushed, or no status. Exit code 3 when any gateway drifts.",
+    )
+    p.add_argument("tenant", metavar="TENANT", help="the tenant")
+    p.add_argument("gateway", metavar="GW", nargs="?", help="only this gateway")
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p.set_defaults(handler=cmd_config_status)
+
+    token = commands.add_parser(
+        "operator-token",
+        help="tokens for the API's configuration endpoints",
+        description="Operator tokens: what a script or the console sends (Authorization: Bearer) to the API's "
+        "configuration endpoints (docs/fleet.md).",
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = token.add_parser(
+        "create",
+        parents=[common],
+        help="make a token and print it once",
+        description="Make an operator token and print it (stdout, once: only its SHA-256 is stored).",
+    )
+    p.add_argument("name", metavar="NAME", help="who or what uses it (console, ci, …)")
+    p.add_argument("--tenant", metavar="TENANT", help="reach only this tenant's gateways (default: every tenant)")
+    p.set_defaults(handler=cmd_token_create)
+    p = token.add_parser(
+        "list", parents=[common], help="list tokens (never the tokens)", description="List operator tokens."
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p.set_defaults(handler=cmd_token_list)
+    p = token.add_parser(
+        "revoke", parents=[common], help="revoke a token", description="Revoke an operator token at once."
+    )
+    p.add_argument("token_id", metavar="TOKEN_ID", help="the token's id (operator-token list), or the token itself")
+    p.set_defaults(handler=cmd_token_revoke)
     accept_global_options_anywhere(parser)
     return parser
 
@@ -558,6 +641,96 @@ def cmd_serve(args: argparse.Namespace) -> int:
         crl_check_s=args.crl_check,
     )
     asyncio.run(serve(_data(args), options))
+    return 0
+
+
+def _read_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProvisioningError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProvisioningError(f"{path}: cannot read: {exc}") from None
+
+
+def _print_answer(gateway: str, answer: dict[str, Any]) -> int:
+    if answer.get("ok"):
+        same = " (already running)" if answer.get("unchanged") else ""
+        print(f"{gateway}: version {answer.get('version')} {answer.get('state')}{same}, hash {answer.get('hash')}")
+        return 0
+    print(f"{gateway}: version {answer.get('version')} {answer.get('state', 'refused')}", file=sys.stderr)
+    for reason in answer.get("reasons") or [answer.get("error")]:
+        print(f"  {reason}", file=sys.stderr)
+    return 1
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    data = _data(args)
+    data.require()
+    stored = fleet.store(data, args.tenant, args.gateway, _read_file(args.file), source=args.file, note=args.note)
+    print(f"{args.gateway}: version {stored.version}, hash {stored.hash}")
+    if args.push:
+        return _print_answer(args.gateway, fleet.push(data, args.tenant, args.gateway, timeout_s=args.timeout))
+    return 0
+
+
+def cmd_config_push(args: argparse.Namespace) -> int:
+    data = _data(args)
+    data.require()
+    answer = fleet.push(data, args.tenant, args.gateway, version=args.version, timeout_s=args.timeout)
+    return _print_answer(args.gateway, answer)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    data = _data(args)
+    data.require()
+    stored = fleet.show(data, args.tenant, args.gateway, args.version)
+    if args.json:
+        print(json.dumps(stored.as_json(with_yaml=True)))
+    else:
+        sys.stdout.write(stored.yaml)
+    return 0
+
+
+def cmd_config_status(args: argparse.Namespace) -> int:
+    data = _data(args)
+    data.require()
+    rows = fleet.drift(data, args.tenant, args.gateway)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(fleet.drift_line(row))
+    return 3 if any(r["state"] == "drift" for r in rows) else 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    text, token = operators.create(_data(args), args.name, tenant=args.tenant)
+    print(text)
+    print(
+        f"operator token {token.id} ({token.name}) for {'tenant ' + token.tenant if token.tenant else 'every tenant'}. "
+        "It is shown only now; the registry keeps only its hash.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    found = operators.listed(_data(args))
+    if args.json:
+        print(json.dumps([t.as_json() for t in found]))
+        return 0
+    rows = [("ID", "NAME", "TENANT", "STATE", "CREATED", "LAST USED")]
+    for t in found:
+        doc = t.as_json()
+        rows.append((t.id, t.name, t.tenant or "*", doc["state"], t.created_at, t.last_used_at or "-"))
+    _table(rows)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    token = operators.revoke(_data(args), args.token_id)
+    print(f"operator token {token.id} ({token.name}) revoked at {token.revoked_at}")
     return 0
 
 

@@ -7,6 +7,7 @@ like any other error::
     └── Refused              a request is refused (HTTP status in ``status``)
         ├── Unauthorized     401: unknown provisioning key or certificate
         ├── Forbidden        403: key expired, used up or revoked; certificate revoked or expired
+        ├── NotFound         404: no such tenant, gateway configuration or version
         ├── Conflict         409: gateway name taken by another device
         ├── Invalid          422: bad CSR, name or request body
         └── TooManyAttempts  429: too many failed attempts from one client
@@ -36,6 +37,10 @@ class Forbidden(Refused):
     status = 403
 
 
+class NotFound(Refused):
+    status = 404
+
+
 class Conflict(Refused):
     status = 409
 
@@ -52,4 +57,4 @@ class TooManyAttempts(Refused):
         self.retry_after_s = retry_after_s
 
 
-__all__ = ["Conflict", "Forbidden", "Invalid", "Refused", "TooManyAttempts", "Unauthorized"]
+__all__ = ["Conflict", "Forbidden", "Invalid", "NotFound", "Refused", "TooManyAttempts", "Unauthorized"]

@@ -192,10 +192,38 @@ def _m0003_clones(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE devices ADD COLUMN cloned_at TEXT")
 
 
+def _m0004_fleet_configs(db: sqlite_utils.Database) -> None:
+    # Each gateway's desired agent configuration, every version kept (provisioning/fleet.py).
+    db.execute(
+        """CREATE TABLE gateway_configs (
+            tenant TEXT NOT NULL REFERENCES tenants(name),
+            gateway TEXT NOT NULL,
+            version INTEGER NOT NULL,             -- 1, 2, …: what the agent reports as config_version
+            hash TEXT NOT NULL,                   -- sha256 of yaml, 12 hex digits: the agent's config_hash
+            yaml TEXT NOT NULL,
+            note TEXT,
+            created_at TEXT NOT NULL,
+            pushed_at TEXT,                       -- last published on gw/<gateway>/cmd/config
+            PRIMARY KEY (tenant, gateway, version))"""
+    )
+    # Who may use the API's configuration endpoints (provisioning/operators.py); only the SHA-256 is kept.
+    db.execute(
+        """CREATE TABLE operator_tokens (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            tenant TEXT REFERENCES tenants(name),  -- NULL: every tenant
+            digest TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT,
+            last_used_at TEXT)"""
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m0001_initial),
     ("0002_isolation", _m0002_isolation),
     ("0003_clones", _m0003_clones),
+    ("0004_fleet_configs", _m0004_fleet_configs),
 ]
 
 

@@ -434,8 +434,9 @@ async def test_commands_ping_write_reload(
             assert lines[0] == f"gateway      {GW}  (running, pid {agent.proc.pid})"
             assert lines[1].startswith(f"broker       mqtts://{pki_acme.host}:{proxy.port} via 127.0.0.1  connected")
             assert lines[3] == "dropped      0 points"
-            assert lines[6].split()[:3] == ["DEVICE", "STATE", "LAST"]
-            assert lines[7].split()[:2] == ["line-1", "up"]
+            assert lines[5].startswith("config       local file, hash ")
+            assert lines[7].split()[:3] == ["DEVICE", "STATE", "LAST"]
+            assert lines[8].split()[:2] == ["line-1", "up"]
             assert status["devices"]["line-1"]["state"] == "up"
             metrics = await asyncio.to_thread(
                 lambda: (

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from agent.cli import build_parser as agent_parser
-from agent.config import AgentConfig
+from agent.config import AgentConfig, parse_config
 from bridge.cli import build_parser as bridge_parser
 from bridge.config import BridgeConfig
 from factory_edge.configfile import validate
@@ -285,7 +285,10 @@ def test_documented_config_example_validates(where: str, model: type, text: str)
         if model is BridgeConfig and isinstance(data, dict) and not {"tenants", "tenants_from"} & set(data):
             # An excerpt (e.g. only `mappings:`): the rest of the file is one tenant.
             data["tenants"] = [{"name": "acme", "url": "mqtts://mqtt.acme.example.com:8883"}]
-        validate(model, data, where)
+        if model is AgentConfig:
+            parse_config(data, where)  # profiles and ranges expanded, as the agent reads a file
+        else:
+            validate(model, data, where)
     except (ConfigError, yaml.YAMLError) as exc:
         pytest.fail(f"{where}: the {model.__name__} example does not validate:\n{exc}")
 

@@ -292,7 +292,8 @@ def test_modicon_address_is_named_at_check_config_and_at_read(tmp_path: Path) ->
     path.write_text(MODBUS_DEVICE.format(port=port, unit=2, address=40001))
     hint = (
         "address 40001 looks like 1-based Modicon notation (holding register 40001); "
-        "this field takes the 0-based protocol address: table: holding, address: 0"
+        "this field takes the 0-based protocol address: table: holding, address: 0 "
+        "(or give the device addressing: modicon)"
     )
     result = agent("check-config", path)
     assert result.returncode == 0

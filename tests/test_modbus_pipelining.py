@@ -202,3 +202,23 @@ async def test_a_device_that_drops_the_connection_on_a_second_request_is_read_on
             assert proxy.closed == 2 and {"connection lost"} in errors
             assert_all_read(await driver.read())
     assert proxy.closed == 2
+
+
+async def test_a_waiter_cancelled_as_its_slot_frees_leaves_the_window_whole() -> None:
+    """A poll cancelled (timeout, reload) while its request waits for a slot, just as the slot frees: the slot
+    goes to the next waiter, not to the cancelled one, and nothing raises (seen under load with 4 in flight)."""
+    from drivers.modbus.window import Window
+
+    window = Window(1)
+    await window.enter(False)
+    cancelled = asyncio.create_task(window.enter(False))
+    nxt = asyncio.create_task(window.enter(False))
+    await asyncio.sleep(0)  # both wait
+    cancelled.cancel()  # its future is cancelled now; the task learns it on its next step
+    window.leave(False)  # the slot frees before that step
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await asyncio.wait_for(nxt, 1)  # the next waiter got the slot
+    assert window.busy == 1
+    window.leave(False)
+    assert window.busy == 0 and not window._waiters

@@ -5,7 +5,9 @@ holding register 40001 in a manual's 1-based "Modicon" notation is
 ``table: holding, address: 0``. A tag written in that notation
 (``address: 40001``) is a valid protocol address too, so it validates and
 then reads "illegal data address" from most devices; ``agent check-config``
-warns about it, and ``agent read`` says so next to the error.
+warns about it, and ``agent read`` says so next to the error. A device
+with ``addressing: modicon`` takes that notation instead, for every tag
+(``agent/expand.py`` converts it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def modicon_hint(tag: ModbusTag) -> str | None:
         return None
     return (
         f"address {address} looks like 1-based Modicon notation ({table} register {address}); "
-        f"this field takes the 0-based protocol address: table: {table}, address: {offset - 1}"
+        f"this field takes the 0-based protocol address: table: {table}, address: {offset - 1} "
+        "(or give the device addressing: modicon)"
     )
 
 
@@ -37,7 +40,7 @@ def address_warnings(config: Any, source: str) -> list[str]:
     """One line per Modbus tag whose address looks like Modicon notation."""
     out = []
     for device in config.devices:
-        if isinstance(device, ModbusDeviceBase):
+        if isinstance(device, ModbusDeviceBase) and device.addressing == "protocol":
             for tag in device.tags:
                 hint = modicon_hint(tag)
                 if hint:

@@ -44,7 +44,8 @@ class Window:
             if granted.done() and not granted.cancelled():
                 self.leave(alone)  # granted just as the caller was cancelled
             else:
-                self._waiters.remove(waiter)
+                if waiter in self._waiters:  # else _wake already passed it over
+                    self._waiters.remove(waiter)
                 self._wake()
             raise
 
@@ -57,5 +58,7 @@ class Window:
     def _wake(self) -> None:
         while self._waiters and self._fits(self._waiters[0][0]):
             alone, granted = self._waiters.popleft()
+            if granted.done():  # its caller was cancelled before it could be woken: the slot goes to the next
+                continue
             self._take(alone)
             granted.set_result(None)

@@ -1,0 +1,197 @@
+"""Applying a pushed configuration: the ``cmd/config`` command, the switch, the watch and the rollback.
+
+    cmd/config ─▶ parse_push (check-config's checks) ─▶ rejected: reply with every reason
+                       │ ok: reply "applying"
+                       ▼
+    task config[v<N>]: candidate.json ─▶ swap devices (and broker) ─▶ watch ≤ deadline
+                       ├─ broker reached, devices that read fine read again ─▶ running.json, "applied"
+                       └─ broker unreachable / too many such devices failing ─▶ swap back, "rolled_back"
+
+Every state goes out three ways: the retained status (``config`` and
+``config_version``), an event on ``gw/<gw>/events`` (buffered like data,
+so a rollback that happened while the broker was unreachable is still
+told), and the log. ``remote.py`` has the files and why they are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from drivers.base import DeviceState
+from drivers.points import now_ms
+from factory_edge.errors import ConfigError, FactoryEdgeError
+from factory_edge.logs import fields
+from factory_edge.mqtt import BrokerSettings, tls_context
+from factory_edge.units import format_duration
+
+from .identity import resolve
+from .publisher import ConnectionState
+from .remote import ConfigStore, Outcome, Push, Running, parse_push
+
+if TYPE_CHECKING:
+    from .runtime import Agent
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.1
+
+
+def same_broker(a: BrokerSettings, b: BrokerSettings) -> bool:
+    """The same connection, whichever file named it (``origin`` only words errors)."""
+    return dataclasses.replace(a, origin="") == dataclasses.replace(b, origin="")
+
+
+class Applier:
+    """The pushed-configuration half of one agent."""
+
+    def __init__(self, agent: Agent, store: ConfigStore, outcome: Outcome | None) -> None:
+        self.agent = agent
+        self.store = store
+        self.outcome = outcome
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """A pushed configuration is being applied (switched, or under watch)."""
+        return self.task is not None and not self.task.done()
+
+    def command(self, payload: Any) -> dict[str, Any]:
+        """``cmd/config``: check it now, apply it in the background, answer at once."""
+        agent = self.agent
+        version = payload.get("version") if isinstance(payload, dict) else None
+        if not agent.config.remote_config.enabled:
+            return self._rejected(version, None, ["remote configuration is off here (remote_config.enabled: false)"])
+        if self.busy:
+            busy = self.outcome.version if self.outcome else "?"
+            return self._rejected(version, None, [f"version {busy} is being applied; push again when it is done"])
+        try:
+            push = parse_push(payload, agent.config, agent.gateway)
+            broker = self._broker(push)
+        except ConfigError as exc:
+            return self._rejected(version, None, str(exc).splitlines())
+        running = agent.running
+        if running.source == "pushed" and running.version is not None:
+            if push.version == running.version and push.hash == running.hash:
+                return {"ok": True, "state": "applied", "version": push.version, "hash": push.hash, "unchanged": True}
+            if push.version <= running.version:
+                return self._rejected(
+                    push.version,
+                    push.hash,
+                    [f"version {push.version} is not newer than the running version {running.version}"],
+                )
+        self._report(Outcome("applying", push.version, push.hash, ts=now_ms()))
+        group = agent.task_group
+        self.task = group.create_task(self._apply(push, broker), name=f"config[v{push.version}]")
+        return {"ok": True, "state": "applying", "version": push.version, "hash": push.hash}
+
+    def _broker(self, push: Push) -> BrokerSettings:
+        agent = self.agent
+        base = agent.config_path.resolve().parent if agent.config_path else None
+        source = f"config version {push.version}"
+        gateway, broker = resolve(push.config, agent.state_dir, base_dir=base, source=source)
+        if gateway != agent.gateway:
+            raise ConfigError(f"{source}: gateway: {gateway!r} is not this gateway ({agent.gateway!r})")
+        if broker.tls:
+            tls_context(broker)  # a missing or wrong TLS file is a reason to refuse, not a retry loop
+        return broker
+
+    def _rejected(self, version: Any, hash_: str | None, reasons: list[str]) -> dict[str, Any]:
+        number = version if isinstance(version, int) and not isinstance(version, bool) else None
+        self._report(Outcome("rejected", number, hash_, "; ".join(reasons), now_ms()))
+        return {"ok": False, "state": "rejected", "version": number, "error": "; ".join(reasons), "reasons": reasons}
+
+    def _report(self, outcome: Outcome) -> None:
+        agent = self.agent
+        self.outcome = outcome
+        if outcome.state != "applying":
+            self.store.record(outcome)
+        agent.event("config", state=outcome.state, version=outcome.version, hash=outcome.hash, reason=outcome.reason)
+        agent.publisher.publish_status()
+        level = logging.WARNING if outcome.state in ("rejected", "rolled_back") else logging.INFO
+        log.log(
+            level,
+            f"configuration {outcome.state.replace('_', ' ')}",
+            extra=fields(version=outcome.version, config_hash=outcome.hash, reason=outcome.reason),
+        )
+
+    async def _apply(self, push: Push, broker: BrokerSettings) -> None:
+        agent = self.agent
+        before = (agent.config, agent.broker, agent.running)
+        rc = agent.config.remote_config  # the running configuration's rules judge the new one
+        local_hash = agent.local_hash
+        try:
+            await asyncio.to_thread(self.store.begin, push, local_hash)
+        except OSError as exc:  # a full or read-only disk: nothing was switched
+            self._report(Outcome("rejected", push.version, push.hash, f"cannot write the candidate: {exc}", now_ms()))
+            return
+        healthy = sorted(name for name, driver in agent.drivers.items() if driver.state is DeviceState.UP)
+        switched_at = time.time()
+        running = Running(source="pushed", hash=push.hash, version=push.version, yaml=push.yaml)
+        changed = not same_broker(broker, before[1])
+        try:
+            await agent.swap(push.config, broker if changed else before[1], running)
+            since_ms = now_ms()  # after the old polls stopped: a reading the old configuration took does not count
+            reason = await self._watch(healthy, broker if changed else None, switched_at, since_ms, rc)
+            if agent.stopping:
+                reason = f"the agent stopped while applying version {push.version}"
+            if reason is None:
+                await asyncio.to_thread(self.store.commit, push, local_hash)
+                self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
+                return
+        except (FactoryEdgeError, OSError) as exc:
+            # A driver that cannot start, a disk that refuses the commit: back to what ran, never half of each.
+            log.error("applying a configuration failed", exc_info=True, extra=fields(version=push.version))
+            reason = f"applying failed: {exc}"
+        await agent.swap(*before)
+        try:
+            await asyncio.to_thread(self.store.abort)
+        except OSError as exc:  # at the next start the candidate is recognised and discarded all the same
+            log.warning("cannot remove the candidate", extra=fields(err=str(exc)))
+        self._report(Outcome("rolled_back", push.version, push.hash, reason, now_ms()))
+
+    async def _watch(
+        self, healthy: list[str], new_broker: BrokerSettings | None, switched_at: float, since_ms: int, rc: Any
+    ) -> str | None:
+        """None when the new configuration holds; else why it is rolled back."""
+        agent = self.agent
+        loop = asyncio.get_running_loop()
+        end = loop.time() + rc.deadline
+        while True:
+            publisher = agent.publisher
+            connected = publisher.state is ConnectionState.CONNECTED
+            broker_ok = new_broker is None or (connected and (publisher.stats.connected_since or 0) >= switched_at)
+            watched = [name for name in healthy if name in agent.drivers]
+            failing = [n for n in watched if (agent.device_stats[n].last_good_ms or 0) < since_ms]
+            if broker_ok and not failing:
+                return None
+            if loop.time() >= end or agent.stopping:
+                break
+            await asyncio.sleep(WATCH_INTERVAL_S)
+        deadline = format_duration(rc.deadline)
+        if not broker_ok:
+            assert new_broker is not None
+            return (
+                f"cannot reach the broker {new_broker.describe()} within {deadline}: "
+                f"{publisher.last_error or 'not connected'}"
+            )
+        if watched and len(failing) > rc.max_failed_share * len(watched):
+            details = "; ".join(
+                f"{name}: {agent.drivers[name].last_error or agent.device_stats[name].last_error or 'no good reading'}"
+                for name in failing
+            )
+            return (
+                f"{len(failing)} of {len(watched)} devices that read fine before fail after {deadline} "
+                f"(more than remote_config.max_failed_share {rc.max_failed_share:g}): {details}"
+            )
+        return None
+
+    def doc(self) -> dict[str, Any]:
+        """``config`` of the status and the birth: what runs, and the last push's outcome."""
+        doc = self.agent.running.doc()
+        if self.outcome is not None:
+            doc["last"] = self.outcome.doc()
+        return doc
