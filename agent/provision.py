@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from cryptography.hazmat.primitives import serialization
 
 from factory_edge import __version__, pki
@@ -102,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         csr = pki.make_csr(key, name).public_bytes(serialization.Encoding.PEM).decode()
         url = args.url.rstrip("/") + "/v1/provision"
+        import httpx  # here, not at the top: the agent's CLI loads this module for every command
+
         try:
             with httpx.Client(verify=context, timeout=HTTP_TIMEOUT_S) as client:
                 response = client.post(url, json={"key": args.key, "csr": csr, "name": name})

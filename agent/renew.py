@@ -28,9 +28,8 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -40,6 +39,9 @@ from factory_edge.logs import fields
 
 from .config import AgentConfig
 from .identity import Identity, load_identity
+
+if TYPE_CHECKING:
+    import httpx  # imported where a request is made: an agent renews once in months, and httpx weighs 3.5 MB
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,8 @@ def api_context(ca_file: str | None) -> ssl.SSLContext:
 
 def explain_http_error(exc: httpx.HTTPError, url: str) -> str:
     """A one-line reason an HTTPS request to the API failed."""
+    import httpx
+
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
     while cause is not None and not isinstance(cause, ssl.SSLError):
@@ -274,6 +278,8 @@ class Renewer:
             ).decode(),
         }
         url = self.api.url.rstrip("/") + "/v1/renew"
+        import httpx
+
         try:
             async with httpx.AsyncClient(verify=api_context(self.api.ca_file), timeout=HTTP_TIMEOUT_S) as client:
                 response = await client.post(url, json=body)

@@ -60,3 +60,22 @@ def test_the_rule_sees_lazy_imports(tmp_path: Path) -> None:
         "import os\nfrom agent.mqtt import Link\n\ndef f():\n    import bridge.cli\n    from . import x\n"
     )
     assert imported_packages(source) == [(2, "agent"), (5, "bridge")]
+
+
+def test_a_modbus_only_agent_loads_no_opcua_sparkplug_or_http_stack() -> None:
+    """Memory on a gateway: asyncua, protobuf and httpx load only when a device, Sparkplug or a renewal needs them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from agent import cli, runtime; from agent.config import AgentConfig; "
+        "from drivers.base import open_driver; "
+        "c = AgentConfig.model_validate({'gateway': 'gw-1', 'mqtt': {'url': 'mqtts://mqtt.example:8883'}, "
+        "'devices': [{'name': 'press-1', 'protocol': 'modbus-tcp', 'host': '127.0.0.1', "
+        "'tags': [{'name': 't', 'address': 0}]}]}); "
+        "open_driver(c.devices[0]); "
+        "print(sorted(m for m in ('asyncua', 'google.protobuf', 'httpx') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
