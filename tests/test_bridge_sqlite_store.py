@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,9 @@ def test_a_series_named_in_a_rolled_back_transaction_is_not_remembered(tmp_path:
     ]
 
 
-def test_a_first_schema_database_migrates_with_its_readings_in_order(tmp_path: Path) -> None:
+def test_a_first_schema_database_migrates_with_its_readings_in_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "acme.db"
     with sqlite3.connect(path, isolation_level=None) as db:
         for statement in _MIGRATIONS[1].split(";"):
@@ -90,7 +93,12 @@ def test_a_first_schema_database_migrates_with_its_readings_in_order(tmp_path: P
         ]
         db.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)", old)
     store = SqliteStore(tmp_path, "acme")
-    store.open()
+    with caplog.at_level(logging.INFO, logger="bridge.storage.sqlite"):
+        store.open()
+    assert [r.getMessage() for r in caplog.records] == [
+        "converting stored readings to series ids (once)",
+        "stored readings converted",
+    ]
     try:
         store_batches(store, rows("press-1", 3, [("temp", 7, 72.0)]))
         newest = store.query("points", gw=GW, limit=2).rows

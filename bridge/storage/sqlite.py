@@ -19,8 +19,10 @@ SQL written against it reads the same rows.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,11 +31,14 @@ from typing import Any
 import sqlite_utils
 
 from factory_edge.errors import StorageError
+from factory_edge.logs import fields
 
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast, State
 from ..mapping import MappingRule
 from ..messages import DataBatch, DeadLetter, EventRow, StatusRow
 from .base import DataRejected, LatestRow, Store, Table, Tx
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 _MIGRATIONS = {
@@ -189,11 +194,25 @@ class SqliteStore(Store):
         for target in range(version + 1, SCHEMA_VERSION + 1):
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                rows = 0
+                if target == 2:  # rewrites every reading: say so, it can take minutes on a big file
+                    rows = self._db.execute("SELECT coalesce(max(rowid), 0) FROM points").fetchone()[0]
+                    if rows:
+                        log.info(
+                            "converting stored readings to series ids (once)",
+                            extra=fields(tenant=self.tenant, path=str(self.path), readings=rows),
+                        )
+                started = time.monotonic()
                 for statement in _MIGRATIONS[target].split(";"):
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={target}")
                 self._db.execute("COMMIT")
+                if rows:
+                    log.info(
+                        "stored readings converted",
+                        extra=fields(tenant=self.tenant, readings=rows, seconds=round(time.monotonic() - started, 1)),
+                    )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
