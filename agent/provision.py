@@ -22,10 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-from cryptography.hazmat.primitives import serialization
-
-from factory_edge import __version__, pki
+from factory_edge import __version__
 from factory_edge.errors import ConfigError, ProvisioningError
 from factory_edge.mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 
@@ -57,6 +54,8 @@ def add_parser(commands: Any) -> None:
 
 def default_name() -> str:
     """This host's short name as a gateway id."""
+    from factory_edge import pki
+
     host = socket.gethostname().split(".")[0].lower()
     name = re.sub(r"[^a-z0-9_.-]+", "-", host).strip("-_.")[:64]
     if not name or not pki.ID_RE.match(name) or pki.is_reserved(name):
@@ -65,6 +64,11 @@ def default_name() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the agent's CLI loads this module for every command, and cryptography weighs 10 MB.
+    from cryptography.hazmat.primitives import serialization
+
+    from factory_edge import pki
+
     started = time.monotonic()
     state_dir = Path(args.state_dir).resolve()
     try:
@@ -102,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         csr = pki.make_csr(key, name).public_bytes(serialization.Encoding.PEM).decode()
         url = args.url.rstrip("/") + "/v1/provision"
+        import httpx  # here, not at the top: the agent's CLI loads this module for every command
+
         try:
             with httpx.Client(verify=context, timeout=HTTP_TIMEOUT_S) as client:
                 response = client.post(url, json={"key": args.key, "csr": csr, "name": name})
@@ -208,6 +214,8 @@ def print_summary(
     publish_ms: float | None,
     elapsed_s: float,
 ) -> None:
+    from factory_edge import pki
+
     gw = pki.common_name(cert)
     check = f"connected, published gw/{gw}/events in {publish_ms:.0f} ms" if publish_ms is not None else "NOT checked"
     own = shlex.join(

@@ -28,18 +28,21 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from factory_edge import pki
+from factory_edge.certdates import CertDates, read_cert_dates
 from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
 
 from .config import AgentConfig
 from .identity import Identity, load_identity
+
+if TYPE_CHECKING:
+    # Imported where they are used: an agent renews once in months, and together they weigh some 13 MB.
+    import httpx
+    from cryptography import x509
+
+    from factory_edge.pki import PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ class ApiSettings:
     ca_file: str | None  # None: the system's trust store
 
     def save(self, state_dir: Path) -> None:
+        from factory_edge import pki
+
         ca = os.path.relpath(self.ca_file, state_dir) if self.ca_file else None
         pki.write_bytes(state_dir / PROVISIONING_FILE, json.dumps({"url": self.url, "ca_file": ca}, indent=2).encode())
 
@@ -86,6 +91,8 @@ def api_context(ca_file: str | None) -> ssl.SSLContext:
 
 def explain_http_error(exc: httpx.HTTPError, url: str) -> str:
     """A one-line reason an HTTPS request to the API failed."""
+    import httpx
+
     text = str(exc)
     cause = exc.__cause__ or exc.__context__
     while cause is not None and not isinstance(cause, ssl.SSLError):
@@ -117,8 +124,12 @@ def answer(response: httpx.Response) -> dict[str, Any]:
     raise ProvisioningError(f"the provisioning API refused (HTTP {response.status_code}): {detail}")
 
 
-def check_issued(doc: dict[str, Any], key: pki.PrivateKey, gateway: str) -> tuple[x509.Certificate, x509.Certificate]:
+def check_issued(doc: dict[str, Any], key: PrivateKey, gateway: str) -> tuple[x509.Certificate, x509.Certificate]:
     """The certificate and CA of an answer, checked: our key, our name, signed by that CA."""
+    from cryptography import x509
+
+    from factory_edge import pki
+
     try:
         cert = x509.load_pem_x509_certificate(str(doc["certificate"]).encode())
         ca = x509.load_pem_x509_certificate(str(doc["ca"]).encode())
@@ -137,6 +148,8 @@ def check_issued(doc: dict[str, Any], key: pki.PrivateKey, gateway: str) -> tupl
 
 
 def _pem(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -153,6 +166,8 @@ def complete_pending(identity: Identity) -> bool:
     cert_new, key_new = pending_cert(identity), pending_key(identity)
     if not cert_new.exists():
         return False
+    from factory_edge import pki
+
     try:
         cert = pki.load_cert(cert_new)
         key_file = key_new if key_new.exists() else Path(identity.key_file)
@@ -169,7 +184,7 @@ def complete_pending(identity: Identity) -> bool:
     return True
 
 
-def renew_at(cert: x509.Certificate) -> dt.datetime:
+def renew_at(cert: x509.Certificate | CertDates) -> dt.datetime:
     """When two thirds of the certificate's lifetime have passed."""
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return start + (end - start) * RENEW_AT
@@ -208,8 +223,17 @@ class Renewer:
             return None
         return cls(state_dir=state_dir, identity=identity, api=api)
 
-    def current(self) -> x509.Certificate:
-        return pki.load_cert(self.identity.cert_file)
+    def current(self) -> x509.Certificate | CertDates:
+        """The certificate's serial and dates (read without cryptography when the file allows)."""
+        try:
+            dates = read_cert_dates(Path(self.identity.cert_file).read_bytes())
+        except OSError:
+            dates = None
+        if dates is not None:
+            return dates
+        from factory_edge import pki
+
+        return pki.load_cert(self.identity.cert_file)  # says what is wrong with the file
 
     async def run(self) -> None:
         retry_s = RETRY_FIRST_S
@@ -256,8 +280,12 @@ class Renewer:
 
     async def renew_once(self) -> x509.Certificate:
         """One renewal: CSR for the pending (or a new) key, signed by the current key; swap in the answer."""
+        from cryptography.hazmat.primitives import serialization
+
+        from factory_edge import pki
+
         identity = self.identity
-        current = self.current()
+        current = pki.load_cert(identity.cert_file)  # the whole certificate: it goes to the API
         current_key = pki.load_private_key(identity.key_file)
         key_new = pending_key(identity)
         if key_new.exists():
@@ -274,6 +302,8 @@ class Renewer:
             ).decode(),
         }
         url = self.api.url.rstrip("/") + "/v1/renew"
+        import httpx
+
         try:
             async with httpx.AsyncClient(verify=api_context(self.api.ca_file), timeout=HTTP_TIMEOUT_S) as client:
                 response = await client.post(url, json=body)

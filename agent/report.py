@@ -55,7 +55,9 @@ class ReportFilter:
         for device in devices:
             for tag in device.tags:  # type: ignore[attr-defined]
                 silence = tag.max_silence
-                if silence is None and tag.deadband is not None:
+                if silence is None and tag.deadband is None:
+                    continue  # reports every reading: no rule, nothing to remember
+                if silence is None:
                     silence = DEFAULT_MAX_SILENCE_S
                 rules[(device.name, tag.name)] = Rule(  # type: ignore[attr-defined]
                     tag.deadband, None if silence is None else int(silence * 1000)
@@ -63,12 +65,18 @@ class ReportFilter:
         return cls(rules)
 
     def select(self, points: Sequence[Point]) -> list[Point]:
+        rules = self.rules
+        if not rules:  # no deadband or max_silence anywhere: every reading, as it is (the common case)
+            return list(points)
         out = []
         for point in points:
             key = (point.device, point.tag)
-            rule = self.rules.get(key)
+            rule = rules.get(key)
+            if rule is None:
+                out.append(point)
+                continue
             last = self._last.get(key)
-            if rule is None or last is None or self._report(point, last, rule):
+            if last is None or self._report(point, last, rule):
                 self._last[key] = point
                 out.append(point)
         return out

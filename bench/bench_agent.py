@@ -1,18 +1,26 @@
-"""Agent end to end: machines → agent → SQLite buffer → TLS via HAProxy (SNI) → Mosquitto.
+"""Agent end to end: machines → agent → SQLite buffer → TLS via HAProxy (SNI) → Mosquitto, against the targets.
 
-    python bench/bench_agent.py [--devices 5] [--tags 1000] [--poll 0.1] [--seconds 10] [--backlog 1000000]
+    python bench/bench_agent.py [--seconds 10] [--backlog 1000000] [--skip-rss]
 
-One run measures, on loopback with real Mosquitto and HAProxy:
+One run, on loopback with real Mosquitto and HAProxy, the simulated Modbus
+devices in this process, ``agent run`` in its own and every batch counted
+(deduplicated by seq) as it arrives at a subscriber on the broker:
 
-1. sustained end-to-end points/s: ``--devices`` simulated Modbus devices of
-   ``--tags`` tags each, polled every ``--poll`` seconds by ``agent run``,
-   counted as they arrive at a subscriber on the broker;
-2. the raw baselines from the same run: paho QoS 1 publishes of the same
-   batches through the same HAProxy and TLS (points/s), and SQLite inserts
-   of the same batches with the agent's durability (points/s);
-3. the drain of a ``--backlog``-point buffer while 1,000 live tags keep
-   publishing;
-4. the agent's peak RSS.
+1. one device, 1,000 contiguous registers polled every 10 ms
+   (``max_concurrent_requests: 8``): polls/s delivered (target ≥ 95);
+2. 10 devices × 1,000 registers every 100 ms: values/s delivered (target
+   100,000, no poll skipped) and the agent's CPU per 1,000 values (target
+   ≤ 5 ms);
+3. the raw baselines from the same run: paho QoS 1 publishes of the same
+   batches through the same HAProxy and TLS (points/s and this process's CPU
+   per 1,000 points), and SQLite inserts of the same batches with the
+   agent's durability;
+4. the drain of a ``--backlog``-point buffer while 1,000 live tags keep
+   publishing (target ≥ 500,000 values/s);
+5. the agent's RSS after a steady run with Modbus only (target < 40 MB) and
+   with a Modbus and an OPC UA device (target < 55 MB).
+
+Latency (register change → broker) is ``bench_delivery.py``'s.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +51,7 @@ from agent.bufferread import BufferReader
 from drivers.config import Table
 from drivers.points import Point
 from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
+from drivers.simulate.opcua_server import OpcuaSimulator
 from factory_edge.mqtt import BrokerSettings, tls_context
 from tests.agentproc import AgentProcess
 from tests.helpers import free_port
@@ -92,8 +103,8 @@ def sample_batches(tags: int, count: int) -> list[bytes]:
             reader.close()
 
 
-def raw_paho(settings: BrokerSettings, payloads: list[bytes], seconds: float, inflight: int) -> float:
-    """QoS 1 publishes of ready-made batches through the same proxy and TLS: points/s."""
+def raw_paho(settings: BrokerSettings, payloads: list[bytes], seconds: float, inflight: int) -> tuple[float, float]:
+    """QoS 1 publishes of ready-made batches through the same proxy and TLS: points/s, CPU ms per 1,000 points."""
     done = threading.Semaphore(0)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=GW, protocol=paho.MQTTv5)
     client.tls_set_context(tls_context(settings))
@@ -103,7 +114,7 @@ def raw_paho(settings: BrokerSettings, payloads: list[bytes], seconds: float, in
     client.loop_start()
     points_per = [p.count(b'"tag":') for p in payloads]
     sent = acked_points = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     window = threading.Semaphore(inflight)
     client.on_publish = lambda *a: window.release()
     while time.perf_counter() - started < seconds:
@@ -114,9 +125,10 @@ def raw_paho(settings: BrokerSettings, payloads: list[bytes], seconds: float, in
     for _ in range(inflight):
         window.acquire()
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     client.disconnect()
     client.loop_stop()
-    return acked_points / elapsed
+    return acked_points / elapsed, cpu / acked_points * 1e6
 
 
 def raw_sqlite(payloads: list[bytes], seconds: float, per_commit: int) -> float:
@@ -141,11 +153,41 @@ def raw_sqlite(payloads: list[bytes], seconds: float, per_commit: int) -> float:
     return points / elapsed
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """``VmHWM``: peak resident set; ``VmRSS``: now."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def steady(work: Path, name: str, config: dict[str, Any], counter: Counter, seconds: float) -> dict[str, float]:
+    """Run the agent, let it settle, then measure ``seconds``: values/s delivered, CPU, RSS."""
+    agent = AgentProcess(work / name, config).start()
+    assert agent.proc is not None
+    try:
+        await asyncio.sleep(3)  # connect, first polls
+        start_points, started, cpu = counter.points, time.perf_counter(), cpu_s(agent.proc.pid)
+        await asyncio.sleep(seconds)
+        delivered = counter.points - start_points
+        elapsed = time.perf_counter() - started
+        used = cpu_s(agent.proc.pid) - cpu
+        after = agent.status()
+        return {
+            "values_per_s": delivered / elapsed,
+            "cpu_ms_per_1000": used / max(1, delivered) * 1e6,
+            "backlog": after.get("buffer", {}).get("points", 0),
+            "rss": rss_mb(agent.proc.pid, "VmRSS"),
+            "rss_peak": rss_mb(agent.proc.pid),
+        }
+    finally:
+        agent.stop()
 
 
 def models(tags: int) -> RegisterModel:
@@ -154,7 +196,35 @@ def models(tags: int) -> RegisterModel:
     return model
 
 
-def device(i: int, port: int, tags: int, poll: float) -> dict[str, Any]:
+async def serve(port: int, units: int, registers: int) -> None:
+    """Child process: ``units`` simulated devices on one port, until the benchmark closes stdin."""
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # sends to agents that are gone
+    async with ModbusSimulator(units={i + 1: models(registers) for i in range(units)}, port=port):
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+class Machines:
+    """The simulated devices in a process of their own, so that serving them does not slow the counting."""
+
+    def __init__(self, units: int, registers: int) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(self.port), str(units), str(registers)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
+
+
+def device(i: int, port: int, tags: int, poll: float, concurrent: int = 8) -> dict[str, Any]:
     return {
         "name": f"dev-{i}",
         "protocol": "modbus-tcp",
@@ -163,17 +233,21 @@ def device(i: int, port: int, tags: int, poll: float) -> dict[str, Any]:
         "unit": i + 1,
         "poll": f"{int(poll * 1000)}ms",
         "timeout": "2s",
+        "max_concurrent_requests": concurrent,
         "tags": [{"name": f"t{t}", "address": t} for t in range(tags)],
     }
 
 
+def line(label: str, figure: str, target: str, verdict: bool | None, note: str = "") -> None:
+    mark = "" if verdict is None else ("  ok" if verdict else "  BELOW TARGET")
+    print(f"  {label:<58} {figure:>16}   target {target:<14}{mark}{('  ' + note) if note else ''}")
+
+
 async def main(args: argparse.Namespace) -> None:
-    # The simulator's pymodbus logs every refused send when an agent stops.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     pki = TenantPki(work / "pki", "acme")
     cert, key = pki.client(GW)
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}
     try:
         with Mosquitto(work / "broker", pki) as broker, Haproxy(work / "proxy", [broker.route]) as proxy:
             agent_mqtt = {
@@ -202,42 +276,36 @@ async def main(args: argparse.Namespace) -> None:
                 cert_file=str(bridge_cert),
                 key_file=str(bridge_key),
             )
-            port = free_port()
-            units = {i + 1: models(args.tags) for i in range(args.devices)}
-            async with ModbusSimulator(units=units, port=port):
-                # 1. sustained end to end
-                print(
-                    f"[1/4] end to end: {args.devices} devices x {args.tags} tags every {args.poll}s "
-                    f"(offered {args.devices * args.tags / args.poll:,.0f} points/s) for {args.seconds}s",
-                    flush=True,
-                )
+            machines = Machines(10, 1000)
+            port = machines.port
+            try:
                 counter = Counter(direct)
-                config = {
-                    "gateway": GW,
-                    "mqtt": agent_mqtt,
-                    "buffer": {"max_bytes": "1GiB"},
-                    "devices": [device(i, port, args.tags, args.poll) for i in range(args.devices)],
-                }
-                agent = AgentProcess(work / "agent-live", config).start()
-                await asyncio.sleep(3)  # connect, first polls
-                start_points, started = counter.points, time.perf_counter()
-                await asyncio.sleep(args.seconds)
-                results["e2e"] = (counter.points - start_points) / (time.perf_counter() - started)
-                status = agent.status()
-                results["e2e_backlog"] = status.get("buffer", {}).get("points", 0)
-                agent.stop()
-                results["rss_live"] = float("nan")
+                base = {"gateway": GW, "mqtt": agent_mqtt, "buffer": {"max_bytes": "1GiB"}}
+
+                # 1. one device at 10 ms
+                print("[1/5] one device, 1,000 registers every 10 ms, max_concurrent_requests 8", flush=True)
+                results["fast"] = await steady(
+                    work, "agent-fast", {**base, "devices": [device(0, port, 1000, 0.01)]}, counter, args.seconds
+                )
+                # 2. ten devices at 100 ms
+                print("[2/5] 10 devices x 1,000 registers every 100 ms", flush=True)
+                results["ten"] = await steady(
+                    work,
+                    "agent-ten",
+                    {**base, "devices": [device(i, port, 1000, 0.1) for i in range(10)]},
+                    counter,
+                    args.seconds,
+                )
                 counter.stop()
 
-                # 2. baselines
-                print("[2/4] raw baselines: paho QoS 1 through HAProxy, SQLite inserts", flush=True)
-                payloads = sample_batches(args.tags, 50)
-                results["paho"] = raw_paho(via_proxy, payloads, min(args.seconds, 5), 20)
-                per_commit = max(1, args.tags // 500)
-                results["sqlite"] = raw_sqlite(payloads, min(args.seconds, 5), per_commit)
+                # 3. baselines
+                print("[3/5] raw baselines: paho QoS 1 through HAProxy, SQLite inserts", flush=True)
+                payloads = sample_batches(1000, 50)
+                results["paho"], results["paho_cpu"] = raw_paho(via_proxy, payloads, min(args.seconds, 5), 20)
+                results["sqlite"] = raw_sqlite(payloads, min(args.seconds, 5), 2)
 
-                # 3. backlog drain while 1,000 live tags publish
-                print(f"[3/4] drain of a {args.backlog:,}-point backlog with 1,000 live tags", flush=True)
+                # 4. backlog drain while 1,000 live tags publish
+                print(f"[4/5] drain of a {args.backlog:,}-point backlog with 1,000 live tags", flush=True)
                 drain_dir = work / "agent-drain"
                 with Buffer(drain_dir / "state" / "buffer.db", gateway=GW, max_bytes=10**10) as buf:
                     batch = [Point("backlog", f"t{t}", 1_732_280_000_000, t) for t in range(500)]
@@ -246,13 +314,7 @@ async def main(args: argparse.Namespace) -> None:
                         buf.add("backlog", batch, max_points=500, max_bytes=256 * 1024)
                     backlog_last = buf.next_seq - 1
                 counter = Counter(direct)
-                config = {
-                    "gateway": GW,
-                    "mqtt": agent_mqtt,
-                    "buffer": {"max_bytes": "1GiB"},
-                    "devices": [device(0, port, 1000, 1.0)],
-                }
-                agent = AgentProcess(drain_dir, config)
+                agent = AgentProcess(drain_dir, {**base, "devices": [device(0, port, 1000, 1.0)]})
                 started = time.perf_counter()
                 agent.start()
                 while (
@@ -263,35 +325,91 @@ async def main(args: argparse.Namespace) -> None:
                     if time.perf_counter() - started > 300:
                         raise SystemExit("backlog did not drain within 300 s")
                 drain_s = time.perf_counter() - started
-                live = len([s for s in counter.seqs if s > backlog_last])
                 results["drain"] = args.backlog / drain_s
-                results["drain_live_batches"] = live
+                results["drain_live_batches"] = len([s for s in counter.seqs if s > backlog_last])
                 assert agent.proc is not None
-                results["rss"] = peak_rss_mb(agent.proc.pid)
+                results["drain_rss"] = rss_mb(agent.proc.pid)
                 agent.stop()
+
+                # 5. memory: Modbus only, then Modbus and OPC UA
+                if not args.skip_rss:
+                    print("[5/5] RSS: Modbus only, then Modbus and OPC UA", flush=True)
+                    modbus_only = {**base, "devices": [device(0, port, 1000, 0.1)]}
+                    results["rss_modbus"] = await steady(work, "agent-rss-modbus", modbus_only, counter, args.seconds)
+                    async with OpcuaSimulator(port=free_port(), extra_nodes=100, update_interval_s=0.1) as sim:
+                        opcua = {
+                            "name": "oven",
+                            "protocol": "opcua",
+                            "endpoint": sim.endpoint,
+                            "poll": "100ms",
+                            "tags": [{"name": f"v{i}", "node": f"ns=2;s=Bench.Value{i}"} for i in range(100)],
+                        }
+                        both = {**base, "devices": [device(0, port, 1000, 0.1), opcua]}
+                        results["rss_both"] = await steady(work, "agent-rss-both", both, counter, args.seconds)
                 counter.stop()
+            finally:
+                machines.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    fast, ten, paho_cpu = results["fast"], results["ten"], results["paho_cpu"]
+    load = os.getloadavg()[0]
     print()
-    print(f"{'measure':<52} {'points/s':>12}")
-    print(f"{'agent end to end (machines -> broker, deduplicated)':<52} {results['e2e']:>12,.0f}")
-    print(f"{'raw paho QoS 1 via HAProxy TLS (same batches)':<52} {results['paho']:>12,.0f}")
-    print(f"{'raw SQLite inserts, WAL + fsync (same batches)':<52} {results['sqlite']:>12,.0f}")
-    print(f"{'backlog drain (1,000 live tags publishing too)':<52} {results['drain']:>12,.0f}")
-    print()
-    print(f"agent / raw paho:   {results['e2e'] / results['paho']:.2f}")
-    print(f"agent / raw SQLite: {results['e2e'] / results['sqlite']:.2f}")
-    print(f"backlog left after the end-to-end run: {results['e2e_backlog']:,} points (0 = kept up)")
-    print(f"live batches delivered during the drain: {results['drain_live_batches']}")
-    print(f"agent peak RSS (drain run): {results['rss']:.0f} MB")
+    print(
+        f"agent targets ({os.cpu_count()} CPUs, load average {load:.2f} at the end; ratios against this run's raw paho)"
+    )
+    line(
+        "1 device x 1,000 registers at 10 ms: polls/s delivered",
+        f"{fast['values_per_s'] / 1000:,.1f}",
+        ">= 95",
+        fast["values_per_s"] / 1000 >= 95,
+        f"({fast['values_per_s']:,.0f} values/s = {fast['values_per_s'] / results['paho']:.3f}x raw paho; "
+        f"CPU {fast['cpu_ms_per_1000']:.1f} ms per 1,000 values)",
+    )
+    line(
+        "10 devices x 1,000 registers at 100 ms: values/s delivered",
+        f"{ten['values_per_s']:,.0f}",
+        ">= 100,000",
+        ten["values_per_s"] >= 99_000,
+        f"({ten['values_per_s'] / results['paho']:.3f}x raw paho; backlog at the end {ten['backlog']:,} points)",
+    )
+    line(
+        "   agent CPU per 1,000 values",
+        f"{ten['cpu_ms_per_1000']:.2f} ms",
+        "<= 5 ms",
+        ten["cpu_ms_per_1000"] <= 5,
+        f"({ten['cpu_ms_per_1000'] / paho_cpu:.1f}x raw paho's {paho_cpu:.2f} ms publishing ready-made batches)",
+    )
+    line(
+        "backlog drain, 1,000 live tags publishing too: values/s",
+        f"{results['drain']:,.0f}",
+        ">= 500,000",
+        results["drain"] >= 500_000,
+        f"({results['drain'] / results['paho']:.2f}x raw paho; {results['drain_live_batches']} live batches "
+        f"delivered meanwhile; peak RSS {results['drain_rss']:.0f} MB)",
+    )
+    if not args.skip_rss:
+        for rss_key, label, limit in (("rss_modbus", "Modbus only", 40), ("rss_both", "Modbus and OPC UA", 55)):
+            r = results[rss_key]
+            line(
+                f"agent RSS, {label}, after {args.seconds:.0f} s",
+                f"{r['rss']:.1f} MB",
+                f"< {limit} MB",
+                r["rss"] < limit,
+                f"(peak {r['rss_peak']:.1f} MB)",
+            )
+    print(
+        f"raw baselines: paho QoS 1 via HAProxy TLS {results['paho']:,.0f} points/s at {paho_cpu:.2f} ms CPU per "
+        f"1,000; SQLite inserts, WAL + fsync {results['sqlite']:,.0f} points/s"
+    )
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        asyncio.run(serve(*(int(a) for a in sys.argv[2:5])))
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=5)
-    parser.add_argument("--tags", type=int, default=1000)
-    parser.add_argument("--poll", type=float, default=0.1)
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=10, help="measuring time of each steady run")
     parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--skip-rss", action="store_true", help="leave out the memory runs")
     asyncio.run(main(parser.parse_args()))

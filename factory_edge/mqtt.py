@@ -22,11 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from paho.mqtt.properties import Properties
 
+from .certdates import read_cert_dates
 from .errors import ConfigError, PublishError
 
 
@@ -88,6 +86,11 @@ def tls_file_problems(settings: BrokerSettings) -> list[str]:
     Checked before dialling (and by ``agent check-config``), so a wrong path
     or a file of the wrong kind is a config error, not a failed connection.
     """
+    # Here, not at the top: a gateway checks its files once, and cryptography weighs some 10 MB.
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     problems: list[str] = []
 
     def read(key: str, name: str) -> bytes | None:
@@ -138,7 +141,9 @@ def tls_file_problems(settings: BrokerSettings) -> list[str]:
     return problems
 
 
-def _same_public_key(cert: x509.Certificate, key: Any) -> bool:
+def _same_public_key(cert: Any, key: Any) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
     def spki(public: Any) -> bytes:
         return bytes(public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
@@ -359,7 +364,12 @@ def check_client_certificate(settings: BrokerSettings) -> None:
     if not (settings.tls and settings.cert_file):
         return
     try:
-        cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
+        data = Path(settings.cert_file).read_bytes()
+        cert: Any = read_cert_dates(data)  # the dates alone, without loading cryptography on a gateway
+        if cert is None:
+            from cryptography import x509
+
+            cert = x509.load_pem_x509_certificate(data)
     except (OSError, ValueError) as exc:
         raise PublishError(f"TLS: cannot read our certificate {settings.cert_file}: {exc}") from exc
     now = datetime.now(UTC)

@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.buffer import Buffer
 from agent.bufferread import BufferReader, read_stats
 from agent.report import ReportFilter, Rule
-from drivers.config import Deadband
+from drivers.config import Deadband, ModbusTcpDevice
 from drivers.points import Point, Quality
 
 MiB = 1024 * 1024
@@ -247,6 +247,32 @@ def test_report_by_exception() -> None:
     assert sel("pct", 0, 200.0) and not sel("pct", 1, 219.0) and sel("pct", 2, 221.0)
     assert sel("raw", 0, 1) and sel("raw", 1, 1)  # no deadband: every reading
     assert sel("quiet", 0, 1) and not sel("quiet", 1, 1) and sel("quiet", 2, 2) and sel("quiet", 10_002, 2)
+
+
+def test_report_by_exception_from_the_config_keeps_every_reading_of_tags_without_a_rule() -> None:
+    def press(name: str, *tags: dict[str, object]) -> ModbusTcpDevice:
+        return ModbusTcpDevice.model_validate(
+            {"name": name, "protocol": "modbus-tcp", "host": "127.0.0.1", "tags": list(tags)}
+        )
+
+    plain = ReportFilter.for_devices([press("p1", {"name": "a", "address": 0}, {"name": "b", "address": 1})])
+    readings = [Point("p1", "a", 0, 1), Point("p1", "b", 0, 2), Point("p1", "a", 1, 1), Point("p1", "b", 1, 2)]
+    assert plain.select(readings) == readings and plain.select(readings) == readings
+
+    mixed = ReportFilter.for_devices(
+        [
+            press("p1", {"name": "a", "address": 0, "deadband": 5}, {"name": "b", "address": 1}),
+            press("p2", {"name": "a", "address": 0}),
+        ]
+    )
+    selected = mixed.select([*readings, Point("p2", "a", 0, 1), Point("p2", "a", 1, 1)])
+    assert [(p.device, p.tag, p.ts) for p in selected] == [
+        ("p1", "a", 0),
+        ("p1", "b", 0),
+        ("p1", "b", 1),
+        ("p2", "a", 0),
+        ("p2", "a", 1),
+    ]
 
 
 def test_max_age_drops_points_older_than_the_limit(tmp_path: Path) -> None:

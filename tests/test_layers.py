@@ -60,3 +60,28 @@ def test_the_rule_sees_lazy_imports(tmp_path: Path) -> None:
         "import os\nfrom agent.mqtt import Link\n\ndef f():\n    import bridge.cli\n    from . import x\n"
     )
     assert imported_packages(source) == [(2, "agent"), (5, "bridge")]
+
+
+def test_a_modbus_only_agent_loads_no_opcua_sparkplug_http_or_cryptography_stack(tmp_path: Path) -> None:
+    """Memory on a gateway: asyncua, protobuf, httpx and cryptography load only when a device, Sparkplug,
+    a TLS file check (``check-config``), provisioning or a renewal needs them."""
+    import subprocess
+    import sys
+
+    from tests.infra import TenantPki
+
+    cert, key = TenantPki(tmp_path, "acme").client("gw-1")
+    probe = (
+        "import sys; from agent import cli, runtime; from agent.config import AgentConfig; "
+        "from drivers.base import open_driver; from factory_edge.mqtt import check_client_certificate; "
+        "from agent.identity import broker_from_config; "
+        "c = AgentConfig.model_validate({'gateway': 'gw-1', 'mqtt': {'url': 'mqtts://mqtt.example:8883', "
+        f"'cert_file': {str(cert)!r}, 'key_file': {str(key)!r}}}, "
+        "'devices': [{'name': 'press-1', 'protocol': 'modbus-tcp', 'host': '127.0.0.1', "
+        "'tags': [{'name': 't', 'address': 0}]}]}); "
+        "open_driver(c.devices[0]); check_client_certificate(broker_from_config(c)); "
+        "print(sorted(m for m in ('asyncua', 'google.protobuf', 'httpx', 'cryptography') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -30,11 +30,8 @@ import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
-
-from google.protobuf.message import DecodeError
-
-from . import sparkplug_b_pb2 as pb
 
 Value = bool | int | float | str | bytes | list[Any] | None
 
@@ -142,9 +139,16 @@ class Payload:
 # ---------------------------------------------------------------- encoding
 
 
+def _pb() -> ModuleType:
+    """The generated classes, imported on first use: a gateway without Sparkplug never loads protobuf."""
+    from . import sparkplug_b_pb2
+
+    return sparkplug_b_pb2
+
+
 def encode(payload: Payload) -> bytes:
     """The protobuf bytes of ``payload``; PayloadError names the metric whose value does not fit."""
-    message = pb.Payload()
+    message = _pb().Payload()
     if payload.timestamp is not None:
         message.timestamp = payload.timestamp
     if payload.seq is not None:
@@ -238,7 +242,9 @@ def _encode_property(value: Value, out: Any, where: str) -> None:
 
 def decode(data: bytes) -> Payload:
     """A payload from its bytes; PayloadError says what is wrong with them."""
-    message = pb.Payload()
+    from google.protobuf.message import DecodeError
+
+    message = _pb().Payload()
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeError) as exc:
