@@ -41,6 +41,7 @@ def shell(page: str, *, tenant: str = "", gw: str = "", status: int = 200, messa
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="/static/console.css">
 <script src="/static/chart.js" defer></script>
 <script src="/static/console.js" defer></script>
