@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
+from factory_edge.systemd import Notifier
 from factory_edge.tasks import cancel_and_wait
 from provisioning import pki
 from provisioning.server import _listen, default_names
@@ -99,19 +102,39 @@ async def serve(console: Console, options: ServeOptions) -> None:
     async with asyncio.TaskGroup() as group:
         rollups = group.create_task(_rollups(console, options.rollup_every_s), name="rollup")
         web = group.create_task(_run(server, listener), name="console")
+        notify = group.create_task(_notify_systemd(server, options), name="systemd")
         try:
             await web
         finally:
+            await cancel_and_wait(notify)
             await cancel_and_wait(rollups)
 
 
-async def _run(server: object, listener: object) -> None:
+async def _notify_systemd(server: Any, options: ServeOptions) -> None:
+    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down (as ``provisioning serve``)."""
+    systemd = Notifier()
+    if not systemd.enabled:
+        return
+    while not server.started:
+        await asyncio.sleep(0.05)
+    systemd.ready(f"console on https://{options.host}:{options.port}/")
+    loop = asyncio.get_running_loop()
+    fed = 0.0
+    while not server.should_exit:
+        if systemd.watchdog_interval_s and loop.time() - fed >= systemd.watchdog_interval_s:
+            systemd.watchdog()
+            fed = loop.time()
+        await asyncio.sleep(0.1)
+    systemd.stopping()
+
+
+async def _run(server: Any, listener: socket.socket) -> None:
     try:
-        await server.serve(sockets=[listener])  # type: ignore[attr-defined]  # uvicorn is untyped here
+        await server.serve(sockets=[listener])
     except SystemExit as exc:
         raise ProvisioningError(f"the console could not start (exit {exc.code}); see the log above") from None
     finally:
-        listener.close()  # type: ignore[attr-defined]
+        listener.close()
 
 
 async def _rollups(console: Console, every_s: float) -> None:

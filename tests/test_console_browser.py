@@ -8,17 +8,29 @@ change on screen arrives through the live stream, never by reloading.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bridge.alerts.model import State
+from factory_edge.demo.stack import GATEWAY, Ports
 from provisioning.cli import main as provisioning_main
 from tests.browser_fixtures import ConsoleServer, chromium, log_in, script_errors, wait_for
 from tests.console_fixtures import PASSWORD, FleetWriter, bridge_config, now_ms
+from tests.helpers import ROOT
+from tests.infra import resolve_in_namespace, run_in_namespace
+from tests.test_demo import HOSTS, Demo, _free_offset
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
@@ -63,15 +75,15 @@ def test_fleet_gateway_trend_alerts_and_keys_live_in_the_browser(served: tuple[C
     with chromium() as driver:
         log_in(driver, server.url, "acme-admin", PASSWORD)
         assert driver.current_url == f"{server.url}/tenants/acme"
-        wait_for(driver, lambda d: cell(d, "press-gw", "state") == "online", 20, "press-gw online")
+        wait_for(driver, lambda d: cell(d, "press-gw", "state") == "online", 30, "press-gw online")
         assert cell(driver, "spare-gw", "state") == "offline"
         assert "globex" not in driver.page_source
         # Live: the gateway drops off and comes back without a reload.
         driver.execute_script("document.body.dataset.marker = 'same page'")
         writer.status("press-gw", "offline")
-        wait_for(driver, lambda d: cell(d, "press-gw", "state") == "offline", 20, "press-gw offline, live")
+        wait_for(driver, lambda d: cell(d, "press-gw", "state") == "offline", 30, "press-gw offline, live")
         writer.status("press-gw", "online")
-        wait_for(driver, lambda d: cell(d, "press-gw", "state") == "online", 20, "press-gw online again, live")
+        wait_for(driver, lambda d: cell(d, "press-gw", "state") == "online", 30, "press-gw online again, live")
         # Filter and sort, by keyboard.
         driver.find_element("id", "filter").send_keys("spare")
         wait_for(
@@ -84,12 +96,12 @@ def test_fleet_gateway_trend_alerts_and_keys_live_in_the_browser(served: tuple[C
         # The gateway page: live value, trend drawn from the store, CSV link for the shown range.
         driver.get(f"{server.url}/tenants/acme/gateways/press-gw")
         value = 'tr[data-tag="cnc-1/spindle_temp"] td.value'
-        wait_for(driver, lambda d: d.find_element("css selector", value).text == "63", 20, "newest spindle_temp")
+        wait_for(driver, lambda d: d.find_element("css selector", value).text == "63", 30, "newest spindle_temp")
         writer.points("press-gw", "cnc-1", [("spindle_temp", now_ms(), 77.25)])
-        wait_for(driver, lambda d: d.find_element("css selector", value).text == "77.25", 20, "new value, live")
+        wait_for(driver, lambda d: d.find_element("css selector", value).text == "77.25", 30, "new value, live")
         driver.find_element("css selector", 'tr[data-tag="cnc-1/spindle_temp"] input[type=checkbox]').click()
         drawn = wait_for(
-            driver, lambda d: int(d.find_element("id", "trend").get_attribute("data-points") or 0), 20, "trend drawn"
+            driver, lambda d: int(d.find_element("id", "trend").get_attribute("data-points") or 0), 30, "trend drawn"
         )
         assert drawn >= 20  # 61 readings over a minute, in buckets of ~3 s (an hour over the canvas width)
         assert "/trend.csv?series=press-gw%2Fcnc-1%2Fspindle_temp" in driver.find_element("id", "csv").get_attribute(
@@ -98,11 +110,11 @@ def test_fleet_gateway_trend_alerts_and_keys_live_in_the_browser(served: tuple[C
 
         # Alerts appear and resolve without a reload; acknowledged with a comment.
         driver.get(f"{server.url}/tenants/acme/alerts")
-        wait_for(driver, lambda d: d.find_elements("id", "no-active"), 20, "no active alerts yet")
+        wait_for(driver, lambda d: d.find_elements("id", "no-active"), 30, "no active alerts yet")
         since = now_ms()
         writer.alert("press-gw", "cnc-1", "spindle-overtemp", State.FIRING, 91.5, since=since)
         row = '#active tr[data-alert="press-gw/cnc-1/spindle-overtemp"]'
-        wait_for(driver, lambda d: d.find_elements("css selector", row), 20, "the firing alert, live")
+        wait_for(driver, lambda d: d.find_elements("css selector", row), 30, "the firing alert, live")
         driver.find_element("css selector", f"{row} input").send_keys("coolant pump restarted")
         driver.find_element("css selector", f"{row} button").click()
         wait_for(
@@ -112,22 +124,22 @@ def test_fleet_gateway_trend_alerts_and_keys_live_in_the_browser(served: tuple[C
             "ack shown",
         )
         writer.alert("press-gw", "cnc-1", "spindle-overtemp", State.RESOLVED, 70.0, since=now_ms())
-        wait_for(driver, lambda d: d.find_elements("id", "no-active"), 20, "alert resolved, live")
+        wait_for(driver, lambda d: d.find_elements("id", "no-active"), 30, "alert resolved, live")
         assert "resolved" in driver.find_element("id", "history").text
 
         # A provisioning key: the secret shown once, then listed without it, then revoked.
         driver.get(f"{server.url}/tenants/acme/provisioning")
-        wait_for(driver, lambda d: d.find_elements("id", "uses"), 20, "provisioning page")
+        wait_for(driver, lambda d: d.find_elements("id", "uses"), 30, "provisioning page")
         driver.find_element("css selector", "#uses").clear()
         driver.find_element("css selector", "#uses").send_keys("1")
         driver.find_element("xpath", "//button[text()='Create key']").click()
-        key = wait_for(driver, lambda d: d.find_element("id", "new-key").text, 20, "the new key")
+        key = wait_for(driver, lambda d: d.find_element("id", "new-key").text, 30, "the new key")
         assert key.startswith("fek_")
         key_id = key.split("_")[1]
-        wait_for(driver, lambda d: d.find_elements("css selector", f'tr[data-key="{key_id}"]'), 20, "key listed")
+        wait_for(driver, lambda d: d.find_elements("css selector", f'tr[data-key="{key_id}"]'), 30, "key listed")
         driver.get(f"{server.url}/tenants/acme/provisioning")
         wait_for(
-            driver, lambda d: d.find_elements("css selector", f'tr[data-key="{key_id}"] button'), 20, "key listed again"
+            driver, lambda d: d.find_elements("css selector", f'tr[data-key="{key_id}"] button'), 30, "key listed again"
         )
         assert key not in driver.page_source  # shown once only
         driver.find_element("css selector", f'tr[data-key="{key_id}"] button').click()
@@ -152,7 +164,7 @@ def test_a_viewer_sees_but_cannot_change_and_another_tenant_is_not_there(
     with chromium(width=800, height=1100) as driver:  # a tablet in portrait
         log_in(driver, server.url, "acme-viewer", PASSWORD)
         driver.get(f"{server.url}/tenants/acme/provisioning")
-        wait_for(driver, lambda d: d.find_elements("css selector", "#keys table"), 20, "keys table")
+        wait_for(driver, lambda d: d.find_elements("css selector", "#keys table"), 30, "keys table")
         assert not driver.find_elements("id", "uses") and not driver.find_elements("xpath", "//button[text()='Revoke']")
         driver.get(f"{server.url}/tenants/globex")
         assert (
@@ -163,6 +175,156 @@ def test_a_viewer_sees_but_cannot_change_and_another_tenant_is_not_there(
         ]
         # The page fits the width: no horizontal scrolling of the page itself.
         driver.get(f"{server.url}/tenants/acme")
-        wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 20, "fleet page")
+        wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 30, "fleet page")
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
         assert script_errors(driver) == []
+
+
+# ---------------------------------------------------------------- the whole deployment: ./scripts/demo
+
+
+def _demo_gateway_config(workdir: Path, modbus_port: int) -> Path:
+    """An agent config for a second gateway reading the demo's simulated press."""
+    doc = {
+        "state_dir": str(workdir / "state"),
+        "devices": [
+            {
+                "name": "press-1",
+                "protocol": "modbus-tcp",
+                "host": "127.0.0.1",
+                "port": modbus_port,
+                "unit": 2,
+                "poll": "1s",
+                "timeout": "1s",
+                "tags": [{"name": "cycle_count", "table": "holding", "address": 0, "type": "uint32"}],
+            }
+        ],
+    }
+    path = workdir / "agent.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+def short_root() -> Iterator[Path]:
+    # HAProxy's admin socket lives below the demo directory: keep the path short (108 bytes at most).
+    root = Path(tempfile.mkdtemp(prefix="fe-demo-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_demo_deployment_in_the_browser(short_root: Path) -> None:
+    """Against ``./scripts/demo`` (simulated machines, provisioning, brokers, proxy, agent, bridge, console):
+    log in with the printed account; the demo gateway online with live values and a trend; the simulated
+    CNC's overtemperature alert appearing and resolving live; a key made here provisions a gateway, which
+    comes online, and revoking it takes it offline."""
+    offset = _free_offset()
+    ports = Ports.with_offset(offset)
+    demo = Demo(short_root, offset)
+    agent = None
+    try:
+        line = demo.wait_line("  console       https://127.0.0.1:", 240)
+        match = re.search(r"(https://127\.0\.0\.1:\d+)/  log in as (\S+), password (\S+)", line)
+        assert match, line
+        url, account, password = match.groups()
+        assert url == f"https://127.0.0.1:{ports.console}"
+        demo.wait_line("Running until Ctrl-C", 240)  # the demo's own overheat story is done
+        files = demo.dir / "provisioning" / "tenants" / "acme"
+        bridge_conn = ["-h", "mqtt.acme.demo.localhost", "-p", str(ports.proxy), "--cafile", str(files / "ca.pem")]
+        bridge_conn += ["--cert", str(files / "bridge.pem"), "--key", str(files / "bridge.key"), "-V", "mqttv5"]
+
+        def coolant(on: bool) -> None:
+            payload = json.dumps({"device": "cnc-1", "tag": "coolant", "value": on})
+            argv = ["mosquitto_pub", *bridge_conn, "-q", "1", "-t", f"gw/{GATEWAY}/cmd/write", "-m", payload]
+            result = run_in_namespace(HOSTS, argv, timeout=20)
+            assert result.returncode == 0, result.stderr
+
+        with chromium() as driver:
+            log_in(driver, url, account, password)
+            driver.get(f"{url}/tenants/acme")
+            wait_for(driver, lambda d: cell(d, GATEWAY, "state") == "online", 30, "the demo gateway online")
+
+            driver.get(f"{url}/tenants/acme/gateways/{GATEWAY}")
+            speed = 'tr[data-tag="cnc-1/spindle_temp"] td.value'
+            first = wait_for(driver, lambda d: d.find_element("css selector", speed).text, 30, "spindle_temp shown")
+            wait_for(
+                driver, lambda d: d.find_element("css selector", speed).text != first, 60, "spindle_temp changing live"
+            )
+            driver.find_element("css selector", 'tr[data-tag="cnc-1/spindle_temp"] input[type=checkbox]').click()
+            wait_for(
+                driver,
+                lambda d: int(d.find_element("id", "trend").get_attribute("data-points") or 0) > 5,
+                30,
+                "trend drawn",
+            )
+
+            driver.get(f"{url}/tenants/acme/alerts")
+            wait_for(
+                driver, lambda d: "resolved" in d.find_element("id", "history").text, 30, "the demo's alert history"
+            )
+            wait_for(driver, lambda d: d.find_elements("id", "no-active"), 60, "no active alert")
+            coolant(False)  # the spindle heats up: the bridge's rule fires above 80 degC
+            row = f'#active tr[data-alert="{GATEWAY}/cnc-1/spindle-overtemp"]'
+            wait_for(
+                driver,
+                lambda d: "firing" in d.find_element("css selector", row).text,
+                180,
+                "overtemperature firing, live",
+            )
+            coolant(True)
+            wait_for(driver, lambda d: d.find_elements("id", "no-active"), 180, "overtemperature resolved, live")
+
+            # A key made in the console provisions a new gateway; revoking it takes it offline.
+            driver.get(f"{url}/tenants/acme/provisioning")
+            wait_for(driver, lambda d: d.find_elements("id", "uses"), 30, "provisioning page")
+            driver.find_element("xpath", "//button[text()='Create key']").click()
+            key = wait_for(driver, lambda d: d.find_element("id", "new-key").text, 30, "the new key")
+            workdir = short_root / "gw2"
+            workdir.mkdir()
+            argv = [sys.executable, "-m", "agent.cli", "provision", "--url", f"https://127.0.0.1:{ports.api}"]
+            argv += ["--key", key, "--name", "gw-console", "--state-dir", str(workdir / "state")]
+            argv += ["--ca-file", str(demo.dir / "provisioning" / "api" / "ca.pem")]
+            provisioned = run_in_namespace(HOSTS, argv, timeout=60, cwd=ROOT)
+            assert provisioned.returncode == 0, provisioned.stderr
+            config = _demo_gateway_config(workdir, ports.modbus)
+            agent = resolve_in_namespace(
+                HOSTS,
+                [
+                    sys.executable,
+                    "-m",
+                    "agent.cli",
+                    "run",
+                    "--config",
+                    str(config),
+                    "--state-dir",
+                    str(workdir / "state"),
+                ],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            driver.get(f"{url}/tenants/acme")
+            wait_for(driver, lambda d: cell(d, "gw-console", "state") == "online", 60, "gw-console online")
+            driver.get(f"{url}/tenants/acme/provisioning")
+            revoke = 'tr[data-gateway="gw-console"] button'
+            wait_for(driver, lambda d: d.find_elements("css selector", revoke), 30, "gw-console listed")
+            driver.find_element("css selector", revoke).click()
+            driver.switch_to.alert.accept()
+            wait_for(driver, lambda d: "gw-console revoked" in d.find_element("id", "message").text, 60, "revoked")
+            driver.get(f"{url}/tenants/acme")
+            wait_for(
+                driver, lambda d: cell(d, "gw-console", "state") in ("offline", "revoked"), 60, "gw-console offline"
+            )
+            assert cell(driver, GATEWAY, "state") == "online"
+            assert script_errors(driver) == []
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            agent.wait(20)
+        if demo.proc.poll() is None:
+            demo.proc.send_signal(signal.SIGINT)
+            try:
+                demo.wait(120)
+            except subprocess.TimeoutExpired:
+                pass
+        demo.kill()

@@ -60,14 +60,18 @@
     const wrap = el("div", { class: "table-wrap" });
     state.sort = state.sort || columns[0].key; state.dir = state.dir || 1;
     state.render = (rows) => {
+      // A live update must not take the keyboard focus away: find the focused control again after drawing.
+      const focused = wrap.contains(document.activeElement) ? document.activeElement : null;
+      const again = focused && (focused.dataset.sort ? `button[data-sort="${focused.dataset.sort}"]` : focused.getAttribute("href") ? `a[href="${focused.getAttribute("href")}"]` : null);
       const shown = rows.filter(state.filter || (() => true)).slice().sort((a, b) => {
         const x = a[state.sort], y = b[state.sort];
         return (x === y ? 0 : x === null || x === undefined ? 1 : y === null || y === undefined ? -1 : x < y ? -1 : 1) * state.dir;
       });
       const head = el("tr", {}, columns.map((c) => el("th", { scope: "col", "aria-sort": state.sort === c.key ? (state.dir > 0 ? "ascending" : "descending") : "none" },
-        el("button", { type: "button", onclick: () => { state.dir = state.sort === c.key ? -state.dir : 1; state.sort = c.key; state.render(state.rows); } }, c.label))));
+        el("button", { type: "button", "data-sort": c.key, onclick: () => { state.dir = state.sort === c.key ? -state.dir : 1; state.sort = c.key; state.render(state.rows); } }, c.label))));
       const rowsEl = shown.map((r) => el("tr", { "data-key": r[columns[0].key] }, columns.map((c) => el("td", { class: c.num ? "num" : null, "data-col": c.key }, c.render ? c.render(r) : value(r[c.key])))));
       wrap.replaceChildren(el("table", {}, el("thead", {}, head), el("tbody", {}, rowsEl.length ? rowsEl : el("tr", {}, el("td", { colspan: columns.length }, "Nothing to show.")))));
+      if (again) { const back = wrap.querySelector(again); if (back) back.focus(); }
     };
     state.update = (rows) => { state.rows = rows; state.render(rows); };
     return wrap;
@@ -130,10 +134,10 @@
       { key: "version", label: "Version" },
       { key: "config_hash", label: "Config", render: (r) => (r.config_hash || "—").slice(0, 12) },
       { key: "lag_ms", label: "Data lag", num: true, render: (r) => (r.lag_ms === null ? "—" : `${Math.round(r.lag_ms / 1000)} s`) },
-      { key: "dropped_points", label: "Dropped points", num: true, render: (r) => el("span", { class: r.dropped_points ? "bad" : null }, r.dropped_points) },
-      { key: "cert_days_left", label: "Certificate", render: (r) => (r.cert_not_after ? el("span", { class: r.cert_warning ? "warn" : null }, `${r.cert_warning ? "⚠ " : ""}${Math.floor(r.cert_days_left)} days`) : "—") },
+      { key: "dropped_points", label: "Dropped", num: true, render: (r) => el("span", { class: r.dropped_points ? "bad" : null }, r.dropped_points) },
+      { key: "cert_days_left", label: "Cert. expiry", render: (r) => (r.cert_not_after ? el("span", { class: r.cert_warning ? "warn" : null }, `${r.cert_warning ? "⚠ " : ""}${Math.floor(r.cert_days_left)} days`) : "—") },
       { key: "devices", label: "Devices", num: true },
-      { key: "bad_tags", label: "Devices with errors", render: (r) => (r.devices_with_errors.length ? el("span", { class: "bad" }, r.devices_with_errors.join(", ")) : "none") },
+      { key: "bad_tags", label: "Device errors", render: (r) => (r.devices_with_errors.length ? el("span", { class: "bad" }, r.devices_with_errors.join(", ")) : "none") },
       { key: "active_alerts", label: "Alerts", num: true, render: (r) => el("span", { class: r.active_alerts ? "bad" : null }, r.active_alerts) },
     ];
     const wrap = table(columns, state);
@@ -141,7 +145,8 @@
     const show = (rows) => {
       state.update(rows);
       const online = rows.filter((r) => r.state === "online").length;
-      summary.textContent = `${rows.length} gateways: ${online} online, ${rows.length - online} not online.`;
+      summary.textContent = `${rows.length} gateway${rows.length === 1 ? "" : "s"}: ${online} online, ${rows.length - online} not online.`;
+      if (!body.dataset.ready) body.dataset.renderedMs = performance.now().toFixed(1); // first render, since navigation
       body.dataset.ready = "1";
     };
     show(await api(T("/fleet")));
@@ -153,7 +158,7 @@
     const devicesEl = el("div", { id: "devices" });
     const alertsEl = el("div", { id: "gw-alerts" });
     const chosen = new Set();
-    const range = el("select", { id: "range" }, [["3600000", "last hour"], ["28800000", "last 8 hours"], ["86400000", "last 24 hours"], ["604800000", "last 7 days"], ["2592000000", "last 30 days"]].map(([v, t]) => el("option", { value: v }, t)));
+    const range = el("select", { id: "range" }, [["900000", "last 15 minutes"], ["3600000", "last hour"], ["28800000", "last 8 hours"], ["86400000", "last 24 hours"], ["604800000", "last 7 days"], ["2592000000", "last 30 days"]].map(([v, t]) => el("option", { value: v, selected: v === "3600000" }, t)));
     const canvas = el("canvas", { class: "trend", id: "trend", role: "img", "aria-label": "Trend chart" });
     const legend = el("div", { class: "legend", id: "legend" });
     const csv = el("a", { id: "csv", href: "#" }, "Download CSV of the shown range");
@@ -173,11 +178,27 @@
       drawnAt = Date.now();
     }
     range.addEventListener("change", drawChart);
+    let layout = "";
     function showGateway(doc) {
       if (!doc) return;
       const s = doc.status || {};
       status.replaceChildren(badge(s.state || "unknown"), ` last seen ${ago(s.last_seen)} · version ${s.version || "—"} · dropped points ${s.dropped_points || 0}`,
         s.cert_not_after ? ` · certificate until ${s.cert_not_after}` : "");
+      const shape = doc.devices.map((d) => `${d.device}:${d.tags.map((t) => t.tag).join(",")}`).join(";");
+      if (shape === layout) { // the same tags: update the cells in place (focus and ticked boxes stay as they are)
+        for (const d of doc.devices) {
+          for (const t of d.tags) {
+            const row = devicesEl.querySelector(`tr[data-tag="${CSS.escape(`${d.device}/${t.tag}`)}"]`);
+            if (!row) continue;
+            row.children[2].textContent = value(t.value);
+            row.children[3].replaceChildren(badge(t.quality));
+            row.children[4].textContent = time(t.ts);
+            row.children[5].textContent = t.error || "";
+          }
+        }
+        return;
+      }
+      layout = shape;
       devicesEl.replaceChildren(...doc.devices.map((d) => el("section", {}, el("h2", {}, d.device), el("div", { class: "table-wrap" }, el("table", {},
         el("thead", {}, el("tr", {}, ["Trend", "Tag", "Value", "Quality", "Read at", "Last error"].map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, d.tags.map((t) => {
