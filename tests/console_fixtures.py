@@ -19,6 +19,7 @@ from argon2 import PasswordHasher
 
 from bridge.alerts.model import Change, Instance, State
 from bridge.messages import DataBatch, EventRow, StatusRow
+from bridge.storage import Store
 from bridge.storage.sqlite import SqliteStore
 from console.api import create_app
 from console.service import Console, Settings
@@ -36,8 +37,8 @@ def now_ms() -> int:
 class FleetWriter:
     """Writes a tenant's store as the bridge does: batches, latest values, status, events, alerts."""
 
-    def __init__(self, directory: Path, tenant: str) -> None:
-        self.store = SqliteStore(directory, tenant, fsync=False)
+    def __init__(self, directory: Path, tenant: str, *, store: Store | None = None) -> None:
+        self.store = store or SqliteStore(directory, tenant, fsync=False)
         self.store.open()
         self.seq: dict[str, int] = {}
 
@@ -100,19 +101,21 @@ class FleetWriter:
             tx.save_alert_states([Instance(gw, device, rule, state, begun, value, "spindle_temp", {}, True, at)])
 
 
-def bridge_config(path: Path, storage: Path, tenants: list[str]) -> Path:
+def bridge_config(path: Path, storage: Path, tenants: list[str], *, dsn: str | None = None) -> Path:
     doc = {
-        "storage": {"backend": "sqlite", "path": str(storage)},
+        "storage": {"backend": "postgres", "dsn": dsn} if dsn else {"backend": "sqlite", "path": str(storage)},
         "tenants": [{"name": t, "url": f"mqtts://mqtt.{t}.example.com:8883"} for t in tenants],
     }
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
-def make_console(tmp_path: Path, tenants: list[str], *, provisioning: Path | None = None, **settings: Any) -> Console:
+def make_console(
+    tmp_path: Path, tenants: list[str], *, provisioning: Path | None = None, dsn: str | None = None, **settings: Any
+) -> Console:
     settings.setdefault("hasher", FAST_HASHER)
     storage = tmp_path / "storage"
-    config = bridge_config(tmp_path / "bridge.yaml", storage, tenants)
+    config = bridge_config(tmp_path / "bridge.yaml", storage, tenants, dsn=dsn)
     return Console(
         Settings(state_dir=tmp_path / "console", bridge_config=config, provisioning_dir=provisioning, **settings)
     )

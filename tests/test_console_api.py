@@ -19,13 +19,17 @@ from pathlib import Path
 import pytest
 
 from bridge.alerts.model import State
+from bridge.storage.postgres import PostgresStore
 from console.accounts import Accounts
 from console.cli import main as console_main
 from console.service import Console
+from console.tenantdata import Series
 from provisioning.cli import main as provisioning_main
+from tests.bridge_fixtures import pg_dsn, pg_schemas, unique_tenant
 from tests.console_fixtures import PASSWORD, FleetWriter, client, logged_in, make_console, now_ms
 
 HOUR = 3600_000
+__all__ = ["pg_dsn", "pg_schemas"]  # fixtures used here
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +269,6 @@ def test_long_trends_read_the_minute_rollup_and_agree_with_the_raw_points(tmp_pa
     writer.points("gw", "cnc", rows[len(rows) // 2 :])  # arrives after the first pass: folded in on the next
     writer.close()
     end = start + 3 * 86400_000
-    from console.tenantdata import Series
-
     fast = console.trend("acme", [Series("gw", "cnc", "temp")], start, end, 72)
     assert fast["source"] == "rollup"
     with console.data("acme") as data:
@@ -274,6 +276,50 @@ def test_long_trends_read_the_minute_rollup_and_agree_with_the_raw_points(tmp_pa
     assert [[*p[:3], p[4]] for p in fast["series"][0]["points"]] == [[*p[:3], p[4]] for p in raw]
     assert [p[3] for p in fast["series"][0]["points"]] == pytest.approx([p[3] for p in raw])
     console.close()
+
+
+def test_the_console_reads_a_postgresql_store_like_a_sqlite_one(
+    tmp_path: Path, pg_dsn: str, pg_schemas: list[str]
+) -> None:
+    tenant = unique_tenant("console")
+    pg_schemas.append(tenant)
+    writer = FleetWriter(tmp_path, tenant, store=PostgresStore(pg_dsn, tenant))
+    start = 1_700_000_000_000
+    writer.status("gw", "online", ts=now_ms() - 1000)
+    writer.points("gw", "cnc", [("temp", start + i * 1000, float(i % 10)) for i in range(600)])
+    writer.points("gw", "cnc", [("program", now_ms(), "O1234")])
+    writer.points("gw", "oven", [("zone", now_ms(), None)], quality="bad", error="timeout")
+    writer.event("gw", "buffer_drop", '{"type":"buffer_drop","points":7,"batches":1,"reason":"full"}')
+    writer.alert("gw", "cnc", "overtemp", State.FIRING, 88.5)
+    writer.close()
+    console = make_console(tmp_path, [tenant], dsn=pg_dsn)
+    try:
+        [row] = console.fleet(tenant)
+        assert (row["gateway"], row["state"], row["dropped_points"], row["devices_with_errors"]) == (
+            "gw",
+            "online",
+            7,
+            ["oven"],
+        )
+        assert row["active_alerts"] == 1
+        doc = console.gateway(tenant, "gw")
+        assert doc is not None
+        tags = {t["tag"]: t for d in doc["devices"] for t in d["tags"]}
+        assert (
+            tags["program"]["value"] == "O1234" and tags["temp"]["value"] == 9.0 and tags["zone"]["error"] == "timeout"
+        )
+        trend = console.trend(tenant, [Series("gw", "cnc", "temp")], start, start + 600_000, 10)
+        assert trend["source"] == "points"
+        assert [p[1:] for p in trend["series"][0]["points"]] == [[0.0, 9.0, 4.5, 60]] * 10
+        assert [p[0] for p in console.points(tenant, Series("gw", "cnc", "temp"), start, start + 3000)] == [
+            start,
+            start + 1000,
+            start + 2000,
+        ]
+        alerts = console.alerts(tenant)
+        assert alerts["active"][0]["value"] == 88.5 and alerts["history"][0]["state"] == "firing"
+    finally:
+        console.close()
 
 
 def test_alerts_are_acknowledged_with_a_comment_by_admins_only(fleet: Console) -> None:
