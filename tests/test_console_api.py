@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from bridge.alerts.model import State
 from bridge.storage.postgres import PostgresStore
@@ -24,7 +25,9 @@ from console.accounts import Accounts
 from console.cli import main as console_main
 from console.service import Console
 from console.tenantdata import Series
+from factory_edge import pki
 from provisioning.cli import main as provisioning_main
+from provisioning.service import Service
 from tests.bridge_fixtures import pg_dsn, pg_schemas, unique_tenant
 from tests.console_fixtures import PASSWORD, FleetWriter, client, logged_in, make_console, now_ms
 
@@ -210,6 +213,19 @@ def test_fleet_overview_shows_state_version_drops_errors_alerts_and_certificates
     assert 0 <= press["lag_ms"] < 60_000
     assert press["last_seen"] >= press["since"]
     assert "cert_not_after" not in press  # never provisioned through this provisioning service
+
+
+def test_certificates_expiring_within_30_days_are_flagged(fleet: Console) -> None:
+    assert fleet.provisioning is not None
+    for gw, days in (("press-gw", 12), ("fresh-gw", 365)):
+        key = fleet.create_key("acme", uses=1, expires_s=3600)["key"]
+        csr = pki.make_csr(pki.new_key(), gw).public_bytes(serialization.Encoding.PEM).decode()
+        Service(fleet.provisioning, cert_lifetime_s=days * 86400).provision(key, csr, gw)
+    c, _ = logged_in(fleet, "acme-viewer")
+    rows = {r["gateway"]: r for r in c.get("/api/tenants/acme/fleet").json()}
+    assert rows["press-gw"]["cert_warning"] is True and 11 < rows["press-gw"]["cert_days_left"] <= 12
+    assert rows["fresh-gw"]["cert_warning"] is False and rows["fresh-gw"]["state"] == "never seen"
+    assert rows["old-gw"].get("cert_not_after") is None  # not provisioned here: nothing to warn about
 
 
 def test_gateway_page_data_lists_devices_tags_values_and_errors(fleet: Console) -> None:
