@@ -422,7 +422,9 @@ async def _live(
             return
 
         def snapshot() -> dict[str, Any]:
-            out: dict[str, Any] = {"fleet": console.fleet(ctx.tenant), "alerts": console.alerts(ctx.tenant, gw)}
+            # Every open page of a tenant shares one reading of its fleet per interval.
+            fleet = console.shared(("fleet", ctx.tenant), every_s * 0.9, lambda: console.fleet(ctx.tenant))
+            out: dict[str, Any] = {"fleet": fleet, "alerts": console.alerts(ctx.tenant, gw)}
             if gw:
                 out["gateway"] = console.gateway(ctx.tenant, gw)
             return out

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class Console:
         self._config: BridgeConfig = load_config(settings.bridge_config)
         self._tenants: tuple[float, list[str]] = (0.0, [])
         self._rollups: dict[str, Rollup] = {}
+        self._shared: dict[tuple[str, ...], tuple[float, Any]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -121,6 +122,17 @@ class Console:
                 rollup.refresh()
 
     # ---------------------------------------------------------------- reading
+
+    def shared(self, key: tuple[str, ...], max_age_s: float, read: Callable[[], Any]) -> Any:
+        """``read()``, or its result from less than ``max_age_s`` ago: live streams of one tenant share it."""
+        with self._lock:
+            cached = self._shared.get(key)
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
+        value = read()
+        with self._lock:
+            self._shared[key] = (time.monotonic(), value)
+        return value
 
     def fleet(self, tenant: str) -> list[dict[str, Any]]:
         at = int(time.time() * 1000)
