@@ -1,6 +1,6 @@
 """The console's first render: the fleet page with 1,000 gateways, a trend over 30 days of 1-second data.
 
-    python bench/bench_console.py [--gateways 1000] [--days 30] [--period-ms 1000] [--runs 5]
+    python bench/bench_console.py [--gateways 1000] [--days 30] [--period-ms 1000] [--runs 5] [--postgres DSN]
 
 Writes one tenant's SQLite store with the bridge's own storage code
 (``SqliteStore`` transactions, as ingest commits them), starts ``console
@@ -35,17 +35,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bridge.messages import DataBatch
+from bridge.storage import Store
+from bridge.storage.postgres import PostgresStore
 from bridge.storage.sqlite import SqliteStore
 from console.rollup import Rollup
-from console.tenantdata import Series, SqliteData
+from console.tenantdata import PostgresData, Series, SqliteData, TenantData
 from tests.browser_fixtures import ConsoleServer, chromium, log_in, wait_for
 from tests.console_fixtures import PASSWORD, FleetWriter, bridge_config
 
 TENANT = "bench"
 
 
-def fill_fleet(directory: Path, gateways: int) -> None:
-    writer = FleetWriter(directory, TENANT)
+def make_store(directory: Path, dsn: str | None) -> Store:
+    return PostgresStore(dsn, TENANT) if dsn else SqliteStore(directory, TENANT, fsync=False)
+
+
+def fill_fleet(directory: Path, gateways: int, dsn: str | None) -> None:
+    writer = FleetWriter(directory, TENANT, store=make_store(directory, dsn))
     now = int(time.time() * 1000)
     for i in range(gateways):
         gw = f"gw-{i:04d}"
@@ -64,15 +71,14 @@ def fill_fleet(directory: Path, gateways: int) -> None:
     writer.close()
 
 
-def fill_series(directory: Path, days: int, period_ms: int) -> tuple[int, int, int]:
+def fill_series(directory: Path, days: int, period_ms: int, dsn: str | None) -> tuple[int, int, int]:
     """One tag, ``days`` of readings every ``period_ms``: ``(start, end, points)``."""
-    store = SqliteStore(directory, TENANT, fsync=False)
+    store = make_store(directory, dsn)
     store.open()
     total = days * 86_400_000 // period_ms
     end = int(time.time() * 1000) // 1000 * 1000
     start = end - days * 86_400_000
     chunk = 500_000
-    assert store._db is not None
     started = time.monotonic()
     for first in range(0, total, chunk):
         rows = [
@@ -88,8 +94,8 @@ def fill_series(directory: Path, days: int, period_ms: int) -> tuple[int, int, i
             )
             for i in range(first, min(total, first + chunk))
         ]
-        with store.transaction():
-            store._db.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        with store.transaction() as tx:  # the bridge's own insert (executemany in SQLite, COPY in PostgreSQL)
+            tx.insert_points([DataBatch("gw-0000", "cnc-1", first, rows, end)])
         print(
             f"  writing the series: {min(total, first + chunk):,} of {total:,} points ({time.monotonic() - started:.0f} s)",
             flush=True,
@@ -99,6 +105,13 @@ def fill_series(directory: Path, days: int, period_ms: int) -> tuple[int, int, i
         tx.upsert_latest([("gw-0000", "cnc-1", "spindle_temp", last, 60.0, "good", None, last, last)])
     store.close()
     return start, end, total
+
+
+def drop_schema(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{TENANT}" CASCADE')
 
 
 def timed(call: object, runs: int) -> list[float]:
@@ -124,35 +137,49 @@ def main() -> int:
         "--period-ms", type=int, default=1000, help="series sample period (default 1000; 100 = a month of 100 ms data)"
     )
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--postgres",
+        metavar="DSN",
+        help="store in PostgreSQL (a schema named bench, dropped first and after) instead of SQLite",
+    )
     args, _ = parser.parse_known_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="fe-bench-console-") as tmp:
         root = Path(tmp)
         storage = root / "storage"
-        fill_fleet(storage, args.gateways)
-        start, end, total = fill_series(storage, args.days, args.period_ms)
+        dsn = args.postgres
+        if dsn:
+            drop_schema(dsn)
+        fill_fleet(storage, args.gateways, dsn)
+        start, end, total = fill_series(storage, args.days, args.period_ms, dsn)
+
+        def data() -> TenantData:
+            return PostgresData(dsn, TENANT) if dsn else SqliteData(storage, TENANT)
+
         series = Series("gw-0000", "cnc-1", "spindle_temp")
 
         # Baselines, read straight from the store.
         def raw_fleet() -> None:
-            with SqliteData(storage, TENANT) as data:
-                data.rows("SELECT * FROM status")
-                data.rows("SELECT * FROM latest")
+            with data() as reader:
+                reader.rows("SELECT * FROM {s}status")
+                reader.rows("SELECT * FROM {s}latest")
 
         def raw_trend() -> None:
-            with SqliteData(storage, TENANT) as data:
-                data.trend(series, start, end, 1200)
+            with data() as reader:
+                reader.trend(series, start, end, 1200)
 
         fleet_base = timed(raw_fleet, args.runs)
         trend_base = timed(raw_trend, max(1, min(args.runs, 3)))
 
-        server = ConsoleServer(root / "console", bridge_config(root / "bridge.yaml", storage, [TENANT]))
+        server = ConsoleServer(root / "console", bridge_config(root / "bridge.yaml", storage, [TENANT], dsn=dsn))
         server.account("bench", "operator", PASSWORD)
-        rollup = Rollup(server.state, storage / f"{TENANT}.db", TENANT)
-        began = time.perf_counter()
-        rollup.catch_up()
-        build = time.perf_counter() - began
-        rollup.close()
+        build = 0.0
+        if not dsn:  # PostgreSQL aggregates the raw points in the database
+            rollup = Rollup(server.state, storage / f"{TENANT}.db", TENANT)
+            began = time.perf_counter()
+            rollup.catch_up()
+            build = time.perf_counter() - began
+            rollup.close()
         server.start()
         try:
             server.wait_ready()
@@ -170,9 +197,8 @@ def main() -> int:
                 assert len(json.loads(api(f"/api/tenants/{TENANT}/fleet"))) == args.gateways
                 query = f"/api/tenants/{TENANT}/trend?series=gw-0000/cnc-1/spindle_temp&start={start}&end={end}&buckets=1200"
                 doc = json.loads(api(query))
-                assert doc["source"] == "rollup" and sum(p[4] for p in doc["series"][0]["points"]) == total, doc[
-                    "source"
-                ]
+                assert doc["source"] == ("points" if dsn else "rollup"), doc["source"]
+                assert sum(p[4] for p in doc["series"][0]["points"]) == total
                 trend_api = timed(lambda: api(query), args.runs)
 
                 fleet_page = []
@@ -210,15 +236,17 @@ def main() -> int:
         finally:
             server.stop()
         print(
-            f"store: {args.gateways:,} gateways x 20 tags; one series of {total:,} points ({args.days} days every {args.period_ms} ms)"
+            f"store: {'PostgreSQL' if dsn else 'SQLite'}, {args.gateways:,} gateways x 20 tags; one series of {total:,} points ({args.days} days every {args.period_ms} ms)"
         )
-        print(line("fleet baseline: status + latest rows read from SQLite", fleet_base))
+        print(line("fleet baseline: status + latest rows read from the store", fleet_base))
         print(line(f"fleet API: /fleet with {args.gateways:,} gateways", fleet_api, statistics.median(fleet_base)))
         print(line("fleet page: navigation to table drawn (chromium)", fleet_page, statistics.median(fleet_base)))
-        print(line(f"trend baseline: raw points downsampled in SQLite ({total:,})", trend_base))
+        print(line(f"trend baseline: raw points downsampled in the store ({total:,})", trend_base))
         print(
             line(
-                f"trend API: {args.days} days, 1200 buckets, from the rollup", trend_api, statistics.median(trend_base)
+                f"trend API: {args.days} days, 1200 buckets, from {'the raw points' if dsn else 'the rollup'}",
+                trend_api,
+                statistics.median(trend_base),
             )
         )
         print(
@@ -228,7 +256,10 @@ def main() -> int:
                 statistics.median(trend_base),
             )
         )
-        print(f"{'rollup first build (once per store)':<58} {build:8.1f} s  ({total / build:,.0f} points/s)")
+        if build:
+            print(f"{'rollup first build (once per store)':<58} {build:8.1f} s  ({total / build:,.0f} points/s)")
+        if dsn:
+            drop_schema(dsn)
     return 0
 
 

@@ -382,7 +382,7 @@ def _audited(ctx: Ctx, console: Console, action: str, target: str | None, call: 
         raise HTTPException(409, str(exc)) from None
     except (ProvisioningError, names.InvalidName) as exc:
         console.accounts.audit(ctx.actor, ctx.tenant, f"{action}.failed", target, {"error": str(exc)}, ctx.client)
-        status = 404 if str(exc).startswith("no ") else 422
+        status = 404 if str(exc).startswith("no ") else 422  # provisioning.admin says "no gateway 'x' in tenant t"
         raise HTTPException(status, str(exc)) from None
 
 

@@ -201,7 +201,7 @@ class TenantData:
     def active_alerts(self) -> list[dict[str, Any]]:
         keys = ("gw", "device", "rule", "state", "since", "value", "tag", "changed_at")
         return [
-            dict(zip(keys, self._json(r)))
+            dict(zip(keys, r))
             for r in self.rows(
                 "SELECT gw, device, rule, state, since, value, tag, changed_at FROM {s}alert_state "
                 "WHERE state IN ('pending', 'firing') ORDER BY since DESC"
@@ -212,7 +212,7 @@ class TenantData:
         keys = ("id", "ts", "gw", "device", "rule", "state", "previous", "severity", "tag", "value", "since", "message")
         where, params = ("WHERE gw = ?", (gw,)) if gw else ("", ())
         return [
-            dict(zip(keys, self._json(r)))
+            dict(zip(keys, r))
             for r in self.rows(
                 "SELECT id, ts, gw, device, rule, state, previous, severity, tag, value, since, message "
                 f"FROM {{s}}alerts {where} ORDER BY id DESC LIMIT ?",
@@ -225,10 +225,6 @@ class TenantData:
             "SELECT state, since FROM {s}alert_state WHERE gw = ? AND device = ? AND rule = ?", (gw, device, rule)
         )
         return (rows[0][0], rows[0][1]) if rows else None
-
-    @staticmethod
-    def _json(row: tuple[Any, ...]) -> tuple[Any, ...]:
-        return row
 
 
 class SqliteData(TenantData):
