@@ -22,9 +22,9 @@ from .errors import FactoryEdgeError
 
 EXTRAS: dict[str, tuple[str, ...]] = {
     "opcua": ("asyncua",),
-    "cloud": ("fastapi", "uvicorn", "sqlite_utils", "psycopg", "orjson", "aiomqtt"),
+    "cloud": ("fastapi", "uvicorn", "sqlite_utils", "psycopg", "orjson", "aiomqtt", "argon2"),
 }
-WHAT = {"opcua": "OPC UA", "cloud": "the cloud side (provisioning, bridge)"}
+WHAT = {"opcua": "OPC UA", "cloud": "the cloud side (provisioning, bridge, console)"}
 
 
 class MissingExtra(FactoryEdgeError):

@@ -2,7 +2,7 @@
 
 Walks docs/*.md and README.md. A command line is a line of a fenced code
 block or an indented (4 spaces) block whose command is ``agent``,
-``provisioning``, ``bridge`` or ``./scripts/demo`` (also ``.venv/bin/agent``, ``ExecStart=…``,
+``provisioning``, ``bridge``, ``console`` or ``./scripts/demo`` (also ``.venv/bin/agent``, ``ExecStart=…``,
 after ``sudo`` or ``VAR=value``). Its subcommand path must exist and every
 ``--option`` must be accepted by that subcommand's argparse parser, with
 synopsis brackets (``[--uses N]``) and alternatives (``list|revoke``) read as
@@ -28,6 +28,7 @@ from agent.cli import build_parser as agent_parser
 from agent.config import AgentConfig, parse_config
 from bridge.cli import build_parser as bridge_parser
 from bridge.config import BridgeConfig
+from console.cli import build_parser as console_parser
 from factory_edge.configfile import validate
 from factory_edge.demo.cli import build_parser as demo_parser
 from factory_edge.errors import ConfigError
@@ -39,6 +40,7 @@ PARSERS = {
     "agent": agent_parser,
     "provisioning": provisioning_parser,
     "bridge": bridge_parser,
+    "console": console_parser,
     "demo": demo_parser,
 }  # ./scripts/demo
 SHELL_STOPS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>&1", "-->", "<--"}

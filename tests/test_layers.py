@@ -5,6 +5,7 @@
     agent          factory_edge, drivers            (never provisioning, bridge)
     provisioning   factory_edge                     (never agent, drivers, bridge)
     bridge         factory_edge                     (never agent, drivers, provisioning)
+    console        factory_edge, provisioning, bridge   (the cloud side's web page; never agent, drivers)
 
 Read from the source with ``ast``: every ``import`` and ``from … import``,
 at the top of a module or inside a function (a lazy import is still a
@@ -20,13 +21,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("factory_edge", "drivers", "agent", "provisioning", "bridge")
+PACKAGES = ("factory_edge", "drivers", "agent", "provisioning", "bridge", "console")
 ALLOWED = {
     "factory_edge": set(),
     "drivers": {"factory_edge"},
     "agent": {"factory_edge", "drivers"},
     "provisioning": {"factory_edge"},
     "bridge": {"factory_edge"},
+    "console": {"factory_edge", "provisioning", "bridge"},
 }
 
 

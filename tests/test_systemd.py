@@ -29,7 +29,7 @@ UNITS = sorted((ROOT / "systemd").glob("*.service"))
 def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     # The units name the installed commands (/usr/local/bin/...); point them at this checkout's.
     text = unit.read_text()
-    for command in ("agent", "bridge", "provisioning"):
+    for command in ("agent", "bridge", "provisioning", "console"):
         text = text.replace(f"/usr/local/bin/{command} ", f"{Path(sys.executable).parent / command} ")
     copy = tmp_path / unit.name
     copy.write_text(text)
@@ -137,6 +137,21 @@ def test_provisioning_api_notifies_ready_and_feeds_the_watchdog(short_dir: Path)
     messages = notifications(
         ["provisioning.cli", "serve", "--data-dir", str(data), "--port", str(free_port())], short_dir
     )
+    assert_notify_protocol(messages)
+
+
+def test_console_notifies_ready_and_feeds_the_watchdog(short_dir: Path) -> None:
+    config = short_dir / "bridge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"backend": "sqlite", "path": str(short_dir / "storage")},
+                "tenants": [{"name": "acme", "url": "mqtts://mqtt.acme.example.com:8883"}],
+            }
+        )
+    )
+    argv = ["console.cli", "serve", "--bridge-config", str(config), "--state-dir", str(short_dir / "console")]
+    messages = notifications([*argv, "--port", str(free_port())], short_dir)
     assert_notify_protocol(messages)
 
 

@@ -140,7 +140,7 @@ devices:
         )
 
 
-@pytest.mark.parametrize("command", ["bridge", "provisioning"])
+@pytest.mark.parametrize("command", ["bridge", "provisioning", "console"])
 def test_cloud_commands_name_their_extra(base_venv: Path, command: str) -> None:
     result = run(base_venv / "bin" / command, "--help")
     assert result.returncode == 1

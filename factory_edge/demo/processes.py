@@ -164,10 +164,19 @@ class Child:
         return code
 
 
-def run_tool(argv: list[str], log_dir: Path, *, what: str, timeout_s: float = 60.0) -> str:
-    """Run a one-shot command; its stdout, or a DemoError with its stderr. Both go to ``commands.log``."""
+def run_tool(argv: list[str], log_dir: Path, *, what: str, timeout_s: float = 60.0, stdin: str | None = None) -> str:
+    """Run a one-shot command; its stdout, or a DemoError with its stderr. Both go to ``commands.log``.
+
+    ``stdin`` (a password) is given to the command and never logged."""
     try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
         raise DemoError(f"{what}: no answer within {timeout_s:g}s ({' '.join(argv)})") from exc
     with open(log_dir / "commands.log", "a", encoding="utf-8") as log:

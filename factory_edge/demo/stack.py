@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -38,7 +39,8 @@ ALERT_FOR = "3s"
 MARKER = ".factory-edge-demo"
 PID_FILE = "demo.pid"
 AGENT_TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "agent-demo.yaml"
-STEPS = 10
+STEPS = 11
+CONSOLE_ACCOUNT = "operator"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Ports:
     proxy: int
     api: int
     brokers: tuple[int, ...]  # one per tenant, on 127.0.0.1 behind the proxy
+    console: int
 
     @classmethod
     def with_offset(cls, offset: int) -> Ports:
@@ -57,6 +60,7 @@ class Ports:
             8883 + offset,
             8443 + offset,
             tuple(18831 + i + offset for i in range(len(TENANTS))),
+            9443 + offset,
         )
 
     def named(self) -> list[tuple[str, int]]:
@@ -65,6 +69,7 @@ class Ports:
             ("the OPC UA simulator", self.opcua),
             ("HAProxy (MQTT over TLS)", self.proxy),
             ("the provisioning API", self.api),
+            ("the fleet console", self.console),
             *((f"tenant {t}'s Mosquitto", p) for t, p in zip(TENANTS, self.brokers)),
         ]
 
@@ -113,6 +118,8 @@ class Stack:
         self.technician_command = ""  # printed for the person running the demo
         self.watch_command = ""  # the demo's own watch: another technician, as one certificate holds one session
         self.hosts = [f"mqtt.{t}.{DOMAIN}" for t in TENANTS]
+        self.console_state = self.root / "console"
+        self.console_password = ""  # printed with the console's URL
         self._step = 0
 
     # -- steps -----------------------------------------------------------------
@@ -208,6 +215,29 @@ class Stack:
             self.write_agent_config()
             self.start(
                 Child("agent", [tool("agent"), "run", "--config", str(self.agent_config)], self.logs, notify=True)
+            )
+        with self.step(f"fleet console: https://127.0.0.1:{self.ports.console}/, account {CONSOLE_ACCOUNT}"):
+            self.console_password = secrets.token_urlsafe(12)
+            account = ["account", "create", CONSOLE_ACCOUNT, "--role", "operator", "--password-stdin"]
+            run_tool(
+                [tool("console"), *account, "--state-dir", str(self.console_state)],
+                self.logs,
+                what="console account create",
+                stdin=self.console_password + "\n",
+            )
+            self.start(
+                Child(
+                    "console",
+                    [
+                        tool("console"),
+                        "serve",
+                        *("--bridge-config", str(self.bridge_config), "--provisioning-dir", str(self.data)),
+                        *("--state-dir", str(self.console_state), "--port", str(self.ports.console)),
+                        *("--tls-name", "localhost", "--tls-name", "127.0.0.1"),
+                    ],
+                    self.logs,
+                ),
+                lambda: port_open(self.ports.console),
             )
         with self.step("technician certificate: read-only, 8 hours"):
             commands = []
@@ -375,6 +405,7 @@ __all__ = [
     "ALERT_CLEAR_BELOW",
     "ALERT_FOR",
     "ALERT_RULE",
+    "CONSOLE_ACCOUNT",
     "DOMAIN",
     "GATEWAY",
     "TENANT",

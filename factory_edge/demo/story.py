@@ -28,6 +28,7 @@ from .stack import (
     ALERT_CLEAR_BELOW,
     ALERT_FOR,
     ALERT_RULE,
+    CONSOLE_ACCOUNT,
     GATEWAY,
     TENANT,
     Stack,
@@ -223,6 +224,10 @@ def where(stack: Stack) -> None:
     say(f"  gateway       {GATEWAY} of tenant {TENANT}:  {agent} status --state-dir {shown(stack.agent_state)}")
     say(f"  brokers       {brokers} (HAProxy routes by SNI; {hosts_note(stack)})")
     say(f"  provisioning  https://127.0.0.1:{p.api}  (CA {shown(stack.data / 'api' / 'ca.pem')})")
+    say(
+        f"  console       https://127.0.0.1:{p.console}/  log in as {CONSOLE_ACCOUNT}, password "
+        f"{stack.console_password}  (CA {shown(stack.console_state / 'tls' / 'ca.pem')})"
+    )
     say(
         f"  data          {shown(stack.store)}:  {bridge} query values --config {shown(stack.bridge_config)} "
         f"--tenant {TENANT}"
