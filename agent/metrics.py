@@ -91,7 +91,8 @@ async def serve_metrics(agent: Agent, port: int) -> None:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
             path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b"/"
             if path.split(b"?")[0] == b"/metrics":
                 body, status = render(agent, await agent.buffer_stats()).encode(), b"200 OK"

@@ -440,7 +440,8 @@ class Publisher:
 
     async def _wait_wake(self) -> None:
         try:
-            await asyncio.wait_for(self._wake.wait(), 1.0)
+            async with asyncio.timeout(1.0):
+                await self._wake.wait()
         except TimeoutError:
             pass
 

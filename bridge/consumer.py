@@ -200,7 +200,8 @@ class Consumer:
         """Whatever arrived while the last commit ran (at least one message, or [] after ``timeout_s``)."""
         if self._queue.empty():
             try:
-                first = await asyncio.wait_for(self._queue.get(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    first = await self._queue.get()
             except TimeoutError:
                 return []
             window = [first]

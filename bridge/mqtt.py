@@ -160,7 +160,8 @@ class Session:
         refused = []
         for topic, future in waits:
             try:
-                reasons = await asyncio.wait_for(future, timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    reasons = await future
             except TimeoutError:
                 raise PublishError(f"no SUBACK for {topic} within {timeout_s:g}s") from None
             if not reasons or any(r.is_failure for r in reasons):

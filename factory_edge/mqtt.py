@@ -343,7 +343,8 @@ async def wait_connack(
 ) -> str | None:
     """None once the broker accepted our CONNECT; otherwise why not, in a technician's words."""
     try:
-        refused = await asyncio.wait_for(asyncio.shield(connack), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            refused = await asyncio.shield(connack)
     except TimeoutError:
         return f"no CONNACK from {settings.describe()} within {timeout_s:g}s"
     if refused and settings.tls and settings.cert_file and refused == "the broker closed the connection before CONNACK":

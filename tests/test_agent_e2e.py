@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,16 @@ def bridge_view(pki: TenantPki, broker: Mosquitto, client_id: str = "bridge") ->
 
 async def stop_and_collect(agent: AgentProcess, seen: Collector) -> tuple[list[int], Any]:
     """Stop the agent cleanly, then wait until ``seen`` has every batch it numbered: their seqs and the buffer's stats."""
-    assert agent.stop() == 0
+    assert await asyncio.to_thread(agent.stop) == 0
     last = read_stats(agent.state_dir / "buffer.db")
     assert last is not None
     await asyncio.to_thread(seen.wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20, "every batch")
     return seen.seqs(GW), last
+
+
+async def status_of(agent: AgentProcess, check: Callable[[dict[str, Any]], bool]) -> bool:
+    """``check`` on ``agent status --json``, run in a thread: the simulators share this event loop."""
+    return check(await asyncio.to_thread(agent.status))
 
 
 def no_gaps(seqs: list[int]) -> None:
@@ -167,12 +173,12 @@ async def test_broker_outage_every_point_arrives(
             await asyncio.to_thread(seen.wait, lambda: len(seen.seqs(GW)) >= 10, 20, "first batches")
             broker_acme.stop()  # clean stop: the broker keeps its sessions on disk
             await asyncio.sleep(3)
-            during = agent.status()
+            during = await asyncio.to_thread(agent.status)
             assert during["connection"]["state"] in ("connecting", "disconnected")
             assert during["buffer"]["batches"] > 20  # polling and buffering went on
             broker_acme.start()
             await wait_for(
-                lambda: agent.status().get("buffer", {}).get("batches", 99) < 5,
+                lambda: status_of(agent, lambda s: s.get("buffer", {}).get("batches", 99) < 5),
                 timeout_s=30,
                 interval_s=0.3,
                 what="the backlog to drain",
@@ -209,7 +215,7 @@ async def test_broker_mode_replays_what_a_crashed_broker_acknowledged(
             broker_acme.start()
             seen.start()
             await wait_for(
-                lambda: agent.status().get("connection", {}).get("state") == "connected",
+                lambda: status_of(agent, lambda s: s.get("connection", {}).get("state") == "connected"),
                 timeout_s=20,
                 interval_s=0.2,
                 what="the agent to reconnect",
@@ -217,7 +223,7 @@ async def test_broker_mode_replays_what_a_crashed_broker_acknowledged(
             await asyncio.sleep(1)
             seqs, last = await stop_and_collect(agent, seen)
             assert last.batches == 0
-            assert agent.status()["publish"]["replayed"] > 0
+            assert (await asyncio.to_thread(agent.status))["publish"]["replayed"] > 0
         seen.stop()
     no_gaps(seqs)
 
@@ -250,7 +256,7 @@ async def test_backlog_drains_in_order_while_live_data_flows(
                 60,
                 "the backlog and live batches",
             )
-            agent.stop()
+            await asyncio.to_thread(agent.stop)
             seqs = seen.seqs(GW)
             boundary = next(e["live_from_seq"] for e in agent.logs() if e.get("msg") == "connected to broker")
     # Batches buffered before the connection came up are backlog (3000 written
@@ -279,7 +285,7 @@ async def test_kill_9_during_drain_loses_nothing(
             proxy.stop()  # the agent cannot reach the broker: it buffers
             agent.start()
             await wait_for(
-                lambda: agent.status().get("buffer", {}).get("batches", 0) > 150,
+                lambda: status_of(agent, lambda s: s.get("buffer", {}).get("batches", 0) > 150),
                 timeout_s=30,
                 interval_s=0.2,
                 what="a backlog",
@@ -290,7 +296,7 @@ async def test_kill_9_during_drain_loses_nothing(
             killed_at = len(seen.seqs(GW))
             agent.start()
             await wait_for(
-                lambda: agent.status().get("buffer", {}).get("batches", 99) < 5,
+                lambda: status_of(agent, lambda s: s.get("buffer", {}).get("batches", 99) < 5),
                 timeout_s=30,
                 interval_s=0.3,
                 what="the drain to finish after restart",
@@ -320,13 +326,13 @@ async def test_full_buffer_drops_oldest_and_reports_it(
             proxy.stop()
             agent.start()
             await wait_for(
-                lambda: agent.status().get("buffer", {}).get("dropped_points", 0) > 5000,
+                lambda: status_of(agent, lambda s: s.get("buffer", {}).get("dropped_points", 0) > 5000),
                 timeout_s=30,
                 interval_s=0.2,
                 what="drops",
             )
-            agent.stop()
-            dropped = agent.status()["buffer"]["dropped_points"]
+            await asyncio.to_thread(agent.stop)
+            dropped = (await asyncio.to_thread(agent.status))["buffer"]["dropped_points"]
             db = agent.state_dir / "buffer.db"
             on_disk = db.stat().st_size + (db.parent / "buffer.db-wal").stat().st_size
             assert on_disk <= 1024 * 1024  # max_bytes bounds the files, WAL included
@@ -414,7 +420,7 @@ async def test_commands_ping_write_reload(
                 "the reloaded tags",
             )
 
-            status = agent.status()
+            status = await asyncio.to_thread(agent.status)
             assert status["running"] and status["connection"]["state"] == "connected"
             text = await asyncio.to_thread(
                 subprocess.run,
@@ -504,7 +510,7 @@ async def test_tls_failures_are_clear_and_retried(
     with AgentProcess(tmp_path / "agent", config) as agent:
         agent.start()
         await asyncio.sleep(5)
-        status = agent.status()
+        status = await asyncio.to_thread(agent.status)
         assert agent.alive
         assert status["connection"]["last_error"] == f"connection refused by 127.0.0.1:{closed}"
         assert 5 <= status["connection"]["connect_attempts"] <= 15  # 0.1 s, 0.2 s … capped at 1 s: not a tight loop
@@ -527,7 +533,7 @@ async def test_a_copy_of_the_gateways_certificate_is_logged_as_a_takeover(
     with AgentProcess(tmp_path / "agent", config) as agent:
         agent.start()
         await wait_for(
-            lambda: agent.status().get("connection", {}).get("state") == "connected",
+            lambda: status_of(agent, lambda s: s.get("connection", {}).get("state") == "connected"),
             timeout_s=20,
             interval_s=0.1,
             what="the agent to connect",
@@ -551,7 +557,7 @@ async def test_a_copy_of_the_gateways_certificate_is_logged_as_a_takeover(
                 what="the takeover in the agent's log",
             )
         await wait_for(
-            lambda: agent.status().get("connection", {}).get("state") == "connected",
+            lambda: status_of(agent, lambda s: s.get("connection", {}).get("state") == "connected"),
             timeout_s=10,
             what="the agent back on its session",
         )

@@ -319,7 +319,7 @@ async def test_one_reading_larger_than_the_brokers_packet_limit_does_not_stall_t
                 await asyncio.sleep(15)
                 status = await asyncio.to_thread(agent.status)
             finally:
-                agent.stop()
+                await asyncio.to_thread(agent.stop)  # the simulator shares this loop
     lost = [e for e in agent.logs() if e.get("msg") == "connection to broker lost"]
     buffered = status["buffer"]["batches"] + status["buffer"]["unconfirmed_batches"]
     print(
@@ -370,7 +370,7 @@ async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_rea
                 await asyncio.sleep(6)
                 status = await asyncio.to_thread(agent.status)
             finally:
-                agent.stop()
+                await asyncio.to_thread(agent.stop)  # the simulator shares this loop
     temps = view.count(pki_acme.tenant, "points", "WHERE device = 'oven-1' AND tag = 'zone1_temp'")
     dead = view.rows(pki_acme.tenant, "SELECT reason FROM {dead_letters}")
     print(

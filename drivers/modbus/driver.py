@@ -185,7 +185,8 @@ class ModbusDriver(Driver):
                 return False
         ok = False
         try:
-            ok = await asyncio.wait_for(client.connect(), self.device.timeout + 1.0)
+            async with asyncio.timeout(self.device.timeout + 1.0):
+                ok = await client.connect()
         except (TimeoutError, OSError, ModbusException):
             ok = False
         if ok:
@@ -231,7 +232,8 @@ class ModbusDriver(Driver):
                 response = await request
             else:
                 # pymodbus bounds each try by the timeout; this guards the whole call.
-                response = await asyncio.wait_for(request, self.device.timeout * (self.device.retries + 1) + 1.0)
+                async with asyncio.timeout(self.device.timeout * (self.device.retries + 1) + 1.0):
+                    response = await request
         except TransactionTimeout as exc:
             # The device answered other requests meanwhile: only this one failed.
             raise _Fault("timeout", lost=not exc.link_alive) from exc

@@ -190,9 +190,8 @@ class TcpClient(ModbusClientMixin[Awaitable[ModbusPDU]]):
         if self._connection is not None:
             return
         loop = asyncio.get_running_loop()
-        _, connection = await asyncio.wait_for(
-            loop.create_connection(lambda: _Connection(self), self.host, self.port), self.timeout_s
-        )
+        async with asyncio.timeout(self.timeout_s):
+            _, connection = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
         self._connection = connection
         self.stale = False
 
@@ -310,7 +309,8 @@ class TcpClient(ModbusClientMixin[Awaitable[ModbusPDU]]):
                 transaction.answers_before = self._answers
             connection.send(frame)
             try:
-                return await asyncio.wait_for(asyncio.shield(transaction.answer), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    return await asyncio.shield(transaction.answer)
             except TimeoutError:
                 return None
             finally:
