@@ -207,15 +207,19 @@ class Console:
             if rollup.behind:
                 rollup = None
         out = []
+        source = "rollup" if rollup else "points"
         with self.data(tenant) as data:
             for one in series:
-                rows = (
-                    rollup.trend(one, start_ms, end_ms, buckets)
-                    if rollup
-                    else data.trend(one, start_ms, end_ms, buckets)
-                )
+                if rollup:
+                    rows = rollup.trend(one, start_ms, end_ms, buckets)
+                else:  # PostgreSQL: the bridge's own per-minute table, when the range is long enough
+                    minutes = data.minute_trend(one, start_ms, end_ms, buckets) if width >= 2 * MINUTE_MS else None
+                    if minutes is not None:
+                        rows, source = minutes, "rollup"
+                    else:
+                        rows = data.trend(one, start_ms, end_ms, buckets)
                 out.append({"series": one.key, "points": rows})
-        return {"start": start_ms, "end": end_ms, "source": "rollup" if rollup else "points", "series": out}
+        return {"start": start_ms, "end": end_ms, "source": source, "series": out}
 
     def points(self, tenant: str, series: Series, start_ms: int, end_ms: int) -> Iterator[tuple[Any, ...]]:
         with self.data(tenant) as data:

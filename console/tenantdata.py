@@ -36,6 +36,8 @@ from typing import Any
 
 from factory_edge.errors import StorageError
 
+MINUTE_MS = 60_000
+
 
 @dataclass(frozen=True)
 class Series:
@@ -188,6 +190,10 @@ class TenantData:
             )
         ]
 
+    def minute_trend(self, series: Series, start_ms: int, end_ms: int, buckets: int) -> list[list[Any]] | None:
+        """Like ``trend``, from the store's own per-minute table; None when the store keeps none (SQLite)."""
+        return None
+
     def points(self, series: Series, start_ms: int, end_ms: int) -> Iterator[tuple[Any, ...]]:
         """Every raw point ``(ts, value, quality, error)`` of the range, oldest first (CSV export)."""
         return self.iterate(
@@ -298,6 +304,21 @@ class PostgresData(TenantData):
                 yield from cursor
         except self._psycopg.Error as exc:
             raise StorageError(f"postgresql schema {self.tenant}: {str(exc).strip().splitlines()[0]}") from exc
+
+    def minute_trend(self, series: Series, start_ms: int, end_ms: int, buckets: int) -> list[list[Any]] | None:
+        """From ``points_minute``, which the bridge keeps in the commit of the points (schema version 2)."""
+        if self._schema is None or not self.rows("SELECT to_regclass(?)", (f"{self._schema}points_minute",))[0][0]:
+            return None
+        first, last = start_ms // MINUTE_MS, -(-end_ms // MINUTE_MS)
+        width = max(1, -(-(last - first) // buckets))
+        return [
+            [(first + int(b) * width) * MINUTE_MS, lo, hi, mean, int(n)]
+            for b, lo, hi, mean, n in self.rows(
+                "SELECT (minute - ?) / ?, min(lo), max(hi), sum(total) / sum(n), sum(n) FROM {s}points_minute "
+                "WHERE gw = ? AND device = ? AND tag = ? AND minute >= ? AND minute < ? GROUP BY 1 ORDER BY 1",
+                (first, width, series.gw, series.device, series.tag, first, last),
+            )
+        ]
 
     def values(self, gw: str) -> list[dict[str, Any]]:
         return [
