@@ -5,9 +5,12 @@ tenant's store is only ever attached read-only):
 
 - ``minute(gw, device, tag, minute, n, total, lo, hi)``: count, sum, min
   and max of the numeric readings whose ``ts`` falls in that minute;
-- ``progress(rowid)``: the last ``points`` rowid folded in.
+- ``progress(rowid, source)``: the last rowid folded in, and of which
+  table: ``samples`` (the store's readings by series id, schema 2 on) or
+  ``points`` (older stores). A store converted in place numbers its rows
+  anew, so a rollup that followed the other table is built again.
 
-``points`` only grows (the bridge appends, never updates), and SQLite
+The readings only grow (the bridge appends, never updates), and SQLite
 hands out rowids in increasing order, so folding ``rowid > progress`` in
 chunks keeps the rollup exact: each point is counted once, whenever it
 arrives, even a late batch with old timestamps. A trend whose buckets are
@@ -35,8 +38,23 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS minute (gw TEXT NOT NULL, device TEXT NOT NULL, tag TEXT NOT NULL, "
     "minute INTEGER NOT NULL, n INTEGER NOT NULL, total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, "
     "PRIMARY KEY (gw, device, tag, minute)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS progress (id INTEGER PRIMARY KEY CHECK (id = 1), rowid INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS progress (id INTEGER PRIMARY KEY CHECK (id = 1), rowid INTEGER NOT NULL, "
+    "source TEXT NOT NULL DEFAULT 'points')",
 )
+# What to fold in, by the store's shape: its readings' table, and a select of (gw, device, tag, ts, value) by rowid.
+_SOURCES = {
+    "samples": (
+        "SELECT s.gw, s.device, s.tag, p.ts / ?, count(*), sum(p.value), min(p.value), max(p.value) "
+        "FROM src.samples p JOIN src.series s ON s.id = p.series "
+        "WHERE p.rowid > ? AND p.rowid <= ? AND typeof(p.value) IN ('integer', 'real') "
+        "GROUP BY s.gw, s.device, s.tag, p.ts / ?"
+    ),
+    "points": (
+        "SELECT gw, device, tag, ts / ?, count(*), sum(value), min(value), max(value) "
+        "FROM src.points WHERE rowid > ? AND rowid <= ? AND typeof(value) IN ('integer', 'real') "
+        "GROUP BY gw, device, tag, ts / ?"
+    ),
+}
 
 
 class Rollup:
@@ -68,9 +86,20 @@ class Rollup:
             self._attached = True
         return True
 
-    def done_rowid(self) -> int:
-        row = self._db.execute("SELECT rowid FROM progress WHERE id = 1").fetchone()
-        return int(row[0]) if row else 0
+    def done_rowid(self, source: str = "points") -> int:
+        """The last rowid of ``source`` folded in (a rollup that followed another table starts again)."""
+        row = self._db.execute("SELECT rowid, source FROM progress WHERE id = 1").fetchone()
+        if row is None:
+            return 0
+        if row[1] != source:
+            self._db.execute("DELETE FROM minute")
+            self._db.execute("DELETE FROM progress")
+            return 0
+        return int(row[0])
+
+    def _source(self) -> str:
+        found = self._db.execute("SELECT 1 FROM src.sqlite_master WHERE type = 'table' AND name = 'samples'")
+        return "samples" if found.fetchone() else "points"
 
     def refresh(self, max_rows: int = CHUNK_ROWS) -> int:
         """Fold in up to ``max_rows`` new points; how many were read. ``behind`` says whether more wait."""
@@ -79,8 +108,9 @@ class Rollup:
                 if not self._attach():
                     self.behind = False
                     return 0
-                start = self.done_rowid()
-                top = self._db.execute("SELECT max(rowid) FROM src.points").fetchone()[0] or 0
+                source = self._source()
+                start = self.done_rowid(source)
+                top = self._db.execute(f"SELECT max(rowid) FROM src.{source}").fetchone()[0] or 0
                 end = min(top, start + max_rows)
                 if end <= start:
                     self.behind = False
@@ -88,14 +118,12 @@ class Rollup:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.execute(
-                        "INSERT INTO minute SELECT gw, device, tag, ts / ?, count(*), sum(value), min(value), max(value) "
-                        "FROM src.points WHERE rowid > ? AND rowid <= ? AND typeof(value) IN ('integer', 'real') "
-                        "GROUP BY gw, device, tag, ts / ? "
+                        f"INSERT INTO minute {_SOURCES[source]} "
                         "ON CONFLICT (gw, device, tag, minute) DO UPDATE SET n = n + excluded.n, "
                         "total = total + excluded.total, lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)",
                         (MINUTE_MS, start, end, MINUTE_MS),
                     )
-                    self._db.execute("INSERT OR REPLACE INTO progress VALUES (1, ?)", (end,))
+                    self._db.execute("INSERT OR REPLACE INTO progress VALUES (1, ?, ?)", (end, source))
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
