@@ -53,26 +53,34 @@ class Applier:
         self.store = store
         self.outcome = outcome
         self.task: asyncio.Task[None] | None = None
+        self._checking = False
 
     @property
     def busy(self) -> bool:
         """A pushed configuration is being applied (switched, or under watch)."""
-        return self.task is not None and not self.task.done()
+        return self._checking or (self.task is not None and not self.task.done())
 
-    def command(self, payload: Any) -> dict[str, Any]:
-        """``cmd/config``: check it now, apply it in the background, answer at once."""
+    async def command(self, payload: Any) -> dict[str, Any]:
+        """``cmd/config``: check it now, apply it in the background, answer at once.
+
+        The check runs in a thread: validating 100,000 tags takes seconds on a small box, and the polls
+        go on meanwhile."""
         agent = self.agent
         version = payload.get("version") if isinstance(payload, dict) else None
         if not agent.config.remote_config.enabled:
             return self._rejected(version, None, ["remote configuration is off here (remote_config.enabled: false)"])
         if self.busy:
-            busy = self.outcome.version if self.outcome else "?"
-            return self._rejected(version, None, [f"version {busy} is being applied; push again when it is done"])
+            busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else "another"
+            reason = f"version {busy} is being applied; push again when it is done"
+            # Answered, not recorded: the status keeps telling how the push under way goes.
+            return {"ok": False, "state": "rejected", "version": version, "error": reason, "reasons": [reason]}
+        self._checking = True  # one push at a time, from its check on
         try:
-            push = parse_push(payload, agent.config, agent.gateway)
-            broker = self._broker(push)
+            push, broker = await asyncio.to_thread(self._check, payload)
         except ConfigError as exc:
             return self._rejected(version, None, str(exc).splitlines())
+        finally:
+            self._checking = False
         running = agent.running
         if running.source == "pushed" and running.version is not None:
             if push.version == running.version and push.hash == running.hash:
@@ -87,6 +95,10 @@ class Applier:
         group = agent.task_group
         self.task = group.create_task(self._apply(push, broker), name=f"config[v{push.version}]")
         return {"ok": True, "state": "applying", "version": push.version, "hash": push.hash}
+
+    def _check(self, payload: Any) -> tuple[Push, BrokerSettings]:
+        push = parse_push(payload, self.agent.config, self.agent.gateway)
+        return push, self._broker(push)
 
     def _broker(self, push: Push) -> BrokerSettings:
         agent = self.agent
