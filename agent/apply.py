@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
+MAX_NAMED = 10  # failing devices named in a rollback's reason
 
 
 def same_broker(a: BrokerSettings, b: BrokerSettings) -> bool:
@@ -193,8 +194,10 @@ class Applier:
         if watched and len(failing) > rc.max_failed_share * len(watched):
             details = "; ".join(
                 f"{name}: {agent.drivers[name].last_error or agent.device_stats[name].last_error or 'no good reading'}"
-                for name in failing
+                for name in failing[:MAX_NAMED]
             )
+            if len(failing) > MAX_NAMED:  # the reason rides in the retained status, which stays small
+                details += f"; and {len(failing) - MAX_NAMED} more"
             return (
                 f"{len(failing)} of {len(watched)} devices that read fine before fail after {deadline} "
                 f"(more than remote_config.max_failed_share {rc.max_failed_share:g}): {details}"
