@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
-MAX_NAMED = 10  # failing devices named in a rollback's reason
+MAX_NAMED = 10  # failing devices (or refusals) named in the status's reason
 
 
 def same_broker(a: BrokerSettings, b: BrokerSettings) -> bool:
@@ -114,7 +114,10 @@ class Applier:
 
     def _rejected(self, version: Any, hash_: str | None, reasons: list[str]) -> dict[str, Any]:
         number = version if isinstance(version, int) and not isinstance(version, bool) else None
-        self._report(Outcome("rejected", number, hash_, "; ".join(reasons), now_ms()))
+        summary = "; ".join(reasons[:MAX_NAMED])  # the status keeps the first ones, the reply has them all
+        if len(reasons) > MAX_NAMED:
+            summary += f"; and {len(reasons) - MAX_NAMED} more"
+        self._report(Outcome("rejected", number, hash_, summary, now_ms()))
         return {"ok": False, "state": "rejected", "version": number, "error": "; ".join(reasons), "reasons": reasons}
 
     def _report(self, outcome: Outcome) -> None:
