@@ -69,7 +69,9 @@ class Applier:
         agent = self.agent
         version = payload.get("version") if isinstance(payload, dict) else None
         if not agent.config.remote_config.enabled:
-            return self._rejected(version, None, ["remote configuration is off here (remote_config.enabled: false)"])
+            return await self._rejected(
+                version, None, ["remote configuration is off here (remote_config.enabled: false)"]
+            )
         if self.busy:
             busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else "another"
             reason = f"version {busy} is being applied; push again when it is done"
@@ -79,7 +81,7 @@ class Applier:
         try:
             push, broker = await asyncio.to_thread(self._check, payload)
         except ConfigError as exc:
-            return self._rejected(version, None, str(exc).splitlines())
+            return await self._rejected(version, None, str(exc).splitlines())
         finally:
             self._checking = False
         running = agent.running
@@ -87,12 +89,12 @@ class Applier:
             if push.version == running.version and push.hash == running.hash:
                 return {"ok": True, "state": "applied", "version": push.version, "hash": push.hash, "unchanged": True}
             if push.version <= running.version:
-                return self._rejected(
+                return await self._rejected(
                     push.version,
                     push.hash,
                     [f"version {push.version} is not newer than the running version {running.version}"],
                 )
-        self._report(Outcome("applying", push.version, push.hash, ts=now_ms()))
+        await self._report(Outcome("applying", push.version, push.hash, ts=now_ms()))
         group = agent.task_group
         self.task = group.create_task(self._apply(push, broker), name=f"config[v{push.version}]")
         return {"ok": True, "state": "applying", "version": push.version, "hash": push.hash}
@@ -112,19 +114,19 @@ class Applier:
             tls_context(broker)  # a missing or wrong TLS file is a reason to refuse, not a retry loop
         return broker
 
-    def _rejected(self, version: Any, hash_: str | None, reasons: list[str]) -> dict[str, Any]:
+    async def _rejected(self, version: Any, hash_: str | None, reasons: list[str]) -> dict[str, Any]:
         number = version if isinstance(version, int) and not isinstance(version, bool) else None
         summary = "; ".join(reasons[:MAX_NAMED])  # the status keeps the first ones, the reply has them all
         if len(reasons) > MAX_NAMED:
             summary += f"; and {len(reasons) - MAX_NAMED} more"
-        self._report(Outcome("rejected", number, hash_, summary, now_ms()))
+        await self._report(Outcome("rejected", number, hash_, summary, now_ms()))
         return {"ok": False, "state": "rejected", "version": number, "error": "; ".join(reasons), "reasons": reasons}
 
-    def _report(self, outcome: Outcome) -> None:
+    async def _report(self, outcome: Outcome) -> None:
         agent = self.agent
         self.outcome = outcome
         if outcome.state != "applying":
-            self.store.record(outcome)
+            await asyncio.to_thread(self.store.record, outcome)  # fsynced: off the event loop
         agent.event("config", state=outcome.state, version=outcome.version, hash=outcome.hash, reason=outcome.reason)
         agent.publisher.publish_status()
         level = logging.WARNING if outcome.state in ("rejected", "rolled_back") else logging.INFO
@@ -142,7 +144,9 @@ class Applier:
         try:
             await asyncio.to_thread(self.store.begin, push, local_hash)
         except OSError as exc:  # a full or read-only disk: nothing was switched
-            self._report(Outcome("rejected", push.version, push.hash, f"cannot write the candidate: {exc}", now_ms()))
+            await self._report(
+                Outcome("rejected", push.version, push.hash, f"cannot write the candidate: {exc}", now_ms())
+            )
             return
         healthy = sorted(name for name, driver in agent.drivers.items() if driver.state is DeviceState.UP)
         switched_at = time.time()
@@ -156,7 +160,7 @@ class Applier:
                 reason = f"the agent stopped while applying version {push.version}"
             if reason is None:
                 await asyncio.to_thread(self.store.commit, push, local_hash)
-                self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
+                await self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
                 return
         except (FactoryEdgeError, OSError) as exc:
             # A driver that cannot start, a disk that refuses the commit: back to what ran, never half of each.
@@ -167,7 +171,7 @@ class Applier:
             await asyncio.to_thread(self.store.abort)
         except OSError as exc:  # at the next start the candidate is recognised and discarded all the same
             log.warning("cannot remove the candidate", extra=fields(err=str(exc)))
-        self._report(Outcome("rolled_back", push.version, push.hash, reason, now_ms()))
+        await self._report(Outcome("rolled_back", push.version, push.hash, reason, now_ms()))
 
     async def _watch(
         self, healthy: list[str], new_broker: BrokerSettings | None, switched_at: float, since_ms: int, rc: Any
