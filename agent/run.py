@@ -28,7 +28,8 @@ def add_parser(commands: Any) -> None:
         description="Run the agent: poll every device on its schedule, commit every reported point to the "
         "buffer in the state directory, and publish batches over MQTT v5 (QoS 1) to the broker "
         "from the config's mqtt: section or the provisioned identity. SIGTERM or Ctrl-C stops "
-        "cleanly: buffered batches get up to 3 s to reach the broker, then a retained offline status; "
+        "cleanly: a read under way gets up to 2 s to be answered and buffered, buffered batches up to 3 s to "
+        "reach the broker, then a retained offline status; "
         "anything still unacknowledged stays buffered for the next start.",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="agent config (YAML)")

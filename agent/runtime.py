@@ -35,7 +35,7 @@ from factory_edge.errors import ConfigError, FactoryEdgeError
 from factory_edge.logs import fields
 from factory_edge.mqtt import BrokerSettings
 from factory_edge.systemd import Notifier
-from factory_edge.tasks import cancel_all, cancel_and_wait
+from factory_edge.tasks import cancel_all
 from factory_edge.units import plural
 
 from .apply import Applier
@@ -57,6 +57,7 @@ BUFFER_FILE = "buffer.db"
 STATUS_INTERVAL_S = 1.0
 FLUSH_ON_STOP_S = 3.0
 WRITE_ON_STOP_S = 10.0
+FINISH_POLL_S = 2.0  # a read under way when the agent stops gets this long to be answered and buffered
 AGES_EVERY_S = 10.0
 
 
@@ -259,11 +260,16 @@ class Agent:
             self._device_tasks[device.name] = self._group.create_task(self._poll(driver), name=f"poll[{device.name}]")
 
     async def _stop_devices(self) -> None:
-        for task in self._device_tasks.values():
-            task.cancel()
+        # A read under way was served by the machine (it counted it): take the answer and buffer it, then stop.
+        finishing = [task for name, task in self._device_tasks.items() if self.drivers[name].stop()]
         try:
-            for task in self._device_tasks.values():
-                await cancel_and_wait(task)
+            if finishing:
+                await asyncio.wait(finishing, timeout=FINISH_POLL_S)
+            tasks = list(self._device_tasks.values())
+            await cancel_all(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    task.result()  # a poll loop that failed while stopping
         finally:
             for driver in self.drivers.values():
                 await driver.close()
@@ -298,6 +304,7 @@ class Agent:
         while True:
             try:
                 await driver.run(emit)
+                return  # stopped: the read under way is emitted
             except (FactoryEdgeError, OSError) as exc:
                 reason = f"driver error: {exc}"
             except Exception as exc:  # a driver bug must not take the other devices down
@@ -305,7 +312,9 @@ class Agent:
                 reason = f"driver error: {type(exc).__name__}: {exc}"
             await emit([Point.bad(name, t.name, reason) for t in driver.device.tags])
             self.event("driver_error", device=name, error=reason)
-            await asyncio.sleep(min(30.0, max(1.0, driver.device.poll)))
+            await driver.pause(min(30.0, max(1.0, driver.device.poll)))
+            if driver.stopping:
+                return
 
     def store(self, device: str, points: list[Point]) -> None:
         """Hand points to the buffer's writer (never waits for the disk); the publisher wakes on commit."""

@@ -45,6 +45,7 @@ class Driver(abc.ABC):
         self.state = DeviceState.CONNECTING
         self.last_error: str | None = None
         self.last_good_ms: int | None = None
+        self._stopping = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         return self
@@ -66,12 +67,35 @@ class Driver(abc.ABC):
     async def close(self) -> None:
         """Release the connection; the driver is done."""
 
+    def stop(self) -> bool:
+        """Have ``run()`` return once the read under way is emitted: the machine has served that reading.
+
+        False if this driver cannot finish that way (its ``run()`` is to be cancelled).
+        """
+        self._stopping.set()
+        return True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def pause(self, delay_s: float) -> None:
+        """Sleep ``delay_s``, or less if ``stop()`` is called meanwhile."""
+        if delay_s <= 0 or self._stopping.is_set():
+            await asyncio.sleep(0)
+            return
+        try:
+            async with asyncio.timeout(delay_s):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
     async def run(self, emit: Emit) -> None:
-        """Poll on the device's own fixed-rate schedule until cancelled."""
+        """Poll on the device's own fixed-rate schedule until cancelled, or until ``stop()``."""
         loop = asyncio.get_running_loop()
         period = self.device.poll
         next_at = loop.time()
-        while True:
+        while not self._stopping.is_set():
             points = await self.read()
             await emit(points)
             next_at += period
@@ -80,7 +104,7 @@ class Driver(abc.ABC):
                 missed = int((now - next_at) // period) + 1
                 log.debug("poll overran", extra=fields(device=self.device.name, missed=missed))
                 next_at += missed * period
-            await asyncio.sleep(next_at - now)
+            await self.pause(next_at - now)
 
     def writable_tag(self, name: str) -> Any:
         """The tag called ``name`` if it may be written; WriteRefused says why not."""

@@ -39,13 +39,14 @@ class Served:
 class Plant:
     """The ground-truth machine in a process of its own (``tests/groundtruth.py``)."""
 
-    def __init__(self, workdir: Path, *, units: tuple[int, ...] = (1,), bulk: int = 0) -> None:
+    def __init__(self, workdir: Path, *, units: tuple[int, ...] = (1,), bulk: int = 0, delay_ms: int = 0) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log = workdir / "served.log"
         self.units = units
         self.bulk = bulk
+        self.delay_ms = delay_ms
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Plant:
@@ -63,6 +64,8 @@ class Plant:
                     *map(str, self.units),
                     "--bulk",
                     str(self.bulk),
+                    "--delay-ms",
+                    str(self.delay_ms),
                 ],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,

@@ -1,6 +1,6 @@
 """A Modbus TCP machine that writes down every reading it serves: the ground truth of the zero-loss tests.
 
-    python -m tests.groundtruth --port 5020 --log served.log [--units 1 2] [--bulk 500]
+    python -m tests.groundtruth --port 5020 --log served.log [--units 1 2] [--bulk 500] [--delay-ms 300]
 
 Each unit has, in holding registers, a uint64 ``counter`` at 0-3 that
 increases by one on every read that covers it (so every reading the
@@ -9,6 +9,9 @@ agent takes has a value of its own), and ``--bulk`` more registers from
 the response leaves::
 
     <unit> <counter value, or -> <bulk registers served> <epoch ms>
+
+``--delay-ms`` holds each answer that long after the reading is written down
+(a slow device, or a response on its way): a reading served, not yet received.
 
 SIGUSR1 makes every read fail from then on (a Modbus exception, so the
 agent records ``bad`` points and no value): a test freezes the truth
@@ -35,9 +38,10 @@ COUNTER_REGISTERS = 4
 
 
 class CountingUnit(RegisterModel):
-    def __init__(self, unit: int, bulk: int, log: TextIO, state: dict[str, bool]) -> None:
+    def __init__(self, unit: int, bulk: int, log: TextIO, state: dict[str, bool], delay_s: float = 0.0) -> None:
         super().__init__()
         self.unit, self.bulk, self.log, self.state = unit, bulk, log, state
+        self.delay_s = delay_s
         self.counter = 0
         self.define(Table.HOLDING, 0, COUNTER_REGISTERS + bulk)
         self.set_registers(Table.HOLDING, COUNTER_REGISTERS, [(unit * 1000 + i) & 0xFFFF for i in range(bulk)])
@@ -58,13 +62,15 @@ class CountingUnit(RegisterModel):
         self.log.write(f"{self.unit} {value} {max(0, hi - lo)} {time.time_ns() // 1_000_000}\n")
         self.log.flush()
         await super()._sync(fc, start, address, count, registers, values)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         return None
 
 
-async def serve(port: int, log_path: Path, units: list[int], bulk: int) -> None:
+async def serve(port: int, log_path: Path, units: list[int], bulk: int, delay_s: float = 0.0) -> None:
     state = {"frozen": False}
     with open(log_path, "a", encoding="ascii") as log:
-        models = {unit: CountingUnit(unit, bulk, log, state) for unit in units}
+        models = {unit: CountingUnit(unit, bulk, log, state, delay_s) for unit in units}
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGUSR1, lambda: state.update(frozen=True))
@@ -80,8 +86,9 @@ def main() -> None:
     parser.add_argument("--log", type=Path, required=True)
     parser.add_argument("--units", type=int, nargs="+", default=[1])
     parser.add_argument("--bulk", type=int, default=0)
+    parser.add_argument("--delay-ms", type=int, default=0)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.log, args.units, args.bulk))
+    asyncio.run(serve(args.port, args.log, args.units, args.bulk, args.delay_ms / 1000))
 
 
 if __name__ == "__main__":

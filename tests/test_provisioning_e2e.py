@@ -90,7 +90,7 @@ def test_two_tenants_provision_and_publish_through_one_port(site: Deployment, te
         tech.wait_line(lambda x: x.startswith("gw/gw-a1/events ") and '"provisioned"' in x, 10, "provisioned event")
         elapsed = time.monotonic() - started
         print(f"\nagent provision, key to first publish seen by a technician: {elapsed:.2f} s")
-        assert elapsed < 3.0
+        assert elapsed < 15.0  # about 1 s on a quiet machine (printed above); this bounds a hang, not speed
 
         summary = result.stdout
         assert summary.startswith("Provisioned gw-a1 in tenant acme (")

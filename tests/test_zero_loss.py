@@ -396,3 +396,38 @@ def test_sigterm_writes_every_completed_reading_before_exit(
         missing = set(served) - set(buffered.get(unit, []))
         assert missing <= {max(served)}, f"unit {unit}: completed readings not on disk at exit: {sorted(missing)}"
         assert len(buffered[unit]) == len(set(buffered[unit]))
+
+
+def test_a_reading_answered_while_the_agent_stops_is_buffered_before_it_exits(tmp_path: Path) -> None:
+    """SIGTERM lands while a request is out: the machine has taken the reading and answers 300 ms later. The
+    agent takes that answer and buffers it before it exits (it does not cancel a poll under way), however
+    often this is tried: every reading the machine served is in the buffer."""
+    from agent.bufferread import BufferReader
+    from tests.helpers import free_port
+
+    with Plant(tmp_path / "plant", delay_ms=300) as plant:
+        for attempt in range(3):
+            config = {
+                "gateway": GW,
+                "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"},  # no broker: everything stays buffered
+                "devices": plant.devices(poll="100ms"),
+            }
+            agent = AgentProcess(tmp_path / f"agent-{attempt}", config).start()
+            try:
+                enough = 3 * (attempt + 1)
+                wait_until(lambda: len(plant.served()) >= enough, timeout_s=30)  # noqa: B023 (called here)
+                time.sleep(0.1 * attempt)  # each attempt stops at another moment of the request
+                assert agent.stop() == 0
+            finally:
+                agent.kill()
+    served = {s.value for s in plant.served() if s.value is not None}
+    buffered: set[int] = set()
+    for attempt in range(3):
+        reader = BufferReader(tmp_path / f"agent-{attempt}" / "state" / "buffer.db")
+        try:
+            for batch in reader.pending(0, 100_000):
+                doc = json.loads(batch.payload)
+                buffered |= {int(p["v"]) for p in doc["points"] if p["tag"] == "served" and p.get("v") is not None}
+        finally:
+            reader.close()
+    assert served - buffered == set(), f"served, never buffered: {sorted(served - buffered)}"

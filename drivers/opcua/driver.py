@@ -116,11 +116,15 @@ class OpcuaDriver(Driver):
         self._set_state(DeviceState.UP)
         return points
 
+    def stop(self) -> bool:
+        """Poll mode finishes the read under way; a subscription has none (its ``run()`` is cancelled)."""
+        return self.device.mode == "poll" and super().stop()
+
     async def run(self, emit: Emit) -> None:
         """Poll at ``device.poll`` (``mode: poll``), or stream a subscription's changes (``mode: subscribe``).
 
-        Poll mode runs until cancelled, like ``Driver.run``; subscribe mode
-        also returns when ``close()`` is called.
+        Poll mode runs until cancelled or stopped, like ``Driver.run``;
+        subscribe mode also returns when ``close()`` is called.
         """
         if self.device.mode == "poll":
             await super().run(emit)
