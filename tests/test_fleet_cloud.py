@@ -101,19 +101,23 @@ async def test_store_push_and_drift_through_the_rendered_broker(tmp_path: Path) 
                 await asyncio.to_thread(provisioning, data, "config", "show", "acme", GW)
             ).stdout == wanted.read_text()
 
-            # The same text again stores nothing new.
+            # The same text again stores nothing new; pushed again, the gateway says it runs it already.
             again = await asyncio.to_thread(provisioning, data, "config", "set", "acme", GW, str(wanted))
             assert again.stdout.startswith(f"{GW}: version 1, hash ")
+            same = await asyncio.to_thread(provisioning, data, "config", "push", "acme", GW, "--wait", "10s")
+            assert same.stdout.startswith(f"{GW}: version 1 applied (already running), hash ")
 
             # Version 2 reads a dead port: the gateway rolls back, the cloud sees drift and why.
             dead = gateway_config(site, broker_port, free_port(), 4)
             wanted.write_text(yaml.safe_dump(dead, sort_keys=False))
-            await asyncio.to_thread(provisioning, data, "config", "set", "acme", GW, str(wanted), "--push")
-            await asyncio.to_thread(
-                eventually,
-                lambda: (status_rows(data)[1][0].get("last") or {}).get("state") == "rolled_back",
-                20,
-                "the rollback",
+            waited = await asyncio.to_thread(
+                provisioning, data, "config", "set", "acme", GW, str(wanted), "--push", "--wait", "20s", check=False
+            )
+            assert waited.returncode == 1, waited.stderr
+            assert waited.stderr.splitlines()[0] == f"{GW}: version 2 rolled back"
+            assert waited.stderr.splitlines()[1].startswith(
+                "  1 of 1 devices that read fine before fail after 3s (more than remote_config.max_failed_share 0.5): "
+                "line-1: "
             )
             code, rows = await asyncio.to_thread(status_rows, data)
             assert code == 3 and rows[0]["state"] == "drift" and rows[0]["running_version"] == 1
