@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.1
+MAX_NAMED = 10  # failing devices (or refusals) named in the status's reason
 
 
 def same_broker(a: BrokerSettings, b: BrokerSettings) -> bool:
@@ -53,40 +54,54 @@ class Applier:
         self.store = store
         self.outcome = outcome
         self.task: asyncio.Task[None] | None = None
+        self._checking = False
 
     @property
     def busy(self) -> bool:
         """A pushed configuration is being applied (switched, or under watch)."""
-        return self.task is not None and not self.task.done()
+        return self._checking or (self.task is not None and not self.task.done())
 
-    def command(self, payload: Any) -> dict[str, Any]:
-        """``cmd/config``: check it now, apply it in the background, answer at once."""
+    async def command(self, payload: Any) -> dict[str, Any]:
+        """``cmd/config``: check it now, apply it in the background, answer at once.
+
+        The check runs in a thread: validating 100,000 tags takes seconds on a small box, and the polls
+        go on meanwhile."""
         agent = self.agent
         version = payload.get("version") if isinstance(payload, dict) else None
         if not agent.config.remote_config.enabled:
-            return self._rejected(version, None, ["remote configuration is off here (remote_config.enabled: false)"])
+            return await self._rejected(
+                version, None, ["remote configuration is off here (remote_config.enabled: false)"]
+            )
         if self.busy:
-            busy = self.outcome.version if self.outcome else "?"
-            return self._rejected(version, None, [f"version {busy} is being applied; push again when it is done"])
+            busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else "another"
+            reason = f"version {busy} is being applied; push again when it is done"
+            # Answered, not recorded: the status keeps telling how the push under way goes.
+            return {"ok": False, "state": "rejected", "version": version, "error": reason, "reasons": [reason]}
+        self._checking = True  # one push at a time, from its check on
         try:
-            push = parse_push(payload, agent.config, agent.gateway)
-            broker = self._broker(push)
+            push, broker = await asyncio.to_thread(self._check, payload)
         except ConfigError as exc:
-            return self._rejected(version, None, str(exc).splitlines())
+            return await self._rejected(version, None, str(exc).splitlines())
+        finally:
+            self._checking = False
         running = agent.running
         if running.source == "pushed" and running.version is not None:
             if push.version == running.version and push.hash == running.hash:
                 return {"ok": True, "state": "applied", "version": push.version, "hash": push.hash, "unchanged": True}
             if push.version <= running.version:
-                return self._rejected(
+                return await self._rejected(
                     push.version,
                     push.hash,
                     [f"version {push.version} is not newer than the running version {running.version}"],
                 )
-        self._report(Outcome("applying", push.version, push.hash, ts=now_ms()))
+        await self._report(Outcome("applying", push.version, push.hash, ts=now_ms()))
         group = agent.task_group
         self.task = group.create_task(self._apply(push, broker), name=f"config[v{push.version}]")
         return {"ok": True, "state": "applying", "version": push.version, "hash": push.hash}
+
+    def _check(self, payload: Any) -> tuple[Push, BrokerSettings]:
+        push = parse_push(payload, self.agent.config, self.agent.gateway)
+        return push, self._broker(push)
 
     def _broker(self, push: Push) -> BrokerSettings:
         agent = self.agent
@@ -99,16 +114,19 @@ class Applier:
             tls_context(broker)  # a missing or wrong TLS file is a reason to refuse, not a retry loop
         return broker
 
-    def _rejected(self, version: Any, hash_: str | None, reasons: list[str]) -> dict[str, Any]:
+    async def _rejected(self, version: Any, hash_: str | None, reasons: list[str]) -> dict[str, Any]:
         number = version if isinstance(version, int) and not isinstance(version, bool) else None
-        self._report(Outcome("rejected", number, hash_, "; ".join(reasons), now_ms()))
+        summary = "; ".join(reasons[:MAX_NAMED])  # the status keeps the first ones, the reply has them all
+        if len(reasons) > MAX_NAMED:
+            summary += f"; and {len(reasons) - MAX_NAMED} more"
+        await self._report(Outcome("rejected", number, hash_, summary, now_ms()))
         return {"ok": False, "state": "rejected", "version": number, "error": "; ".join(reasons), "reasons": reasons}
 
-    def _report(self, outcome: Outcome) -> None:
+    async def _report(self, outcome: Outcome) -> None:
         agent = self.agent
         self.outcome = outcome
         if outcome.state != "applying":
-            self.store.record(outcome)
+            await asyncio.to_thread(self.store.record, outcome)  # fsynced: off the event loop
         agent.event("config", state=outcome.state, version=outcome.version, hash=outcome.hash, reason=outcome.reason)
         agent.publisher.publish_status()
         level = logging.WARNING if outcome.state in ("rejected", "rolled_back") else logging.INFO
@@ -126,7 +144,9 @@ class Applier:
         try:
             await asyncio.to_thread(self.store.begin, push, local_hash)
         except OSError as exc:  # a full or read-only disk: nothing was switched
-            self._report(Outcome("rejected", push.version, push.hash, f"cannot write the candidate: {exc}", now_ms()))
+            await self._report(
+                Outcome("rejected", push.version, push.hash, f"cannot write the candidate: {exc}", now_ms())
+            )
             return
         healthy = sorted(name for name, driver in agent.drivers.items() if driver.state is DeviceState.UP)
         switched_at = time.time()
@@ -140,7 +160,7 @@ class Applier:
                 reason = f"the agent stopped while applying version {push.version}"
             if reason is None:
                 await asyncio.to_thread(self.store.commit, push, local_hash)
-                self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
+                await self._report(Outcome("applied", push.version, push.hash, ts=now_ms()))
                 return
         except (FactoryEdgeError, OSError) as exc:
             # A driver that cannot start, a disk that refuses the commit: back to what ran, never half of each.
@@ -151,7 +171,7 @@ class Applier:
             await asyncio.to_thread(self.store.abort)
         except OSError as exc:  # at the next start the candidate is recognised and discarded all the same
             log.warning("cannot remove the candidate", extra=fields(err=str(exc)))
-        self._report(Outcome("rolled_back", push.version, push.hash, reason, now_ms()))
+        await self._report(Outcome("rolled_back", push.version, push.hash, reason, now_ms()))
 
     async def _watch(
         self, healthy: list[str], new_broker: BrokerSettings | None, switched_at: float, since_ms: int, rc: Any
@@ -181,8 +201,10 @@ class Applier:
         if watched and len(failing) > rc.max_failed_share * len(watched):
             details = "; ".join(
                 f"{name}: {agent.drivers[name].last_error or agent.device_stats[name].last_error or 'no good reading'}"
-                for name in failing
+                for name in failing[:MAX_NAMED]
             )
+            if len(failing) > MAX_NAMED:  # the reason rides in the retained status, which stays small
+                details += f"; and {len(failing) - MAX_NAMED} more"
             return (
                 f"{len(failing)} of {len(watched)} devices that read fine before fail after {deadline} "
                 f"(more than remote_config.max_failed_share {rc.max_failed_share:g}): {details}"

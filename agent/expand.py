@@ -130,6 +130,10 @@ def _expand_tags(device: dict[str, Any], where: str, problems: _Problems) -> dic
             out.append(tag)
             continue
         is_range = any(k in tag for k in RANGE_KEYS)
+        if is_range and not modbus:
+            key = next(k for k in RANGE_KEYS if k in tag)
+            problems.add(f"{tag_where}.{key}", "ranges are for Modbus registers; list OPC UA nodes one by one")
+            continue
         elements = _range(tag, tag_where, problems, modicon=addressing == "modicon") if is_range else [tag]
         if modbus and addressing == "modicon":
             converted = []

@@ -389,7 +389,7 @@ class Agent:
                     return {"ok": False, "error": "a pushed configuration is being applied; reload when it is done"}
                 return await self.reload()
             if name == "config":
-                return self.remote.command(payload)
+                return await self.remote.command(payload)
             return {"ok": False, "error": f"unknown command {name!r} (commands: ping, write, reload, config)"}
         except FactoryEdgeError as exc:
             return {"ok": False, "error": str(exc)}

@@ -159,7 +159,7 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
         stored = fleet.store(service.data, tenant, gateway, body.yaml, source="yaml", note=body.note)
         doc = stored.as_json()
         if body.push:
-            doc["answer"] = _reaching_broker(lambda: fleet.push(service.data, tenant, gateway))
+            doc["answer"] = _reaching_broker(lambda: fleet.push(service.data, tenant, gateway, wait_s=body.wait))
         return doc
 
     @app.post("/v1/tenants/{tenant}/gateways/{gateway}/config/push", responses=_errors(401, 403, 404, 422, 429, 504))
@@ -168,7 +168,9 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
     ) -> dict[str, Any]:
         """Push a stored version (default the newest) and return the gateway's answer."""
         operator(authorization, tenant)
-        return _reaching_broker(lambda: fleet.push(service.data, tenant, gateway, version=body.version))
+        return _reaching_broker(
+            lambda: fleet.push(service.data, tenant, gateway, version=body.version, wait_s=body.wait)
+        )
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -218,11 +220,15 @@ class ConfigRequest(BaseModel):
     yaml: str = Field(description="the whole agent configuration, YAML (docs/config.md)")
     note: str | None = Field(default=None, max_length=500)
     push: bool = Field(default=False, description="push it at once and include the gateway's answer")
+    wait: float | None = Field(default=None, gt=0, le=600, description="with push: seconds to wait for the outcome")
 
 
 class PushRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int | None = Field(default=None, ge=1, description="default: the newest stored version")
+    wait: float | None = Field(
+        default=None, gt=0, le=600, description="seconds to wait for the outcome (applied or rolled_back)"
+    )
 
 
 def _reaching_broker(call: Callable[[], T]) -> T:

@@ -389,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", help="why this version (shown by config show)")
     p.add_argument("--push", action="store_true", help="push it at once (as config push)")
     p.add_argument("--timeout", type=_duration, default=10.0, metavar="DURATION", help="wait for the answer (10s)")
+    p.add_argument(
+        "--wait", type=_duration, metavar="DURATION", help="with --push: wait for the outcome (as config push --wait)"
+    )
     p.set_defaults(handler=cmd_config_set)
     p = config.add_parser(
         "push",
@@ -402,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gateway", metavar="GW", help="the gateway id")
     p.add_argument("--version", type=int, metavar="N", help="this stored version (default: the newest)")
     p.add_argument("--timeout", type=_duration, default=10.0, metavar="DURATION", help="wait for the answer (10s)")
+    p.add_argument(
+        "--wait",
+        type=_duration,
+        metavar="DURATION",
+        help="then wait this long for the outcome: applied (exit 0) or rolled back (exit 1, with the reason)",
+    )
     p.set_defaults(handler=cmd_config_push)
     p = config.add_parser(
         "show",
@@ -658,7 +667,8 @@ def _print_answer(gateway: str, answer: dict[str, Any]) -> int:
         same = " (already running)" if answer.get("unchanged") else ""
         print(f"{gateway}: version {answer.get('version')} {answer.get('state')}{same}, hash {answer.get('hash')}")
         return 0
-    print(f"{gateway}: version {answer.get('version')} {answer.get('state', 'refused')}", file=sys.stderr)
+    state = str(answer.get("state", "refused")).replace("_", " ")
+    print(f"{gateway}: version {answer.get('version')} {state}", file=sys.stderr)
     for reason in answer.get("reasons") or [answer.get("error")]:
         print(f"  {reason}", file=sys.stderr)
     return 1
@@ -670,14 +680,15 @@ def cmd_config_set(args: argparse.Namespace) -> int:
     stored = fleet.store(data, args.tenant, args.gateway, _read_file(args.file), source=args.file, note=args.note)
     print(f"{args.gateway}: version {stored.version}, hash {stored.hash}")
     if args.push:
-        return _print_answer(args.gateway, fleet.push(data, args.tenant, args.gateway, timeout_s=args.timeout))
+        answer = fleet.push(data, args.tenant, args.gateway, timeout_s=args.timeout, wait_s=args.wait)
+        return _print_answer(args.gateway, answer)
     return 0
 
 
 def cmd_config_push(args: argparse.Namespace) -> int:
     data = _data(args)
     data.require()
-    answer = fleet.push(data, args.tenant, args.gateway, version=args.version, timeout_s=args.timeout)
+    answer = fleet.push(data, args.tenant, args.gateway, version=args.version, timeout_s=args.timeout, wait_s=args.wait)
     return _print_answer(args.gateway, answer)
 
 

@@ -226,9 +226,19 @@ class _Session:
 
 
 def push(
-    data: DataDir, tenant_name: str, gateway: str, *, version: int | None = None, timeout_s: float = 10.0
+    data: DataDir,
+    tenant_name: str,
+    gateway: str,
+    *,
+    version: int | None = None,
+    timeout_s: float = 10.0,
+    wait_s: float | None = None,
 ) -> dict[str, Any]:
-    """Publish a stored version to the gateway and return its answer (``applying`` or ``rejected`` with reasons)."""
+    """Publish a stored version to the gateway and return its answer (``applying`` or ``rejected`` with reasons).
+
+    ``wait_s``: after ``applying``, wait this long for the outcome the gateway's retained status reports
+    (``applied`` or ``rolled_back`` with its reason), and return that instead.
+    """
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -241,8 +251,9 @@ def push(
             f"provisioning config set {tenant_name} {gateway} FILE"
         )
     reply_topic = f"gw/{gateway}/cmd/config/reply"
+    status_topic = f"gw/{gateway}/status"
     correlation = uuid.uuid4().bytes
-    with _Session(operator_link(data, tenant), [reply_topic]) as session:
+    with _Session(operator_link(data, tenant), [reply_topic, status_topic]) as session:
         properties = Properties(PacketTypes.PUBLISH)
         properties.CorrelationData = correlation
         properties.ResponseTopic = reply_topic
@@ -254,19 +265,58 @@ def push(
                 "UPDATE gateway_configs SET pushed_at = ? WHERE tenant = ? AND gateway = ? AND version = ?",
                 [iso(now()), tenant_name, gateway, stored.version],
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with session.lock:
-                for _, body, props in session.messages:
-                    if getattr(props, "CorrelationData", None) == correlation:
-                        answer: dict[str, Any] = json.loads(body)
-                        return answer
-            session.arrived.clear()
-            session.arrived.wait(0.1)
-    raise ProvisioningError(
-        f"gateway {gateway} did not answer within {timeout_s:g}s (offline? the broker keeps the push for its "
-        "session; 'provisioning config status' shows when it applied it)"
-    )
+
+        def answer() -> dict[str, Any] | None:
+            for topic, body, props in session.messages:
+                if topic == reply_topic and getattr(props, "CorrelationData", None) == correlation:
+                    found: dict[str, Any] = json.loads(body)
+                    return found
+            return None
+
+        def outcome() -> dict[str, Any] | None:
+            for topic, body, _ in reversed(session.messages):
+                if topic == status_topic:
+                    try:
+                        last = (json.loads(body).get("config") or {}).get("last") or {}
+                    except (ValueError, AttributeError):
+                        continue
+                    if last.get("version") == stored.version and last.get("hash") == stored.hash:
+                        if last.get("state") in ("applied", "rolled_back"):
+                            return dict(last)
+            return None
+
+        reply = _until(session, answer, timeout_s)
+        if reply is None:
+            raise ProvisioningError(
+                f"gateway {gateway} did not answer within {timeout_s:g}s (offline? the broker keeps the push for "
+                "its session; 'provisioning config status' shows when it applied it)"
+            )
+        if wait_s is None or reply.get("state") != "applying":
+            return reply
+        final = _until(session, outcome, wait_s)
+        if final is None:
+            raise ProvisioningError(
+                f"gateway {gateway} is still applying version {stored.version} after {wait_s:g}s "
+                "('provisioning config status' shows how it ends)"
+            )
+        return {
+            "ok": final["state"] == "applied",
+            "state": final["state"],
+            "version": stored.version,
+            "hash": stored.hash,
+            **({"error": final["reason"], "reasons": [final["reason"]]} if final.get("reason") else {}),
+        }
+
+
+def _until(session: _Session, find: Any, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with session.lock:
+            found = find()
+        if found is not None or time.monotonic() >= deadline:
+            return found
+        session.arrived.clear()
+        session.arrived.wait(0.1)
 
 
 def running(data: DataDir, tenant_name: str, *, settle_s: float = SETTLE_S) -> dict[str, dict[str, Any]]:

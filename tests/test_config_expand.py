@@ -249,6 +249,10 @@ def test_protocol_addressing_is_stated_and_the_default(tmp_path: Path) -> None:
         ),
         ("addressing: octal", "devices[d1].addressing: must be protocol or modicon (got 'octal')"),
         (
+            'protocol: opcua\n    endpoint: opc.tcp://h:4840\n    tags: [{name: "t{n}", node: "ns=2;s=T", count: 3}]',
+            "devices[d1].tags[0].count: ranges are for Modbus registers; list OPC UA nodes one by one",
+        ),
+        (
             'addressing: modicon\n    tags: [{name: "r{address}", addresses: 49990-50009}]',
             "devices[d1].tags[r50000].address: 50000 is not a Modicon register (addressing: modicon): the first "
             "digit names the table (0 coil, 1 discrete, 3 input, 4 holding), the rest counts from 1 up to 9999",

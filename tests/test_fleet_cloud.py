@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -21,7 +22,7 @@ from drivers.simulate.modbus_server import ModbusSimulator, RegisterModel
 from provisioning import pki as pkilib
 from tests.agentproc import AgentProcess
 from tests.helpers import free_port
-from tests.provisioning_fixtures import RenderedMosquitto, eventually, provisioning
+from tests.provisioning_fixtures import ApiServer, RenderedMosquitto, eventually, provisioning
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,19 +102,23 @@ async def test_store_push_and_drift_through_the_rendered_broker(tmp_path: Path) 
                 await asyncio.to_thread(provisioning, data, "config", "show", "acme", GW)
             ).stdout == wanted.read_text()
 
-            # The same text again stores nothing new.
+            # The same text again stores nothing new; pushed again, the gateway says it runs it already.
             again = await asyncio.to_thread(provisioning, data, "config", "set", "acme", GW, str(wanted))
             assert again.stdout.startswith(f"{GW}: version 1, hash ")
+            same = await asyncio.to_thread(provisioning, data, "config", "push", "acme", GW, "--wait", "10s")
+            assert same.stdout.startswith(f"{GW}: version 1 applied (already running), hash ")
 
             # Version 2 reads a dead port: the gateway rolls back, the cloud sees drift and why.
             dead = gateway_config(site, broker_port, free_port(), 4)
             wanted.write_text(yaml.safe_dump(dead, sort_keys=False))
-            await asyncio.to_thread(provisioning, data, "config", "set", "acme", GW, str(wanted), "--push")
-            await asyncio.to_thread(
-                eventually,
-                lambda: (status_rows(data)[1][0].get("last") or {}).get("state") == "rolled_back",
-                20,
-                "the rollback",
+            waited = await asyncio.to_thread(
+                provisioning, data, "config", "set", "acme", GW, str(wanted), "--push", "--wait", "20s", check=False
+            )
+            assert waited.returncode == 1, waited.stderr
+            assert waited.stderr.splitlines()[0] == f"{GW}: version 2 rolled back"
+            assert waited.stderr.splitlines()[1].startswith(
+                "  1 of 1 devices that read fine before fail after 3s (more than remote_config.max_failed_share 0.5): "
+                "line-1: "
             )
             code, rows = await asyncio.to_thread(status_rows, data)
             assert code == 3 and rows[0]["state"] == "drift" and rows[0]["running_version"] == 1
@@ -132,6 +137,27 @@ async def test_store_push_and_drift_through_the_rendered_broker(tmp_path: Path) 
                 "  config version 3: devices[line-1].tags[0].addresses: the range runs to address 65540, past the "
                 "last one, 65535 (0-based protocol address)",
             ]
+
+            # Through the API, as the console would: store version 4 and push it, waiting for the outcome.
+            token = (await asyncio.to_thread(provisioning, data, "operator-token", "create", "console")).stdout.strip()
+            api = ApiServer(data, "--max-failures", "1000")
+            await asyncio.to_thread(api.start)  # in a thread: the simulator shares this loop
+            try:
+                v4 = yaml.safe_dump(gateway_config(site, broker_port, modbus_port, 5), sort_keys=False)
+                response = await asyncio.to_thread(
+                    httpx.put,
+                    f"{api.url}/v1/tenants/acme/gateways/{GW}/config",
+                    json={"yaml": v4, "push": True, "wait": 15},
+                    headers={"Authorization": f"Bearer {token}"},
+                    verify=api.context(),
+                    timeout=30,
+                )
+            finally:
+                await asyncio.to_thread(api.stop)
+            assert response.status_code == 200, response.text
+            assert response.json()["version"] == 4
+            assert response.json()["answer"] == {"ok": True, "state": "applied", "version": 4, "hash": fleet_hash(v4)}
+            await asyncio.to_thread(eventually, lambda: status_rows(data)[1][0]["state"] == "in sync", 15, "in sync")
 
             # A local edit on the gateway wins over the pushed configuration, and shows as drift.
             assert await asyncio.to_thread(agent.stop) == 0

@@ -365,3 +365,20 @@ async def test_failing_devices_within_the_allowed_share_keep_the_new_configurati
             assert seen.events("applied") and not seen.events("rolled_back")
             assert time.monotonic() - started >= 3  # it waited the deadline for line-2 before deciding
             assert (await asyncio.to_thread(agent.status))["config"]["version"] == 1
+
+
+@pytest.mark.fault
+async def test_a_gateway_with_remote_configuration_off_refuses_every_push(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    port = free_port()
+    async with ModbusSimulator(units={1: model()}, port=port):
+        config = agent_config(pki_acme, broker_acme, port)
+        config["remote_config"] = {"enabled": False}
+        with AgentProcess(tmp_path / "agent", config) as agent, cloud(pki_acme, broker_acme, "cloud-7") as seen:
+            agent.start()
+            await asyncio.to_thread(wait, lambda: online(seen) and seen.tags() >= {"r0"}, 15, "first points")
+            seen.push(1, agent_config(pki_acme, broker_acme, port, tags=5))
+            await asyncio.to_thread(wait, lambda: seen.replies(), 10, "the reply")
+            assert seen.replies()[0]["reasons"] == ["remote configuration is off here (remote_config.enabled: false)"]
+            assert not (agent.state_dir / "config" / "candidate.json").exists()
