@@ -244,6 +244,7 @@ def line(label: str, figure: str, target: str, verdict: bool | None, note: str =
 
 
 async def main(args: argparse.Namespace) -> None:
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # sends to agents that are gone, counted by asyncio
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     pki = TenantPki(work / "pki", "acme")
     cert, key = pki.client(GW)

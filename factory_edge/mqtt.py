@@ -150,14 +150,17 @@ def _same_public_key(cert: Any, key: Any) -> bool:
     return spki(cert.public_key()) == spki(key.public_key())
 
 
+def _no_password() -> bytes:
+    return b""
+
+
 def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
     """TLS >= 1.2, broker certificate verified against the CA and the URL's host; client cert if given.
 
-    ConfigError, one line per problem, when a file is missing or not what its field says.
+    ConfigError, one line per problem, when a file is missing or not what its field says. The files
+    are loaded by ``ssl`` first; only when it refuses one are they read again with ``cryptography``
+    to say which and why (a gateway whose files are right never loads that package).
     """
-    problems = tls_file_problems(settings)
-    if problems:
-        raise ConfigError("\n".join(problems))
     context = _SniContext(ssl.PROTOCOL_TLS_CLIENT)
     context.sni_host = settings.host
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -169,8 +172,12 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
         else:
             context.load_default_certs()
         if settings.cert_file and settings.key_file:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
+            # An encrypted key fails here instead of OpenSSL asking for its password on a terminal.
+            context.load_cert_chain(settings.cert_file, settings.key_file, password=_no_password)
     except (ssl.SSLError, OSError) as exc:
+        problems = tls_file_problems(settings)
+        if problems:
+            raise ConfigError("\n".join(problems)) from None
         reason = getattr(exc, "reason", None) or exc.strerror or exc
         raise ConfigError(
             f"{settings.origin.rstrip('.: ') or 'mqtt'}: cannot load TLS files "

@@ -1,8 +1,10 @@
-"""Certificate dates read without cryptography agree with cryptography's reading, or give up."""
+"""TLS files on a gateway without cryptography: certificate dates read from the DER, files loaded by ssl."""
 
 from __future__ import annotations
 
 import datetime as dt
+import ssl
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -10,7 +12,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from factory_edge.certdates import read_cert_dates
+from factory_edge.errors import ConfigError
+from factory_edge.mqtt import BrokerSettings, tls_context
 from provisioning import pki as provisioning_pki
+from tests.infra import TenantPki
 
 UTC = dt.UTC
 
@@ -75,3 +80,30 @@ def test_an_issued_gateway_certificate_with_its_ca_after_it() -> None:
 )
 def test_anything_else_is_left_to_cryptography(data: bytes) -> None:
     assert read_cert_dates(data) is None
+
+
+def test_tls_context_loads_good_files_and_names_a_wrong_one(tmp_path: Path) -> None:
+    """The files are loaded by ssl; when it refuses one, the error still names the file and what is wrong."""
+    pki = TenantPki(tmp_path / "pki", "acme")
+    cert, key = pki.client("gw-1")
+    _, other_key = pki.client("gw-2")
+
+    def settings(key_file: Path) -> BrokerSettings:
+        return BrokerSettings.from_url(
+            "mqtts://mqtt.acme.test:8883", ca_file=str(pki.ca_file), cert_file=str(cert), key_file=str(key_file)
+        )
+
+    assert tls_context(settings(key)).verify_mode is ssl.CERT_REQUIRED
+    with pytest.raises(ConfigError, match=f"mqtt.key_file: {other_key}: not the key of the certificate {cert}"):
+        tls_context(settings(other_key))
+    encrypted = tmp_path / "encrypted.key"
+    loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    encrypted.write_bytes(
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(ConfigError, match="the key is encrypted; the agent needs an unencrypted key"):
+        tls_context(settings(encrypted))  # refused at once, never a password prompt
