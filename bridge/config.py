@@ -61,6 +61,13 @@ class IngestConfig(Model):
 class AlertsConfig(Model):
     webhooks: dict[str, WebhookConfig] = Field(default_factory=dict)
     rules: list[AlertRule] = Field(default_factory=list)
+    max_series_per_gateway: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="series (device and tag) one gateway may have evaluated; more are stored, not evaluated",
+    )
+    forget_resolved: Duration = Field(default=7 * 86400.0, description="resolved alerts are forgotten after this")
 
     @field_validator("rules")
     @classmethod
@@ -219,6 +226,8 @@ class BridgeConfig(Model):
         return AlertsConfig(
             webhooks={**self.alerts.webhooks, **tenant.alerts.webhooks},
             rules=[*self.alerts.rules, *tenant.alerts.rules],
+            max_series_per_gateway=tenant.alerts.max_series_per_gateway,
+            forget_resolved=tenant.alerts.forget_resolved,
         )
 
     def tenant(self, name: str) -> TenantConfig:

@@ -114,7 +114,14 @@ class TenantBridge:
         await asyncio.to_thread(self.store.close)
 
     def _engine(self) -> AlertEngine | None:
-        return AlertEngine(self.name, self.alerts.rules) if self.alerts.rules else None
+        if not self.alerts.rules:
+            return None
+        return AlertEngine(
+            self.name,
+            self.alerts.rules,
+            max_series_per_gateway=self.alerts.max_series_per_gateway,
+            forget_resolved_ms=int(self.alerts.forget_resolved * 1000),
+        )
 
     def _consumer(self, *, client: str, topics: list[tuple[str, int]], state: bool = False) -> Consumer:
         ingest = self.config.ingest

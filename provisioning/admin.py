@@ -199,7 +199,6 @@ def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
         link = admin_link(data, tenant)
         with dynsec.locked(files), Registry(data.registry) as registry:
             brokers.disconnect_gateway(link, gateway, offline=offline, role=dynsec.gateway_role(gateway))
-            brokers.end_session(link, gateway, *load_ca(files))  # its queued commands go nowhere else
             result.steps.append(dynsec.sync(files, link, partial(wanted_dynsec, registry, tenant), tenant=tenant.name))
     except ProvisioningError as exc:
         raise ProvisioningError(
@@ -356,7 +355,6 @@ def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
         with dynsec.locked(files), Registry(data.registry) as registry:
             if reloaded.pids:
                 brokers.disconnect_gateway(link, identity)
-                brokers.end_session(link, identity, *load_ca(files))
                 result.steps.append(f"{identity}'s sessions ended; reconnecting is refused (certificate revoked)")
             result.steps.append(dynsec.sync(files, link, partial(wanted_dynsec, registry, tenant), tenant=tenant.name))
     except ProvisioningError as exc:

@@ -16,26 +16,15 @@ rendered ``mosquitto.conf`` keeps the provisioning user (``user``).
   message. ``disableClient`` makes the broker kick every session of that
   username at once; the client is deleted again in the same breath, so the
   plugin never decides anything else (see ``render.mosquitto_conf``).
-- A revoked identity's *persistent session* (its subscriptions and the
-  messages queued for it) outlives the kick: the broker keeps it for
-  whoever next connects with that client id and ``clean_start=0``, and the
-  client id is the certificate's CN, so the next holder of the name (a
-  replacement box, or anyone enrolling the freed name with a provisioning
-  key) would get the old gateway's queued commands. ``end_session``
-  discards it: only a client of that CN can, so the service makes a
-  certificate for the name that lives two minutes and is used for this one
-  connection (clean start, session expiry 0), then thrown away.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
 import signal
 import ssl
-import tempfile
 import threading
 import time
 import uuid
@@ -288,66 +277,11 @@ def disconnect_gateway(
     )
 
 
-def end_session(link: AdminLink, identity: str, ca_key: Any, ca_cert: Any, *, timeout_s: float = 5.0) -> None:
-    """Discard the broker's persistent session of ``identity`` (queued messages, subscriptions) now.
-
-    Connects as ``identity`` with a throw-away certificate of the tenant CA
-    (valid two minutes; its key lives in a private temporary directory for
-    the length of the handshake), ``clean_start`` and session expiry 0,
-    which makes the broker drop the old session; then leaves. The caller
-    has already revoked the identity's own certificates and ended its live
-    sessions.
-    """
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from provisioning import pki
-
-    started = time.monotonic()
-    at = dt.datetime.now(dt.UTC)
-    key, cert = pki.issue_client_cert(
-        ca_key, ca_cert, identity, not_before=at - dt.timedelta(seconds=30), not_after=at + dt.timedelta(minutes=2)
-    )
-    connected = threading.Event()
-    result: list[Any] = []
-    with tempfile.TemporaryDirectory(prefix="fe-session-") as tmp:
-        key_file, cert_file = Path(tmp) / "session.key", Path(tmp) / "session.pem"
-        pki.write_private_key(key_file, key)
-        pki.write_pem(cert_file, cert)
-        context = sni_context(AdminLink(link.host, link.port, link.ca_file, cert_file, key_file, link.dial))
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=identity, protocol=paho.MQTTv5)
-    client.tls_set_context(context)
-
-    def on_connect(c: Any, u: Any, flags: Any, reason: Any, properties: Any) -> None:
-        result.append(reason)
-        connected.set()
-
-    client.on_connect = on_connect
-    try:
-        client.connect(link.dial, link.port, keepalive=10, clean_start=True)  # session expiry 0: gone at disconnect
-    except (OSError, ssl.SSLError) as exc:
-        raise ProvisioningError(f"cannot reach the broker at {link.dial}:{link.port}: {exc}") from exc
-    client.loop_start()
-    try:
-        if not connected.wait(timeout_s) or result[0].is_failure:
-            raise ProvisioningError(
-                f"broker {link.host} did not let the service end {identity}'s session: {result[0] if result else 'timeout'}"
-            )
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    log.info(
-        "session discarded",
-        extra=fields(broker=link.host, identity=identity, ms=round((time.monotonic() - started) * 1000)),
-    )
-
-
 __all__ = [
     "ALREADY",
     "AdminLink",
     "Signalled",
     "disconnect_gateway",
-    "end_session",
     "find_dynsec_plugin",
     "find_process",
     "reload_broker",

@@ -90,14 +90,8 @@ def _role(name: str, allowed: Iterable[tuple[str, str]]) -> dict[str, Any]:
     return {"rolename": name, "acls": [*acls, _acl("subscribePattern", "#", False, 0)]}
 
 
-def wanted(
-    *, gateways: Iterable[str], technicians: Iterable[str], group: str = "+", service: str = names.SERVICE_ID
-) -> dict[str, Any]:
-    """The plugin's whole configuration for these identities (what ``dynsec.json`` holds).
-
-    ``group``: the Sparkplug group a gateway may read its commands in (the
-    tenant's name; ``+`` any).
-    """
+def wanted(*, gateways: Iterable[str], technicians: Iterable[str], service: str = names.SERVICE_ID) -> dict[str, Any]:
+    """The plugin's whole configuration for these identities (what ``dynsec.json`` holds)."""
     roles = [
         _role(
             TECHNICIAN_ROLE,
@@ -134,8 +128,9 @@ def wanted(
                 [
                     ("subscribePattern", f"gw/{gateway}/cmd/#"),
                     ("subscribePattern", f"gw/{gateway}/ack"),
-                    ("subscribePattern", f"spBv1.0/{group}/NCMD/{gateway}"),
-                    ("subscribePattern", f"spBv1.0/{group}/DCMD/{gateway}/#"),
+                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}"),
+                    ("subscribePattern", f"spBv1.0/+/NCMD/{gateway}/#"),
+                    ("subscribePattern", f"spBv1.0/+/DCMD/{gateway}/#"),
                     ("subscribePattern", "spBv1.0/STATE/+"),
                 ],
             )

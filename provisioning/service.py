@@ -190,9 +190,7 @@ class Service:
 
         def target() -> dict[str, Any]:
             gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
-            return dynsec.wanted(
-                gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()), group=tenant.name
-            )
+            return dynsec.wanted(gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()))
 
         dynsec.sync(
             self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name, prune=False

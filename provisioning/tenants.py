@@ -362,7 +362,7 @@ def bridge_identities(registry: Registry, tenant: Tenant) -> list[str]:
 def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, Any]:
     """The dynamic-security state the registry calls for: every active gateway and technician."""
     gateways = [d.name for d in registry.devices(tenant.name) if d.revoked_at is None]
-    return dynsec.wanted(gateways=gateways, technicians=registry.technicians(tenant.name, now()), group=tenant.name)
+    return dynsec.wanted(gateways=gateways, technicians=registry.technicians(tenant.name, now()))
 
 
 def write_crl(data: DataDir, registry: Registry, tenant: Tenant) -> x509.CertificateRevocationList:

@@ -82,6 +82,7 @@ def still_open(socks: list[socket.socket]) -> list[socket.socket]:
     return [s for s in socks if s not in gone]
 
 
+@pytest.mark.fault
 def test_a_flood_of_stalled_connections_from_one_address_leaves_provisioning_working(
     site: Deployment, tmp_path: Path
 ) -> None:

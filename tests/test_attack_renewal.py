@@ -65,6 +65,7 @@ def test_a_stolen_certificate_cannot_mint_certificates_long_before_expiry(site: 
     assert devices(site)["gw-early"]["renewals"] == 0
 
 
+@pytest.mark.fault
 def test_two_keys_renewing_one_gateway_flag_it_possibly_cloned(site: Deployment, tmp_path: Path) -> None:
     """The real gateway and the holder of its copied key both renew: the second is refused and the gateway flagged."""
     state = provision(site, tmp_path, "acme", "gw-clone")

@@ -519,3 +519,21 @@ def test_webhook_signatures_cover_timestamp_and_body() -> None:
     assert not verify("other", str(now), b'{"a":1}', signature)
     assert not verify("s3cret", str(now - 3600), b'{"a":1}', sign("s3cret", now - 3600, b'{"a":1}'))
     assert not math.isnan(0.0)
+
+
+def test_a_gateway_inventing_names_is_bounded_and_resolved_alerts_are_forgotten() -> None:
+    c = Clock({"name": "hot", "tag": "temp", "above": 85})
+    c.engine.max_series_per_gateway = 3
+    c.engine.forget_resolved_ms = 3_600_000
+    for n in range(10):
+        c.point(1000 + n, 90, device=f"made-up-{n}")
+    assert len(c.engine.series) == 3 and c.states() == ["firing"] * 3  # the rest stored, not evaluated
+    for n in range(3):
+        c.point(2000 + n, 20, device=f"made-up-{n}")
+    assert c.states() == ["firing"] * 3 + ["resolved"] * 3 and len(c.engine.instances) == 3
+    c.tick(2000 + 3_600_000 - 10)
+    assert len(c.engine.instances) == 3
+    c.tick(2000 + 3_600_000 + 60_000)
+    assert c.engine.instances == {}
+    c.point(3_700_000, 95, device="made-up-0")  # a known series still alerts
+    assert c.states()[-1] == "firing"

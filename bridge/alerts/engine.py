@@ -19,16 +19,37 @@ draining after an outage, a redelivered batch) is stored but does not
 change any alert. A rule whose ``tag`` glob matches several tags of one
 device gives one alert for the device: it triggers when any of them
 triggers and resolves when all of them have cleared.
+
+Bounded whatever a gateway sends: a gateway that invents a new device or
+tag name in every batch would otherwise grow the engine (and
+``alert_series``) by one series per name, for ever, and give a ``stale:``
+rule one alert per name. So a gateway has at most
+``max_series_per_gateway`` series (``alerts.max_series_per_gateway``);
+readings of further series are stored but not evaluated, and the bridge
+warns once per gateway. Resolved alerts are forgotten (in memory) after
+``forget_resolved_ms``, and the per-series rule cache is cleared when it
+outgrows ``RULE_CACHE_MAX``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from factory_edge.logs import fields as log_fields
 
 from .model import GATEWAY_DEVICE, Change, Instance, SeriesLast, State
 from .rules import AlertRule, Rule, Verdict
 from .template import render
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SERIES_PER_GATEWAY = 10_000
+DEFAULT_FORGET_RESOLVED_MS = 7 * 86_400_000
+RULE_CACHE_MAX = 200_000
+FORGET_SCAN_MS = 60_000  # how often the clock looks for resolved alerts to forget
 
 SeriesKey = tuple[str, str, str]
 Series = tuple[int, Any, str, int | None]  # (ts, value, quality, seen_at) of the newest reading evaluated
@@ -38,8 +59,20 @@ _NUMBER = (int, float)
 class AlertEngine:
     """One tenant's rules and alert states."""
 
-    def __init__(self, tenant: str, rules: Sequence[AlertRule]) -> None:
+    def __init__(
+        self,
+        tenant: str,
+        rules: Sequence[AlertRule],
+        *,
+        max_series_per_gateway: int = DEFAULT_MAX_SERIES_PER_GATEWAY,
+        forget_resolved_ms: int = DEFAULT_FORGET_RESOLVED_MS,
+    ) -> None:
         self.tenant = tenant
+        self.max_series_per_gateway = max_series_per_gateway
+        self.forget_resolved_ms = forget_resolved_ms
+        self.series_per_gateway: Counter[str] = Counter()
+        self.limited: set[str] = set()  # gateways that reached the limit (warned once)
+        self.forget_scanned_at = 0
         self.rules = [Rule.of(r) for r in rules]
         self.by_name = {r.name: r for r in self.rules}
         self.instances: dict[tuple[str, str, str], Instance] = {}
@@ -65,6 +98,8 @@ class AlertEngine:
         key = (gw, device, tag)
         rules = self._series_rules.get(key)
         if rules is None:
+            if len(self._series_rules) >= RULE_CACHE_MAX:  # names a gateway made up: a cache, not a record
+                self._series_rules.clear()
             rules = self._series_rules[key] = tuple(r for r in self._point_rules if r.matches(gw, device, tag))
         return rules
 
@@ -87,6 +122,8 @@ class AlertEngine:
             rules = self.rules_for(s.gw, s.device, s.tag)
             if not rules:
                 continue
+            if (s.gw, s.device, s.tag) not in self.series:
+                self.series_per_gateway[s.gw] += 1
             self.series[(s.gw, s.device, s.tag)] = (s.ts, s.value, s.quality, s.seen_at)
             for rule in rules:
                 if rule.kind == "stale" and s.seen_at is not None:
@@ -109,8 +146,27 @@ class AlertEngine:
                 self.pending.add(key)
             else:
                 self.pending.discard(key)
+        for key in evaluation.series:
+            if key not in self.series:
+                self.series_per_gateway[key[0]] += 1
         self.series.update(evaluation.series)
         self.stale_seen.update(evaluation.stale_seen)
+        for key in evaluation.forgotten:
+            kept = self.instances.get(key)
+            if kept is not None and kept.state is State.RESOLVED:
+                del self.instances[key]
+
+    def over_limit(self, gw: str, new: int) -> bool:
+        """Whether ``gw`` may not get another series (``new`` already added in this window); warns once."""
+        if self.series_per_gateway[gw] + new < self.max_series_per_gateway:
+            return False
+        if gw not in self.limited:
+            self.limited.add(gw)
+            log.warning(
+                "alert series limit reached: readings of further devices and tags are stored, not evaluated",
+                extra=log_fields(tenant=self.tenant, gw=gw, max_series_per_gateway=self.max_series_per_gateway),
+            )
+        return True
 
 
 class Evaluation:
@@ -123,6 +179,8 @@ class Evaluation:
         self.series: dict[SeriesKey, Series] = {}
         self.stale_seen: dict[tuple[str, str, str], int] = {}
         self.changes: list[Change] = []
+        self.new_series: Counter[str] = Counter()  # series this window adds, per gateway
+        self.forgotten: list[tuple[str, str, str]] = []  # resolved long ago: dropped from memory at apply
 
     # ---------------------------------------------------------------- inputs
 
@@ -133,6 +191,10 @@ class Evaluation:
             return
         key = (gw, device, tag)
         prev = self.series.get(key) or engine.series.get(key)
+        if prev is None and key not in self.series:
+            if engine.over_limit(gw, self.new_series[gw]):
+                return
+            self.new_series[gw] += 1
         if prev is not None and ts <= prev[0]:
             return  # not newer than what the alerts already saw
         if quality == "bad":
@@ -167,6 +229,11 @@ class Evaluation:
                 continue
             if now - inst.since >= rule.for_ms:
                 self._change(rule, inst, State.FIRING, since=inst.since, value=inst.value, tag=inst.tag)
+        if now - engine.forget_scanned_at >= FORGET_SCAN_MS:
+            engine.forget_scanned_at = now
+            for key, inst in engine.instances.items():
+                if inst.state is State.RESOLVED and now - inst.changed_at >= engine.forget_resolved_ms:
+                    self.forgotten.append(key)
         stale = {**engine.stale_seen, **self.stale_seen}
         for (gw, device, name), seen in stale.items():
             rule = engine.by_name.get(name)
