@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 BUFFER_FILE = "buffer.db"
 STATUS_INTERVAL_S = 1.0
+BUFFER_STATUS_EVERY_S = 10.0  # the retained status again when the buffer's figures changed: at most this often
 FLUSH_ON_STOP_S = 3.0
 WRITE_ON_STOP_S = 10.0
 FINISH_POLL_S = 2.0  # a read under way when the agent stops gets this long to be answered and buffered
@@ -116,6 +117,13 @@ class Agent:
         self._status_reader = BufferReader(self.buffer.path)
         self._ages: tuple[int | None, int | None] = (None, None)
         self._ages_at = 0.0
+        # The buffer's figures the retained status carries: the last ones the status thread read (drops and ages
+        # need the database), the pending and unconfirmed counts as the writer has them when the status is built.
+        self._stats = self._status_reader.stats(self.buffer.figures(), self.buffer.committed_next_seq)
+        self._status_ts = 0  # the status's ts: kept when the status is sent again for the buffer's figures alone
+        self._keep_status_ts = False
+        self._status_built = 0.0  # monotonic: when a status document was last built
+        self._status_buffer: dict[str, Any] | None = None  # the figures it carried
         self.writer = BufferWriter(
             self.buffer,
             max_points=config.publish.max_points,
@@ -336,14 +344,49 @@ class Agent:
     # ------------------------------------------------------------ what the broker sees
 
     def _birth(self) -> dict[str, Any]:
+        ts = self._status_ts if self._keep_status_ts and self._status_ts else now_ms()
+        figures = self._buffer_figures()
+        self._status_ts, self._status_built, self._status_buffer = ts, time.monotonic(), figures
         return {
             "state": "online",
-            "ts": now_ms(),
+            "ts": ts,
             "version": __version__,
             "config_hash": self.config_hash,
             "config_version": self.running.version,
             "config": self.remote.doc(),
+            "buffer": {"ts": now_ms(), **figures},
         }
+
+    def _buffer_figures(self) -> dict[str, Any]:
+        """What the retained status says of the buffer (docs/topics.md): backlog, unconfirmed, dropped."""
+        counts, stats = self.buffer.figures(), self._stats
+        return {
+            "pending_batches": counts.pending_batches,
+            "pending_points": counts.pending_points,
+            "unconfirmed_batches": counts.unconfirmed_batches,
+            "dropped_points": stats.dropped_points,
+            "oldest_pending_ts": stats.oldest_ms if counts.pending_batches else None,
+            "oldest_unconfirmed_ts": stats.oldest_unconfirmed_ms if counts.unconfirmed_batches else None,
+        }
+
+    def _republish_buffer(self) -> None:
+        """The retained status again if the buffer's figures changed, at most every ``BUFFER_STATUS_EVERY_S``.
+
+        It keeps the ``ts`` of the status it follows (the gateway has been online since then); the
+        figures carry their own ``ts``.
+        """
+        publisher = self.publisher
+        if publisher.state is not ConnectionState.CONNECTED or self.edge is not None:
+            return
+        if time.monotonic() - self._status_built < BUFFER_STATUS_EVERY_S:
+            return
+        if self._buffer_figures() == self._status_buffer:
+            return
+        self._keep_status_ts = True
+        try:
+            publisher.publish_status()
+        finally:
+            self._keep_status_ts = False
 
     def _meta(self) -> dict[str, dict[str, Any]]:
         docs = {}
@@ -520,10 +563,15 @@ class Agent:
 
     def _buffer_stats(self) -> BufferStats:
         now = time.monotonic()
-        if now >= self._ages_at:
+        counts = self.buffer.figures()
+        # Looked up again at once when a backlog appears whose age is not known yet (the retained status says it).
+        unknown = (counts.pending_batches and self._ages[0] is None) or (
+            counts.unconfirmed_batches and self._ages[1] is None
+        )
+        if now >= self._ages_at or unknown:
             self._ages = self._status_reader.ages()
             self._ages_at = now + AGES_EVERY_S
-        return self._status_reader.stats(self.buffer.figures(), self.buffer.committed_next_seq, ages=self._ages)
+        return self._status_reader.stats(counts, self.buffer.committed_next_seq, ages=self._ages)
 
     def _write_status(self) -> None:
         """Snapshot the status here (event loop), write the file on the status thread."""
@@ -565,7 +613,8 @@ class Agent:
             if loop.time() - last_status >= STATUS_INTERVAL_S:
                 self._write_status()
                 conn = self.publisher.state
-                backlog = await self.buffer_stats()
+                backlog = self._stats = await self.buffer_stats()
+                self._republish_buffer()
                 self.systemd.status(
                     f"{conn}, {plural(len(self.drivers), 'device')}, "
                     f"backlog {plural(backlog.batches, 'batch', 'batches')}, "

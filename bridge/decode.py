@@ -16,9 +16,11 @@ import orjson
 from .messages import (
     MAX_TS_MS,
     QUALITIES,
+    BufferFigures,
     DataBatch,
     EventRow,
     Malformed,
+    MetaRow,
     StatusRow,
     _json_type,
     check_json,
@@ -180,7 +182,55 @@ def decode_status(gw: str, payload: bytes, received_at: int) -> StatusRow:
             if type(value) is not str:
                 raise Malformed(f"{key}: must be text, got {_json_type(value)}")
             check_text(value, key)
-    return StatusRow(gw, state, ts, version, config_hash, received_at)
+    figures = doc.get("buffer")
+    buffer = None if figures is None else _buffer_figures(figures, ts)
+    return StatusRow(gw, state, ts, version, config_hash, received_at, buffer)
+
+
+_BUFFER_COUNTS = ("pending_batches", "pending_points", "unconfirmed_batches", "dropped_points")
+
+
+def _buffer_figures(doc: Any, status_ts: int) -> BufferFigures:
+    """The status's ``buffer`` object: counts are integers >= 0, times epoch ms or null."""
+    if type(doc) is not dict:
+        raise Malformed(f"buffer: must be an object, got {_json_type(doc)}")
+    counts = []
+    for key in _BUFFER_COUNTS:
+        value = doc.get(key, 0)
+        if type(value) is not int or not 0 <= value < _INT64:
+            raise Malformed(f"buffer.{key}: must be an integer >= 0, got {_show(value)}")
+        counts.append(value)
+    times = []
+    for key in ("oldest_pending_ts", "oldest_unconfirmed_ts"):
+        value = doc.get(key)
+        times.append(None if value is None else check_ts(value, f"buffer.{key}"))
+    ts = status_ts if doc.get("ts") is None else check_ts(doc["ts"], "buffer.ts")
+    return BufferFigures(ts, *counts, *times)
+
+
+def decode_meta(gw: str, device: str, payload: bytes, received_at: int) -> MetaRow:
+    """``gw/{gw}/meta/{device}``: the device's tags with their unit and description (an empty payload clears)."""
+    check_name(gw, "topic gateway")
+    check_name(device, "topic device")
+    if not payload:
+        return MetaRow(gw, device, None, received_at)
+    doc = _object(payload)
+    tags = doc.get("tags", [])
+    if type(tags) is not list:
+        raise Malformed(f"tags: must be a list, got {_json_type(tags)}")
+    kept = []
+    for i, tag in enumerate(tags):
+        if type(tag) is not dict:
+            raise Malformed(f"tags[{i}]: must be an object, got {_json_type(tag)}")
+        row: dict[str, Any] = {"name": check_name(tag.get("name"), f"tags[{i}].name")}
+        for key in ("type", "unit", "description"):
+            value = tag.get(key)
+            if value is not None and type(value) is not str:
+                raise Malformed(f"tags[{i}].{key}: must be text, got {_json_type(value)}")
+            row[key] = None if value is None else check_text(value, f"tags[{i}].{key}")
+        row["writable"] = tag.get("writable") is True
+        kept.append(row)
+    return MetaRow(gw, device, check_json(kept, "tags"), received_at)
 
 
 def decode_event(gw: str, payload: bytes, received_at: int) -> EventRow:

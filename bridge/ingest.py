@@ -271,6 +271,8 @@ class Ingest:
                 tx.insert_points(batches)
                 if decoded.statuses:
                     tx.insert_status(decoded.statuses)
+                if decoded.metas:
+                    tx.save_meta(decoded.metas)
                 if decoded.events:
                     tx.insert_events(decoded.events)
                 for table, rows in decoded.mapped.items():

@@ -43,6 +43,8 @@ RESERVED_TABLES = frozenset(
         "webhook_outbox",
         "alert_series",
         "schema_version",
+        "gateway_buffer",
+        "device_meta",
     }
 )
 FieldType = Literal["auto", "float", "int", "str", "bool", "json", "timestamp"]

@@ -50,12 +50,37 @@ class DataBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class BufferFigures:
+    """The agent's buffer, as its retained status reports it (``buffer`` in ``gw/{gw}/status``)."""
+
+    ts: int  # when the agent measured them
+    pending_batches: int  # the backlog: batches the broker has not accepted yet
+    pending_points: int
+    unconfirmed_batches: int  # accepted, awaiting the tenant storage's confirmation
+    dropped_points: int  # readings the buffer dropped (full, too old), its own count
+    oldest_pending_ts: int | None
+    oldest_unconfirmed_ts: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusRow:
     gw: str
     state: str
     ts: int
     version: str | None
     config_hash: str | None
+    received_at: int
+    buffer: BufferFigures | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetaRow:
+    """``gw/{gw}/meta/{device}``: the device's tags (JSON text of ``[{name, type, unit, description, writable}]``),
+    or ``None`` when the retained meta was cleared (the device left the configuration)."""
+
+    gw: str
+    device: str
+    tags: str | None
     received_at: int
 
 
@@ -90,6 +115,7 @@ class Decoded:
     batches: list[DataBatch] = field(default_factory=list)
     statuses: list[StatusRow] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
+    metas: list[MetaRow] = field(default_factory=list)
     mapped: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     dead: list[DeadLetter] = field(default_factory=list)
     replies: list[tuple[str, bytes]] = field(default_factory=list)  # to publish after the commit (e.g. rebirths)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from factory_edge.logs import fields
 
-from .decode import decode_batch, decode_event, decode_status
+from .decode import decode_batch, decode_event, decode_meta, decode_status
 from .mapping import Mapping, MappingRule, topic_matches
 from .messages import DeadLetter, Decoded, Malformed, Received
 from .sparkplug import SparkplugHost
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 BUILTINS = {
     "data": "gw/+/data/+",
     "status": "gw/+/status",
+    "meta": "gw/+/meta/+",
     "events": "gw/+/events",
     "sparkplug": "spBv1.0/#",
     # With a shared subscription a birth reaches one process only, but every process must know the
@@ -48,11 +49,11 @@ class Subscription:
 
 def ingest_builtins(shared_group: str | None) -> tuple[str, ...]:
     """What a tenant's ingest connection subscribes to (with a shared group, the births unshared too)."""
-    return ("data", "status", "events", "sparkplug", *(("spb_nbirth", "spb_dbirth") if shared_group else ()))
+    return ("data", "status", "meta", "events", "sparkplug", *(("spb_nbirth", "spb_dbirth") if shared_group else ()))
 
 
 def plan(
-    mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "events", "sparkplug")
+    mappings: Sequence[MappingRule], *, builtins: Sequence[str] = ("data", "status", "meta", "events", "sparkplug")
 ) -> list[Subscription]:
     """One subscription per distinct filter: the built-in ones, then the mappings'."""
     by_filter: dict[str, tuple[str | None, list[Mapping]]] = {BUILTINS[b]: (b, []) for b in builtins}
@@ -93,6 +94,8 @@ class Router:
                     out.batches.append(decode_batch(levels[1], levels[3], payload, at))
                 elif sub.builtin == "status":
                     out.statuses.append(decode_status(levels[1], payload, at))
+                elif sub.builtin == "meta":
+                    out.metas.append(decode_meta(levels[1], levels[3], payload, at))
                 else:
                     out.events.append(decode_event(levels[1], payload, at))
         except Malformed as exc:

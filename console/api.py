@@ -177,12 +177,14 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
 
     @api.get("/tenants/{tenant}/fleet")
     def fleet(ctx: View) -> list[dict[str, Any]]:
-        """Every gateway: online/offline, last seen, version, lag, dropped points, certificate expiry, errors."""
+        """Every gateway: online/offline, last seen, version, lag, backlog and unconfirmed batches (the agent's
+        own figures, ``null`` until it reports them), dropped points, certificate expiry, errors."""
         return console.fleet(ctx.tenant)
 
     @api.get("/tenants/{tenant}/gateways/{gw}")
     def gateway(ctx: View, gw: str) -> dict[str, Any]:
-        """A gateway's devices and tags with their newest value, quality and error, and its recent events."""
+        """A gateway's devices and tags with their newest value, unit, description, quality and error, and its
+        recent events."""
         found = console.gateway(ctx.tenant, gw)
         if found is None:
             raise HTTPException(404, f"no gateway {gw!r}")

@@ -35,7 +35,7 @@ from provisioning.registry import Registry, now, parse_iso
 
 from .accounts import Accounts
 from .rollup import MINUTE_MS, Rollup
-from .tenantdata import PostgresData, Series, SqliteData, TenantData
+from .tenantdata import NO_BUFFER, PostgresData, Series, SqliteData, TenantData
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ class Console:
                     "devices_with_errors": [],
                     "dropped_points": 0,
                     "active_alerts": 0,
+                    **NO_BUFFER,
                 }
             row["provisioning"] = view["state"]
             row["cert_not_after"] = view["not_after"]
@@ -185,9 +186,11 @@ class Console:
             if not data.known(gw) and gw not in {d["gateway"] for d in self._devices(tenant)}:
                 return None
             values = data.values(gw)
+            meta = data.tag_meta(gw)
             events = data.events(gw, limit=20)
         devices: dict[str, list[dict[str, Any]]] = {}
         for value in values:
+            value.update(meta.get((value["device"], value["tag"]), {"unit": None, "description": None}))
             devices.setdefault(value.pop("device"), []).append(value)
         status = next((r for r in self.fleet(tenant) if r["gateway"] == gw), None)
         return {
@@ -209,6 +212,7 @@ class Console:
         out = []
         source = "rollup" if rollup else "points"
         with self.data(tenant) as data:
+            metas = {gw: data.tag_meta(gw) for gw in {one.gw for one in series}}
             for one in series:
                 if rollup:
                     rows = rollup.trend(one, start_ms, end_ms, buckets)
@@ -218,7 +222,8 @@ class Console:
                         rows, source = minutes, "rollup"
                     else:
                         rows = data.trend(one, start_ms, end_ms, buckets)
-                out.append({"series": one.key, "points": rows})
+                unit = metas[one.gw].get((one.device, one.tag), {}).get("unit")
+                out.append({"series": one.key, "unit": unit, "points": rows})
         return {"start": start_ms, "end": end_ms, "source": source, "series": out}
 
     def points(self, tenant: str, series: Series, start_ms: int, end_ms: int) -> Iterator[tuple[Any, ...]]:

@@ -16,7 +16,9 @@ bridge stores it):
 | version, config hash | newest ``status`` row that carries them |
 | last seen | newest ``received_at`` of ``latest`` and ``status`` |
 | data lag | now minus the newest reading's ``ts`` (how far behind the cloud is) |
-| dropped points | sum of ``points`` of the gateway's ``buffer_drop`` events |
+| a tag's unit and description | ``device_meta``: the tags of the device's retained meta |
+| backlog, unconfirmed batches | ``gateway_buffer``: the newest buffer figures of the gateway's status (the agent's own) |
+| dropped points | the agent's own count from ``gateway_buffer``; for an agent that reports none, the sum of ``points`` of the gateway's ``buffer_drop`` events |
 | devices with errors | devices whose newest reading of some tag has quality ``bad`` |
 | active alerts | ``alert_state`` pending or firing |
 
@@ -37,6 +39,15 @@ from typing import Any
 from factory_edge.errors import StorageError
 
 MINUTE_MS = 60_000
+# A gateway whose agent has not reported its buffer (an older agent, Sparkplug, never connected).
+NO_BUFFER: dict[str, Any] = {
+    "buffer_ts": None,
+    "backlog_batches": None,
+    "backlog_points": None,
+    "unconfirmed_batches": None,
+    "oldest_backlog_ts": None,
+    "oldest_unconfirmed_ts": None,
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,7 @@ class TenantData:
                     "devices_with_errors": [],
                     "dropped_points": 0,
                     "active_alerts": 0,
+                    **NO_BUFFER,
                 },
             )
 
@@ -141,6 +153,19 @@ class TenantData:
             f"SELECT gw, sum({self.drop_points_sql}) FROM {{s}}events WHERE type = 'buffer_drop' GROUP BY gw"
         ):
             gw(name)["dropped_points"] = int(dropped or 0)
+        for name, ts, pending, pending_points, unconfirmed, dropped, oldest, oldest_unconfirmed in self.rows(
+            "SELECT gw, ts, pending_batches, pending_points, unconfirmed_batches, dropped_points, oldest_pending_ts, "
+            "oldest_unconfirmed_ts FROM {s}gateway_buffer"
+        ):
+            gw(name).update(
+                buffer_ts=ts,
+                backlog_batches=pending,
+                backlog_points=pending_points,
+                unconfirmed_batches=unconfirmed,
+                oldest_backlog_ts=oldest,
+                oldest_unconfirmed_ts=oldest_unconfirmed,
+                dropped_points=int(dropped),
+            )
         for name, active in self.rows(
             "SELECT gw, count(*) FROM {s}alert_state WHERE state IN ('pending', 'firing') GROUP BY gw"
         ):
@@ -159,6 +184,14 @@ class TenantData:
                 (gw,),
             )
         ]
+
+    def tag_meta(self, gw: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """``(device, tag)`` -> ``{"unit", "description"}`` from the devices' retained meta."""
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for device, tags in self.rows("SELECT device, tags FROM {s}device_meta WHERE gw = ?", (gw,)):
+            for tag in tags if isinstance(tags, list) else json.loads(tags):
+                out[(device, tag["name"])] = {"unit": tag.get("unit"), "description": tag.get("description")}
+        return out
 
     def known(self, gw: str) -> bool:
         return bool(
@@ -332,4 +365,4 @@ class PostgresData(TenantData):
         ]
 
 
-__all__ = ["PostgresData", "Series", "SqliteData", "TenantData"]
+__all__ = ["NO_BUFFER", "PostgresData", "Series", "SqliteData", "TenantData"]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bridge.messages import DataBatch
-from bridge.storage.sqlite import _MIGRATIONS, SqliteStore
+from bridge.storage.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 GW = "gw-01"
 
@@ -110,7 +110,7 @@ def test_a_first_schema_database_migrates_with_its_readings_in_order(
             *old,
             (GW, "press-1", "temp", 7, 72.0, "good", None, 3),
         ]
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert newest == [
         (GW, "press-1", "temp", 7, 72.0, "good", None),
         (GW, "press-1", "temp", 5, 71.0, "bad", "timeout"),

@@ -366,8 +366,9 @@ def test_long_postgresql_trends_read_the_minute_table_the_bridge_keeps(
         console.close()
     # A store made before the minute table existed gets it, filled from its points, when the bridge opens it.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP TABLE "{tenant}".points_minute')
-        conn.execute(f'DELETE FROM "{tenant}".schema_version WHERE version = 2')
+        for table in ("points_minute", "gateway_buffer", "device_meta"):  # the tables of versions 2 and 3
+            conn.execute(f'DROP TABLE "{tenant}".{table}')
+        conn.execute(f'DELETE FROM "{tenant}".schema_version WHERE version >= 2')
     store = PostgresStore(pg_dsn, tenant)
     store.open()
     store.close()

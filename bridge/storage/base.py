@@ -10,7 +10,9 @@ are the messages acknowledged.
 Tables (DESIGN.md): ``points``, ``batches`` (``(gw, seq)`` unique),
 ``status``, ``events``, ``alerts`` (every state change), ``dead_letters``,
 one table per mapping; and the bridge's own ``latest``, ``alert_state``,
-``webhook_outbox``, ``alert_series``.
+``webhook_outbox``, ``alert_series``, ``gateway_buffer`` (each gateway's newest
+buffer figures from its status) and ``device_meta`` (each device's tags from
+its retained meta).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from factory_edge.errors import StorageError
 
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast
 from ..mapping import MappingRule
-from ..messages import DataBatch, DeadLetter, EventRow, StatusRow
+from ..messages import DataBatch, DeadLetter, EventRow, MetaRow, StatusRow
 
 LatestRow = tuple[str, str, str, int, Any, str, str | None, int, int | None]
 """``(gw, device, tag, ts, value, quality, error, received_at, seen_at)``."""
@@ -47,7 +49,12 @@ class Tx(abc.ABC):
     def insert_points(self, batches: Sequence[DataBatch]) -> None: ...
 
     @abc.abstractmethod
-    def insert_status(self, rows: Sequence[StatusRow]) -> None: ...
+    def insert_status(self, rows: Sequence[StatusRow]) -> None:
+        """Append to ``status``; a row with buffer figures also updates ``gateway_buffer`` (newest ``ts`` wins)."""
+
+    @abc.abstractmethod
+    def save_meta(self, rows: Sequence[MetaRow]) -> None:
+        """Keep each device's newest meta in ``device_meta`` (in order; ``tags`` None deletes it)."""
 
     @abc.abstractmethod
     def insert_events(self, rows: Sequence[EventRow]) -> None: ...

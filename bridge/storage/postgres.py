@@ -29,12 +29,12 @@ from factory_edge.logs import fields
 
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast, State
 from ..mapping import MappingRule
-from ..messages import DataBatch, DeadLetter, EventRow, StatusRow
+from ..messages import DataBatch, DeadLetter, EventRow, MetaRow, StatusRow
 from .base import DataRejected, LatestRow, Store, Table, Tx
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATIONS = {
     1: """
         CREATE TABLE {s}.batches (
@@ -82,6 +82,16 @@ _MIGRATIONS = {
         INSERT INTO {s}.points_minute
             SELECT gw, device, tag, ts / 60000, count(*), sum(value), min(value), max(value) FROM {s}.points
             WHERE value IS NOT NULL GROUP BY gw, device, tag, ts / 60000
+    """,
+    # Each gateway's newest buffer figures (from its status) and each device's tags (from its retained meta).
+    3: """
+        CREATE TABLE {s}.gateway_buffer (
+            gw text PRIMARY KEY, ts bigint NOT NULL, pending_batches bigint NOT NULL, pending_points bigint NOT NULL,
+            unconfirmed_batches bigint NOT NULL, dropped_points bigint NOT NULL, oldest_pending_ts bigint,
+            oldest_unconfirmed_ts bigint, received_at bigint NOT NULL);
+        CREATE TABLE {s}.device_meta (
+            gw text NOT NULL, device text NOT NULL, tags jsonb NOT NULL, received_at bigint NOT NULL,
+            PRIMARY KEY (gw, device))
     """,
 }
 MINUTE_MS = 60_000
@@ -500,6 +510,36 @@ class _PostgresTx(Tx):
                     self._sql("INSERT INTO {s}.status VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"),
                     [(r.gw, r.state, r.ts, r.version, r.config_hash, r.received_at) for r in rows],
                 )
+                figures = [(r.gw, *_buffer_values(r), r.received_at) for r in rows if r.buffer is not None]
+                if figures:
+                    cursor.executemany(
+                        self._sql(
+                            "INSERT INTO {s}.gateway_buffer AS b VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT (gw) DO UPDATE SET ts = excluded.ts, "
+                            "pending_batches = excluded.pending_batches, pending_points = excluded.pending_points, "
+                            "unconfirmed_batches = excluded.unconfirmed_batches, "
+                            "dropped_points = excluded.dropped_points, oldest_pending_ts = excluded.oldest_pending_ts, "
+                            "oldest_unconfirmed_ts = excluded.oldest_unconfirmed_ts, "
+                            "received_at = excluded.received_at WHERE excluded.ts >= b.ts"
+                        ),
+                        figures,
+                    )
+
+    def save_meta(self, rows: Sequence[MetaRow]) -> None:
+        with self.conn.cursor() as cursor:
+            for r in rows:
+                if r.tags is None:
+                    cursor.execute(
+                        self._sql("DELETE FROM {s}.device_meta WHERE gw = %s AND device = %s"), (r.gw, r.device)
+                    )
+                else:
+                    cursor.execute(
+                        self._sql(
+                            "INSERT INTO {s}.device_meta VALUES (%s, %s, %s::jsonb, %s) ON CONFLICT (gw, device) "
+                            "DO UPDATE SET tags = excluded.tags, received_at = excluded.received_at"
+                        ),
+                        (r.gw, r.device, r.tags, r.received_at),
+                    )
 
     def insert_events(self, rows: Sequence[EventRow]) -> None:
         if rows:
@@ -646,3 +686,17 @@ class _PostgresTx(Tx):
     def delete_outbox(self, ids: Sequence[int]) -> None:
         if ids:
             self.conn.execute(self._sql("DELETE FROM {s}.webhook_outbox WHERE id = ANY(%s)"), (list(ids),))
+
+
+def _buffer_values(row: StatusRow) -> tuple[Any, ...]:
+    b = row.buffer
+    assert b is not None
+    return (
+        b.ts,
+        b.pending_batches,
+        b.pending_points,
+        b.unconfirmed_batches,
+        b.dropped_points,
+        b.oldest_pending_ts,
+        b.oldest_unconfirmed_ts,
+    )

@@ -35,12 +35,12 @@ from factory_edge.logs import fields
 
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast, State
 from ..mapping import MappingRule
-from ..messages import DataBatch, DeadLetter, EventRow, StatusRow
+from ..messages import DataBatch, DeadLetter, EventRow, MetaRow, StatusRow
 from .base import DataRejected, LatestRow, Store, Table, Tx
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATIONS = {
     1: """
         CREATE TABLE batches (
@@ -96,6 +96,16 @@ _MIGRATIONS = {
             SELECT s.gw AS gw, s.device AS device, s.tag AS tag, p.ts AS ts, p.value AS value,
                 p.quality AS quality, p.error AS error, p.seq AS seq
             FROM samples p JOIN series s ON s.id = p.series;
+    """,
+    # Each gateway's newest buffer figures (from its status) and each device's tags (from its retained meta).
+    3: """
+        CREATE TABLE gateway_buffer (
+            gw TEXT PRIMARY KEY, ts INTEGER NOT NULL, pending_batches INTEGER NOT NULL,
+            pending_points INTEGER NOT NULL, unconfirmed_batches INTEGER NOT NULL, dropped_points INTEGER NOT NULL,
+            oldest_pending_ts INTEGER, oldest_unconfirmed_ts INTEGER, received_at INTEGER NOT NULL) WITHOUT ROWID, STRICT;
+        CREATE TABLE device_meta (
+            gw TEXT NOT NULL, device TEXT NOT NULL, tags TEXT NOT NULL, received_at INTEGER NOT NULL,
+            PRIMARY KEY (gw, device)) WITHOUT ROWID, STRICT;
     """,
 }
 _SERIES_CACHE_MAX = 1_000_000  # series ids kept in memory (each is one small dict entry)
@@ -460,6 +470,25 @@ class _SqliteTx(Tx):
             "INSERT OR IGNORE INTO status VALUES (?, ?, ?, ?, ?, ?)",
             [(r.gw, r.state, r.ts, r.version, r.config_hash, r.received_at) for r in rows],
         )
+        self.db.executemany(
+            "INSERT INTO gateway_buffer VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (gw) DO UPDATE SET "
+            "ts = excluded.ts, pending_batches = excluded.pending_batches, pending_points = excluded.pending_points, "
+            "unconfirmed_batches = excluded.unconfirmed_batches, dropped_points = excluded.dropped_points, "
+            "oldest_pending_ts = excluded.oldest_pending_ts, oldest_unconfirmed_ts = excluded.oldest_unconfirmed_ts, "
+            "received_at = excluded.received_at WHERE excluded.ts >= gateway_buffer.ts",
+            [(r.gw, *_buffer_values(r), r.received_at) for r in rows if r.buffer is not None],
+        )
+
+    def save_meta(self, rows: Sequence[MetaRow]) -> None:
+        for r in rows:
+            if r.tags is None:
+                self.db.execute("DELETE FROM device_meta WHERE gw = ? AND device = ?", (r.gw, r.device))
+            else:
+                self.db.execute(
+                    "INSERT INTO device_meta VALUES (?, ?, ?, ?) ON CONFLICT (gw, device) DO UPDATE SET "
+                    "tags = excluded.tags, received_at = excluded.received_at",
+                    (r.gw, r.device, r.tags, r.received_at),
+                )
 
     def insert_events(self, rows: Sequence[EventRow]) -> None:
         self.db.executemany(
@@ -552,3 +581,17 @@ class _SqliteTx(Tx):
 
     def delete_outbox(self, ids: Sequence[int]) -> None:
         self.db.executemany("DELETE FROM webhook_outbox WHERE id = ?", [(i,) for i in ids])
+
+
+def _buffer_values(row: StatusRow) -> tuple[Any, ...]:
+    b = row.buffer
+    assert b is not None
+    return (
+        b.ts,
+        b.pending_batches,
+        b.pending_points,
+        b.unconfirmed_batches,
+        b.dropped_points,
+        b.oldest_pending_ts,
+        b.oldest_unconfirmed_ts,
+    )

@@ -1,5 +1,6 @@
 /* A small trend chart on a canvas: per series, the min-max band of each bucket and the mean as a line.
-   drawTrend(canvas, {start, end, series: [{series, points: [[t, min, max, mean, count], ...]}]}) */
+   drawTrend(canvas, {start, end, series: [{series, unit, points: [[t, min, max, mean, count], ...]}]})
+   The value axis is labelled with the series' unit(s). */
 "use strict";
 (function () {
   const COLORS = ["#0047ab", "#b00020", "#0a6b2a", "#7a4a00", "#6a1b9a", "#00695c", "#c2185b", "#37474f"];
@@ -27,7 +28,7 @@
     const ctx = canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, width, height);
-    const left = 64, right = 12, top = 12, bottom = 36;
+    const left = 76, right = 12, top = 12, bottom = 36;
     const plotW = width - left - right, plotH = height - top - bottom;
     let lo = Infinity, hi = -Infinity, drawn = 0;
     for (const s of data.series) {
@@ -48,6 +49,12 @@
     for (const v of niceTicks(lo, hi, 6)) {
       ctx.beginPath(); ctx.moveTo(left, y(v)); ctx.lineTo(width - right, y(v)); ctx.stroke();
       ctx.fillText(String(Number(v.toPrecision(6))), left - 6, y(v));
+    }
+    const units = [...new Set(data.series.map((s) => s.unit).filter((u) => u))];
+    canvas.dataset.unit = units.join(", ");
+    if (units.length) {
+      ctx.save(); ctx.translate(14, top + plotH / 2); ctx.rotate(-Math.PI / 2);
+      ctx.textAlign = "center"; ctx.textBaseline = "middle"; ctx.fillText(units.join(", "), 0, 0); ctx.restore();
     }
     ctx.textAlign = "center"; ctx.textBaseline = "top";
     const span = data.end - data.start;

@@ -134,6 +134,8 @@
       { key: "version", label: "Version" },
       { key: "config_hash", label: "Config", render: (r) => (r.config_hash || "—").slice(0, 12) },
       { key: "lag_ms", label: "Data lag", num: true, render: (r) => (r.lag_ms === null ? "—" : `${Math.round(r.lag_ms / 1000)} s`) },
+      { key: "backlog_batches", label: "Backlog", num: true, render: (r) => (r.backlog_batches === null ? "—" : el("span", { class: r.backlog_batches ? "warn" : null, title: r.oldest_backlog_ts ? `oldest buffered ${time(r.oldest_backlog_ts)}; as of ${time(r.buffer_ts)}` : `as of ${time(r.buffer_ts)}` }, `${r.backlog_batches} batches`)) },
+      { key: "unconfirmed_batches", label: "Unconfirmed", num: true, render: (r) => (r.unconfirmed_batches === null ? "—" : el("span", { title: r.oldest_unconfirmed_ts ? `oldest since ${time(r.oldest_unconfirmed_ts)}` : null }, r.unconfirmed_batches)) },
       { key: "dropped_points", label: "Dropped", num: true, render: (r) => el("span", { class: r.dropped_points ? "bad" : null }, r.dropped_points) },
       { key: "cert_days_left", label: "Cert. expiry", render: (r) => (r.cert_not_after ? el("span", { class: r.cert_warning ? "warn" : null }, `${r.cert_warning ? "⚠ " : ""}${Math.floor(r.cert_days_left)} days`) : "—") },
       { key: "devices", label: "Devices", num: true },
@@ -153,6 +155,8 @@
     live((name, doc) => { if (name === "fleet") show(doc); });
   };
 
+  const withUnit = (t) => (t.unit && t.value !== null && t.value !== undefined ? `${value(t.value)} ${t.unit}` : value(t.value));
+
   pages.gateway = async () => {
     const status = el("p", { id: "gw-status" });
     const devicesEl = el("div", { id: "devices" });
@@ -171,7 +175,7 @@
       const buckets = Math.max(100, Math.min(2000, Math.round(canvas.clientWidth || 800)));
       const doc = await api(T(`/trend?${q}&start=${start}&end=${end}&buckets=${buckets}`));
       window.drawTrend(canvas, doc);
-      legend.replaceChildren(...doc.series.map((s, i) => el("span", { style: null, "data-color": i }, `${s.series} (${s.points.reduce((n, p) => n + p[4], 0)} readings)`)));
+      legend.replaceChildren(...doc.series.map((s, i) => el("span", { style: null, "data-color": i }, `${s.series}${s.unit ? ` [${s.unit}]` : ""} (${s.points.reduce((n, p) => n + p[4], 0)} readings)`)));
       [...legend.children].forEach((span, i) => span.style.setProperty("--swatch", window.trendColors[i % window.trendColors.length]));
       source.textContent = `${doc.series.reduce((n, s) => n + s.points.length, 0)} buckets drawn, from ${doc.source === "rollup" ? "per-minute rollups" : "raw points"}.`;
       csv.href = T(`/trend.csv?${q}&start=${start}&end=${end}`);
@@ -182,7 +186,8 @@
     function showGateway(doc) {
       if (!doc) return;
       const s = doc.status || {};
-      status.replaceChildren(badge(s.state || "unknown"), ` last seen ${ago(s.last_seen)} · version ${s.version || "—"} · dropped points ${s.dropped_points || 0}`,
+      const buffered = s.backlog_batches === null || s.backlog_batches === undefined ? "" : ` · backlog ${s.backlog_batches} batches, ${s.unconfirmed_batches} unconfirmed`;
+      status.replaceChildren(badge(s.state || "unknown"), ` last seen ${ago(s.last_seen)} · version ${s.version || "—"}${buffered} · dropped points ${s.dropped_points || 0}`,
         s.cert_not_after ? ` · certificate until ${s.cert_not_after}` : "");
       const shape = doc.devices.map((d) => `${d.device}:${d.tags.map((t) => t.tag).join(",")}`).join(";");
       if (shape === layout) { // the same tags: update the cells in place (focus and ticked boxes stay as they are)
@@ -190,7 +195,7 @@
           for (const t of d.tags) {
             const row = devicesEl.querySelector(`tr[data-tag="${CSS.escape(`${d.device}/${t.tag}`)}"]`);
             if (!row) continue;
-            row.children[2].textContent = value(t.value);
+            row.children[2].textContent = withUnit(t);
             row.children[3].replaceChildren(badge(t.quality));
             row.children[4].textContent = time(t.ts);
             row.children[5].textContent = t.error || "";
@@ -204,7 +209,7 @@
         el("tbody", {}, d.tags.map((t) => {
           const key = `${gw}/${d.device}/${t.tag}`;
           const box = el("input", { type: "checkbox", "aria-label": `trend of ${t.tag}`, checked: chosen.has(key), onchange: (e) => { e.target.checked ? chosen.add(key) : chosen.delete(key); drawChart(); } });
-          return el("tr", { "data-tag": `${d.device}/${t.tag}` }, el("td", {}, box), el("td", {}, t.tag), el("td", { class: "num value" }, value(t.value)),
+          return el("tr", { "data-tag": `${d.device}/${t.tag}` }, el("td", {}, box), el("td", {}, t.tag, t.description ? el("div", { class: "muted" }, t.description) : null), el("td", { class: "num value" }, withUnit(t)),
             el("td", {}, badge(t.quality)), el("td", {}, time(t.ts)), el("td", {}, t.error || ""));
         })))))));
       body.dataset.ready = "1";
