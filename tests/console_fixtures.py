@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import yaml
 from argon2 import PasswordHasher
 
 from bridge.alerts.model import Change, Instance, State
-from bridge.messages import DataBatch, EventRow, StatusRow
+from bridge.messages import BufferFigures, DataBatch, EventRow, MetaRow, StatusRow
 from bridge.storage import Store
 from bridge.storage.sqlite import SqliteStore
 from console.api import create_app
@@ -51,6 +52,18 @@ class FleetWriter:
         at = ts or now_ms()
         with self.store.transaction() as tx:
             tx.insert_status([StatusRow(gw, state, at, version, config, at)])
+
+    def buffer(self, gw: str, ts: int, *, pending: int, unconfirmed: int, dropped: int, oldest: int | None) -> None:
+        """A status carrying the agent's buffer figures, measured at ``ts`` (republished: the birth's ``ts``)."""
+        figures = BufferFigures(ts, pending, pending * 10, unconfirmed, dropped, oldest, None)
+        with self.store.transaction() as tx:
+            tx.insert_status([StatusRow(gw, "online", 1, "0.1.0", "c0ffee", now_ms(), figures)])
+
+    def meta(self, gw: str, device: str, tags: list[dict[str, Any]] | None) -> None:
+        """The device's retained meta as the bridge decoded it (None: cleared)."""
+        text = None if tags is None else json.dumps(tags)
+        with self.store.transaction() as tx:
+            tx.save_meta([MetaRow(gw, device, text, now_ms())])
 
     def points(
         self, gw: str, device: str, rows: list[tuple[str, int, Any]], *, quality: str = "good", error: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from bridge.alerts.rules import AlertRule
 from bridge.alerts.template import render
 from bridge.alerts.webhooks import sign, verify
 from bridge.config import BridgeConfig
-from bridge.decode import decode_batch, decode_event, decode_status
+from bridge.decode import decode_batch, decode_event, decode_meta, decode_status
 from bridge.mapping import Mapping, MappingRule, topic_matches
 from bridge.messages import Malformed, Received
 from bridge.router import Router, plan
@@ -155,6 +156,54 @@ def test_status_and_events_decode() -> None:
     assert event.digest == decode_event(GW, b'{"type": "device_down", "ts": 5, "device": "press-1"}', 10).digest
 
 
+def test_the_status_carries_the_agents_buffer_figures() -> None:
+    doc = {"state": "online", "ts": 5, "version": "0.1.0"}
+    assert decode_status(GW, json.dumps(doc).encode(), 9).buffer is None  # an agent that reports none
+    figures = {"ts": 7, "pending_batches": 3, "pending_points": 30, "unconfirmed_batches": 2, "dropped_points": 40}
+    status = decode_status(GW, json.dumps(doc | {"buffer": figures | {"oldest_pending_ts": 4}}).encode(), 9)
+    assert status.buffer is not None
+    assert (status.buffer.ts, status.buffer.pending_batches, status.buffer.unconfirmed_batches) == (7, 3, 2)
+    assert (status.buffer.dropped_points, status.buffer.oldest_pending_ts, status.buffer.oldest_unconfirmed_ts) == (
+        40,
+        4,
+        None,
+    )
+    for bad, reason in (
+        ([], "buffer: must be an object, got array"),
+        ({"pending_batches": -1}, "buffer.pending_batches: must be an integer >= 0, got -1"),
+        ({"dropped_points": "many"}, "buffer.dropped_points: must be an integer >= 0, got 'many'"),
+        ({"oldest_pending_ts": 1.5}, "buffer.oldest_pending_ts: must be an integer (epoch milliseconds), got number"),
+    ):
+        with pytest.raises(Malformed) as caught:
+            decode_status(GW, json.dumps(doc | {"buffer": bad}).encode(), 9)
+        assert caught.value.reason == reason
+
+
+def test_meta_keeps_each_tags_unit_and_description() -> None:
+    doc = {
+        "device": DEV,
+        "protocol": "modbus-tcp",
+        "tags": [
+            {"name": "oil_temp", "type": "float32", "unit": "degC", "description": "tank", "writable": False},
+            {"name": "setpoint", "type": None, "unit": None, "writable": True},
+        ],
+    }
+    meta = decode_meta(GW, DEV, json.dumps(doc).encode(), 9)
+    assert (meta.gw, meta.device, meta.received_at) == (GW, DEV, 9)
+    assert meta.tags is not None and json.loads(meta.tags) == [
+        {"name": "oil_temp", "type": "float32", "unit": "degC", "description": "tank", "writable": False},
+        {"name": "setpoint", "type": None, "unit": None, "description": None, "writable": True},
+    ]
+    assert decode_meta(GW, DEV, b"", 9).tags is None  # the retained meta cleared: the device left the config
+    for bad, reason in (
+        ({"tags": {}}, "tags: must be a list, got object"),
+        ({"tags": [{"name": "a b"}]}, "tags[0].name: 'a b' is not a valid name"),
+        ({"tags": [{"name": "t", "unit": 5}]}, "tags[0].unit: must be text, got integer"),
+    ):
+        with pytest.raises(Malformed, match=re.escape(reason)):
+            decode_meta(GW, DEV, json.dumps(bad).encode(), 9)
+
+
 points_strategy = st.lists(
     st.fixed_dictionaries(
         {
@@ -192,6 +241,7 @@ def test_anything_either_decodes_or_is_malformed(data: bytes) -> None:
     for decode in (
         lambda: decode_batch(GW, DEV, data, 0),
         lambda: decode_status(GW, data, 0),
+        lambda: decode_meta(GW, DEV, data, 0),
         lambda: decode_event(GW, data, 0),
     ):
         try:

@@ -377,6 +377,54 @@ def test_long_postgresql_trends_read_the_minute_table_the_bridge_keeps(
     assert found == (len(rows) + 1, 1000.0)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_backlog_and_units_come_from_the_agents_own_status_and_meta(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    tenant, dsn = unique_tenant("console"), None
+    if backend == "postgres":
+        dsn = request.getfixturevalue("pg_dsn")
+        request.getfixturevalue("pg_schemas").append(tenant)
+    store = PostgresStore(dsn, tenant) if dsn else None
+    writer = FleetWriter(tmp_path / "storage", tenant, store=store)
+    t = now_ms()
+    writer.status("old-agent", "online", ts=t - 1000)  # reports no buffer: its figures are unknown, not zero
+    writer.event("old-agent", "buffer_drop", '{"type":"buffer_drop","points":5,"batches":1,"reason":"full"}')
+    writer.event("gw", "buffer_drop", '{"type":"buffer_drop","points":5,"batches":1,"reason":"full"}')
+    writer.buffer("gw", t - 20_000, pending=40, unconfirmed=3, dropped=120, oldest=t - 60_000)
+    writer.buffer("gw", t - 10_000, pending=0, unconfirmed=2, dropped=120, oldest=None)
+    writer.buffer("gw", t - 30_000, pending=99, unconfirmed=99, dropped=99, oldest=t - 90_000)  # late: older
+    writer.points("gw", "press", [("oil_temp", t, 61.5), ("strokes", t, 7)])
+    oil = {"name": "oil_temp", "type": "float32", "unit": "degC", "description": "tank", "writable": False}
+    writer.meta("gw", "press", [oil, {"name": "strokes", "type": "uint16", "unit": None, "writable": False}])
+    writer.meta("gw", "gone", [{"name": "x", "unit": "bar"}])
+    writer.meta("gw", "gone", None)
+    writer.close()
+    console = make_console(tmp_path, [tenant], dsn=dsn)
+    console.accounts.create("v", "viewer", PASSWORD, tenant=tenant)
+    try:
+        c, _ = logged_in(console, "v")
+        rows = {r["gateway"]: r for r in c.get(f"/api/tenants/{tenant}/fleet").json()}
+        gw, old = rows["gw"], rows["old-agent"]
+        assert (gw["backlog_batches"], gw["backlog_points"], gw["unconfirmed_batches"]) == (0, 0, 2)
+        assert (gw["buffer_ts"], gw["oldest_backlog_ts"]) == (t - 10_000, None)
+        assert gw["dropped_points"] == 120  # the agent's own count, not the events the store happens to hold
+        assert old["backlog_batches"] is None and old["unconfirmed_batches"] is None and old["dropped_points"] == 5
+        doc = c.get(f"/api/tenants/{tenant}/gateways/gw").json()
+        tags = {t["tag"]: t for d in doc["devices"] for t in d["tags"]}
+        assert (tags["oil_temp"]["value"], tags["oil_temp"]["unit"], tags["oil_temp"]["description"]) == (
+            61.5,
+            "degC",
+            "tank",
+        )
+        assert tags["strokes"]["unit"] is None
+        assert doc["status"]["backlog_batches"] == 0
+        trend = c.get(f"/api/tenants/{tenant}/trend?series=gw/press/oil_temp&series=gw/gone/x").json()
+        assert [s["unit"] for s in trend["series"]] == ["degC", None]  # a cleared meta leaves no unit behind
+    finally:
+        console.close()
+
+
 def test_alerts_are_acknowledged_with_a_comment_by_admins_only(fleet: Console) -> None:
     viewer, vtoken = logged_in(fleet, "acme-viewer")
     body = {"gw": "press-gw", "device": "press-1", "rule": "spindle-overtemp", "comment": "coolant valve checked"}
