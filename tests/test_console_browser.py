@@ -260,10 +260,20 @@ def test_the_demo_deployment_in_the_browser(short_root: Path) -> None:
             log_in(driver, url, account, password)
             driver.get(f"{url}/tenants/acme")
             wait_for(driver, lambda d: cell(d, GATEWAY, "state") == "online", 30, "the demo gateway online")
+            # The agent's own buffer figures, from its retained status.
+            wait_for(driver, lambda d: cell(d, GATEWAY, "backlog_batches").endswith("batches"), 30, "its backlog")
 
             driver.get(f"{url}/tenants/acme/gateways/{GATEWAY}")
             speed = 'tr[data-tag="cnc-1/spindle_temp"] td.value'
-            first = wait_for(driver, lambda d: d.find_element("css selector", speed).text, 30, "spindle_temp shown")
+            first = wait_for(
+                driver,
+                lambda d: (
+                    d.find_element("css selector", speed).text.endswith(" degC")
+                    and d.find_element("css selector", speed).text
+                ),
+                30,
+                "spindle_temp shown with its unit",
+            )
             wait_for(
                 driver, lambda d: d.find_element("css selector", speed).text != first, 60, "spindle_temp changing live"
             )
@@ -274,6 +284,7 @@ def test_the_demo_deployment_in_the_browser(short_root: Path) -> None:
                 30,
                 "trend drawn",
             )
+            assert driver.find_element("id", "trend").get_attribute("data-unit") == "degC"  # the value axis
 
             driver.get(f"{url}/tenants/acme/alerts")
             wait_for(
