@@ -61,7 +61,8 @@ def test_check_config_summarises(tmp_path: Path, capsys: pytest.CaptureFixture[s
         f"OK: 1 tenants, storage sqlite ({tmp_path}/data/<tenant>.db), 1 mappings, commit window 1000 messages, "
         "receive maximum 2000",
         "  acme  mqtts://mqtt.acme.example.com:8883  shared group bridge",
-        "    subscribes $share/bridge/gw/+/data/+ $share/bridge/gw/+/status $share/bridge/gw/+/events "
+        "    subscribes $share/bridge/gw/+/data/+ $share/bridge/gw/+/status $share/bridge/gw/+/meta/+ "
+        "$share/bridge/gw/+/events "
         "$share/bridge/spBv1.0/# spBv1.0/+/NBIRTH/+ spBv1.0/+/DBIRTH/+/+ $share/bridge/plant/+/temp",
         "    alert hot: */*/temp above 85 for 30s [warning]",
         "    alert silent: */*/* no data for 1m [warning]",
