@@ -57,6 +57,7 @@ def fill_fleet(directory: Path, gateways: int, dsn: str | None) -> None:
     for i in range(gateways):
         gw = f"gw-{i:04d}"
         writer.status(gw, "online" if i % 10 else "offline", ts=now - i * 1000)
+        writer.buffer(gw, now - i * 1000, pending=i % 7, unconfirmed=i % 3, dropped=i, oldest=now - 60_000)
         writer.points(gw, "press-1", [(f"tag{t}", now - 500, float(t)) for t in range(10)])
         writer.points(
             gw,
@@ -163,6 +164,7 @@ def main() -> int:
             with data() as reader:
                 reader.rows("SELECT * FROM {s}status")
                 reader.rows("SELECT * FROM {s}latest")
+                reader.rows("SELECT * FROM {s}gateway_buffer")
 
         def raw_trend() -> None:
             with data() as reader:
@@ -238,7 +240,7 @@ def main() -> int:
         print(
             f"store: {'PostgreSQL' if dsn else 'SQLite'}, {args.gateways:,} gateways x 20 tags; one series of {total:,} points ({args.days} days every {args.period_ms} ms)"
         )
-        print(line("fleet baseline: status + latest rows read from the store", fleet_base))
+        print(line("fleet baseline: status + latest + gateway_buffer rows read from the store", fleet_base))
         print(line(f"fleet API: /fleet with {args.gateways:,} gateways", fleet_api, statistics.median(fleet_base)))
         print(line("fleet page: navigation to table drawn (chromium)", fleet_page, statistics.median(fleet_base)))
         print(line(f"trend baseline: raw points downsampled in the store ({total:,})", trend_base))
