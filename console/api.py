@@ -129,19 +129,25 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     def login(body: Login, request: Request) -> JSONResponse:
         """Start a session: sets the ``fe_session`` cookie; answers the CSRF token every change must send."""
         client = client_of(request.scope)
+        # Each attempt is counted before the password is checked (and forgiven if right), so concurrent
+        # guesses cannot all pass the limits while the first ones are still being hashed.
+        counted: list[tuple[FailureLimiter, str]] = []
         for limiter, subject in ((by_client, client), (by_account, f"account {body.name}")):
-            wait = limiter.blocked_for(subject)
+            wait = limiter.attempt(subject)
             if wait:
+                for done, what in counted:
+                    done.forgive(what)
                 log.warning("login refused", extra=fields(client=client, account=body.name, reason="rate limit"))
                 return JSONResponse(
                     {"detail": f"too many failed logins; retry in {wait} s"}, 429, headers={"Retry-After": str(wait)}
                 )
+            counted.append((limiter, subject))
         found = console.accounts.login(body.name, body.password, client=client)
         if found is None:
-            by_client.failed(client)
-            by_account.failed(f"account {body.name}")
             log.warning("login failed", extra=fields(client=client, account=body.name))
             raise HTTPException(401, "wrong name or password")
+        for done, what in counted:
+            done.forgive(what)
         token, s = found
         log.info("login", extra=fields(client=client, account=body.name))
         response = JSONResponse({"account": s.account.as_json(), "csrf": s.csrf})
