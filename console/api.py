@@ -19,6 +19,7 @@ the audit log (``console.accounts``), refused ones too.
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import logging
@@ -45,6 +46,8 @@ from .service import Console, NotConfigured
 from .tenantdata import Series
 
 log = logging.getLogger(__name__)
+
+MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z: the last time SQLite, PostgreSQL and the CSV all hold
 
 
 class Login(BaseModel):
@@ -198,8 +201,8 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     def trend(
         ctx: View,
         series: Annotated[list[str], Query(description="GATEWAY/DEVICE/TAG, one or more")],
-        start: Annotated[int | None, Query(description="epoch ms; default: end minus 1 hour")] = None,
-        end: Annotated[int | None, Query(description="epoch ms; default: now")] = None,
+        start: Annotated[int | None, Query(ge=0, le=MAX_MS, description="epoch ms; default: end minus 1 hour")] = None,
+        end: Annotated[int | None, Query(ge=0, le=MAX_MS, description="epoch ms; default: now")] = None,
         buckets: Annotated[int, Query(ge=1, le=4000, description="at most this many points per series")] = 800,
     ) -> dict[str, Any]:
         """Each series over [start, end), downsampled on the server: per bucket ``[t, min, max, mean, count]``."""
@@ -210,8 +213,8 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     def trend_csv(
         ctx: View,
         series: Annotated[list[str], Query()],
-        start: int | None = None,
-        end: int | None = None,
+        start: Annotated[int | None, Query(ge=0, le=MAX_MS)] = None,
+        end: Annotated[int | None, Query(ge=0, le=MAX_MS)] = None,
     ) -> StreamingResponse:
         """Every raw point of the range as CSV: ``series,ts,time,value,quality,error``."""
         first, last = _range(start, end)
@@ -292,6 +295,10 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
                 expires_s = parse_duration(body.expires)
             except ValueError as exc:
                 raise HTTPException(422, f"expires: {exc}") from None
+            try:
+                dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_s)
+            except OverflowError:
+                raise HTTPException(422, f"expires: {body.expires} is past the year 9999") from None
         made = _audited(
             ctx,
             console,
@@ -306,6 +313,7 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
 
     @api.post("/tenants/{tenant}/keys/{key_id}/revoke")
     def revoke_key(ctx: Change, key_id: str) -> dict[str, Any]:
+        console.require_provisioning(ctx.tenant)
         if console.key_tenant(key_id) != ctx.tenant:
             raise HTTPException(404, f"no provisioning key {key_id!r}")
         done = _audited(ctx, console, "key.revoke", key_id, lambda: console.revoke_key(key_id))
@@ -365,6 +373,10 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
                 f"{format_location(loc[1:] if loc[:1] in (('body',), ('query',), ('path',)) else loc)}: {error.get('msg', 'invalid')}"
             )
         return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, 422)
+
+    @app.exception_handler(NotConfigured)
+    async def not_configured(request: Request, exc: NotConfigured) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 409)
 
     @app.exception_handler(StorageError)
     async def storage(request: Request, exc: StorageError) -> JSONResponse:

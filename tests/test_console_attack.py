@@ -8,13 +8,15 @@ Each test is a hole that was found and closed; the requests go through the whole
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from console.api import create_app
 from console.service import Console
-from tests.console_fixtures import PASSWORD
+from tests.console_fixtures import PASSWORD, logged_in, make_console
 from tests.test_console_api import fleet, provisioned
 
 __all__ = ["fleet", "provisioned"]  # fixtures used here
@@ -53,3 +55,59 @@ def test_concurrent_guesses_cannot_outrun_the_login_limits(fleet: Console) -> No
         assert _burst(app, [("10.3.0.1", PASSWORD)], "acme-admin") == [200]
     assert _burst(app, [("10.3.0.1", "one more typo")], "acme-admin") == [401]
     assert _burst(app, [("10.3.0.1", PASSWORD)], "acme-admin") == [429]
+
+
+PROVISIONING_ROUTES = [
+    ("GET", "/keys", None),
+    ("POST", "/keys", {"uses": 1}),
+    ("POST", "/keys/0123456789/revoke", None),
+    ("GET", "/devices", None),
+    ("POST", "/gateways/press-gw/revoke", None),
+    ("GET", "/technicians", None),
+    ("POST", "/technicians", {"name": "alice"}),
+    ("POST", "/technicians/alice/revoke", None),
+]
+
+
+def test_provisioning_routes_of_a_tenant_not_provisioned_here_say_so_and_name_no_other_tenant(
+    tmp_path: Path, provisioned: Path
+) -> None:
+    # initech is one of the bridge's tenants, not of this provisioning service (acme and globex).
+    data = tmp_path / "prov"
+    shutil.copytree(provisioned, data, symlinks=True)
+    for where, provisioning in (("with", data), ("without", None)):
+        (tmp_path / where).mkdir()
+        console = make_console(tmp_path / where, ["acme", "initech"], provisioning=provisioning)
+        console.accounts.create("initech-admin", "tenant-admin", PASSWORD, tenant="initech")
+        c, token = logged_in(console, "initech-admin")
+        for method, path, body in PROVISIONING_ROUTES:
+            answer = c.request(method, f"/api/tenants/initech{path}", json=body, headers={"X-CSRF-Token": token})
+            assert answer.status_code == 409, (where, method, path, answer.text)
+            detail = answer.json()["detail"]
+            assert "\n" not in detail and "acme" not in detail and "globex" not in detail, detail
+            assert "provisioning" in detail
+        log = console.accounts.audit_log("initech")
+        assert not any("acme" in str(e) or "globex" in str(e) for e in log)
+        console.close()
+
+
+def test_absurd_trend_and_key_input_is_a_one_line_422(fleet: Console) -> None:
+    c, token = logged_in(fleet, "acme-admin")
+    series = {"series": "press-gw/press-1/rpm"}
+    far = 10**20  # past what SQLite's integers and the calendar hold
+    for path in ("/api/tenants/acme/trend", "/api/tenants/acme/trend.csv"):
+        for start, end in ((far, far + 1000), (-far, -far + 1000), (0, far), (253402300800000, 253402300801000)):
+            answer = c.get(path, params={**series, "start": start, "end": end})
+            assert answer.status_code == 422, (path, start, end, answer.text)
+            assert "\n" not in answer.json()["detail"]
+        assert c.get(path, params={**series, "start": "yesterday"}).status_code == 422
+    for buckets in ("0", "-5", "many", "4001", "1e9"):
+        answer = c.get("/api/tenants/acme/trend", params={**series, "buckets": buckets})
+        assert answer.status_code == 422, (buckets, answer.text)
+    unicode = c.get("/api/tenants/acme/trend", params={"series": "préss-gw/прес/温度\x00"})
+    assert unicode.status_code == 200 and unicode.json()["series"][0]["points"] == []
+    for expires in ("9999999999999d", "99999999999h"):
+        answer = c.post("/api/tenants/acme/keys", json={"expires": expires}, headers={"X-CSRF-Token": token})
+        assert answer.status_code == 422, (expires, answer.text)
+        assert answer.json()["detail"].startswith("expires: ")
+    assert fleet.keys("acme") == []
