@@ -13,6 +13,9 @@
 - Logins are limited per client address and per account name
   (``provisioning.ratelimit.FailureLimiter``): past the limit, 429 with
   ``Retry-After``, before the password is even checked.
+- A change's body is read whole before any route runs, up to 64 KiB; a
+  larger one is refused (413), so no one can make the console hold a
+  body of any size in memory, before or after logging in.
 - Every answer carries a strict Content-Security-Policy (scripts and styles
   only from the console itself), ``nosniff``, no framing, no referrer, and
   API answers ``Cache-Control: no-store``.
@@ -31,6 +34,7 @@ from .accounts import Accounts
 COOKIE = "fe_session"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_BODY = 64 * 1024
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -87,6 +91,12 @@ class Guard:
             if refusal:
                 await _answer(send, refusal[0], refusal[1])
                 return
+            body = await _small_body(headers, receive)
+            if isinstance(body, tuple):
+                if body[0]:
+                    await _answer(send, body[0], body[1])
+                return
+            receive = _replay(body, receive)
         api = path.startswith("/api/") or path == "/openapi.json"
 
         async def with_headers(message: dict[str, Any]) -> None:
@@ -116,6 +126,42 @@ class Guard:
         if not sent or not hmac.compare_digest(sent, session.csrf):
             return 403, "CSRF token missing or wrong (send the session's token in X-CSRF-Token)"
         return None
+
+
+async def _small_body(headers: Mapping[bytes, bytes], receive: Any) -> bytes | tuple[int, str]:
+    """The whole body of a change, read before any route runs, or ``(413, why)`` past ``MAX_BODY``
+    (``(0, "")``: the client went away). The largest a route takes is a 2,000-character comment;
+    without this, anyone, logged in or not, could make the console hold a body of any size in memory."""
+    length = headers.get(b"content-length", b"")
+    if length.isdigit() and int(length) > MAX_BODY:
+        return 413, f"request body is {int(length)} bytes; the limit is {MAX_BODY}"
+    chunks: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return 0, ""
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > MAX_BODY:
+            return 413, f"request body is over the limit of {MAX_BODY} bytes"
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands the route the body read already, then waits for the client as before."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _answer(send: Any, status: int, detail: str) -> None:

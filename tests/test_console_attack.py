@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,23 @@ def test_absurd_trend_and_key_input_is_a_one_line_422(fleet: Console) -> None:
         assert answer.status_code == 422, (expires, answer.text)
         assert answer.json()["detail"].startswith("expires: ")
     assert fleet.keys("acme") == []
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(fleet: Console) -> None:
+    c, token = logged_in(fleet, "acme-admin")
+    big = b'{"name": "acme-admin", "password": "' + b"x" * (4 << 20) + b'"}'
+    json_type = {"Content-Type": "application/json"}
+    answer = c.post("/api/login", content=big, headers=json_type)
+    assert answer.status_code == 413 and answer.json()["detail"].startswith(f"request body is {len(big)} bytes")
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"name": "acme-admin", "password": "'
+        for _ in range(64):
+            yield b"x" * 65536
+        yield b'"}'
+
+    assert c.post("/api/login", content=chunks(), headers=json_type).status_code == 413
+    comment = {"gw": "press-gw", "device": "press-1", "rule": "spindle-overtemp", "comment": "x" * (1 << 20)}
+    answer = c.post("/api/tenants/acme/alerts/ack", json=comment, headers={"X-CSRF-Token": token})
+    assert answer.status_code == 413
+    assert fleet.accounts.acks("acme") == []
