@@ -113,6 +113,12 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
 
     def viewer(tenant: str, request: Request, s: Annotated[Session, Depends(session)]) -> Ctx:
         if not s.account.sees(tenant) or tenant not in console.tenants():
+            if request.method not in ("GET", "HEAD"):  # a change tried on another tenant: in the account's own log
+                target = f"{request.method} {request.url.path}"
+                reason = {"reason": "not this account's tenant"}
+                console.accounts.audit(
+                    s.account.name, s.account.tenant, "refused", target, reason, client_of(request.scope)
+                )
             raise HTTPException(404, "no such tenant")
         return Ctx(s, tenant, client_of(request.scope))
 
@@ -314,8 +320,10 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     @api.post("/tenants/{tenant}/keys/{key_id}/revoke")
     def revoke_key(ctx: Change, key_id: str) -> dict[str, Any]:
         console.require_provisioning(ctx.tenant)
-        if console.key_tenant(key_id) != ctx.tenant:
-            raise HTTPException(404, f"no provisioning key {key_id!r}")
+        if console.key_tenant(key_id) != ctx.tenant:  # none, or another tenant's: the same answer, audited
+            missing = f"no provisioning key {key_id!r}"
+            console.accounts.audit(ctx.actor, ctx.tenant, "key.revoke.failed", key_id, {"error": missing}, ctx.client)
+            raise HTTPException(404, missing)
         done = _audited(ctx, console, "key.revoke", key_id, lambda: console.revoke_key(key_id))
         console.accounts.audit(ctx.actor, ctx.tenant, "key.revoke", key_id, None, ctx.client)
         return done

@@ -87,7 +87,7 @@ class Guard:
         path: str = scope["path"]
         headers = dict(scope.get("headers", []))
         if scope["method"] not in SAFE_METHODS and path.startswith("/api/"):
-            refusal = self._refusal(path, headers)
+            refusal = self._refusal(scope["method"], path, headers, client_of(scope))
             if refusal:
                 await _answer(send, refusal[0], refusal[1])
                 return
@@ -109,22 +109,36 @@ class Guard:
 
         await self.app(scope, receive, with_headers)
 
-    def _refusal(self, path: str, headers: Mapping[bytes, bytes]) -> tuple[int, str] | None:
+    def _refusal(self, method: str, path: str, headers: Mapping[bytes, bytes], client: str) -> tuple[int, str] | None:
+        token = session_token(headers)
+        session = self.accounts.session(token) if token else None
+
+        def refused(reason: str, status: int, detail: str) -> tuple[int, str]:
+            # A refusal riding on someone's live session (a forged request, most likely): in their audit log.
+            if session is not None:
+                account = session.account
+                self.accounts.audit(
+                    account.name, account.tenant, "refused", f"{method} {path}", {"reason": reason}, client
+                )
+            return status, detail
+
         origin = headers.get(b"origin")
         host = headers.get(b"host", b"")
         if origin is not None and origin.split(b"://", 1)[-1] != host:
-            return 403, "cross-origin request refused"
+            return refused("cross-origin request", 403, "cross-origin request refused")
         if path == "/api/login":
             if headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
                 return 415, "login takes a JSON body (Content-Type: application/json)"
             return None
-        token = session_token(headers)
-        session = self.accounts.session(token) if token else None
         if session is None:
             return 401, "not logged in"
         sent = headers.get(CSRF_HEADER.encode(), b"").decode("latin-1")
         if not sent or not hmac.compare_digest(sent, session.csrf):
-            return 403, "CSRF token missing or wrong (send the session's token in X-CSRF-Token)"
+            return refused(
+                "CSRF token missing or wrong",
+                403,
+                "CSRF token missing or wrong (send the session's token in X-CSRF-Token)",
+            )
         return None
 
 

@@ -132,3 +132,31 @@ def test_oversized_bodies_are_refused_before_they_are_read(fleet: Console) -> No
     answer = c.post("/api/tenants/acme/alerts/ack", json=comment, headers={"X-CSRF-Token": token})
     assert answer.status_code == 413
     assert fleet.accounts.acks("acme") == []
+
+
+def test_refused_changes_are_in_the_audit_log_with_who_and_from_where(fleet: Console) -> None:
+    acme, token = logged_in(fleet, "acme-admin")
+    globex, gtoken = logged_in(fleet, "globex-admin")
+    key = fleet.create_key("acme", uses=1, expires_s=3600)["id"]
+    # A forged request riding on the admin's session: no token, a wrong one, another site's Origin.
+    assert acme.post("/api/tenants/acme/keys", json={"uses": 1}).status_code == 403
+    assert acme.post("/api/tenants/acme/keys", json={"uses": 1}, headers={"X-CSRF-Token": "guess"}).status_code == 403
+    evil = {"X-CSRF-Token": token, "Origin": "https://evil.example"}
+    assert acme.post(f"/api/tenants/acme/keys/{key}/revoke", headers=evil).status_code == 403
+    # Another tenant's admin trying acme's routes and acme's key by its id.
+    for path in (
+        "/api/tenants/acme/keys",
+        f"/api/tenants/acme/keys/{key}/revoke",
+        "/api/tenants/acme/gateways/x/revoke",
+    ):
+        assert globex.post(path, json={}, headers={"X-CSRF-Token": gtoken}).status_code == 404
+    assert globex.post(f"/api/tenants/globex/keys/{key}/revoke", headers={"X-CSRF-Token": gtoken}).status_code == 404
+    assert fleet.keys("acme")[0]["state"] == "active"
+    mine = [e for e in fleet.accounts.audit_log("acme") if e["action"].startswith("refused")]
+    assert [(e["actor"], e["client"]) for e in mine] == [("acme-admin", "127.0.0.1")] * 3
+    assert {e["detail"]["reason"] for e in mine} == {"CSRF token missing or wrong", "cross-origin request"}
+    assert {e["target"] for e in mine} == {"POST /api/tenants/acme/keys", f"POST /api/tenants/acme/keys/{key}/revoke"}
+    # The globex admin's attempts are in globex's log (and the operators'), never in acme's.
+    theirs = [e for e in fleet.accounts.audit_log("globex") if e["action"].startswith(("refused", "key.revoke"))]
+    assert len(theirs) == 4 and all(e["actor"] == "globex-admin" for e in theirs)
+    assert not any(e["actor"] == "globex-admin" for e in fleet.accounts.audit_log("acme"))
