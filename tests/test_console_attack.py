@@ -8,12 +8,15 @@ Each test is a hole that was found and closed; the requests go through the whole
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from argon2 import PasswordHasher
 
 from console.api import create_app
 from console.service import Console
@@ -24,16 +27,17 @@ __all__ = ["fleet", "provisioned"]  # fixtures used here
 
 
 def _burst(app: Any, attempts: list[tuple[str, str]], name: str = "acme-viewer") -> list[int]:
-    """Every ``(client address, password)`` login to ``name`` at once, as concurrent connections would."""
+    """Every ``(client address, password)`` login to ``name`` at once, as concurrent connections would
+    (``name`` may hold ``{i}``: the attempt's number)."""
 
-    async def one(address: str, password: str) -> int:
+    async def one(i: int, address: str, password: str) -> int:
         transport = httpx.ASGITransport(app=app, client=(address, 40000))
         async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as c:
-            answer = await c.post("/api/login", json={"name": name, "password": password})
+            answer = await c.post("/api/login", json={"name": name.format(i=i), "password": password})
             return answer.status_code
 
     async def every() -> list[int]:
-        return list(await asyncio.gather(*(one(a, p) for a, p in attempts)))
+        return list(await asyncio.gather(*(one(i, a, p) for i, (a, p) in enumerate(attempts))))
 
     return asyncio.run(every())
 
@@ -160,3 +164,38 @@ def test_refused_changes_are_in_the_audit_log_with_who_and_from_where(fleet: Con
     theirs = [e for e in fleet.accounts.audit_log("globex") if e["action"].startswith(("refused", "key.revoke"))]
     assert len(theirs) == 4 and all(e["actor"] == "globex-admin" for e in theirs)
     assert not any(e["actor"] == "globex-admin" for e in fleet.accounts.audit_log("acme"))
+
+
+class _CountingHasher(PasswordHasher):
+    """Argon2id as in production (less memory, the shared machine), counting the hashes running at once."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=2, memory_cost=16 * 1024, parallelism=1)
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().verify(hash, password)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_a_flood_of_logins_hashes_only_a_few_passwords_at_a_time(tmp_path: Path) -> None:
+    # Argon2id takes 64 MiB and a core for a fifth of a second per hash (argon2-cffi's defaults): forty
+    # logins at once from forty addresses, to forty names, must not mean forty hashes at once.
+    hasher = _CountingHasher()
+    console = make_console(tmp_path, ["acme"], hasher=hasher)
+    console.accounts.create("acme-viewer", "viewer", PASSWORD, tenant="acme")
+    app = create_app(console)
+    codes = _burst(app, [(f"10.4.0.{i}", "a guess at it") for i in range(40)], "acme-viewer")
+    codes += _burst(app, [(f"10.5.0.{i}", "a guess at it") for i in range(40)], "nobody-{i}")
+    assert codes.count(401) == 5 + 40
+    assert hasher.most <= max(2, os.cpu_count() or 2), hasher.most
+    assert _burst(app, [("10.6.0.1", PASSWORD)], "acme-viewer") == [429]  # its own limit, reached above
+    console.close()
