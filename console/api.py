@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -46,6 +47,8 @@ from .service import Console, NotConfigured
 from .tenantdata import Series
 
 log = logging.getLogger(__name__)
+
+MAX_STREAMS_PER_ACCOUNT = 32  # live pages (server-sent event streams) one account may hold open at once
 
 MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z: the last time SQLite, PostgreSQL and the CSV all hold
 
@@ -127,6 +130,8 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
             console.accounts.audit(ctx.actor, ctx.tenant, "refused", None, {"reason": "read-only account"}, ctx.client)
             raise HTTPException(403, f"account {ctx.actor} may only look ({ctx.session.account.role})")
         return ctx
+
+    streams: dict[str, weakref.WeakSet[AsyncIterator[str]]] = {}  # each account's open live streams
 
     View = Annotated[Ctx, Depends(viewer)]
     Change = Annotated[Ctx, Depends(changer)]
@@ -258,8 +263,17 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     async def stream(ctx: View, request: Request, gw: str | None = None) -> StreamingResponse:
         """Server-sent events: ``fleet``, ``alerts`` and (with ``gw``) ``gateway``, each sent when it changes."""
         token = session_token(dict(request.scope.get("headers", [])))
+        # Each stream reads the tenant's store every interval: an account holds a bounded number open at once.
+        for name in [n for n, held in streams.items() if not held]:
+            del streams[name]
+        held = streams.setdefault(ctx.actor, weakref.WeakSet())
+        if len(held) >= MAX_STREAMS_PER_ACCOUNT:
+            log.warning("live stream refused", extra=fields(account=ctx.actor, client=ctx.client, open=len(held)))
+            raise HTTPException(
+                429, f"account {ctx.actor} has {len(held)} live pages open already (at most {MAX_STREAMS_PER_ACCOUNT})"
+            )
         return StreamingResponse(
-            _live(console, ctx, token or "", gw, request, live_interval_s),
+            _tracked(held, _live(console, ctx, token or "", gw, request, live_interval_s)),
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no"},
         )
@@ -433,6 +447,21 @@ def _series(texts: list[str]) -> list[Series]:
 
 def _iso_ms(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts / 1000)) + f".{ts % 1000:03d}Z"
+
+
+def _tracked(held: "weakref.WeakSet[AsyncIterator[str]]", events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events``, counted in ``held`` until it ends (or, never started, until it is collected)."""
+
+    async def run() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            held.discard(me)
+
+    me = run()
+    held.add(me)
+    return me
 
 
 async def _live(

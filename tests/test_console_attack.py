@@ -18,7 +18,7 @@ from typing import Any, Literal
 import httpx
 from argon2 import PasswordHasher
 
-from console.api import create_app
+from console.api import MAX_STREAMS_PER_ACCOUNT, create_app
 from console.service import Console
 from tests.console_fixtures import PASSWORD, logged_in, make_console
 from tests.test_console_api import fleet, provisioned
@@ -199,3 +199,72 @@ def test_a_flood_of_logins_hashes_only_a_few_passwords_at_a_time(tmp_path: Path)
     assert hasher.most <= max(2, os.cpu_count() or 2), hasher.most
     assert _burst(app, [("10.6.0.1", PASSWORD)], "acme-viewer") == [429]  # its own limit, reached above
     console.close()
+
+
+async def _open_stream(app: Any, cookie: bytes, gone: asyncio.Event) -> tuple[int, asyncio.Task[None]]:
+    """A live stream held open as a browser's EventSource holds it (raw ASGI: it never ends by itself);
+    its answer's status once the headers are sent. Setting ``gone`` disconnects it."""
+    status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not status.done():
+            status.set_result(message["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "https",
+        "path": "/api/tenants/acme/stream",
+        "raw_path": b"/api/tenants/acme/stream",
+        "query_string": b"gw=press-gw",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"cookie", cookie)],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 443),
+    }
+    task = asyncio.create_task(app(scope, receive, send))
+    return await asyncio.wait_for(status, 10), task
+
+
+def test_one_account_cannot_hold_open_live_streams_without_limit(fleet: Console) -> None:
+    app = create_app(fleet, live_interval_s=0.5)
+
+    async def attack() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://testserver") as c:
+            sessions = []
+            for _ in range(2):  # two sessions of one account share its limit
+                answer = await c.post("/api/login", json={"name": "acme-viewer", "password": PASSWORD})
+                sessions.append(f"fe_session={answer.cookies['fe_session']}".encode())
+        held: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        try:
+            for i in range(MAX_STREAMS_PER_ACCOUNT):
+                gone = asyncio.Event()
+                code, task = await _open_stream(app, sessions[i % 2], gone)
+                assert code == 200, i
+                held.append((gone, task))
+            extra = asyncio.Event()
+            code, task = await _open_stream(app, sessions[0], extra)
+            assert code == 429
+            await asyncio.wait_for(task, 5)  # refused: it ends at once
+            held[0][0].set()  # a page closed: its stream ends and frees its place
+            await asyncio.wait_for(held[0][1], 5)
+            code, task = await _open_stream(app, sessions[1], extra)
+            assert code == 200
+            held[0] = (extra, task)
+        finally:
+            for gone, _ in held:
+                gone.set()
+            await asyncio.wait_for(asyncio.gather(*(t for _, t in held)), 10)
+
+    asyncio.run(attack())
