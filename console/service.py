@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TENANTS_TTL_S = 5.0
 CERT_WARN_DAYS = 30
 MAX_BUCKETS = 4000
+RAW_MAX_RANGE_MS = 8 * 3600_000  # longer trends read the per-minute rollup whatever the number of buckets
 
 
 class NotConfigured(FactoryEdgeError):
@@ -201,7 +202,10 @@ class Console:
         """Each series downsampled to at most ``buckets`` groups; ``source`` says raw points or the rollup."""
         buckets = max(1, min(buckets, MAX_BUCKETS))
         width = -(-(end_ms - start_ms) // buckets)
-        rollup = self.rollup(tenant) if width >= 2 * MINUTE_MS else None
+        # Long ranges read per-minute figures: buckets of two minutes and more, and any range past a shift
+        # (so many buckets over days do not read millions of raw points; the rollup's minutes are fine enough).
+        long = width >= 2 * MINUTE_MS or end_ms - start_ms > RAW_MAX_RANGE_MS
+        rollup = self.rollup(tenant) if long else None
         if rollup is not None:
             rollup.refresh()  # what arrived since the last pass; a first build in progress means raw
             if rollup.behind:
@@ -213,7 +217,7 @@ class Console:
                 if rollup:
                     rows = rollup.trend(one, start_ms, end_ms, buckets)
                 else:  # PostgreSQL: the bridge's own per-minute table, when the range is long enough
-                    minutes = data.minute_trend(one, start_ms, end_ms, buckets) if width >= 2 * MINUTE_MS else None
+                    minutes = data.minute_trend(one, start_ms, end_ms, buckets) if long else None
                     if minutes is not None:
                         rows, source = minutes, "rollup"
                     else:

@@ -20,7 +20,7 @@ from argon2 import PasswordHasher
 
 from console.api import MAX_STREAMS_PER_ACCOUNT, create_app
 from console.service import Console
-from tests.console_fixtures import PASSWORD, logged_in, make_console
+from tests.console_fixtures import PASSWORD, FleetWriter, logged_in, make_console
 from tests.test_console_api import fleet, provisioned
 
 __all__ = ["fleet", "provisioned"]  # fixtures used here
@@ -268,3 +268,29 @@ def test_one_account_cannot_hold_open_live_streams_without_limit(fleet: Console)
             await asyncio.wait_for(asyncio.gather(*(t for _, t in held)), 10)
 
     asyncio.run(attack())
+
+
+def test_many_buckets_over_days_read_the_rollup_not_millions_of_raw_points(tmp_path: Path) -> None:
+    # 4,000 buckets (the most allowed) made any range up to 5.5 days read raw points: at 100 ms a series,
+    # eight series, 38 million rows per request, which a viewer could send again and again.
+    console = make_console(tmp_path, ["acme"])
+    console.accounts.create("v", "viewer", PASSWORD, tenant="acme")
+    writer = FleetWriter(tmp_path / "storage", "acme")
+    start = 1_700_000_000_000 - 1_700_000_000_000 % 60_000
+    rows = [("temp", start + i * 10_000, float(i % 97)) for i in range(2 * 8640)]  # two days, every 10 s
+    writer.points("gw", "cnc", rows)
+    writer.close()
+    rollup = console.rollup("acme")
+    assert rollup is not None
+    rollup.catch_up()
+    c, _ = logged_in(console, "v")
+    params: dict[str, Any] = {"series": "gw/cnc/temp", "start": start, "end": start + 2 * 86400_000}
+    doc = c.get("/api/tenants/acme/trend", params={**params, "buckets": 4000}).json()
+    assert doc["source"] == "rollup"
+    points = doc["series"][0]["points"]
+    assert len(points) <= 2 * 1440 and sum(p[4] for p in points) == len(rows)
+    assert min(p[1] for p in points) == 0.0 and max(p[2] for p in points) == 96.0
+    # A shift (8 hours) is still drawn from the raw points, to the bucket.
+    shift = {**params, "end": start + 8 * 3600_000, "buckets": 4000}
+    assert c.get("/api/tenants/acme/trend", params=shift).json()["source"] == "points"
+    console.close()
