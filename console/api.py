@@ -237,7 +237,7 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
             writer.writerow(["series", "ts", "time", "value", "quality", "error"])
             for one in chosen:
                 for ts, value, quality, error in console.points(ctx.tenant, one, first, last):
-                    writer.writerow([one.key, ts, _iso_ms(ts), value, quality, error or ""])
+                    writer.writerow([_cell(one.key), ts, _iso_ms(ts), _cell(value), _cell(quality), _cell(error or "")])
                     if out.tell() > 65536:
                         yield out.getvalue()
                         out.seek(0)
@@ -443,6 +443,16 @@ def _series(texts: list[str]) -> list[Series]:
         return [Series.parse(t) for t in texts]
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: text that a spreadsheet would run as a formula (= + - @, tab, return) gets a leading ``'``.
+
+    Text values and errors come from the machines (a barcode, an HMI entry); numbers stay as they are.
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _iso_ms(ts: int) -> str:

