@@ -1,9 +1,11 @@
-"""The console attacked as its users would be: concurrent password guessing, cross-tenant and read-only accounts
-trying changes, forged requests, oversized or absurd input, and a console started without provisioning.
+"""The console attacked as its users would be: concurrent password guessing and login floods, read-only and
+other tenants' accounts and forged requests trying changes (and whether the audit log shows them), oversized or
+absurd input, live streams without end, long trends with many buckets, machine text in the CSV export, a
+console without provisioning, and copied or planted session cookies.
 
-Each test is a hole that was found and closed; the requests go through the whole ASGI app (as
-``tests/test_console_api.py``), with the same tenants, stores and accounts (its ``fleet`` fixture).
-"""
+Each test but the last was a hole when written (it failed), closed in the same change; the last one checks
+defences that held. Requests go through the whole ASGI app (as ``tests/test_console_api.py``), with its
+tenants, stores and accounts (its ``fleet`` fixture) where they fit."""
 
 from __future__ import annotations
 
@@ -318,3 +320,31 @@ def test_csv_cells_from_machine_text_cannot_become_spreadsheet_formulas(tmp_path
     for row in rows:
         assert not any(cell[:1] in ("=", "+", "@") for cell in row), row
     console.close()
+
+
+def test_a_copied_cookie_dies_with_the_password_change_disable_or_removal_and_a_planted_one_is_never_kept(
+    fleet: Console,
+) -> None:
+    for end in ("password", "disable", "remove"):
+        fleet.accounts.create(f"op-{end}", "tenant-admin", PASSWORD, tenant="acme")
+        c, _ = logged_in(fleet, f"op-{end}")
+        stolen = c.get("/api/session")
+        cookie = {"cookie": f"fe_session={stolen.request.headers['cookie'].split('fe_session=')[1].split(';')[0]}"}
+        thief = logged_in(fleet, "acme-viewer")[0]  # another browser, with the copied cookie
+        assert thief.get("/api/session", headers=cookie).json()["account"]["name"] == f"op-{end}"
+        {
+            "password": lambda n: fleet.accounts.set_password(n, "another long password"),
+            "disable": lambda n: fleet.accounts.set_disabled(n, True),
+            "remove": fleet.accounts.remove,
+        }[end](f"op-{end}")
+        for url in ("/api/tenants/acme/fleet", "/api/tenants/acme/stream", "/api/session"):
+            assert thief.get(url, headers=cookie).status_code == 401, (end, url)
+        assert thief.get("/tenants/acme", headers=cookie).status_code == 303
+    # Session fixation: a cookie planted before login is replaced by a new one, and is no session.
+    planted = "planted-by-someone-else-0123456789abcdef"
+    c = logged_in(fleet, "acme-viewer")[0]
+    answer = c.post(
+        "/api/login", json={"name": "acme-admin", "password": PASSWORD}, headers={"cookie": f"fe_session={planted}"}
+    )
+    assert answer.status_code == 200 and planted not in answer.headers["set-cookie"]
+    assert fleet.accounts.session(planted) is None
