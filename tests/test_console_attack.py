@@ -3,8 +3,9 @@ other tenants' accounts and forged requests trying changes (and whether the audi
 absurd input, live streams without end, long trends with many buckets, machine text in the CSV export, a
 console without provisioning, and copied or planted session cookies.
 
-Each test but the last was a hole when written (it failed), closed in the same change; the last one checks
-defences that held. Requests go through the whole ASGI app (as ``tests/test_console_api.py``), with its
+Each test but the last two was a hole when written (it failed), closed in the same change; the last two check
+defences that held (the browser one, marked ``browser``, drives Debian's chromium as
+``tests/test_console_browser.py`` does, with its ``served`` console). Requests go through the whole ASGI app (as ``tests/test_console_api.py``), with its
 tenants, stores and accounts (its ``fleet`` fixture) where they fit."""
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import pytest
 from argon2 import PasswordHasher
 
+from bridge.alerts.model import State
 from console.api import MAX_STREAMS_PER_ACCOUNT, create_app
 from console.service import Console
-from tests.console_fixtures import PASSWORD, FleetWriter, logged_in, make_console
+from tests.console_fixtures import PASSWORD, FleetWriter, logged_in, make_console, now_ms
 from tests.test_console_api import fleet, provisioned
+from tests.test_console_browser import served
 
-__all__ = ["fleet", "provisioned"]  # fixtures used here
+__all__ = ["fleet", "provisioned", "served"]  # fixtures used here
 
 
 def _burst(app: Any, attempts: list[tuple[str, str]], name: str = "acme-viewer") -> list[int]:
@@ -348,3 +352,50 @@ def test_a_copied_cookie_dies_with_the_password_change_disable_or_removal_and_a_
     )
     assert answer.status_code == 200 and planted not in answer.headers["set-cookie"]
     assert fleet.accounts.session(planted) is None
+
+
+HOSTILE_GW = "<img src=x id=gw-injected onerror=alert(1)>\"'&amp;"
+HOSTILE = "<img src=x id=injected onerror=alert(2)><script>document.body.dataset.pwned=1</script>"
+
+
+def _shows(text: str) -> Any:
+    return lambda driver: text in driver.find_element("id", "content").text
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_names_values_errors_and_messages_from_the_machines_are_shown_as_text_never_as_markup(
+    served: tuple[Any, FleetWriter],
+) -> None:
+    # What arrives over MQTT (gateway, device and tag names, text values, driver errors, alert messages) and
+    # what users type (an acknowledgement's comment) is drawn as text on every page: no element is made of it.
+    from urllib.parse import quote
+
+    from tests.browser_fixtures import chromium, log_in, wait_for
+
+    server, writer = served
+    device, tag = HOSTILE.replace("injected", "dev-injected"), HOSTILE.replace("injected", "tag-injected")
+    writer.status(HOSTILE_GW, "online")
+    writer.points(HOSTILE_GW, device, [(tag, now_ms(), HOSTILE)], quality="bad", error=HOSTILE)
+    writer.alert(HOSTILE_GW, device, HOSTILE.replace("injected", "rule-injected"), State.FIRING, 99.0)
+    no_markup = "return document.querySelectorAll('img, script:not([src]), [id$=injected]').length"
+    with chromium() as driver:
+        log_in(driver, server.url, "acme-admin", PASSWORD)
+        for path, shown in (
+            ("/tenants/acme", HOSTILE_GW),
+            (f"/tenants/acme/gateways/{quote(HOSTILE_GW, safe='')}", HOSTILE),
+            ("/tenants/acme/alerts", HOSTILE_GW),
+        ):
+            driver.get(server.url + path)
+            wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 30, path)
+            wait_for(driver, _shows(shown), 30, f"{path}: the text")
+            assert driver.execute_script(no_markup) == 0, path
+            assert driver.execute_script("return document.body.dataset.pwned") is None, path
+        row = '#active tr input[aria-label^="comment"]'
+        driver.find_element("css selector", row).send_keys(HOSTILE)
+        driver.find_element("css selector", "#active tr button").click()
+        wait_for(driver, lambda d: "acme-admin: <img" in d.find_element("id", "active").text, 20, "ack shown")
+        driver.get(server.url + "/tenants/acme/audit")
+        wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 30, "audit page")
+        assert HOSTILE in driver.find_element("id", "content").text
+        assert driver.execute_script(no_markup) == 0
