@@ -3,9 +3,9 @@ other tenants' accounts and forged requests trying changes (and whether the audi
 absurd input, live streams without end, long trends with many buckets, machine text in the CSV export, a
 console without provisioning, and copied or planted session cookies.
 
-Each test but the last two was a hole when written (it failed), closed in the same change; the last two check
-defences that held (the browser one, marked ``browser``, drives Debian's chromium as
-``tests/test_console_browser.py`` does, with its ``served`` console). Requests go through the whole ASGI app (as ``tests/test_console_api.py``), with its
+Each test was a hole when written (it failed), closed in the same change, except two that check defences
+which held: copied and planted cookies, and machine text drawn as text (marked ``browser``: Debian's chromium,
+as ``tests/test_console_browser.py`` drives it, with its ``served`` console). Requests go through the whole ASGI app (as ``tests/test_console_api.py``), with its
 tenants, stores and accounts (its ``fleet`` fixture) where they fit."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import csv
 import io
 import os
 import shutil
+import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from argon2 import PasswordHasher
 from bridge.alerts.model import State
 from console.api import MAX_STREAMS_PER_ACCOUNT, create_app
 from console.service import Console
+from console.tenantdata import Series
 from tests.console_fixtures import PASSWORD, FleetWriter, logged_in, make_console, now_ms
 from tests.test_console_api import fleet, provisioned
 from tests.test_console_browser import served
@@ -399,3 +401,22 @@ def test_names_values_errors_and_messages_from_the_machines_are_shown_as_text_ne
         wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 30, "audit page")
         assert HOSTILE in driver.find_element("id", "content").text
         assert driver.execute_script(no_markup) == 0
+
+
+def test_a_slowly_read_csv_export_holds_no_read_transaction_on_the_store(tmp_path: Path) -> None:
+    # An export read slowly (or a month of points) kept one statement open for its whole length: the
+    # bridge's store could not checkpoint its write-ahead log past it, which grew for as long as it lasted
+    # (and PostgreSQL's client-side cursor held the whole range in memory).
+    console = make_console(tmp_path, ["acme"])
+    writer = FleetWriter(tmp_path / "storage", "acme")
+    start = 1_700_000_000_000
+    writer.points("gw", "cnc", [("temp", start + i * 60_000, float(i)) for i in range(6 * 60)])  # six hours
+    export = console.points("acme", Series("gw", "cnc", "temp"), start, start + 6 * 3600_000)
+    assert next(export)[1] == 0.0  # a client that has read the first rows, and waits
+    writer.points("gw", "cnc", [("temp", start + 7 * 3600_000, 1.0)])  # the bridge goes on writing
+    with sqlite3.connect(tmp_path / "storage" / "acme.db", timeout=0.2) as db:
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0
+    assert [row[1] for row in export] == [float(i) for i in range(1, 6 * 60)]
+    writer.close()
+    console.close()
