@@ -138,6 +138,9 @@ class Accounts:
         except OSError as exc:
             raise AccountError(f"{self.path}: cannot create: {exc.strerror or exc}") from exc
         self._lock = threading.RLock()
+        # Argon2id at argon2-cffi's defaults takes 64 MiB and a core for a fraction of a second: a flood of
+        # logins (each address and name within its limits) hashes a core's worth at a time, the rest wait.
+        self._hashing = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -254,20 +257,26 @@ class Accounts:
         """``(cookie token, session)`` for the right password of an enabled account, else None (audited both ways)."""
         rows = self._rows("SELECT password_hash, disabled_at, tenant FROM accounts WHERE name = ?", (name,))
         stored = rows[0][0] if rows else None
-        if stored is None and self._dummy is None:
-            self._dummy = self.hasher.hash(secrets.token_urlsafe(16))
         ok = False
-        try:
-            # An unknown name costs a hash too, so timing does not tell which names exist.
-            ok = self.hasher.verify(stored or self._dummy or "", password) and stored is not None and rows[0][1] is None
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
+        with self._hashing:
+            if stored is None and self._dummy is None:
+                self._dummy = self.hasher.hash(secrets.token_urlsafe(16))
+            try:
+                # An unknown name costs a hash too, so timing does not tell which names exist.
+                ok = (
+                    self.hasher.verify(stored or self._dummy or "", password)
+                    and stored is not None
+                    and rows[0][1] is None
+                )
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                ok = False
+            rehashed = self.hasher.hash(password) if ok and stored and self.hasher.check_needs_rehash(stored) else None
         with self.transaction() as db:
             if not ok:
                 self._audit(db, name, rows[0][2] if rows else None, "login.failed", name, None, client)
                 return None
-            if stored is not None and self.hasher.check_needs_rehash(stored):
-                db.execute("UPDATE accounts SET password_hash = ? WHERE name = ?", (self.hasher.hash(password), name))
+            if rehashed is not None:
+                db.execute("UPDATE accounts SET password_hash = ? WHERE name = ?", (rehashed, name))
             token = secrets.token_urlsafe(32)
             csrf = secrets.token_urlsafe(32)
             at = now_ms()

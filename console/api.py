@@ -19,10 +19,12 @@ the audit log (``console.accounts``), refused ones too.
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -45,6 +47,10 @@ from .service import Console, NotConfigured
 from .tenantdata import Series
 
 log = logging.getLogger(__name__)
+
+MAX_STREAMS_PER_ACCOUNT = 32  # live pages (server-sent event streams) one account may hold open at once
+
+MAX_MS = 253402300799999  # 9999-12-31T23:59:59.999Z: the last time SQLite, PostgreSQL and the CSV all hold
 
 
 class Login(BaseModel):
@@ -110,6 +116,12 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
 
     def viewer(tenant: str, request: Request, s: Annotated[Session, Depends(session)]) -> Ctx:
         if not s.account.sees(tenant) or tenant not in console.tenants():
+            if request.method not in ("GET", "HEAD"):  # a change tried on another tenant: in the account's own log
+                target = f"{request.method} {request.url.path}"
+                reason = {"reason": "not this account's tenant"}
+                console.accounts.audit(
+                    s.account.name, s.account.tenant, "refused", target, reason, client_of(request.scope)
+                )
             raise HTTPException(404, "no such tenant")
         return Ctx(s, tenant, client_of(request.scope))
 
@@ -118,6 +130,8 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
             console.accounts.audit(ctx.actor, ctx.tenant, "refused", None, {"reason": "read-only account"}, ctx.client)
             raise HTTPException(403, f"account {ctx.actor} may only look ({ctx.session.account.role})")
         return ctx
+
+    streams: dict[str, weakref.WeakSet[AsyncIterator[str]]] = {}  # each account's open live streams
 
     View = Annotated[Ctx, Depends(viewer)]
     Change = Annotated[Ctx, Depends(changer)]
@@ -129,19 +143,25 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     def login(body: Login, request: Request) -> JSONResponse:
         """Start a session: sets the ``fe_session`` cookie; answers the CSRF token every change must send."""
         client = client_of(request.scope)
+        # Each attempt is counted before the password is checked (and forgiven if right), so concurrent
+        # guesses cannot all pass the limits while the first ones are still being hashed.
+        counted: list[tuple[FailureLimiter, str]] = []
         for limiter, subject in ((by_client, client), (by_account, f"account {body.name}")):
-            wait = limiter.blocked_for(subject)
+            wait = limiter.attempt(subject)
             if wait:
+                for done, what in counted:
+                    done.forgive(what)
                 log.warning("login refused", extra=fields(client=client, account=body.name, reason="rate limit"))
                 return JSONResponse(
                     {"detail": f"too many failed logins; retry in {wait} s"}, 429, headers={"Retry-After": str(wait)}
                 )
+            counted.append((limiter, subject))
         found = console.accounts.login(body.name, body.password, client=client)
         if found is None:
-            by_client.failed(client)
-            by_account.failed(f"account {body.name}")
             log.warning("login failed", extra=fields(client=client, account=body.name))
             raise HTTPException(401, "wrong name or password")
+        for done, what in counted:
+            done.forgive(what)
         token, s = found
         log.info("login", extra=fields(client=client, account=body.name))
         response = JSONResponse({"account": s.account.as_json(), "csrf": s.csrf})
@@ -194,8 +214,8 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     def trend(
         ctx: View,
         series: Annotated[list[str], Query(description="GATEWAY/DEVICE/TAG, one or more")],
-        start: Annotated[int | None, Query(description="epoch ms; default: end minus 1 hour")] = None,
-        end: Annotated[int | None, Query(description="epoch ms; default: now")] = None,
+        start: Annotated[int | None, Query(ge=0, le=MAX_MS, description="epoch ms; default: end minus 1 hour")] = None,
+        end: Annotated[int | None, Query(ge=0, le=MAX_MS, description="epoch ms; default: now")] = None,
         buckets: Annotated[int, Query(ge=1, le=4000, description="at most this many points per series")] = 800,
     ) -> dict[str, Any]:
         """Each series over [start, end), downsampled on the server: per bucket ``[t, min, max, mean, count]``."""
@@ -206,8 +226,8 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     def trend_csv(
         ctx: View,
         series: Annotated[list[str], Query()],
-        start: int | None = None,
-        end: int | None = None,
+        start: Annotated[int | None, Query(ge=0, le=MAX_MS)] = None,
+        end: Annotated[int | None, Query(ge=0, le=MAX_MS)] = None,
     ) -> StreamingResponse:
         """Every raw point of the range as CSV: ``series,ts,time,value,quality,error``."""
         first, last = _range(start, end)
@@ -219,7 +239,7 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
             writer.writerow(["series", "ts", "time", "value", "quality", "error"])
             for one in chosen:
                 for ts, value, quality, error in console.points(ctx.tenant, one, first, last):
-                    writer.writerow([one.key, ts, _iso_ms(ts), value, quality, error or ""])
+                    writer.writerow([_cell(one.key), ts, _iso_ms(ts), _cell(value), _cell(quality), _cell(error or "")])
                     if out.tell() > 65536:
                         yield out.getvalue()
                         out.seek(0)
@@ -245,8 +265,17 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
     async def stream(ctx: View, request: Request, gw: str | None = None) -> StreamingResponse:
         """Server-sent events: ``fleet``, ``alerts`` and (with ``gw``) ``gateway``, each sent when it changes."""
         token = session_token(dict(request.scope.get("headers", [])))
+        # Each stream reads the tenant's store every interval: an account holds a bounded number open at once.
+        for name in [n for n, held in streams.items() if not held]:
+            del streams[name]
+        held = streams.setdefault(ctx.actor, weakref.WeakSet())
+        if len(held) >= MAX_STREAMS_PER_ACCOUNT:
+            log.warning("live stream refused", extra=fields(account=ctx.actor, client=ctx.client, open=len(held)))
+            raise HTTPException(
+                429, f"account {ctx.actor} has {len(held)} live pages open already (at most {MAX_STREAMS_PER_ACCOUNT})"
+            )
         return StreamingResponse(
-            _live(console, ctx, token or "", gw, request, live_interval_s),
+            _tracked(held, _live(console, ctx, token or "", gw, request, live_interval_s)),
             media_type="text/event-stream",
             headers={"X-Accel-Buffering": "no"},
         )
@@ -288,6 +317,10 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
                 expires_s = parse_duration(body.expires)
             except ValueError as exc:
                 raise HTTPException(422, f"expires: {exc}") from None
+            try:
+                dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_s)
+            except OverflowError:
+                raise HTTPException(422, f"expires: {body.expires} is past the year 9999") from None
         made = _audited(
             ctx,
             console,
@@ -302,8 +335,11 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
 
     @api.post("/tenants/{tenant}/keys/{key_id}/revoke")
     def revoke_key(ctx: Change, key_id: str) -> dict[str, Any]:
-        if console.key_tenant(key_id) != ctx.tenant:
-            raise HTTPException(404, f"no provisioning key {key_id!r}")
+        console.require_provisioning(ctx.tenant)
+        if console.key_tenant(key_id) != ctx.tenant:  # none, or another tenant's: the same answer, audited
+            missing = f"no provisioning key {key_id!r}"
+            console.accounts.audit(ctx.actor, ctx.tenant, "key.revoke.failed", key_id, {"error": missing}, ctx.client)
+            raise HTTPException(404, missing)
         done = _audited(ctx, console, "key.revoke", key_id, lambda: console.revoke_key(key_id))
         console.accounts.audit(ctx.actor, ctx.tenant, "key.revoke", key_id, None, ctx.client)
         return done
@@ -362,6 +398,10 @@ def create_app(console: Console, *, live_interval_s: float = 1.0) -> FastAPI:
             )
         return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, 422)
 
+    @app.exception_handler(NotConfigured)
+    async def not_configured(request: Request, exc: NotConfigured) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, 409)
+
     @app.exception_handler(StorageError)
     async def storage(request: Request, exc: StorageError) -> JSONResponse:
         log.error("storage unreadable", extra=fields(path=request.url.path, err=str(exc)))
@@ -407,8 +447,33 @@ def _series(texts: list[str]) -> list[Series]:
         raise HTTPException(422, str(exc)) from None
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell: text that a spreadsheet would run as a formula (= + - @, tab, return) gets a leading ``'``.
+
+    Text values and errors come from the machines (a barcode, an HMI entry); numbers stay as they are.
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _iso_ms(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts / 1000)) + f".{ts % 1000:03d}Z"
+
+
+def _tracked(held: "weakref.WeakSet[AsyncIterator[str]]", events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """``events``, counted in ``held`` until it ends (or, never started, until it is collected)."""
+
+    async def run() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        finally:
+            held.discard(me)
+
+    me = run()
+    held.add(me)
+    return me
 
 
 async def _live(

@@ -14,7 +14,7 @@ The readings only grow (the bridge appends, never updates), and SQLite
 hands out rowids in increasing order, so folding ``rowid > progress`` in
 chunks keeps the rollup exact: each point is counted once, whenever it
 arrives, even a late batch with old timestamps. A trend whose buckets are
-at least two minutes wide is read from here once the rollup has caught up;
+at least two minutes wide, or longer than 8 hours, is read from here once the rollup has caught up;
 shorter ranges, and any range while a first build is still running, read
 the raw points (``TenantData.trend``). PostgreSQL stores aggregate the raw
 points in the database itself (TimescaleDB's chunks prune by time).

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 TENANTS_TTL_S = 5.0
 CERT_WARN_DAYS = 30
 MAX_BUCKETS = 4000
+RAW_MAX_RANGE_MS = 8 * 3600_000  # longer trends read the per-minute rollup whatever the number of buckets
 
 
 class NotConfigured(FactoryEdgeError):
@@ -204,7 +205,10 @@ class Console:
         """Each series downsampled to at most ``buckets`` groups; ``source`` says raw points or the rollup."""
         buckets = max(1, min(buckets, MAX_BUCKETS))
         width = -(-(end_ms - start_ms) // buckets)
-        rollup = self.rollup(tenant) if width >= 2 * MINUTE_MS else None
+        # Long ranges read per-minute figures: buckets of two minutes and more, and any range past a shift
+        # (so many buckets over days do not read millions of raw points; the rollup's minutes are fine enough).
+        long = width >= 2 * MINUTE_MS or end_ms - start_ms > RAW_MAX_RANGE_MS
+        rollup = self.rollup(tenant) if long else None
         if rollup is not None:
             rollup.refresh()  # what arrived since the last pass; a first build in progress means raw
             if rollup.behind:
@@ -217,7 +221,7 @@ class Console:
                 if rollup:
                     rows = rollup.trend(one, start_ms, end_ms, buckets)
                 else:  # PostgreSQL: the bridge's own per-minute table, when the range is long enough
-                    minutes = data.minute_trend(one, start_ms, end_ms, buckets) if width >= 2 * MINUTE_MS else None
+                    minutes = data.minute_trend(one, start_ms, end_ms, buckets) if long else None
                     if minutes is not None:
                         rows, source = minutes, "rollup"
                     else:
@@ -252,10 +256,25 @@ class Console:
 
     # ---------------------------------------------------------------- provisioning (the CLI's own functions)
 
-    def _prov(self) -> DataDir:
+    def _prov(self, tenant: str | None = None) -> DataDir:
+        """The provisioning data directory; with ``tenant``, only if that tenant is one of its own.
+
+        A tenant the bridge has and this provisioning service not gets one line about itself here, never
+        the provisioning CLI's "no tenant …" that lists every tenant the service has.
+        """
         if self.provisioning is None:
             raise NotConfigured("provisioning is not part of this console (start it with --provisioning-dir)")
+        if tenant is not None:
+            found = False
+            if self.provisioning.registry.exists():
+                with Registry(self.provisioning.registry) as registry:
+                    found = registry.tenant(tenant) is not None
+            if not found:
+                raise NotConfigured(f"tenant {tenant} is not provisioned by this console's provisioning service")
         return self.provisioning
+
+    def require_provisioning(self, tenant: str) -> None:
+        self._prov(tenant)
 
     def keys(self, tenant: str) -> list[dict[str, Any]]:
         at = now()
@@ -270,11 +289,11 @@ class Console:
                 "last_used_at": k.last_used_at,
                 "revoked_at": k.revoked_at,
             }
-            for k in admin.list_keys(self._prov(), tenant)
+            for k in admin.list_keys(self._prov(tenant), tenant)
         ]
 
     def create_key(self, tenant: str, *, uses: int | None, expires_s: float | None) -> dict[str, Any]:
-        new, record = admin.create_key(self._prov(), tenant, uses=uses, expires_s=expires_s)
+        new, record = admin.create_key(self._prov(tenant), tenant, uses=uses, expires_s=expires_s)
         return {"id": record.id, "key": new.text, "max_uses": record.max_uses, "expires_at": record.expires_at}
 
     def key_tenant(self, key_id: str) -> str | None:
@@ -287,20 +306,20 @@ class Console:
         return {"id": record.id, "revoked_at": record.revoked_at}
 
     def devices(self, tenant: str) -> list[dict[str, Any]]:
-        return [v.as_json() for v in admin.list_devices(self._prov(), tenant)]
+        return [v.as_json() for v in admin.list_devices(self._prov(tenant), tenant)]
 
     def revoke_gateway(self, tenant: str, gw: str) -> dict[str, Any]:
-        result = admin.revoke_device(self._prov(), tenant, gw)
+        result = admin.revoke_device(self._prov(tenant), tenant, gw)
         return {"gateway": gw, "certificates": result.serials, "steps": result.steps}
 
     def technicians(self, tenant: str) -> list[dict[str, Any]]:
-        return [t.as_json() for t in admin.list_technicians(self._prov(), tenant)]
+        return [t.as_json() for t in admin.list_technicians(self._prov(tenant), tenant)]
 
     def technician_cert(self, tenant: str, name: str, hours: float) -> dict[str, Any]:
         """Issue the certificate; its key, certificate and CA come back once, in the answer, and are not kept."""
         out = Path(tempfile.mkdtemp(prefix="console-tech-"))
         try:
-            issued = admin.technician_cert(self._prov(), tenant, name, hours=hours, out_dir=out)
+            issued = admin.technician_cert(self._prov(tenant), tenant, name, hours=hours, out_dir=out)
             return {
                 "technician": issued.identity,
                 "not_after": issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -316,7 +335,7 @@ class Console:
             shutil.rmtree(out, ignore_errors=True)
 
     def revoke_technician(self, tenant: str, name: str) -> dict[str, Any]:
-        result = admin.revoke_technician(self._prov(), tenant, name)
+        result = admin.revoke_technician(self._prov(tenant), tenant, name)
         return {"technician": result.gateway, "certificates": result.serials, "steps": result.steps}
 
 

@@ -39,6 +39,7 @@ from typing import Any
 from factory_edge.errors import StorageError
 
 MINUTE_MS = 60_000
+EXPORT_SLICE_MS = 3600_000  # the CSV export reads the points an hour at a time
 # A gateway whose agent has not reported its buffer (an older agent, Sparkplug, never connected).
 NO_BUFFER: dict[str, Any] = {
     "buffer_ts": None,
@@ -228,12 +229,20 @@ class TenantData:
         return None
 
     def points(self, series: Series, start_ms: int, end_ms: int) -> Iterator[tuple[Any, ...]]:
-        """Every raw point ``(ts, value, quality, error)`` of the range, oldest first (CSV export)."""
-        return self.iterate(
+        """Every raw point ``(ts, value, quality, error)`` of the range, oldest first (CSV export).
+
+        Read an hour at a time, each hour one whole statement: an export that takes long to download holds
+        no read transaction on the store between hours (a SQLite store can checkpoint its write-ahead log
+        meanwhile), and no more than an hour of points is in memory (PostgreSQL's cursor fetches it all).
+        """
+        sql = (
             f"SELECT ts, {self.value_sql}, quality, error FROM {{s}}points "
-            "WHERE gw = ? AND device = ? AND tag = ? AND ts >= ? AND ts < ? ORDER BY ts",
-            (series.gw, series.device, series.tag, start_ms, end_ms),
+            "WHERE gw = ? AND device = ? AND tag = ? AND ts >= ? AND ts < ? ORDER BY ts"
         )
+        for first in range(start_ms, end_ms, EXPORT_SLICE_MS):
+            yield from self.rows(
+                sql, (series.gw, series.device, series.tag, first, min(end_ms, first + EXPORT_SLICE_MS))
+            )
 
     # ---------------------------------------------------------------- alerts
 

@@ -44,23 +44,50 @@ class FailureLimiter:
             del self._failures[client]
         return failures
 
+    def _wait(self, client: str, at: float) -> int:
+        failures = self._recent(client, at)
+        if len(failures) < self.max_failures:
+            return 0
+        return max(1, math.ceil(failures[-self.max_failures] + self.window_s - at))
+
+    def _record(self, client: str, at: float) -> None:
+        if len(self._failures) >= MAX_CLIENTS:  # many addresses: forget the ones whose window has passed
+            for other in list(self._failures):
+                self._recent(other, at)
+        self._recent(client, at)
+        self._failures.setdefault(client, deque()).append(at)
+
     def blocked_for(self, client: str) -> int:
         """Seconds until ``client`` may try again (0: now)."""
         with self._lock:
-            at = self._clock()
-            failures = self._recent(client, at)
-            if len(failures) < self.max_failures:
-                return 0
-            return max(1, math.ceil(failures[-self.max_failures] + self.window_s - at))
+            return self._wait(client, self._clock())
 
     def failed(self, client: str) -> None:
         with self._lock:
+            self._record(client, self._clock())
+
+    def attempt(self, client: str) -> int:
+        """``blocked_for``, and when not blocked, this attempt counted as a failure at once, in the same lock.
+
+        Checking first and counting only after a slow check (a password hash) lets concurrent attempts
+        all pass the check before any is counted; counting first closes that. ``forgive`` takes the
+        count back when the attempt succeeded.
+        """
+        with self._lock:
             at = self._clock()
-            if len(self._failures) >= MAX_CLIENTS:  # many addresses: forget the ones whose window has passed
-                for other in list(self._failures):
-                    self._recent(other, at)
-            self._recent(client, at)
-            self._failures.setdefault(client, deque()).append(at)
+            wait = self._wait(client, at)
+            if not wait:
+                self._record(client, at)
+            return wait
+
+    def forgive(self, client: str) -> None:
+        """Take back one counted attempt of ``client`` (it succeeded)."""
+        with self._lock:
+            failures = self._failures.get(client)
+            if failures:
+                failures.pop()
+                if not failures:
+                    del self._failures[client]
 
 
 __all__ = ["FailureLimiter"]

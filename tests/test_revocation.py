@@ -170,6 +170,20 @@ def test_failures_are_limited_per_key_and_per_tenant_from_any_address(site: Depl
     assert registry_dump(site.data) == before
 
 
+def test_failures_sent_all_at_once_are_limited_like_one_after_the_other(site: Deployment) -> None:
+    """Twelve bad requests for one key at the same moment: the key allows 3 failures, so 3 are checked and the rest
+    refused (429), not all checked before any is counted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = site.key("globex", "--uses", "1")
+    bad = pki.make_csr(pki.new_key(), "bridge").public_bytes(serialization.Encoding.PEM).decode()
+    with ThreadPoolExecutor(12) as pool:
+        codes = sorted(
+            pool.map(lambda _: site.api.post("/v1/provision", {"key": key, "csr": bad}).status_code, range(12))
+        )
+    assert codes.count(422) <= 3 and codes.count(429) >= 9, codes
+
+
 def test_retained_messages_only_where_the_design_has_them(site: Deployment, tmp_path: Path) -> None:
     state = provision(site, tmp_path, "acme", "gw-retainer")
     gateway = Client.gateway(site, state).connect()
