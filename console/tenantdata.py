@@ -12,7 +12,7 @@ bridge stores it):
 
 | figure | table |
 |---|---|
-| online / offline, since | newest ``status`` row (the agent's retained birth, its will, or the offline a revocation publishes) |
+| online / offline, since | the ``status`` row received last (the agent's retained birth, its will, or the offline a revocation publishes; a will carries an older ``ts`` than the birth it follows) |
 | version, config hash | newest ``status`` row that carries them |
 | last seen | newest ``received_at`` of ``latest`` and ``status`` |
 | data lag | now minus the newest reading's ``ts`` (how far behind the cloud is) |
@@ -127,7 +127,7 @@ class TenantData:
 
         status = self.rows(
             "SELECT gw, state, ts, version, config_hash, received_at FROM (SELECT gw, state, ts, version, config_hash, "
-            "received_at, row_number() OVER (PARTITION BY gw ORDER BY ts DESC, received_at DESC) AS n "
+            "received_at, row_number() OVER (PARTITION BY gw ORDER BY received_at DESC, ts DESC) AS n "
             "FROM {s}status) AS newest WHERE n = 1"
         )
         for name, state, ts, version, config_hash, received in status:

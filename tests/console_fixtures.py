@@ -47,11 +47,18 @@ class FleetWriter:
         self.store.close()
 
     def status(
-        self, gw: str, state: str, *, ts: int | None = None, version: str = "0.1.0", config: str = "c0ffee"
+        self,
+        gw: str,
+        state: str,
+        *,
+        ts: int | None = None,
+        version: str = "0.1.0",
+        config: str = "c0ffee",
+        received: int | None = None,
     ) -> None:
         at = ts or now_ms()
         with self.store.transaction() as tx:
-            tx.insert_status([StatusRow(gw, state, at, version, config, at)])
+            tx.insert_status([StatusRow(gw, state, at, version, config, received or at)])
 
     def buffer(self, gw: str, ts: int, *, pending: int, unconfirmed: int, dropped: int, oldest: int | None) -> None:
         """A status carrying the agent's buffer figures, measured at ``ts`` (republished: the birth's ``ts``)."""

@@ -532,3 +532,17 @@ def test_cli_creates_the_first_operator_and_manages_accounts(
         ["acme", "account.disable"],
         ["acme", "account.create"],
     ]
+
+
+def test_a_will_published_after_the_birth_shows_the_gateway_offline(tmp_path: Path) -> None:
+    """The agent makes its will before it connects, so the broker's will (offline) carries an older ts than the
+    birth it follows. What was received last is the gateway's state."""
+    console = make_console(tmp_path, ["acme"])
+    writer = FleetWriter(tmp_path / "storage", "acme")
+    t = now_ms()
+    writer.status("gw", "online", ts=t - 1000, received=t - 900)
+    writer.status("gw", "offline", ts=t - 1010, received=t - 100)  # the will, made before the connection
+    writer.close()
+    (row,) = console.fleet("acme")
+    assert row["state"] == "offline"
+    console.close()
