@@ -213,6 +213,8 @@ def parse_config_text(text: str, source: str) -> AgentConfig:
         raise ConfigError(f"{source}: {where}: invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     return parse_config(data, source)
 
 

@@ -84,6 +84,8 @@ def check_config_text(text: str, source: str) -> None:
         raise Invalid(f"{source}: {where}invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
         raise Invalid(f"{source}: invalid YAML: {exc}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise Invalid(f"{source}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise Invalid(f"{source}: an agent config is a mapping of keys (docs/config.md)")
     if not data.get("devices"):

@@ -1,0 +1,100 @@
+"""Fleet configuration under attack: configs that pass a glance but would misread, exhaust or crash a gateway.
+
+Each case is an input a user or a peer's bad push really produces; each must
+end in the right addresses or a one-line error naming file, field and value,
+never a traceback, and a pushed one must leave the running agent as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from drivers.config import ModbusDeviceBase, Table
+from provisioning.errors import Invalid
+from provisioning.fleet import check_config_text
+from tests.test_config_expand import agent, one_line
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return path
+
+
+def modicon_device(tags: str) -> str:
+    return (
+        "gateway: gw-01\n"
+        "devices:\n"
+        "  - name: plc\n"
+        "    protocol: modbus-tcp\n"
+        "    host: 127.0.0.1\n"
+        "    addressing: modicon\n"
+        "    tags:\n" + tags
+    )
+
+
+def test_modicon_coil_numbers_with_leading_zeros_are_not_read_as_octal(tmp_path: Path) -> None:
+    """00010 is coil 10 (address 9) in the 5-digit notation, 000011 coil 11 in the 6-digit one; YAML says 8 and 9."""
+    path = write(
+        tmp_path,
+        modicon_device(
+            "      - {name: c10, address: 00010}\n"
+            "      - {name: c11, address: 000011}\n"
+            "      - {name: c1, address: 00001}\n"
+            "      - {name: 'k{n}', address: 00020, count: 3}\n"
+            "      - {name: 'm{n}', addresses: 00030-00031}\n"
+            "      - {name: h10, address: 40010}\n"
+        ),
+    )
+    device = load_config(path).devices[0]
+    assert isinstance(device, ModbusDeviceBase)
+    got = {t.name: (t.table, t.address) for t in device.tags}
+    assert got == {
+        "c10": (Table.COIL, 9),
+        "c11": (Table.COIL, 10),
+        "c1": (Table.COIL, 0),
+        "k1": (Table.COIL, 19),
+        "k2": (Table.COIL, 20),
+        "k3": (Table.COIL, 21),
+        "m1": (Table.COIL, 29),
+        "m2": (Table.COIL, 30),
+        "h10": (Table.HOLDING, 9),
+    }
+
+
+def test_a_short_config_expanding_to_millions_of_tags_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A 1 KB file: 4 full-size ranges in a profile used by 20 devices is 5.2 million tags (gigabytes to check)."""
+    ranges = "".join(f'      - {{name: "r{k}_{{address}}", addresses: 0-65535}}\n' for k in range(4))
+    devices = "".join(f"  - {{name: d{i}, profile: big, host: 127.0.0.1}}\n" for i in range(20))
+    text = "gateway: gw-01\nprofiles:\n  big:\n    protocol: modbus-tcp\n    tags:\n" + ranges + "devices:\n" + devices
+    assert len(text) < 1500
+    line = one_line(agent("check-config", write(tmp_path, text)), 2)
+    assert line == (
+        f"Error: {tmp_path / 'agent.yaml'}: devices[d0].tags[1]: the configuration expands to more than 100000 "
+        "tags here (profiles and ranges counted for each device); at most 100000 on one gateway"
+    )
+
+
+def test_one_tag_list_shared_by_yaml_aliases_counts_once_per_device(tmp_path: Path) -> None:
+    """An anchor of 1,000 tags aliased by 200 devices is 200,000 tags, whatever the file's size."""
+    tags = "".join(f"      - {{name: t{i}, address: {i}}}\n" for i in range(1000))
+    devices = "".join(f"  - {{name: d{i}, protocol: modbus-tcp, host: 127.0.0.1, tags: *t}}\n" for i in range(1, 200))
+    text = (
+        "gateway: gw-01\ndevices:\n  - name: d0\n    protocol: modbus-tcp\n    host: 127.0.0.1\n"
+        "    tags: &t\n" + tags + devices
+    )
+    line = one_line(agent("check-config", write(tmp_path, text)), 2)
+    assert line.endswith("at most 100000 on one gateway") and "devices[d100].tags[t0]" in line
+
+
+def test_deeply_nested_yaml_is_a_one_line_error_on_the_gateway_and_in_the_cloud(tmp_path: Path) -> None:
+    text = "gateway: gw-01\ndevices: " + "[" * 5000 + "]" * 5000 + "\n"
+    line = one_line(agent("check-config", write(tmp_path, text)), 2)
+    assert line == f"Error: {tmp_path / 'agent.yaml'}: invalid YAML: nested too deeply"
+    with pytest.raises(Invalid, match=r"^gw-01\.yaml: invalid YAML: nested too deeply$"):
+        check_config_text(text, "gw-01.yaml")
