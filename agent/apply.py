@@ -82,6 +82,9 @@ class Applier:
             push, broker = await asyncio.to_thread(self._check, payload)
         except ConfigError as exc:
             return await self._rejected(version, None, str(exc).splitlines())
+        except Exception as exc:  # a check that breaks must refuse the push, never take the agent down
+            log.error("checking a pushed configuration failed", exc_info=True, extra=fields(version=version))
+            return await self._rejected(version, None, [f"cannot check this configuration: {exc!r}"])
         finally:
             self._checking = False
         running = agent.running

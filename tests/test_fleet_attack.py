@@ -7,15 +7,22 @@ never a traceback, and a pushed one must leave the running agent as it was.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from agent.config import load_config
 from drivers.config import ModbusDeviceBase, Table
+from drivers.simulate.modbus_server import ModbusSimulator
 from provisioning.errors import Invalid
 from provisioning.fleet import check_config_text
+from tests.infra import Mosquitto, TenantPki
 from tests.test_config_expand import agent, one_line
+from tests.test_fleet_push import GW, agent_config, cloud, model, online, wait
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +105,41 @@ def test_deeply_nested_yaml_is_a_one_line_error_on_the_gateway_and_in_the_cloud(
     assert line == f"Error: {tmp_path / 'agent.yaml'}: invalid YAML: nested too deeply"
     with pytest.raises(Invalid, match=r"^gw-01\.yaml: invalid YAML: nested too deeply$"):
         check_config_text(text, "gw-01.yaml")
+
+
+async def test_pushes_that_cannot_even_be_parsed_are_rejected_and_the_agent_keeps_running(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """A lone surrogate (valid JSON, not UTF-8), deep nesting: a reply naming the reason, the old tags flow on."""
+    from tests.agentproc import AgentProcess
+    from tests.helpers import free_port
+
+    port = free_port()
+    async with ModbusSimulator(units={1: model()}, port=port):
+        config = agent_config(pki_acme, broker_acme, port)
+        with AgentProcess(tmp_path / "agent", config) as gw, cloud(pki_acme, broker_acme, "cloud-attack") as seen:
+            gw.start()
+            await asyncio.to_thread(wait, lambda: online(seen) and seen.tags() >= {"r0"}, 15, "first points")
+            pid = gw.proc.pid if gw.proc else None
+            text = yaml.safe_dump(config, sort_keys=False)
+            bad: list[dict[str, Any]] = [
+                {"version": 7, "config": text + "# \ud800\n"},
+                {"version": 8, "config": "devices: " + "[" * 5000 + "]" * 5000},
+            ]
+            for n, payload in enumerate(bad, 1):
+                body = json.dumps(payload).encode()  # ensure_ascii: the surrogate travels as \\ud800
+                seen.client.publish(f"gw/{GW}/cmd/config", body, qos=1).wait_for_publish(5)
+                await asyncio.to_thread(wait, lambda n=n: len(seen.replies()) >= n, 10, f"reply {n}")
+            replies = seen.replies()
+            assert [(r["ok"], r["state"], r["version"]) for r in replies] == [
+                (False, "rejected", 7),
+                (False, "rejected", 8),
+            ]
+            assert replies[0]["reasons"] == [
+                f"config version 7: config: not UTF-8 text (surrogates not allowed at character {len(text) + 2})"
+            ]
+            assert replies[1]["reasons"] == ["config version 8: invalid YAML: nested too deeply"]
+            mark = len(seen.messages)
+            await asyncio.to_thread(wait, lambda: seen.tags(mark) >= {"r0", "r2"}, 10, "the old tags still flowing")
+            assert gw.proc is not None and gw.proc.pid == pid and gw.proc.poll() is None
+            assert seen.statuses()[-1]["config"]["source"] == "local"
