@@ -74,7 +74,11 @@ class StoredConfig:
 
 def check_config_text(text: str, source: str) -> None:
     """What the cloud side can check without the gateway's drivers: size, YAML, a mapping with devices."""
-    if len(text.encode()) > MAX_CONFIG_BYTES:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as exc:  # JSON carries lone surrogates ("\ud800"), which no agent can read
+        raise Invalid(f"{source}: not UTF-8 text ({exc.reason} at character {exc.start})") from None
+    if size > MAX_CONFIG_BYTES:
         raise Invalid(f"{source}: larger than the {MAX_CONFIG_BYTES} bytes an agent takes")
     try:
         data = yaml.safe_load(text)

@@ -143,3 +143,51 @@ async def test_pushes_that_cannot_even_be_parsed_are_rejected_and_the_agent_keep
             await asyncio.to_thread(wait, lambda: seen.tags(mark) >= {"r0", "r2"}, 10, "the old tags still flowing")
             assert gw.proc is not None and gw.proc.pid == pid and gw.proc.poll() is None
             assert seen.statuses()[-1]["config"]["source"] == "local"
+
+
+def test_operator_tokens_reach_only_their_tenant_and_odd_bodies_get_one_line_errors(tmp_path: Path) -> None:
+    """acme's token on globex is 403; a lone surrogate or bad gateway name is a 4xx naming it; only hashes stored."""
+    import sqlite3
+
+    import httpx
+
+    from tests.helpers import free_port
+    from tests.provisioning_fixtures import ApiServer, provisioning
+
+    data = tmp_path / "data"
+    provisioning(data, "init", "--proxy-bind", "127.0.0.1", "--proxy-port", str(free_port()))
+    for tenant in ("acme", "globex"):
+        provisioning(data, "tenant", "create", tenant, "--domain", "test", "--broker-port", str(free_port()))
+    acme = provisioning(data, "operator-token", "create", "acme-ci", "--tenant", "acme").stdout.strip()
+    everyone = provisioning(data, "operator-token", "create", "console").stdout.strip()
+    with ApiServer(data, "--max-failures", "1000") as api:
+
+        def call(method: str, path: str, token: str, **kwargs: Any) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
+            return httpx.request(
+                method, f"{api.url}{path}", headers=headers, verify=api.context(), timeout=15.0, **kwargs
+            )
+
+        text = "devices:\n  - {name: d, protocol: modbus-tcp, host: 10.0.0.5, tags: [{name: r, address: 0}]}\n"
+        theirs = call("PUT", f"/v1/tenants/globex/gateways/{GW}/config", acme, json={"yaml": text})
+        assert (theirs.status_code, theirs.json()) == (
+            403,
+            {"detail": f"operator token {acme.split('_')[1]} is for tenant acme, not globex"},
+        )
+        assert call("GET", f"/v1/tenants/globex/gateways/{GW}/config", acme).status_code == 403
+        assert call("GET", "/v1/tenants/globex/configs", acme).status_code == 403
+        odd = call(
+            "PUT",
+            f"/v1/tenants/acme/gateways/{GW}/config",
+            everyone,
+            content=b'{"yaml": "devices: [] # \\ud800"}',
+            headers={"content-type": "application/json"},
+        )
+        assert odd.status_code == 422, odd.text
+        assert odd.json()["detail"].startswith("yaml: not UTF-8 text"), odd.text
+        named = call("PUT", "/v1/tenants/acme/gateways/no%20such%20gw/config", everyone, json={"yaml": text})
+        assert named.status_code == 422 and "no such gw" in named.json()["detail"], named.text
+        assert call("GET", "/v1/tenants/acme/gateways/no%20such%20gw/config", everyone).status_code in (404, 422)
+    with sqlite3.connect(data / "registry.db") as db:
+        stored = [str(v) for row in db.execute("SELECT * FROM operator_tokens") for v in row]
+    assert stored and not any(acme.split("_")[2] in v or everyone.split("_")[2] in v for v in stored)
