@@ -249,6 +249,11 @@ def parse_push(payload: Any, running: AgentConfig, gateway: str) -> Push:
             problems.append(
                 f"{source}: {key}: cannot change while the agent runs (restart needed): change it in the local file"
             )
+    if not config.remote_config.enabled:
+        problems.append(
+            f"{source}: remote_config.enabled: false would refuse every later push, this one's repair included: "
+            "turn pushes off in the local file"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
     return Push(version=version, hash=text_hash(data), yaml=text, config=config)

@@ -18,6 +18,7 @@ import yaml
 from agent.config import load_config
 from drivers.config import ModbusDeviceBase, Table
 from drivers.simulate.modbus_server import ModbusSimulator
+from factory_edge.errors import ConfigError
 from provisioning.errors import Invalid
 from provisioning.fleet import check_config_text
 from tests.infra import Mosquitto, TenantPki
@@ -191,3 +192,21 @@ def test_operator_tokens_reach_only_their_tenant_and_odd_bodies_get_one_line_err
     with sqlite3.connect(data / "registry.db") as db:
         stored = [str(v) for row in db.execute("SELECT * FROM operator_tokens") for v in row]
     assert stored and not any(acme.split("_")[2] in v or everyone.split("_")[2] in v for v in stored)
+
+
+def test_a_push_cannot_turn_pushes_off(tmp_path: Path) -> None:
+    """Applied, it would lock the cloud out for good: no later push could repair it. The local file still can."""
+    from agent.remote import parse_push
+
+    text = (
+        "gateway: gw-01\nremote_config: {enabled: false}\n"
+        "devices:\n  - {name: d, protocol: modbus-tcp, host: 127.0.0.1, tags: [{name: r, address: 0}]}\n"
+    )
+    running = load_config(write(tmp_path, text.replace("enabled: false", "enabled: true")))
+    with pytest.raises(ConfigError) as refused:
+        parse_push({"version": 2, "config": text}, running, "gw-01")
+    assert str(refused.value) == (
+        "config version 2: remote_config.enabled: false would refuse every later push, this one's repair "
+        "included: turn pushes off in the local file"
+    )
+    assert load_config(write(tmp_path, text)).remote_config.enabled is False
