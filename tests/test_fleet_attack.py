@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +211,50 @@ def test_a_push_cannot_turn_pushes_off(tmp_path: Path) -> None:
         "included: turn pushes off in the local file"
     )
     assert load_config(write(tmp_path, text)).remote_config.enabled is False
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(240)
+def test_every_reading_is_stored_exactly_once_across_a_push_and_a_rollback(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """The ground-truth machine, the bridge's store: v1 applied (faster polls), v2 (a wrong broker port) rolled
+    back by itself; nothing the machine served is missing or stored twice."""
+    from tests.agentproc import AgentProcess
+    from tests.bridge_fixtures import BridgeProcess, StoreView, tenant_entry, wait_until, write_config
+    from tests.faults import Plant, check_exactly_once, finish
+    from tests.faults import agent_config as plant_agent_config
+    from tests.helpers import free_port
+
+    view = StoreView("sqlite", tmp_path / "store")
+    bridge_yaml = write_config(
+        tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage
+    )
+    with (
+        Plant(tmp_path / "plant", units=(1, 2)) as plant,
+        BridgeProcess(bridge_yaml) as bridge,
+        cloud(pki_acme, broker_acme, "cloud-plant") as seen,
+    ):
+        bridge.wait_connected()
+        config = plant_agent_config(pki_acme, broker_acme.port, plant, remote_config={"deadline": "3s"})
+        gw = AgentProcess(tmp_path / "agent", config)
+        gw.start()
+        try:
+            wait(lambda: online(seen), 15, "the agent online")
+            time.sleep(2)
+            v1 = {**config, "devices": plant.devices(poll="20ms")}
+            seen.push(1, yaml.safe_dump(v1, sort_keys=False))
+            wait(lambda: seen.events("applied"), 15, "v1 applied")
+            time.sleep(2)
+            v2 = {**v1, "mqtt": {**v1["mqtt"], "url": f"mqtts://{pki_acme.host}:{free_port()}"}}
+            seen.push(2, yaml.safe_dump(v2, sort_keys=False))
+            wait(lambda: seen.events("rolled_back"), 30, "v2 rolled back")
+            rolled = seen.events("rolled_back")[0]
+            assert rolled["version"] == 2 and rolled["reason"].startswith("cannot reach the broker"), rolled
+            wait_until(lambda: gw.status().get("config", {}).get("version") == 1, timeout_s=15)
+            time.sleep(2)
+            finish(plant, gw)
+        finally:
+            gw.stop()
+    report = check_exactly_once(plant, view, pki_acme.tenant)
+    assert report["served"] > 100 and report["stored"] == report["served"], report
