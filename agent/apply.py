@@ -188,6 +188,11 @@ class Applier:
             connected = publisher.state is ConnectionState.CONNECTED
             broker_ok = new_broker is None or (connected and (publisher.stats.connected_since or 0) >= switched_at)
             watched = [name for name in healthy if name in agent.drivers]
+            # Every device that read fine is gone (removed or renamed): the new ones must read instead,
+            # or a push replacing them all by devices that cannot be read would be applied unwatched.
+            replaced = bool(healthy) and not watched
+            if replaced:
+                watched = sorted(agent.drivers)
             failing = [n for n in watched if (agent.device_stats[n].last_good_ms or 0) < since_ms]
             if broker_ok and not failing:
                 return None
@@ -208,8 +213,13 @@ class Applier:
             )
             if len(failing) > MAX_NAMED:  # the reason rides in the retained status, which stays small
                 details += f"; and {len(failing) - MAX_NAMED} more"
+            counted = f"{len(failing)} of {len(watched)}"
+            what = f"{counted} devices that read fine before"
+            if replaced:
+                gone = ", ".join(healthy[:MAX_NAMED]) + (", …" if len(healthy) > MAX_NAMED else "")
+                what = f"none of the devices that read fine before is left ({gone}), and {counted} new devices"
             return (
-                f"{len(failing)} of {len(watched)} devices that read fine before fail after {deadline} "
+                f"{what} fail after {deadline} "
                 f"(more than remote_config.max_failed_share {rc.max_failed_share:g}): {details}"
             )
         return None

@@ -258,3 +258,33 @@ def test_every_reading_is_stored_exactly_once_across_a_push_and_a_rollback(
             gw.stop()
     report = check_exactly_once(plant, view, pki_acme.tenant)
     assert report["served"] > 100 and report["stored"] == report["served"], report
+
+
+async def test_a_push_replacing_every_device_by_ones_that_cannot_be_read_rolls_back(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """line-1 read fine; the push names it line-01 on a dead port. No device that read fine before is left
+    to watch, so the new ones are watched: none reads within the deadline, the push is rolled back."""
+    from tests.agentproc import AgentProcess
+    from tests.helpers import free_port
+
+    port = free_port()
+    async with ModbusSimulator(units={1: model()}, port=port):
+        config = agent_config(pki_acme, broker_acme, port)
+        with AgentProcess(tmp_path / "agent", config) as gw, cloud(pki_acme, broker_acme, "cloud-rename") as seen:
+            gw.start()
+            await asyncio.to_thread(wait, lambda: online(seen) and seen.tags() >= {"r0"}, 15, "first points")
+            renamed = agent_config(pki_acme, broker_acme, free_port())
+            renamed["devices"][0]["name"] = "line-01"
+            seen.push(2, renamed)
+            await asyncio.to_thread(
+                wait, lambda: seen.events("rolled_back") or seen.events("applied"), 20, "the outcome"
+            )
+            assert not seen.events("applied"), "applied a configuration in which no device reads"
+            reason = seen.events("rolled_back")[0]["reason"]
+            assert reason.startswith(
+                "none of the devices that read fine before is left (line-1), and 1 of 1 new devices fail after 3s "
+                "(more than remote_config.max_failed_share 0.5): line-01: "
+            ), reason
+            mark = len(seen.messages)
+            await asyncio.to_thread(wait, lambda: seen.tags(mark) >= {"r0", "r2"}, 10, "good points again")
