@@ -68,6 +68,14 @@ YamlLoader = _Loader
 """The loader config files are read with (floats keep their text)."""
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error without a line and column, in one line: ``character 49: unacceptable character #x0000 …``."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return f"character {exc.position}: invalid YAML: unacceptable character {char}: {exc.reason}"
+    return "invalid YAML: " + " ".join(str(exc).split())
+
+
 def load_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a missing file or a syntax error is a ConfigError naming the line."""
     path = Path(path)
@@ -84,7 +92,7 @@ def load_yaml(path: str | Path) -> Any:
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
         raise ConfigError(f"{path}: {where}: invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
 

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from factory_edge import names
+from factory_edge.configfile import yaml_problem
 from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from provisioning.brokers import AdminLink, sni_context
 from provisioning.errors import Invalid, NotFound
@@ -87,7 +88,7 @@ def check_config_text(text: str, source: str) -> None:
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
         raise Invalid(f"{source}: {where}invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise Invalid(f"{source}: invalid YAML: {exc}") from None
+        raise Invalid(f"{source}: {yaml_problem(exc)}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise Invalid(f"{source}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):

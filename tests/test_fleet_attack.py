@@ -288,3 +288,31 @@ async def test_a_push_replacing_every_device_by_ones_that_cannot_be_read_rolls_b
             ), reason
             mark = len(seen.messages)
             await asyncio.to_thread(wait, lambda: seen.tags(mark) >= {"r0", "r2"}, 10, "good points again")
+
+
+def test_a_control_character_in_the_yaml_is_one_line_naming_the_file_and_where(tmp_path: Path) -> None:
+    from agent.remote import parse_push
+
+    text = "gateway: gw-01\ndevices: [\x00]\n"
+    line = one_line(agent("check-config", write(tmp_path, text)), 2)
+    assert line == (
+        f"Error: {tmp_path / 'agent.yaml'}: character 25: invalid YAML: unacceptable character #x0000: "
+        "special characters are not allowed"
+    )
+    with pytest.raises(Invalid) as cloud_side:
+        check_config_text(text, "gw-01.yaml")
+    assert str(cloud_side.value) == (
+        "gw-01.yaml: character 25: invalid YAML: unacceptable character #x0000: special characters are not allowed"
+    )
+    running = load_config(
+        write(
+            tmp_path,
+            text.replace("[\x00]", "[{name: d, protocol: modbus-tcp, host: h, tags: [{name: r, address: 0}]}]"),
+        )
+    )
+    with pytest.raises(ConfigError) as pushed:
+        parse_push({"version": 3, "config": text}, running, "gw-01")
+    assert str(pushed.value).splitlines() == [
+        "config version 3: character 25: invalid YAML: unacceptable character #x0000: "
+        "special characters are not allowed"
+    ]
