@@ -187,6 +187,15 @@ def test_operator_tokens_reach_only_their_tenant_and_odd_bodies_get_one_line_err
         )
         assert odd.status_code == 422, odd.text
         assert odd.json()["detail"].startswith("yaml: not UTF-8 text"), odd.text
+        noted = call(
+            "PUT",
+            f"/v1/tenants/acme/gateways/{GW}/config",
+            everyone,
+            content=b'{"yaml": "devices: [{name: d}]", "note": "\\udcff"}',
+            headers={"content-type": "application/json"},
+        )
+        assert noted.status_code == 422, noted.text
+        assert noted.json()["detail"].startswith("note: "), noted.text
         named = call("PUT", "/v1/tenants/acme/gateways/no%20such%20gw/config", everyone, json={"yaml": text})
         assert named.status_code == 422 and "no such gw" in named.json()["detail"], named.text
         assert call("GET", "/v1/tenants/acme/gateways/no%20such%20gw/config", everyone).status_code in (404, 422)
@@ -316,3 +325,24 @@ def test_a_control_character_in_the_yaml_is_one_line_naming_the_file_and_where(t
         "config version 3: character 25: invalid YAML: unacceptable character #x0000: "
         "special characters are not allowed"
     ]
+
+
+def test_config_set_with_arguments_that_are_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A note or a tenant of raw bytes (a Latin-1 terminal): refused naming the value, nothing stored."""
+    from tests.helpers import free_port
+    from tests.provisioning_fixtures import provisioning
+
+    data = tmp_path / "data"
+    provisioning(data, "init", "--proxy-bind", "127.0.0.1", "--proxy-port", str(free_port()))
+    provisioning(data, "tenant", "create", "acme", "--domain", "test", "--broker-port", str(free_port()))
+    text = "devices:\n  - {name: d, protocol: modbus-tcp, host: 10.0.0.5, tags: [{name: r, address: 0}]}\n"
+    config = write(tmp_path, text)
+    for args, shown in (
+        (("acme", GW, str(config), "--note", "Pr\udce9sse 3"), "'Pr\\udce9sse 3'"),  # b"Pr\xe9sse 3"
+        (("ac\udcffme", GW, str(config)), "'ac\\udcffme'"),
+    ):
+        result = provisioning(data, "config", "set", *args, check=False)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert (result.returncode, result.stderr) == (2, f"Error: not UTF-8 text: {shown} (surrogates not allowed)\n")
+    shown_versions = provisioning(data, "config", "show", "acme", GW, check=False)
+    assert shown_versions.returncode != 0 and "no configuration stored" in shown_versions.stderr
