@@ -55,6 +55,7 @@ class Applier:
         self.outcome = outcome
         self.task: asyncio.Task[None] | None = None
         self._checking = False
+        self._pending: Any = None  # the version under check
 
     @property
     def busy(self) -> bool:
@@ -73,11 +74,12 @@ class Applier:
                 version, None, ["remote configuration is off here (remote_config.enabled: false)"]
             )
         if self.busy:
-            busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else "another"
+            busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else self._pending
             reason = f"version {busy} is being applied; push again when it is done"
             # Answered, not recorded: the status keeps telling how the push under way goes.
             return {"ok": False, "state": "rejected", "version": version, "error": reason, "reasons": [reason]}
         self._checking = True  # one push at a time, from its check on
+        self._pending = version
         try:
             push, broker = await asyncio.to_thread(self._check, payload)
         except ConfigError as exc:

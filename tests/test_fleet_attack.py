@@ -346,3 +346,53 @@ def test_config_set_with_arguments_that_are_not_utf8_is_one_line(tmp_path: Path)
         assert (result.returncode, result.stderr) == (2, f"Error: not UTF-8 text: {shown} (surrogates not allowed)\n")
     shown_versions = provisioning(data, "config", "show", "acme", GW, check=False)
     assert shown_versions.returncode != 0 and "no configuration stored" in shown_versions.stderr
+
+
+async def test_older_repeated_and_racing_pushes(tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto) -> None:
+    """v2 applied; v1 after it is refused, v2 again is 'unchanged', another text as v2 refused; v3 and v4 at
+    the same instant: v4 is told v3 is being applied, v3 ends applied, and a restart comes back on v3."""
+    from tests.agentproc import AgentProcess
+    from tests.helpers import free_port
+
+    port = free_port()
+    async with ModbusSimulator(units={1: model()}, port=port):
+        config = agent_config(pki_acme, broker_acme, port)
+        with AgentProcess(tmp_path / "agent", config) as gw, cloud(pki_acme, broker_acme, "cloud-race") as seen:
+            gw.start()
+            await asyncio.to_thread(wait, lambda: online(seen) and seen.tags() >= {"r0"}, 15, "first points")
+
+            async def outcome(n: int) -> dict[str, Any]:
+                await asyncio.to_thread(wait, lambda: len(seen.replies()) >= n, 10, f"reply {n}")
+                return seen.replies()[n - 1]
+
+            v2 = agent_config(pki_acme, broker_acme, port, tags=4)
+            seen.push(2, v2)
+            assert (await outcome(1))["state"] == "applying"
+            await asyncio.to_thread(wait, lambda: seen.events("applied"), 10, "v2 applied")
+            seen.push(1, agent_config(pki_acme, broker_acme, port, tags=5))
+            assert (await outcome(2))["reasons"] == ["version 1 is not newer than the running version 2"]
+            seen.push(2, v2)
+            assert await outcome(3) == {
+                "ok": True,
+                "state": "applied",
+                "version": 2,
+                "hash": seen.events("applied")[0]["hash"],
+                "unchanged": True,
+            }
+            seen.push(2, agent_config(pki_acme, broker_acme, port, tags=6))
+            assert (await outcome(4))["reasons"] == ["version 2 is not newer than the running version 2"]
+            for version, tags in ((3, 7), (4, 8)):
+                text = yaml.safe_dump(agent_config(pki_acme, broker_acme, port, tags=tags), sort_keys=False)
+                seen.client.publish(f"gw/{GW}/cmd/config", json.dumps({"version": version, "config": text}), qos=1)
+            racing = [await outcome(5), await outcome(6)]
+            assert sorted((r["version"], r["state"]) for r in racing) == [(3, "applying"), (4, "rejected")]
+            assert next(r for r in racing if r["version"] == 4)["reasons"] == [
+                "version 3 is being applied; push again when it is done"
+            ]
+            await asyncio.to_thread(wait, lambda: len(seen.events("applied")) == 2, 10, "v3 applied")
+            assert seen.events("applied")[-1]["version"] == 3
+            assert gw.stop() == 0
+            gw.start()
+            await asyncio.to_thread(
+                wait, lambda: gw.status().get("config", {}).get("version") == 3, 15, "v3 after a restart"
+            )
