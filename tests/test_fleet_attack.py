@@ -396,3 +396,55 @@ async def test_older_repeated_and_racing_pushes(tmp_path: Path, pki_acme: Tenant
             await asyncio.to_thread(
                 wait, lambda: gw.status().get("config", {}).get("version") == 3, 15, "v3 after a restart"
             )
+
+
+@pytest.mark.parametrize(
+    "crash_at,comes_back_on",
+    [
+        ("after the candidate was written (first push)", "local"),
+        ("after the candidate was written (over version 2)", 2),
+        ("between running.json and the candidate's removal", 3),
+        ("after the rollback, before the candidate's removal", 2),
+    ],
+)
+def test_kill_9_at_each_step_of_apply_comes_back_on_one_whole_config(
+    tmp_path: Path, crash_at: str, comes_back_on: int | str
+) -> None:
+    """The files a kill -9 leaves at each step, as the agent wrote them (ConfigStore), read by the next start."""
+    from agent.remote import ConfigStore, Push, startup, text_hash
+
+    def device(host: str) -> str:
+        return f"devices:\n  - {{name: d, protocol: modbus-tcp, host: {host}, tags: [{{name: r, address: 0}}]}}\n"
+
+    local = write(tmp_path, "gateway: gw-01\n" + device("local.example"))
+    local_hash = text_hash(local.read_bytes())
+    store = ConfigStore(tmp_path / "state")
+
+    def push(version: int) -> Push:
+        text = device(f"v{version}.example")
+        path = tmp_path / f"v{version}.yaml"
+        path.write_text(text)
+        return Push(version=version, hash=text_hash(text.encode()), yaml=text, config=load_config(path))
+
+    if crash_at.startswith("after the candidate was written (first"):
+        store.begin(push(1), local_hash)
+    else:
+        store.commit(push(2), local_hash)
+        store.begin(push(3), local_hash)
+        if crash_at.startswith("between"):
+            store.commit(push(3), local_hash)
+            store.begin(push(3), local_hash)  # the candidate's removal did not reach the disk
+    start = startup(local, tmp_path / "state")
+    host = start.config.devices[0].host  # type: ignore[union-attr]
+    if comes_back_on == "local":
+        assert (start.running.source, host) == ("local", "local.example")
+    else:
+        assert (start.running.source, start.running.version, host) == (
+            "pushed",
+            comes_back_on,
+            f"v{comes_back_on}.example",
+        )
+    assert not (tmp_path / "state" / "config" / "candidate.json").exists()
+    if comes_back_on != 3:
+        assert start.outcome is not None and start.outcome.state == "rolled_back"
+        assert start.notes and "the agent stopped while applying version" in start.notes[0]
