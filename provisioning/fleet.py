@@ -36,6 +36,7 @@ from provisioning.brokers import AdminLink, sni_context
 from provisioning.errors import Invalid, NotFound
 from provisioning.layout import DataDir
 from provisioning.registry import Registry, Tenant, iso, now
+from provisioning.render import MAX_PACKET_SIZE
 from provisioning.tenants import get_tenant
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # what the agent takes (agent/remote.py)
@@ -73,6 +74,14 @@ class StoredConfig:
         return doc
 
 
+PACKET_HEADROOM = 1024  # topic, properties (correlation, response topic) and header of the push's PUBLISH
+
+
+def push_size(text: str) -> int:
+    """Bytes of the push's payload (``fleet.push``) for this text, the largest version number included."""
+    return len(json.dumps({"version": 2**63, "config": text}).encode())
+
+
 def check_config_text(text: str, source: str) -> None:
     """What the cloud side can check without the gateway's drivers: size, YAML, a mapping with devices."""
     try:
@@ -81,6 +90,12 @@ def check_config_text(text: str, source: str) -> None:
         raise Invalid(f"{source}: not UTF-8 text ({exc.reason} at character {exc.start})") from None
     if size > MAX_CONFIG_BYTES:
         raise Invalid(f"{source}: larger than the {MAX_CONFIG_BYTES} bytes an agent takes")
+    pushed = push_size(text)
+    if pushed > MAX_PACKET_SIZE - PACKET_HEADROOM:
+        raise Invalid(
+            f"{source}: {pushed} bytes once pushed (as JSON), more than the broker's max_packet_size of "
+            f"{MAX_PACKET_SIZE} bytes allows: write repeated tags as profiles and ranges (docs/config.md)"
+        )
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

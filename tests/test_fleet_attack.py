@@ -448,3 +448,29 @@ def test_kill_9_at_each_step_of_apply_comes_back_on_one_whole_config(
     if comes_back_on != 3:
         assert start.outcome is not None and start.outcome.state == "rolled_back"
         assert start.notes and "the agent stopped while applying version" in start.notes[0]
+
+
+def test_a_configuration_too_large_for_the_brokers_packets_is_refused_when_stored(tmp_path: Path) -> None:
+    """The rendered brokers take packets up to 1 MiB: a 1.5 MB configuration (30,000 tags written one by one)
+    could be stored but never reach a gateway. It is refused at `config set`, saying why."""
+    from provisioning.render import MAX_PACKET_SIZE
+    from tests.helpers import free_port
+    from tests.provisioning_fixtures import RenderedMosquitto, provisioning
+
+    data = tmp_path / "data"
+    provisioning(data, "init", "--proxy-bind", "127.0.0.1", "--proxy-port", str(free_port()))
+    provisioning(data, "tenant", "create", "acme", "--domain", "test", "--broker-port", str(free_port()))
+    tags = "".join(f"      - {{name: temperature_{i:05d}, address: {i}, unit: degC}}\n" for i in range(30000))
+    big = write(tmp_path, "devices:\n  - name: d\n    protocol: modbus-tcp\n    host: 10.0.0.5\n    tags:\n" + tags)
+    assert MAX_PACKET_SIZE < big.stat().st_size < 4 * 1024 * 1024
+    with RenderedMosquitto(data, "acme"):
+        result = provisioning(data, "config", "set", "acme", GW, str(big), "--push", check=False, timeout=60)
+    assert "Traceback" not in result.stderr
+    pushed = len(json.dumps({"version": 2**63, "config": big.read_text()}).encode())
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"Error: {big}: {pushed} bytes once pushed (as JSON), more than the broker's max_packet_size of "
+        f"{MAX_PACKET_SIZE} bytes allows: write repeated tags as profiles and ranges (docs/config.md)\n",
+    )
+    shown = provisioning(data, "config", "show", "acme", GW, check=False)
+    assert shown.returncode != 0 and "no configuration stored" in shown.stderr
