@@ -474,3 +474,49 @@ def test_a_configuration_too_large_for_the_brokers_packets_is_refused_when_store
     )
     shown = provisioning(data, "config", "show", "acme", GW, check=False)
     assert shown.returncode != 0 and "no configuration stored" in shown.stderr
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("delay_s", [0.0, 0.05, 0.3, 1.0])
+async def test_a_push_arriving_as_the_agent_stops(
+    delay_s: float, tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """SIGTERM right after a push: a clean exit, every batch delivered, and the next start on one whole
+    configuration (the pushed one if it was applied, else the local file) with no candidate left behind."""
+    import signal
+
+    from agent.bufferread import read_stats
+    from tests.agentproc import AgentProcess
+    from tests.helpers import free_port
+
+    port = free_port()
+    async with ModbusSimulator(units={1: model()}, port=port):
+        config = agent_config(pki_acme, broker_acme, port)
+        with AgentProcess(tmp_path / "agent", config) as gw, cloud(pki_acme, broker_acme, "cloud-stop") as seen:
+            gw.start()
+            await asyncio.to_thread(wait, lambda: online(seen) and seen.tags() >= {"r0"}, 15, "first points")
+            seen.push(1, agent_config(pki_acme, broker_acme, port, tags=6))
+            await asyncio.sleep(delay_s)
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(gw.proc.wait, 30)
+            assert code == 0, (gw.workdir / "agent.log").read_text()[-3000:]
+            last = read_stats(gw.state_dir / "buffer.db")
+            assert last is not None
+            applied = bool(seen.events("applied"))
+            assert not (gw.state_dir / "config" / "candidate.json").exists() or not applied
+            gw.start()
+            want = 1 if applied else None
+            await asyncio.to_thread(
+                wait,
+                lambda: (
+                    gw.status().get("config", {}).get("source") is not None
+                    and gw.status()["config"].get("version") == want
+                ),
+                15,
+                f"back on version {want}",
+            )
+            assert not (gw.state_dir / "config" / "candidate.json").exists()
+            await asyncio.to_thread(wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20, "all")
+            seqs = sorted(set(seen.seqs(GW)))
+            assert seqs[: last.next_seq - seqs[0]] == list(range(seqs[0], last.next_seq)), "a batch is missing"
