@@ -41,6 +41,7 @@ from provisioning.tenants import get_tenant
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # what the agent takes (agent/remote.py)
 SETTLE_S = 0.5  # retained statuses arrive together right after SUBACK; this long without a new one ends the read
+READ_MAX_S = 5.0  # and this long at most: a gateway republishing its status endlessly must not hold the read
 
 
 def config_hash(text: str) -> str:
@@ -347,7 +348,8 @@ def running(data: DataDir, tenant_name: str, *, settle_s: float = SETTLE_S) -> d
         tenant = get_tenant(registry, tenant_name)
     with _Session(operator_link(data, tenant), ["gw/+/status"]) as session:
         seen = 0
-        while True:
+        until = time.monotonic() + max(settle_s, READ_MAX_S)
+        while time.monotonic() < until:
             session.arrived.clear()
             if not session.arrived.wait(settle_s):
                 with session.lock:
@@ -363,8 +365,16 @@ def running(data: DataDir, tenant_name: str, *, settle_s: float = SETTLE_S) -> d
             doc = json.loads(body)
         except ValueError:
             continue
-        if isinstance(doc, dict):
-            found[topic.split("/")[1]] = doc
+        if isinstance(doc, dict):  # a gateway writes its own status: keep only what has the documented shape
+            given = doc.get("config")
+            config: dict[str, Any] = given if isinstance(given, dict) else {}
+            last = config.get("last")
+            config = {**config, "last": last if isinstance(last, dict) else None}
+            found[topic.split("/")[1]] = {
+                **doc,
+                "config": config,
+                "config_hash": doc["config_hash"] if isinstance(doc.get("config_hash"), str) else None,
+            }
     return found
 
 

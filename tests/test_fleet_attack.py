@@ -327,6 +327,7 @@ def test_a_control_character_in_the_yaml_is_one_line_naming_the_file_and_where(t
     ]
 
 
+@pytest.mark.fault
 def test_config_set_with_arguments_that_are_not_utf8_is_one_line(tmp_path: Path) -> None:
     """A note or a tenant of raw bytes (a Latin-1 terminal): refused naming the value, nothing stored."""
     from tests.helpers import free_port
@@ -450,6 +451,7 @@ def test_kill_9_at_each_step_of_apply_comes_back_on_one_whole_config(
         assert start.notes and "the agent stopped while applying version" in start.notes[0]
 
 
+@pytest.mark.fault
 def test_a_configuration_too_large_for_the_brokers_packets_is_refused_when_stored(tmp_path: Path) -> None:
     """The rendered brokers take packets up to 1 MiB: a 1.5 MB configuration (30,000 tags written one by one)
     could be stored but never reach a gateway. It is refused at `config set`, saying why."""
@@ -520,3 +522,79 @@ async def test_a_push_arriving_as_the_agent_stops(
             await asyncio.to_thread(wait, lambda: max(seen.seqs(GW), default=0) >= last.next_seq - 1, 20, "all")
             seqs = sorted(set(seen.seqs(GW)))
             assert seqs[: last.next_seq - seqs[0]] == list(range(seqs[0], last.next_seq)), "a batch is missing"
+
+
+@pytest.mark.fault
+def test_drift_survives_a_gateway_that_publishes_odd_or_endless_statuses(tmp_path: Path) -> None:
+    """A gateway may write its own status topic: one writes a status whose config is not a mapping, one
+    republishes its status ten times a second. `config status` still answers, in bounded time, for all."""
+    import subprocess
+    import threading
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from factory_edge.mqtt import BrokerSettings, tls_context
+    from provisioning import pki as pkilib
+    from tests.helpers import free_port
+    from tests.provisioning_fixtures import RenderedMosquitto, provisioning
+
+    data = tmp_path / "data"
+    broker_port = free_port()
+    provisioning(data, "init", "--proxy-bind", "127.0.0.1", "--proxy-port", str(free_port()))
+    provisioning(data, "tenant", "create", "acme", "--domain", "test", "--broker-port", str(broker_port))
+    text = "devices:\n  - {name: d, protocol: modbus-tcp, host: 10.0.0.5, tags: [{name: r, address: 0}]}\n"
+    provisioning(data, "config", "set", "acme", "gw-odd", str(write(tmp_path, text)))
+    files = data / "tenants" / "acme"
+    ca_key, ca_cert = pkilib.load_private_key(files / "ca.key"), pkilib.load_cert(files / "ca.pem")
+
+    def gateway(name: str) -> paho.Client:
+        key, cert = pkilib.issue_client_cert(ca_key, ca_cert, name)
+        pkilib.write_private_key(tmp_path / f"{name}.key", key)
+        pkilib.write_pem(tmp_path / f"{name}.pem", cert)
+        settings = BrokerSettings(
+            host="mqtt.acme.test",
+            port=broker_port,
+            tls=True,
+            connect_host="127.0.0.1",
+            ca_file=str(files / "ca.pem"),
+            cert_file=str(tmp_path / f"{name}.pem"),
+            key_file=str(tmp_path / f"{name}.key"),
+        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=paho.MQTTv5)
+        client.tls_set_context(tls_context(settings))
+        client.connect("127.0.0.1", broker_port, keepalive=10)
+        client.loop_start()
+        return client
+
+    stop = threading.Event()
+    with RenderedMosquitto(data, "acme"):
+        odd, noisy = gateway("gw-odd"), gateway("gw-noisy")
+        try:
+            for body in ({"state": "online", "config": "x", "config_hash": 5},):
+                odd.publish("gw/gw-odd/status", json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+
+            def chatter() -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    doc = {"state": "online", "config": {"source": "local", "last": "?"}, "config_hash": str(n)}
+                    noisy.publish("gw/gw-noisy/status", json.dumps(doc), qos=0, retain=True)
+                    time.sleep(0.1)
+
+            threading.Thread(target=chatter, daemon=True).start()
+            time.sleep(0.5)
+            try:
+                result = provisioning(data, "config", "status", "acme", check=False, timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("config status never finished reading the statuses") from None
+        finally:
+            stop.set()
+            for client in (odd, noisy):
+                client.disconnect()
+                client.loop_stop()
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("gw-odd  drift  desired v1 ") for line in lines), result.stdout
+    assert any(line.startswith("gw-noisy  not pushed  ") for line in lines), result.stdout
