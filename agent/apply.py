@@ -185,10 +185,17 @@ class Applier:
         agent = self.agent
         loop = asyncio.get_running_loop()
         end = loop.time() + rc.deadline
+        sent_before = agent.publisher.stats.batches
         while True:
             publisher = agent.publisher
+            stats = publisher.stats
             connected = publisher.state is ConnectionState.CONNECTED
-            broker_ok = new_broker is None or (connected and (publisher.stats.connected_since or 0) >= switched_at)
+            reached = connected and (stats.connected_since or 0) >= switched_at
+            # Connected is not delivered: a broker without the tenant's bridge (staging, another site) accepts
+            # everything and stores nothing, and the cloud could never push to this gateway again. With storage
+            # confirmations, the new broker counts once the tenant's storage confirmed something through it.
+            stored = not publisher.policy.storage or (stats.last_confirmed or 0) >= (stats.connected_since or 0)
+            broker_ok = new_broker is None or (reached and stored)
             watched = [name for name in healthy if name in agent.drivers]
             # Every device that read fine is gone (removed or renamed): the new ones must read instead,
             # or a push replacing them all by devices that cannot be read would be applied unwatched.
@@ -202,8 +209,16 @@ class Applier:
                 break
             await asyncio.sleep(WATCH_INTERVAL_S)
         deadline = format_duration(rc.deadline)
+        if not broker_ok and reached and publisher.stats.batches == sent_before:
+            broker_ok = True  # nothing was sent there to be confirmed (no readings): the connection is all to go by
         if not broker_ok:
             assert new_broker is not None
+            if reached:
+                return (
+                    f"connected to {new_broker.describe()}, but the tenant's storage confirmed nothing sent "
+                    f"there within {deadline}"
+                    " (no bridge of this tenant behind that broker?)"
+                )
             return (
                 f"cannot reach the broker {new_broker.describe()} within {deadline}: "
                 f"{publisher.last_error or 'not connected'}"

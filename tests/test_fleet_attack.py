@@ -598,3 +598,59 @@ def test_drift_survives_a_gateway_that_publishes_odd_or_endless_statuses(tmp_pat
     lines = result.stdout.splitlines()
     assert any(line.startswith("gw-odd  drift  desired v1 ") for line in lines), result.stdout
     assert any(line.startswith("gw-noisy  not pushed  ") for line in lines), result.stdout
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(180)
+def test_a_push_to_a_reachable_broker_without_the_tenants_storage_rolls_back(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, make_broker: Any
+) -> None:
+    """The staging broker: same CA, accepts the gateway, no bridge behind it. Connected is not delivered: with
+    buffer.confirm: storage, no confirmation through it within the deadline rolls the push back, the gateway
+    stays reachable by the cloud, and every reading is stored exactly once."""
+    from tests.agentproc import AgentProcess
+    from tests.bridge_fixtures import BridgeProcess, StoreView, tenant_entry, wait_until, write_config
+    from tests.faults import Plant, check_exactly_once, finish
+    from tests.faults import agent_config as plant_agent_config
+
+    staging = make_broker(pki_acme)
+    view = StoreView("sqlite", tmp_path / "store")
+    bridge_yaml = write_config(
+        tmp_path / "bridge.yaml", tenants=[tenant_entry(pki_acme, broker_acme)], storage=view.storage
+    )
+    with (
+        Plant(tmp_path / "plant", units=(1,)) as plant,
+        BridgeProcess(bridge_yaml) as bridge,
+        cloud(pki_acme, broker_acme, "cloud-staging") as seen,
+    ):
+        bridge.wait_connected()
+        config = plant_agent_config(pki_acme, broker_acme.port, plant, remote_config={"deadline": "4s"})
+        gw = AgentProcess(tmp_path / "agent", config)
+        gw.start()
+        try:
+            wait(lambda: online(seen), 15, "the agent online")
+            time.sleep(1)
+            wrong = {**config, "mqtt": {**config["mqtt"], "url": f"mqtts://{pki_acme.host}:{staging.port}"}}
+            seen.push(1, yaml.safe_dump(wrong, sort_keys=False))
+
+            def last() -> dict[str, Any]:
+                return dict(gw.status().get("config", {}).get("last") or {})
+
+            wait(lambda: last().get("state") in ("applied", "rolled_back"), 30, "the outcome")
+            assert last()["state"] == "rolled_back", f"applied on a broker where nothing it sends is stored: {last()}"
+            reason = last()["reason"]
+            assert reason.startswith(
+                f"connected to mqtts://{pki_acme.host}:{staging.port} via 127.0.0.1, but the tenant's storage "
+                "confirmed nothing sent there within 4s"
+            ), reason
+            wait_until(lambda: gw.status().get("config", {}).get("source") == "local", timeout_s=15)
+            # The right broker (a new connection: keepalive changed), the bridge behind it: applied.
+            right = {**config, "mqtt": {**config["mqtt"], "keepalive": "20s"}, "devices": plant.devices(poll="20ms")}
+            seen.push(2, yaml.safe_dump(right, sort_keys=False))
+            wait(lambda: seen.events("applied"), 15, "the cloud still reaches the gateway: v2 applied")
+            time.sleep(1)
+            finish(plant, gw)
+        finally:
+            gw.stop()
+    report = check_exactly_once(plant, view, pki_acme.tenant)
+    assert report["stored"] == report["served"] > 20, report
