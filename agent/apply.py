@@ -55,6 +55,7 @@ class Applier:
         self.outcome = outcome
         self.task: asyncio.Task[None] | None = None
         self._checking = False
+        self._pending: Any = None  # the version under check
 
     @property
     def busy(self) -> bool:
@@ -73,15 +74,19 @@ class Applier:
                 version, None, ["remote configuration is off here (remote_config.enabled: false)"]
             )
         if self.busy:
-            busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else "another"
+            busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else self._pending
             reason = f"version {busy} is being applied; push again when it is done"
             # Answered, not recorded: the status keeps telling how the push under way goes.
             return {"ok": False, "state": "rejected", "version": version, "error": reason, "reasons": [reason]}
         self._checking = True  # one push at a time, from its check on
+        self._pending = version
         try:
             push, broker = await asyncio.to_thread(self._check, payload)
         except ConfigError as exc:
             return await self._rejected(version, None, str(exc).splitlines())
+        except Exception as exc:  # a check that breaks must refuse the push, never take the agent down
+            log.error("checking a pushed configuration failed", exc_info=True, extra=fields(version=version))
+            return await self._rejected(version, None, [f"cannot check this configuration: {exc!r}"])
         finally:
             self._checking = False
         running = agent.running
@@ -180,11 +185,23 @@ class Applier:
         agent = self.agent
         loop = asyncio.get_running_loop()
         end = loop.time() + rc.deadline
+        sent_before = agent.publisher.stats.batches
         while True:
             publisher = agent.publisher
+            stats = publisher.stats
             connected = publisher.state is ConnectionState.CONNECTED
-            broker_ok = new_broker is None or (connected and (publisher.stats.connected_since or 0) >= switched_at)
+            reached = connected and (stats.connected_since or 0) >= switched_at
+            # Connected is not delivered: a broker without the tenant's bridge (staging, another site) accepts
+            # everything and stores nothing, and the cloud could never push to this gateway again. With storage
+            # confirmations, the new broker counts once the tenant's storage confirmed something through it.
+            stored = not publisher.policy.storage or (stats.last_confirmed or 0) >= (stats.connected_since or 0)
+            broker_ok = new_broker is None or (reached and stored)
             watched = [name for name in healthy if name in agent.drivers]
+            # Every device that read fine is gone (removed or renamed): the new ones must read instead,
+            # or a push replacing them all by devices that cannot be read would be applied unwatched.
+            replaced = bool(healthy) and not watched
+            if replaced:
+                watched = sorted(agent.drivers)
             failing = [n for n in watched if (agent.device_stats[n].last_good_ms or 0) < since_ms]
             if broker_ok and not failing:
                 return None
@@ -192,8 +209,16 @@ class Applier:
                 break
             await asyncio.sleep(WATCH_INTERVAL_S)
         deadline = format_duration(rc.deadline)
+        if not broker_ok and reached and publisher.stats.batches == sent_before:
+            broker_ok = True  # nothing was sent there to be confirmed (no readings): the connection is all to go by
         if not broker_ok:
             assert new_broker is not None
+            if reached:
+                return (
+                    f"connected to {new_broker.describe()}, but the tenant's storage confirmed nothing sent "
+                    f"there within {deadline}"
+                    " (no bridge of this tenant behind that broker?)"
+                )
             return (
                 f"cannot reach the broker {new_broker.describe()} within {deadline}: "
                 f"{publisher.last_error or 'not connected'}"
@@ -205,8 +230,13 @@ class Applier:
             )
             if len(failing) > MAX_NAMED:  # the reason rides in the retained status, which stays small
                 details += f"; and {len(failing) - MAX_NAMED} more"
+            counted = f"{len(failing)} of {len(watched)}"
+            what = f"{counted} devices that read fine before"
+            if replaced:
+                gone = ", ".join(healthy[:MAX_NAMED]) + (", …" if len(healthy) > MAX_NAMED else "")
+                what = f"none of the devices that read fine before is left ({gone}), and {counted} new devices"
             return (
-                f"{len(failing)} of {len(watched)} devices that read fine before fail after {deadline} "
+                f"{what} fail after {deadline} "
                 f"(more than remote_config.max_failed_share {rc.max_failed_share:g}): {details}"
             )
         return None

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from drivers.config import Device, ModbusDeviceBase
-from factory_edge.configfile import YamlLoader, load_yaml, validate
+from factory_edge.configfile import YamlLoader, load_yaml, validate, yaml_problem
 from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.errors import ConfigError
 from factory_edge.extras import install_hint, missing
@@ -212,7 +212,9 @@ def parse_config_text(text: str, source: str) -> AgentConfig:
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
         raise ConfigError(f"{source}: {where}: invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
     return parse_config(data, source)
 
 

@@ -35,10 +35,11 @@ import re
 from typing import Any
 
 from drivers.config import REGISTERS_PER_TYPE, DataType
-from factory_edge.configfile import YamlFloat
+from factory_edge.configfile import YamlFloat, YamlInt
 from factory_edge.errors import ConfigError
 
 MAX_RANGE_TAGS = 65536
+MAX_TAGS = 100_000  # in one config, expanded: a 1 KB file must not ask a small gateway for gigabytes
 TEMPLATE_FIELDS = ("address", "i", "n")
 RANGE_KEYS = ("addresses", "count", "stride")
 MODICON_TABLES = {"0": "coil", "1": "discrete", "3": "input", "4": "holding"}
@@ -49,6 +50,7 @@ class _Problems:
     def __init__(self, source: str) -> None:
         self.source = source
         self.lines: list[str] = []
+        self.tags = 0  # expanded so far, across devices
 
     def add(self, where: str, problem: str) -> None:
         self.lines.append(f"{self.source}: {where}: {problem}")
@@ -143,6 +145,14 @@ def _expand_tags(device: dict[str, Any], where: str, problems: _Problems) -> dic
                     break  # one line for a range, not one per element
                 converted.append(one)
             elements = converted
+        problems.tags += len(elements)
+        if problems.tags > MAX_TAGS:  # stop here: expanding the rest could exhaust the memory
+            problems.add(
+                tag_where,
+                f"the configuration expands to more than {MAX_TAGS} tags here (profiles and ranges counted "
+                f"for each device); at most {MAX_TAGS} on one gateway",
+            )
+            raise ConfigError("\n".join(problems.lines))
         out.extend(elements)
     return {**device, "tags": out}
 
@@ -209,7 +219,8 @@ def _range(tag: dict[str, Any], where: str, problems: _Problems, *, modicon: boo
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
             problems.add(f"{where}.count", f"must be a whole number, at least 1 (got {number!r})")
             return []
-        first, count = start, number
+        # 00010 (coil 9 in Modicon notation) is the octal 8 to YAML: its digits count, as written.
+        first, count = (int(start.text) if modicon and isinstance(start, YamlInt) else int(start)), number
     if count > MAX_RANGE_TAGS:
         problems.add(where, f"{count} tags in one range; at most {MAX_RANGE_TAGS}")
         return []
@@ -242,7 +253,7 @@ def _from_modicon(tag: dict[str, Any], where: str, problems: _Problems) -> dict[
     raw = tag.get("address")
     if raw is None:
         return tag  # validation says it is missing
-    text = raw.text if isinstance(raw, YamlFloat) else str(raw)
+    text = raw.text if isinstance(raw, (YamlFloat, YamlInt)) else str(raw)
     register, dot, bit = text.strip().partition(".")
     if isinstance(raw, bool) or not register.isdigit() or (dot and not bit.isdigit()):
         problems.add(f"{where}.address", f"expected a Modicon register number like 40001 or 400001 (got {text})")

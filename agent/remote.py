@@ -227,7 +227,12 @@ def parse_push(payload: Any, running: AgentConfig, gateway: str) -> Push:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConfigError(f"version: must be a whole number, at least 1 (got {version!r})")
     text: str = payload["config"]
-    data = text.encode()
+    try:
+        data = text.encode()
+    except UnicodeEncodeError as exc:  # JSON carries lone surrogates ("\ud800"), which no file can hold
+        raise ConfigError(
+            f"config version {version}: config: not UTF-8 text ({exc.reason} at character {exc.start})"
+        ) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config: {len(data)} bytes, more than the {MAX_CONFIG_BYTES} this agent takes")
     source = f"config version {version}"
@@ -244,6 +249,11 @@ def parse_push(payload: Any, running: AgentConfig, gateway: str) -> Push:
             problems.append(
                 f"{source}: {key}: cannot change while the agent runs (restart needed): change it in the local file"
             )
+    if not config.remote_config.enabled:
+        problems.append(
+            f"{source}: remote_config.enabled: false would refuse every later push, this one's repair included: "
+            "turn pushes off in the local file"
+        )
     if problems:
         raise ConfigError("\n".join(problems))
     return Push(version=version, hash=text_hash(data), yaml=text, config=config)
@@ -254,6 +264,6 @@ def _top_keys(text: str) -> set[str]:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return set()
     return set(data) if isinstance(data, dict) else set()

@@ -85,6 +85,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, 
         return max(report(exc) for exc in _leaves(ours))
     except KeyboardInterrupt:
         return 130
+    except UnicodeEncodeError as exc:  # an argument of non-UTF-8 bytes, on its way to a database or a message
+        print(f"Error: not UTF-8 text: {exc.object!r} ({exc.reason})", file=sys.stderr)
+        return 2
 
 
 def report(exc: FactoryEdgeError) -> int:

@@ -30,6 +30,21 @@ class YamlFloat(float):
         return obj
 
 
+class YamlInt(int):
+    """An int written with leading zeros (``00010``), which YAML 1.1 reads as octal: it remembers its text.
+
+    Modicon register numbers start with 0 for coils (``00010`` is coil 9): their
+    digits count, not YAML's octal value (8).
+    """
+
+    text: str
+
+    def __new__(cls, value: int, text: str) -> YamlInt:
+        obj = super().__new__(cls, value)
+        obj.text = text
+        return obj
+
+
 class _Loader(yaml.SafeLoader):
     pass
 
@@ -39,9 +54,26 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     return YamlFloat(value, node.value)
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    value = yaml.SafeLoader.construct_yaml_int(loader, node)
+    text = str(node.value)
+    if len(text) > 1 and text.startswith("0") and text.isdigit():
+        return YamlInt(value, text)
+    return value
+
+
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 YamlLoader = _Loader
 """The loader config files are read with (floats keep their text)."""
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error without a line and column, in one line: ``character 49: unacceptable character #x0000 …``."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return f"character {exc.position}: invalid YAML: unacceptable character {char}: {exc.reason}"
+    return "invalid YAML: " + " ".join(str(exc).split())
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -60,7 +92,9 @@ def load_yaml(path: str | Path) -> Any:
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
         raise ConfigError(f"{path}: {where}: invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
 
 
 def _item_name(item: Any) -> str | None:

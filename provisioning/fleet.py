@@ -30,15 +30,18 @@ from typing import Any
 import yaml
 
 from factory_edge import names
+from factory_edge.configfile import yaml_problem
 from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from provisioning.brokers import AdminLink, sni_context
 from provisioning.errors import Invalid, NotFound
 from provisioning.layout import DataDir
 from provisioning.registry import Registry, Tenant, iso, now
+from provisioning.render import MAX_PACKET_SIZE
 from provisioning.tenants import get_tenant
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # what the agent takes (agent/remote.py)
 SETTLE_S = 0.5  # retained statuses arrive together right after SUBACK; this long without a new one ends the read
+READ_MAX_S = 5.0  # and this long at most: a gateway republishing its status endlessly must not hold the read
 
 
 def config_hash(text: str) -> str:
@@ -72,10 +75,28 @@ class StoredConfig:
         return doc
 
 
+PACKET_HEADROOM = 1024  # topic, properties (correlation, response topic) and header of the push's PUBLISH
+
+
+def push_size(text: str) -> int:
+    """Bytes of the push's payload (``fleet.push``) for this text, the largest version number included."""
+    return len(json.dumps({"version": 2**63, "config": text}).encode())
+
+
 def check_config_text(text: str, source: str) -> None:
     """What the cloud side can check without the gateway's drivers: size, YAML, a mapping with devices."""
-    if len(text.encode()) > MAX_CONFIG_BYTES:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as exc:  # JSON carries lone surrogates ("\ud800"), which no agent can read
+        raise Invalid(f"{source}: not UTF-8 text ({exc.reason} at character {exc.start})") from None
+    if size > MAX_CONFIG_BYTES:
         raise Invalid(f"{source}: larger than the {MAX_CONFIG_BYTES} bytes an agent takes")
+    pushed = push_size(text)
+    if pushed > MAX_PACKET_SIZE - PACKET_HEADROOM:
+        raise Invalid(
+            f"{source}: {pushed} bytes once pushed (as JSON), more than the broker's max_packet_size of "
+            f"{MAX_PACKET_SIZE} bytes allows: write repeated tags as profiles and ranges (docs/config.md)"
+        )
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -83,7 +104,9 @@ def check_config_text(text: str, source: str) -> None:
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
         raise Invalid(f"{source}: {where}invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise Invalid(f"{source}: invalid YAML: {exc}") from None
+        raise Invalid(f"{source}: {yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise Invalid(f"{source}: invalid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise Invalid(f"{source}: an agent config is a mapping of keys (docs/config.md)")
     if not data.get("devices"):
@@ -325,7 +348,8 @@ def running(data: DataDir, tenant_name: str, *, settle_s: float = SETTLE_S) -> d
         tenant = get_tenant(registry, tenant_name)
     with _Session(operator_link(data, tenant), ["gw/+/status"]) as session:
         seen = 0
-        while True:
+        until = time.monotonic() + max(settle_s, READ_MAX_S)
+        while time.monotonic() < until:
             session.arrived.clear()
             if not session.arrived.wait(settle_s):
                 with session.lock:
@@ -341,8 +365,16 @@ def running(data: DataDir, tenant_name: str, *, settle_s: float = SETTLE_S) -> d
             doc = json.loads(body)
         except ValueError:
             continue
-        if isinstance(doc, dict):
-            found[topic.split("/")[1]] = doc
+        if isinstance(doc, dict):  # a gateway writes its own status: keep only what has the documented shape
+            given = doc.get("config")
+            config: dict[str, Any] = given if isinstance(given, dict) else {}
+            last = config.get("last")
+            config = {**config, "last": last if isinstance(last, dict) else None}
+            found[topic.split("/")[1]] = {
+                **doc,
+                "config": config,
+                "config_hash": doc["config_hash"] if isinstance(doc.get("config_hash"), str) else None,
+            }
     return found
 
 
