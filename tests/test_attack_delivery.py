@@ -1009,12 +1009,17 @@ def test_a_disk_filled_to_the_last_byte_by_another_program_still_lets_confirmati
                 before = agent.status()["buffer"]
                 broker_acme.start()
                 try:
+
+                    def confirmations_made_room() -> bool:
+                        now = agent.status()  # one reading: several could straddle the drain
+                        buf = now.get("buffer", {})
+                        return (
+                            now.get("publish", {}).get("confirmed_batches", 0) > 0
+                            and buf.get("unconfirmed_batches", 0) + buf.get("batches", 0) < before["batches"] // 2
+                        )
+
                     wait_until(
-                        lambda: (
-                            agent.status().get("publish", {}).get("confirmed_batches", 0) > 0
-                            and agent.status()["buffer"]["unconfirmed_batches"] + agent.status()["buffer"]["batches"]
-                            < before["batches"] // 2
-                        ),
+                        confirmations_made_room,
                         timeout_s=60,
                         interval_s=1,
                         what="confirmations to delete stored batches",

@@ -246,11 +246,13 @@ def test_a_full_disk_is_survived_every_reading_is_stored_or_counted_and_the_back
                 assert agent.alive and full["connection"]["state"] != "connected"
                 assert full["buffer"]["dropped_by_reason"].get("disk_full", 0) > 0
                 broker_acme.start()
+
+                def backlog_drained() -> bool:
+                    buf = agent.status().get("buffer", {})  # one reading: two could straddle the drain
+                    return buf.get("unconfirmed_batches", 1) == 0 and buf.get("batches", 1) < 10
+
                 wait_until(
-                    lambda: (
-                        agent.status().get("buffer", {}).get("unconfirmed_batches", 1) == 0
-                        and agent.status().get("buffer", {}).get("batches", 1) < 10
-                    ),
+                    backlog_drained,
                     timeout_s=120,
                     interval_s=0.5,
                     what="the backlog to drain",
