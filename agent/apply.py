@@ -73,9 +73,13 @@ class Applier:
             return await self._rejected(
                 version, None, ["remote configuration is off here (remote_config.enabled: false)"]
             )
-        if self.busy:
+        if self.busy or agent.reloading:
             busy = self.outcome.version if self.outcome and self.outcome.state == "applying" else self._pending
-            reason = f"version {busy} is being applied; push again when it is done"
+            reason = (
+                f"version {busy} is being applied; push again when it is done"
+                if self.busy
+                else "the local configuration is being reloaded; push again when it is done"
+            )
             # Answered, not recorded: the status keeps telling how the push under way goes.
             return {"ok": False, "state": "rejected", "version": version, "error": reason, "reasons": [reason]}
         self._checking = True  # one push at a time, from its check on

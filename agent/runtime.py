@@ -447,6 +447,11 @@ class Agent:
         self.event("write", device=payload["device"], tag=payload["tag"], value=payload["value"])
         return {"ok": True, "device": payload["device"], "tag": payload["tag"], "value": payload["value"]}
 
+    @property
+    def reloading(self) -> bool:
+        """A reload (or a pushed configuration's switch) is restarting the devices right now."""
+        return self._reload_lock.locked()
+
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and restart the devices; the buffer and connection stay."""
         if self.config_path is None:

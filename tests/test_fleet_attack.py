@@ -654,3 +654,30 @@ def test_a_push_to_a_reachable_broker_without_the_tenants_storage_rolls_back(
             gw.stop()
     report = check_exactly_once(plant, view, pki_acme.tenant)
     assert report["stored"] == report["served"] > 20, report
+
+
+def test_a_push_arriving_while_a_reload_restarts_the_devices_is_refused(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """A reload stops the devices, which takes as long as the read under way (the machine answers 1.5 s late
+    here); a push arriving meanwhile is refused as busy, not applied over a half-done reload."""
+    from tests.agentproc import AgentProcess
+    from tests.faults import Plant
+
+    with Plant(tmp_path / "plant", delay_ms=1500) as plant:
+        config = agent_config(pki_acme, broker_acme, plant.port)
+        config["devices"][0].update(timeout="5s", tags=[{"name": "r0", "address": 0}])
+        with AgentProcess(tmp_path / "agent", config) as gw, cloud(pki_acme, broker_acme, "cloud-reload") as seen:
+            gw.start()
+            wait(lambda: online(seen) and len(plant.served()) >= 2, 20, "the agent polling")
+            seen.client.publish(f"gw/{GW}/cmd/reload", "{}", qos=1).wait_for_publish(5)
+            time.sleep(0.3)  # the reload is waiting for the read under way
+            seen.push(2, agent_config(pki_acme, broker_acme, plant.port, tags=2))
+            wait(lambda: seen.replies(), 10, "the push's reply")
+            assert seen.replies()[0]["state"] == "rejected"
+            assert seen.replies()[0]["reasons"] == [
+                "the local configuration is being reloaded; push again when it is done"
+            ]
+            wait(lambda: seen.docs(f"gw/{GW}/cmd/reload/reply"), 10, "the reload's reply")
+            assert seen.docs(f"gw/{GW}/cmd/reload/reply")[0]["ok"] is True
+            assert gw.stop() == 0
