@@ -204,6 +204,8 @@ def _range(tag: dict[str, Any], where: str, problems: _Problems, *, modicon: boo
             problems.add(f"{where}.addresses", f"expected a range like 0-999 (got {tag['addresses']!r})")
             return []
         first, last = span
+        written = re.match(r"\s*(\d+)", str(tag["addresses"]))
+        digits = len(written.group(1)) if written else 0
         if (last - first + 1) % stride:
             problems.add(
                 f"{where}.addresses",
@@ -221,6 +223,7 @@ def _range(tag: dict[str, Any], where: str, problems: _Problems, *, modicon: boo
             return []
         # 00010 (coil 9 in Modicon notation) is the octal 8 to YAML: its digits count, as written.
         first, count = (int(start.text) if modicon and isinstance(start, YamlInt) else int(start)), number
+        digits = len(start.text) if isinstance(start, YamlInt) else len(str(start))
     if count > MAX_RANGE_TAGS:
         problems.add(where, f"{count} tags in one range; at most {MAX_RANGE_TAGS}")
         return []
@@ -237,7 +240,8 @@ def _range(tag: dict[str, Any], where: str, problems: _Problems, *, modicon: boo
     for i in range(count):
         address = first + i * stride
         values = {"address": address, "i": i, "n": i + 1}
-        element = {**base, "name": _fill(name, values), "address": address}
+        # Modicon: each element's number has as many digits as the start as written (00001-00016: coils).
+        element = {**base, "name": _fill(name, values), "address": str(address).zfill(digits) if modicon else address}
         if isinstance(description, str):
             element["description"] = _fill(description, values)
         out.append(element)
@@ -258,7 +262,7 @@ def _from_modicon(tag: dict[str, Any], where: str, problems: _Problems) -> dict[
     if isinstance(raw, bool) or not register.isdigit() or (dot and not bit.isdigit()):
         problems.add(f"{where}.address", f"expected a Modicon register number like 40001 or 400001 (got {text})")
         return None
-    digits = register if len(register) >= 5 else register.zfill(5)
+    digits = register  # never padded: 1 is not guessed to be 00001 (coil 0)
     if len(digits) == 5:
         prefix, number, limit = digits[0], int(digits[1:]), 9999
     elif len(digits) == 6:

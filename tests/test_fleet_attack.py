@@ -76,6 +76,21 @@ def test_modicon_coil_numbers_with_leading_zeros_are_not_read_as_octal(tmp_path:
     }
 
 
+@pytest.mark.parametrize("written", ["1", "9999", "4001", "'1'"])
+def test_a_modicon_number_shorter_than_5_digits_is_refused_not_padded_into_a_coil(tmp_path: Path, written: str) -> None:
+    """Under addressing: modicon, 1 or 9999 is not guessed to be 00001 or 09999 (coils 0 and 9998)."""
+    path = write(tmp_path, modicon_device(f"      - {{name: t, address: {written}}}\n"))
+    line = one_line(agent("check-config", path), 2)
+    assert (
+        "is not 5- or 6-digit Modicon notation (addressing: modicon)" in line and "devices[plc].tags[t].address" in line
+    )
+
+
+def test_a_modicon_range_written_short_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, modicon_device("      - {name: 'c{n}', addresses: 1-3}\n"))
+    assert "is not 5- or 6-digit Modicon notation" in one_line(agent("check-config", path), 2)
+
+
 def test_a_short_config_expanding_to_millions_of_tags_is_refused_in_one_line(tmp_path: Path) -> None:
     """A 1 KB file: 4 full-size ranges in a profile used by 20 devices is 5.2 million tags (gigabytes to check)."""
     ranges = "".join(f'      - {{name: "r{k}_{{address}}", addresses: 0-65535}}\n' for k in range(4))
