@@ -358,15 +358,19 @@ class Agent:
         }
 
     def _buffer_figures(self) -> dict[str, Any]:
-        """What the retained status says of the buffer (docs/topics.md): backlog, unconfirmed, dropped."""
-        counts, stats = self.buffer.figures(), self._stats
+        """What the retained status says of the buffer (docs/topics.md): backlog, unconfirmed, dropped.
+
+        From the figures the status thread read last (at most a second old): the buffer's own lock is held
+        through each commit, and the event loop never waits for the disk.
+        """
+        stats = self._stats
         return {
-            "pending_batches": counts.pending_batches,
-            "pending_points": counts.pending_points,
-            "unconfirmed_batches": counts.unconfirmed_batches,
+            "pending_batches": stats.batches,
+            "pending_points": stats.points,
+            "unconfirmed_batches": stats.unconfirmed,
             "dropped_points": stats.dropped_points,
-            "oldest_pending_ts": stats.oldest_ms if counts.pending_batches else None,
-            "oldest_unconfirmed_ts": stats.oldest_unconfirmed_ms if counts.unconfirmed_batches else None,
+            "oldest_pending_ts": stats.oldest_ms if stats.batches else None,
+            "oldest_unconfirmed_ts": stats.oldest_unconfirmed_ms if stats.unconfirmed else None,
         }
 
     def _republish_buffer(self) -> None:
