@@ -20,7 +20,7 @@ from typing import Any
 
 from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
-from factory_edge.systemd import Notifier
+from factory_edge.systemd import follow_server
 from factory_edge.tasks import cancel_and_wait
 from provisioning import pki
 from provisioning.server import _listen, default_names
@@ -111,21 +111,8 @@ async def serve(console: Console, options: ServeOptions) -> None:
 
 
 async def _notify_systemd(server: Any, options: ServeOptions) -> None:
-    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down (as ``provisioning serve``)."""
-    systemd = Notifier()
-    if not systemd.enabled:
-        return
-    while not server.started:
-        await asyncio.sleep(0.05)
-    systemd.ready(f"console on https://{options.host}:{options.port}/")
-    loop = asyncio.get_running_loop()
-    fed = 0.0
-    while not server.should_exit:
-        if systemd.watchdog_interval_s and loop.time() - fed >= systemd.watchdog_interval_s:
-            systemd.watchdog()
-            fed = loop.time()
-        await asyncio.sleep(0.1)
-    systemd.stopping()
+    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down."""
+    await follow_server(server, f"console on https://{options.host}:{options.port}/")
 
 
 async def _run(server: Any, listener: socket.socket) -> None:

@@ -7,8 +7,10 @@ of ``WatchdogSec=`` (``$WATCHDOG_USEC``), the pace systemd recommends.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from typing import Any
 
 
 class Notifier:
@@ -53,3 +55,26 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
+
+
+async def follow_server(server: Any, ready: str) -> None:
+    """READY (saying ``ready``) once a uvicorn ``server`` listens, the watchdog while it serves, STOPPING as it
+    shuts down.
+
+    uvicorn ends the process by re-raising SIGTERM after its shutdown, so
+    STOPPING is sent when it starts to exit, not from a ``finally``.
+    """
+    systemd = Notifier()
+    if not systemd.enabled:
+        return
+    while not server.started:
+        await asyncio.sleep(0.05)
+    systemd.ready(ready)
+    loop = asyncio.get_running_loop()
+    fed = 0.0
+    while not server.should_exit:
+        if systemd.watchdog_interval_s and loop.time() - fed >= systemd.watchdog_interval_s:
+            systemd.watchdog()
+            fed = loop.time()
+        await asyncio.sleep(0.1)
+    systemd.stopping()

@@ -29,7 +29,7 @@ from cryptography import x509
 
 from factory_edge.errors import FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
-from factory_edge.systemd import Notifier
+from factory_edge.systemd import follow_server
 from factory_edge.tasks import cancel_and_wait
 from provisioning import pki, retained
 from provisioning.admin import enforce_subscriptions, refresh_crls
@@ -231,25 +231,8 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
 
 
 async def _notify_systemd(server: Any, options: ServeOptions) -> None:
-    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down.
-
-    uvicorn ends the process by re-raising SIGTERM after its shutdown, so
-    STOPPING is sent when it starts to exit, not from a ``finally``.
-    """
-    systemd = Notifier()
-    if not systemd.enabled:
-        return
-    while not server.started:
-        await asyncio.sleep(0.05)
-    systemd.ready(f"API on https://{options.host}:{options.port}")
-    loop = asyncio.get_running_loop()
-    fed = 0.0
-    while not server.should_exit:
-        if systemd.watchdog_interval_s and loop.time() - fed >= systemd.watchdog_interval_s:
-            systemd.watchdog()
-            fed = loop.time()
-        await asyncio.sleep(0.1)
-    systemd.stopping()
+    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down."""
+    await follow_server(server, f"API on https://{options.host}:{options.port}")
 
 
 async def _run(server: Any, listener: socket.socket) -> None:
