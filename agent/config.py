@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from drivers.config import Device, ModbusDeviceBase
-from factory_edge.configfile import YamlLoader, load_yaml, validate, yaml_problem
+from factory_edge.configfile import load_yaml, parse_yaml, validate
 from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 from factory_edge.errors import ConfigError
 from factory_edge.extras import install_hint, missing
@@ -205,17 +204,7 @@ def load_config(path: str | Path) -> AgentConfig:
 
 def parse_config_text(text: str, source: str) -> AgentConfig:
     """A config given as YAML text (a pushed configuration), validated as a file is."""
-    try:
-        data = yaml.load(text, Loader=YamlLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
-        raise ConfigError(f"{source}: {where}: invalid YAML: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
-    return parse_config(data, source)
+    return parse_config(parse_yaml(text, source), source)
 
 
 def parse_config(data: Any, source: str) -> AgentConfig:

@@ -85,16 +85,21 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str, loader: type[yaml.SafeLoader] = _Loader) -> Any:
+    """Parse YAML text; a syntax error is one line, a ConfigError naming ``source`` and where."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "?"
-        raise ConfigError(f"{path}: {where}: invalid YAML: {exc.problem}") from None
+        raise ConfigError(f"{source}: {where}: invalid YAML: {exc.problem}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: {yaml_problem(exc)}") from None
+        raise ConfigError(f"{source}: {yaml_problem(exc)}") from None
     except RecursionError:  # PyYAML composes nested collections recursively
-        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
 
 
 def _item_name(item: Any) -> str | None:

@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from factory_edge import names
-from factory_edge.configfile import yaml_problem
-from factory_edge.errors import FactoryEdgeError, ProvisioningError
+from factory_edge.configfile import parse_yaml
+from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from provisioning.brokers import AdminLink, sni_context
 from provisioning.errors import Invalid, NotFound
 from provisioning.layout import DataDir
@@ -98,15 +98,9 @@ def check_config_text(text: str, source: str) -> None:
             f"{MAX_PACKET_SIZE} bytes allows: write repeated tags as profiles and ranges (docs/config.md)"
         )
     try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
-        raise Invalid(f"{source}: {where}invalid YAML: {exc.problem}") from None
-    except yaml.YAMLError as exc:
-        raise Invalid(f"{source}: {yaml_problem(exc)}") from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise Invalid(f"{source}: invalid YAML: nested too deeply") from None
+        data = parse_yaml(text, source, yaml.SafeLoader)
+    except ConfigError as exc:
+        raise Invalid(str(exc)) from None
     if not isinstance(data, dict):
         raise Invalid(f"{source}: an agent config is a mapping of keys (docs/config.md)")
     if not data.get("devices"):
