@@ -102,17 +102,14 @@ async def serve(console: Console, options: ServeOptions) -> None:
     async with asyncio.TaskGroup() as group:
         rollups = group.create_task(_rollups(console, options.rollup_every_s), name="rollup")
         web = group.create_task(_run(server, listener), name="console")
-        notify = group.create_task(_notify_systemd(server, options), name="systemd")
+        notify = group.create_task(
+            follow_server(server, f"console on https://{options.host}:{options.port}/"), name="systemd"
+        )
         try:
             await web
         finally:
             await cancel_and_wait(notify)
             await cancel_and_wait(rollups)
-
-
-async def _notify_systemd(server: Any, options: ServeOptions) -> None:
-    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down."""
-    await follow_server(server, f"console on https://{options.host}:{options.port}/")
 
 
 async def _run(server: Any, listener: socket.socket) -> None:

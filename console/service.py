@@ -35,7 +35,7 @@ from provisioning.registry import Registry, now, parse_iso
 
 from .accounts import Accounts
 from .rollup import MINUTE_MS, Rollup
-from .tenantdata import NO_BUFFER, PostgresData, Series, SqliteData, TenantData
+from .tenantdata import PostgresData, Series, SqliteData, TenantData, empty_row
 
 log = logging.getLogger(__name__)
 
@@ -143,23 +143,7 @@ class Console:
         for view in self._devices(tenant):
             row = by_name.get(view["gateway"])
             if row is None:  # provisioned, never heard from
-                row = by_name[view["gateway"]] = {
-                    "gateway": view["gateway"],
-                    "state": "never seen",
-                    "since": None,
-                    "last_seen": None,
-                    "version": None,
-                    "config_hash": None,
-                    "newest_reading": None,
-                    "lag_ms": None,
-                    "devices": 0,
-                    "tags": 0,
-                    "bad_tags": 0,
-                    "devices_with_errors": [],
-                    "dropped_points": 0,
-                    "active_alerts": 0,
-                    **NO_BUFFER,
-                }
+                row = by_name[view["gateway"]] = empty_row(view["gateway"], "never seen")
             row["provisioning"] = view["state"]
             row["cert_not_after"] = view["not_after"]
             expiry = parse_iso(view["not_after"])

@@ -69,6 +69,27 @@ class Series:
         return cls(*parts)
 
 
+def empty_row(gateway: str, state: str) -> dict[str, Any]:
+    """A fleet row with nothing known of the gateway yet but its name and ``state``."""
+    return {
+        "gateway": gateway,
+        "state": state,
+        "since": None,
+        "last_seen": None,
+        "version": None,
+        "config_hash": None,
+        "newest_reading": None,
+        "lag_ms": None,
+        "devices": 0,
+        "tags": 0,
+        "bad_tags": 0,
+        "devices_with_errors": [],
+        "dropped_points": 0,
+        "active_alerts": 0,
+        **NO_BUFFER,
+    }
+
+
 class TenantData:
     """One tenant's store, read. Use as a context manager: one connection for one request."""
 
@@ -104,26 +125,7 @@ class TenantData:
         gateways: dict[str, dict[str, Any]] = {}
 
         def gw(name: str) -> dict[str, Any]:
-            return gateways.setdefault(
-                name,
-                {
-                    "gateway": name,
-                    "state": "unknown",
-                    "since": None,
-                    "last_seen": None,
-                    "version": None,
-                    "config_hash": None,
-                    "newest_reading": None,
-                    "lag_ms": None,
-                    "devices": 0,
-                    "tags": 0,
-                    "bad_tags": 0,
-                    "devices_with_errors": [],
-                    "dropped_points": 0,
-                    "active_alerts": 0,
-                    **NO_BUFFER,
-                },
-            )
+            return gateways.setdefault(name, empty_row(name, "unknown"))
 
         status = self.rows(
             "SELECT gw, state, ts, version, config_hash, received_at FROM (SELECT gw, state, ts, version, config_hash, "

@@ -217,7 +217,9 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
     async with asyncio.TaskGroup() as group:
         upkeep = group.create_task(crl_upkeep(data, options.crl_check_s), name="crl-refresh")
         api = group.create_task(_run(server, listener), name="api")
-        notify = group.create_task(_notify_systemd(server, options), name="systemd")
+        notify = group.create_task(
+            follow_server(server, f"API on https://{options.host}:{options.port}"), name="systemd"
+        )
         guarding: list[asyncio.Task[None]] = []
         watcher = group.create_task(guards(data, group, guarding), name="retained")
         try:
@@ -228,11 +230,6 @@ async def serve(data: DataDir, options: ServeOptions) -> None:
                 await cancel_and_wait(task)
             await cancel_and_wait(notify)
             await cancel_and_wait(upkeep)
-
-
-async def _notify_systemd(server: Any, options: ServeOptions) -> None:
-    """READY once uvicorn listens, the watchdog while it serves, STOPPING as it shuts down."""
-    await follow_server(server, f"API on https://{options.host}:{options.port}")
 
 
 async def _run(server: Any, listener: socket.socket) -> None:
