@@ -495,8 +495,17 @@ class Buffer:
         self.close()
 
 
+WRITER_CACHE_KIB = 512
+READER_CACHE_KIB = 256
+
+
 def open_db(path: Path, *, fsync: bool = True, write: bool = True) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # Page caches smaller than SQLite's 2 MiB default, each connection its own (the agent has three): the
+    # writer appends at one end and deletes at the other, a reader reads each batch once. Measured: the same
+    # CPU to write and to drain 1,000,000 points, and up to 3.5 MB less resident over an outage
+    # (docs/performance.md).
+    db.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB if write else READER_CACHE_KIB}")
     if not write:
         return db  # WAL is a property of the file, set by the writer
     db.execute("PRAGMA journal_mode=WAL")

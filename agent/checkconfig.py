@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from drivers.config import ModbusDeviceBase, OpcuaDevice
+from drivers.configtypes import ModbusDeviceBase, OpcuaDevice
 from drivers.modbus.notation import address_warnings
 from drivers.modbus.plan import Limits, plan_reads
 from factory_edge.errors import ConfigError
 from factory_edge.mqtt import tls_file_problems
 from factory_edge.units import format_duration, plural
 
-from .config import AgentConfig, load_config
+from .configtypes import AgentConfig
 from .identity import broker_from_config
 
 
@@ -84,7 +84,9 @@ def expanded_lines(config: AgentConfig) -> list[str]:
     """``--expand``: each device as the agent runs it, one tag per line (protocol addresses)."""
     lines: list[str] = []
     for device in config.devices:
-        keys = device.model_dump(mode="json", exclude={"tags", "name", "protocol", "addressing"}, exclude_defaults=True)
+        keys = device.model_dump(  # type: ignore[union-attr]  # check-config holds the models (agent/config.py)
+            mode="json", exclude={"tags", "name", "protocol", "addressing"}, exclude_defaults=True
+        )
         for key in ("poll", "timeout", "backoff_max"):
             if key in keys:
                 keys[key] = format_duration(keys[key])
@@ -92,7 +94,7 @@ def expanded_lines(config: AgentConfig) -> list[str]:
             keys = {"unit": device.unit, **keys}
         lines.append(f"{device.name}: {device.protocol} {_flow(keys)}".rstrip())
         for tag in device.tags:
-            tag_keys = tag.model_dump(mode="json", exclude={"name"}, exclude_defaults=True)
+            tag_keys = tag.model_dump(mode="json", exclude={"name"}, exclude_defaults=True)  # type: ignore[union-attr]
             if isinstance(device, ModbusDeviceBase):
                 tag_keys = {"table": str(tag.table), "address": tag.address, **tag_keys}  # type: ignore[union-attr]  # Modbus tags have both
             if tag.deadband is not None:
@@ -136,6 +138,8 @@ def check_devices(config: AgentConfig, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .config import load_config  # pydantic: loaded by the commands that check a file, not by agent run
+
     path = config_file(args)
     config = load_config(path)
     check_devices(config, path)

@@ -1,4 +1,9 @@
-"""The agent's config file: gateway identity, MQTT, buffer, publishing and devices."""
+"""The agent's config file: gateway identity, MQTT, buffer, publishing and devices.
+
+The models check a file and word its errors; each inherits from its plain twin
+in ``agent/configtypes.py``, which is what ``agent run`` holds
+(``agent/configproc.py``).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,16 @@ from factory_edge.errors import ConfigError
 from factory_edge.extras import install_hint, missing
 from factory_edge.units import parse_size
 
+from . import configtypes as plain
+from .configtypes import DEFAULT_STATE_DIR
 from .expand import expand
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 
-DEFAULT_STATE_DIR = "/var/lib/factory-edge/agent"
+__all__ = ["DEFAULT_STATE_DIR"]  # re-exported
 
 
-class MqttConfig(Model):
+class MqttConfig(Model, plain.MqttConfig):
     """Broker settings for sites with their own broker (with ``url``), or tuning of the provisioned one (without)."""
 
     url: str | None = Field(
@@ -72,7 +79,7 @@ class MqttConfig(Model):
         return self
 
 
-class BufferConfig(Model):
+class BufferConfig(Model, plain.BufferConfig):
     max_bytes: Size = Field(
         default=256 * 1024**2, ge=1024**2, description="the buffer's files on disk (database and WAL) stay below this"
     )
@@ -109,7 +116,7 @@ class BufferConfig(Model):
     )
 
 
-class PublishConfig(Model):
+class PublishConfig(Model, plain.PublishConfig):
     max_points: int = Field(default=500, ge=1, le=100_000)
     max_bytes: Size = Field(default=256 * 1024, gt=0)
     inflight: int = Field(default=20, ge=1, le=1000)
@@ -118,7 +125,7 @@ class PublishConfig(Model):
 SPARKPLUG_ID = r"^[^/+#\s]{1,64}$"  # a Sparkplug topic level: no '/', '+', '#', spaces
 
 
-class SparkplugConfig(Model):
+class SparkplugConfig(Model, plain.SparkplugConfig):
     """Sparkplug B 3.0 edge node (docs/sparkplug.md): data goes to spBv1.0/<group_id>/… instead of gw/<gw>/data."""
 
     group_id: str | None = Field(
@@ -138,7 +145,7 @@ class SparkplugConfig(Model):
     )
 
 
-class RemoteConfig(Model):
+class RemoteConfig(Model, plain.RemoteConfig):
     """Configuration pushed from the cloud on ``gw/{gw}/cmd/config`` (docs/fleet.md)."""
 
     enabled: bool = Field(default=True, description="accept configurations pushed on gw/{gw}/cmd/config")
@@ -156,7 +163,7 @@ class RemoteConfig(Model):
     )
 
 
-class AgentConfig(Model):
+class AgentConfig(Model, plain.AgentConfig):
     """The whole agent config file."""
 
     gateway: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=128)
@@ -189,12 +196,6 @@ class AgentConfig(Model):
                             f"but max_registers_per_read is {limit}"
                         )
         return devices
-
-    def device(self, name: str) -> Any:
-        for device in self.devices:
-            if device.name == name:
-                return device
-        raise KeyError(name)
 
 
 def load_config(path: str | Path) -> AgentConfig:

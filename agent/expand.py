@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from drivers.config import REGISTERS_PER_TYPE, DataType
+from drivers.configtypes import REGISTERS_PER_TYPE, DataType
 from factory_edge.configfile import YamlFloat, YamlInt
 from factory_edge.errors import ConfigError
 

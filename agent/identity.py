@@ -18,7 +18,7 @@ from pathlib import Path
 from factory_edge.errors import ConfigError
 from factory_edge.mqtt import BrokerSettings
 
-from .config import AgentConfig
+from .configtypes import AgentConfig
 
 IDENTITY_FILE = "identity.json"
 

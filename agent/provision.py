@@ -26,7 +26,7 @@ from factory_edge import __version__
 from factory_edge.errors import ConfigError, ProvisioningError
 from factory_edge.mqtt import BrokerSettings, explain_connect_error, no_delay, tls_context
 
-from .config import DEFAULT_STATE_DIR
+from .configtypes import DEFAULT_STATE_DIR
 from .identity import IDENTITY_FILE, load_identity
 from .renew import HTTP_TIMEOUT_S, ApiSettings, answer, api_context, check_issued, explain_http_error, renew_at
 

@@ -10,13 +10,13 @@ import sys
 from typing import Any
 
 from drivers.base import open_driver
-from drivers.config import ModbusTag
+from drivers.configtypes import ModbusTag
 from drivers.modbus.notation import modicon_hint
 from drivers.points import Point, Quality
 from factory_edge.errors import ConfigError, DriverError
 from factory_edge.logs import fields
 
-from .config import AgentConfig, load_config
+from .configtypes import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def table_lines(config: AgentConfig, results: dict[str, list[Point]]) -> list[st
 
 
 def run(args: argparse.Namespace) -> int:
+    from .config import load_config  # pydantic: not loaded by agent run
+
     config = load_config(args.config)
     devices = [d for d in config.devices if d.enabled]
     if args.device:  # a device named on the command line is read even when disabled

@@ -50,7 +50,8 @@ from typing import Any
 from factory_edge.errors import ConfigError
 from factory_edge.files import write_atomic
 
-from .config import AgentConfig, load_config, parse_config_text
+from .configproc import load_config, parse_config_text
+from .configtypes import AgentConfig
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from factory_edge.certdates import CertDates, read_cert_dates
 from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
 from factory_edge.logs import fields
 
-from .config import AgentConfig
+from .configtypes import AgentConfig
 from .identity import Identity, load_identity
 
 if TYPE_CHECKING:

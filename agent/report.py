@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from drivers.config import Deadband
+from drivers.configtypes import Deadband
 from drivers.points import Point
 
 DEFAULT_MAX_SILENCE_S = 300.0

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from factory_edge.errors import FactoryEdgeError
 from factory_edge.logs import fields
 from factory_edge.mqtt import tls_context
 
-from .config import load_config
+from .configproc import load_config
 from .identity import resolve
 from .remote import startup
 from .runtime import Agent
@@ -55,10 +56,26 @@ def _dump_tasks() -> None:
 
 
 async def serve(config_path: Path, state_dir: str | None) -> None:
-    local = load_config(config_path)
-    directory = Path(state_dir or local.state_dir)  # the local file's: a pushed config cannot move the state
-    directory.mkdir(parents=True, exist_ok=True)
-    start = startup(config_path, directory)  # the local file, or the configuration pushed over it (remote.py)
+    # A stop asked while starting (the config is checked in a child process first) is kept, not fatal:
+    # the agent then stops as soon as it can, with exit status 0 like any stop. A plain handler, run at
+    # once even while this thread waits for the child; the event loop's handlers replace it below.
+    loop = asyncio.get_running_loop()
+    asked: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: asked.append(signum))
+    try:
+        local = load_config(config_path)
+        directory = Path(state_dir or local.state_dir)  # the local file's: a pushed config cannot move the state
+        directory.mkdir(parents=True, exist_ok=True)
+        start = startup(config_path, directory)  # the local file, or the configuration pushed over it (remote.py)
+    except FactoryEdgeError:
+        if asked:  # the stop also reached a child checking a config (systemd stops the whole cgroup)
+            log.info("stopped while starting")
+            return
+        raise
+    if asked:
+        log.info("stopped while starting")
+        return
     for note in start.notes:
         log.warning("configuration", extra=fields(note=note))
     config = start.config
@@ -79,9 +96,10 @@ async def serve(config_path: Path, state_dir: str | None) -> None:
         running=start.running,
         outcome=start.outcome,
     ) as agent:
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop)
+        if asked:
+            agent.stop()
         dump_stacks_on_sigusr2(loop)
         await agent.wait_stopped()
 

@@ -41,7 +41,8 @@ from factory_edge.units import plural
 from .apply import Applier
 from .buffer import Buffer
 from .bufferread import BufferReader, BufferStats
-from .config import AgentConfig, load_config
+from .configproc import load_config
+from .configtypes import AgentConfig
 from .delivery import DeliveryPolicy
 from .identity import sparkplug_group
 from .publisher import ConnectionState, Publisher
@@ -64,7 +65,11 @@ AGES_EVERY_S = 10.0
 
 
 def config_hash(path: Path | None, config: AgentConfig) -> str:
-    data = path.read_bytes() if path is not None and path.exists() else config.model_dump_json().encode()
+    if path is not None and path.exists():
+        data = path.read_bytes()
+    else:  # a model (tests) or its plain copy (agent/configproc.py): either prints the same values
+        dump = getattr(config, "model_dump_json", None)
+        data = (dump() if dump is not None else repr(config)).encode()
     return hashlib.sha256(data).hexdigest()[:12]
 
 
@@ -461,14 +466,14 @@ class Agent:
         if self.config_path is None:
             raise ConfigError("this agent was not started from a config file")
         async with self._reload_lock:
-            new = load_config(self.config_path)
+            new = await asyncio.to_thread(load_config, self.config_path)  # a child process checks it
             later = [
                 key
                 for key in ("gateway", "state_dir", "mqtt", "buffer", "publish", "metrics_port", "sparkplug")
                 if getattr(new, key) != getattr(self.config, key)
             ]
             await self._stop_devices()
-            self.config = self.config.model_copy(update={"devices": new.devices})
+            self.config = self.config.replace(devices=new.devices)
             self.local_hash = config_hash(self.config_path, self.config)
             self.running = Running(source="local", hash=self.local_hash)
             await asyncio.to_thread(self.remote.store.forget)
@@ -496,7 +501,7 @@ class Agent:
         async with self._reload_lock:
             await self._stop_devices()
             removed = tuple(sorted({d.name for d in self.config.devices} - {d.name for d in config.devices}))
-            self.config = config.model_copy(update={"state_dir": self.config.state_dir})
+            self.config = config.replace(state_dir=self.config.state_dir)
             self.running = running
             self.config_hash = running.hash
             self._filter = ReportFilter.for_devices(self.config.devices)

@@ -8,8 +8,6 @@ import contextlib
 import logging
 from typing import Any
 
-from drivers.simulate.machines import demo_machines, register_map_lines
-from drivers.simulate.modbus_server import ModbusSimulator
 from factory_edge.extras import install_hint, missing
 from factory_edge.logs import fields
 
@@ -34,6 +32,9 @@ def add_parser(commands: Any) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    from drivers.simulate.machines import demo_machines, register_map_lines  # not loaded by agent run
+    from drivers.simulate.modbus_server import ModbusSimulator
+
     async with contextlib.AsyncExitStack() as stack:
         if args.modbus_port:
             machines = demo_machines()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drivers.config import DataType as TagType
+from drivers.configtypes import DataType as TagType
 from factory_edge.logs import fields
 from factory_edge.sparkplug.payload import (
     BIRTH_UUID,

@@ -13,7 +13,7 @@ from factory_edge.errors import FactoryEdgeError
 
 from .buffer import NOT_LOST, age_seconds
 from .bufferread import read_stats
-from .config import DEFAULT_STATE_DIR
+from .configtypes import DEFAULT_STATE_DIR
 from .runtime import BUFFER_FILE, STATUS_FILE
 
 STALE_AFTER_S = 10.0

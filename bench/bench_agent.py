@@ -1,6 +1,6 @@
 """Agent end to end: machines → agent → SQLite buffer → TLS via HAProxy (SNI) → Mosquitto, against the targets.
 
-    python bench/bench_agent.py [--seconds 10] [--backlog 1000000] [--skip-rss]
+    python bench/bench_agent.py [--seconds 10] [--backlog 1000000] [--skip-rss | --rss-only] [--full-rss]
 
 One run, on loopback with real Mosquitto and HAProxy, the simulated Modbus
 devices in this process, ``agent run`` in its own and every batch counted
@@ -18,7 +18,11 @@ devices in this process, ``agent run`` in its own and every batch counted
 4. the drain of a ``--backlog``-point buffer while 1,000 live tags keep
    publishing (target ≥ 500,000 values/s);
 5. the agent's RSS after a steady run with Modbus only (target < 40 MB) and
-   with a Modbus and an OPC UA device (target < 55 MB).
+   with a Modbus and an OPC UA device (target < 55 MB);
+6. whether that memory stays flat: the Modbus-only agent's RSS, read every
+   2 s, through a steady run, a broker outage (the readings go to the
+   buffer) and the drain after it. By default 60 s + 30 s + 60 s;
+   ``--full-rss`` runs the issue's 10 minutes and 5-minute outage (~20 min).
 
 Latency (register change → broker) is ``bench_delivery.py``'s.
 """
@@ -167,12 +171,56 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def flatness(
+    work: Path,
+    config: dict[str, Any],
+    broker: Mosquitto,
+    counter: Counter,
+    steady_s: float,
+    outage_s: float,
+    after_s: float,
+) -> dict[str, Any]:
+    """RSS every 2 s through ``steady_s`` of running, ``outage_s`` with the broker stopped, ``after_s`` after it."""
+    before = counter.points
+    agent = AgentProcess(work / "agent-flat", config).start()
+    assert agent.proc is not None
+    samples: dict[str, list[float]] = {"warm": [], "steady": [], "outage": [], "after": []}
+
+    async def sample(phase: str, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(2)
+            samples[phase].append(rss_mb(agent.proc.pid, "VmRSS"))  # type: ignore[union-attr]
+
+    try:
+        deadline = time.monotonic() + 120  # started (seconds on a busy machine), connected, first batches through
+        while counter.points == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await sample("warm", 10)
+        await sample("steady", steady_s)
+        broker.stop()
+        try:
+            await sample("outage", outage_s)
+            backlog = agent.status().get("buffer", {}).get("points", 0)
+        finally:
+            broker.start()
+        await sample("after", after_s)
+        after = agent.status().get("buffer", {}).get("points", 0)
+        return {**samples, "backlog": backlog, "backlog_after": after, "peak": rss_mb(agent.proc.pid)}
+    finally:
+        agent.stop()
+
+
 async def steady(work: Path, name: str, config: dict[str, Any], counter: Counter, seconds: float) -> dict[str, float]:
     """Run the agent, let it settle, then measure ``seconds``: values/s delivered, CPU, RSS."""
     agent = AgentProcess(work / name, config).start()
     assert agent.proc is not None
     try:
-        await asyncio.sleep(3)  # connect, first polls
+        # Started (the config check and the imports take seconds on a busy machine), connected, first polls.
+        before, deadline = counter.points, time.monotonic() + 120
+        while counter.points == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)
         start_points, started, cpu = counter.points, time.perf_counter(), cpu_s(agent.proc.pid)
         await asyncio.sleep(seconds)
         delivered = counter.points - start_points
@@ -283,58 +331,59 @@ async def main(args: argparse.Namespace) -> None:
                 counter = Counter(direct)
                 base = {"gateway": GW, "mqtt": agent_mqtt, "buffer": {"max_bytes": "1GiB"}}
 
-                # 1. one device at 10 ms
-                print("[1/5] one device, 1,000 registers every 10 ms, max_concurrent_requests 8", flush=True)
-                results["fast"] = await steady(
-                    work, "agent-fast", {**base, "devices": [device(0, port, 1000, 0.01)]}, counter, args.seconds
-                )
-                # 2. ten devices at 100 ms
-                print("[2/5] 10 devices x 1,000 registers every 100 ms", flush=True)
-                results["ten"] = await steady(
-                    work,
-                    "agent-ten",
-                    {**base, "devices": [device(i, port, 1000, 0.1) for i in range(10)]},
-                    counter,
-                    args.seconds,
-                )
-                counter.stop()
+                if not args.rss_only:
+                    # 1. one device at 10 ms
+                    print("[1/6] one device, 1,000 registers every 10 ms, max_concurrent_requests 8", flush=True)
+                    results["fast"] = await steady(
+                        work, "agent-fast", {**base, "devices": [device(0, port, 1000, 0.01)]}, counter, args.seconds
+                    )
+                    # 2. ten devices at 100 ms
+                    print("[2/6] 10 devices x 1,000 registers every 100 ms", flush=True)
+                    results["ten"] = await steady(
+                        work,
+                        "agent-ten",
+                        {**base, "devices": [device(i, port, 1000, 0.1) for i in range(10)]},
+                        counter,
+                        args.seconds,
+                    )
+                    counter.stop()
 
-                # 3. baselines
-                print("[3/5] raw baselines: paho QoS 1 through HAProxy, SQLite inserts", flush=True)
-                payloads = sample_batches(1000, 50)
-                results["paho"], results["paho_cpu"] = raw_paho(via_proxy, payloads, min(args.seconds, 5), 20)
-                results["sqlite"] = raw_sqlite(payloads, min(args.seconds, 5), 2)
+                    # 3. baselines
+                    print("[3/6] raw baselines: paho QoS 1 through HAProxy, SQLite inserts", flush=True)
+                    payloads = sample_batches(1000, 50)
+                    results["paho"], results["paho_cpu"] = raw_paho(via_proxy, payloads, min(args.seconds, 5), 20)
+                    results["sqlite"] = raw_sqlite(payloads, min(args.seconds, 5), 2)
 
-                # 4. backlog drain while 1,000 live tags publish
-                print(f"[4/5] drain of a {args.backlog:,}-point backlog with 1,000 live tags", flush=True)
-                drain_dir = work / "agent-drain"
-                with Buffer(drain_dir / "state" / "buffer.db", gateway=GW, max_bytes=10**10) as buf:
-                    batch = [Point("backlog", f"t{t}", 1_732_280_000_000, t) for t in range(500)]
-                    backlog_first = buf.next_seq
-                    for _ in range(args.backlog // 500):
-                        buf.add("backlog", batch, max_points=500, max_bytes=256 * 1024)
-                    backlog_last = buf.next_seq - 1
-                counter = Counter(direct)
-                agent = AgentProcess(drain_dir, {**base, "devices": [device(0, port, 1000, 1.0)]})
-                started = time.perf_counter()
-                agent.start()
-                while (
-                    not all(s in counter.seqs for s in range(backlog_first, backlog_last + 1, 97))
-                    or len([s for s in counter.seqs if s <= backlog_last]) < backlog_last - backlog_first + 1
-                ):
-                    await asyncio.sleep(0.05)
-                    if time.perf_counter() - started > 300:
-                        raise SystemExit("backlog did not drain within 300 s")
-                drain_s = time.perf_counter() - started
-                results["drain"] = args.backlog / drain_s
-                results["drain_live_batches"] = len([s for s in counter.seqs if s > backlog_last])
-                assert agent.proc is not None
-                results["drain_rss"] = rss_mb(agent.proc.pid)
-                agent.stop()
+                    # 4. backlog drain while 1,000 live tags publish
+                    print(f"[4/6] drain of a {args.backlog:,}-point backlog with 1,000 live tags", flush=True)
+                    drain_dir = work / "agent-drain"
+                    with Buffer(drain_dir / "state" / "buffer.db", gateway=GW, max_bytes=10**10) as buf:
+                        batch = [Point("backlog", f"t{t}", 1_732_280_000_000, t) for t in range(500)]
+                        backlog_first = buf.next_seq
+                        for _ in range(args.backlog // 500):
+                            buf.add("backlog", batch, max_points=500, max_bytes=256 * 1024)
+                        backlog_last = buf.next_seq - 1
+                    counter = Counter(direct)
+                    agent = AgentProcess(drain_dir, {**base, "devices": [device(0, port, 1000, 1.0)]})
+                    started = time.perf_counter()
+                    agent.start()
+                    while (
+                        not all(s in counter.seqs for s in range(backlog_first, backlog_last + 1, 97))
+                        or len([s for s in counter.seqs if s <= backlog_last]) < backlog_last - backlog_first + 1
+                    ):
+                        await asyncio.sleep(0.05)
+                        if time.perf_counter() - started > 300:
+                            raise SystemExit("backlog did not drain within 300 s")
+                    drain_s = time.perf_counter() - started
+                    results["drain"] = args.backlog / drain_s
+                    results["drain_live_batches"] = len([s for s in counter.seqs if s > backlog_last])
+                    assert agent.proc is not None
+                    results["drain_rss"] = rss_mb(agent.proc.pid)
+                    agent.stop()
 
                 # 5. memory: Modbus only, then Modbus and OPC UA
                 if not args.skip_rss:
-                    print("[5/5] RSS: Modbus only, then Modbus and OPC UA", flush=True)
+                    print("[5/6] RSS: Modbus only, then Modbus and OPC UA", flush=True)
                     modbus_only = {**base, "devices": [device(0, port, 1000, 0.1)]}
                     results["rss_modbus"] = await steady(work, "agent-rss-modbus", modbus_only, counter, args.seconds)
                     async with OpcuaSimulator(port=free_port(), extra_nodes=100, update_interval_s=0.1) as sim:
@@ -348,47 +397,65 @@ async def main(args: argparse.Namespace) -> None:
                         both = {**base, "devices": [device(0, port, 1000, 0.1), opcua]}
                         results["rss_both"] = await steady(work, "agent-rss-both", both, counter, args.seconds)
                 counter.stop()
+
+                # 6. memory over time, across an outage
+                if not args.skip_rss:
+                    steady_s, outage_s, after_s = (600, 300, 300) if args.full_rss else (60, 30, 60)
+                    print(
+                        f"[6/6] RSS flatness, Modbus only: {steady_s:.0f} s steady, {outage_s:.0f} s broker outage, "
+                        f"{after_s:.0f} s after",
+                        flush=True,
+                    )
+                    modbus_only = {**base, "devices": [device(0, port, 1000, 0.1)]}
+                    counter = Counter(direct)
+                    try:
+                        results["flat"] = await flatness(
+                            work, modbus_only, broker, counter, steady_s, outage_s, after_s
+                        )
+                    finally:
+                        counter.stop()
             finally:
                 machines.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    fast, ten, paho_cpu = results["fast"], results["ten"], results["paho_cpu"]
     load = os.getloadavg()[0]
     print()
     print(
         f"agent targets ({os.cpu_count()} CPUs, load average {load:.2f} at the end; ratios against this run's raw paho)"
     )
-    line(
-        "1 device x 1,000 registers at 10 ms: polls/s delivered",
-        f"{fast['values_per_s'] / 1000:,.1f}",
-        ">= 95",
-        fast["values_per_s"] / 1000 >= 95,
-        f"({fast['values_per_s']:,.0f} values/s = {fast['values_per_s'] / results['paho']:.3f}x raw paho; "
-        f"CPU {fast['cpu_ms_per_1000']:.1f} ms per 1,000 values)",
-    )
-    line(
-        "10 devices x 1,000 registers at 100 ms: values/s delivered",
-        f"{ten['values_per_s']:,.0f}",
-        ">= 100,000",
-        ten["values_per_s"] >= 99_000,
-        f"({ten['values_per_s'] / results['paho']:.3f}x raw paho; backlog at the end {ten['backlog']:,} points)",
-    )
-    line(
-        "   agent CPU per 1,000 values",
-        f"{ten['cpu_ms_per_1000']:.2f} ms",
-        "<= 5 ms",
-        ten["cpu_ms_per_1000"] <= 5,
-        f"({ten['cpu_ms_per_1000'] / paho_cpu:.1f}x raw paho's {paho_cpu:.2f} ms publishing ready-made batches)",
-    )
-    line(
-        "backlog drain, 1,000 live tags publishing too: values/s",
-        f"{results['drain']:,.0f}",
-        ">= 500,000",
-        results["drain"] >= 500_000,
-        f"({results['drain'] / results['paho']:.2f}x raw paho; {results['drain_live_batches']} live batches "
-        f"delivered meanwhile; peak RSS {results['drain_rss']:.0f} MB)",
-    )
+    if not args.rss_only:
+        fast, ten, paho_cpu = results["fast"], results["ten"], results["paho_cpu"]
+        line(
+            "1 device x 1,000 registers at 10 ms: polls/s delivered",
+            f"{fast['values_per_s'] / 1000:,.1f}",
+            ">= 95",
+            fast["values_per_s"] / 1000 >= 95,
+            f"({fast['values_per_s']:,.0f} values/s = {fast['values_per_s'] / results['paho']:.3f}x raw paho; "
+            f"CPU {fast['cpu_ms_per_1000']:.1f} ms per 1,000 values)",
+        )
+        line(
+            "10 devices x 1,000 registers at 100 ms: values/s delivered",
+            f"{ten['values_per_s']:,.0f}",
+            ">= 100,000",
+            ten["values_per_s"] >= 99_000,
+            f"({ten['values_per_s'] / results['paho']:.3f}x raw paho; backlog at the end {ten['backlog']:,} points)",
+        )
+        line(
+            "   agent CPU per 1,000 values",
+            f"{ten['cpu_ms_per_1000']:.2f} ms",
+            "<= 5 ms",
+            ten["cpu_ms_per_1000"] <= 5,
+            f"({ten['cpu_ms_per_1000'] / paho_cpu:.1f}x raw paho's {paho_cpu:.2f} ms publishing ready-made batches)",
+        )
+        line(
+            "backlog drain, 1,000 live tags publishing too: values/s",
+            f"{results['drain']:,.0f}",
+            ">= 500,000",
+            results["drain"] >= 500_000,
+            f"({results['drain'] / results['paho']:.2f}x raw paho; {results['drain_live_batches']} live batches "
+            f"delivered meanwhile; peak RSS {results['drain_rss']:.0f} MB)",
+        )
     if not args.skip_rss:
         for rss_key, label, limit in (("rss_modbus", "Modbus only", 40), ("rss_both", "Modbus and OPC UA", 55)):
             r = results[rss_key]
@@ -399,10 +466,34 @@ async def main(args: argparse.Namespace) -> None:
                 r["rss"] < limit,
                 f"(peak {r['rss_peak']:.1f} MB)",
             )
-    print(
-        f"raw baselines: paho QoS 1 via HAProxy TLS {results['paho']:,.0f} points/s at {paho_cpu:.2f} ms CPU per "
-        f"1,000; SQLite inserts, WAL + fsync {results['sqlite']:,.0f} points/s"
-    )
+    if not args.skip_rss:
+        flat = results["flat"]
+        # RSS moves by a few hundred KiB from one reading to the next: compare the highest reading anywhere with
+        # the highest of the steady phase's first quarter. Flat: less than 2 MB above it.
+        start = max(flat["steady"][: max(1, len(flat["steady"]) // 4)])
+        highest = max(flat["steady"] + flat["outage"] + flat["after"])
+        line(
+            "agent RSS flat: steady, outage, after (start -> highest)",
+            f"{start:.1f} -> {highest:.1f} MB",
+            "< 40 MB, flat",
+            highest < 40 and highest - start < 2,
+            "(highest in each phase {} MB; backlog {:,} points at the outage's end, {:,} at the end)".format(
+                " / ".join(f"{max(flat[k]):.1f}" for k in ("steady", "outage", "after")),
+                flat["backlog"],
+                flat["backlog_after"],
+            ),
+        )
+        window = max(1, round(30 * (len(flat["steady"]) / 300)) or 1)  # ~30 readings shown over a full run
+        series = " | ".join(
+            f"{phase} " + " ".join(f"{max(r[i : i + window]):.1f}" for i in range(0, len(r), window))
+            for phase, r in ((k, flat[k]) for k in ("steady", "outage", "after"))
+        )
+        print(f"    RSS in MB, highest of each {2 * window} s: {series}")
+    if not args.rss_only:
+        print(
+            f"raw baselines: paho QoS 1 via HAProxy TLS {results['paho']:,.0f} points/s at {paho_cpu:.2f} ms CPU per "
+            f"1,000; SQLite inserts, WAL + fsync {results['sqlite']:,.0f} points/s"
+        )
 
 
 if __name__ == "__main__":
@@ -413,4 +504,8 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10, help="measuring time of each steady run")
     parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--skip-rss", action="store_true", help="leave out the memory runs")
+    parser.add_argument("--rss-only", action="store_true", help="only the memory runs (5 and 6)")
+    parser.add_argument(
+        "--full-rss", action="store_true", help="flatness over 10 minutes and a 5-minute outage (default 60 s + 30 s)"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -207,13 +207,52 @@ async def create_session(config: Any) -> None:
         await asyncio.sleep(0.3)
 
 
-async def drain(config: Any, points: int) -> tuple[float, float]:
-    """Seconds to store every point, and the CPU seconds this process (the bridge) spent on it."""
+class ServerCpu:
+    """CPU seconds of the PostgreSQL backends serving one tenant's bridge connections, when the server runs on
+    this host (read from /proc); None otherwise. The server's share of the work is not in the bridge's own CPU."""
+
+    def __init__(self, dsn: str | None, tenant: str) -> None:
+        self.dsn = dsn
+        self.tenant = tenant
+        self.start: dict[int, float] = {}
+
+    def _sample(self) -> dict[int, float]:
+        if self.dsn is None:
+            return {}
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            pids = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                (f"factory-edge bridge {self.tenant}"[:63],),
+            ).fetchall()
+        out = {}
+        for (pid,) in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # another host's server, or gone
+            out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
+
+    def begin(self) -> None:
+        self.start = self._sample()
+
+    def seconds(self) -> float | None:
+        end = self._sample()
+        if not end:
+            return None
+        return sum(v - self.start.get(pid, 0.0) for pid, v in end.items())
+
+
+async def drain(config: Any, points: int, server: ServerCpu) -> tuple[float, float, float | None]:
+    """Seconds to store every point, the CPU seconds this process (the bridge) spent on it, and the database
+    server's (PostgreSQL on this host)."""
     async with Bridge(config) as bridge:
         tenant = bridge.tenants[0]
+        server.begin()
         started, cpu = time.perf_counter(), time.process_time()
         await wait(lambda: tenant.ingests and tenant.ingests[0].stats.points >= points, 600, "every point stored")
-        return time.perf_counter() - started, time.process_time() - cpu
+        elapsed, used = time.perf_counter() - started, time.process_time() - cpu
+        return elapsed, used, server.seconds()
 
 
 async def alert_latency(config: Any, pki: TenantPki, broker: Mosquitto, samples: int, load_pps: int) -> list[float]:
@@ -284,18 +323,23 @@ def stream(pki: TenantPki, broker: Mosquitto, points_per_s: int, stop: threading
     pub.loop_stop()
 
 
-def store_alone(store: Store, messages: list[tuple[str, bytes]], per_commit: int) -> tuple[float, float]:
-    """Points/s of the store with no MQTT and no decoding (pre-decoded batches, claimed and inserted), and
-    this process's CPU ms per 1,000 (for PostgreSQL the server's work is not in it)."""
+def store_alone(
+    store: Store, messages: list[tuple[str, bytes]], per_commit: int, server: ServerCpu
+) -> tuple[float, float, float | None]:
+    """Points/s of the store with no MQTT and no decoding (pre-decoded batches, claimed and inserted), this
+    process's CPU ms per 1,000, and the database server's (PostgreSQL on this host)."""
     batches = [decode_batch(GW, topic.rsplit("/", 1)[1], payload, 0) for topic, payload in messages]
     store.open()
     try:
+        server.begin()
         started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(batches), per_commit):
             with store.transaction() as tx:
                 tx.insert_points(tx.claim_batches(batches[i : i + per_commit]))
         rows = sum(len(b.rows) for b in batches)
-        return rows / (time.perf_counter() - started), (time.process_time() - cpu) / rows * 1e6
+        elapsed, used = time.perf_counter() - started, time.process_time() - cpu
+        server_s = server.seconds()
+        return rows / elapsed, used / rows * 1e6, None if server_s is None else server_s / rows * 1e6
     finally:
         store.close()
 
@@ -364,27 +408,47 @@ async def main(args: argparse.Namespace) -> None:
             f"{ms(cpu)}"
         )
         per_commit = max(1, 100_000 // args.batch)
-        results: list[tuple[str, Any, float, Callable[[], Store]]] = [
-            ("SQLite (WAL, fsync on)", sqlite_config, 0.3, lambda: SqliteStore(root / "alone", "alone"))
+        results: list[tuple[str, Any, float, Callable[[], Store], ServerCpu, ServerCpu]] = [
+            (
+                "SQLite (WAL, fsync on)",
+                sqlite_config,
+                0.3,
+                lambda: SqliteStore(root / "alone", "alone"),
+                ServerCpu(None, tenant),
+                ServerCpu(None, "alone"),
+            )
         ]
         if pg_ok:
             results.append(
-                ("PostgreSQL (binary COPY)", pg_config, 0.2, lambda: PostgresStore(args.dsn, f"{tenant}_alone"))
+                (
+                    "PostgreSQL (binary COPY)",
+                    pg_config,
+                    0.2,
+                    lambda: PostgresStore(args.dsn, f"{tenant}_alone"),
+                    ServerCpu(args.dsn, tenant),
+                    ServerCpu(args.dsn, f"{tenant}_alone"),
+                )
             )
-        for label, config, target, make_store in results:
-            seconds, cpu = await drain(config, total)
+
+        def server_ms(seconds: float | None) -> str:
+            return "" if seconds is None else f", server CPU {seconds / total * 1e6:.2f} ms per 1,000 points"
+
+        results = [r for r in results if r[0].split()[0].lower() in args.backends.split(",")]
+        for label, config, target, make_store, server, alone_server in results:
+            seconds, cpu, server_s = await drain(config, total, server)
             bridge_pps = total / seconds
-            alone_pps, alone_cpu = store_alone(make_store(), messages, per_commit)
+            alone_pps, alone_cpu, alone_server_ms = store_alone(make_store(), messages, per_commit, alone_server)
             ratio = bridge_pps / parse_pps
             print(
                 f"  {'bridge -> ' + label:<38} {bridge_pps:>10,.0f} points/s  {ratio:.2f}x baseline "
                 f"(target {target:.1f}x, {target * parse_pps:,.0f} in this run: "
                 f"{'ok' if ratio >= target else 'BELOW TARGET'}); bridge {ms(cpu)}, "
-                f"{parse_cpu / cpu:.2f}x the baseline's per point"
+                f"{parse_cpu / cpu:.2f}x the baseline's per point{server_ms(server_s)}"
             )
             print(
                 f"  {'   the store alone, decoded rows':<38} {alone_pps:>10,.0f} points/s  "
                 f"(the bridge reaches {bridge_pps / alone_pps:.2f} of it); CPU {alone_cpu:.2f} ms per 1,000 points"
+                + ("" if alone_server_ms is None else f", server CPU {alone_server_ms:.2f} ms per 1,000 points")
             )
         rules = [{"name": "hot", "device": "cnc-*", "tag": "t0", "above": 50.0}]
         print(
@@ -394,7 +458,9 @@ async def main(args: argparse.Namespace) -> None:
         alert_config = bridge_config(
             pki, broker, {"backend": "sqlite", "path": str(root / "alerts")}, rules, instance="test"
         )
-        for load_label, rate in (("idle", 0), (f"{args.load:,} points/s of other data", args.load)):
+        for load_label, rate in (("idle", 0), (f"{args.load:,} points/s of other data", args.load))[
+            : 2 if args.samples else 0
+        ]:
             latencies = await alert_latency(alert_config, pki, broker, args.samples, rate)
             verdict = ""
             if rate:
@@ -420,7 +486,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=500_000, help="points queued per subscriber")
     parser.add_argument("--batch", type=int, default=500, help="points per batch message")
-    parser.add_argument("--samples", type=int, default=200, help="alert latency samples per run")
+    parser.add_argument("--samples", type=int, default=200, help="alert latency samples per run (0: none)")
+    parser.add_argument(
+        "--backends", default="sqlite,postgresql", help="the stores to measure: sqlite, postgresql or both"
+    )
     parser.add_argument("--load", type=int, default=10_000, help="background points/s in the loaded latency run")
     parser.add_argument(
         "--dsn", default=os.environ.get("FACTORY_EDGE_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")

@@ -8,8 +8,9 @@ from typing import Any
 from factory_edge.units import format_duration
 
 from .alerts.rules import Rule
-from .config import BridgeConfig, load_config
+from .config import BridgeConfig, StorageConfig, load_config
 from .router import ingest_builtins, plan
+from .storage.postgres import describe_dsn
 
 
 def add_parser(commands: Any) -> None:
@@ -38,6 +39,9 @@ def summary_lines(config: BridgeConfig) -> list[str]:
         shared = f"  shared group {tenant.shared_group}" if tenant.shared_group else ""
         lines.append(f"  {tenant.name}  {tenant.url}{via}{shared}")
         lines.append("    subscribes " + " ".join(s.topic(tenant.shared_group) for s in subscriptions))
+        if tenant.storage is not None:
+            moving = f" (moving from {_where(tenant.storage_previous)})" if tenant.storage_previous else ""
+            lines.append(f"    storage {_where(tenant.storage)}{moving}")
         for rule in config.tenant_alerts(tenant).rules:
             condition = Rule.of(rule).condition
             extra = f" for {format_duration(rule.for_)}" if rule.for_ else ""
@@ -49,6 +53,14 @@ def summary_lines(config: BridgeConfig) -> list[str]:
     for mapping in config.mappings:
         lines.append(f"  mapping {mapping.topic} -> table {mapping.table} ({', '.join(mapping.columns)})")
     return lines
+
+
+def _where(storage: StorageConfig | None) -> str:
+    if storage is None:
+        return "the bridge's storage"
+    if storage.backend == "postgres":
+        return describe_dsn(storage.dsn or "")
+    return f"sqlite {storage.path}"
 
 
 def run(args: argparse.Namespace) -> int:

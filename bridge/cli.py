@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 
-from . import checkconfig, query, run
+from . import checkconfig, leave, query, run, usage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_global_options(parser, log_level_help="default: info for run, error otherwise")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, query, checkconfig):
+    for module in (run, query, checkconfig, leave, usage):
         module.add_parser(commands)
     accept_global_options_anywhere(parser)
     return parser

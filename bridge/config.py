@@ -14,12 +14,13 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import pydantic
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from factory_edge import names
 from factory_edge.configfile import config_errors, load_yaml, validate
 from factory_edge.configmodel import Duration, Model
 from factory_edge.errors import ConfigError
+from factory_edge.units import parse_size
 
 from .alerts.rules import AlertRule, WebhookConfig
 from .mapping import MappingRule
@@ -28,6 +29,7 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # tenant names: as provisioni
 INSTANCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,56}$"  # identity bridge.<instance> stays within 64
 GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a topic level: no '/', '+', '#'
 DEFAULT_STORAGE_PATH = "/var/lib/factory-edge/bridge"
+DEFAULT_GROUP = "bridge"
 
 
 class StorageConfig(Model):
@@ -37,6 +39,9 @@ class StorageConfig(Model):
     path: str = DEFAULT_STORAGE_PATH
     dsn: str | None = None
     fsync: bool = Field(default=True, description="sqlite: flush every commit to the disk before acknowledging")
+    retention_days: int | None = Field(
+        default=None, ge=1, description="readings older than this are removed, for tenants whose plan sets none"
+    )
 
     @model_validator(mode="after")
     def _dsn(self) -> StorageConfig:
@@ -51,6 +56,11 @@ class IngestConfig(Model):
     max_messages: int = Field(default=1000, ge=1, le=65535)
     receive_maximum: int | None = Field(default=None, ge=1, le=65535)
     session_expiry: Duration = 7 * 24 * 3600.0
+    shared_session_expiry: Duration = Field(
+        default=300.0,
+        description="session expiry of an instance's session in a shared group: how long a vanished instance "
+        "keeps being handed its share of the messages",
+    )
 
     @property
     def window(self) -> int:
@@ -87,6 +97,13 @@ class IdentityFiles(Model):
     key_file: str
 
 
+class TenantLimits(Model):
+    """A tenant's plan as the bridge applies it (set by the operator: ``provisioning tenant plan``)."""
+
+    points_per_s: int | None = Field(default=None, ge=1, description="ingest rate above which points are delayed")
+    retention_days: int | None = Field(default=None, ge=1, description="data older than this is removed")
+
+
 class TenantConfig(Model):
     """One tenant broker, reached with the bridge's certificate from that tenant's CA.
 
@@ -111,6 +128,15 @@ class TenantConfig(Model):
     alerts_cert_file: str | None = None
     alerts_key_file: str | None = None
     alerts: AlertsConfig | None = None
+    storage: StorageConfig | None = Field(
+        default=None, description="the storage server the tenant is placed on; the bridge's own storage if absent"
+    )
+    limits: TenantLimits = TenantLimits()
+    storage_previous: StorageConfig | None = Field(
+        default=None,
+        description="the server the tenant's data is being moved from (written by provisioning tenant move); "
+        "the bridge copies it to storage once, then resumes there",
+    )
 
     @field_validator("url")
     @classmethod
@@ -138,6 +164,8 @@ class TenantConfig(Model):
                 )
         if self.password is not None and self.username is None:
             raise ValueError("password: given without username:")
+        if self.storage_previous is not None and self.storage is None:
+            raise ValueError("storage_previous: given without storage: (the server the tenant moves to)")
         return self
 
     def for_instance(self, instance: str) -> TenantConfig:
@@ -164,6 +192,63 @@ class SparkplugConfig(Model):
     )
 
 
+USAGE_METRICS = ("bytes_per_day", "points_per_day", "messages_per_s", "points_per_s", "delayed_points_per_day")
+
+
+class ThresholdRule(Model):
+    """A level of a tenant's usage that calls for a change (``bridge usage --thresholds``, the exporter)."""
+
+    name: str = Field(pattern=GROUP_PATTERN, description="e.g. shared-database")
+    metric: Literal["bytes_per_day", "points_per_day", "messages_per_s", "points_per_s", "delayed_points_per_day"]
+    above: float = Field(ge=0, description="a number; bytes_per_day also takes a size such as 100GB")
+    calls_for: str = Field(min_length=1, max_length=200, description="what crossing it calls for")
+
+    @field_validator("above", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+DEFAULT_THRESHOLDS = (
+    ThresholdRule(name="shared-database", metric="bytes_per_day", above=100e9, calls_for="a dedicated database server"),
+    ThresholdRule(
+        name="shared-database-writes",
+        metric="messages_per_s",
+        above=50,
+        calls_for="a dedicated database server (each message is a write)",
+    ),
+    ThresholdRule(name="shared-broker-host", metric="messages_per_s", above=1000, calls_for="a broker host of its own"),
+    ThresholdRule(
+        name="plan-rate",
+        metric="delayed_points_per_day",
+        above=0,
+        calls_for="a higher points_per_s in its plan (its ingest is being delayed)",
+    ),
+)
+
+
+class UsageConfig(Model):
+    """Metering: the threshold rules ``bridge usage --thresholds`` and the usage exporter report."""
+
+    thresholds: list[ThresholdRule] = Field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    window: Duration = Field(default=7 * 86400.0, description="the days and hours the rules look at")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _unique(cls, rules: list[ThresholdRule]) -> list[ThresholdRule]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"threshold name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return rules
+
+
 class BridgeConfig(Model):
     """The whole bridge config file."""
 
@@ -171,10 +256,22 @@ class BridgeConfig(Model):
     storage: StorageConfig = StorageConfig()
     tenants: list[TenantConfig] = Field(default_factory=list)
     tenants_from: str | None = None
+    shared_group: str | None = Field(
+        default=DEFAULT_GROUP,
+        pattern=GROUP_PATTERN,
+        description="the shared subscription group of the tenants from tenants_from stored in PostgreSQL",
+    )
     ingest: IngestConfig = IngestConfig()
     mappings: list[MappingRule] = Field(default_factory=list)
     alerts: AlertsConfig = AlertsConfig()
     sparkplug: SparkplugConfig = SparkplugConfig()
+    usage: UsageConfig = UsageConfig()
+    _provisioned: frozenset[str] = PrivateAttr(default=frozenset())
+
+    @property
+    def listed_names(self) -> set[str]:
+        """The tenants of the config file's own ``tenants:`` (the others came from ``tenants_from``)."""
+        return {t.name for t in self.tenants} - self._provisioned
 
     @field_validator("tenants")
     @classmethod
@@ -213,7 +310,32 @@ class BridgeConfig(Model):
     def with_tenants(self, provisioned: list[TenantConfig]) -> BridgeConfig:
         """The config with the provisioning service's tenants added (a tenant listed here wins)."""
         listed = {t.name for t in self.tenants}
-        return self.model_copy(update={"tenants": [*self.tenants, *(t for t in provisioned if t.name not in listed)]})
+        added = [self.from_provisioning(t) for t in provisioned if t.name not in listed]
+        merged = self.model_copy(update={"tenants": [*self.tenants, *added]})
+        merged._provisioned = self._provisioned | {t.name for t in added}
+        return merged
+
+    def from_provisioning(self, tenant: TenantConfig) -> TenantConfig:
+        """A tenant from ``tenants_from`` as this bridge runs it: in the shared group when stored in PostgreSQL.
+
+        Every instance, on any host, subscribes through ``$share/<group>/``, so
+        an instance added or removed changes nothing for the others. SQLite is
+        one file per host: a group across hosts would split the tenant's data
+        between them, so a SQLite tenant takes the default group only as a
+        listed tenant (``tenants:``, processes of one host), and an explicit
+        top-level group is refused for it (ConfigError).
+        """
+        if tenant.shared_group is not None or self.shared_group is None:
+            return tenant
+        if self.tenant_storage(tenant).backend != "postgres":
+            if "shared_group" in self.model_fields_set:
+                raise ConfigError(
+                    f"tenants_from: tenant {tenant.name}: shared_group {self.shared_group!r} with sqlite storage "
+                    "would split the tenant's data between the files of the bridge hosts: store it in PostgreSQL "
+                    "(storage: backend postgres), or set shared_group: null"
+                )
+            return tenant
+        return tenant.model_copy(update={"shared_group": self.shared_group})
 
     def tenant_alerts(self, tenant: TenantConfig) -> AlertsConfig:
         """The rules and webhooks of one tenant: the top-level ones plus the tenant's own."""
@@ -229,6 +351,14 @@ class BridgeConfig(Model):
             max_series_per_gateway=tenant.alerts.max_series_per_gateway,
             forget_resolved=tenant.alerts.forget_resolved,
         )
+
+    def tenant_storage(self, tenant: TenantConfig) -> StorageConfig:
+        """Where one tenant's data goes: the server it is placed on, else the bridge's storage."""
+        return tenant.storage or self.storage
+
+    def tenant_retention(self, tenant: TenantConfig) -> int | None:
+        """Days of readings kept: the tenant's plan, else its storage's default, else the bridge's; None keeps all."""
+        return tenant.limits.retention_days or self.tenant_storage(tenant).retention_days or self.storage.retention_days
 
     def tenant(self, name: str) -> TenantConfig:
         for tenant in self.tenants:
@@ -254,23 +384,33 @@ def provisioned_tenants(directory: str | Path) -> list[TenantConfig]:
     """The tenants the provisioning service lists in ``<data dir>/tenants.json``; ConfigError says what is wrong."""
     path = Path(directory) / TENANTS_INDEX
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"tenants_from: {path}: no such file (is {directory} the provisioning data directory, "
             "with a tenant created?)"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"tenants_from: {path}: cannot read: {exc}") from None
+    return parse_tenants(text, path)
+
+
+def parse_tenants(text: bytes, path: Path) -> list[TenantConfig]:
+    """The entries of a ``tenants.json`` already read (``path`` names it in errors)."""
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"tenants_from: {path}: cannot read: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"tenants_from: {path}: not JSON: {exc}") from None
     entries = doc.get("tenants") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise ConfigError(f'tenants_from: {path}: expected {{"tenants": [...]}}')
-    tenants = []
+    tenants: list[TenantConfig] = []
+    seen: set[str] = set()
     for i, entry in enumerate(entries):
         try:
-            tenants.append(TenantConfig.model_validate(entry))
+            tenant = TenantConfig.model_validate(entry)
         except pydantic.ValidationError as exc:
             source = f"{path}: tenants[{i}]"
             lines = []
@@ -279,6 +419,10 @@ def provisioned_tenants(directory: str | Path) -> list[TenantConfig]:
                 top = "(top level): "
                 lines.append(f"{source}: {rest[len(top) :]}" if rest.startswith(top) else f"{source}.{rest}")
             raise ConfigError("\n".join(lines)) from None
+        if tenant.name.lower() in seen:
+            raise ConfigError(f"{path}: tenants[{i}]: tenant {tenant.name!r} is listed twice")
+        seen.add(tenant.name.lower())
+        tenants.append(tenant)
     return tenants
 
 
@@ -317,10 +461,8 @@ def load_config(path: str | Path) -> BridgeConfig:
     data = _resolve_paths(load_yaml(path), path.resolve().parent)
     config = validate(BridgeConfig, data, str(path))
     if config.tenants_from is not None:
-        directory = Path(config.tenants_from)
+        # No tenant yet is fine: the bridge follows tenants.json and starts them as they are created.
         config = config.with_tenants(provisioned_tenants(config.tenants_from))
-        if not config.tenants:
-            raise ConfigError(f"{path}: tenants_from: {directory / TENANTS_INDEX} lists no tenants yet")
     return config
 
 

@@ -76,13 +76,13 @@ def decode_batch(gw: str, device: str, payload: bytes, received_at: int) -> Data
         pass
     else:
         try:
-            return _batch(gw, device, doc, received_at, exact=False)
+            return _batch(gw, device, doc, received_at, exact=False, size=len(payload))
         except (Malformed, _Inexact):
             pass
-    return _batch(gw, device, _object(payload), received_at, exact=True)
+    return _batch(gw, device, _object(payload), received_at, exact=True, size=len(payload))
 
 
-def _batch(gw: str, device: str, doc: Any, received_at: int, *, exact: bool) -> DataBatch:
+def _batch(gw: str, device: str, doc: Any, received_at: int, *, exact: bool, size: int = 0) -> DataBatch:
     if type(doc) is not dict:
         raise Malformed(f"payload must be a JSON object, got {_json_type(doc)}")
     if doc.get("v") != 1 or type(doc.get("v")) is not int:
@@ -125,7 +125,7 @@ def _batch(gw: str, device: str, doc: Any, received_at: int, *, exact: bool) -> 
             append((gw, device, tag, ts, value, "good", None, seq))
         else:
             append(_careful_row(gw, device, seq, len(rows), point, exact))
-    return DataBatch(gw, device, seq, rows, received_at)
+    return DataBatch(gw, device, seq, rows, received_at, size)
 
 
 def _careful_row(gw: str, device: str, seq: int, i: int, point: Any, exact: bool) -> tuple[Any, ...]:

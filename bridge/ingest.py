@@ -23,6 +23,7 @@ failed commit is retried (with backoff) without acknowledging anything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -37,11 +38,13 @@ from factory_edge.backoff import Backoff
 from factory_edge.errors import StorageError
 from factory_edge.logs import fields
 
+from . import metering
 from .alerts.engine import AlertEngine, Evaluation
 from .alerts.model import Change, OutboxItem
 from .alerts.webhooks import WebhookSender
 from .consumer import Consumer
-from .messages import DeadLetter, Decoded, Received
+from .messages import DataBatch, DeadLetter, Decoded, Received
+from .ratelimit import TokenBucket
 from .router import Router
 from .storage import DataRejected, Store
 
@@ -65,8 +68,10 @@ class IngestStats:
     alerts: int = 0
     commits: int = 0
     confirmations: int = 0
+    delayed_points: int = 0  # stored above the tenant's rate (ratelimit.py)
+    delayed_s: float = 0.0  # time the loop waited for the rate
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, float]:
         return dict(vars(self))
 
 
@@ -93,6 +98,7 @@ class Ingest:
         store_data: bool,
         max_messages: int,
         webhooks: dict[str, WebhookSender] | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self.tenant = tenant
         self.store = store
@@ -102,6 +108,7 @@ class Ingest:
         self.store_data = store_data
         self.max_messages = max_messages
         self.webhooks = webhooks or {}
+        self.bucket = bucket if store_data else None  # the tenant's rate limit; the alert role stores no data
         self.stats = IngestStats()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"store[{tenant}]")
         self._delivered: list[int] = []
@@ -109,6 +116,9 @@ class Ingest:
         self._published_for = 0  # the consumer's connection count when alerts were last republished
         self._stats_at = time.monotonic()
         self._logged = IngestStats()
+        self._rate_logged_at = -STATS_EVERY_S
+        self._rate_logged_points = 0
+        self._rate_logged_s = 0.0
 
     async def _in_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the store's thread; if we are cancelled meanwhile, let it finish first."""
@@ -131,7 +141,8 @@ class Ingest:
             tick_s = self.engine.tick_s if self.engine else None
             while True:
                 timeout = tick_s if tick_s is not None else (1.0 if self.webhooks else None)
-                window = await self.consumer.next_window(self.max_messages, timeout)
+                size = self.bucket.window(self.max_messages) if self.bucket else self.max_messages
+                window = await self.consumer.next_window(size, timeout)
                 if (
                     self.engine is not None
                     and self.consumer.connects != self._published_for
@@ -142,6 +153,8 @@ class Ingest:
                 self.consumer.ack(window)
                 self._send(outcome)
                 self._log_stats()
+                if self.bucket is not None:
+                    await self._keep_rate(self.bucket)
         finally:
             self._thread.shutdown(wait=True)
             log.info(
@@ -153,6 +166,26 @@ class Ingest:
                     **self.stats.snapshot(),
                 ),
             )
+
+    async def _keep_rate(self, bucket: TokenBucket) -> None:
+        """Over the tenant's rate: wait before the next window (the broker keeps the rest queued)."""
+        delay = bucket.delay_s()
+        if delay <= 0:
+            return
+        self.stats.delayed_s += delay
+        if time.monotonic() - self._rate_logged_at >= STATS_EVERY_S:
+            self._rate_logged_at = time.monotonic()
+            log.warning(
+                "tenant over its rate: ingest delayed (nothing is dropped; the broker queues the rest)",
+                extra=fields(
+                    tenant=self.tenant,
+                    points_per_s=bucket.rate,
+                    delayed_points=self.stats.delayed_points - self._rate_logged_points,
+                    waited_s=round(self.stats.delayed_s - self._rate_logged_s, 1),
+                ),
+            )
+            self._rate_logged_points, self._rate_logged_s = self.stats.delayed_points, self.stats.delayed_s
+        await asyncio.sleep(delay)
 
     async def _resume(self) -> None:
         """Alert states, the newest reading of every series and the webhook outbox, from the store."""
@@ -261,6 +294,7 @@ class Ingest:
             return Outcome()
         outcome = Outcome()
         new_batches = new_points = 0
+        delayed: dict[str, int] = {}
         with self.store.transaction() as tx:
             if self.store_data:
                 batches = tx.claim_batches(decoded.batches)
@@ -269,6 +303,9 @@ class Ingest:
                     claimed = {id(b) for b in batches}
                     outcome.conflicts = tx.differing([b for b in decoded.batches if id(b) not in claimed])
                 tx.insert_points(batches)
+                if batches:
+                    delayed = self._delayed(batches, new_points)
+                    tx.record_usage(metering.hourly(batches, delayed))
                 if decoded.statuses:
                     tx.insert_status(decoded.statuses)
                 if decoded.metas:
@@ -296,6 +333,8 @@ class Ingest:
                 tx.save_alert_series(evaluation.series_rows())
             if delivered:
                 tx.delete_outbox(delivered)
+        if self.bucket is not None:
+            self.bucket.take(*_cost(window, decoded))
         if evaluation is not None and self.engine is not None:
             self.engine.apply(evaluation)
         if self.store_data:
@@ -314,9 +353,25 @@ class Ingest:
             s.batches += new_batches
             s.duplicates += len(decoded.batches) - new_batches
             s.points += new_points
+            s.delayed_points += sum(delayed.values())
             s.dead_letters += len(decoded.dead)
         s.alerts += len(changes)
         return outcome
+
+    def _delayed(self, batches: Sequence[DataBatch], points: int) -> dict[str, int]:
+        """Per gateway, the points of these new batches above the tenant's rate (the last ones of the window)."""
+        over = self.bucket.over(points) if self.bucket is not None else 0
+        if not over:
+            return {}
+        delayed: dict[str, int] = {}
+        within = points - over
+        for batch in batches:
+            n = len(batch.rows)
+            late = n - min(n, max(0, within))
+            within -= n
+            if late:
+                delayed[batch.gw] = delayed.get(batch.gw, 0) + late
+        return delayed
 
     def _evaluate(self, decoded: Decoded, now: int) -> Evaluation | None:
         engine = self.engine
@@ -405,7 +460,7 @@ class Ingest:
         self._stats_at = time.monotonic()
         now, before = self.stats.snapshot(), self._logged.snapshot()
         delta = {k: now[k] - before[k] for k in now}
-        self._logged = IngestStats(**now)
+        self._logged = dataclasses.replace(self.stats)
         if delta["messages"]:
             log.info(
                 "ingest",
@@ -416,6 +471,14 @@ class Ingest:
                     webhook_backlog=sum(s.backlog for s in self.webhooks.values()),
                 ),
             )
+
+
+def _cost(window: Sequence[Received], decoded: Decoded) -> tuple[int, int]:
+    """What a window takes from the tenant's rate: ``(points, messages)``. Every data batch counts its points,
+    stored now or a repeat (a replay is decoded and claimed all the same), and every other message (status, meta,
+    event, a dead letter) one point: a flood of anything is delayed like data."""
+    points = sum(len(b.rows) for b in decoded.batches)
+    return points + max(0, len(window) - len(decoded.batches)), len(window)
 
 
 def _stored(decoded: Decoded, conflicts: Collection[tuple[str, int]] = ()) -> dict[str, list[int]]:

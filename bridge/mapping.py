@@ -45,8 +45,12 @@ RESERVED_TABLES = frozenset(
         "schema_version",
         "gateway_buffer",
         "device_meta",
+        "series",
+        "samples",
+        "points_minute",
     }
 )
+RESERVED_PREFIX = "samples_"  # PostgreSQL's day partitions of samples
 FieldType = Literal["auto", "float", "int", "str", "bool", "json", "timestamp"]
 
 
@@ -93,7 +97,7 @@ class MappingRule(Model):
     def _table(cls, value: str) -> str:
         if not COLUMN_RE.match(value):
             raise ValueError("must be a lowercase SQL name: letters, digits and '_', starting with a letter or '_'")
-        if value in RESERVED_TABLES:
+        if value in RESERVED_TABLES or value.startswith(RESERVED_PREFIX):
             raise ValueError(f"{value!r} is one of the bridge's own tables; choose another name")
         return value
 

@@ -47,6 +47,7 @@ class DataBatch:
     seq: int
     rows: list[tuple[Any, ...]]
     received_at: int
+    size: int = 0  # the message's payload bytes (metering)
 
 
 @dataclass(frozen=True, slots=True)

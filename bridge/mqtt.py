@@ -15,24 +15,23 @@ are shared with the agent (``factory_edge.mqtt``).
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from factory_edge.errors import PublishError
-from factory_edge.mqtt import BrokerSettings, dial, disconnect, explain_disconnect, tls_context, wait_connack
+from factory_edge.mqtt import BrokerSettings, Connection
 
 from .messages import Received
 
 
-class Session:
+class Session(Connection):
     """One connection; dies with it. Callbacks arrive on paho's thread and are handed to the event loop."""
 
     def __init__(
@@ -47,50 +46,17 @@ class Session:
         on_lost: Callable[[str], None],
         will: tuple[str, bytes] | None = None,
     ) -> None:
-        self.settings = settings
+        # In flight: our own publishes (alerts); PUBACKs of what we receive are ours to send (ack).
+        super().__init__(settings, client_id=client_id, inflight=100, on_lost=on_lost, will=will, manual_ack=True)
         self.generation = generation
         self.receive_maximum = receive_maximum
         self.session_expiry_s = session_expiry_s
-        self.loop = asyncio.get_running_loop()
-        self.closed = asyncio.Event()
-        self._connack: asyncio.Future[str | None] = self.loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[Any]]] = {}
-        self._on_message, self._on_lost = on_message, on_lost
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5,
-            reconnect_on_failure=False,
-            manual_ack=True,
-        )
-        self.client.max_inflight_messages_set(100)  # our own publishes (alerts)
-        self.client.max_queued_messages_set(0)
-        self._tls: ssl.SSLContext | None = None
-        if settings.tls:
-            self._tls = tls_context(settings)
-            self.client.tls_set_context(self._tls)
-        if settings.username:
-            self.client.username_pw_set(settings.username, settings.password)
-        if will is not None:
-            self.client.will_set(will[0], will[1], qos=1, retain=True)
-        self.client.on_connect = self._paho_connect
-        self.client.on_disconnect = self._paho_disconnect
+        self._on_message = on_message
         self.client.on_message = self._paho_message
         self.client.on_subscribe = self._paho_subscribe
 
     # ---------------------------------------------------------------- paho thread -> event loop
-
-    def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
-        self.loop.call_soon_threadsafe(self._connack_received, result)
-
-    def _connack_received(self, result: str | None) -> None:
-        if not self._connack.done():
-            self._connack.set_result(result)
-
-    def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)
-        self.loop.call_soon_threadsafe(self._lost, text)
 
     def _paho_subscribe(self, client: Any, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
         def done() -> None:
@@ -118,15 +84,10 @@ class Session:
         )
         self.loop.call_soon_threadsafe(self._on_message, received)
 
-    def _lost(self, reason: str) -> None:
-        if not self._connack.done():
-            self._connack.set_result(f"{reason} before CONNACK")
+    def _abandon(self) -> None:
         for future in self._subacks.values():
             if not future.done():
                 future.set_result([])
-        if not self.closed.is_set():
-            self.closed.set()
-            self._on_lost(reason)
 
     # ---------------------------------------------------------------- event loop side
 
@@ -135,12 +96,7 @@ class Session:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = int(self.session_expiry_s)
         properties.ReceiveMaximum = self.receive_maximum
-        await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)  # sets TCP_NODELAY
-        self.client.loop_start()
-        refused = await wait_connack(self._connack, self.settings, timeout_s=timeout_s)
-        if refused:
-            await self.close()
-            raise PublishError(refused)
+        await self._open(properties, timeout_s=timeout_s)
 
     async def subscribe(self, subscriptions: Sequence[tuple[str, int]], *, timeout_s: float = 10.0) -> list[str]:
         """Subscribe each ``(filter, subscription id)``; returns the filters the broker refused."""
@@ -178,8 +134,3 @@ class Session:
         """Queue a QoS 1 publish on this connection (thread-safe in paho); False if the link is gone."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    async def close(self) -> None:
-        """Disconnect cleanly (the broker keeps the session) and stop paho's thread."""
-        self.closed.set()
-        await disconnect(self.client)

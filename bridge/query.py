@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--since: {exc}") from None
     if args.limit < 1:
         raise ConfigError("--limit: must be at least 1")
-    store = make_store(config.storage, tenant)
+    store = make_store(config.tenant_storage(config.tenant(tenant)), tenant)
     store.open_read()
     try:
         table = store.query(

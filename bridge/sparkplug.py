@@ -233,7 +233,7 @@ class SparkplugHost:
             ts = metric.timestamp or payload.timestamp or message.received_at
             value, quality, error = _reading(metric)
             rows.append((gw, dev, name, ts, value, quality, error, seq))
-        out.batches.append(DataBatch(gw, dev, seq, rows, message.received_at))
+        out.batches.append(DataBatch(gw, dev, seq, rows, message.received_at, len(message.payload)))
 
     def _batch_seq(self, topic: Topic, payload: Payload) -> int:
         match = BATCH_UUID.match(payload.uuid or "")

@@ -27,12 +27,14 @@ from factory_edge.mqtt import BrokerSettings, tls_context
 from factory_edge.sparkplug.topics import state_topic
 from factory_edge.tasks import cancel_and_wait
 
+from . import retention
 from .alerts.engine import AlertEngine
 from .alerts.leader import alert_lock
 from .alerts.webhooks import WebhookSender
-from .config import BridgeConfig, TenantConfig, client_id
+from .config import BridgeConfig, TenantConfig, TenantLimits, client_id
 from .consumer import Consumer
 from .ingest import Ingest
+from .ratelimit import TokenBucket
 from .router import Router, ingest_builtins, plan
 from .storage import Store, make_store
 
@@ -46,6 +48,21 @@ class AlertLockLost(Exception):
     pass
 
 
+def broker_settings(t: TenantConfig) -> BrokerSettings:
+    """How an instance reaches the tenant's broker (``t`` as ``for_instance`` gives it: with its own certificate)."""
+    return BrokerSettings.from_url(
+        t.url,
+        connect_host=t.connect_host,
+        ca_file=t.ca_file,
+        cert_file=t.cert_file,
+        key_file=t.key_file,
+        username=t.username,
+        password=t.password,
+        keepalive_s=t.keepalive,
+        origin=f"tenants[{t.name}].",
+    )
+
+
 class TenantBridge:
     def __init__(self, config: BridgeConfig, tenant: TenantConfig, *, instance: str, http: httpx.AsyncClient) -> None:
         self.config = config
@@ -54,25 +71,34 @@ class TenantBridge:
         self.instance = instance
         self.http = http
         self.alerts = config.tenant_alerts(tenant)
-        self.store: Store = make_store(config.storage, tenant.name)
+        self.store: Store = make_store(config.tenant_storage(tenant), tenant.name)
         self.ingests: list[Ingest] = []
         self.consumers: list[Consumer] = []
         self.alert_role_active = False
+        self.bucket = TokenBucket(tenant.limits.points_per_s)  # the plan's rate, for this process's ingest
+        self.upkeep_now = asyncio.Event()  # set: the retention job runs again at once (the plan's retention changed)
+
+    def set_limits(self, limits: TenantLimits) -> None:
+        """The plan changed (``tenants.json`` rewritten): the new rate from the next window, the new retention at
+        once (the retention job runs again with it)."""
+        if limits.points_per_s != self.bucket.rate:
+            log.info(
+                "tenant rate limit changed",
+                extra=fields(tenant=self.name, points_per_s=limits.points_per_s, before=self.bucket.rate),
+            )
+            self.bucket.rate = limits.points_per_s
+        before = self.config.tenant_retention(self.tenant)
+        self.tenant = self.tenant.model_copy(update={"limits": limits})
+        if self.config.tenant_retention(self.tenant) != before:
+            log.info(
+                "tenant retention changed; storage upkeep runs now",
+                extra=fields(tenant=self.name, retention_days=self.config.tenant_retention(self.tenant), before=before),
+            )
+            self.upkeep_now.set()
 
     @property
     def settings(self) -> BrokerSettings:
-        t = self.tenant
-        return BrokerSettings.from_url(
-            t.url,
-            connect_host=t.connect_host,
-            ca_file=t.ca_file,
-            cert_file=t.cert_file,
-            key_file=t.key_file,
-            username=t.username,
-            password=t.password,
-            keepalive_s=t.keepalive,
-            origin=f"tenants[{self.name}].",
-        )
+        return broker_settings(self.tenant)
 
     @property
     def alerts_settings(self) -> BrokerSettings:
@@ -92,7 +118,12 @@ class TenantBridge:
 
     @property
     def runs_alert_role(self) -> bool:
-        return bool(self.tenant.shared_group and self.alerts.rules)
+        """One process of a shared group holds the tenant's single role: the alerts, and the Sparkplug STATE.
+
+        Without alert rules it still publishes STATE (edge nodes that name the bridge as their primary
+        host wait for it), subscribing to nothing, when the tenant gives it the identity to do so.
+        """
+        return bool(self.tenant.shared_group and (self.alerts.rules or self.tenant.alerts_cert_file))
 
     async def open(self) -> None:
         """Check the TLS files and open (create, migrate) the tenant's store: an error now, not a retry loop."""
@@ -125,14 +156,18 @@ class TenantBridge:
 
     def _consumer(self, *, client: str, topics: list[tuple[str, int]], state: bool = False) -> Consumer:
         ingest = self.config.ingest
-        settings = self.alerts_settings if client == client_id(self.instance, role="alerts") else self.settings
+        alerts = client == client_id(self.instance, role="alerts")
+        settings = self.alerts_settings if alerts else self.settings
+        # Mosquitto hands a shared group's messages round-robin to every member session, connected or not:
+        # a member whose host died keeps receiving its share until its session expires (docs/bridge.md).
+        shared = bool(self.tenant.shared_group) and not alerts
         consumer = Consumer(
             tenant=self.name,
             settings=settings,
             client_id=client,
             subscriptions=topics,
             receive_maximum=ingest.window,
-            session_expiry_s=ingest.session_expiry,
+            session_expiry_s=ingest.shared_session_expiry if shared else ingest.session_expiry,
             sparkplug_state=state_topic(self.config.sparkplug.host_id) if state else None,
         )
         self.consumers.append(consumer)
@@ -149,6 +184,7 @@ class TenantBridge:
             engine=engine,
             store_data=store_data,
             max_messages=self.config.ingest.max_messages,
+            bucket=self.bucket,
         )
         senders = []
         if engine is not None:
@@ -179,16 +215,28 @@ class TenantBridge:
                 group.create_task(sender.run(), name=f"webhook[{self.name}/{sender.name}]")
             if self.runs_alert_role:
                 group.create_task(self._alert_role(), name=f"alerts[{self.name}]")
+            group.create_task(
+                retention.run(
+                    self.config.tenant_storage(self.tenant),
+                    self.name,
+                    lambda: self.config.tenant_retention(self.tenant),  # the plan as it is at each run
+                    wake=self.upkeep_now,
+                ),
+                name=f"retention[{self.name}]",
+            )
 
     async def _alert_role(self) -> None:
         """Wait for the tenant's alert lock; then evaluate alerts until it is lost (or we stop)."""
-        lock = alert_lock(self.config.storage, self.name)
+        lock = alert_lock(self.config.tenant_storage(self.tenant), self.name)
         while True:
             while not await asyncio.to_thread(lock.acquire):
                 await asyncio.sleep(LOCK_RETRY_S)
-            log.info("this process evaluates the tenant's alerts", extra=fields(tenant=self.name))
+            if self.alerts.rules:
+                log.info("this process evaluates the tenant's alerts", extra=fields(tenant=self.name))
+            else:
+                log.info("this process publishes the tenant's Sparkplug STATE", extra=fields(tenant=self.name))
             self.alert_role_active = True
-            store = make_store(self.config.storage, self.name)
+            store = make_store(self.config.tenant_storage(self.tenant), self.name)
             try:
                 try:
                     await asyncio.to_thread(store.open, ())
@@ -196,7 +244,7 @@ class TenantBridge:
                     log.error("cannot open the tenant's store for alerts", extra=fields(tenant=self.name, err=str(exc)))
                     await asyncio.sleep(LOCK_RETRY_S)
                     continue
-                subscriptions = plan((), builtins=("data", "status", "sparkplug"))
+                subscriptions = plan((), builtins=("data", "status", "sparkplug")) if self.alerts.rules else []
                 consumer = self._consumer(
                     client=client_id(self.instance, role="alerts"),
                     topics=[(s.filter, s.id) for s in subscriptions],

@@ -79,6 +79,11 @@ class Console:
     def storage(self) -> StorageConfig:
         return self._config.storage
 
+    def storage_of(self, tenant: str) -> StorageConfig:
+        """Where one tenant's data is: the server it is placed on (``tenants.json``), else the bridge's storage."""
+        placed = next((t for t in self._config.tenants if t.name == tenant), None)
+        return self._config.tenant_storage(placed) if placed is not None else self._config.storage
+
     # ---------------------------------------------------------------- tenants
 
     def tenants(self) -> list[str]:
@@ -100,19 +105,19 @@ class Console:
         return names
 
     def data(self, tenant: str) -> TenantData:
-        if self.storage.backend == "postgres":
-            assert self.storage.dsn is not None
-            return PostgresData(self.storage.dsn, tenant)
-        return SqliteData(self.storage.path, tenant)
+        storage = self.storage_of(tenant)
+        if storage.backend == "postgres":
+            assert storage.dsn is not None
+            return PostgresData(storage.dsn, tenant)
+        return SqliteData(storage.path, tenant)
 
     def rollup(self, tenant: str) -> Rollup | None:
-        if self.storage.backend != "sqlite":
+        storage = self.storage_of(tenant)
+        if storage.backend != "sqlite":
             return None
         with self._lock:
             if tenant not in self._rollups:
-                self._rollups[tenant] = Rollup(
-                    self.settings.state_dir, Path(self.storage.path) / f"{tenant}.db", tenant
-                )
+                self._rollups[tenant] = Rollup(self.settings.state_dir, Path(storage.path) / f"{tenant}.db", tenant)
             return self._rollups[tenant]
 
     def refresh_rollups(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Self
 from factory_edge.errors import WriteRefused
 from factory_edge.logs import fields
 
-from .config import DeviceBase
+from .configtypes import DeviceBase
 from .points import Point
 
 log = logging.getLogger(__name__)

@@ -1,32 +1,25 @@
 """Typed models of devices and tags, as written in the agent's config.
 
 Parsed once from YAML (see ``factory_edge.configfile``); code below the CLI
-only ever sees these frozen models.
+only ever sees these frozen models, or their plain twins in
+``drivers/configtypes.py`` (each model inherits from its twin, which holds
+the properties drivers use).
 """
 
 from __future__ import annotations
 
-import enum
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from factory_edge.configfile import YamlFloat
 from factory_edge.configmodel import NAME_PATTERN, Duration, Model
 
+from . import configtypes as plain
+from .configtypes import REGISTERS_PER_TYPE, ByteOrder, DataType, Deadband, Table
 
-@dataclass(frozen=True, slots=True)
-class Deadband:
-    """Report-by-exception threshold: absolute units, or percent of the last value."""
-
-    value: float
-    percent: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.value:g}%" if self.percent else f"{self.value:g}"
+__all__ = ["REGISTERS_PER_TYPE", "ByteOrder", "DataType", "Deadband", "Table"]  # re-exported: one import for both
 
 
 def _parse_deadband(value: Any) -> Deadband | None:
@@ -49,7 +42,7 @@ def _parse_deadband(value: Any) -> Deadband | None:
 DeadbandField = Annotated[Deadband | None, BeforeValidator(_parse_deadband)]
 
 
-class TagBase(Model):
+class TagBase(Model, plain.TagBase):
     """What every tag has, whatever the protocol."""
 
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
@@ -61,54 +54,6 @@ class TagBase(Model):
 
 
 # ---------------------------------------------------------------- Modbus
-
-
-class Table(enum.StrEnum):
-    """The four Modbus data tables."""
-
-    HOLDING = "holding"
-    INPUT = "input"
-    COIL = "coil"
-    DISCRETE = "discrete"
-
-    @property
-    def is_bits(self) -> bool:
-        return self in (Table.COIL, Table.DISCRETE)
-
-
-class DataType(enum.StrEnum):
-    BOOL = "bool"
-    INT16 = "int16"
-    UINT16 = "uint16"
-    INT32 = "int32"
-    UINT32 = "uint32"
-    INT64 = "int64"
-    UINT64 = "uint64"
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
-    STRING = "string"
-
-
-REGISTERS_PER_TYPE = {
-    DataType.BOOL: 1,
-    DataType.INT16: 1,
-    DataType.UINT16: 1,
-    DataType.INT32: 2,
-    DataType.UINT32: 2,
-    DataType.FLOAT32: 2,
-    DataType.INT64: 4,
-    DataType.UINT64: 4,
-    DataType.FLOAT64: 4,
-}
-
-
-class ByteOrder(enum.StrEnum):
-    """Byte order of the whole value as its registers arrive."""
-
-    ABCD = "ABCD"  # big endian
-    BADC = "BADC"  # bytes swapped in each 16-bit word
-    CDAB = "CDAB"  # 16-bit words swapped
-    DCBA = "DCBA"  # little endian
 
 
 def _split_address(value: Any) -> Any:
@@ -125,7 +70,7 @@ def _split_address(value: Any) -> Any:
     return value
 
 
-class ModbusTag(TagBase):
+class ModbusTag(TagBase, plain.ModbusTag):
     """A value in a Modbus device's register map (addresses are 0-based, as sent on the wire)."""
 
     table: Table = Table.HOLDING
@@ -186,21 +131,6 @@ class ModbusTag(TagBase):
             raise ValueError(f"{self.name} runs past the last address 65535")
         return self
 
-    @property
-    def data_type(self) -> DataType:
-        if self.type is not None:
-            return self.type
-        return DataType.BOOL if (self.table.is_bits or self.bit is not None) else DataType.UINT16
-
-    @property
-    def register_count(self) -> int:
-        """Registers (or bits, for coil/discrete) this tag occupies."""
-        if self.table.is_bits:
-            return 1
-        if self.data_type is DataType.STRING:
-            return self.length or 1
-        return REGISTERS_PER_TYPE[self.data_type]
-
 
 def _unique_names(items: list[Any], what: str) -> list[Any]:
     seen: set[str] = set()
@@ -211,14 +141,7 @@ def _unique_names(items: list[Any], what: str) -> list[Any]:
     return items
 
 
-class DeviceBase(Model):
-    if TYPE_CHECKING:  # what every device has; each protocol's model declares it
-        protocol: str
-        tags: Sequence[TagBase]
-
-        @property
-        def address(self) -> str: ...
-
+class DeviceBase(Model, plain.DeviceBase):
     name: str = Field(pattern=NAME_PATTERN, max_length=128)
     profile: str | None = Field(default=None, description="the profile this device starts from (agent/expand.py)")
     poll: Duration = Field(default=1.0, gt=0)
@@ -227,7 +150,7 @@ class DeviceBase(Model):
     backoff_max: Duration = Field(default=30.0, gt=0, description="longest wait between reconnect attempts")
 
 
-class ModbusDeviceBase(DeviceBase):
+class ModbusDeviceBase(DeviceBase, plain.ModbusDeviceBase):
     unit: int = Field(default=1, ge=0, le=255)
     addressing: Literal["protocol", "modicon"] = Field(
         default="protocol",
@@ -249,17 +172,13 @@ class ModbusDeviceBase(DeviceBase):
         return _unique_names(tags, "tag")
 
 
-class ModbusTcpDevice(ModbusDeviceBase):
+class ModbusTcpDevice(ModbusDeviceBase, plain.ModbusTcpDevice):
     protocol: Literal["modbus-tcp"]
     host: str = Field(min_length=1)
     port: int = Field(default=502, ge=1, le=65535)
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
-
-class ModbusRtuDevice(ModbusDeviceBase):
+class ModbusRtuDevice(ModbusDeviceBase, plain.ModbusRtuDevice):
     protocol: Literal["modbus-rtu"]
     serial: str = Field(min_length=1)
     baudrate: int = Field(default=19200, gt=0)
@@ -274,15 +193,11 @@ class ModbusRtuDevice(ModbusDeviceBase):
             raise ValueError("a serial line carries one request at a time: only 1 is possible for modbus-rtu")
         return value
 
-    @property
-    def address(self) -> str:
-        return f"{self.serial}@{self.baudrate}{self.parity}{self.stopbits}"
-
 
 # ---------------------------------------------------------------- OPC UA
 
 
-class OpcuaSecurity(Model):
+class OpcuaSecurity(Model, plain.OpcuaSecurity):
     policy: Literal["None", "Basic256Sha256"] = "None"
     mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     cert_file: str | None = Field(
@@ -300,7 +215,7 @@ class OpcuaSecurity(Model):
         return self
 
 
-class OpcuaTag(TagBase):
+class OpcuaTag(TagBase, plain.OpcuaTag):
     """A node, by NodeId (``ns=2;s=Oven.Zone1.Temp``) or by browse path from Objects (``2:Oven/2:Zone1/2:Temp``)."""
 
     node: str | None = None
@@ -315,7 +230,7 @@ class OpcuaTag(TagBase):
         return self
 
 
-class OpcuaDevice(DeviceBase):
+class OpcuaDevice(DeviceBase, plain.OpcuaDevice):
     protocol: Literal["opcua"]
     endpoint: str = Field(pattern=r"^opc\.tcp://", description="opc.tcp://host:port[/path]")
     security: OpcuaSecurity = OpcuaSecurity()
@@ -334,10 +249,6 @@ class OpcuaDevice(DeviceBase):
         if self.password is not None and self.username is None:
             raise ValueError("password: given without username:")
         return self
-
-    @property
-    def address(self) -> str:
-        return self.endpoint
 
 
 Device = Annotated[ModbusTcpDevice | ModbusRtuDevice | OpcuaDevice, Field(discriminator="protocol")]

@@ -29,6 +29,9 @@ class YamlFloat(float):
         obj.text = text
         return obj
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled: a config checked in a child process (agent/configproc.py)
+        return (type(self), (float(self), self.text))
+
 
 class YamlInt(int):
     """An int written with leading zeros (``00010``), which YAML 1.1 reads as octal: it remembers its text.
@@ -43,6 +46,9 @@ class YamlInt(int):
         obj = super().__new__(cls, value)
         obj.text = text
         return obj
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (int(self), self.text))
 
 
 class _Loader(yaml.SafeLoader):

@@ -6,8 +6,10 @@ is dialled (``connect_host``); ``dial`` checks our certificate, connects and
 turns every failure into a PublishError in a technician's words ("broker
 certificate not trusted", "hostname mismatch", "is this a TLS port?");
 ``wait_connack`` and ``explain_disconnect`` do the same for the broker's
-answer and for a lost connection. Each side owns its own session on top:
-the agent's ``agent.mqtt.Link``, the bridge's ``bridge.mqtt.Session``.
+answer and for a lost connection. ``Connection`` holds one paho client
+for one TCP connection and hands its callbacks to the event loop; each side
+builds its own session on it: the agent's ``agent.mqtt.Link``, the bridge's
+``bridge.mqtt.Session``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
 from .certdates import read_cert_dates
@@ -390,3 +394,90 @@ def check_client_certificate(settings: BrokerSettings) -> None:
             f"TLS: our certificate {settings.cert_file} is not valid before "
             f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check the gateway's clock"
         )
+
+
+class Connection:
+    """One MQTT v5 connection; dies with its TCP connection (paho's own reconnect is off).
+
+    paho's callbacks run on its network thread and are handed to the event
+    loop; ``on_lost(reason)`` is called there once, with the reason in a
+    technician's words. Subclasses add their callbacks and call ``_open``.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str,
+        inflight: int,
+        on_lost: Callable[[str], None],
+        will: tuple[str, bytes] | None = None,
+        will_retain: bool = True,
+        manual_ack: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.closed = asyncio.Event()
+        self._connack: asyncio.Future[str | None] = self.loop.create_future()
+        self._on_lost = on_lost
+        self.max_packet_size: int | None = None
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=False,
+            manual_ack=manual_ack,
+        )
+        self.client.max_inflight_messages_set(inflight)
+        self.client.max_queued_messages_set(0)
+        self._tls: ssl.SSLContext | None = None
+        if settings.tls:
+            self._tls = tls_context(settings)
+            self.client.tls_set_context(self._tls)
+        if settings.username:
+            self.client.username_pw_set(settings.username, settings.password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=will_retain)
+        self.client.on_connect = self._paho_connect
+        self.client.on_disconnect = self._paho_disconnect
+
+    # paho thread -> event loop
+    def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        # MQTT v5: the largest packet the broker accepts (absent: no limit); a larger one ends the connection.
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
+        result = None if not reason.is_failure else f"the broker refused the connection: {reason}"
+        self.loop.call_soon_threadsafe(self._connack_received, result)
+
+    def _connack_received(self, result: str | None) -> None:
+        if not self._connack.done():
+            self._connack.set_result(result)
+
+    def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        text = explain_disconnect(bool(getattr(flags, "is_disconnect_packet_from_server", False)), reason)
+        self.loop.call_soon_threadsafe(self._lost, text)
+
+    def _lost(self, reason: str) -> None:
+        if not self._connack.done():
+            self._connack.set_result(f"{reason} before CONNACK")
+        self._abandon()
+        if not self.closed.is_set():
+            self.closed.set()
+            self._on_lost(reason)
+
+    def _abandon(self) -> None:
+        """The connection is gone: answer whatever still waits on it (a subclass's pending requests)."""
+
+    # event loop side
+    async def _open(self, properties: Properties, *, timeout_s: float) -> None:
+        """Dial, TLS, CONNECT and wait for CONNACK; PublishError says why not."""
+        await dial(self.client, self.settings, self._tls, properties, timeout_s=timeout_s)  # sets TCP_NODELAY
+        self.client.loop_start()
+        refused = await wait_connack(self._connack, self.settings, timeout_s=timeout_s)
+        if refused:
+            await self.close()
+            raise PublishError(refused)
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no will message; the broker keeps a persistent session) and stop paho's thread."""
+        self.closed.set()
+        await disconnect(self.client)

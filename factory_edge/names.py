@@ -86,6 +86,11 @@ def check_tenant(value: str, *, what: str = "tenant name") -> str:
     """A tenant name becomes a DNS label (``mqtt.<tenant>.<domain>``)."""
     if not isinstance(value, str) or LABEL_RE.fullmatch(value) is None:
         raise InvalidName(f"{what} {value!r} is not a DNS label: {LABEL_RULE}")
+    if value == "public":
+        raise InvalidName(
+            f"{what} 'public' is PostgreSQL's default schema, and a tenant's schema is its name: its tables would "
+            "mix with the database's own; choose another name"
+        )
     return value
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from factory_edge import __version__, names
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning import brokers, dynsec, keys, pki
+from provisioning import brokers, dynsec, keys, pki, plans
 from provisioning.layout import DataDir, private_dir
 from provisioning.registry import CertRecord, Device, KeyRecord, Registry, Tenant, iso, now, parse_iso
 from provisioning.tenants import (
@@ -179,7 +179,7 @@ def revoke_device(data: DataDir, tenant_name: str, gateway: str) -> Revocation:
         result = Revocation(tenant, gateway, [c.serial for c in certs], already)
         write_crl(data, registry, tenant)
     log.info("gateway revoked", extra=fields(tenant=tenant.name, gateway=gateway, certificates=len(certs)))
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     result.steps.append(f"CRL {files.crl} lists {len(certs)} certificate(s) of {gateway}")
     try:
         reloaded = brokers.reload_broker(files.conf, tenant.name)
@@ -233,7 +233,8 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
     data.require()
     with Registry(data.registry) as registry:
         tenant = get_tenant(registry, tenant_name)
-        files = data.tenant(tenant.name)
+        plans.check_technician_room(registry, tenant.name, identity, now())  # before any file is written
+        files = data.tenant(tenant.name, tenant.broker_host)
         ca_key, ca_cert = load_ca(files)
         key, cert = pki.issue_client_cert(ca_key, ca_cert, identity, hours=hours)
         out_dir = out_dir.resolve()
@@ -249,6 +250,12 @@ def technician_cert(data: DataDir, tenant_name: str, name: str, *, hours: float,
         pki.write_pem(ca_file, ca_cert)
         pki.write_pem(files.technicians / f"{identity}-{cert.serial_number:x}.pem", cert)
         with registry.transaction():
+            try:
+                plans.check_technician_room(registry, tenant.name, identity, now())  # again, under the write lock
+            except plans.PlanLimit:  # another technician took the last place meanwhile: leave no usable key
+                key_file.unlink(missing_ok=True)
+                (files.technicians / f"{identity}-{cert.serial_number:x}.pem").unlink(missing_ok=True)
+                raise
             registry.add_certificate(record(tenant.name, cert, "technician"))
             render_tenant(data, registry, tenant)  # checked first: a refused config rolls the certificate back
     try:
@@ -345,7 +352,7 @@ def revoke_technician(data: DataDir, tenant_name: str, name: str) -> Revocation:
             render_tenant(data, registry, tenant)  # without its user block; checked before it replaces the ACL
     already = None if live else certs[-1].revoked_at
     result = Revocation(tenant, identity, [c.serial for c in certs], already)
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     result.steps.append(f"CRL {files.crl} lists {len(certs)} certificate(s) of {identity}; removed from the ACL")
     log.info("technician revoked", extra=fields(tenant=tenant.name, technician=identity, certificates=len(live)))
     try:
@@ -393,7 +400,7 @@ def add_bridge(data: DataDir, instance: str) -> BridgeIdentity:
         tenants = registry.tenants()
     for tenant in tenants:
         if tenant.name in issued:
-            brokers.reload_broker(data.tenant(tenant.name).conf, tenant.name)
+            brokers.reload_broker(data.tenant(tenant.name, tenant.broker_host).conf, tenant.name)
     log.info("bridge identity added", extra=fields(identity=identity, tenants=",".join(issued)))
     return BridgeIdentity(instance, identity, issued)
 
@@ -418,7 +425,7 @@ def enforce_subscriptions(data: DataDir, only: str | None = None) -> list[str]:
             done.append(
                 f"{tenant.name}: "
                 + dynsec.sync(
-                    data.tenant(tenant.name),
+                    data.tenant(tenant.name, tenant.broker_host),
                     admin_link(data, tenant),
                     partial(wanted_dynsec, registry, tenant),
                     tenant=tenant.name,
@@ -454,7 +461,7 @@ def refresh_crls(
     with Registry(data.registry) as registry:
         tenants = [get_tenant(registry, only)] if only else registry.tenants()
         for tenant in tenants:
-            files = data.tenant(tenant.name)
+            files = data.tenant(tenant.name, tenant.broker_host)
             expires = crl_expires(files)
             listed = crl_serials(files)
             added = {serial for serial, _ in crl_entries(registry, tenant)} - listed
@@ -490,7 +497,7 @@ def _end_superseded_sessions(data: DataDir, registry: Registry, tenant: Tenant, 
     )
     if not gateways:
         return
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     commands = [
         {"command": verb, "username": gateway} for gateway in gateways for verb in ("disableClient", "enableClient")
     ]

@@ -3,14 +3,16 @@
 And, for operators with a token (``Authorization: Bearer feo_…``,
 ``operators.py``), the gateways' configurations (``fleet.py``):
 ``GET /v1/tenants/{tenant}/configs`` (drift), ``GET`` and ``PUT
-/v1/tenants/{tenant}/gateways/{gw}/config``, ``POST …/config/push``.
+/v1/tenants/{tenant}/gateways/{gw}/config``, ``POST …/config/push``; and
+the tenant's plan, ``GET`` and ``PUT /v1/tenants/{tenant}/plan``
+(``plans.py``; setting it takes a token for every tenant).
 
 Every error is ``{"detail": "<one line>"}`` with a precise status:
 
 | status | when |
 |---|---|
 | 401 | unknown provisioning key; renewal certificate unknown, or the signature does not match its key; no or unknown operator token |
-| 403 | key expired, used up or revoked; certificate revoked, expired or already renewed; operator token revoked or for another tenant |
+| 403 | key expired, used up or revoked; certificate revoked, expired or already renewed; the tenant's plan allows no more gateways; operator token revoked or for another tenant |
 | 404 | no such tenant, stored configuration or version |
 | 409 | the gateway name is taken by another (active) device |
 | 413 | request body over 64 KiB |
@@ -38,8 +40,8 @@ from factory_edge import __version__
 from factory_edge.configfile import format_location
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning import fleet, operators
-from provisioning.errors import NotFound, Refused, TooManyAttempts
+from provisioning import fleet, operators, plans
+from provisioning.errors import Forbidden, Invalid, NotFound, Refused, TooManyAttempts
 from provisioning.ratelimit import FailureLimiter
 from provisioning.registry import Registry
 from provisioning.service import Service
@@ -172,6 +174,33 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
             lambda: fleet.push(service.data, tenant, gateway, version=body.version, wait_s=body.wait)
         )
 
+    @app.get("/v1/tenants/{tenant}/plan", responses=_errors(401, 403, 404, 429))
+    def plan_get(tenant: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """The tenant's plan limits (null: no limit) and what it uses now."""
+        operator(authorization, tenant)
+        plan, usage = plans.show(service.data, tenant)
+        return {"tenant": tenant, "limits": plan.as_json(), "usage": usage}
+
+    @app.put("/v1/tenants/{tenant}/plan", responses=_errors(401, 403, 404, 422, 429))
+    def plan_put(tenant: str, body: PlanRequest, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """Set some limits (``"none"`` or null removes one); needs a token for every tenant, not the tenant's own."""
+        token = operators.authorize(service.data, authorization, tenant)
+        if token.tenant is not None:
+            raise Forbidden(
+                f"operator token {token.id} is for tenant {token.tenant} only; plans are set with a token "
+                "for every tenant (provisioning operator-token create NAME)"
+            )
+        operator(authorization, tenant)
+        changes = body.model_dump(exclude_unset=True)
+        try:
+            _, steps = plans.update(service.data, tenant, changes)
+        except Refused:
+            raise
+        except ProvisioningError as exc:
+            raise Invalid(str(exc)) from None
+        plan, usage = plans.show(service.data, tenant)
+        return {"tenant": tenant, "limits": plan.as_json(), "usage": usage, "applied": steps}
+
     @app.get("/v1/health")
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
@@ -179,7 +208,8 @@ def create_app(service: Service, limiter: FailureLimiter) -> FastAPI:
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> JSONResponse:
         client = _client(request.scope)
-        limiter.failed(client)
+        if exc.counts_as_failure:
+            limiter.failed(client)
         log.warning(
             "request refused",
             extra=fields(
@@ -221,6 +251,19 @@ class ConfigRequest(BaseModel):
     note: str | None = Field(default=None, max_length=500)
     push: bool = Field(default=False, description="push it at once and include the gateway's answer")
     wait: float | None = Field(default=None, gt=0, le=600, description="with push: seconds to wait for the outcome")
+
+
+class PlanRequest(BaseModel):
+    """Limits to change; a limit not given stays as it is."""
+
+    model_config = ConfigDict(extra="forbid")
+    gateways: int | str | None = Field(default=None, description="active gateways allowed, or 'none'")
+    technicians: int | str | None = Field(default=None, description="technicians with a valid certificate, or 'none'")
+    points_per_s: int | str | None = Field(default=None, description="ingest rate the bridge allows, or 'none'")
+    retention_days: int | str | None = Field(default=None, description="days of data kept, or 'none'")
+    message_size: int | str | None = Field(
+        default=None, description="largest MQTT packet in bytes or a size like '256KiB'; 'none': the default"
+    )
 
 
 class PushRequest(BaseModel):

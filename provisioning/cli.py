@@ -19,7 +19,7 @@ from typing import Any
 from factory_edge.cli import accept_global_options_anywhere, add_global_options, run_command
 from factory_edge.errors import ProvisioningError
 from factory_edge.units import parse_duration
-from provisioning import admin, fleet, operators, tenants
+from provisioning import admin, fleet, operators, placement_cli, plans, tenants
 from provisioning.layout import DATA_DIR_ENV, DEFAULT_DATA_DIR, DataDir
 from provisioning.registry import Registry, now
 
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-broker-port",
         type=int,
         metavar="PORT",
-        help="tenant brokers listen on 127.0.0.1 from this port up (default 18831)",
+        help="tenant brokers listen on their host from this port up (default 18831)",
     )
     p.add_argument(
         "--proxy-maxconn",
@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how long a gateway certificate superseded by a renewal keeps working (default 1h)",
     )
+    p.add_argument(
+        "--proxy-connect",
+        metavar="ADDR",
+        help="the proxy address bridges dial for every tenant ('' : tenants on host local directly, "
+        "others through 127.0.0.1 or --proxy-bind)",
+    )
     p.set_defaults(handler=cmd_init)
 
     tenant = commands.add_parser(
@@ -121,12 +127,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--broker-port",
         type=int,
         metavar="PORT",
-        help="the tenant Mosquitto's port on 127.0.0.1 (default: the next free from --first-broker-port)",
+        help="the tenant Mosquitto's port on its host (default: the next free from --first-broker-port)",
+    )
+    p.add_argument("--host", metavar="HOST", help="the broker host it runs on (default: the least loaded)")
+    p.add_argument(
+        "--storage",
+        metavar="STORAGE",
+        help="the storage server its data goes to (default: the least loaded, if any is registered)",
     )
     p.set_defaults(handler=cmd_tenant_create)
     p = tenant.add_parser("list", parents=[common], help="list tenants", description="List tenants and their brokers.")
     p.add_argument("--json", action="store_true", help="one JSON document for scripts")
     p.set_defaults(handler=cmd_tenant_list)
+    p = tenant.add_parser(
+        "plan",
+        parents=[common],
+        help="show or set a tenant's plan limits",
+        description="Show a tenant's plan (no option), or set some of its limits; 'none' removes a limit. "
+        "Gateways and technicians beyond the limit are refused at provisioning; the message size is the "
+        "broker's max_packet_size (reloaded); points/s and retention days go to tenants.json for the bridge.",
+    )
+    p.add_argument("name", metavar="NAME", help="the tenant")
+    p.add_argument("--gateways", metavar="N", help="active gateways allowed (or none)")
+    p.add_argument("--technicians", metavar="N", help="technicians holding a valid certificate (or none)")
+    p.add_argument("--points-per-s", metavar="N", help="ingest rate; the bridge delays the tenant above it (or none)")
+    p.add_argument("--retention-days", metavar="N", help="days of data kept (or none)")
+    p.add_argument(
+        "--message-size",
+        metavar="SIZE",
+        help="largest MQTT packet the broker accepts, e.g. 256KiB (none: the default, 1MiB)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    p.set_defaults(handler=cmd_tenant_plan)
+    placement_cli.add_tenant_move(tenant, common)
+    placement_cli.add_commands(commands, common)
 
     key = commands.add_parser(
         "key",
@@ -499,10 +533,11 @@ def cmd_init(args: argparse.Namespace) -> int:
         first_broker_port=args.first_broker_port,
         limits=limits,
         renew_overlap_s=args.renew_overlap,
+        proxy_connect=args.proxy_connect,
     )
     print(
         f"{'created' if created else 'updated'} {data.root}: proxy on {settings.proxy_bind}:{settings.proxy_port}, "
-        f"gateways dial port {settings.public_port}, brokers from 127.0.0.1:{settings.first_broker_port}"
+        f"gateways dial port {settings.public_port}, brokers from port {settings.first_broker_port}"
     )
     lim = settings.limits
     print(
@@ -516,11 +551,17 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_tenant_create(args: argparse.Namespace) -> int:
     data = _data(args)
-    tenant = tenants.create_tenant(data, args.name, args.domain, broker_port=args.broker_port)
-    files = data.tenant(tenant.name)
+    created = tenants.place_tenant(
+        data, args.name, args.domain, broker_port=args.broker_port, host=args.host, storage=args.storage
+    )
+    tenant = created.tenant
+    files = data.tenant(tenant.name, tenant.broker_host)
     proxy = tenants.apply_proxy(data)
     print(f"tenant {tenant.name} created")
-    print(f"  broker URL   {tenant.url}  (its Mosquitto: 127.0.0.1:{tenant.broker_port})")
+    print(f"  broker URL   {tenant.url}  (its Mosquitto: {tenant.broker_address}:{tenant.broker_port})")
+    if created.placed:
+        print(f"  host         {tenant.broker_host}: {created.host.reason}")
+        print(f"  storage      {tenant.storage or 'the bridge storage'}: {created.storage.reason}")
     print(f"  tenant CA    {files.ca_cert}")
     print(
         f"  bridge       {files.identity('bridge.main')[0]}  (bridge run --instance main; more: provisioning "
@@ -547,6 +588,9 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
                         "domain": t.domain,
                         "url": t.url,
                         "broker_port": t.broker_port,
+                        "host": t.broker_host,
+                        "broker_address": t.broker_address,
+                        "storage": t.storage,
                         "created_at": t.created_at,
                     }
                     for t in found
@@ -555,9 +599,38 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
         )
         return 0
     _table(
-        [("TENANT", "BROKER URL", "LOCAL PORT", "CREATED")]
-        + [(t.name, t.url, str(t.broker_port), t.created_at) for t in found]
+        [("TENANT", "BROKER URL", "BROKER", "HOST", "STORAGE", "CREATED")]
+        + [
+            (t.name, t.url, f"{t.broker_address}:{t.broker_port}", t.broker_host, t.storage or "-", t.created_at)
+            for t in found
+        ]
     )
+    return 0
+
+
+def cmd_tenant_plan(args: argparse.Namespace) -> int:
+    data = _data(args)
+    changes = {field: getattr(args, field) for field in plans.FIELDS if getattr(args, field) is not None}
+    steps: list[str] = []
+    if changes:
+        _, steps = plans.update(data, args.name, changes)
+    plan, usage = plans.show(data, args.name)
+    if args.json:
+        print(json.dumps({"tenant": args.name, "limits": plan.as_json(), "usage": usage}))
+        return 0
+    if changes:
+        print(f"tenant {args.name}: plan {'unchanged' if steps == ['unchanged'] else 'updated'}")
+    rows = [("LIMIT", "VALUE", "IN USE")]
+    for field in plans.FIELDS:
+        value = getattr(plan, field)
+        shown = "none" if value is None else str(value)
+        if field == "message_size":
+            shown = f"{plan.max_packet_size} bytes" + (" (default)" if value is None else "")
+        rows.append((field, shown, str(usage[field]) if field in usage else ""))
+    _table(rows)
+    for step in steps:
+        if step != "unchanged":
+            print(f"  {step}")
     return 0
 
 
@@ -770,8 +843,8 @@ def cmd_device_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_device_revoke(args: argparse.Namespace) -> int:
-    result = admin.revoke_device(_data(args), args.tenant, args.gateway)
+def _print_revocation(result: admin.Revocation) -> int:
+    """A gateway's or technician's revocation: what was done, one step per line."""
     head = (
         f"{result.gateway} was already revoked at {result.already_revoked_at}; enforced again"
         if result.already_revoked_at
@@ -781,6 +854,11 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     for step in result.steps:
         print(f"  {step}")
     return 0
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    result = admin.revoke_device(_data(args), args.tenant, args.gateway)
+    return _print_revocation(result)
 
 
 def cmd_technician_cert(args: argparse.Namespace) -> int:
@@ -810,15 +888,7 @@ def cmd_technician_list(args: argparse.Namespace) -> int:
 
 def cmd_technician_revoke(args: argparse.Namespace) -> int:
     result = admin.revoke_technician(_data(args), args.tenant, args.name)
-    head = (
-        f"{result.gateway} was already revoked at {result.already_revoked_at}; enforced again"
-        if result.already_revoked_at
-        else f"{result.gateway} revoked in tenant {result.tenant.name}"
-    )
-    print(head)
-    for step in result.steps:
-        print(f"  {step}")
-    return 0
+    return _print_revocation(result)
 
 
 def cmd_bridge_add(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ class Refused(ProvisioningError):
 
     status = 400
     subjects: tuple[str, ...] = ()
+    counts_as_failure = True  # towards the 429 limits; a plan's refusal is no attack (plans.PlanLimit)
 
 
 class Unauthorized(Refused):

@@ -184,7 +184,7 @@ def desired(registry: Registry, tenant: str) -> dict[str, StoredConfig]:
 
 def operator_link(data: DataDir, tenant: Tenant) -> AdminLink:
     """The operators' identity (CN ``bridge``) on the tenant's broker, dialled directly."""
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     return AdminLink(
         host=tenant.host, port=tenant.broker_port, ca_file=files.ca_cert, cert_file=files.bridge_cert,
         key_file=files.bridge_key,

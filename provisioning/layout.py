@@ -16,8 +16,17 @@
         provisioning.pem provisioning.key   this service's client (ends revoked sessions, subscription rules)
         provisioning-guard.pem .key      the service's retained-message guard
         mosquitto.conf acl dynsec.json   the broker's configuration
-        data/                            the broker's persistence
+        data/                            the broker's persistence (tenant on host local)
         technicians/                     technician certificates issued (keys are handed out, not kept)
+      hosts/<host>/<tenant>/             a tenant placed on broker host <host> (any host but local)
+        mosquitto.conf                   listens on the host's address; names the files in tenants/<tenant>/
+        data/                            the broker's persistence on that host
+
+A tenant on the host ``local`` (127.0.0.1, every tenant made before
+placement existed) keeps its ``mosquitto.conf`` and ``data/`` in
+``tenants/<tenant>/``; a tenant on another host has them in
+``hosts/<host>/<tenant>/``, the directory a broker host runs its brokers
+from (docs/provisioning.md, "Broker hosts").
 
 Private keys are mode 0600, everything else 0644; directories 0700.
 """
@@ -34,11 +43,18 @@ from factory_edge.files import write_atomic
 DEFAULT_DATA_DIR = "/var/lib/factory-edge/provisioning"
 DATA_DIR_ENV = "FE_PROVISIONING_DIR"
 UNIX_SOCKET_MAX = 107  # sun_path, including the final NUL on Linux
+PROXY_NAME_MAX = 8  # room kept in the admin socket's path for $FE_PROXY_NAME
+
+
+LOCAL_HOST = "local"  # the broker host every tenant is on unless placed elsewhere (127.0.0.1)
 
 
 @dataclass(frozen=True)
 class TenantFiles:
+    """A tenant's files; ``broker_dir``: where its broker's config and persistence are, if not in ``dir``."""
+
     dir: Path
+    broker_dir: Path | None = None
 
     @property
     def name(self) -> str:
@@ -53,10 +69,10 @@ class TenantFiles:
     bridge_key = property(lambda self: self.dir / "bridge.key")
     service_cert = property(lambda self: self.dir / "provisioning.pem")
     service_key = property(lambda self: self.dir / "provisioning.key")
-    conf = property(lambda self: self.dir / "mosquitto.conf")
+    conf = property(lambda self: (self.broker_dir or self.dir) / "mosquitto.conf")
     acl = property(lambda self: self.dir / "acl")
     dynsec = property(lambda self: self.dir / "dynsec.json")
-    persistence = property(lambda self: self.dir / "data")
+    persistence = property(lambda self: (self.broker_dir or self.dir) / "data")
     technicians = property(lambda self: self.dir / "technicians")
     bridges = property(lambda self: self.dir / "bridges")
     guard = property(lambda self: (self.dir / "provisioning-guard.pem", self.dir / "provisioning-guard.key"))
@@ -84,8 +100,25 @@ class DataDir:
     haproxy_map = property(lambda self: self.root / "haproxy" / "tenants.map")
     haproxy_socket = property(lambda self: self.root / "haproxy" / "admin.sock")
 
-    def tenant(self, name: str) -> TenantFiles:
-        return TenantFiles(self.root / "tenants" / name)
+    @property
+    def haproxy_socket_template(self) -> str:
+        """The admin socket as haproxy.cfg names it: ``admin$FE_PROXY_NAME.sock`` (``admin.sock`` when unset).
+
+        Several proxies on one machine run from the same files, each with
+        its own ``FE_PROXY_NAME`` (``-p2``): a reload hands a new worker the
+        listeners of the socket's owner, so two proxies must never share it.
+        """
+        return '"' + str(self.root / "haproxy" / "admin") + '${FE_PROXY_NAME-}.sock"'
+
+    hosts = property(lambda self: self.root / "hosts")
+
+    def tenant(self, name: str, host: str = LOCAL_HOST) -> TenantFiles:
+        """The tenant's files, its broker's as placed on ``host``."""
+        return TenantFiles(self.root / "tenants" / name, None if host == LOCAL_HOST else self.host_dir(host) / name)
+
+    def host_dir(self, host: str) -> Path:
+        """What broker host ``host`` runs: one ``<tenant>/mosquitto.conf`` per tenant placed there."""
+        return self.hosts / host
 
     def exists(self) -> bool:
         return self.registry.exists()
@@ -102,10 +135,10 @@ class DataDir:
         """Create the directory tree, private to its owner."""
         for directory in (self.root, self.api, self.haproxy, self.root / "tenants"):
             private_dir(directory)
-        if len(str(self.haproxy_socket)) > UNIX_SOCKET_MAX - 1:
+        if len(str(self.haproxy_socket)) > UNIX_SOCKET_MAX - 1 - PROXY_NAME_MAX:
             raise ProvisioningError(
                 f"data directory path {self.root} is too long for HAProxy's admin socket "
-                f"({len(str(self.haproxy_socket))} > {UNIX_SOCKET_MAX - 1} characters)"
+                f"({len(str(self.haproxy_socket))} > {UNIX_SOCKET_MAX - 1 - PROXY_NAME_MAX} characters)"
             )
 
 
@@ -126,4 +159,4 @@ def write_text(path: Path, text: str, mode: int = 0o644) -> None:
         raise ProvisioningError(f"cannot write {path}: {exc.strerror}") from exc
 
 
-__all__ = ["DATA_DIR_ENV", "DEFAULT_DATA_DIR", "DataDir", "TenantFiles", "private_dir", "write_text"]
+__all__ = ["DATA_DIR_ENV", "DEFAULT_DATA_DIR", "LOCAL_HOST", "DataDir", "TenantFiles", "private_dir", "write_text"]

@@ -54,6 +54,10 @@ class Tenant:
     broker_port: int  # the tenant's Mosquitto, on the provisioning host
     public_port: int  # what gateways dial: the SNI proxy
     created_at: str
+    broker_host: str = "local"  # the broker host its Mosquitto runs on (broker_hosts)
+    storage: str | None = None  # the storage server its data goes to (storage_servers); None: the bridge's own
+    storage_previous: str | None = None  # where its data was before the last storage move (the bridge copies it)
+    broker_address: str = "127.0.0.1"  # the host's address: where its Mosquitto listens (read from broker_hosts)
 
     @property
     def host(self) -> str:
@@ -63,6 +67,26 @@ class Tenant:
     @property
     def url(self) -> str:
         return f"mqtts://{self.host}:{self.public_port}"
+
+
+@dataclass(frozen=True)
+class BrokerHost:
+    """A machine tenant brokers run on; ``address`` is what they listen on and the proxies dial."""
+
+    name: str
+    address: str
+    capacity: int  # tenants it is meant to hold; 0: only tenants placed on it by name
+    created_at: str
+
+
+@dataclass(frozen=True)
+class StorageServer:
+    """A PostgreSQL server tenant data is placed on; ``dsn`` is what the bridge connects with."""
+
+    name: str
+    dsn: str
+    capacity: int
+    created_at: str
 
 
 @dataclass(frozen=True)
@@ -219,11 +243,51 @@ def _m0004_fleet_configs(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m0005_plans(db: sqlite_utils.Database) -> None:
+    # Each tenant's plan (provisioning/plans.py): what the operator allows it; a NULL column is no limit.
+    db.execute(
+        """CREATE TABLE tenant_plans (
+            tenant TEXT PRIMARY KEY REFERENCES tenants(name),
+            gateways INTEGER,                     -- active (not revoked) gateways
+            technicians INTEGER,                  -- technicians holding a valid certificate
+            points_per_s INTEGER,                 -- the bridge delays the tenant's ingest above this
+            retention_days INTEGER,               -- data older than this is removed
+            message_size INTEGER,                 -- bytes: the broker's max_packet_size (NULL: the default)
+            updated_at TEXT NOT NULL)"""
+    )
+
+
+def _m0006_placement(db: sqlite_utils.Database) -> None:
+    # Where tenants run (provisioning/placement.py): broker hosts, storage servers, and each tenant's place.
+    for sql in (
+        """CREATE TABLE broker_hosts (
+            name TEXT PRIMARY KEY,
+            address TEXT NOT NULL,                -- what the tenant brokers listen on, the proxies' backends
+            capacity INTEGER NOT NULL,            -- tenants it is meant to hold: the weight of least-load placement
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE storage_servers (
+            name TEXT PRIMARY KEY,
+            dsn TEXT NOT NULL,                    -- PostgreSQL connection string, as the bridge uses it
+            capacity INTEGER NOT NULL,
+            created_at TEXT NOT NULL)""",
+        # Everything that exists stays where it runs: host "local", on 127.0.0.1.
+        "INSERT INTO broker_hosts (name, address, capacity, created_at) "
+        "VALUES ('local', '127.0.0.1', 100, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))",
+        # SQLite cannot add a REFERENCES column with a default: the host is checked by provisioning.
+        "ALTER TABLE tenants ADD COLUMN broker_host TEXT NOT NULL DEFAULT 'local'",
+        "ALTER TABLE tenants ADD COLUMN storage TEXT REFERENCES storage_servers(name)",
+        "ALTER TABLE tenants ADD COLUMN storage_previous TEXT REFERENCES storage_servers(name)",
+    ):
+        db.execute(sql)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m0001_initial),
     ("0002_isolation", _m0002_isolation),
     ("0003_clones", _m0003_clones),
     ("0004_fleet_configs", _m0004_fleet_configs),
+    ("0005_plans", _m0005_plans),
+    ("0006_placement", _m0006_placement),
 ]
 
 
@@ -314,18 +378,77 @@ class Registry:
 
     # tenants ----------------------------------------------------------------
 
-    def tenant(self, name: str) -> Tenant | None:
-        rows = self._rows("SELECT * FROM tenants WHERE name = ?", [name])
-        return Tenant(**rows[0]) if rows else None
+    _TENANTS = (
+        "SELECT t.*, h.address AS broker_address FROM tenants t LEFT JOIN broker_hosts h ON h.name = t.broker_host"
+    )
 
-    def tenants(self) -> list[Tenant]:
-        return [Tenant(**row) for row in self._rows("SELECT * FROM tenants ORDER BY name")]
+    def tenant(self, name: str) -> Tenant | None:
+        rows = self._rows(f"{self._TENANTS} WHERE t.name = ?", [name])
+        return _tenant(rows[0]) if rows else None
+
+    def tenants(self, *, host: str | None = None) -> list[Tenant]:
+        if host is not None:
+            return [
+                _tenant(row) for row in self._rows(f"{self._TENANTS} WHERE t.broker_host = ? ORDER BY t.name", [host])
+            ]
+        return [_tenant(row) for row in self._rows(f"{self._TENANTS} ORDER BY t.name")]
 
     def add_tenant(self, tenant: Tenant) -> None:
         self.db.execute(
-            "INSERT INTO tenants (name, domain, broker_port, public_port, created_at) VALUES (?, ?, ?, ?, ?)",
-            [tenant.name, tenant.domain, tenant.broker_port, tenant.public_port, tenant.created_at],
+            "INSERT INTO tenants (name, domain, broker_port, public_port, created_at, broker_host, storage) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                tenant.name,
+                tenant.domain,
+                tenant.broker_port,
+                tenant.public_port,
+                tenant.created_at,
+                tenant.broker_host,
+                tenant.storage,
+            ],
         )
+
+    def place_tenant(self, name: str, *, host: str) -> None:
+        self.db.execute("UPDATE tenants SET broker_host = ? WHERE name = ?", [host, name])
+
+    def place_tenant_storage(self, name: str, *, storage: str | None, previous: str | None) -> None:
+        self.db.execute(
+            "UPDATE tenants SET storage = ?, storage_previous = ? WHERE name = ?", [storage, previous, name]
+        )
+
+    # broker hosts and storage servers ---------------------------------------------
+
+    def hosts(self) -> list[BrokerHost]:
+        return [BrokerHost(**row) for row in self._rows("SELECT * FROM broker_hosts ORDER BY name")]
+
+    def host(self, name: str) -> BrokerHost | None:
+        rows = self._rows("SELECT * FROM broker_hosts WHERE name = ?", [name])
+        return BrokerHost(**rows[0]) if rows else None
+
+    def add_host(self, host: BrokerHost) -> None:
+        self.db.execute(
+            "INSERT INTO broker_hosts (name, address, capacity, created_at) VALUES (?, ?, ?, ?)",
+            [host.name, host.address, host.capacity, host.created_at],
+        )
+
+    def set_host_capacity(self, name: str, capacity: int) -> None:
+        self.db.execute("UPDATE broker_hosts SET capacity = ? WHERE name = ?", [capacity, name])
+
+    def storage_servers(self) -> list[StorageServer]:
+        return [StorageServer(**row) for row in self._rows("SELECT * FROM storage_servers ORDER BY name")]
+
+    def storage_server(self, name: str) -> StorageServer | None:
+        rows = self._rows("SELECT * FROM storage_servers WHERE name = ?", [name])
+        return StorageServer(**rows[0]) if rows else None
+
+    def add_storage_server(self, server: StorageServer) -> None:
+        self.db.execute(
+            "INSERT INTO storage_servers (name, dsn, capacity, created_at) VALUES (?, ?, ?, ?)",
+            [server.name, server.dsn, server.capacity, server.created_at],
+        )
+
+    def set_storage_capacity(self, name: str, capacity: int) -> None:
+        self.db.execute("UPDATE storage_servers SET capacity = ? WHERE name = ?", [capacity, name])
 
     # provisioning keys ----------------------------------------------------------
 
@@ -478,6 +601,25 @@ class Registry:
             sql, params = sql + " AND subject = ?", [*params, subject]
         return [CertRecord(**r) for r in self._rows(sql + " ORDER BY subject, issued_at", params)]
 
+    # plans --------------------------------------------------------------------
+
+    def plan_row(self, tenant: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM tenant_plans WHERE tenant = ?", [tenant])
+        return rows[0] if rows else None
+
+    def set_plan_row(self, tenant: str, limits: dict[str, int | None], at: dt.datetime) -> None:
+        columns = list(limits)
+        self.db.execute(
+            f"INSERT INTO tenant_plans (tenant, {', '.join(columns)}, updated_at) "
+            f"VALUES (?, {', '.join('?' for _ in columns)}, ?) ON CONFLICT (tenant) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in [*columns, "updated_at"]),
+            [tenant, *limits.values(), iso(at)],
+        )
+
+    def active_gateways(self, tenant: str) -> int:
+        rows = self._rows("SELECT count(*) AS n FROM devices WHERE tenant = ? AND revoked_at IS NULL", [tenant])
+        return int(rows[0]["n"])
+
     # bridge instances -----------------------------------------------------------
 
     def bridge_instances(self) -> list[str]:
@@ -487,6 +629,13 @@ class Registry:
         self.db.execute("INSERT OR IGNORE INTO bridge_instances (name, created_at) VALUES (?, ?)", [name, iso(at)])
 
 
+def _tenant(row: dict[str, Any]) -> Tenant:
+    known = {k: v for k, v in row.items() if k in Tenant.__dataclass_fields__}
+    if known.get("broker_address") is None:  # a host missing from broker_hosts: the tenant keeps the default
+        known.pop("broker_address", None)
+    return Tenant(**known)
+
+
 def _key(row: dict[str, Any]) -> KeyRecord:
     return KeyRecord(**{k: v for k, v in row.items() if k != "digest"})
 
@@ -494,10 +643,12 @@ def _key(row: dict[str, Any]) -> KeyRecord:
 __all__ = [
     "MIGRATIONS",
     "REGISTRY_FILE",
+    "BrokerHost",
     "CertRecord",
     "Device",
     "KeyRecord",
     "Registry",
+    "StorageServer",
     "Tenant",
     "iso",
     "now",

@@ -146,7 +146,7 @@ async def guards(
             log.error("cannot list tenants for the retained-message guard", extra=fields(err=str(exc)))
             found = []
         for tenant in found:
-            if tenant.name not in started and data.tenant(tenant.name).guard[0].exists():
+            if tenant.name not in started and data.tenant(tenant.name, tenant.broker_host).guard[0].exists():
                 started.add(tenant.name)
                 tasks.append(
                     group.create_task(

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from factory_edge import names
 from factory_edge.errors import ProvisioningError
 from factory_edge.logs import fields
-from provisioning import dynsec, keys, pki
+from provisioning import dynsec, keys, pki, plans
 from provisioning.errors import Conflict, Forbidden, Invalid, Refused, TooManyAttempts, Unauthorized
 from provisioning.layout import DataDir
 from provisioning.ratelimit import FailureLimiter
@@ -121,6 +121,8 @@ class Service:
         try:
             yield
         except Refused as exc:
+            if not exc.counts_as_failure:
+                raise
             for limiter, subject in pairs:
                 limiter.failed(subject)
             exc.subjects = tuple(subject for _, subject in pairs)
@@ -151,12 +153,13 @@ class Service:
         tenant = get_tenant(registry, found.tenant)
         if name is not None:
             _invalid(names.check_gateway, name, what="gateway name")
-        ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
+        ca_key, ca_cert = load_ca(self.data.tenant(tenant.name, tenant.broker_host))
         start, end = self._validity(at)
         cert = _invalid(pki.sign_csr, ca_key, ca_cert, csr, common_name=name, not_before=start, not_after=end)
         gateway = pki.common_name(cert)
+        plans.check_gateway_room(registry, tenant.name, gateway)  # early: before the broker hears of it
         # Held from the broker's rules to the device row: another writer of the rules sees both or neither.
-        with dynsec.locked(self.data.tenant(tenant.name)):
+        with dynsec.locked(self.data.tenant(tenant.name, tenant.broker_host)):
             if registry.active_device(tenant.name, gateway) is None:
                 # Before the certificate exists for anyone: the broker refuses its subscriptions beyond its own.
                 self._register(registry, tenant, gateway)
@@ -180,6 +183,7 @@ class Service:
                     f"provisioned at {taken.created_at}; revoke it first "
                     f"(provisioning device revoke {tenant.name} {gateway}) or choose another name"
                 )
+            plans.check_gateway_room(registry, tenant.name, gateway)  # again, under the write lock
             if not registry.use_key(found.id, at):
                 raise Forbidden((registry.key(found.id) or found).refusal(at) or "provisioning key cannot be used")
             device_id = registry.add_device(tenant=tenant.name, name=gateway, key_id=found.id, at=at)
@@ -193,7 +197,11 @@ class Service:
             return dynsec.wanted(gateways=[*gateways, gateway], technicians=registry.technicians(tenant.name, now()))
 
         dynsec.sync(
-            self.data.tenant(tenant.name), admin_link(self.data, tenant), target, tenant=tenant.name, prune=False
+            self.data.tenant(tenant.name, tenant.broker_host),
+            admin_link(self.data, tenant),
+            target,
+            tenant=tenant.name,
+            prune=False,
         )
 
     def renew(self, certificate: str, csr: str, signature: str) -> Issued:
@@ -226,7 +234,7 @@ class Service:
         proof: bytes,
         at: dt.datetime,
     ) -> Issued:
-        ca_key, ca_cert = load_ca(self.data.tenant(tenant.name))
+        ca_key, ca_cert = load_ca(self.data.tenant(tenant.name, tenant.broker_host))
         if not pki.issued_by(current, ca_cert):
             raise Unauthorized(f"certificate is not signed by tenant {tenant.name}'s CA")
         try:

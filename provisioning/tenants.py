@@ -38,9 +38,9 @@ from cryptography.hazmat.primitives import serialization
 
 from factory_edge import names
 from factory_edge.errors import ProvisioningError
-from provisioning import checks, dynsec, pki, render
+from provisioning import checks, dynsec, pki, placement, render
 from provisioning.brokers import AdminLink, find_dynsec_plugin, reload_proxy
-from provisioning.layout import DataDir, TenantFiles, private_dir, write_text
+from provisioning.layout import LOCAL_HOST, DataDir, TenantFiles, private_dir, write_text
 from provisioning.registry import CertRecord, Registry, Tenant, iso, now
 
 CRL_DAYS = 7
@@ -58,6 +58,7 @@ DEFAULTS = {
     "proxy_hello_timeout": render.PROXY_HELLO_TIMEOUT,
     "proxy_idle_timeout": render.PROXY_IDLE_TIMEOUT,
     "renew_overlap_s": str(RENEW_OVERLAP_S),
+    "proxy_connect": "",
 }
 FIXED = ("proxy_bind", "proxy_port", "public_port", "first_broker_port")  # in every tenant's URL or port
 
@@ -71,6 +72,21 @@ class Settings:
     public_port: int
     first_broker_port: int
     limits: render.ProxyLimits = dataclasses.field(default_factory=render.ProxyLimits)
+    proxy_connect: str = ""  # the proxy address bridges dial ("": tenants on local directly, others 127.0.0.1)
+
+    def bridge_route(self, tenant: Tenant) -> tuple[str, int] | None:
+        """``(address, port)`` a bridge dials for ``tenant`` through a proxy; None: straight to its local broker.
+
+        Through the proxy, a broker move changes nothing for the bridge: the
+        proxy's map follows the tenant. A tenant on host ``local`` is dialled
+        directly unless ``proxy_connect`` is set (as before placement existed).
+        """
+        if self.proxy_connect:
+            return self.proxy_connect, self.proxy_port
+        if tenant.broker_host == LOCAL_HOST:
+            return None
+        wildcard = self.proxy_bind in ("0.0.0.0", "::", "*")
+        return ("127.0.0.1" if wildcard else self.proxy_bind), self.proxy_port
 
     @classmethod
     def load(cls, registry: Registry) -> Settings:
@@ -88,6 +104,7 @@ class Settings:
             int(value["public_port"]),
             int(value["first_broker_port"]),
             limits,
+            proxy_connect=value["proxy_connect"],
         )
 
 
@@ -109,6 +126,7 @@ def init(
     first_broker_port: int | None = None,
     limits: dict[str, str | int] | None = None,
     renew_overlap_s: float | None = None,
+    proxy_connect: str | None = None,
 ) -> tuple[Settings, bool]:
     """Create the data directory and registry with these settings; returns ``(settings, created)``.
 
@@ -137,6 +155,10 @@ def init(
     }
     for field, value in (limits or {}).items():
         given[f"proxy_{field}"] = str(value)
+    if proxy_connect is not None:
+        if proxy_connect:
+            placement.check_address(proxy_connect)
+        given["proxy_connect"] = proxy_connect
     if renew_overlap_s is not None:
         if not 0 <= renew_overlap_s <= 30 * 86400:
             raise ProvisioningError(f"--renew-overlap {renew_overlap_s:g}s is not within 0..30d")
@@ -158,16 +180,46 @@ def init(
     return settings, created
 
 
+@dataclass(frozen=True)
+class Created:
+    """A new tenant and where it was placed, with the reasons (``placement.Choice``)."""
+
+    tenant: Tenant
+    host: placement.Choice
+    storage: placement.Choice
+    placed: bool = False  # there was a choice: several hosts, a storage server, or --host/--storage given
+
+
 def create_tenant(data: DataDir, name: str, domain: str, *, broker_port: int | None = None) -> Tenant:
-    """Make a new tenant's PKI and broker config, register it, and re-render the proxy: all or nothing."""
+    """Make a new tenant on the least loaded places (see ``place_tenant``)."""
+    return place_tenant(data, name, domain, broker_port=broker_port).tenant
+
+
+def place_tenant(
+    data: DataDir,
+    name: str,
+    domain: str,
+    *,
+    broker_port: int | None = None,
+    host: str | None = None,
+    storage: str | None = None,
+) -> Created:
+    """Make a new tenant's PKI and broker config on its broker host, register it, re-render the proxy: all or nothing.
+
+    ``host``/``storage``: where it goes; None: the least loaded (``placement``).
+    """
     check_tenant_name(name)
     check_domain(domain, name)
     if broker_port is not None and not 0 < broker_port < 65536:
         raise ProvisioningError(f"broker port {broker_port} is not in 1..65535")
     if not data.exists():
         init(data)
-    files = data.tenant(name)
     with Registry(data.registry) as registry:
+        host_choice = placement.choose_host(registry, host)
+        storage_choice = placement.choose_storage(registry, storage)
+        broker_host = placement.get_host(registry, host_choice.name or LOCAL_HOST)
+        placed = bool(host or storage or len(registry.hosts()) > 1 or registry.storage_servers())
+        files = data.tenant(name, broker_host.name)
         existing = registry.tenant(name)
         if existing is not None:
             raise ProvisioningError(
@@ -176,6 +228,11 @@ def create_tenant(data: DataDir, name: str, domain: str, *, broker_port: int | N
         if files.dir.exists():
             raise ProvisioningError(
                 f"{files.dir} exists but the registry has no tenant {name}: "
+                "remove the directory or restore the registry"
+            )
+        if files.broker_dir is not None and files.broker_dir.exists():
+            raise ProvisioningError(
+                f"{files.broker_dir} exists but the registry has no tenant {name}: "
                 "remove the directory or restore the registry"
             )
         settings = Settings.load(registry)
@@ -190,6 +247,9 @@ def create_tenant(data: DataDir, name: str, domain: str, *, broker_port: int | N
             broker_port=broker_port,
             public_port=settings.public_port,
             created_at=iso(now()) or "",
+            broker_host=broker_host.name,
+            storage=storage_choice.name,
+            broker_address=broker_host.address,
         )
         staging = TenantFiles(files.dir.with_name(f".{name}.new"))
         shutil.rmtree(staging.dir, ignore_errors=True)
@@ -211,15 +271,22 @@ def create_tenant(data: DataDir, name: str, domain: str, *, broker_port: int | N
                 with _proxy_files(data, registry) as install:  # rendered and checked with the new tenant
                     os.replace(staging.dir, files.dir)
                     try:
+                        if files.broker_dir is not None:  # conf and persistence go to the host's directory
+                            private_dir(files.broker_dir.parent)
+                            private_dir(files.broker_dir)
+                            os.replace(files.dir / "mosquitto.conf", files.conf)
+                            os.replace(files.dir / "data", files.persistence)
                         install()
                     except BaseException:
+                        if files.broker_dir is not None:
+                            shutil.rmtree(files.broker_dir, ignore_errors=True)
                         os.replace(files.dir, staging.dir)
                         raise
         except OSError as exc:
             raise ProvisioningError(f"cannot create {files.dir}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(staging.dir, ignore_errors=True)
-    return tenant
+    return Created(tenant, host_choice, storage_choice, placed)
 
 
 def _make_pki(files: TenantFiles, tenant: Tenant, instances: list[str]) -> list[CertRecord]:
@@ -256,7 +323,7 @@ def _make_pki(files: TenantFiles, tenant: Tenant, instances: list[str]) -> list[
 
 def issue_bridge_identity(data: DataDir, registry: Registry, tenant: Tenant, identity: str) -> CertRecord:
     """A certificate for one more bridge identity of ``tenant`` (``bridge.<instance>``), written under bridges/."""
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     private_dir(files.bridges)
     key, cert = pki.issue_client_cert(*load_ca(files), identity, days=IDENTITY_DAYS)
     cert_file, key_file = files.identity(identity)
@@ -285,12 +352,17 @@ def load_ca(files: TenantFiles) -> tuple[pki.PrivateKey, x509.Certificate]:
     return pki.load_private_key(files.ca_key), pki.load_cert(files.ca_cert)
 
 
-def broker_conf(files: TenantFiles, tenant: Tenant, *, acl: Path | None = None) -> str:
-    """The tenant's ``mosquitto.conf`` naming the files of ``files`` (``acl``: another ACL file)."""
+def broker_conf(
+    files: TenantFiles, tenant: Tenant, *, acl: Path | None = None, max_packet_size: int | None = None
+) -> str:
+    """The tenant's ``mosquitto.conf`` naming the files of ``files`` (``acl``: another ACL file).
+
+    ``max_packet_size``: the plan's message size (None: ``render.MAX_PACKET_SIZE``).
+    """
     plugin = find_dynsec_plugin()
     return render.mosquitto_conf(
         port=tenant.broker_port,
-        bind="127.0.0.1",
+        bind=tenant.broker_address,
         cafile=str(files.ca_cert),
         certfile=str(files.broker_cert),
         keyfile=str(files.broker_key),
@@ -300,6 +372,7 @@ def broker_conf(files: TenantFiles, tenant: Tenant, *, acl: Path | None = None) 
         user=pwd.getpwuid(os.geteuid()).pw_name,
         dynsec_plugin=plugin,
         dynsec_config=str(files.dynsec) if plugin else None,
+        max_packet_size=max_packet_size or render.MAX_PACKET_SIZE,
     )
 
 
@@ -330,7 +403,7 @@ def _write_broker_files(
 
 def render_tenant(data: DataDir, registry: Registry, tenant: Tenant) -> None:
     """Re-render the tenant's mosquitto.conf and ACL (current bridges, technicians) and CRL; checked before use."""
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     at = now()
     acl = render.mosquitto_acl(
         technicians=registry.technicians(tenant.name, at),
@@ -339,17 +412,24 @@ def render_tenant(data: DataDir, registry: Registry, tenant: Tenant) -> None:
         guard=names.GUARD_ID,
         sparkplug_group=tenant.name,
     )
+    packet = plan_limit(registry, tenant.name, "message_size")
     candidate = files.dir / ".acl.new"
     try:
         write_text(candidate, acl)
-        checks.check_mosquitto(broker_conf(files, tenant, acl=candidate))
+        checks.check_mosquitto(broker_conf(files, tenant, acl=candidate, max_packet_size=packet))
         os.replace(candidate, files.acl)
     finally:
         candidate.unlink(missing_ok=True)
-    conf = broker_conf(files, tenant)
+    conf = broker_conf(files, tenant, max_packet_size=packet)
     if not files.conf.exists() or files.conf.read_text() != conf:
         write_text(files.conf, conf)
     write_crl(data, registry, tenant)
+
+
+def plan_limit(registry: Registry, tenant: str, field: str) -> int | None:
+    """One limit of the tenant's plan (``provisioning/plans.py``); None: no limit."""
+    row = registry.plan_row(tenant)
+    return None if row is None else row[field]
 
 
 def bridge_identities(registry: Registry, tenant: Tenant) -> list[str]:
@@ -367,7 +447,7 @@ def wanted_dynsec(registry: Registry, tenant: Tenant) -> dict[str, Any]:
 
 def write_crl(data: DataDir, registry: Registry, tenant: Tenant) -> x509.CertificateRevocationList:
     """Re-issue the tenant's CRL from the registry (valid CRL_DAYS; the service re-issues it daily)."""
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     crl = pki.create_crl(*load_ca(files), crl_entries(registry, tenant), days=CRL_DAYS)
     pki.write_pem(files.crl, crl)
     return crl
@@ -404,11 +484,12 @@ def _proxy_files(data: DataDir, registry: Registry) -> Iterator[Callable[[], Non
     settings = Settings.load(registry)
     tenants = registry.tenants()
     routes = [
-        render.TenantRoute(name=t.name, sni_host=t.host, backend_addr=f"127.0.0.1:{t.broker_port}") for t in tenants
+        render.TenantRoute(name=t.name, sni_host=t.host, backend_addr=f"{t.broker_address}:{t.broker_port}")
+        for t in tenants
     ]
     map_text = render.haproxy_map(render.haproxy_routes(routes))
 
-    def cfg(map_file: Path, socket: Path | None) -> str:
+    def cfg(map_file: Path, socket: Path | str | None) -> str:
         return render.haproxy_cfg(
             bind=settings.proxy_bind,
             port=settings.proxy_port,
@@ -423,10 +504,10 @@ def _proxy_files(data: DataDir, registry: Registry) -> Iterator[Callable[[], Non
         trial_map.write_text(map_text)
         trial_cfg.write_text(cfg(trial_map, None))  # the admin socket's path may be too long in a temp dir
         checks.check_haproxy(trial_cfg)
-    index = {"tenants": [_index_entry(data, registry, t) for t in tenants]}
+    index = {"tenants": [_index_entry(data, registry, t, settings) for t in tenants]}
     wanted_files = {
         data.haproxy_map: map_text,
-        data.haproxy_cfg: cfg(data.haproxy_map, data.haproxy_socket),
+        data.haproxy_cfg: cfg(data.haproxy_map, data.haproxy_socket_template),
         data.tenants_index: json.dumps(index, indent=2) + "\n",
     }
 
@@ -446,23 +527,31 @@ def _proxy_files(data: DataDir, registry: Registry) -> Iterator[Callable[[], Non
     yield install
 
 
-def _index_entry(data: DataDir, registry: Registry, tenant: Tenant) -> dict[str, object]:
-    files = data.tenant(tenant.name)
+def _index_entry(data: DataDir, registry: Registry, tenant: Tenant, settings: Settings) -> dict[str, object]:
+    files = data.tenant(tenant.name, tenant.broker_host)
     identities = {}
     for identity in bridge_identities(registry, tenant):
         if identity.startswith(names.BRIDGE_PREFIX):
             cert, key = files.identity(identity)
             identities[identity[len(names.BRIDGE_PREFIX) :]] = {"cert_file": str(cert), "key_file": str(key)}
     alerts_cert, alerts_key = files.identity(names.BRIDGE_ALERTS_ID)
-    return {
+    route = settings.bridge_route(tenant)
+    connect_host, port = route or ("127.0.0.1", tenant.broker_port)
+    entry: dict[str, object] = {
         "name": tenant.name,
-        "url": f"mqtts://{tenant.host}:{tenant.broker_port}",
-        "connect_host": "127.0.0.1",
+        "url": f"mqtts://{tenant.host}:{port}",
+        "connect_host": connect_host,
         "ca_file": str(files.ca_cert),
         "identities": identities,
         "alerts_cert_file": str(alerts_cert),
         "alerts_key_file": str(alerts_key),
+        "limits": {field: plan_limit(registry, tenant.name, field) for field in ("points_per_s", "retention_days")},
     }
+    # Only tenants placed on a storage server carry these, so a bridge that predates placement reads the rest.
+    for field, server in (("storage", tenant.storage), ("storage_previous", tenant.storage_previous)):
+        if server is not None:
+            entry[field] = placement.storage_entry(placement.get_storage(registry, server))
+    return entry
 
 
 def apply_proxy(data: DataDir) -> str:
@@ -476,9 +565,16 @@ def apply_proxy(data: DataDir) -> str:
 
 def admin_link(data: DataDir, tenant: Tenant, *, guard: bool = False) -> AdminLink:
     """How this service reaches the tenant's broker directly: as ``provisioning``, or as its retained-message guard."""
-    files = data.tenant(tenant.name)
+    files = data.tenant(tenant.name, tenant.broker_host)
     cert, key = files.guard if guard else (files.service_cert, files.service_key)
-    return AdminLink(host=tenant.host, port=tenant.broker_port, ca_file=files.ca_cert, cert_file=cert, key_file=key)
+    return AdminLink(
+        host=tenant.host,
+        port=tenant.broker_port,
+        ca_file=files.ca_cert,
+        cert_file=cert,
+        key_file=key,
+        dial=tenant.broker_address,
+    )
 
 
 def get_tenant(registry: Registry, name: str) -> Tenant:
@@ -492,6 +588,7 @@ def get_tenant(registry: Registry, name: str) -> Tenant:
 __all__ = [
     "CRL_DAYS",
     "RENEW_OVERLAP_S",
+    "Created",
     "Settings",
     "admin_link",
     "apply_proxy",
@@ -507,6 +604,8 @@ __all__ = [
     "init",
     "issue_bridge_identity",
     "load_ca",
+    "place_tenant",
+    "plan_limit",
     "record",
     "render_proxy",
     "render_tenant",

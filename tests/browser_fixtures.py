@@ -130,6 +130,15 @@ def wait_for(driver: Any, predicate: Callable[[Any], Any], timeout_s: float, wha
         time.sleep(0.1)
 
 
+def type_into(driver: Any, css: str, text: str) -> None:
+    """Click the field and type as a person does, to whatever holds the focus: a live redraw between finding
+    the field and typing replaces the element, and the page must carry the focus and the text over."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    wait_for(driver, lambda d: d.find_element("css selector", css).click() or True, 10, f"the field {css}")
+    ActionChains(driver).send_keys(text).perform()
+
+
 def log_in(driver: Any, url: str, name: str, password: str) -> None:
     driver.get(f"{url}/login")
     driver.find_element("id", "name").send_keys(name)

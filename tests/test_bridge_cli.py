@@ -187,6 +187,33 @@ def test_tenants_from_reads_the_provisioning_services_tenant_list(
     )
 
 
+def test_tenants_from_in_postgresql_join_the_shared_group_and_sqlite_ones_are_not_split_across_hosts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "provisioning"
+    data.mkdir()
+    entry = {"name": "acme", "url": "mqtts://mqtt.acme.example.com:18830", "connect_host": "127.0.0.1"}
+    placed = {**entry, "name": "globex", "storage": {"backend": "postgres", "dsn": "postgresql://db2.example.com/edge"}}
+    (data / "tenants.json").write_text(json.dumps({"tenants": [entry, placed]}))
+    path = write(tmp_path, {"tenants_from": "provisioning", "storage": {"path": "data"}})
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  acme  mqtts://mqtt.acme.example.com:18830 via 127.0.0.1" in out  # SQLite: this host's file alone
+    assert "  globex  mqtts://mqtt.acme.example.com:18830 via 127.0.0.1  shared group bridge" in out
+    assert "    storage postgresql://db2.example.com:5432/edge" in out  # where globex is placed
+    # Asking for a group across hosts with SQLite would leave part of acme's data in each host's file: refused.
+    path = write(tmp_path, {"tenants_from": "provisioning", "storage": {"path": "data"}, "shared_group": "fleet"})
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "Error: tenants_from: tenant acme: shared_group 'fleet' with sqlite storage would split the tenant's "
+        "data between the files of the bridge hosts: store it in PostgreSQL (storage: backend postgres), "
+        "or set shared_group: null\n"
+    )
+    path = write(tmp_path, {"tenants_from": "provisioning", "storage": {"path": "data"}, "shared_group": None})
+    assert main(["check-config", str(path)]) == 0
+    assert "shared group" not in capsys.readouterr().out
+
+
 def test_query_without_data_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, {"tenants": [TENANT, {**TENANT, "name": "globex"}], "storage": {"path": "data"}})
     assert main(["query", "values", "--config", str(path), "--tenant", "acme"]) == 1

@@ -318,6 +318,7 @@ def test_a_payload_that_does_not_fit_the_mapping_is_malformed(data: bytes, reaso
         ({"topic": "plant/#/x", "table": "t"}, "'#' must be the last level"),
         ({"topic": "plant/a{b}", "table": "t"}, "use {name}, + or # as a whole level"),
         ({"topic": "plant/x", "table": "points"}, "'points' is one of the bridge's own tables"),
+        ({"topic": "plant/x", "table": "samples_20261203"}, "'samples_20261203' is one of the bridge's own tables"),
         ({"topic": "plant/x", "table": "Temps"}, "must be a lowercase SQL name"),
         ({"topic": "plant/x", "table": "t", "fields": {"v": "value"}}, "a path starts with $"),
         ({"topic": "plant/x", "table": "t", "fields": {"v": {"path": "$.a", "type": "decimal"}}}, "fields.v.type"),

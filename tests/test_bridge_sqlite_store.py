@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from bridge.messages import DataBatch
+from bridge.storage.base import SeriesIds
 from bridge.storage.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
 GW = "gw-01"
@@ -73,6 +74,23 @@ def test_a_series_named_in_a_rolled_back_transaction_is_not_remembered(tmp_path:
         ("press-9", "speed", 20),
         ("press-1", "temp", 30),
         ("press-9", "speed", 40),
+    ]
+
+
+def test_more_series_than_the_id_cache_holds_are_still_stored_under_their_own_names(tmp_path: Path) -> None:
+    """The ids in memory are forgotten all at once past the limit and asked for again, never mixed up."""
+    store = SqliteStore(tmp_path, "acme")
+    store.open()
+    store._series = SeriesIds(limit=3)
+    try:
+        for seq in range(1, 31):  # each of the 15 series comes back after the cache was cleared
+            device = f"press-{seq % 5}"
+            store_batches(store, rows(device, seq, [(f"t{seq % 3}", seq * 10, float(seq))]))
+            assert sum(len(tags) for tags in store._series.known.values()) <= 3 + 1
+    finally:
+        store.close()
+    assert [(p[1], p[2], p[3], p[4]) for p in points(store.path)] == [
+        (f"press-{seq % 5}", f"t{seq % 3}", seq * 10, float(seq)) for seq in range(1, 31)
     ]
 
 

@@ -68,37 +68,37 @@ devices:
     ]
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("devices: [\n", "line 2 column 1: invalid YAML: expected the node content, but found '<stream end>'"),
-        ("- just\n- a list\n", "the top level must be a mapping of keys, got list"),
-        (
-            "devices:\n  - {name: a, protocol: modbus-tcp, host: h, tags: [{name: t, address: 1}, {name: t, address: 2}]}\n",
-            "devices[a].tags: tag name 't' is used twice",
-        ),
-        (
-            "devices:\n  - {name: a/b, protocol: opcua, endpoint: 'opc.tcp://h', tags: [{name: t, node: 'i=1'}]}\n",
-            "devices[0].name: must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
-            "(it becomes an MQTT topic level) (got 'a/b')",
-        ),
-        (
-            "devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_registers_per_read: 2, "
-            "tags: [{name: t, address: 1, type: float64}]}\n",
-            "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2",
-        ),
-        (
-            "devices:\n  - {name: a, protocol: modbus-rtu, serial: /dev/ttyUSB0, max_concurrent_requests: 4, "
-            "tags: [{name: t, address: 1}]}\n",
-            "devices[a].max_concurrent_requests: a serial line carries one request at a time: "
-            "only 1 is possible for modbus-rtu (got 4)",
-        ),
-        (
-            "devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_concurrent_requests: 64, tags: [{name: t, address: 1}]}\n",
-            "devices[a].max_concurrent_requests: must be less than or equal to 32 (got 64)",
-        ),
-    ],
-)
+BAD_CONFIGS = [
+    ("devices: [\n", "line 2 column 1: invalid YAML: expected the node content, but found '<stream end>'"),
+    ("- just\n- a list\n", "the top level must be a mapping of keys, got list"),
+    (
+        "devices:\n  - {name: a, protocol: modbus-tcp, host: h, tags: [{name: t, address: 1}, {name: t, address: 2}]}\n",
+        "devices[a].tags: tag name 't' is used twice",
+    ),
+    (
+        "devices:\n  - {name: a/b, protocol: opcua, endpoint: 'opc.tcp://h', tags: [{name: t, node: 'i=1'}]}\n",
+        "devices[0].name: must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
+        "(it becomes an MQTT topic level) (got 'a/b')",
+    ),
+    (
+        "devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_registers_per_read: 2, "
+        "tags: [{name: t, address: 1, type: float64}]}\n",
+        "devices: device 'a': tag 't' needs 4 registers but max_registers_per_read is 2",
+    ),
+    (
+        "devices:\n  - {name: a, protocol: modbus-rtu, serial: /dev/ttyUSB0, max_concurrent_requests: 4, "
+        "tags: [{name: t, address: 1}]}\n",
+        "devices[a].max_concurrent_requests: a serial line carries one request at a time: "
+        "only 1 is possible for modbus-rtu (got 4)",
+    ),
+    (
+        "devices:\n  - {name: a, protocol: modbus-tcp, host: h, max_concurrent_requests: 64, tags: [{name: t, address: 1}]}\n",
+        "devices[a].max_concurrent_requests: must be less than or equal to 32 (got 64)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
 def test_config_errors_are_one_line_each(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
 ) -> None:
@@ -110,6 +110,63 @@ def test_config_errors_are_one_line_each(
 def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "/nonexistent/plant.yaml"]) == 2
     assert capsys.readouterr().err == "Error: /nonexistent/plant.yaml: no such file\n"
+
+
+def test_agent_run_refuses_a_bad_config_with_check_configs_lines(tmp_path: Path) -> None:
+    """``agent run`` checks its file in a short-lived process (agent/configproc.py): same lines, exit code 2."""
+    import subprocess
+
+    cases = [*BAD_CONFIGS[:3], BAD_CONFIGS[4], (None, "no such file")]  # YAML, top level, models
+    for i, (text, message) in enumerate(cases):
+        path = tmp_path / f"plant-{i}.yaml"
+        if text is not None:
+            path.write_text(text)
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (out.returncode, out.stderr) == (2, f"Error: {path}: {message}\n"), text
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["agent", "agent-and-its-child"])
+def test_a_stop_while_the_config_is_checked_ends_the_agent_cleanly(tmp_path: Path, group: bool) -> None:
+    """SIGTERM while ``agent run`` waits for its config check (a child process): exit 0, no traceback.
+
+    systemd stops the whole cgroup (the child too); a plain ``kill`` reaches the agent alone.
+    """
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(DEMO), "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 30
+        while not children.read_text().split():  # the config check has started
+            assert proc.poll() is None and time.monotonic() < deadline, "no config check seen"
+            time.sleep(0.01)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "stopped while starting" in err
 
 
 def test_demo_config_matches_the_simulated_register_map() -> None:
@@ -174,3 +231,45 @@ async def test_agent_read_reports_an_unreachable_device(tmp_path: Path) -> None:
         ("a", "bad", "connection refused"),
         ("b", "bad", "connection refused"),
     ]
+
+
+def test_agent_run_holds_the_values_check_config_reads(tmp_path: Path) -> None:
+    """Every section, as ``agent run`` gets it from its child process: equal values, no model left in it."""
+    from agent import config as models
+    from agent import configproc
+
+    path = write(
+        tmp_path,
+        """\
+gateway: gw-1
+mqtt: {url: "mqtts://mqtt.example:8883", keepalive: 10s}
+buffer: {max_bytes: 64MiB, max_age: 2h, confirm: broker}
+publish: {max_points: 200}
+sparkplug: {group_id: plant-a, primary_host: scada}
+remote_config: {deadline: 1m}
+metrics_port: 9100
+profiles:
+  press: {protocol: modbus-tcp, tags: [{name: temp, address: 40.3}]}
+devices:
+  - {name: press-1, profile: press, host: 10.0.0.5, poll: 250ms}
+  - name: oven
+    protocol: opcua
+    endpoint: opc.tcp://10.0.0.6:4840
+    security: {policy: Basic256Sha256, mode: Sign}
+    tags: [{name: zone1, node: "ns=2;s=Oven.Zone1", deadband: 2%}]
+""",
+    )
+    model, plain = models.load_config(path), configproc.load_config(path)
+    assert plain == model and model == plain
+
+    def no_model(value: object, where: str) -> None:
+        assert not hasattr(value, "model_dump"), where
+        for key, item in vars(value).items() if hasattr(value, "__dict__") else []:
+            for i, child in enumerate(item if isinstance(item, list) else [item]):
+                if hasattr(child, "__dict__") and not isinstance(child, type):
+                    no_model(child, f"{where}.{key}[{i}]")
+
+    no_model(plain, "config")
+    assert plain.device("press-1").tags[0].bit == 3 and plain.device("press-1").address == "10.0.0.5:502"
+    assert plain.device("oven").tags[0].deadband == model.device("oven").tags[0].deadband
+    assert plain.replace(gateway="gw-2").gateway == "gw-2" and plain.gateway == "gw-1"

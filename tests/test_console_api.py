@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import shutil
 import sqlite3
@@ -18,19 +19,20 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from bridge.alerts.model import State
 from bridge.storage.postgres import PostgresStore
 from console.accounts import Accounts
 from console.cli import main as console_main
-from console.service import Console
+from console.service import Console, Settings
 from console.tenantdata import Series
 from factory_edge import pki
 from provisioning.cli import main as provisioning_main
 from provisioning.service import Service
 from tests.bridge_fixtures import pg_dsn, pg_schemas, unique_tenant
-from tests.console_fixtures import PASSWORD, FleetWriter, client, logged_in, make_console, now_ms
+from tests.console_fixtures import FAST_HASHER, PASSWORD, FleetWriter, client, logged_in, make_console, now_ms
 
 HOUR = 3600_000
 __all__ = ["pg_dsn", "pg_schemas"]  # fixtures used here
@@ -366,8 +368,13 @@ def test_long_postgresql_trends_read_the_minute_table_the_bridge_keeps(
         console.close()
     # A store made before the minute table existed gets it, filled from its points, when the bridge opens it.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        for table in ("points_minute", "gateway_buffer", "device_meta"):  # the tables of versions 2 and 3
+        for table in ("points_minute", "gateway_buffer", "device_meta", "usage_hourly"):  # those of versions 2 to 5
             conn.execute(f'DROP TABLE "{tenant}".{table}')
+        # Version 1's points: a table keyed by names (version 4 made it a view of series and samples).
+        conn.execute(f'CREATE TABLE "{tenant}".points_v1 AS SELECT * FROM "{tenant}".points')
+        conn.execute(f'DROP VIEW "{tenant}".points')
+        conn.execute(f'DROP TABLE "{tenant}".samples, "{tenant}".series')
+        conn.execute(f'ALTER TABLE "{tenant}".points_v1 RENAME TO points')
         conn.execute(f'DELETE FROM "{tenant}".schema_version WHERE version >= 2')
     store = PostgresStore(pg_dsn, tenant)
     store.open()
@@ -546,3 +553,34 @@ def test_a_will_published_after_the_birth_shows_the_gateway_offline(tmp_path: Pa
     (row,) = console.fleet("acme")
     assert row["state"] == "offline"
     console.close()
+
+
+def test_a_tenant_placed_on_another_storage_server_is_read_there(
+    tmp_path: Path, pg_dsn: str, pg_schemas: list[str]
+) -> None:
+    """``tenants.json`` places the tenant on PostgreSQL while the bridge's own storage is SQLite."""
+    tenant = unique_tenant("placed")
+    pg_schemas.append(tenant)
+    writer = FleetWriter(tmp_path, tenant, store=PostgresStore(pg_dsn, tenant))
+    writer.status("gw", "online", ts=now_ms() - 1000)
+    writer.points("gw", "cnc", [("temp", now_ms(), 71.5)])
+    writer.close()
+    data = tmp_path / "provisioning"
+    data.mkdir()
+    entry = {
+        "name": tenant,
+        "url": "mqtts://mqtt.placed.example.com:8883",
+        "storage": {"backend": "postgres", "dsn": pg_dsn},
+    }
+    (data / "tenants.json").write_text(json.dumps({"tenants": [entry]}))
+    config = tmp_path / "bridge.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"path": str(tmp_path / "sqlite")}, "tenants_from": str(data)}))
+    console = Console(Settings(state_dir=tmp_path / "console", bridge_config=config, hasher=FAST_HASHER))
+    try:
+        [row] = console.fleet(tenant)
+        assert (row["gateway"], row["state"]) == ("gw", "online")
+        doc = console.gateway(tenant, "gw")
+        assert doc is not None and doc["devices"][0]["tags"][0]["value"] == 71.5
+        assert not (tmp_path / "sqlite" / f"{tenant}.db").exists()
+    finally:
+        console.close()

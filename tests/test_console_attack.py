@@ -373,7 +373,7 @@ def test_names_values_errors_and_messages_from_the_machines_are_shown_as_text_ne
     # what users type (an acknowledgement's comment) is drawn as text on every page: no element is made of it.
     from urllib.parse import quote
 
-    from tests.browser_fixtures import chromium, log_in, wait_for
+    from tests.browser_fixtures import chromium, log_in, type_into, wait_for
 
     server, writer = served
     device, tag = HOSTILE.replace("injected", "dev-injected"), HOSTILE.replace("injected", "tag-injected")
@@ -393,9 +393,8 @@ def test_names_values_errors_and_messages_from_the_machines_are_shown_as_text_ne
             wait_for(driver, _shows(shown), 30, f"{path}: the text")
             assert driver.execute_script(no_markup) == 0, path
             assert driver.execute_script("return document.body.dataset.pwned") is None, path
-        row = '#active tr input[aria-label^="comment"]'
-        driver.find_element("css selector", row).send_keys(HOSTILE)
-        driver.find_element("css selector", "#active tr button").click()
+        type_into(driver, '#active tr input[aria-label^="comment"]', HOSTILE)
+        wait_for(driver, lambda d: d.find_element("css selector", "#active tr button").click() or True, 10, "ack")
         wait_for(driver, lambda d: "acme-admin: <img" in d.find_element("id", "active").text, 20, "ack shown")
         driver.get(server.url + "/tenants/acme/audit")
         wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready"), 30, "audit page")

@@ -25,7 +25,7 @@ import yaml
 from bridge.alerts.model import State
 from factory_edge.demo.stack import GATEWAY, Ports
 from provisioning.cli import main as provisioning_main
-from tests.browser_fixtures import ConsoleServer, chromium, log_in, script_errors, wait_for
+from tests.browser_fixtures import ConsoleServer, chromium, log_in, script_errors, type_into, wait_for
 from tests.console_fixtures import PASSWORD, FleetWriter, bridge_config, now_ms
 from tests.helpers import ROOT
 from tests.infra import resolve_in_namespace, run_in_namespace
@@ -68,7 +68,15 @@ def served(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[tuple
 
 
 def cell(driver, key: str, column: str) -> str:
-    return driver.find_element("css selector", f'tr[data-key="{key}"] td[data-col="{column}"]').text
+    """A fleet cell's text; the live page re-renders a row on each update, so a cell found may go stale."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            return driver.find_element("css selector", f'tr[data-key="{key}"] td[data-col="{column}"]').text
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"the {column} cell of {key} kept being re-rendered")
 
 
 def test_fleet_gateway_trend_alerts_and_keys_live_in_the_browser(served: tuple[ConsoleServer, FleetWriter]) -> None:
@@ -194,6 +202,53 @@ def test_a_viewer_sees_but_cannot_change_and_another_tenant_is_not_there(
         ]
         time.sleep(2.5)  # live updates arrive meanwhile
         assert driver.switch_to.active_element.get_attribute("data-sort") == "gateway"
+        assert script_errors(driver) == []
+
+
+def test_a_comment_being_typed_survives_the_live_updates_of_the_alerts_page(
+    served: tuple[ConsoleServer, FleetWriter],
+) -> None:
+    # The alerts table is redrawn whenever an alert changes (a new value, another alert firing); someone
+    # typing an acknowledgement's comment meanwhile kept neither the text nor the focus.
+    server, writer = served
+    writer.alert("press-gw", "cnc-1", "overheat", State.FIRING, 91.0)
+    field = '#active tr[data-alert="press-gw/cnc-1/overheat"] input'
+    with chromium() as driver:
+        log_in(driver, server.url, "acme-admin", PASSWORD)
+        driver.get(f"{server.url}/tenants/acme/alerts")
+        wait_for(driver, lambda d: d.find_elements("css selector", field), 30, "the overheat alert")
+        type_into(driver, field, "coolant pump")
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        writer.alert("press-gw", "cnc-1", "overheat", State.FIRING, 97.5)  # redrawn between two keystrokes
+        writer.alert("press-gw", "cnc-1", "vibration", State.FIRING, 12.0)
+        wait_for(driver, lambda d: "97.5" in d.find_element("id", "active").text, 20, "the new value drawn")
+        wait_for(driver, lambda d: "vibration" in d.find_element("id", "active").text, 20, "the new alert drawn")
+        ActionChains(driver).send_keys(Keys.END, " restarted").perform()  # typing on, without clicking again
+        focused = "return document.activeElement.closest('tr') && document.activeElement.closest('tr').dataset.alert"
+        assert driver.execute_script(focused) == "press-gw/cnc-1/overheat"
+        assert driver.find_element("css selector", field).get_attribute("value") == "coolant pump restarted"
+        ActionChains(driver).send_keys(Keys.LEFT * 14).perform()  # the caret before "pump"
+        writer.alert("press-gw", "cnc-1", "overheat", State.FIRING, 98.125)
+        wait_for(
+            driver,
+            lambda d: "98.125" in d.find_element("css selector", '#active tr[data-alert$="overheat"]').text,
+            20,
+            "the value after that drawn",
+        )
+        ActionChains(driver).send_keys("water ").perform()  # lands where the caret was, not at the end
+        assert driver.find_element("css selector", field).get_attribute("value") == "coolant water pump restarted"
+        ActionChains(driver).send_keys(Keys.END).perform()
+        # By keyboard on to the button: it keeps the focus through the next redraw, and Enter acknowledges.
+        ActionChains(driver).send_keys(Keys.TAB).perform()
+        writer.alert("press-gw", "cnc-1", "overheat", State.FIRING, 99.25)
+        wait_for(driver, lambda d: "99.25" in d.find_element("id", "active").text, 20, "the next value drawn")
+        assert driver.execute_script(focused) == "press-gw/cnc-1/overheat"
+        assert driver.switch_to.active_element.tag_name == "button"
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        shown = "acme-admin: coolant water pump restarted"
+        wait_for(driver, lambda d: shown in d.find_element("id", "active").text, 20, "the acknowledgement")
         assert script_errors(driver) == []
 
 

@@ -87,3 +87,30 @@ def test_a_modbus_only_agent_loads_no_opcua_sparkplug_http_or_cryptography_stack
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_running_modbus_only_agent_maps_no_pydantic_asyncua_or_cryptography(tmp_path: Path) -> None:
+    """``agent run`` checks its config in a child process (agent/configproc.py), then runs without the config
+    models: pydantic's compiled core is not in its memory map, nor cryptography's (which asyncua would bring)."""
+    import time
+
+    from tests.agentproc import AgentProcess
+    from tests.helpers import free_port
+
+    config = {
+        "gateway": "gw-1",
+        "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"},  # nobody listens: the agent keeps retrying
+        "devices": [
+            {"name": "press-1", "protocol": "modbus-tcp", "host": "127.0.0.1", "port": free_port(),
+             "tags": [{"name": "t", "address": 0}]}
+        ],
+    }  # fmt: skip
+    with AgentProcess(tmp_path, config).start() as agent:
+        assert agent.proc is not None
+        deadline = time.monotonic() + 30
+        while not any(entry.get("msg") == "agent started" for entry in agent.logs()):
+            assert agent.alive and time.monotonic() < deadline, agent.log_path.read_text()
+            time.sleep(0.1)
+        mapped = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    assert "pydantic_core" not in mapped
+    assert "cryptography" not in mapped

@@ -230,3 +230,11 @@ def test_any_gateway_technician_or_bridge_name_either_loads_or_is_refused_cleanl
         configs_load(data, "acme")
     if not refused_cleanly(data, "bridge instance", lambda: admin.add_bridge(data, name)):
         configs_load(data, "acme")
+
+
+def test_a_tenant_cannot_be_named_after_postgresqls_default_schema() -> None:
+    """A tenant's PostgreSQL schema is its name: ``public`` would put its tables among whatever else the database
+    holds there, and a storage move would fence and empty every table of it."""
+    with pytest.raises(FactoryEdgeError, match="tenant name 'public' is PostgreSQL's default schema"):
+        names.check_tenant("public")
+    assert names.check_tenant("publicity") == "publicity"

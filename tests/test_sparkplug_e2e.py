@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import tls_context
+from factory_edge.mqtt import tls_context
 from factory_edge.sparkplug.payload import DataType, Metric, Payload, decode, encode
 from tests.agentproc import AgentProcess
 from tests.bridge_fixtures import BridgeProcess, StoreView, settings_for, tenant_entry, wait_until, write_config

@@ -11,8 +11,8 @@ Tables (DESIGN.md): ``points``, ``batches`` (``(gw, seq)`` unique),
 ``status``, ``events``, ``alerts`` (every state change), ``dead_letters``,
 one table per mapping; and the bridge's own ``latest``, ``alert_state``,
 ``webhook_outbox``, ``alert_series``, ``gateway_buffer`` (each gateway's newest
-buffer figures from its status) and ``device_meta`` (each device's tags from
-its retained meta).
+buffer figures from its status), ``device_meta`` (each device's tags from
+its retained meta) and ``usage_hourly`` (metering, ``metering.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,18 @@ from factory_edge.errors import StorageError
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast
 from ..mapping import MappingRule
 from ..messages import DataBatch, DeadLetter, EventRow, MetaRow, StatusRow
+from ..metering import Usage
 
 LatestRow = tuple[str, str, str, int, Any, str, str | None, int, int | None]
 """``(gw, device, tag, ts, value, quality, error, received_at, seen_at)``."""
+
+
+# A status row past the retention (``s``: the row; ``{t}``: the table) that is neither its gateway's newest nor its
+# newest naming a version: what the console shows of a gateway long silent stays.
+STATUS_EXPIRED = (
+    "s.received_at < {ph} AND s.ts < (SELECT max(m.ts) FROM {t} m WHERE m.gw = s.gw) AND s.ts < "
+    "coalesce((SELECT max(m.ts) FROM {t} m WHERE m.gw = s.gw AND m.version IS NOT NULL), 9223372036854775807)"
+)
 
 
 class Tx(abc.ABC):
@@ -87,6 +96,10 @@ class Tx(abc.ABC):
     @abc.abstractmethod
     def delete_outbox(self, ids: Sequence[int]) -> None: ...
 
+    @abc.abstractmethod
+    def record_usage(self, rows: Sequence[Usage]) -> None:
+        """Add to ``usage_hourly`` (``metering.py``): counts summed into each ``(hour, gw)`` row."""
+
 
 @dataclass(frozen=True)
 class Table:
@@ -116,6 +129,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def transaction(self) -> AbstractContextManager[Tx]: ...
 
+    # ---------------------------------------------------------------- upkeep, from the retention job
+
+    def maintain(self, now_ms: int) -> list[str]:
+        """Prepare for the coming readings (PostgreSQL: day partitions ahead); returns what was created."""
+        return []
+
+    @property
+    def expire_unit(self) -> str:
+        """What ``expire`` counts."""
+        return "readings"
+
+    @abc.abstractmethod
+    def expire(self, before_ms: int, after_ms: int | None = None) -> int:
+        """Remove the readings (``points``) older than ``before_ms``, and those dated at or after ``after_ms`` (a
+        clock far ahead must not keep readings past the retention), in steps that never hold ingest up for long.
+
+        SQLite deletes rows in bounded transactions and returns the readings removed; PostgreSQL drops whole
+        day partitions (TimescaleDB: chunks) and returns how many.
+        """
+
+    @abc.abstractmethod
+    def expire_received(self, before_ms: int) -> int:
+        """Remove the dead letters, events and status rows the bridge received before ``before_ms`` (by the
+        bridge's clock; each gateway's newest status, and newest naming a version, stay), in bounded
+        transactions; returns the rows removed."""
+
     # ---------------------------------------------------------------- state the engine resumes from
 
     @abc.abstractmethod
@@ -134,6 +173,11 @@ class Store(abc.ABC):
     # ---------------------------------------------------------------- reading, for `bridge query` and tests
 
     @abc.abstractmethod
+    def usage(self, *, gw: str | None = None, since_ms: int | None = None, totals: bool = False) -> list[Usage]:
+        """``usage_hourly`` rows (oldest first), from the hour holding ``since_ms``; [] before the table exists.
+        ``totals``: one row per gateway (period 0), summed by the database."""
+
+    @abc.abstractmethod
     def query(
         self,
         what: str,
@@ -150,6 +194,28 @@ class Store(abc.ABC):
 
 
 QUERY_KINDS = ("values", "points", "alerts", "dead-letters", "counts")
+
+
+class SeriesIds:
+    """Series ids committed to the store, ``(gw, device) -> tag -> id``: reused by later transactions without
+    asking the database. Only ids from a committed transaction are remembered (an id a rolled-back
+    transaction created does not exist); past ``limit`` ids all are forgotten at once and asked again."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.known: dict[tuple[str, str], dict[str, int]] = {}
+        self._count = 0
+        self._limit = limit
+
+    def remember(self, new_series: dict[tuple[str, str], dict[str, int]]) -> None:
+        """What a committed transaction created or looked up."""
+        if not new_series:
+            return
+        if self._count > self._limit:
+            self.known.clear()
+            self._count = 0
+        for key, tags in new_series.items():
+            self.known.setdefault(key, {}).update(tags)
+            self._count += len(tags)
 
 
 class DataRejected(StorageError):

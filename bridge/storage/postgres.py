@@ -2,8 +2,19 @@
 
 The schema and its tables are created on first use (and migrated by
 version, under an advisory lock so several bridge processes can start at
-once). ``points`` becomes a TimescaleDB hypertable on ``ts`` (epoch ms,
-one-day chunks) when the extension is installed in the database.
+once).
+
+Readings are stored as ``samples(series, ts, value, value_text, quality,
+error, seq)`` with each ``(gw, device, tag)`` named once in ``series``:
+the index a reading adds to is ``(series, ts)``, two integers, instead of
+three texts and a time, which halved the server's CPU per stored reading.
+``points`` is a view with the columns it always had. ``samples`` is
+partitioned by day on ``ts`` (epoch ms, UTC days): ``samples_YYYYMMDD``,
+created ahead as time moves, and ``samples_default`` for readings outside
+every day partition (a clock far off). Retention drops whole day
+partitions. When TimescaleDB is installed in the database, ``samples`` is
+a hypertable with one-day chunks instead, and retention is
+``drop_chunks``.
 
 ``value`` is ``double precision``; text values go to ``value_text`` (as do
 integers beyond 2^53, which a double cannot hold exactly). A commit window
@@ -13,7 +24,10 @@ so two processes racing for the same batch store it once.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -30,12 +44,13 @@ from factory_edge.logs import fields
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast, State
 from ..mapping import MappingRule
 from ..messages import DataBatch, DeadLetter, EventRow, MetaRow, StatusRow
-from .base import DataRejected, LatestRow, Store, Table, Tx
+from ..metering import HOUR_MS, Usage
+from .base import STATUS_EXPIRED, DataRejected, LatestRow, SeriesIds, Store, Table, Tx
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
-_MIGRATIONS = {
+SCHEMA_VERSION = 5
+_MIGRATIONS: dict[int, str] = {
     1: """
         CREATE TABLE {s}.batches (
             gw text NOT NULL, seq bigint NOT NULL, device text NOT NULL, points integer NOT NULL,
@@ -93,8 +108,30 @@ _MIGRATIONS = {
             gw text NOT NULL, device text NOT NULL, tags jsonb NOT NULL, received_at bigint NOT NULL,
             PRIMARY KEY (gw, device))
     """,
+    # 4: readings by series id, in day partitions (or a hypertable): PostgresStore._migrate_series.
+    # Metering (bridge/metering.py): what each gateway's new batches added, per hour, in their commit.
+    5: """
+        CREATE TABLE {s}.usage_hourly (
+            hour bigint NOT NULL, gw text NOT NULL, points bigint NOT NULL, messages bigint NOT NULL,
+            bytes bigint NOT NULL, delayed_points bigint NOT NULL DEFAULT 0, PRIMARY KEY (hour, gw))
+    """,
 }
 MINUTE_MS = 60_000
+DAY_MS = 86_400_000
+PARTITION_AHEAD_DAYS = 2  # day partitions kept ready past today (and one before it), so none is created in a rush
+STRAY_DAYS = 31  # readings this many days old or newer that landed in the default partition get their day's own
+DEFAULT_DELETE_ROWS = 10_000  # readings deleted from the default partition per transaction
+LOCK_TIMEOUT = "5s"  # maintenance waits this long for a lock, then tries again at its next run
+_SAMPLES = (
+    "series bigint NOT NULL, ts bigint NOT NULL, value double precision, value_text text, quality text NOT NULL, "
+    "error text, seq bigint NOT NULL"
+)
+_POINTS_VIEW = """
+    CREATE VIEW {s}.points AS
+        SELECT s.gw, s.device, s.tag, p.ts, p.value, p.value_text, p.quality, p.error, p.seq
+        FROM {s}.samples p JOIN {s}.series s ON s.id = p.series
+"""
+_BOUND = re.compile(r"FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
 _PG_TYPES = {
     "auto": "jsonb",
     "float": "double precision",
@@ -114,6 +151,11 @@ def describe_dsn(dsn: str) -> str:
     except psycopg.ProgrammingError:
         return "postgresql (unparsable dsn)"
     return f"postgresql://{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+def _fetch_one(conn: psycopg.Connection[Any], query: sql.Composed) -> int:
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,6 +180,12 @@ def join_value(number: float | None, text: str | None) -> Any:
     return text if text is not None else number
 
 
+def schema_lock(conn: psycopg.Connection[Any], tenant: str) -> None:
+    """Held until the transaction ends: one process at a time changes the tenant's tables
+    (``CREATE ... IF NOT EXISTS`` alone races: two creators collide in the catalogue)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"factory-edge bridge schema {tenant}",))
+
+
 class PostgresStore(Store):
     """One tenant's schema in a PostgreSQL database."""
 
@@ -149,6 +197,8 @@ class PostgresStore(Store):
         self._conn: psycopg.Connection[Any] | None = None
         self._mappings: dict[str, MappingRule] = {}
         self.hypertable = False
+        self.timescale = False
+        self._series = SeriesIds()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -163,7 +213,17 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise StorageError(f"{describe_dsn(self.dsn)}: cannot connect: {_first_line(exc)}") from exc
 
+    def _check_schema_name(self) -> None:
+        """A tenant's schema is its name: never one PostgreSQL owns or every database has (``public``)."""
+        lowered = self.tenant.lower()
+        if lowered == "public" or lowered == "information_schema" or lowered.startswith("pg_"):
+            raise StorageError(
+                f"tenant {self.tenant}: its schema would be {self.tenant!r}, one PostgreSQL keeps for itself or "
+                "for every database's own tables; rename the tenant"
+            )
+
     def open(self, mappings: Sequence[MappingRule] = ()) -> None:
+        self._check_schema_name()
         self._conn = self._connect()
         try:
             self._migrate()
@@ -175,6 +235,7 @@ class PostgresStore(Store):
             raise StorageError(f"{self.where}: cannot create the tenant's tables: {_first_line(exc)}") from exc
 
     def open_read(self) -> None:
+        self._check_schema_name()
         self._conn = self._connect()
         found = self._conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.tenant,)).fetchone()
         if not found:
@@ -193,7 +254,7 @@ class PostgresStore(Store):
         assert conn is not None
         with conn.transaction():
             # Two processes opening the same tenant at once: one creates, the other waits and sees it.
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"factory-edge bridge schema {self.tenant}",))
+            self._schema_lock(conn)
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self.schema))
             conn.execute(
                 sql.SQL("CREATE TABLE IF NOT EXISTS {}.schema_version (version integer NOT NULL)").format(self.schema)
@@ -205,39 +266,306 @@ class PostgresStore(Store):
                     f"{self.where}: schema version {version} is newer than this bridge ({SCHEMA_VERSION})"
                 )
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in _MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        conn.execute(
-                            sql.SQL(statement.replace("{s}", "{}")).format(*[self.schema] * statement.count("{s}"))
-                        )
+                if target == 4:
+                    self._migrate_series(conn)
+                else:
+                    self._run(conn, _MIGRATIONS[target])
                 conn.execute(sql.SQL("INSERT INTO {}.schema_version VALUES (%s)").format(self.schema), (target,))
-                if target == 1:
-                    self._hypertable(conn)
-        self.hypertable = bool(
-            conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
-        ) and self._is_hypertable(conn)
+            self.timescale = bool(conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone())
+            self.hypertable = self.timescale and self._is_hypertable(conn)
+        if not self.hypertable:
+            try:
+                self.maintain(int(time.time() * 1000))
+            except StorageError as exc:  # readings wait in the default partition; the next run makes them
+                log.warning("cannot create day partitions now", extra=fields(tenant=self.tenant, err=str(exc)))
 
-    def _hypertable(self, conn: psycopg.Connection[Any]) -> None:
-        """Make ``points`` a hypertable when TimescaleDB is installed in this database."""
-        if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
-            return
-        conn.execute(
-            "SELECT create_hypertable(%s::regclass, 'ts', chunk_time_interval => %s::bigint, if_not_exists => TRUE)",
-            (sql.Identifier(self.tenant, "points").as_string(conn), 86_400_000),
+    def _schema_lock(self, conn: psycopg.Connection[Any]) -> None:
+        schema_lock(conn, self.tenant)
+
+    def _run(self, conn: psycopg.Connection[Any], statements: str) -> None:
+        for statement in statements.split(";"):
+            if statement.strip():
+                conn.execute(sql.SQL(statement.replace("{s}", "{}")).format(*[self.schema] * statement.count("{s}")))
+
+    def _migrate_series(self, conn: psycopg.Connection[Any]) -> None:
+        """Version 4: ``points`` (a table) becomes ``series`` + ``samples`` (by day, or a hypertable) and a view."""
+        rows = conn.execute(
+            "SELECT coalesce(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+            (sql.Identifier(self.tenant, "points").as_string(conn),),
+        ).fetchone()
+        estimate = max(0, rows[0]) if rows else 0
+        if estimate:  # rewrites every reading: say so, it can take minutes on a big schema
+            log.info(
+                "converting stored readings to series ids (once)", extra=fields(tenant=self.tenant, readings=estimate)
+            )
+        started = time.monotonic()
+        timescale = bool(conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone())
+        self._run(
+            conn,
+            "CREATE TABLE {s}.series (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, gw text NOT NULL, "
+            "device text NOT NULL, tag text NOT NULL, UNIQUE (gw, device, tag))",
         )
-        log.info("points is a TimescaleDB hypertable", extra=fields(tenant=self.tenant))
+        partitioning = "" if timescale else " PARTITION BY RANGE (ts)"
+        self._run(conn, f"CREATE TABLE {{s}}.samples ({_SAMPLES}){partitioning}")
+        self._run(conn, "CREATE INDEX samples_series ON {s}.samples (series, ts)")
+        if timescale:
+            conn.execute(
+                "SELECT create_hypertable(%s::regclass, 'ts', chunk_time_interval => %s::bigint)",
+                (sql.Identifier(self.tenant, "samples").as_string(conn), DAY_MS),
+            )
+            log.info("samples is a TimescaleDB hypertable", extra=fields(tenant=self.tenant))
+        else:
+            self._run(conn, "CREATE TABLE {s}.samples_default PARTITION OF {s}.samples DEFAULT")
+            horizon = int(time.time() * 1000) // DAY_MS + PARTITION_AHEAD_DAYS
+            days = conn.execute(
+                sql.SQL("SELECT DISTINCT ts / %s FROM {}.points WHERE ts >= 0 AND ts / %s <= %s ORDER BY 1").format(
+                    self.schema
+                ),
+                (DAY_MS, DAY_MS, horizon),
+            ).fetchall()
+            for (day,) in days:
+                self._add_partition(conn, int(day))
+        self._run(
+            conn,
+            "INSERT INTO {s}.series (gw, device, tag) SELECT DISTINCT gw, device, tag FROM {s}.points ORDER BY 1, 2, 3",
+        )
+        self._run(
+            conn,
+            "INSERT INTO {s}.samples SELECT s.id, p.ts, p.value, p.value_text, p.quality, p.error, p.seq "
+            "FROM {s}.points p JOIN {s}.series s ON s.gw = p.gw AND s.device = p.device AND s.tag = p.tag",
+        )
+        self._run(conn, "DROP TABLE {s}.points")
+        self._run(conn, _POINTS_VIEW)
+        if estimate:
+            log.info(
+                "stored readings converted",
+                extra=fields(tenant=self.tenant, readings=estimate, seconds=round(time.monotonic() - started, 1)),
+            )
 
     def _is_hypertable(self, conn: psycopg.Connection[Any]) -> bool:
         try:
             return bool(
                 conn.execute(
                     "SELECT 1 FROM timescaledb_information.hypertables WHERE hypertable_schema = %s "
-                    "AND hypertable_name = 'points'",
+                    "AND hypertable_name = 'samples'",
                     (self.tenant,),
                 ).fetchone()
             )
         except psycopg.Error:
             return False
+
+    # ---------------------------------------------------------------- day partitions and retention
+
+    def partitions(self) -> list[tuple[str, int, int]]:
+        """``(name, first ms, end ms)`` of each day partition of ``samples``, oldest first (the default excluded)."""
+        assert self._conn is not None
+        found = self._conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = to_regclass(%s)",
+            (sql.Identifier(self.tenant, "samples").as_string(self._conn),),
+        ).fetchall()
+        out = []
+        for name, bound in found:
+            match = _BOUND.search(bound or "")
+            if match:
+                out.append((name, int(match.group(1)), int(match.group(2))))
+        return sorted(out, key=lambda p: p[1])
+
+    def _add_partition(self, conn: psycopg.Connection[Any], day: int) -> None:
+        """The partition of UTC ``day`` (days since the epoch), with the readings of that day moved out of
+        the default partition: it is made apart and attached, which locks the readers and writers of
+        ``samples`` out only for the moment of the attach, not for the copy."""
+        name = "samples_" + datetime.datetime.fromtimestamp(day * 86400, datetime.UTC).strftime("%Y%m%d")
+        table = sql.Identifier(self.tenant, name)
+        first, end = day * DAY_MS, (day + 1) * DAY_MS
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+                table, sql.Identifier(self.tenant, "samples")
+            )
+        )
+        conn.execute(
+            sql.SQL(
+                "WITH moved AS (DELETE FROM {} WHERE ts >= %s AND ts < %s RETURNING *) INSERT INTO {} SELECT * FROM moved"
+            ).format(sql.Identifier(self.tenant, "samples_default"), table),
+            (first, end),
+        )
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                sql.Identifier(self.tenant, "samples"), table, sql.Literal(first), sql.Literal(end)
+            )
+        )
+
+    def maintain(self, now_ms: int) -> list[str]:
+        """Create the day partitions from yesterday to ``PARTITION_AHEAD_DAYS`` after today, and one for each
+        day of the last ``STRAY_DAYS`` whose readings landed in the default partition (a gateway's backlog
+        after an outage); returns the partitions created. Older strays stay in the default partition: a clock
+        gone wrong must not make a partition per day it invents."""
+        if self.hypertable:
+            return []
+        conn = self._conn
+        assert conn is not None
+        today = now_ms // DAY_MS
+        horizon = today + PARTITION_AHEAD_DAYS
+        try:
+            have = {first // DAY_MS for _, first, _ in self.partitions()}
+            strays = conn.execute(
+                sql.SQL("SELECT DISTINCT ts / %s FROM {}.samples_default WHERE ts >= %s AND ts < %s").format(
+                    self.schema
+                ),
+                (DAY_MS, max(0, today - STRAY_DAYS) * DAY_MS, (horizon + 1) * DAY_MS),
+            ).fetchall()
+            wanted = sorted(({*range(today - 1, horizon + 1)} | {int(d) for (d,) in strays}) - have)
+            created = []
+            for day in wanted:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    self._schema_lock(conn)
+                    if day * DAY_MS in {first for _, first, _ in self.partitions()}:
+                        continue  # another process made it meanwhile
+                    self._add_partition(conn, day)
+                created.append(day)
+        except psycopg.Error as exc:
+            raise StorageError(f"{self.where}: cannot create day partitions: {_first_line(exc)}") from exc
+        names = [
+            "samples_" + datetime.datetime.fromtimestamp(d * 86400, datetime.UTC).strftime("%Y%m%d") for d in created
+        ]
+        if names:
+            log.info("day partitions created", extra=fields(tenant=self.tenant, partitions=",".join(names)))
+        return names
+
+    @property
+    def expire_unit(self) -> str:
+        return "chunks" if self.hypertable else "day partitions"
+
+    def expire(self, before_ms: int, after_ms: int | None = None) -> int:
+        """Drop every day partition (or TimescaleDB chunk) wholly before ``before_ms``; readings before it in
+        the default partition are deleted in bounded transactions, and so are those dated at or after
+        ``after_ms`` (beyond the day partitions made ahead, they can only be in the default partition; with
+        TimescaleDB, chunks newer than it are dropped). Returns the partitions or chunks dropped."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            if self.hypertable:
+                dropped = conn.execute(
+                    "SELECT drop_chunks(%s::regclass, older_than => %s::bigint)",
+                    (sql.Identifier(self.tenant, "samples").as_string(conn), before_ms),
+                ).fetchall()
+                if after_ms is not None:
+                    dropped += conn.execute(
+                        "SELECT drop_chunks(%s::regclass, newer_than => %s::bigint)",
+                        (sql.Identifier(self.tenant, "samples").as_string(conn), after_ms),
+                    ).fetchall()
+                if dropped:
+                    log.info(
+                        "retention: chunks dropped",
+                        extra=fields(tenant=self.tenant, chunks=len(dropped), before=before_ms),
+                    )
+                self._expire_minutes(before_ms, 2**63 - 1 if after_ms is None else after_ms)
+                return len(dropped)
+            names, estimate = [], 0
+            for name, _, end in self.partitions():
+                if end > before_ms:
+                    break
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    self._schema_lock(conn)
+                    row = conn.execute(
+                        "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                        (sql.Identifier(self.tenant, name).as_string(conn),),
+                    ).fetchone()
+                    if row is None:
+                        continue  # dropped by another process meanwhile
+                    conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(self.tenant, name)))
+                names.append(name)
+                estimate += max(0, row[0])
+            strays = 0
+            ahead = 2**63 - 1 if after_ms is None else after_ms
+            while True:
+                with conn.transaction():
+                    cursor = conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {} WHERE ctid IN (SELECT ctid FROM {} WHERE ts < %s OR ts >= %s LIMIT %s)"
+                        ).format(*[sql.Identifier(self.tenant, "samples_default")] * 2),
+                        (before_ms, ahead, DEFAULT_DELETE_ROWS),
+                    )
+                strays += cursor.rowcount
+                if cursor.rowcount < DEFAULT_DELETE_ROWS:
+                    break
+            minutes = self._expire_minutes(before_ms, ahead)
+        except psycopg.Error as exc:
+            raise StorageError(f"{self.where}: retention: {_first_line(exc)}") from exc
+        if minutes:
+            log.info(
+                "retention: per-minute sums deleted",
+                extra=fields(tenant=self.tenant, rows=minutes, before=before_ms, after=after_ms),
+            )
+        if names or strays:
+            log.info(
+                "retention: day partitions dropped",
+                extra=fields(
+                    tenant=self.tenant,
+                    partitions=",".join(names) or None,
+                    readings_estimate=estimate,
+                    default_rows_deleted=strays,
+                    before=before_ms,
+                ),
+            )
+        return len(names)
+
+    def _expire_minutes(self, before_ms: int, after_ms: int) -> int:
+        """The ``points_minute`` rows of minutes before ``before_ms`` or from ``after_ms`` on, through its primary
+        key series by series (1,000 series at a time), at most ``DEFAULT_DELETE_ROWS`` rows per transaction."""
+        conn = self._conn
+        assert conn is not None
+        before, after = before_ms // MINUTE_MS, -(-after_ms // MINUTE_MS)
+        last = _fetch_one(conn, sql.SQL("SELECT coalesce(max(id), 0) FROM {}.series").format(self.schema))
+        removed, first = 0, 0
+        statement = sql.SQL(
+            "DELETE FROM {pm} WHERE ctid IN (SELECT p.ctid FROM {series} s JOIN {pm} p ON p.gw = s.gw AND "
+            "p.device = s.device AND p.tag = s.tag WHERE s.id > %s AND s.id <= %s AND (p.minute < %s OR "
+            "p.minute >= %s) LIMIT %s)"
+        ).format(pm=sql.Identifier(self.tenant, "points_minute"), series=sql.Identifier(self.tenant, "series"))
+        while first < last:
+            with conn.transaction():
+                cursor = conn.execute(statement, (first, first + 1000, before, after, DEFAULT_DELETE_ROWS))
+            removed += cursor.rowcount
+            if cursor.rowcount < DEFAULT_DELETE_ROWS:
+                first += 1000
+        return removed
+
+    def expire_received(self, before_ms: int) -> int:
+        conn = self._conn
+        assert conn is not None
+        removed = 0
+        try:
+            for table in ("dead_letters", "events"):
+                while True:
+                    with conn.transaction():
+                        cursor = conn.execute(
+                            sql.SQL(
+                                "DELETE FROM {} WHERE id IN (SELECT id FROM {} WHERE received_at < %s ORDER BY id "
+                                "LIMIT %s)"
+                            ).format(*[sql.Identifier(self.tenant, table)] * 2),
+                            (before_ms, DEFAULT_DELETE_ROWS),
+                        )
+                    removed += cursor.rowcount
+                    if cursor.rowcount < DEFAULT_DELETE_ROWS:
+                        break
+            status = sql.Identifier(self.tenant, "status").as_string(conn)
+            while True:  # status history: each gateway's newest status, and newest naming a version, stay
+                with conn.transaction():
+                    cursor = conn.execute(
+                        f"DELETE FROM {status} WHERE ctid IN (SELECT s.ctid FROM {status} s WHERE "
+                        + STATUS_EXPIRED.format(ph="%s", t=status)
+                        + " LIMIT %s)",
+                        (before_ms, DEFAULT_DELETE_ROWS),
+                    )
+                removed += cursor.rowcount
+                if cursor.rowcount < DEFAULT_DELETE_ROWS:
+                    break
+        except psycopg.Error as exc:
+            raise StorageError(f"{self.where}: retention: {_first_line(exc)}") from exc
+        return removed
 
     def _create_mapped(self, rule: MappingRule) -> None:
         conn = self._conn
@@ -253,6 +581,7 @@ class PostgresStore(Store):
             for name, kind in types.items()
         )
         with conn.transaction():
+            self._schema_lock(conn)  # several processes starting at once: one creates, the others see it
             conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(table, columns))
             for name, kind in types.items():
                 conn.execute(
@@ -277,7 +606,9 @@ class PostgresStore(Store):
                     self._conn.close()
                 self._conn = self._connect()
             with self._conn.transaction():
-                yield _PostgresTx(self, self._conn)
+                tx = _PostgresTx(self, self._conn)
+                yield tx
+            self._series.remember(tx.new_series)
         except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded) as exc:
             raise DataRejected(f"{self.where}: {_first_line(exc)}") from exc
         except psycopg.Error as exc:
@@ -326,6 +657,27 @@ class PostgresStore(Store):
             raise StorageError(f"{self.where}: {_first_line(exc)}") from exc
 
     # ---------------------------------------------------------------- reading
+
+    def usage(self, *, gw: str | None = None, since_ms: int | None = None, totals: bool = False) -> list[Usage]:
+        assert self._conn is not None
+        if not self._conn.execute(
+            "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'usage_hourly'", (self.tenant,)
+        ).fetchone():
+            return []  # written by a bridge before metering, opened read-only
+        query = (
+            "SELECT 0, gw, sum(points)::bigint, sum(messages)::bigint, sum(bytes)::bigint, sum(delayed_points)::bigint "
+            "FROM {s}.usage_hourly "
+            "WHERE hour >= %s"
+            if totals
+            else "SELECT hour, gw, points, messages, bytes, delayed_points FROM {s}.usage_hourly WHERE hour >= %s"
+        )
+        params: list[Any] = [0 if since_ms is None else since_ms - since_ms % HOUR_MS]
+        if gw is not None:
+            query, params = query + " AND gw = %s", [*params, gw]
+        return [
+            Usage(*row)
+            for row in self._rows(query + (" GROUP BY gw ORDER BY gw" if totals else " ORDER BY hour, gw"), params)
+        ]
 
     def query(
         self,
@@ -396,7 +748,8 @@ class PostgresStore(Store):
         names = [
             r[0]
             for r in self._rows(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s ORDER BY table_name",
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+                "AND c.relkind IN ('r', 'p', 'v') AND NOT c.relispartition ORDER BY c.relname",
                 (self.tenant,),
             )
         ]
@@ -408,10 +761,23 @@ class PostgresStore(Store):
 
 
 class _PostgresTx(Tx):
+    def record_usage(self, rows: Sequence[Usage]) -> None:
+        if rows:
+            with self.conn.cursor() as cursor:
+                cursor.executemany(
+                    self._sql(
+                        "INSERT INTO {s}.usage_hourly AS u VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (hour, gw) "
+                        "DO UPDATE SET points = u.points + excluded.points, messages = u.messages + excluded.messages, "
+                        "bytes = u.bytes + excluded.bytes, delayed_points = u.delayed_points + excluded.delayed_points"
+                    ),
+                    [u.row() for u in rows],
+                )
+
     def __init__(self, store: PostgresStore, conn: psycopg.Connection[Any]) -> None:
         self.store = store
         self.conn = conn
         self.s = store.schema
+        self.new_series: dict[tuple[str, str], dict[str, int]] = {}
 
     def _sql(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self.s)
@@ -463,36 +829,47 @@ class _PostgresTx(Tx):
         return {(gw, seq) for gw, seq in rows}
 
     def insert_points(self, batches: Sequence[DataBatch]) -> None:
+        """Each batch's rows as samples of their series (a batch's rows are all of its gateway and device)."""
         if not any(b.rows for b in batches):
             return
+        ids = self._series_ids(batches)
         with self.conn.cursor() as cursor:
             with cursor.copy(
                 self._sql(
-                    "COPY {s}.points (gw, device, tag, ts, value, value_text, quality, error, seq) "
-                    "FROM STDIN (FORMAT BINARY)"
+                    "COPY {s}.samples (series, ts, value, value_text, quality, error, seq) FROM STDIN (FORMAT BINARY)"
                 )
             ) as copy:
-                copy.set_types(["text", "text", "text", "int8", "float8", "text", "text", "text", "int8"])
+                copy.set_types(["int8", "int8", "float8", "text", "text", "text", "int8"])
                 write = copy.write_row
-                minutes: dict[tuple[str, str, str, int], list[float]] = {}
+                # Per (gw, device): (tag, minute) -> [count, sum, min, max] of the numeric readings.
+                minutes: dict[tuple[str, str], dict[tuple[str, int], list[float]]] = {}
                 for b in batches:
-                    for gw, device, tag, ts, value, quality, error, seq in b.rows:
+                    tags = ids[(b.gw, b.device)]
+                    device_minutes = minutes.setdefault((b.gw, b.device), {})
+                    for _, _, tag, ts, value, quality, error, seq in b.rows:
                         if value is None or type(value) is float:
                             number, text = value, None
                         else:
                             number, text = split_value(value)
-                        write((gw, device, tag, ts, number, text, quality, error, seq))
+                        write((tags[tag], ts, number, text, quality, error, seq))
                         if number is not None:
-                            key = (gw, device, tag, ts // MINUTE_MS)
-                            acc = minutes.get(key)
+                            key = (tag, ts // MINUTE_MS)
+                            acc = device_minutes.get(key)
                             if acc is None:
-                                minutes[key] = [1, number, number, number]
+                                device_minutes[key] = [1, number, number, number]
                             else:
                                 acc[0] += 1
                                 acc[1] += number
-                                acc[2] = min(acc[2], number)
-                                acc[3] = max(acc[3], number)
-            if minutes:  # in key order, so two processes upserting the same minutes lock them in the same order
+                                if number < acc[2]:
+                                    acc[2] = number
+                                elif number > acc[3]:
+                                    acc[3] = number
+            rows = sorted(
+                (gw, device, tag, minute, *acc)
+                for (gw, device), device_minutes in minutes.items()
+                for (tag, minute), acc in device_minutes.items()
+            )
+            if rows:  # in key order, so two processes upserting the same minutes lock them in the same order
                 cursor.executemany(
                     self._sql(
                         "INSERT INTO {s}.points_minute VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
@@ -500,8 +877,62 @@ class _PostgresTx(Tx):
                         "total = points_minute.total + excluded.total, lo = least(points_minute.lo, excluded.lo), "
                         "hi = greatest(points_minute.hi, excluded.hi)"
                     ),
-                    [(*key, *minutes[key]) for key in sorted(minutes)],
+                    rows,
                 )
+
+    def _series_ids(self, batches: Sequence[DataBatch]) -> dict[tuple[str, str], dict[str, int]]:
+        """``(gw, device)`` -> tag -> series id for every row of ``batches``: from the committed ids the store
+        remembers, else looked up or created in this transaction (remembered once it commits)."""
+        known = self.store._series.known
+        out: dict[tuple[str, str], dict[str, int]] = {}
+        missing: set[tuple[str, str, str]] = set()
+        for b in batches:
+            key = (b.gw, b.device)
+            ids = out.get(key)
+            if ids is None:  # the store's own dict, not a copy: it is copied below before anything is added
+                ids = known.get(key) or {}
+                fresh = self.new_series.get(key)
+                out[key] = ids = {**ids, **fresh} if fresh else ids
+            for tag in {r[2] for r in b.rows}.difference(ids):
+                missing.add((b.gw, b.device, tag))
+        if missing:
+            wanted = sorted(missing)  # one lock order for every process: no deadlocks between bridges
+            columns = ([k[0] for k in wanted], [k[1] for k in wanted], [k[2] for k in wanted])
+            found = self.conn.execute(
+                self._sql(
+                    "SELECT s.id, s.gw, s.device, s.tag FROM {s}.series s JOIN unnest(%s::text[], %s::text[], "
+                    "%s::text[]) AS w(gw, device, tag) ON s.gw = w.gw AND s.device = w.device AND s.tag = w.tag"
+                ),
+                columns,
+            ).fetchall()
+            if len(found) < len(wanted):
+                got = {(gw, device, tag) for _, gw, device, tag in found}
+                new = [k for k in wanted if k not in got]
+                # Another process may add the same series at once: it waits for ours (or we for its) to commit,
+                # then skips it, and the select after sees the id either way.
+                self.conn.execute(
+                    self._sql(
+                        "INSERT INTO {s}.series (gw, device, tag) SELECT * FROM unnest(%s::text[], %s::text[], "
+                        "%s::text[]) ON CONFLICT DO NOTHING"
+                    ),
+                    ([k[0] for k in new], [k[1] for k in new], [k[2] for k in new]),
+                )
+                found = self.conn.execute(
+                    self._sql(
+                        "SELECT s.id, s.gw, s.device, s.tag FROM {s}.series s JOIN unnest(%s::text[], %s::text[], "
+                        "%s::text[]) AS w(gw, device, tag) ON s.gw = w.gw AND s.device = w.device AND s.tag = w.tag"
+                    ),
+                    columns,
+                ).fetchall()
+            copied: set[tuple[str, str]] = set()
+            for series, gw, device, tag in found:
+                key = (gw, device)
+                if key not in copied:  # never add to the ids the store remembers: this transaction may fail
+                    out[key] = dict(out[key])
+                    copied.add(key)
+                out[key][tag] = series
+                self.new_series.setdefault(key, {})[tag] = series
+        return out
 
     def insert_status(self, rows: Sequence[StatusRow]) -> None:
         if rows:

@@ -36,11 +36,12 @@ from factory_edge.logs import fields
 from ..alerts.model import Change, Instance, OutboxItem, SeriesLast, State
 from ..mapping import MappingRule
 from ..messages import DataBatch, DeadLetter, EventRow, MetaRow, StatusRow
-from .base import DataRejected, LatestRow, Store, Table, Tx
+from ..metering import HOUR_MS, Usage
+from .base import STATUS_EXPIRED, DataRejected, LatestRow, SeriesIds, Store, Table, Tx
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATIONS = {
     1: """
         CREATE TABLE batches (
@@ -107,8 +108,17 @@ _MIGRATIONS = {
             gw TEXT NOT NULL, device TEXT NOT NULL, tags TEXT NOT NULL, received_at INTEGER NOT NULL,
             PRIMARY KEY (gw, device)) WITHOUT ROWID, STRICT;
     """,
+    # Metering (bridge/metering.py): what each gateway's new batches added, per hour, in their commit.
+    4: """
+        CREATE TABLE usage_hourly (
+            hour INTEGER NOT NULL, gw TEXT NOT NULL, points INTEGER NOT NULL, messages INTEGER NOT NULL,
+            bytes INTEGER NOT NULL, delayed_points INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (hour, gw)) WITHOUT ROWID, STRICT;
+    """,
 }
-_SERIES_CACHE_MAX = 1_000_000  # series ids kept in memory (each is one small dict entry)
+EXPIRE_ROWS = 10_000  # readings deleted per transaction by the retention job, at most
+EXPIRE_SERIES = 1_000  # series looked at per transaction, at most (most have nothing to delete)
+EXPIRE_PAUSE_S = 0.05  # between two such transactions: SQLite's lock is not fair, a waiting writer needs the gap
 _SQLITE_TYPES = {
     "auto": "ANY",
     "float": "REAL",
@@ -137,9 +147,7 @@ class SqliteStore(Store):
         self._utils: sqlite_utils.Database | None = None
         self._mapped_keys: dict[str, list[str]] = {}
         self._mapped_types: dict[str, dict[str, str]] = {}
-        # (gw, device) -> tag -> series id, for ids committed to the file (never one from a rolled-back transaction)
-        self._series: dict[tuple[str, str], dict[str, int]] = {}
-        self._series_count = 0
+        self._series = SeriesIds()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -261,7 +269,7 @@ class SqliteStore(Store):
                 self._rollback()
                 raise
             db.execute("COMMIT")
-            self._remember(tx.new_series)
+            self._series.remember(tx.new_series)
         except (
             sqlite3.IntegrityError,
             sqlite3.DataError,
@@ -275,16 +283,85 @@ class SqliteStore(Store):
             self._rollback()
             raise StorageError(f"{self.path}: {exc}") from exc
 
-    def _remember(self, new_series: dict[tuple[str, str], dict[str, int]]) -> None:
-        """Series ids a committed transaction created or looked up: now safe to reuse without asking."""
-        if not new_series:
-            return
-        if self._series_count > _SERIES_CACHE_MAX:
-            self._series.clear()
-            self._series_count = 0
-        for key, tags in new_series.items():
-            self._series.setdefault(key, {}).update(tags)
-            self._series_count += len(tags)
+    def expire(self, before_ms: int, after_ms: int | None = None) -> int:
+        """Delete the readings before ``before_ms`` (and from ``after_ms`` on), series by series through the ``(series, ts)`` index, at most
+        ``EXPIRE_ROWS`` readings and ``EXPIRE_SERIES`` series per transaction, ``EXPIRE_PAUSE_S`` apart: the
+        write lock is held for tens of milliseconds at a time, and ingest commits in between. Returns the
+        readings removed."""
+        if self._db is None:
+            raise StorageError(f"{self.path}: not open")
+        db = self._db
+        try:
+            ranges = [(-(2**63), before_ms)] + ([(after_ms, 2**63 - 1)] if after_ms is not None else [])
+            series = [(row[0], lo, hi) for row in db.execute("SELECT id FROM series ORDER BY id") for lo, hi in ranges]
+            # The row stored last stays whatever its age: SQLite numbers a new row after the highest one left, and
+            # the console's rollup follows the rowids, so they must never start again from 1 on an emptied table.
+            top = db.execute("SELECT coalesce(max(rowid), 0) FROM samples").fetchone()[0]
+            removed = position = 0
+            while position < len(series):
+                budget, probed = EXPIRE_ROWS, 0
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    while position < len(series) and budget > 0 and probed < EXPIRE_SERIES:
+                        deleted = db.execute(
+                            "DELETE FROM samples WHERE rowid IN "
+                            "(SELECT rowid FROM samples WHERE series = ? AND ts >= ? AND ts < ? AND rowid < ? LIMIT ?)",
+                            (*series[position], top, budget),
+                        ).rowcount
+                        probed += 1
+                        if deleted < budget:
+                            position += 1  # this series has no older readings left
+                        budget -= deleted
+                    db.execute("COMMIT")
+                except BaseException:
+                    self._rollback()
+                    raise
+                removed += EXPIRE_ROWS - budget
+                if position < len(series):
+                    time.sleep(EXPIRE_PAUSE_S)  # a waiting ingest commit takes the lock before the next batch
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: retention: {exc}") from exc
+        return removed
+
+    def expire_received(self, before_ms: int) -> int:
+        if self._db is None:
+            raise StorageError(f"{self.path}: not open")
+        removed = 0
+        try:
+            for table in ("dead_letters", "events"):
+                # The newest row stays whatever its age, as for the readings: ids never start again from 1.
+                removed += self._delete_in_batches(
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE received_at < ? "
+                    f"AND id < (SELECT coalesce(max(id), 0) FROM {table}) ORDER BY id LIMIT ?)",
+                    before_ms,
+                )
+            # Status history: each gateway's newest status, and newest naming a version, stay.
+            removed += self._delete_in_batches(
+                "DELETE FROM status WHERE rowid IN (SELECT s.rowid FROM status s WHERE "
+                + STATUS_EXPIRED.format(ph="?", t="status")
+                + " LIMIT ?)",
+                before_ms,
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: retention: {exc}") from exc
+        return removed
+
+    def _delete_in_batches(self, statement: str, before_ms: int) -> int:
+        """Run a ``DELETE … LIMIT ?`` of at most EXPIRE_ROWS rows per transaction until it removes fewer."""
+        assert self._db is not None
+        db, removed = self._db, 0
+        while True:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = db.execute(statement, (before_ms, EXPIRE_ROWS)).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            removed += deleted
+            if deleted < EXPIRE_ROWS:
+                return removed
+            time.sleep(EXPIRE_PAUSE_S)
 
     def _rollback(self) -> None:
         if self._db is not None and self._db.in_transaction:
@@ -326,6 +403,29 @@ class SqliteStore(Store):
         )
 
     # ---------------------------------------------------------------- reading
+
+    def usage(self, *, gw: str | None = None, since_ms: int | None = None, totals: bool = False) -> list[Usage]:
+        assert self._db is not None
+        query = (
+            "SELECT 0, gw, sum(points), sum(messages), sum(bytes), sum(delayed_points) FROM usage_hourly "
+            "WHERE hour >= ?"
+            if totals
+            else "SELECT hour, gw, points, messages, bytes, delayed_points FROM usage_hourly WHERE hour >= ?"
+        )
+        params: list[Any] = [0 if since_ms is None else since_ms - since_ms % HOUR_MS]
+        if gw is not None:
+            query, params = query + " AND gw = ?", [*params, gw]
+        try:
+            return [
+                Usage(*row)
+                for row in self._db.execute(
+                    query + (" GROUP BY gw ORDER BY gw" if totals else " ORDER BY hour, gw"), params
+                )
+            ]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []  # written by a bridge before metering, opened read-only
+            raise StorageError(f"{self.path}: {exc}") from exc
 
     def query(
         self,
@@ -406,6 +506,14 @@ def _sqlite_value(value: Any, kind: str) -> Any:
 
 
 class _SqliteTx(Tx):
+    def record_usage(self, rows: Sequence[Usage]) -> None:
+        self.db.executemany(
+            "INSERT INTO usage_hourly VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hour, gw) DO UPDATE SET "
+            "points = points + excluded.points, messages = messages + excluded.messages, "
+            "bytes = bytes + excluded.bytes, delayed_points = delayed_points + excluded.delayed_points",
+            [u.row() for u in rows],
+        )
+
     def __init__(self, store: SqliteStore) -> None:
         assert store._db is not None and store._utils is not None
         self.store = store
@@ -441,7 +549,7 @@ class _SqliteTx(Tx):
             self.db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)", self._samples(batches))
 
     def _samples(self, batches: Sequence[DataBatch]) -> Iterator[tuple[Any, ...]]:
-        known = self.store._series
+        known = self.store._series.known
         for b in batches:
             key = (b.gw, b.device)
             ids = known.get(key)

@@ -231,18 +231,34 @@
   pages.alerts = async () => {
     const active = el("div", { id: "active" }), history = el("div", { id: "history" });
     const mayChange = account.role === "operator" || account.role === "tenant-admin";
+    // A live update redraws the table: what is being typed into a comment, and where, is carried over.
+    const drafts = new Map();
+    let drawn = "";
     function show(doc) {
+      const text = JSON.stringify(doc);
+      if (text === drawn) return;
+      const focused = active.contains(document.activeElement) && document.activeElement.dataset.draft ? document.activeElement : null;
+      const caret = focused ? [focused.dataset.draft, focused.tagName, focused.selectionStart, focused.selectionEnd] : null;
+      const keys = new Set(doc.active.map((a) => `${a.gw}/${a.device}/${a.rule}`));
+      for (const key of [...drafts.keys()]) if (!keys.has(key)) drafts.delete(key);
       active.replaceChildren(doc.active.length ? el("div", { class: "table-wrap" }, el("table", {}, el("thead", {}, el("tr", {}, ["State", "Rule", "Gateway", "Device", "Value", "Since", "Acknowledged"].map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, doc.active.map((a) => {
-          const comment = el("input", { "aria-label": `comment for ${a.rule}`, placeholder: "comment", required: true });
+          const key = `${a.gw}/${a.device}/${a.rule}`;
+          const comment = el("input", { "aria-label": `comment for ${a.rule}`, placeholder: "comment", required: true, "data-draft": key, oninput: () => drafts.set(key, comment.value) });
+          comment.value = drafts.get(key) || "";
           const ack = a.ack ? `${a.ack.by}: ${a.ack.comment} (${time(a.ack.ts)})` : mayChange ? el("form", { class: "inline", onsubmit: async (e) => {
             e.preventDefault();
-            try { await api(T("/alerts/ack"), { json: { gw: a.gw, device: a.device, rule: a.rule, comment: comment.value } }); say("Acknowledged."); show(await api(T("/alerts"))); } catch (err) { say(err.message, true); }
-          } }, comment, el("button", { type: "submit" }, "Acknowledge")) : "no";
-          return el("tr", { "data-alert": `${a.gw}/${a.device}/${a.rule}` }, el("td", {}, badge(a.state)), el("td", {}, a.rule), el("td", {}, a.gw), el("td", {}, a.device), el("td", { class: "num" }, value(a.value)), el("td", {}, time(a.since)), el("td", {}, ack));
+            try { await api(T("/alerts/ack"), { json: { gw: a.gw, device: a.device, rule: a.rule, comment: comment.value } }); drafts.delete(key); say("Acknowledged."); show(await api(T("/alerts"))); } catch (err) { say(err.message, true); }
+          } }, comment, el("button", { type: "submit", "data-draft": key }, "Acknowledge")) : "no";
+          return el("tr", { "data-alert": key }, el("td", {}, badge(a.state)), el("td", {}, a.rule), el("td", {}, a.gw), el("td", {}, a.device), el("td", { class: "num" }, value(a.value)), el("td", {}, time(a.since)), el("td", {}, ack));
         })))) : el("p", { id: "no-active" }, "No active alerts."));
       history.replaceChildren(el("div", { class: "table-wrap" }, el("table", {}, el("thead", {}, el("tr", {}, ["Time", "State", "Rule", "Gateway", "Device", "Value", "Message"].map((h) => el("th", { scope: "col" }, h)))),
         el("tbody", {}, doc.history.map((h) => el("tr", { "data-alert": `${h.gw}/${h.device}/${h.rule}` }, el("td", {}, time(h.ts)), el("td", {}, badge(h.state)), el("td", {}, h.rule), el("td", {}, h.gw), el("td", {}, h.device), el("td", { class: "num" }, value(h.value)), el("td", {}, h.message)))))));
+      if (caret) {
+        const back = [...active.querySelectorAll("[data-draft]")].find((e) => e.dataset.draft === caret[0] && e.tagName === caret[1]);
+        if (back) { back.focus({ preventScroll: true }); if (back.tagName === "INPUT") back.setSelectionRange(caret[2], caret[3]); }
+      }
+      drawn = text;
       body.dataset.ready = "1";
     }
     content.append(el("h2", {}, "Active"), active, el("h2", {}, "History"), history);

@@ -15,7 +15,7 @@ from typing import Any
 
 from factory_edge.errors import WriteRefused
 
-from ..config import ByteOrder, DataType, ModbusTag
+from ..configtypes import ByteOrder, DataType, ModbusTag
 
 _STRUCT = {
     DataType.INT16: "h",

@@ -33,7 +33,7 @@ from factory_edge.errors import DriverError
 from factory_edge.logs import fields
 
 from ..base import DeviceState, Driver
-from ..config import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevice, Table
+from ..configtypes import ModbusDeviceBase, ModbusRtuDevice, ModbusTag, ModbusTcpDevice, Table
 from ..points import Point, now_ms
 from . import codec, noise
 from .plan import Hole, Limits, Read, plan_reads, split

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ModbusDeviceBase, ModbusTag, Table
+from ..configtypes import ModbusDeviceBase, ModbusTag, Table
 
 # The 5-digit Modicon ranges: the leading digit names the table, the rest is 1-based.
 _PREFIX = {Table.COIL: 0, Table.DISCRETE: 1, Table.INPUT: 3, Table.HOLDING: 4}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from factory_edge.units import plural
 
-from ..config import ModbusDeviceBase, ModbusTag, Table
+from ..configtypes import ModbusDeviceBase, ModbusTag, Table
 
 TABLE_ORDER = (Table.COIL, Table.DISCRETE, Table.HOLDING, Table.INPUT)
 FUNCTION_CODE = {Table.COIL: 1, Table.DISCRETE: 2, Table.HOLDING: 3, Table.INPUT: 4}

@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from factory_edge.errors import DriverError
 from factory_edge.logs import fields
 
-from ..config import OpcuaDevice
+from ..configtypes import OpcuaDevice
 from .security import CertificateFiles, application_uri, certificate_application_uri, ensure_certificate
 
 log = logging.getLogger(__name__)

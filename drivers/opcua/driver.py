@@ -29,7 +29,7 @@ from factory_edge.errors import DriverError, WriteRefused
 from factory_edge.logs import fields
 
 from ..base import DeviceState, Driver, Emit
-from ..config import OpcuaDevice
+from ..configtypes import OpcuaDevice
 from ..points import Point, now_ms
 from .connection import Session, client_certificate, close_session, open_session
 from .monitor import Monitor

@@ -22,7 +22,7 @@ from asyncua import ua
 
 from factory_edge.errors import DriverError
 
-from ..config import Deadband, OpcuaDevice
+from ..configtypes import Deadband, OpcuaDevice
 from ..points import Point, now_ms
 from .connection import Session, converted
 from .values import point_from_datavalue
