@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -66,10 +65,8 @@ class Link(Connection):
         self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, properties: Properties | None = None
     ) -> int | None:
         """Queue a publish on this connection; returns its mid, or None if the link is gone."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            return None
-        return info.mid
+        info = self._publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        return None if info is None else info.mid
 
     def subscribe(self, topics: Sequence[str]) -> None:
         # noLocal: the agent's own replies under cmd/ must not come back to it.

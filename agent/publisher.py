@@ -40,7 +40,7 @@ from factory_edge.acks import ack_topic, decode_acks
 from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
-from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
+from factory_edge.mqtt import CLOSED_BY_BROKER, LAST_WORD_SETTLE_S, BrokerSettings
 from factory_edge.sparkplug.payload import PayloadError
 
 from .buffer import Batch
@@ -319,7 +319,7 @@ class Publisher:
                 self._accepting.clear()
                 self._events_done.clear()
                 self.stats.connected_since = None
-                await link.close()
+                await link.close(settle_s=LAST_WORD_SETTLE_S)  # the death or offline status acknowledged first
             self.state = ConnectionState.DISCONNECTED
             self.stats.reconnects += 1
             self._retry_log.lost()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
-from factory_edge.mqtt import CLOSED_BY_BROKER, BrokerSettings
+from factory_edge.mqtt import CLOSED_BY_BROKER, LAST_WORD_SETTLE_S, BrokerSettings
 from factory_edge.sparkplug.topics import state_payload
 
 from .messages import Received
@@ -157,7 +157,7 @@ class Consumer:
                 if self.sparkplug_state and not session.closed.is_set():
                     # Stopping: say so (the will is only for an unexpected loss).
                     session.publish(self.sparkplug_state, state_payload(False, born), retain=True)
-                await session.close()
+                await session.close(settle_s=LAST_WORD_SETTLE_S)
             await asyncio.sleep(self._backoff.next_delay())
 
     def _deliver(self, message: Received) -> None:

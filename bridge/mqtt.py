@@ -132,5 +132,4 @@ class Session(Connection):
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> bool:
         """Queue a QoS 1 publish on this connection (thread-safe in paho); False if the link is gone."""
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._publish(topic, payload, qos=1, retain=retain) is not None

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 
 from .certdates import read_cert_dates
@@ -396,6 +396,9 @@ def check_client_certificate(settings: BrokerSettings) -> None:
         )
 
 
+LAST_WORD_SETTLE_S = 2.0  # a clean stop waits that long at most for its last word's acknowledgement
+
+
 class Connection:
     """One MQTT v5 connection; dies with its TCP connection (paho's own reconnect is off).
 
@@ -420,6 +423,8 @@ class Connection:
         self.closed = asyncio.Event()
         self._connack: asyncio.Future[str | None] = self.loop.create_future()
         self._on_lost = on_lost
+        self._last_sent: paho.MQTTMessageInfo | None = None  # the newest publish, for a settled close
+        self._gone = False  # the TCP connection ended
         self.max_packet_size: int | None = None
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -457,6 +462,7 @@ class Connection:
         self.loop.call_soon_threadsafe(self._lost, text)
 
     def _lost(self, reason: str) -> None:
+        self._gone = True
         if not self._connack.done():
             self._connack.set_result(f"{reason} before CONNACK")
         self._abandon()
@@ -477,7 +483,30 @@ class Connection:
             await self.close()
             raise PublishError(refused)
 
-    async def close(self) -> None:
-        """Disconnect cleanly (no will message; the broker keeps a persistent session) and stop paho's thread."""
+    def _publish(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool, properties: Properties | None = None
+    ) -> paho.MQTTMessageInfo | None:
+        """Queue a publish (thread-safe in paho); None if the connection is gone."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        self._last_sent = info
+        return info
+
+    async def close(self, *, settle_s: float = 0.0) -> None:
+        """Disconnect cleanly (no will message; the broker keeps a persistent session) and stop paho's thread.
+
+        ``settle_s``: first wait (that long at most) for the broker to acknowledge the newest publish, such as
+        a last word (NDEATH, an offline status) just sent. paho closes its socket right after writing
+        DISCONNECT; an acknowledgement still unread then makes that close a TCP reset, and a broker that had
+        not yet read the DISCONNECT loses it with the reset and publishes our will as well: a second death.
+        """
         self.closed.set()
-        await disconnect(self.client)
+        sent = self._last_sent
+        try:
+            if settle_s > 0 and sent is not None and not self._gone:
+                deadline = self.loop.time() + settle_s
+                while not sent.is_published() and not self._gone and self.loop.time() < deadline:
+                    await asyncio.sleep(0.01)
+        finally:  # cancelled meanwhile (a stop insisting): DISCONNECT all the same
+            await disconnect(self.client)
