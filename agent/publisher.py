@@ -304,16 +304,7 @@ class Publisher:
                 await self._session(link)
             finally:
                 if not link.closed.is_set():
-                    # Stopping: say so (the will is only for unexpected loss).
-                    if self.edge is not None:
-                        death = self.edge.death()
-                        link.publish(death.topic, death.payload, qos=death.qos)
-                    else:
-                        link.publish(
-                            f"{self.topic_root}/status",
-                            json.dumps(dict(self.birth(), state="offline")).encode(),
-                            retain=True,
-                        )
+                    self._last_word(link)  # stopping
                 self._link = None
                 self._inflight.clear()
                 self._accepting.clear()
@@ -478,6 +469,19 @@ class Publisher:
             for device, doc in self.meta().items():
                 link.publish(f"{self.topic_root}/meta/{device}", json.dumps(doc).encode(), retain=True)
 
+    def _last_word(self, link: Link) -> None:
+        """A session we end ourselves says so: NDEATH, or the offline status (the will is for an unexpected loss).
+
+        ``run()`` closes the link with ``LAST_WORD_SETTLE_S``: the broker acknowledges this first.
+        """
+        if self.edge is not None:
+            death = self.edge.death()
+            link.publish(death.topic, death.payload, qos=death.qos)
+        else:
+            link.publish(
+                f"{self.topic_root}/status", json.dumps(dict(self.birth(), state="offline")).encode(), retain=True
+            )
+
     def switch_broker(self, settings: BrokerSettings, *, why: str) -> None:
         """Connect to another broker: the current connection ends (cleanly), the next one dials ``settings``."""
         self.settings = settings
@@ -486,6 +490,7 @@ class Publisher:
         link = self._link
         if link is not None and not link.closed.is_set():
             self.last_error = f"switching to {settings.describe()} ({why})"
+            self._last_word(link)  # the old broker's subscribers see us leave, not a will
             link.closed.set()
         self._wake.set()
 
@@ -616,8 +621,7 @@ class Publisher:
                 "primary host offline: ending the session until it is back",
                 extra=fields(primary_host=edge.primary_host),
             )
-            death = edge.death()
-            link.publish(death.topic, death.payload, qos=death.qos)
+            self._last_word(link)
             self.last_error = f"primary host {edge.primary_host} offline"
             link.closed.set()  # the session ends; run() disconnects and connects again
             self._wake.set()

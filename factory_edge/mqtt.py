@@ -396,7 +396,9 @@ def check_client_certificate(settings: BrokerSettings) -> None:
         )
 
 
-LAST_WORD_SETTLE_S = 2.0  # a clean stop waits that long at most for its last word's acknowledgement
+# A clean close waits that long at most for its last word's acknowledgement: below the 1 s after which a stop
+# cancels a task again (factory_edge.tasks), and far above a broker's answer on a working connection.
+LAST_WORD_SETTLE_S = 0.5
 
 
 class Connection:
@@ -490,16 +492,19 @@ class Connection:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return None
-        self._last_sent = info
+        if qos > 0:  # acknowledged in order: the newest QoS 1 acknowledgement covers every earlier one
+            self._last_sent = info
         return info
 
     async def close(self, *, settle_s: float = 0.0) -> None:
         """Disconnect cleanly (no will message; the broker keeps a persistent session) and stop paho's thread.
 
-        ``settle_s``: first wait (that long at most) for the broker to acknowledge the newest publish, such as
+        ``settle_s``: first wait (that long at most) for the broker to acknowledge the newest QoS 1 publish, such as
         a last word (NDEATH, an offline status) just sent. paho closes its socket right after writing
         DISCONNECT; an acknowledgement still unread then makes that close a TCP reset, and a broker that had
         not yet read the DISCONNECT loses it with the reset and publishes our will as well: a second death.
+        (A message the broker sends us in that last moment can still cause it; the bridge's will equals the
+        STATE it says on leaving, the agent receives little.)
         """
         self.closed.set()
         sent = self._last_sent

@@ -363,7 +363,9 @@ def test_status_history_past_the_retention_is_removed_but_each_gateways_newest_s
     ]
 
 
-async def test_the_retention_task_stops_when_cancelled_as_its_wake_arrives(tmp_path: Path) -> None:
+async def test_the_retention_task_stops_when_cancelled_as_its_wake_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A plan change wakes the upkeep job; a bridge stopping in that same moment must still stop it. (Python
     3.11's ``asyncio.wait_for`` returned the wake instead of the cancellation, the job carried on and the
     bridge's stop waited for ever.)"""
@@ -373,18 +375,22 @@ async def test_the_retention_task_stops_when_cancelled_as_its_wake_arrives(tmp_p
 
     tenant = unique_tenant("wake")
     config = validate_config({"storage": {"path": str(tmp_path)}, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
-    runs: list[int | None] = []
+    done = threading.Event()
+    run_once = retention.run_once
 
-    def days() -> int | None:
-        runs.append(7)
-        return 7
+    def recorded(*args: Any) -> int | None:
+        try:
+            return run_once(*args)
+        finally:
+            done.set()
 
+    monkeypatch.setattr(retention, "run_once", recorded)
     wake = asyncio.Event()
-    task = asyncio.create_task(retention.run(config.storage, tenant, days, interval_s=3600, wake=wake))
-    deadline = time.monotonic() + 10
-    while not runs and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.5)  # the first run done: waiting for the next
+    task = asyncio.create_task(retention.run(config.storage, tenant, lambda: 7, interval_s=3600, wake=wake))
+    assert await asyncio.to_thread(done.wait, 10), "the first upkeep run never finished"
+    for _ in range(20):  # the task takes the run's result and waits for its wake
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
     wake.set()
     task.cancel()
     await asyncio.wait([task], timeout=5)

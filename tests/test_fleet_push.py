@@ -241,9 +241,11 @@ async def test_a_push_to_an_unreachable_broker_rolls_back_by_itself(
             await asyncio.to_thread(wait, lambda: online(seen) and seen.tags() >= {"r0"}, 15, "first points")
             wrong = agent_config(pki_acme, broker_acme, port, tags=5)
             wrong["mqtt"]["url"] = f"mqtts://{pki_acme.host}:{free_port()}"
-            pushed = time.monotonic()
+            pushed, before = time.monotonic(), len(seen.statuses())
             seen.push(2, wrong)
             await asyncio.to_thread(wait, lambda: seen.events("rolled_back"), 20, "the rollback")
+            # Leaving for the pushed broker, the gateway said so on this one (a clean DISCONNECT sends no will).
+            assert "offline" in [s["state"] for s in seen.statuses()[before:]]
             took = time.monotonic() - pushed
             assert took < 3 + 5, took  # the deadline, then back on the old broker
             event = seen.events("rolled_back")[0]
