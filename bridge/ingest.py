@@ -50,6 +50,7 @@ from .storage import DataRejected, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RATE_SLICE_S = 0.5  # an over-rate tenant's wait re-reads its bucket this often
 STATS_EVERY_S = 60.0
 _DATA_TOPIC = re.compile(r"^gw/([^/]+)/data/[^/]+$")
 
@@ -172,7 +173,6 @@ class Ingest:
         delay = bucket.delay_s()
         if delay <= 0:
             return
-        self.stats.delayed_s += delay
         if time.monotonic() - self._rate_logged_at >= STATS_EVERY_S:
             self._rate_logged_at = time.monotonic()
             log.warning(
@@ -185,7 +185,12 @@ class Ingest:
                 ),
             )
             self._rate_logged_points, self._rate_logged_s = self.stats.delayed_points, self.stats.delayed_s
-        await asyncio.sleep(delay)
+        # In slices: a plan changed meanwhile (a higher rate, or none) shortens the wait at once.
+        while delay > 0:
+            step = min(delay, RATE_SLICE_S)
+            await asyncio.sleep(step)
+            self.stats.delayed_s += step
+            delay = bucket.delay_s()
 
     async def _resume(self) -> None:
         """Alert states, the newest reading of every series and the webhook outbox, from the store."""

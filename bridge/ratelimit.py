@@ -87,8 +87,10 @@ class TokenBucket:
     def window(self, max_messages: int) -> int:
         """Messages to take in the next window: what the bucket holds (at most one second of the rate), or about
         ``WINDOW_S`` of the rate when it is empty; never every queued message at once once the debt is paid."""
-        if self._rate is None or not self._messages:
+        if self._rate is None:
             return max_messages
+        if not self._messages:
+            return 1  # nothing known yet of the points per message: one, to learn it (a backlog is not one debt)
         per_message = max(1.0, self._points / self._messages)
         allowed = max(self._refill(), self._rate * WINDOW_S)
         return max(1, min(max_messages, int(allowed / per_message)))

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from factory_edge.errors import StorageError
 from factory_edge.logs import fields
@@ -26,6 +27,11 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 3600.0
 DAY_MS = 86_400_000
+CLOCK_SLACK_MS = 3_600_000  # the newest receipt is known to the hour
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def run_once(storage: StorageConfig, tenant: str, retention_days: int | None, now_ms: int) -> int | None:
@@ -35,6 +41,16 @@ def run_once(storage: StorageConfig, tenant: str, retention_days: int | None, no
     try:
         store.maintain(now_ms)
         if retention_days is None:
+            return None
+        newest = store.newest_receipt_hour()
+        if newest is not None and now_ms < newest - CLOCK_SLACK_MS:
+            # A clock gone back (an RTC reset, NTP not yet synced) would date every stored reading "ahead" of
+            # now, and the retention would remove them all: remove nothing until the clock is right.
+            log.error(
+                "retention skipped: this host's clock is behind the data it has received; nothing is removed "
+                "until the clock is right (check NTP: timedatectl)",
+                extra=fields(tenant=tenant, now=_iso(now_ms), newest_received_in_hour=_iso(newest)),
+            )
             return None
         before, after = now_ms - retention_days * DAY_MS, now_ms + retention_days * DAY_MS
         started = time.monotonic()

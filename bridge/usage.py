@@ -44,6 +44,7 @@ from .storage import make_store
 
 log = logging.getLogger(__name__)
 
+MAX_SINCE_S = 36_500 * 86_400  # a hundred years: more is a typo
 DEFAULT_PORT = 9108
 METRICS = (
     ("points", "factory_edge_usage_points_total", "Readings stored"),
@@ -83,7 +84,7 @@ def add_parser(commands: Any) -> None:
     )
     _common(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    s.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     s.add_argument(
         "--token-file",
         metavar="FILE",
@@ -125,6 +126,17 @@ def read_usage(
         store.close()
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0-65535 (0: any free one; argparse prints the error in one line)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
+
+
 def run(args: argparse.Namespace) -> int:
     config = _config(args)
     tenants = [config.tenant(args.tenant)] if args.tenant else config.tenants
@@ -132,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         window_s = parse_duration(args.since)
     except ValueError as exc:
         raise ConfigError(f"--since: {exc}") from None
+    if window_s > MAX_SINCE_S:
+        raise ConfigError(f"--since: {args.since} is more than {MAX_SINCE_S // 86400}d")
     since_ms = int((time.time() - window_s) * 1000)
     if args.thresholds:
         return _thresholds(config, tenants, since_ms, as_json=args.json)

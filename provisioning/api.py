@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from factory_edge import __version__
 from factory_edge.configfile import format_location
@@ -257,11 +257,13 @@ class PlanRequest(BaseModel):
     """Limits to change; a limit not given stays as it is."""
 
     model_config = ConfigDict(extra="forbid")
-    gateways: int | str | None = Field(default=None, description="active gateways allowed, or 'none'")
-    technicians: int | str | None = Field(default=None, description="technicians with a valid certificate, or 'none'")
-    points_per_s: int | str | None = Field(default=None, description="ingest rate the bridge allows, or 'none'")
-    retention_days: int | str | None = Field(default=None, description="days of data kept, or 'none'")
-    message_size: int | str | None = Field(
+    gateways: StrictInt | str | None = Field(default=None, description="active gateways allowed, or 'none'")
+    technicians: StrictInt | str | None = Field(
+        default=None, description="technicians with a valid certificate, or 'none'"
+    )
+    points_per_s: StrictInt | str | None = Field(default=None, description="ingest rate the bridge allows, or 'none'")
+    retention_days: StrictInt | str | None = Field(default=None, description="days of data kept, or 'none'")
+    message_size: StrictInt | str | None = Field(
         default=None, description="largest MQTT packet in bytes or a size like '256KiB'; 'none': the default"
     )
 

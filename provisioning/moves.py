@@ -283,11 +283,44 @@ def move_storage(data: DataDir, name: str, storage: str) -> StorageMove:
                 f"tenant {name} is on the bridge's own storage, which the bridge cannot copy from by placement: "
                 "register that database with 'provisioning storage add' and place new tenants there"
             )
+        previous = tenant.storage_previous
+        if previous is not None and target.name != previous:
+            # A move not yet copied, moved on again: the bridges would copy from the server the data never
+            # reached, and the tenant would start afresh on the third one with its history left behind.
+            landed = _move_landed(placement.get_storage(registry, tenant.storage).dsn, name)
+            if landed is not True:
+                why = "not copied yet" if landed is False else f"not known to be copied ({landed})"
+                raise ProvisioningError(
+                    f"tenant {name}: its move from storage server {previous} to {tenant.storage} is {why}; "
+                    f"wait until the bridges log 'tenant storage moved; ingest resumed', or move it back with "
+                    f"--storage {previous}"
+                )
         with registry.transaction():
             registry.place_tenant_storage(name, storage=target.name, previous=tenant.storage)
             render_proxy(data, registry)
     log.info("tenant storage moved", extra=fields(tenant=name, old=tenant.storage, new=target.name))
     return StorageMove(name, tenant.storage, target.name)
+
+
+def _move_landed(dsn: str, tenant: str) -> bool | str:
+    """True when the tenant's last storage move was copied onto the server at ``dsn`` (the bridge marks it there
+    in its ``bridge_move`` table, bridge/storage/move.py); False when not; why not when the server cannot be
+    asked."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
+            row = conn.execute(
+                sql.SQL("SELECT direction FROM {} ORDER BY id DESC LIMIT 1").format(
+                    sql.Identifier(tenant, "bridge_move")
+                )
+            ).fetchone()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        return False
+    except psycopg.Error as exc:
+        return f"cannot ask the server: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    return row is not None and row[0] == "in"
 
 
 def describe(tenant: Tenant) -> str:

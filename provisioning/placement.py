@@ -23,6 +23,7 @@ Moving a tenant is ``provisioning.moves``.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,6 +70,13 @@ def check_address(address: str) -> str:
     return address
 
 
+def _masked(dsn: str) -> str:
+    """``dsn`` fit to print: a password in it (key=value or URL form) replaced by ***."""
+    dsn = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn, flags=re.IGNORECASE)
+    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn, flags=re.IGNORECASE)
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+
+
 def check_dsn(dsn: str) -> str:
     """A PostgreSQL connection string the bridge can use, without a password (it is written to tenants.json)."""
     from psycopg import conninfo
@@ -76,14 +84,15 @@ def check_dsn(dsn: str) -> str:
     try:
         parts = conninfo.conninfo_to_dict(dsn)
     except Exception as exc:  # psycopg.ProgrammingError: the one place this library is called
-        raise ProvisioningError(f"--dsn {dsn!r} is not a PostgreSQL connection string: {exc}") from None
+        reason = _masked(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise ProvisioningError(f"--dsn {_masked(dsn)!r} is not a PostgreSQL connection string: {reason}") from None
     if parts.get("password"):
         raise ProvisioningError(
             "--dsn carries a password, which would be written to tenants.json: give the bridge's user "
             "a ~/.pgpass (or PGPASSFILE) entry instead"
         )
     if not parts.get("dbname"):
-        raise ProvisioningError(f"--dsn {dsn!r} names no database (postgresql://user@host:5432/DBNAME)")
+        raise ProvisioningError(f"--dsn {_masked(dsn)!r} names no database (postgresql://user@host:5432/DBNAME)")
     return dsn
 
 

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MIN_MESSAGE_SIZE = 1024  # below this, a gateway's status or a small batch would not fit
 MAX_MESSAGE_SIZE = 268_435_455  # MQTT's largest remaining length
+# The largest of each count: beyond them a value is a typo (and would overflow the registry's integers).
+HIGHEST = {"gateways": 10_000_000, "technicians": 1_000_000, "points_per_s": 1_000_000_000, "retention_days": 36_500}
 NONE = "none"  # what the command line and the API take to remove a limit
 
 
@@ -96,13 +98,16 @@ def parse_limit(field: str, value: Any) -> int | None:
                 f"{option}: {size} bytes is not within {MIN_MESSAGE_SIZE}..{MAX_MESSAGE_SIZE} (1KiB..256MiB)"
             )
         return size
-    try:
-        number = int(str(value).strip()) if not isinstance(value, int) else value
-    except ValueError:
-        raise ProvisioningError(f"{option}: expected a whole number or 'none', got {value!r}") from None
-    lowest = 0 if field in ("gateways", "technicians") else 1
-    if number < lowest:
-        raise ProvisioningError(f"{option}: must be at least {lowest}, got {number}")
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, int):
+        number = value
+    elif text is not None and text.isascii() and text.isdigit():  # not "1_000", "٣" or "1e3"
+        number = int(text)
+    else:
+        raise ProvisioningError(f"{option}: expected a whole number or 'none', got {value!r}")
+    lowest, highest = (0 if field in ("gateways", "technicians") else 1), HIGHEST[field]
+    if not lowest <= number <= highest:
+        raise ProvisioningError(f"{option}: must be within {lowest}..{highest:,}, got {number:,}")
     return number
 
 

@@ -399,3 +399,37 @@ async def test_the_retention_task_stops_when_cancelled_as_its_wake_arrives(
         task.cancel()
         await asyncio.wait([task], timeout=5)
     assert stopped, "the upkeep job carried on after it was cancelled"
+
+
+def test_a_clock_gone_back_removes_nothing_and_says_why(
+    tmp_path: Path, backend: StoreView, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bridge host whose clock went back 40 days (an RTC reset, NTP not yet synced) saw every stored reading
+    as dated more than the 30-day retention ahead, and removed them all. The store knows the hour it last
+    received data in: a clock behind it removes nothing, and the log says why."""
+    from bridge import retention
+    from bridge.metering import hourly
+
+    tenant, now = unique_tenant("clock"), now_ms()
+    if backend.dsn:
+        request.getfixturevalue("pg_schemas").append(tenant)
+    config = validate_config({"storage": backend.storage, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
+    store: Store = PostgresStore(backend.dsn, tenant) if backend.dsn else SqliteStore(backend.directory, tenant)
+    store.open()
+    try:
+        batches = [
+            DataBatch(GW, "press-1", seq, [(GW, "press-1", "temp", now - seq * 3_600_000, 1.0, "good", None, seq)], now)
+            for seq in range(1, 48)
+        ]
+        with store.transaction() as tx:
+            tx.insert_points(tx.claim_batches(batches))
+            tx.record_usage(hourly(batches))
+    finally:
+        store.close()
+    assert retention.run_once(config.storage, tenant, 30, now - 40 * DAY_MS) is None
+    assert backend.rows(tenant, "SELECT count(*) FROM {points}") == [(47,)]
+    skipped = [r for r in caplog.records if r.getMessage().startswith("retention skipped")]
+    assert skipped and "clock is behind" in skipped[0].getMessage()
+    # The clock right again: the readings are within the retention and stay.
+    retention.run_once(config.storage, tenant, 30, now)
+    assert backend.rows(tenant, "SELECT count(*) FROM {points}") == [(47,)]

@@ -185,6 +185,12 @@ def test_usage_before_any_data_and_bad_options(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().err.strip() == "Error: --since: expected a duration like 500ms, 1s or 5m, got 'soon'"
     assert main(["usage"]) == 2
     assert "--config: required" in capsys.readouterr().err
+    assert main(["usage", "--config", str(config), "--since", "99999999d"]) == 2  # was a traceback
+    assert capsys.readouterr().err.strip() == "Error: --since: 99999999d is more than 36500d"
+    with pytest.raises(SystemExit) as stopped:  # argparse: a one-line usage error, exit 2 (was an OverflowError)
+        main(["usage", "serve", "--config", str(config), "--port", "99999"])
+    assert stopped.value.code == 2
+    assert "argument --port: 99999 is not a port (0-65535)" in capsys.readouterr().err
 
 
 def test_thresholds_are_pure_sums_of_hours() -> None:

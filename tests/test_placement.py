@@ -16,7 +16,10 @@ from provisioning import registry as registry_module
 from provisioning.cli import main
 from provisioning.layout import DataDir
 from provisioning.registry import Registry
+from tests.bridge_fixtures import pg_dsn, pg_schemas, unique_tenant
 from tests.provisioning_fixtures import registry_dump
+
+__all__ = ["pg_dsn", "pg_schemas"]  # fixtures used here
 
 DSN = "postgresql://bridge@db1.example.com:5432/factory"
 
@@ -248,3 +251,47 @@ def test_a_registry_from_before_placement_keeps_its_tenants_on_the_local_host(
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT broker_host FROM tenants").fetchall() == [("local",)]
     conn.close()
+
+
+def test_a_move_not_yet_copied_cannot_be_moved_on_to_a_third_server(
+    data: Path, capsys: pytest.CaptureFixture[str], pg_dsn: str, pg_schemas: list[str]
+) -> None:
+    """pg1 -> pg2, then pg2 -> pg3 before any bridge copied the first: the bridges would have copied from pg2,
+    which the data never reached, and the tenant would have started afresh on pg3 with its history left on
+    pg1, without an error. Provisioning asks pg2 whether the first move landed there."""
+    import psycopg
+    from psycopg import sql
+
+    tenant = unique_tenant("chain")
+    pg_schemas.append(tenant)
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN)[0] == 0
+    assert run(capsys, data, "storage", "add", "pg2", "--dsn", pg_dsn)[0] == 0
+    assert run(capsys, data, "storage", "add", "pg3", "--dsn", "postgresql://bridge@db3:5432/factory")[0] == 0
+    assert run(capsys, data, "tenant", "create", tenant, "--domain", "test", "--storage", "pg1")[0] == 0
+    assert run(capsys, data, "tenant", "move", tenant, "--storage", "pg2")[0] == 0
+    before = index(data)[tenant]
+    code, out, err = run(capsys, data, "tenant", "move", tenant, "--storage", "pg3")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: tenant {tenant}: its move from storage server pg1 to pg2 is not copied yet; wait until the "
+        "bridges log 'tenant storage moved; ingest resumed', or move it back with --storage pg1\n"
+    )
+    assert index(data)[tenant] == before
+    # Once a bridge has copied it (its mark on pg2), the tenant moves on, from pg2.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tenant)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (id bigserial PRIMARY KEY, direction text NOT NULL)").format(
+                sql.Identifier(tenant, "bridge_move")
+            )
+        )
+        conn.execute(sql.SQL("INSERT INTO {} (direction) VALUES ('in')").format(sql.Identifier(tenant, "bridge_move")))
+    assert run(capsys, data, "tenant", "move", tenant, "--storage", "pg3")[0] == 0
+    assert index(data)[tenant]["storage_previous"] == {"backend": "postgres", "dsn": pg_dsn}
+
+
+def test_a_dsn_refused_is_quoted_without_its_password(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for dsn in ("host=127.0.0.1 password=S3cret dbname=test sslmode", "postgresql://u:S3cret@h/db?sslmode=x&y"):
+        code, _, err = run(capsys, data, "storage", "add", "s9", "--dsn", dsn)
+        assert code == 1 and err.startswith("Error: --dsn ") and "not a PostgreSQL connection string" in err
+        assert "S3cret" not in err and "***" in err

@@ -76,7 +76,17 @@ def test_plan_shows_sets_and_removes_limits(dep: Deployment) -> None:
     ("options", "error"),
     [
         (("--gateways", "many"), "Error: --gateways: expected a whole number or 'none', got 'many'"),
-        (("--points-per-s", "0"), "Error: --points-per-s: must be at least 1, got 0"),
+        (("--points-per-s", "0"), "Error: --points-per-s: must be within 1..1,000,000,000, got 0"),
+        (  # a typo: more than the registry's integers hold (it was a traceback)
+            ("--gateways", "99999999999999999999"),
+            "Error: --gateways: must be within 0..10,000,000, got 99,999,999,999,999,999,999",
+        ),
+        (  # every hourly retention run failed with an OverflowError
+            ("--retention-days", "9999999999999"),
+            "Error: --retention-days: must be within 1..36,500, got 9,999,999,999,999",
+        ),
+        (("--retention-days", "\u0663"), "Error: --retention-days: expected a whole number or 'none', got '\u0663'"),
+        (("--gateways", "1_000"), "Error: --gateways: expected a whole number or 'none', got '1_000'"),
         (("--message-size", "10"), "Error: --message-size: 10 bytes is not within 1024..268435455 (1KiB..256MiB)"),
         (
             ("--message-size", "big"),
@@ -186,7 +196,9 @@ def test_plan_through_the_api_takes_a_token_for_every_tenant(dep: Deployment) ->
     }
     assert "max_packet_size 65536" in (dep.data / "tenants" / "planb" / "mosquitto.conf").read_text()
     answer = call("PUT", every, {"gateways": -1})
-    assert (answer.status_code, answer.json()) == (422, {"detail": "--gateways: must be at least 0, got -1"})
+    assert (answer.status_code, answer.json()) == (422, {"detail": "--gateways: must be within 0..10,000,000, got -1"})
+    assert call("PUT", every, {"gateways": 1e20}).status_code == 422  # was a 500
+    assert call("PUT", every, {"gateways": True}).status_code == 422  # was taken as 1
     call("PUT", every, {"gateways": "none", "message_size": None})
     assert call("PUT", every, {"message_size": "none"}).json()["limits"]["message_size"] is None
 

@@ -191,7 +191,7 @@ def test_token_bucket_delays_by_the_debt_and_cuts_windows_while_over() -> None:
 
     now = [0.0]
     bucket = TokenBucket(1000, clock=lambda: now[0])
-    assert (bucket.over(800), bucket.window(1000)) == (0, 1000)  # a second's worth is there at once
+    assert (bucket.over(800), bucket.window(1000)) == (0, 1)  # nothing known of the message size: one, to learn it
     bucket.take(800, 8)
     assert bucket.over(500) == 300  # 200 tokens left: 300 of 500 would be above the rate
     bucket.take(500, 5)
@@ -246,3 +246,47 @@ async def test_a_plan_change_in_tenants_json_reaches_the_running_bridge(tmp_path
         (data / "tenants.json").write_text(json.dumps({"tenants": [entry]}))
         await wait_for(lambda: bridge.tenants[0].bucket.rate is None, timeout_s=10)
         bridge.stop()
+
+
+def test_a_backlog_met_at_start_is_taken_a_message_at_first_not_as_one_debt() -> None:
+    """The first window after a start took Receive Maximum messages whatever their size: a backlog of 1,000
+    batches of 500 points against 100 points/s became one debt of 4,999 s (83 minutes without ingest)."""
+    from bridge.ratelimit import TokenBucket
+
+    now = [0.0]
+    bucket = TokenBucket(100, clock=lambda: now[0])
+    assert bucket.window(1000) == 1
+    bucket.take(500, 1)
+    assert bucket.delay_s() == pytest.approx(4.0)  # 400 points above the 100 the bucket held
+    now[0] = 4.0
+    assert bucket.window(1000) == 1  # 500 points a message: one at a time at this rate
+
+
+async def test_a_plan_raised_while_a_tenant_waits_shortens_its_wait_at_once() -> None:
+    """An over-rate tenant's wait is re-read from its bucket: a plan raised (or lifted) meanwhile ends it."""
+    import asyncio
+
+    from bridge.ingest import Ingest
+    from bridge.ratelimit import TokenBucket
+
+    bucket = TokenBucket(10)
+    ingest = Ingest(
+        tenant="t",
+        store=None,  # type: ignore[arg-type]  # only the rate limit is exercised
+        consumer=None,  # type: ignore[arg-type]
+        router=None,  # type: ignore[arg-type]
+        engine=None,
+        store_data=True,
+        max_messages=10,
+        bucket=bucket,
+    )
+    bucket.take(1000, 1)  # about 99 s of debt at 10 points/s
+    started = time.monotonic()
+    waiting = asyncio.create_task(ingest._keep_rate(bucket))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    bucket.rate = 1_000_000
+    await asyncio.wait([waiting], timeout=5)
+    assert waiting.done(), "the wait went on with the old plan's debt"
+    assert time.monotonic() - started < 2
+    ingest._thread.shutdown()

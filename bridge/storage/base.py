@@ -150,6 +150,11 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def newest_receipt_hour(self) -> int | None:
+        """The hour (start, epoch ms, by the bridge's clock) in which the newest data batch stored was received,
+        from the metering table (its key leads with the hour); None before any."""
+
+    @abc.abstractmethod
     def expire_received(self, before_ms: int) -> int:
         """Remove the dead letters, events and status rows the bridge received before ``before_ms`` (by the
         bridge's clock; each gateway's newest status, and newest naming a version, stay), in bounded

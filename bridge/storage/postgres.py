@@ -533,6 +533,17 @@ class PostgresStore(Store):
                 first += 1000
         return removed
 
+    def newest_receipt_hour(self) -> int | None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            row = conn.execute(
+                sql.SQL("SELECT max(hour) FROM {}").format(sql.Identifier(self.tenant, "usage_hourly"))
+            ).fetchone()
+        except psycopg.Error as exc:
+            raise StorageError(f"{self.where}: retention: {_first_line(exc)}") from exc
+        return None if row is None or row[0] is None else int(row[0])
+
     def expire_received(self, before_ms: int) -> int:
         conn = self._conn
         assert conn is not None

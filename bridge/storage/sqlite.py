@@ -323,6 +323,15 @@ class SqliteStore(Store):
             raise StorageError(f"{self.path}: retention: {exc}") from exc
         return removed
 
+    def newest_receipt_hour(self) -> int | None:
+        if self._db is None:
+            raise StorageError(f"{self.path}: not open")
+        try:
+            newest: int | None = self._db.execute("SELECT max(hour) FROM usage_hourly").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: retention: {exc}") from exc
+        return newest
+
     def expire_received(self, before_ms: int) -> int:
         if self._db is None:
             raise StorageError(f"{self.path}: not open")
