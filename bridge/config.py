@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import pydantic
@@ -30,6 +30,24 @@ INSTANCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,56}$"  # identity bridge.<inst
 GROUP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a topic level: no '/', '+', '#'
 DEFAULT_STORAGE_PATH = "/var/lib/factory-edge/bridge"
 DEFAULT_GROUP = "bridge"
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_N = TypeVar("_N", bound=_Named)
+
+
+def _named_once(items: list[_N], what: str) -> list[_N]:
+    """``items`` when no two share a name; else the ValueError pydantic reports."""
+    seen: set[str] = set()
+    for item in items:
+        if item.name in seen:
+            raise ValueError(f"{what} name {item.name!r} is used twice")
+        seen.add(item.name)
+    return items
 
 
 class StorageConfig(Model):
@@ -82,12 +100,7 @@ class AlertsConfig(Model):
     @field_validator("rules")
     @classmethod
     def _unique(cls, rules: list[AlertRule]) -> list[AlertRule]:
-        seen: set[str] = set()
-        for rule in rules:
-            if rule.name in seen:
-                raise ValueError(f"rule name {rule.name!r} is used twice")
-            seen.add(rule.name)
-        return rules
+        return _named_once(rules, "rule")
 
 
 class IdentityFiles(Model):
@@ -241,12 +254,7 @@ class UsageConfig(Model):
     @field_validator("thresholds")
     @classmethod
     def _unique(cls, rules: list[ThresholdRule]) -> list[ThresholdRule]:
-        seen: set[str] = set()
-        for rule in rules:
-            if rule.name in seen:
-                raise ValueError(f"threshold name {rule.name!r} is used twice")
-            seen.add(rule.name)
-        return rules
+        return _named_once(rules, "threshold")
 
 
 class BridgeConfig(Model):

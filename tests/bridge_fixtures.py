@@ -287,6 +287,14 @@ def pg_schemas(pg_dsn: str) -> Iterator[list[str]]:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreView:
+    """Each test twice: on SQLite, and on PostgreSQL (``pg_dsn``, skipped loudly when unreachable)."""
+    if request.param == "postgres":
+        return StoreView("postgres", tmp_path, request.getfixturevalue("pg_dsn"))
+    return StoreView("sqlite", tmp_path / "data")
+
+
 def unique_tenant(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)}"
 

@@ -21,6 +21,7 @@ from tests.bridge_fixtures import (
     Gateway,
     MappingBroker,
     StoreView,
+    backend,
     batch,
     now_ms,
     pg_dsn,
@@ -32,16 +33,9 @@ from tests.bridge_fixtures import (
 )
 from tests.infra import Mosquitto, TenantPki
 
-__all__ = ["pg_dsn", "pg_schemas"]  # fixtures used here
+__all__ = ["backend", "pg_dsn", "pg_schemas"]  # fixtures used here
 
 GW = "gw-01"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreView:
-    if request.param == "postgres":
-        return StoreView("postgres", tmp_path, request.getfixturevalue("pg_dsn"))
-    return StoreView("sqlite", tmp_path / "data")
 
 
 @pytest.fixture

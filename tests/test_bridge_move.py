@@ -73,6 +73,26 @@ def own_session(bridge: BridgeProcess) -> bool:
     return any(e.get("client_id") == f"bridge.{bridge.instance}" for e in logged(bridge, "connected to tenant broker"))
 
 
+def following_config(path: Path, provisioning_data: Path, tmp_path: Path) -> Path:
+    """A bridge following ``provisioning_data``'s tenants.json, with a mapping and an alert rule (their tables and
+    state move with the tenant)."""
+    return write_config(
+        path,
+        tenants=[],
+        storage={"backend": "sqlite", "path": str(tmp_path / "unused")},
+        tenants_from=str(provisioning_data),
+        mappings=[
+            {
+                "topic": "plant/{line}/counter",
+                "table": "counters",
+                "fields": {"count": "$.count"},
+                "key": ["line", "count"],
+            }
+        ],
+        alerts={"rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 1e12}]},
+    )
+
+
 @pytest.mark.timeout(240)
 def test_a_tenant_moved_to_another_server_during_a_stream_loses_and_doubles_nothing(
     tmp_path: Path, pg_dsn: str, pg_schemas: list[str], second_server: PgServer
@@ -86,40 +106,12 @@ def test_a_tenant_moved_to_another_server_during_a_stream_loses_and_doubles_noth
     data.mkdir()
     entry = tenant_entry(pki, broker, storage=s1.storage)
     provision(data, [entry])
-    config = write_config(
-        tmp_path / "bridge.yaml",
-        tenants=[],
-        storage={"backend": "sqlite", "path": str(tmp_path / "unused")},
-        tenants_from=str(data),
-        mappings=[
-            {
-                "topic": "plant/{line}/counter",
-                "table": "counters",
-                "fields": {"count": "$.count"},
-                "key": ["line", "count"],
-            }
-        ],
-        alerts={"rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 1e12}]},
-    )
+    config = following_config(tmp_path / "bridge.yaml", data, tmp_path)
     # A third instance reads its own copy of tenants.json, which reaches it late (a host synced by hand).
     late_data = tmp_path / "provisioning-late"
     late_data.mkdir()
     provision(late_data, [entry])
-    late_config = write_config(
-        tmp_path / "bridge-late.yaml",
-        tenants=[],
-        storage={"backend": "sqlite", "path": str(tmp_path / "unused")},
-        tenants_from=str(late_data),
-        mappings=[
-            {
-                "topic": "plant/{line}/counter",
-                "table": "counters",
-                "fields": {"count": "$.count"},
-                "key": ["line", "count"],
-            }
-        ],
-        alerts={"rules": [{"name": "hot", "device": "press-*", "tag": "t1", "above": 1e12}]},
-    )
+    late_config = following_config(tmp_path / "bridge-late.yaml", late_data, tmp_path)
     one = BridgeProcess(config, instance="one").start()
     two = BridgeProcess(config, instance="two").start()
     late = BridgeProcess(late_config, instance="t0").start()

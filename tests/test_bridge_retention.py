@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bridge.config import validate_config
+from bridge.config import BridgeConfig, validate_config
 from bridge.messages import DataBatch
 from bridge.storage.base import Store
 from bridge.storage.postgres import DAY_MS, PostgresStore
@@ -21,6 +21,7 @@ from tests.bridge_fixtures import (
     BridgeProcess,
     Gateway,
     StoreView,
+    backend,
     batch,
     now_ms,
     pg_dsn,
@@ -34,7 +35,7 @@ from tests.bridge_fixtures import (
 )
 from tests.infra import Mosquitto, TenantPki
 
-__all__ = ["pg_dsn", "pg_schemas"]  # fixtures used here
+__all__ = ["backend", "pg_dsn", "pg_schemas"]  # fixtures used here
 
 GW = "gw-01"
 
@@ -123,11 +124,14 @@ def test_sqlite_keeps_numbering_readings_after_everything_expired(tmp_path: Path
     ]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreView:
-    if request.param == "postgres":
-        return StoreView("postgres", tmp_path, request.getfixturevalue("pg_dsn"))
-    return StoreView("sqlite", tmp_path / "data")
+def upkeep_store(tenant: str, backend: StoreView, request: pytest.FixtureRequest) -> tuple[BridgeConfig, Store]:
+    """A bridge config with ``tenant`` alone on ``backend``, and the tenant's store there (not yet open); its
+    PostgreSQL schema is dropped after the test."""
+    if backend.dsn:
+        request.getfixturevalue("pg_schemas").append(tenant)
+    config = validate_config({"storage": backend.storage, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
+    store: Store = PostgresStore(backend.dsn, tenant) if backend.dsn else SqliteStore(backend.directory, tenant)
+    return config, store
 
 
 @pytest.fixture
@@ -271,10 +275,7 @@ def test_readings_dated_beyond_the_retention_ahead_do_not_dodge_it(
     from bridge import retention
 
     tenant, now = unique_tenant("ahead"), now_ms()
-    if backend.dsn:
-        request.getfixturevalue("pg_schemas").append(tenant)
-    config = validate_config({"storage": backend.storage, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
-    store: Store = PostgresStore(backend.dsn, tenant) if backend.dsn else SqliteStore(backend.directory, tenant)
+    config, store = upkeep_store(tenant, backend, request)
     store.open()
     try:
         year_2100 = 4_102_444_800_000
@@ -300,10 +301,7 @@ def test_dead_letters_and_events_past_the_retention_are_removed_too(
     from bridge.messages import DeadLetter, EventRow
 
     tenant, now = unique_tenant("junk"), now_ms()
-    if backend.dsn:
-        request.getfixturevalue("pg_schemas").append(tenant)
-    config = validate_config({"storage": backend.storage, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
-    store: Store = PostgresStore(backend.dsn, tenant) if backend.dsn else SqliteStore(backend.directory, tenant)
+    config, store = upkeep_store(tenant, backend, request)
     store.open()
     try:
         with store.transaction() as tx:
@@ -336,10 +334,7 @@ def test_status_history_past_the_retention_is_removed_but_each_gateways_newest_s
     from bridge.messages import StatusRow
 
     tenant, now = unique_tenant("stat"), now_ms()
-    if backend.dsn:
-        request.getfixturevalue("pg_schemas").append(tenant)
-    config = validate_config({"storage": backend.storage, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
-    store: Store = PostgresStore(backend.dsn, tenant) if backend.dsn else SqliteStore(backend.directory, tenant)
+    config, store = upkeep_store(tenant, backend, request)
     store.open()
     old = now - 20 * DAY_MS
     try:
@@ -411,10 +406,7 @@ def test_a_clock_gone_back_removes_nothing_and_says_why(
     from bridge.metering import hourly
 
     tenant, now = unique_tenant("clock"), now_ms()
-    if backend.dsn:
-        request.getfixturevalue("pg_schemas").append(tenant)
-    config = validate_config({"storage": backend.storage, "tenants": [{"name": tenant, "url": "mqtt://x:1"}]})
-    store: Store = PostgresStore(backend.dsn, tenant) if backend.dsn else SqliteStore(backend.directory, tenant)
+    config, store = upkeep_store(tenant, backend, request)
     store.open()
     try:
         batches = [

@@ -27,6 +27,7 @@ from tests.bridge_fixtures import (
     BridgeProcess,
     Gateway,
     StoreView,
+    backend,
     batch,
     pg_dsn,
     pg_schemas,
@@ -38,17 +39,10 @@ from tests.bridge_fixtures import (
 from tests.helpers import ServiceProcess, free_port
 from tests.infra import Mosquitto, TenantPki
 
-__all__ = ["pg_dsn", "pg_schemas"]
+__all__ = ["backend", "pg_dsn", "pg_schemas"]
 
 pytestmark = pytest.mark.timeout(120)
 HOUR = metering.HOUR_MS
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreView:
-    if request.param == "postgres":
-        return StoreView("postgres", tmp_path, request.getfixturevalue("pg_dsn"))
-    return StoreView("sqlite", tmp_path / "data")
 
 
 @pytest.fixture
