@@ -49,8 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_stopping = False
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    global _stopping
+    _stopping = True
     raise KeyboardInterrupt
+
+
+def _cut_lock(exc: RuntimeError) -> bool:
+    """The stop landed inside a lock's wait (queue.get): CPython then fails releasing that lock, and the
+    KeyboardInterrupt becomes "release unlocked lock". That is the stop, not a fault."""
+    return _stopping and "release unlocked lock" in str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             say("Running until Ctrl-C. Alerts show here as they change; the technician command above keeps working.")
             story.follow()
     except KeyboardInterrupt:
+        say()
+        say("Stopping.")
+    except RuntimeError as exc:
+        if not _cut_lock(exc):
+            raise
         say()
         say("Stopping.")
     except (FactoryEdgeError, OSError) as exc:  # OSError: a file or program the demo could not use
