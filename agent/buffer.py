@@ -57,7 +57,7 @@ from drivers.points import Point, now_ms
 from factory_edge.acks import Range
 from factory_edge.errors import BufferError
 
-from .pointjson import Body, bodies
+from .pointjson import Body, bodies, rebatch
 
 Confirm = Literal["storage", "broker"]
 SCHEMA_VERSION = 4
@@ -423,6 +423,26 @@ class Buffer:
             if newest_first is not None and (newest is None or newest_first > newest):
                 newest = newest_first
         return Confirmed(batches, points, newest)
+
+    def split(self, seq: int, *, max_points: int, max_bytes: int, limit: int) -> list[int] | None:
+        """A batch the broker never accepted, too large for its ``limit``: its points again as batches of at
+        most ``max_bytes`` (``pointjson.rebatch``), with new seqs, in its place and with its creation time.
+
+        Returns the new seqs; None if the batch is gone or cannot be made smaller (the caller discards it).
+        """
+        row = self._db.execute(
+            f"SELECT device, created_ms, payload FROM {SOURCE} WHERE seq = ? AND {PENDING}", (seq,)
+        ).fetchone()
+        if row is None:
+            return None
+        device, created_ms, payload = row
+        cut, smaller = rebatch(
+            device, json.loads(payload)["points"], max_points=max_points, max_bytes=max_bytes, limit=limit
+        )
+        if not smaller:
+            return None
+        self._delete("seq = ?", (seq,))
+        return self.insert(cut, created_ms)
 
     def discard(self, seq: int, reason: str) -> Drop | None:
         """A batch that can never be delivered (e.g. larger than the broker accepts): dropped and counted."""

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from drivers.points import Point
 
@@ -73,16 +74,50 @@ def bodies(
     device: str, points: Sequence[Point], tags: dict[str, str], *, max_points: int, max_bytes: int
 ) -> list[Body]:
     """Points as batch bodies, cut by ``max_points`` and ``max_bytes``."""
+    return _cut(device, (point_json(point, tags) for point in points), max_points=max_points, max_bytes=max_bytes)
+
+
+def rebatch(
+    device: str, points: Sequence[dict[str, Any]], *, max_points: int, max_bytes: int, limit: int
+) -> tuple[list[Body], bool]:
+    """A buffered batch's points (as decoded from its payload) cut again, to fit a broker's ``limit``.
+
+    Each body is at most ``max_bytes``: a point larger than that on its own becomes a bad point of the same
+    tag and time that says why (as a text over ``MAX_TEXT_BYTES`` does). Returns the bodies and whether
+    anything was cut or replaced (False: the batch cannot be made smaller).
+    """
+    replaced = False
+
+    def parts() -> Iterator[str]:
+        nonlocal replaced
+        for point in points:
+            part = json.dumps(point, ensure_ascii=False, separators=(",", ":"))
+            size = len(part.encode("utf-8"))
+            if size > max_bytes:
+                replaced = True
+                why = f"reading of {size} bytes does not fit the broker's max_packet_size of {limit} bytes"
+                part = json.dumps(
+                    {"tag": point.get("tag"), "ts": point.get("ts"), "v": None, "q": "bad", "err": why},
+                    ensure_ascii=False,
+                    separators=(",", ":"),
+                )
+            yield part
+
+    out = _cut(device, parts(), max_points=max_points, max_bytes=max_bytes)
+    return out, replaced or len(out) > 1
+
+
+def _cut(device: str, encoded: Iterable[str], *, max_points: int, max_bytes: int) -> list[Body]:
     out = []
     parts: list[str] = []
     size = 0
-    for point in points:
-        part = point_json(point, tags)
-        if parts and (len(parts) >= max_points or size + len(part) + 1 > max_bytes):
+    for part in encoded:
+        length = len(part) if part.isascii() else len(part.encode("utf-8"))  # bytes, as the broker counts them
+        if parts and (len(parts) >= max_points or size + length + 1 > max_bytes):
             out.append((device, len(parts), ",".join(parts)))
             parts, size = [], 0
         parts.append(part)
-        size += len(part) + 1
+        size += length + 1
     if parts:
         out.append((device, len(parts), ",".join(parts)))
     return out

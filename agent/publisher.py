@@ -40,7 +40,7 @@ from factory_edge.acks import ack_topic, decode_acks
 from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
-from factory_edge.mqtt import CLOSED_BY_BROKER, LAST_WORD_SETTLE_S, BrokerSettings
+from factory_edge.mqtt import CLOSED_BY_BROKER, LAST_WORD_SETTLE_S, BrokerSettings, packet_size
 from factory_edge.sparkplug.payload import PayloadError
 
 from .buffer import Batch
@@ -284,6 +284,7 @@ class Publisher:
                     "this can also be a broker restarting within a second)"
                 )
             self._closed_by_broker, self._attempts = False, 0
+            self.writer.fit_packets(link.max_packet_size)  # batches written from now on fit this broker
             self._backoff.reset()
             self.last_error = None
             self.state = ConnectionState.CONNECTED
@@ -513,13 +514,19 @@ class Publisher:
     def _publish(self, link: Link, batch: Batch, *, old: bool = False) -> bool:
         again = batch.accepted_ms is not None
         limit = link.max_packet_size
-        if limit is not None and len(batch.payload) + 200 > limit:
-            # The broker would end the connection on it, again and again: it can never be delivered.
-            log.error(
-                "batch larger than the broker accepts: dropped",
-                extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit),
-            )
-            self.writer.discard(batch.seq, "too_large")
+        if limit is not None and packet_size(f"{self.topic_root}/data/{batch.device}", batch.payload) > limit:
+            # The broker would end the connection on it, again and again (measured as the JSON batch, before a
+            # Sparkplug form takes a seq number). Buffered before this broker's limit was known (or under a
+            # larger one): the writer cuts it into batches that fit. One it accepted before cannot be cut (the
+            # store may hold it already under its seq): it is given up, counted.
+            if again:
+                log.error(
+                    "batch larger than the broker accepts: dropped",
+                    extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit),
+                )
+                self.writer.discard(batch.seq, "too_large")
+            else:
+                self.writer.split(batch.seq, limit)
             self._accepting.add(batch.seq)  # not offered again while the writer deletes it
             return True
         topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1

@@ -36,12 +36,14 @@ from typing import Any
 from drivers.points import Point, now_ms
 from factory_edge.acks import Range
 from factory_edge.logs import fields
+from factory_edge.mqtt import PACKET_HEADROOM
 
 from .buffer import Buffer, Confirmed, Drop, needed_bytes, wal_limit
 
 log = logging.getLogger(__name__)
 
 MAX_HELD_EVENTS = 1000  # events kept in memory while the disk is full
+MIN_BATCH_BYTES = 256  # of points in a batch, however small the broker's packets (its limit is 1 KiB at least)
 DROP_MESSAGES = {
     "full": "buffer full: dropped oldest points",
     "released": "buffer full: released batches the broker holds (no longer kept to be sent again)",
@@ -89,13 +91,14 @@ class _Ops:
     events_done: list[int] = field(default_factory=list)
     forget_before: int | None = None
     discards: list[tuple[int, str]] = field(default_factory=list)  # seq, reason
+    splits: list[tuple[int, int]] = field(default_factory=list)  # seq, the broker's max_packet_size
     queue_drops: list[int] = field(default_factory=lambda: [0, 0])  # points, submits
 
     def deletions(self) -> bool:
         return bool(self.confirmed or self.events_done or self.forget_before is not None or self.discards)
 
     def bookkeeping(self) -> bool:
-        return bool(self.accepted) or self.deletions()
+        return bool(self.accepted or self.splits) or self.deletions()
 
     def empty(self) -> bool:
         return not (self.adds or self.events or self.bookkeeping() or self.queue_drops[0])
@@ -117,6 +120,7 @@ class BufferWriter:
         self.buffer = buffer
         self.max_points = max_points
         self.max_batch_bytes = max_batch_bytes
+        self.packet_limit: int | None = None  # the broker's Maximum Packet Size, from the latest CONNACK
         self.queue_points = queue_points
         # Never less than the WAL's share: it must be able to grow to record deletions on a full disk.
         self.min_free_bytes = max(min_free_bytes, wal_limit(buffer.max_bytes))
@@ -174,6 +178,20 @@ class BufferWriter:
     def discard(self, seq: int, reason: str) -> None:
         """A batch that can never be delivered: dropped, counted under ``reason``."""
         self._put(lambda ops: ops.discards.append((seq, reason)))
+
+    def fit_packets(self, max_packet_size: int | None) -> None:
+        """The broker's Maximum Packet Size (None: none said): batches written from now on fit in it."""
+        self.packet_limit = max_packet_size
+
+    def split(self, seq: int, max_packet_size: int) -> None:
+        """A batch buffered before the broker's limit was known, too large for it: cut into batches that fit."""
+        self._put(lambda ops: ops.splits.append((seq, max_packet_size)))
+
+    def batch_bytes(self, limit: int | None) -> int:
+        """Bytes of points a batch may hold: ``publish.max_bytes``, less if the broker takes less."""
+        if limit is None:
+            return self.max_batch_bytes
+        return min(self.max_batch_bytes, max(MIN_BATCH_BYTES, limit - PACKET_HEADROOM))
 
     def forget_accepted(self, before_ms: int) -> None:
         def put(ops: _Ops) -> None:
@@ -272,10 +290,18 @@ class BufferWriter:
         ):
             # Only a saving lost: those batches count as never sent, and are sent once more.
             log.debug("acceptances not recorded", extra=fields(batches=len(ops.accepted)))
+        if ops.splits:
+            split = self._transaction(lambda: self._splits(ops, commit), "cannot split batches")
+            if split is None:
+                with self._cond:
+                    self._ops.splits[:0] = ops.splits
+            else:
+                self._log_splits(split)
         buffer = self.buffer
         encoded, self._retry = self._retry, []
+        max_bytes = self.batch_bytes(self.packet_limit)
         for device, points, n in ops.adds:
-            bodies = buffer.encode(device, points, max_points=self.max_points, max_bytes=self.max_batch_bytes)
+            bodies = buffer.encode(device, points, max_points=self.max_points, max_bytes=max_bytes)
             encoded.append((n, bodies, needed_bytes(bodies)))
         events = self._held_events + ops.events
         self._held_events = []
@@ -306,6 +332,35 @@ class BufferWriter:
         buffer.delete_events(ops.events_done)
         commit.events_done = list(ops.events_done)
         commit.accepted += [seq for seq, _ in ops.discards]  # no longer anyone's to record
+
+    def _splits(self, ops: _Ops, commit: Commit) -> list[tuple[int, int, list[int] | Drop | None]]:
+        done: list[tuple[int, int, list[int] | Drop | None]] = []
+        for seq, limit in ops.splits:
+            seqs = self.buffer.split(seq, max_points=self.max_points, max_bytes=self.batch_bytes(limit), limit=limit)
+            if seqs is None:  # as small as it gets (or gone): it can never be delivered
+                drop = self.buffer.discard(seq, "too_large")
+                done.append((seq, limit, drop))
+                if drop:
+                    commit.drops.append(drop)
+            else:
+                done.append((seq, limit, seqs))
+                commit.seqs += seqs
+        commit.accepted += [seq for seq, _ in ops.splits]  # no longer anyone's to send
+        return done
+
+    @staticmethod
+    def _log_splits(done: list[tuple[int, int, list[int] | Drop | None]]) -> None:
+        for seq, limit, outcome in done:
+            if isinstance(outcome, list):
+                log.warning(
+                    "batch larger than the broker accepts: split",
+                    extra=fields(seq=seq, max_packet_size=limit, batches=len(outcome), seq_from=outcome[0]),
+                )
+            elif outcome is not None:
+                log.error(
+                    "batch larger than the broker accepts: dropped",
+                    extra=fields(seq=seq, max_packet_size=limit, points=outcome.points),
+                )
 
     def _acceptances(self, ops: _Ops, commit: Commit) -> None:
         by_time: dict[int, list[int]] = {}

@@ -15,6 +15,7 @@ builds its own session on it: the agent's ``agent.mqtt.Link``, the bridge's
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from paho.mqtt.properties import Properties
 
 from .certdates import read_cert_dates
 from .errors import ConfigError, PublishError
+from .logs import fields
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -396,9 +400,19 @@ def check_client_certificate(settings: BrokerSettings) -> None:
         )
 
 
+PACKET_HEADROOM = 1024
+"""Bytes of a PUBLISH that are not its payload's own, kept free below a broker's Maximum Packet Size: the fixed
+header, the topic, the properties and a data batch's envelope (gateway, device, seq) around its points."""
 # A clean close waits that long at most for its last word's acknowledgement: below the 1 s after which a stop
 # cancels a task again (factory_edge.tasks), and far above a broker's answer on a working connection.
 LAST_WORD_SETTLE_S = 0.5
+
+
+def packet_size(topic: str, payload: bytes, properties: Properties | None = None) -> int:
+    """Bytes of the PUBLISH packet for this message with a packet id (QoS 1), as a broker counts its maximum."""
+    props = len(properties.pack()) if properties is not None else 1
+    body = 2 + len(topic.encode("utf-8")) + 2 + props + len(payload)
+    return 1 + (1 if body < 128 else 2 if body < 16_384 else 3 if body < 2_097_152 else 4) + body
 
 
 class Connection:
@@ -428,6 +442,7 @@ class Connection:
         self._last_sent: paho.MQTTMessageInfo | None = None  # the newest publish, for a settled close
         self._gone = False  # the TCP connection ended
         self.max_packet_size: int | None = None
+        self._too_large: set[str] = set()  # topics of messages not sent for their size (logged once)
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -488,7 +503,22 @@ class Connection:
     def _publish(
         self, topic: str, payload: bytes, *, qos: int, retain: bool, properties: Properties | None = None
     ) -> paho.MQTTMessageInfo | None:
-        """Queue a publish (thread-safe in paho); None if the connection is gone."""
+        """Queue a publish (thread-safe in paho); None if the connection is gone or the message too large.
+
+        A message larger than the broker's Maximum Packet Size is not sent (the broker would end the
+        connection on it, and every other message with it): logged, once per topic and connection.
+        """
+        limit = self.max_packet_size
+        if limit is not None:
+            size = packet_size(topic, payload, properties)
+            if size > limit:
+                if topic not in self._too_large:
+                    self._too_large.add(topic)
+                    log.error(
+                        "message larger than the broker accepts: not sent",
+                        extra=fields(topic=topic, bytes=size, max_packet_size=limit),
+                    )
+                return None
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return None

@@ -32,6 +32,7 @@ import yaml
 from factory_edge import names
 from factory_edge.configfile import parse_yaml
 from factory_edge.errors import ConfigError, FactoryEdgeError, ProvisioningError
+from factory_edge.mqtt import PACKET_HEADROOM
 from provisioning.brokers import AdminLink, sni_context
 from provisioning.errors import Invalid, NotFound
 from provisioning.layout import DataDir
@@ -73,9 +74,6 @@ class StoredConfig:
         if with_yaml:
             doc["yaml"] = self.yaml
         return doc
-
-
-PACKET_HEADROOM = 1024  # topic, properties (correlation, response topic) and header of the push's PUBLISH
 
 
 def push_size(text: str) -> int:

@@ -206,6 +206,7 @@ class Mosquitto(_Process):
         super().__init__(conf_dir)
         self.pki = pki
         self.port = port or free_port()
+        self.max_packet_size = render.MAX_PACKET_SIZE  # read at start: change it, then stop() and start()
         self.conf_file = self.dir / "mosquitto.conf"
         self.acl_file = self.dir / "acl"
         self.data_dir = self.dir / "data"
@@ -232,6 +233,7 @@ class Mosquitto(_Process):
                 aclfile=str(self.acl_file),
                 persistence_dir=str(self.data_dir),
                 user=pwd.getpwuid(os.geteuid()).pw_name,
+                max_packet_size=self.max_packet_size,
             )
         )
         self.acl_file.write_text(render.mosquitto_acl(technicians=self.pki.technicians, bridges=self.pki.bridges))

@@ -334,6 +334,43 @@ async def test_one_reading_larger_than_the_brokers_packet_limit_does_not_stall_t
     assert buffered < 20, f"{buffered} batches still waiting after 15 s"
 
 
+def test_batches_larger_than_a_small_packet_limit_are_split_and_every_reading_is_stored(
+    tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto
+) -> None:
+    """A tenant on a plan with a small message size (here 4 KiB: Mosquitto's ``max_packet_size``) and a
+    machine of 300 registers: one poll is a batch of about 12 KB. The gateway buffered its first polls
+    before it ever reached the broker (it did not know the limit yet), and cuts what it buffers later to the
+    limit it learnt at CONNACK. Not one reading may be dropped for being in too big a batch."""
+    view = StoreView("sqlite", tmp_path / "store")
+    broker_acme.stop()
+    broker_acme.max_packet_size = 4096
+    with Plant(tmp_path / "plant", units=(1,), bulk=300) as plant:
+        config = agent_config(pki_acme, broker_acme.port, plant)
+        agent = AgentProcess(tmp_path / "agent", config).start()
+        try:
+            wait_until(lambda: agent.status().get("buffer", {}).get("batches", 0) >= 5, timeout_s=20)
+            broker_acme.start()  # the first batches were cut for no particular broker: ~12 KB each
+            with BridgeProcess(bridge_config(tmp_path, pki_acme, broker_acme, view)) as bridge:
+                bridge.wait_connected()
+                time.sleep(4)
+                finish(plant, agent)
+        finally:
+            agent.stop()
+        status = agent.status()
+        report = check_exactly_once(plant, view, pki_acme.tenant)
+        bulk = view.rows(pki_acme.tenant, "SELECT count(*) FROM {points} WHERE tag LIKE 'b%' AND quality = 'good'")
+    splits = [e for e in agent.logs() if e.get("msg") == "batch larger than the broker accepts: split"]
+    print(f"4 KiB packets, 300 registers: {report}, bulk readings stored {bulk[0][0]}, {len(splits)} batches split")
+    assert status["buffer"]["dropped_points"] == 0, status["buffer"]
+    assert splits and all(e["max_packet_size"] == 4096 for e in splits)
+    # The device's retained meta (300 tags, ~20 KB) cannot be cut: it is not sent, and says so, rather than
+    # have the broker end the connection on it again and again.
+    assert not [e for e in agent.logs() if e.get("msg") == "connection to broker lost"]
+    refused = [e for e in agent.logs() if e.get("msg") == "message larger than the broker accepts: not sent"]
+    assert [e["topic"] for e in refused] == [f"gw/{GW}/meta/m1"]
+    assert bulk[0][0] == plant.points_served() - report["served"]
+
+
 async def test_a_string_with_a_nul_character_does_not_keep_the_devices_other_readings_out_of_the_store(
     tmp_path: Path, pki_acme: TenantPki, broker_acme: Mosquitto, plant: Plant
 ) -> None:

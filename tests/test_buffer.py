@@ -60,6 +60,41 @@ def test_bad_points_and_non_finite_numbers(tmp_path: Path) -> None:
     ]
 
 
+def test_a_batch_too_large_for_the_broker_is_split_into_batches_that_fit_keeping_every_point(tmp_path: Path) -> None:
+    """Buffered before the broker's limit was known: cut again under new seqs, in its place, every point kept
+    (multi-byte text counted in bytes); a point too large on its own becomes a bad point saying why; a batch
+    that cannot be made smaller is left to the caller; one the broker accepted is not cut."""
+    big = Point("d", "recipe", 1_732_280_000_999, "R" * 3000)
+    wide = [Point("d", f"t{i}", 1_732_280_000_000 + i, "é" * 40) for i in range(100)]
+    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8) as buf:
+        (seq,), _ = buf.add("d", [*wide, big], max_points=500, max_bytes=10**6)
+        (lone,), _ = buf.add("d", points("d", 1), max_points=500, max_bytes=10**6)
+        (taken,), _ = buf.add("d", points("d", 100), max_points=500, max_bytes=10**6)
+        buf.mark_accepted([taken], 1)
+        with buf.transaction():
+            new = buf.split(seq, max_points=500, max_bytes=1024, limit=2048)
+            assert buf.split(lone, max_points=500, max_bytes=1024, limit=2048) is None
+            assert buf.split(taken, max_points=500, max_bytes=1024, limit=2048) is None
+        assert new is not None and len(new) > 1 and min(new) > taken
+        assert buf.figures().pending_points == 101 + 1
+    reader = BufferReader(tmp_path / "b.db")
+    batches = {b.seq: b for b in reader.pending(0, 1000)}
+    assert seq not in batches and lone in batches
+    docs = [json.loads(batches[s].payload) for s in new]
+    assert all(len(batches[s].payload) <= 1024 + 100 for s in new)
+    got = [p for d in docs for p in d["points"]]
+    assert [p["tag"] for p in got] == [f"t{i}" for i in range(100)] + ["recipe"]
+    assert got[0] == {"tag": "t0", "ts": 1_732_280_000_000, "v": "é" * 40, "q": "good"}
+    assert got[-1] == {
+        "tag": "recipe",
+        "ts": 1_732_280_000_999,
+        "v": None,
+        "q": "bad",
+        "err": "reading of 3053 bytes does not fit the broker's max_packet_size of 2048 bytes",
+    }
+    assert [d["seq"] for d in docs] == new and all(d["gw"] == "gw-01" and d["dev"] == "d" for d in docs)
+
+
 def test_seq_keeps_increasing_across_restarts_and_confirmations(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
     with Buffer(path, gateway="gw-01", max_bytes=10**8) as buf:
