@@ -146,20 +146,26 @@ async def test_overview_shows_the_agents_backlog_after_an_outage_and_the_tags_un
                 broker_acme.stop()
                 await asyncio.sleep(1.5)
                 broker_acme.start()
+                # (A restarted Mosquitto may publish the previous connection's will, restored with its session,
+                # after the new connection's status: "offline" until the next status, REPUBLISH_S later.)
                 behind = await poll(
-                    row, lambda r: r["buffer_ts"] > outage and r["backlog_batches"] > 0, timeout_s=15, what="a backlog"
-                )
-                assert behind["state"] == "online" and behind["oldest_backlog_ts"] is not None
-                assert behind["oldest_backlog_ts"] < outage + 1000 < behind["buffer_ts"]  # buffered in the outage
-                # Drained, and said so within the republish interval (not sooner: the figures move all along).
-                drained = await poll(
                     row,
-                    lambda r: r["buffer_ts"] > behind["buffer_ts"] and r["backlog_batches"] == 0,
-                    timeout_s=REPUBLISH_S + 8,
-                    what="the drained backlog",
+                    lambda r: r["buffer_ts"] > outage and r["backlog_batches"] > 0 and r["state"] == "online",
+                    timeout_s=15 + REPUBLISH_S,
+                    what="a backlog",
                 )
+                assert behind["oldest_backlog_ts"] is not None
+                assert behind["oldest_backlog_ts"] < outage + 1000 < behind["buffer_ts"]  # buffered in the outage
+
+                # Drained, and said so within the republish interval (not sooner: the figures move all along).
+                # A live batch of the moment may be on its way to the broker as the figures are taken.
+                def drained_since(r: dict[str, Any]) -> bool:
+                    live = r["oldest_backlog_ts"] is None or r["oldest_backlog_ts"] > r["buffer_ts"] - 1000
+                    return bool(r["buffer_ts"] > behind["buffer_ts"] and r["backlog_batches"] <= 1 and live)
+
+                drained = await poll(row, drained_since, timeout_s=REPUBLISH_S + 8, what="the drained backlog")
                 assert drained["buffer_ts"] - behind["buffer_ts"] >= REPUBLISH_S * 1000
-                assert drained["oldest_backlog_ts"] is None and drained["since"] == behind["since"]
+                assert drained["since"] == behind["since"]
                 assert drained["unconfirmed_batches"] < 10  # the bridge confirms as it stores
             docs = [d for d in watch.docs(f"gw/{GW}/status") if d["state"] == "online"]
     finally:
