@@ -74,7 +74,7 @@ def bodies(
     device: str, points: Sequence[Point], tags: dict[str, str], *, max_points: int, max_bytes: int
 ) -> list[Body]:
     """Points as batch bodies, cut by ``max_points`` and ``max_bytes``."""
-    return _cut(device, (point_json(point, tags) for point in points), max_points=max_points, max_bytes=max_bytes)
+    return _cut(device, [point_json(point, tags) for point in points], max_points=max_points, max_bytes=max_bytes)
 
 
 def rebatch(
