@@ -199,6 +199,7 @@ class Buffer:
         self.max_age_s = max_age_s
         self.confirm = confirm
         self._head = json.dumps(gateway)
+        self._gateway = gateway
         self._tags: dict[str, str] = {}
         self._next_seq = 1
         self.committed_next_seq = 1  # what readers can see: batches below it are on disk
@@ -436,8 +437,17 @@ class Buffer:
         if row is None:
             return None
         device, created_ms, payload = row
+        # A reading that fits alone, in a batch of its own, stays a reading: the envelope, the topic and the
+        # packet's header are what a batch of one adds to it (its seq taken at 20 digits).
+        envelope = len(f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":{10**19},"points":[]}}'.encode())
+        topic = len(f"gw/{self._gateway}/data/{device}".encode())
         cut, smaller = rebatch(
-            device, json.loads(payload)["points"], max_points=max_points, max_bytes=max_bytes, limit=limit
+            device,
+            json.loads(payload)["points"],
+            max_points=max_points,
+            max_bytes=max_bytes,
+            alone=limit - envelope - topic - 16,
+            limit=limit,
         )
         if not smaller:
             return None

@@ -78,13 +78,14 @@ def bodies(
 
 
 def rebatch(
-    device: str, points: Sequence[dict[str, Any]], *, max_points: int, max_bytes: int, limit: int
+    device: str, points: Sequence[dict[str, Any]], *, max_points: int, max_bytes: int, alone: int, limit: int
 ) -> tuple[list[Body], bool]:
     """A buffered batch's points (as decoded from its payload) cut again, to fit a broker's ``limit``.
 
-    Each body is at most ``max_bytes``: a point larger than that on its own becomes a bad point of the same
-    tag and time that says why (as a text over ``MAX_TEXT_BYTES`` does). Returns the bodies and whether
-    anything was cut or replaced (False: the batch cannot be made smaller).
+    Each body is at most ``max_bytes``, or a single point of at most ``alone`` bytes (what a batch of one
+    point can hold within ``limit``). A point larger than that becomes a bad point of the same tag and time
+    that says why (as a text over ``MAX_TEXT_BYTES`` does). Returns the bodies and whether anything was cut
+    or replaced (False: the batch cannot be made smaller).
     """
     replaced = False
 
@@ -93,7 +94,7 @@ def rebatch(
         for point in points:
             part = json.dumps(point, ensure_ascii=False, separators=(",", ":"))
             size = len(part.encode("utf-8"))
-            if size > max_bytes:
+            if size > alone:
                 replaced = True
                 why = f"reading of {size} bytes does not fit the broker's max_packet_size of {limit} bytes"
                 part = json.dumps(

@@ -178,6 +178,7 @@ class Publisher:
         self._clock = SteadyClock()
         self._inflight: dict[int, tuple[str, int, int]] = {}  # mid -> (kind, seq or event id, points)
         self._accepting: set[int] = set()  # batches PUBACKed, not yet recorded by the writer
+        self._unanswered: set[int] = set()  # batches sent on a connection that ended before their PUBACK
         self._events_done: set[int] = set()  # events PUBACKed, not yet deleted by the writer
         self._acked: list[int] = []
         self._acked_events: list[int] = []
@@ -307,6 +308,8 @@ class Publisher:
                 if not link.closed.is_set():
                     self._last_word(link)  # stopping
                 self._link = None
+                # Sent on this connection, never acknowledged: the broker may hold them, or may not.
+                self._unanswered.update(i for kind, i, _ in self._inflight.values() if kind in ("batch", "resend"))
                 self._inflight.clear()
                 self._accepting.clear()
                 self._events_done.clear()
@@ -443,7 +446,7 @@ class Publisher:
         assert edge is not None
         if self._rebirth and edge.host_online:
             self._rebirth = False
-            for message in edge.births():
+            for message in edge.births(link.fits):
                 link.publish(message.topic, message.payload, qos=message.qos)
             log.info(
                 "Sparkplug births published",
@@ -504,9 +507,10 @@ class Publisher:
         """Sparkplug mode: a device's birth or death, on the live connection."""
         if self.edge is None:
             return
-        message = self.edge.device_state(device, up)
-        if message is not None and self._link is not None and not self._link.closed.is_set():
-            self._link.publish(message.topic, message.payload, qos=message.qos)
+        link = self._link
+        message = self.edge.device_state(device, up) if link is None else self.edge.device_state(device, up, link.fits)
+        if message is not None and link is not None and not link.closed.is_set():
+            link.publish(message.topic, message.payload, qos=message.qos)
 
     def _busy_seqs(self) -> set[int]:
         return {ident for kind, ident, _ in self._inflight.values() if kind in ("batch", "resend")} | self._accepting
@@ -517,16 +521,19 @@ class Publisher:
         if limit is not None and packet_size(f"{self.topic_root}/data/{batch.device}", batch.payload) > limit:
             # The broker would end the connection on it, again and again (measured as the JSON batch, before a
             # Sparkplug form takes a seq number). Buffered before this broker's limit was known (or under a
-            # larger one): the writer cuts it into batches that fit. One it accepted before cannot be cut (the
-            # store may hold it already under its seq): it is given up, counted.
-            if again:
+            # larger one): the writer cuts it into batches that fit. One a broker accepted, or may have received
+            # (sent, then the connection ended before its PUBACK), cannot be cut: the store may hold it under its
+            # seq, and its parts would be stored a second time. It is given up: counted as lost (too_large), or
+            # in broker mode, where the broker's acceptance is the delivery, as released to it.
+            if again or batch.seq in self._unanswered:
+                reason = "released" if again and not self.policy.storage else "too_large"
                 log.error(
                     "batch larger than the broker accepts: dropped",
-                    extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit),
+                    extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit, counted_as=reason),
                 )
-                self.writer.discard(batch.seq, "too_large")
+                self.writer.discard(batch.seq, reason)
             else:
-                self.writer.split(batch.seq, limit)
+                self.writer.split(batch.seq, limit, len(batch.payload))
             self._accepting.add(batch.seq)  # not offered again while the writer deletes it
             return True
         topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1
@@ -541,6 +548,7 @@ class Publisher:
         mid = link.publish(topic, payload, qos=qos)
         if mid is None:
             return False
+        self._unanswered.discard(batch.seq)
         self._inflight[mid] = ("resend" if again else "batch", batch.seq, batch.points)
         if again:
             if self.policy.storage:
@@ -586,10 +594,20 @@ class Publisher:
             | self._refused_events
             | self._events_done
         )
+        topic = f"{self.topic_root}/events"
         for event_id, payload in self.reader.pending_events(10 + len(skip)):
             if event_id in skip:
                 continue
-            mid = link.publish(f"{self.topic_root}/events", payload)
+            if not link.fits(topic, payload):
+                # It can never be delivered, and must not hold the events after it back.
+                log.error(
+                    "event larger than the broker accepts: dropped",
+                    extra=fields(event_id=event_id, bytes=len(payload), max_packet_size=link.max_packet_size),
+                )
+                self._events_done.add(event_id)
+                self.writer.events_published([event_id])
+                continue
+            mid = link.publish(topic, payload)
             if mid is None:
                 return
             self._inflight[mid] = ("event", event_id, 0)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,13 @@ from factory_edge.sparkplug.topics import MessageType, Topic, parse_state, state
 log = logging.getLogger(__name__)
 
 BD_SEQ_FILE = "sparkplug-bdseq"
+Fits = Callable[[str, bytes], bool]  # whether the broker takes a message (topic, payload)
+
+
+def _always(topic: str, payload: bytes) -> bool:
+    return True
+
+
 REBIRTH = "Node Control/Rebirth"
 QUALITY = {"good": 192, "uncertain": 64, "bad": 0}
 TYPES = {
@@ -131,6 +138,7 @@ class EdgeNode:
         self.host_online = primary_host is None
         self.born = False
         self.devices_up: set[str] = set()
+        self.unborn: set[str] = set()  # up, but their DBIRTH is larger than the broker takes: data goes as JSON
         self._latest: dict[tuple[str, str], tuple[Any, int, str, str | None]] = {}  # value, ts, quality, error
         self.configure(devices)
 
@@ -172,8 +180,12 @@ class EdgeNode:
         payload = Payload(metrics=[Metric("bdSeq", DataType.INT64, self.bd_seq)], timestamp=_now())
         return Message(self.topic(MessageType.NDEATH), encode(payload), qos=1)
 
-    def births(self) -> list[Message]:
-        """NBIRTH and a DBIRTH for every device that answers: seq restarts at 0."""
+    def births(self, fits: Fits = _always) -> list[Message]:
+        """NBIRTH and a DBIRTH for every device that answers: seq restarts at 0.
+
+        A DBIRTH that ``fits`` says the broker would refuse (its Maximum Packet Size) is left out, without
+        taking a seq number: that device stays unborn this session, its readings go to the store as JSON.
+        """
         self._seq = 0
         now = _now()
         node = Payload(
@@ -187,9 +199,29 @@ class EdgeNode:
             uuid=BIRTH_UUID,
         )
         self.born = True
+        self.unborn.clear()
         out = [Message(self.topic(MessageType.NBIRTH), encode(node))]
-        out += [self.device_birth(name) for name in self.devices if name in self.devices_up]
+        for name in self.devices:
+            if name in self.devices_up:
+                birth = self._device_birth_fitting(name, fits)
+                if birth is not None:
+                    out.append(birth)
         return out
+
+    def _device_birth_fitting(self, device: str, fits: Fits) -> Message | None:
+        seq = self._seq
+        birth = self.device_birth(device)
+        if fits(birth.topic, birth.payload):
+            self.unborn.discard(device)
+            return birth
+        self._seq = seq  # not sent: no gap in the seq numbers the host counts
+        if device not in self.unborn:
+            self.unborn.add(device)
+            log.error(
+                "Sparkplug DBIRTH larger than the broker accepts: the device's readings go as JSON",
+                extra=fields(device=device, bytes=len(birth.payload), tags=len(self.devices[device].tags)),
+            )
+        return None
 
     def device_birth(self, device: str) -> Message:
         metrics = []
@@ -206,7 +238,7 @@ class EdgeNode:
         payload = Payload(metrics=[], timestamp=_now(), seq=self._next_seq())
         return Message(self.topic(MessageType.DDEATH, device), encode(payload))
 
-    def device_state(self, device: str, up: bool) -> Message | None:
+    def device_state(self, device: str, up: bool, fits: Fits = _always) -> Message | None:
         """A device came up or went down: its birth or death, when the node is born (else nothing yet)."""
         if device not in self.devices:
             return None
@@ -214,13 +246,18 @@ class EdgeNode:
         (self.devices_up.add if up else self.devices_up.discard)(device)
         if not (changed and self.born):
             return None
-        return self.device_birth(device) if up else self.device_death(device)
+        if up:
+            return self._device_birth_fitting(device, fits)
+        if device in self.unborn:  # never born: nothing to end
+            self.unborn.discard(device)
+            return None
+        return self.device_death(device)
 
     def alive(self, device: str) -> bool:
         """Whether DDATA of the device may be published: born in this session and not dead since. The readings
         of a dead device (its read failures, a backlog from before its death) go to the store as JSON batches:
         after a DDEATH, the Sparkplug namespace has nothing of the device until its next DBIRTH."""
-        return self.born and device in self.devices_up
+        return self.born and device in self.devices_up and device not in self.unborn
 
     # ---------------------------------------------------------------- data
 

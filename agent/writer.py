@@ -91,7 +91,7 @@ class _Ops:
     events_done: list[int] = field(default_factory=list)
     forget_before: int | None = None
     discards: list[tuple[int, str]] = field(default_factory=list)  # seq, reason
-    splits: list[tuple[int, int]] = field(default_factory=list)  # seq, the broker's max_packet_size
+    splits: list[tuple[int, int, int]] = field(default_factory=list)  # seq, the broker's max_packet_size, bytes
     queue_drops: list[int] = field(default_factory=lambda: [0, 0])  # points, submits
 
     def deletions(self) -> bool:
@@ -183,9 +183,9 @@ class BufferWriter:
         """The broker's Maximum Packet Size (None: none said): batches written from now on fit in it."""
         self.packet_limit = max_packet_size
 
-    def split(self, seq: int, max_packet_size: int) -> None:
+    def split(self, seq: int, max_packet_size: int, size: int) -> None:
         """A batch buffered before the broker's limit was known, too large for it: cut into batches that fit."""
-        self._put(lambda ops: ops.splits.append((seq, max_packet_size)))
+        self._put(lambda ops: ops.splits.append((seq, max_packet_size, size)))
 
     def batch_bytes(self, limit: int | None) -> int:
         """Bytes of points a batch may hold: ``publish.max_bytes``, less if the broker takes less."""
@@ -291,12 +291,7 @@ class BufferWriter:
             # Only a saving lost: those batches count as never sent, and are sent once more.
             log.debug("acceptances not recorded", extra=fields(batches=len(ops.accepted)))
         if ops.splits:
-            split = self._transaction(lambda: self._splits(ops, commit), "cannot split batches")
-            if split is None:
-                with self._cond:
-                    self._ops.splits[:0] = ops.splits
-            else:
-                self._log_splits(split)
+            self._split_some(ops, commit)
         buffer = self.buffer
         encoded, self._retry = self._retry, []
         max_bytes = self.batch_bytes(self.packet_limit)
@@ -333,9 +328,31 @@ class BufferWriter:
         commit.events_done = list(ops.events_done)
         commit.accepted += [seq for seq, _ in ops.discards]  # no longer anyone's to record
 
-    def _splits(self, ops: _Ops, commit: Commit) -> list[tuple[int, int, list[int] | Drop | None]]:
+    def _split_some(self, ops: _Ops, commit: Commit) -> None:
+        """As many of the splits asked for as one transaction's share of the WAL holds; the rest come next."""
+        now: list[tuple[int, int, int]] = []
+        later: list[tuple[int, int, int]] = []
+        size = 0
+        for item in ops.splits:
+            # Written twice over (the parts, and the pages the deletion frees), a little larger than before.
+            if now and size + 3 * item[2] > self.buffer.max_transaction_bytes:
+                later.append(item)
+            else:
+                now.append(item)
+                size += 3 * item[2]
+        done = self._transaction(lambda: self._splits(now, commit), "cannot split batches")
+        with self._cond:
+            self._ops.splits[:0] = later if done is not None else now + later
+        if done is None:
+            time.sleep(0.5)  # the database refuses even this: do not spin
+            return
+        self._log_splits(done)
+
+    def _splits(
+        self, items: list[tuple[int, int, int]], commit: Commit
+    ) -> list[tuple[int, int, list[int] | Drop | None]]:
         done: list[tuple[int, int, list[int] | Drop | None]] = []
-        for seq, limit in ops.splits:
+        for seq, limit, _ in items:
             seqs = self.buffer.split(seq, max_points=self.max_points, max_bytes=self.batch_bytes(limit), limit=limit)
             if seqs is None:  # as small as it gets (or gone): it can never be delivered
                 drop = self.buffer.discard(seq, "too_large")
@@ -345,7 +362,8 @@ class BufferWriter:
             else:
                 done.append((seq, limit, seqs))
                 commit.seqs += seqs
-        commit.accepted += [seq for seq, _ in ops.splits]  # no longer anyone's to send
+        commit.drops += self.buffer.check_bounds()  # the parts take a little more room than the batch did
+        commit.accepted += [seq for seq, _, _ in items]  # no longer anyone's to send
         return done
 
     @staticmethod

@@ -500,6 +500,11 @@ class Connection:
             await self.close()
             raise PublishError(refused)
 
+    def fits(self, topic: str, payload: bytes, properties: Properties | None = None) -> bool:
+        """Whether the broker takes this message (its Maximum Packet Size, said at CONNACK)."""
+        limit = self.max_packet_size
+        return limit is None or packet_size(topic, payload, properties) <= limit
+
     def _publish(
         self, topic: str, payload: bytes, *, qos: int, retain: bool, properties: Properties | None = None
     ) -> paho.MQTTMessageInfo | None:
@@ -508,17 +513,16 @@ class Connection:
         A message larger than the broker's Maximum Packet Size is not sent (the broker would end the
         connection on it, and every other message with it): logged, once per topic and connection.
         """
-        limit = self.max_packet_size
-        if limit is not None:
-            size = packet_size(topic, payload, properties)
-            if size > limit:
-                if topic not in self._too_large:
-                    self._too_large.add(topic)
-                    log.error(
-                        "message larger than the broker accepts: not sent",
-                        extra=fields(topic=topic, bytes=size, max_packet_size=limit),
-                    )
-                return None
+        if not self.fits(topic, payload, properties):
+            if topic not in self._too_large:
+                self._too_large.add(topic)
+                log.error(
+                    "message larger than the broker accepts: not sent",
+                    extra=fields(
+                        topic=topic, bytes=packet_size(topic, payload, properties), max_packet_size=self.max_packet_size
+                    ),
+                )
+            return None
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return None

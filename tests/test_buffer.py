@@ -16,6 +16,7 @@ from agent.bufferread import BufferReader, read_stats
 from agent.report import ReportFilter, Rule
 from drivers.config import Deadband, ModbusTcpDevice
 from drivers.points import Point, Quality
+from factory_edge.mqtt import packet_size
 
 MiB = 1024 * 1024
 
@@ -65,9 +66,10 @@ def test_a_batch_too_large_for_the_broker_is_split_into_batches_that_fit_keeping
     (multi-byte text counted in bytes); a point too large on its own becomes a bad point saying why; a batch
     that cannot be made smaller is left to the caller; one the broker accepted is not cut."""
     big = Point("d", "recipe", 1_732_280_000_999, "R" * 3000)
+    alone = Point("d", "note", 1_732_280_000_500, "N" * 1850)  # over max_bytes, but a batch of one fits
     wide = [Point("d", f"t{i}", 1_732_280_000_000 + i, "é" * 40) for i in range(100)]
     with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10**8) as buf:
-        (seq,), _ = buf.add("d", [*wide, big], max_points=500, max_bytes=10**6)
+        (seq,), _ = buf.add("d", [*wide[:50], alone, *wide[50:], big], max_points=500, max_bytes=10**6)
         (lone,), _ = buf.add("d", points("d", 1), max_points=500, max_bytes=10**6)
         (taken,), _ = buf.add("d", points("d", 100), max_points=500, max_bytes=10**6)
         buf.mark_accepted([taken], 1)
@@ -76,14 +78,18 @@ def test_a_batch_too_large_for_the_broker_is_split_into_batches_that_fit_keeping
             assert buf.split(lone, max_points=500, max_bytes=1024, limit=2048) is None
             assert buf.split(taken, max_points=500, max_bytes=1024, limit=2048) is None
         assert new is not None and len(new) > 1 and min(new) > taken
-        assert buf.figures().pending_points == 101 + 1
+        assert buf.figures().pending_points == 102 + 1
     reader = BufferReader(tmp_path / "b.db")
     batches = {b.seq: b for b in reader.pending(0, 1000)}
     assert seq not in batches and lone in batches
     docs = [json.loads(batches[s].payload) for s in new]
-    assert all(len(batches[s].payload) <= 1024 + 100 for s in new)
+    assert all(len(batches[s].payload) <= 1024 + 100 or len(json.loads(batches[s].payload)["points"]) == 1 for s in new)
+    assert all(packet_size("gw/gw-01/data/d", batches[s].payload) <= 2048 for s in new)
     got = [p for d in docs for p in d["points"]]
-    assert [p["tag"] for p in got] == [f"t{i}" for i in range(100)] + ["recipe"]
+    assert [p["tag"] for p in got] == [f"t{i}" for i in range(50)] + ["note"] + [f"t{i}" for i in range(50, 100)] + [
+        "recipe"
+    ]
+    assert got[50]["v"] == "N" * 1850
     assert got[0] == {"tag": "t0", "ts": 1_732_280_000_000, "v": "é" * 40, "q": "good"}
     assert got[-1] == {
         "tag": "recipe",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer import Buffer
+from agent.buffer import Buffer, wal_limit
 from agent.bufferread import BufferReader, read_stats
 from agent.writer import BufferWriter, Commit
 from drivers.points import Point
@@ -180,3 +180,55 @@ def test_deliveries_are_recorded_even_while_readings_cannot_be(tmp_path: Path) -
         assert done.wait(10) and confirmed == [2]
         writer.close()
     assert stored_values(path) == [i * 1000 + t for i in (2, 3) for t in range(100)]
+
+
+def test_a_backlog_cut_for_a_small_broker_is_cut_in_transactions_the_wal_holds(tmp_path: Path) -> None:
+    """Ten minutes of a 300-register machine buffered in an outage (about 12 KB a poll), then a broker that
+    takes 4 KiB: the publisher asks for every batch to be cut at once. The writer cuts them in transactions
+    its WAL's share holds (a full disk must still be able to record deletions), and keeps every reading."""
+    polls = 600
+    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=64 * MiB) as buffer:
+        seqs = [s for i in range(polls) for s in buffer.add("press-1", poll(i, 300), max_points=500, max_bytes=MiB)[0]]
+        buffer._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        sizes = {b.seq: len(b.payload) for b in BufferReader(buffer.path).pending(0, 10**6)}
+        writer = writer_for(buffer)
+        try:
+            with writer._cond:  # asked for in one pass of the publisher, while the writer waits
+                for seq in seqs:
+                    writer.split(seq, 4096, sizes[seq])
+            deadline = time.monotonic() + 60
+            while (writer._busy or writer._ops.splits) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            wal = os.stat(f"{buffer.path}-wal").st_size
+            assert not writer._ops.splits and writer.stats.commits > 10
+            assert wal <= 2 * wal_limit(buffer.max_bytes), f"WAL {wal} bytes, its share {wal_limit(buffer.max_bytes)}"
+        finally:
+            writer.close(5)
+    values = stored_values(tmp_path / "b.db")
+    assert sorted(values) == sorted(i * 1000 + t for i in range(polls) for t in range(300))
+
+
+def test_a_cut_the_database_refuses_is_tried_again_without_spinning(tmp_path: Path) -> None:
+    with Buffer(tmp_path / "b.db", gateway="gw-01", max_bytes=10 * MiB) as buffer:
+        (seq,), _ = buffer.add("press-1", poll(0), max_points=500, max_bytes=MiB)
+        tries = 0
+        real = buffer.split
+
+        def refused(*args: object, **kwargs: object) -> None:  # as SQLite says when the disk is full
+            nonlocal tries
+            tries += 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+        buffer.split = refused  # type: ignore[method-assign]
+        writer = writer_for(buffer)
+        try:
+            writer.split(seq, 1024, 5000)
+            time.sleep(1.2)
+            assert 1 <= tries <= 4, f"{tries} tries in 1.2 s"
+            buffer.split = real  # type: ignore[method-assign]
+            deadline = time.monotonic() + 5
+            while seq in {b.seq for b in BufferReader(buffer.path).pending(0, 100)} and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            writer.close(5)
+    assert sorted(stored_values(tmp_path / "b.db")) == list(range(100))
