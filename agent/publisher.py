@@ -532,6 +532,7 @@ class Publisher:
                     extra=fields(seq=batch.seq, bytes=len(batch.payload), max_packet_size=limit, counted_as=reason),
                 )
                 self.writer.discard(batch.seq, reason)
+                self._unanswered.discard(batch.seq)
             else:
                 self.writer.split(batch.seq, limit, len(batch.payload))
             self._accepting.add(batch.seq)  # not offered again while the writer deletes it

@@ -54,13 +54,6 @@ from factory_edge.sparkplug.topics import MessageType, Topic, parse_state, state
 log = logging.getLogger(__name__)
 
 BD_SEQ_FILE = "sparkplug-bdseq"
-Fits = Callable[[str, bytes], bool]  # whether the broker takes a message (topic, payload)
-
-
-def _always(topic: str, payload: bytes) -> bool:
-    return True
-
-
 REBIRTH = "Node Control/Rebirth"
 QUALITY = {"good": 192, "uncertain": 64, "bad": 0}
 TYPES = {
@@ -75,6 +68,13 @@ TYPES = {
     TagType.FLOAT64: DataType.DOUBLE,
     TagType.STRING: DataType.STRING,
 }
+
+
+Fits = Callable[[str, bytes], bool]  # whether the broker takes a message (topic, payload)
+
+
+def _always(topic: str, payload: bytes) -> bool:
+    return True
 
 
 @dataclass(frozen=True, slots=True)

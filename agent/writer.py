@@ -334,7 +334,7 @@ class BufferWriter:
         later: list[tuple[int, int, int]] = []
         size = 0
         for item in ops.splits:
-            # Written twice over (the parts, and the pages the deletion frees), a little larger than before.
+            # In the WAL: the parts (a little larger than the batch was) and the pages the deletion frees.
             if now and size + 3 * item[2] > self.buffer.max_transaction_bytes:
                 later.append(item)
             else:

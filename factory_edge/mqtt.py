@@ -403,6 +403,7 @@ def check_client_certificate(settings: BrokerSettings) -> None:
 PACKET_HEADROOM = 1024
 """Bytes of a PUBLISH that are not its payload's own, kept free below a broker's Maximum Packet Size: the fixed
 header, the topic, the properties and a data batch's envelope (gateway, device, seq) around its points."""
+
 # A clean close waits that long at most for its last word's acknowledgement: below the 1 s after which a stop
 # cancels a task again (factory_edge.tasks), and far above a broker's answer on a working connection.
 LAST_WORD_SETTLE_S = 0.5
