@@ -33,6 +33,7 @@ from provisioning.layout import LOCAL_HOST
 from provisioning.registry import BrokerHost, Registry, StorageServer, iso, now
 
 DEFAULT_CAPACITY = 100
+STORAGE_CONNECT_TIMEOUT_S = 5  # a storage server being added answers within this, or is taken as unreachable
 MAX_CAPACITY = 1_000_000
 
 
@@ -112,10 +113,45 @@ def add_host(registry: Registry, name: str, address: str, capacity: int = DEFAUL
     return host
 
 
-def add_storage(registry: Registry, name: str, dsn: str, capacity: int = DEFAULT_CAPACITY) -> StorageServer:
+def storage_identity(dsn: str) -> str | None:
+    """The PostgreSQL system identifier and database behind ``dsn`` (two DSNs of one database give the same);
+    None if it cannot be reached within ``STORAGE_CONNECT_TIMEOUT_S``."""
+    return _identity(dsn)[0]
+
+
+def _identity(dsn: str) -> tuple[str | None, str]:
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=STORAGE_CONNECT_TIMEOUT_S, autocommit=True) as conn:
+            row = conn.execute("SELECT system_identifier::text, current_database() FROM pg_control_system()").fetchone()
+    except psycopg.Error as exc:
+        return None, _masked(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+    assert row is not None
+    return f"{row[0]}/{row[1]}", ""
+
+
+def add_storage(
+    registry: Registry, name: str, dsn: str, capacity: int = DEFAULT_CAPACITY, *, check: bool = True
+) -> StorageServer:
+    """Register a storage server. ``check``: connect to it first (refused if it cannot be reached, or if it is
+    a database already registered under another name, as a host alias or another spelling of one DSN)."""
     check_place_name(name, "storage name")
     check_dsn(dsn)
     check_capacity(capacity)
+    if check:
+        identity, reason = _identity(dsn)
+        if identity is None:
+            raise ProvisioningError(
+                f"storage server {name}: cannot connect with --dsn {_masked(dsn)!r}: {reason} (the bridges must "
+                "reach it; --no-check registers it all the same)"
+            )
+        for other in registry.storage_servers():
+            if other.name != name and storage_identity(other.dsn) == identity:
+                raise ProvisioningError(
+                    f"--dsn {_masked(dsn)!r} is the database of storage server {other.name} "
+                    "(the same PostgreSQL system and database)"
+                )
     with registry.transaction():
         existing = registry.storage_server(name)
         if existing is not None:

@@ -72,6 +72,11 @@ def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"tenants it is meant to hold (default {placement.DEFAULT_CAPACITY}; 0: only by name)",
     )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="do not connect to it first (it is checked to be reachable, and not a database already registered)",
+    )
     p.set_defaults(handler=cmd_storage_add)
     p = storage.add_parser(
         "set",
@@ -179,7 +184,7 @@ def cmd_host_list(args: argparse.Namespace) -> int:
 def cmd_storage_add(args: argparse.Namespace) -> int:
     data = _data(args)
     with Registry(data.registry) as registry:
-        server = placement.add_storage(registry, args.name, args.dsn, args.capacity)
+        server = placement.add_storage(registry, args.name, args.dsn, args.capacity, check=not args.no_check)
     print(f"storage server {server.name} added: {server.dsn}, capacity {server.capacity} tenants")
     return 0
 

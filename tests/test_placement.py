@@ -92,7 +92,7 @@ def test_least_load_weighs_tenants_by_capacity_and_says_why(data: Path, capsys: 
     assert run(capsys, data, "host", "add", "b1", "--address", "10.0.0.11", "--capacity", "1")[0] == 0
     assert run(capsys, data, "host", "add", "b2", "--address", "10.0.0.12", "--capacity", "3")[0] == 0
     assert run(capsys, data, "host", "set", "local", "--capacity", "0")[0] == 0
-    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN)[0] == 0
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN, "--no-check")[0] == 0
     placed = []
     for i in range(4):
         code, out, err = run(capsys, data, "tenant", "create", f"t{i}", "--domain", "test")
@@ -122,7 +122,7 @@ def test_a_tenant_on_a_host_is_rendered_there_and_dialled_through_the_proxy(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(capsys, data, "host", "add", "b1", "--address", "10.0.0.11")[0] == 0
-    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN)[0] == 0
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN, "--no-check")[0] == 0
     assert run(capsys, data, "tenant", "create", "acme", "--domain", "test", "--host", "b1")[0] == 0
     code, _, err = run(capsys, data, "tenant", "create", "old", "--domain", "test", "--host", "local")
     assert code == 0, err
@@ -163,8 +163,11 @@ def test_a_tenant_on_a_host_is_rendered_there_and_dialled_through_the_proxy(
 
 
 def test_a_storage_move_writes_the_new_and_the_previous_server(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN)[0] == 0
-    assert run(capsys, data, "storage", "add", "pg2", "--dsn", "postgresql://bridge@db2:5432/factory")[0] == 0
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN, "--no-check")[0] == 0
+    assert (
+        run(capsys, data, "storage", "add", "pg2", "--dsn", "postgresql://bridge@db2:5432/factory", "--no-check")[0]
+        == 0
+    )
     assert run(capsys, data, "tenant", "create", "acme", "--domain", "test", "--storage", "pg1")[0] == 0
     assert "storage_previous" not in index(data)["acme"]
     code, out, err = run(capsys, data, "tenant", "move", "acme", "--storage", "pg2")
@@ -184,7 +187,7 @@ def test_a_tenant_on_the_bridges_own_storage_is_not_moved_by_placement(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(capsys, data, "tenant", "create", "acme", "--domain", "test")[0] == 0
-    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN)[0] == 0
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN, "--no-check")[0] == 0
     code, out, err = run(capsys, data, "tenant", "move", "acme", "--storage", "pg1")
     assert (code, out) == (1, "")
     assert err.startswith("Error: tenant acme is on the bridge's own storage")
@@ -264,9 +267,12 @@ def test_a_move_not_yet_copied_cannot_be_moved_on_to_a_third_server(
 
     tenant = unique_tenant("chain")
     pg_schemas.append(tenant)
-    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN)[0] == 0
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", DSN, "--no-check")[0] == 0
     assert run(capsys, data, "storage", "add", "pg2", "--dsn", pg_dsn)[0] == 0
-    assert run(capsys, data, "storage", "add", "pg3", "--dsn", "postgresql://bridge@db3:5432/factory")[0] == 0
+    assert (
+        run(capsys, data, "storage", "add", "pg3", "--dsn", "postgresql://bridge@db3:5432/factory", "--no-check")[0]
+        == 0
+    )
     assert run(capsys, data, "tenant", "create", tenant, "--domain", "test", "--storage", "pg1")[0] == 0
     assert run(capsys, data, "tenant", "move", tenant, "--storage", "pg2")[0] == 0
     before = index(data)[tenant]
@@ -295,3 +301,34 @@ def test_a_dsn_refused_is_quoted_without_its_password(data: Path, capsys: pytest
         code, _, err = run(capsys, data, "storage", "add", "s9", "--dsn", dsn)
         assert code == 1 and err.startswith("Error: --dsn ") and "not a PostgreSQL connection string" in err
         assert "S3cret" not in err and "***" in err
+
+
+def test_a_storage_server_is_reached_when_added_and_one_database_is_not_registered_twice(
+    data: Path, capsys: pytest.CaptureFixture[str], pg_dsn: str
+) -> None:
+    """A typo in a DSN used to be found only when a tenant moved there (paused until a bridge reached it), and
+    one database registered under two names hung a storage move between them."""
+    from psycopg import conninfo
+
+    from tests.helpers import free_port
+
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
+    code, out, err = run(capsys, data, "storage", "add", "pg9", "--dsn", nowhere)
+    assert (code, out) == (1, "") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"Error: storage server pg9: cannot connect with --dsn '{nowhere}': ")
+    assert err.endswith("(the bridges must reach it; --no-check registers it all the same)\n")
+    assert run(capsys, data, "storage", "list")[1].count("pg9") == 0
+    assert run(capsys, data, "storage", "add", "pg9", "--dsn", nowhere, "--no-check")[0] == 0
+
+    assert run(capsys, data, "storage", "add", "pg1", "--dsn", pg_dsn)[0] == 0
+    # The same database, spelt as key=value pairs: the same PostgreSQL system identifier and database name.
+    alias = " ".join(f"{key}={value}" for key, value in conninfo.conninfo_to_dict(pg_dsn).items())
+    assert alias != pg_dsn
+    code, out, err = run(capsys, data, "storage", "add", "pg2", "--dsn", alias)
+    assert (code, err) == (
+        1,
+        f"Error: --dsn {alias!r} is the database of storage server pg1 (the same PostgreSQL system and database)\n",
+    )
+    # Another database of that server is another storage server.
+    other = conninfo.make_conninfo(pg_dsn, dbname="postgres")
+    assert run(capsys, data, "storage", "add", "pg2", "--dsn", other)[0] == 0
