@@ -126,7 +126,8 @@ def _identity(dsn: str) -> tuple[str | None, str]:
         with psycopg.connect(dsn, connect_timeout=STORAGE_CONNECT_TIMEOUT_S, autocommit=True) as conn:
             row = conn.execute("SELECT system_identifier::text, current_database() FROM pg_control_system()").fetchone()
     except psycopg.Error as exc:
-        return None, _masked(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
+        text = str(exc).strip()
+        return None, _masked(" ".join(text.splitlines()[0].split()) if text else type(exc).__name__)
     assert row is not None
     return f"{row[0]}/{row[1]}", ""
 
