@@ -113,13 +113,9 @@ def add_host(registry: Registry, name: str, address: str, capacity: int = DEFAUL
     return host
 
 
-def storage_identity(dsn: str) -> str | None:
-    """The PostgreSQL system identifier and database behind ``dsn`` (two DSNs of one database give the same);
-    None if it cannot be reached within ``STORAGE_CONNECT_TIMEOUT_S``."""
-    return _identity(dsn)[0]
-
-
 def _identity(dsn: str) -> tuple[str | None, str]:
+    """``(the PostgreSQL system identifier and database behind dsn, "")``: two DSNs of one database give the same;
+    ``(None, why)`` if it cannot be reached within ``STORAGE_CONNECT_TIMEOUT_S``."""
     import psycopg
 
     try:
@@ -148,7 +144,7 @@ def add_storage(
                 "reach it; --no-check registers it all the same)"
             )
         for other in registry.storage_servers():
-            if other.name != name and storage_identity(other.dsn) == identity:
+            if other.name != name and _identity(other.dsn)[0] == identity:
                 raise ProvisioningError(
                     f"--dsn {_masked(dsn)!r} is the database of storage server {other.name} "
                     "(the same PostgreSQL system and database)"
