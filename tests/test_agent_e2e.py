@@ -420,6 +420,13 @@ async def test_commands_ping_write_reload(
                 "the reloaded tags",
             )
 
+            # The status file is written beside the polls, on a thread of its own: it follows them closely.
+            await asyncio.to_thread(
+                bridge.wait,
+                lambda: agent.status().get("devices", {}).get("line-1", {}).get("state") == "up",
+                10,
+                "the status file to show the reloaded device up",
+            )
             status = await asyncio.to_thread(agent.status)
             assert status["running"] and status["connection"]["state"] == "connected"
             text = await asyncio.to_thread(
