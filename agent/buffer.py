@@ -283,7 +283,7 @@ class Buffer:
         seq = self._next_seq
         rows = []
         for device, count, body in encoded:
-            payload = f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":{seq},"points":[{body}]}}'
+            payload = self._payload(device, seq, body)
             rows.append((seq, device, count, created_ms, payload.encode()))
             seq += 1
         self._db.executemany("INSERT INTO batches VALUES (?, ?, ?, ?, ?)", rows)
@@ -294,6 +294,10 @@ class Buffer:
         c.pending_points += sum(r[2] for r in rows)
         c.pending_bytes += sum(len(r[4]) for r in rows)
         return [r[0] for r in rows]
+
+    def _payload(self, device: str, seq: int, body: str) -> str:
+        """A batch as published: the envelope around its points (``body``, the array without brackets)."""
+        return f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":{seq},"points":[{body}]}}'
 
     def make_room(self, needed: int, now: int) -> list[Drop]:
         """Before writing about ``needed`` bytes: drop what ``max_age`` and ``max_bytes`` require."""
@@ -439,7 +443,7 @@ class Buffer:
         device, created_ms, payload = row
         # A reading that fits alone, in a batch of its own, stays a reading: the envelope, the topic and the
         # packet's header are what a batch of one adds to it (its seq taken at 20 digits).
-        envelope = len(f'{{"v":1,"gw":{self._head},"dev":{json.dumps(device)},"seq":{10**19},"points":[]}}'.encode())
+        envelope = len(self._payload(device, 10**19, "").encode())
         topic = len(f"gw/{self._gateway}/data/{device}".encode())
         cut, smaller = rebatch(
             device,

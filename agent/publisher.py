@@ -40,7 +40,7 @@ from factory_edge.acks import ack_topic, decode_acks
 from factory_edge.backoff import Backoff
 from factory_edge.errors import ConfigError, PublishError
 from factory_edge.logs import fields
-from factory_edge.mqtt import CLOSED_BY_BROKER, LAST_WORD_SETTLE_S, BrokerSettings, packet_size
+from factory_edge.mqtt import CLOSED_BY_BROKER, LAST_WORD_SETTLE_S, BrokerSettings
 from factory_edge.sparkplug.payload import PayloadError
 
 from .buffer import Batch
@@ -517,8 +517,9 @@ class Publisher:
 
     def _publish(self, link: Link, batch: Batch, *, old: bool = False) -> bool:
         again = batch.accepted_ms is not None
+        topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1
         limit = link.max_packet_size
-        if limit is not None and packet_size(f"{self.topic_root}/data/{batch.device}", batch.payload) > limit:
+        if limit is not None and not link.fits(topic, payload):
             # The broker would end the connection on it, again and again (measured as the JSON batch, before a
             # Sparkplug form takes a seq number). Buffered before this broker's limit was known (or under a
             # larger one): the writer cuts it into batches that fit. One a broker accepted, or may have received
@@ -537,7 +538,6 @@ class Publisher:
                 self.writer.split(batch.seq, limit, len(batch.payload))
             self._accepting.add(batch.seq)  # not offered again while the writer deletes it
             return True
-        topic, payload, qos = f"{self.topic_root}/data/{batch.device}", batch.payload, 1
         if self.edge is not None and self.edge.alive(batch.device):
             try:
                 message = self.edge.data(batch.seq, batch.payload, historical=old or again)
